@@ -1,0 +1,1 @@
+"""dpoq_jax.models"""
