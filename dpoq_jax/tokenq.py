@@ -1,0 +1,144 @@
+"""Token-level Q-function core: log-probs, implicit rewards, Q, V, advantages (pure array functions).
+
+Shape letters: B batch, T time, V vocabulary, D model width. Logits at position t are the state s_t
+and predict targets[:, t] = a_t (the caller aligns them). Everything is jit/vmap/pmap/shard_map-safe.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def _f32(x: Array) -> Array:
+    """Upcast to at least float32 (float64 stays float64, so float64 references work)."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def _ones_like_bt(x_BT: Array, mask_BT: Array | None) -> Array:
+    return jnp.ones(x_BT.shape, x_BT.dtype) if mask_BT is None else mask_BT.astype(x_BT.dtype)
+
+
+def token_logps(logits_BTV: Array, targets_BT: Array, mask_BT: Array | None = None) -> Array:
+    """log π(a_t|s_t) of the target tokens; 0 where mask == 0.
+
+    Log-softmax runs in float32 even for bfloat16 logits: bf16 logsumexp over 50k entries loses
+    about two decimal digits, which is the size of a typical implicit-reward margin.
+    """
+    logits_BTV = _f32(logits_BTV)
+    targets_BT = jnp.clip(targets_BT, 0, logits_BTV.shape[-1] - 1)  # padding ids may be out of range
+    lse_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    logps_BT = target_BT - lse_BT
+    return logps_BT * _ones_like_bt(logps_BT, mask_BT)
+
+
+def _chunk_logps(h_CD: Array, unembed_DV: Array, bias_V: Array | None, targets_C: Array) -> Array:
+    logits_CV = _f32(h_CD) @ _f32(unembed_DV)
+    if bias_V is not None:
+        logits_CV = logits_CV + _f32(bias_V)
+    lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
+    return jnp.take_along_axis(logits_CV, targets_C[:, None], axis=-1)[:, 0] - lse_C
+
+
+def lean_token_logps(
+    hidden_BTD: Array,
+    unembed_DV: Array,
+    targets_BT: Array,
+    mask_BT: Array | None = None,
+    *,
+    bias_V: Array | None = None,
+    chunk_size: int = 512,
+) -> Array:
+    """Same as token_logps(hidden @ unembed + bias, ...) without ever holding B×T×V in float32.
+
+    The B·T positions are processed in chunks of `chunk_size` rows by lax.scan; each chunk is
+    wrapped in jax.checkpoint, so the backward pass recomputes that chunk's [chunk, V] logits
+    instead of storing them. Peak extra memory is O(chunk_size · V), not O(B · T · V).
+    Gradients flow to hidden, unembed and bias.
+    """
+    B, T, D = hidden_BTD.shape
+    if unembed_DV.ndim != 2 or unembed_DV.shape[0] != D:
+        raise ValueError(
+            f"lean_token_logps: unembed_DV has shape {unembed_DV.shape}, expected ({D}, V) "
+            f"to match hidden_BTD {hidden_BTD.shape}"
+        )
+    V = unembed_DV.shape[1]
+    if bias_V is not None and bias_V.shape != (V,):
+        raise ValueError(f"lean_token_logps: bias_V has shape {bias_V.shape}, expected ({V},)")
+    if chunk_size <= 0:
+        raise ValueError(f"lean_token_logps: chunk_size must be positive, got {chunk_size}")
+    n = B * T
+    chunk = min(chunk_size, n)
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    h_ND = jnp.pad(hidden_BTD.reshape(n, D), ((0, pad), (0, 0)))
+    t_N = jnp.pad(jnp.clip(targets_BT.reshape(n), 0, V - 1), (0, pad))
+
+    @jax.checkpoint
+    def one_chunk(h_CD: Array, t_C: Array, w_DV: Array, b_V: Array | None) -> Array:
+        return _chunk_logps(h_CD, w_DV, b_V, t_C)
+
+    def body(carry: None, xs: tuple[Array, Array]) -> tuple[None, Array]:
+        h_CD, t_C = xs
+        return carry, one_chunk(h_CD, t_C, unembed_DV, bias_V)
+
+    _, logps_KC = jax.lax.scan(
+        body, None, (h_ND.reshape(n_chunks, chunk, D), t_N.reshape(n_chunks, chunk))
+    )
+    logps_BT = logps_KC.reshape(-1)[:n].reshape(B, T)
+    return logps_BT * _ones_like_bt(logps_BT, mask_BT)
+
+
+def masked_sum(x_BT: Array, mask_BT: Array) -> Array:
+    """Sum over time of the real (mask == 1) positions -> [B]."""
+    return jnp.sum(x_BT * mask_BT.astype(x_BT.dtype), axis=-1)
+
+
+def implicit_rewards(logps_BT: Array, ref_logps_BT: Array, mask_BT: Array, beta: float) -> Array:
+    """Per-token implicit reward r_t = β(log π − log π_ref) (Eq. 10 with Q = β log π); 0 where masked."""
+    return beta * (_f32(logps_BT) - _f32(ref_logps_BT)) * mask_BT.astype(jnp.float32)
+
+
+def implicit_q(logits_BTV: Array, beta: float) -> Array:
+    """Q(s_t, ·) = β·logits. Defined up to a per-state shift, which the softmax ignores."""
+    return beta * _f32(logits_BTV)
+
+
+def implicit_v(logits_BTV: Array, beta: float) -> Array:
+    """V(s_t) = β log Σ_a exp(Q(s_t, a)/β) = β·logsumexp(logits) -> [B, T]."""
+    return beta * jax.nn.logsumexp(_f32(logits_BTV), axis=-1)
+
+
+def advantages(logits_BTV: Array, beta: float) -> Array:
+    """A(s_t, ·) = Q − V = β log π(·|s_t) -> [B, T, V] (shift-invariant)."""
+    return beta * jax.nn.log_softmax(_f32(logits_BTV), axis=-1)
+
+
+def bellman_rewards(
+    logits_BTV: Array, targets_BT: Array, ref_logps_BT: Array, mask_BT: Array, beta: float
+) -> Array:
+    """Invert the soft Bellman equation: r(s_t,a_t) = Q(s_t,a_t) − β log π_ref(a_t|s_t) − V(s_{t+1}).
+
+    Q = β·logits, V = β·logsumexp(logits); V(s_{t+1}) = 0 after the last real token (EOS: terminal).
+    A response cut before EOS is treated as if it ended there. Summed over a response this
+    telescopes to Σ_t β log π/π_ref + V(s_0). 0 where mask == 0.
+    """
+    mask_BT = mask_BT.astype(jnp.float32)
+    logits_BTV = _f32(logits_BTV)
+    targets_BT = jnp.clip(targets_BT, 0, logits_BTV.shape[-1] - 1)
+    q_BT = beta * jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    v_BT = implicit_v(logits_BTV, beta)
+    # V(s_{t+1}) is the value at the next position, counted only if that position is a real token.
+    v_next_BT = jnp.pad(v_BT[:, 1:] * mask_BT[:, 1:], ((0, 0), (0, 1)))
+    return (q_BT - beta * _f32(ref_logps_BT) - v_next_BT) * mask_BT
+
+
+def expected_ref_reward(logits_BTV: Array, ref_logits_BTV: Array, beta: float) -> Array:
+    """E_{a~π_ref(·|s_t)}[β log π(a|s_t)/π_ref(a|s_t)] = −β KL(π_ref ‖ π) ≤ 0 per state (§5.4) -> [B, T]."""
+    logp_BTV = jax.nn.log_softmax(_f32(logits_BTV), axis=-1)
+    ref_logp_BTV = jax.nn.log_softmax(_f32(ref_logits_BTV), axis=-1)
+    return beta * jnp.sum(jnp.exp(ref_logp_BTV) * (logp_BTV - ref_logp_BTV), axis=-1)
+
