@@ -1,0 +1,157 @@
+"""Pythia model shapes and a synthetic TL;DR-like batch of preference pairs.
+
+Shapes are Hugging Face `config.json` dictionaries (the keys Pythia's files carry), so the same
+dictionary builds the dpoq_jax config (`models.config_from_hf`) and transformers' `GPTNeoXConfig`.
+Weights are random: a benchmark measures speed, not quality.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+# name -> (layers, width, heads, mlp width). Hyper-parameters of EleutherAI/pythia-* config.json;
+# "tiny" is ours, for smoke tests (small vocabulary so that it compiles and runs in seconds).
+PYTHIA_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "tiny": (2, 64, 4, 256),
+    "pythia-14m": (6, 128, 4, 512),
+    "pythia-70m": (6, 512, 8, 2048),
+    "pythia-160m": (12, 768, 12, 3072),
+    "pythia-410m": (24, 1024, 16, 4096),
+    "pythia-1b": (16, 2048, 8, 8192),
+    "pythia-1.4b": (24, 2048, 16, 8192),
+    "pythia-2.8b": (32, 2560, 32, 10240),
+}
+PYTHIA_VOCAB = 50304
+TINY_VOCAB = 512
+
+
+def hf_config(name: str) -> dict[str, Any]:
+    """The `config.json` dictionary of a Pythia shape (GPT-NeoX: partial rotary, parallel residual)."""
+    if name not in PYTHIA_SHAPES:
+        raise KeyError(f"benchmarks/shapes.py: unknown shape {name!r}; known: {sorted(PYTHIA_SHAPES)}")
+    layers, width, heads, mlp = PYTHIA_SHAPES[name]
+    return {
+        "architectures": ["GPTNeoXForCausalLM"],
+        "model_type": "gpt_neox",
+        "num_hidden_layers": layers,
+        "hidden_size": width,
+        "num_attention_heads": heads,
+        "intermediate_size": mlp,
+        "vocab_size": TINY_VOCAB if name == "tiny" else PYTHIA_VOCAB,
+        "rotary_pct": 0.25,
+        "rotary_emb_base": 10000,
+        "max_position_embeddings": 2048,
+        "use_parallel_residual": True,
+        "layer_norm_eps": 1e-5,
+        "hidden_act": "gelu",
+        "tie_word_embeddings": False,
+        "attention_bias": True,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+        "initializer_range": 0.02,
+    }
+
+
+def model_config(name: str):
+    """dpoq_jax's ModelConfig for a Pythia shape."""
+    from dpoq_jax import models
+
+    return models.config_from_hf(hf_config(name))
+
+
+def torch_config(name: str):
+    """transformers' GPTNeoXConfig for a Pythia shape."""
+    from transformers import GPTNeoXConfig
+
+    return GPTNeoXConfig(**hf_config(name))
+
+
+def matmul_params(name: str) -> int:
+    """Parameters that take part in a matrix product per token: every layer's weights and the
+    unembedding (the embedding is a lookup, no FLOPs). Biases and norms are counted too (tiny)."""
+    layers, width, heads, mlp = PYTHIA_SHAPES[name]
+    vocab = hf_config(name)["vocab_size"]
+    per_layer = 4 * width * width + 4 * width + 2 * width * mlp + mlp + width + 4 * width
+    return layers * per_layer + 2 * width + width * vocab
+
+
+def forward_flops(name: str, rows: int, row_len: int) -> float:
+    """FLOPs of one forward pass over `rows` rows of `row_len` positions (padding included: the
+    hardware computes it). PaLM's convention: 2 FLOPs per matmul parameter per position, plus dense
+    attention 4 * layers * width * row_len per position (QK^T and AV, not halved for causality)."""
+    layers, width, _, _ = PYTHIA_SHAPES[name]
+    positions = rows * row_len
+    return float(positions) * (2.0 * matmul_params(name) + 4.0 * layers * width * row_len)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic TL;DR-like pairs: long prompts (post), short responses (summaries).
+
+
+@dataclasses.dataclass(frozen=True)
+class LengthDistribution:
+    """Token lengths drawn from normals, rounded and clipped. Defaults mimic TL;DR summarisation
+    with Pythia's tokenizer: a ~300-token post and ~35-token summaries. With these bounds a padded
+    row (prompt + one response) is at most 456 tokens and a prefix-shared row (prompt + both
+    responses) at most 512, so both fit rows of 512."""
+
+    prompt_mean: float = 300.0
+    prompt_sd: float = 80.0
+    prompt_min: int = 64
+    prompt_max: int = 400
+    response_mean: float = 35.0
+    response_sd: float = 15.0
+    response_min: int = 8
+    response_max: int = 56
+    row_len: int = 512
+
+    def __post_init__(self):
+        if self.prompt_max + 2 * self.response_max > self.row_len:
+            raise ValueError(
+                f"benchmarks/shapes.py LengthDistribution: prompt_max + 2 * response_max = "
+                f"{self.prompt_max + 2 * self.response_max} exceeds row_len={self.row_len}"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {
+            "kind": "rounded normal, clipped to [min, max]; token ids uniform in [2, vocab); "
+            "each response ends with EOS (id 0)"
+        }
+
+
+TLDR_LIKE = LengthDistribution()
+
+
+def synthetic_pairs(
+    num_pairs: int, vocab_size: int, seed: int, dist: LengthDistribution = TLDR_LIKE
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`num_pairs` (prompt_ids, chosen_ids, rejected_ids) int32 arrays, deterministic in `seed`.
+    Responses end with EOS (0); other ids avoid 0 and 1 so that no EOS or pad hides inside."""
+    rng = np.random.default_rng(seed)
+
+    def length(mean: float, sd: float, lo: int, hi: int) -> int:
+        return int(np.clip(round(rng.normal(mean, sd)), lo, hi))
+
+    def ids(n: int, eos: bool) -> np.ndarray:
+        x = rng.integers(2, vocab_size, size=n, dtype=np.int32)
+        if eos:
+            x[-1] = 0
+        return x
+
+    pairs = []
+    for _ in range(num_pairs):
+        d = dist
+        prompt = ids(length(d.prompt_mean, d.prompt_sd, d.prompt_min, d.prompt_max), eos=False)
+        chosen = ids(length(d.response_mean, d.response_sd, d.response_min, d.response_max), eos=True)
+        rejected = ids(length(d.response_mean, d.response_sd, d.response_min, d.response_max), eos=True)
+        pairs.append((prompt, chosen, rejected))
+    return pairs
+
+
+def real_tokens(pairs) -> int:
+    """Non-padding tokens of the padded layout (prompt twice, each response once): the unit of
+    tokens/s for every layout, so that tokens/s ratios equal pairs/s ratios."""
+    return int(sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs))
