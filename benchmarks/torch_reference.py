@@ -28,7 +28,9 @@ def padded_rows(pairs, row_len: int) -> dict[str, np.ndarray]:
     for i, (prompt, response) in enumerate(responses):
         n = len(prompt) + len(response)
         if n > row_len:
-            raise ValueError(f"benchmarks/torch_reference.py: pair row {i} has {n} tokens > row_len={row_len}")
+            raise ValueError(
+                f"benchmarks/torch_reference.py: pair row {i} has {n} tokens > row_len={row_len}"
+            )
         input_ids[i, :n] = np.concatenate([prompt, response])
         attention_mask[i, :n] = 1
         loss_mask[i, len(prompt) : n] = 1.0
