@@ -22,8 +22,12 @@ def _peak_bytes(fn, *args) -> dict[str, int]:
     m = compiled.memory_analysis()
     # Peak live = arguments + outputs + temporaries (aliased buffers counted once).
     peak = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    return {"peak_bytes": int(peak), "temp_bytes": int(m.temp_size_in_bytes),
-            "argument_bytes": int(m.argument_size_in_bytes), "output_bytes": int(m.output_size_in_bytes)}
+    return {
+        "peak_bytes": int(peak),
+        "temp_bytes": int(m.temp_size_in_bytes),
+        "argument_bytes": int(m.argument_size_in_bytes),
+        "output_bytes": int(m.output_size_in_bytes),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,9 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     def lean(h, w, b, t, m):
         return tokenq.lean_token_logps(h, w, t, m, bias_V=b, chunk_size=a.chunk).sum()
 
-    res = {"platform": jax.devices()[0].platform, "device": str(jax.devices()[0].device_kind),
-           "jax": jax.__version__, "shape": {"B": a.B, "T": a.T, "V": a.V, "D": a.D}, "chunk": a.chunk,
-           "btv_float32_bytes": a.B * a.T * a.V * 4}
+    res = {
+        "platform": jax.devices()[0].platform,
+        "device": str(jax.devices()[0].device_kind),
+        "jax": jax.__version__,
+        "shape": {"B": a.B, "T": a.T, "V": a.V, "D": a.D},
+        "chunk": a.chunk,
+        "btv_float32_bytes": a.B * a.T * a.V * 4,
+    }
     for name, fn in (("full", full), ("lean", lean)):
         res[f"{name}_forward"] = _peak_bytes(fn, h, w, b, t, m)
         res[f"{name}_grad"] = _peak_bytes(jax.grad(fn, argnums=(0, 1, 2)), h, w, b, t, m)

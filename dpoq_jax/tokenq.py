@@ -85,9 +85,7 @@ def lean_token_logps(
         h_CD, t_C = xs
         return carry, one_chunk(h_CD, t_C, unembed_DV, bias_V)
 
-    _, logps_KC = jax.lax.scan(
-        body, None, (h_ND.reshape(n_chunks, chunk, D), t_N.reshape(n_chunks, chunk))
-    )
+    _, logps_KC = jax.lax.scan(body, None, (h_ND.reshape(n_chunks, chunk, D), t_N.reshape(n_chunks, chunk)))
     logps_BT = logps_KC.reshape(-1)[:n].reshape(B, T)
     return logps_BT * _ones_like_bt(logps_BT, mask_BT)
 
@@ -141,4 +139,3 @@ def expected_ref_reward(logits_BTV: Array, ref_logits_BTV: Array, beta: float) -
     logp_BTV = jax.nn.log_softmax(_f32(logits_BTV), axis=-1)
     ref_logp_BTV = jax.nn.log_softmax(_f32(ref_logits_BTV), axis=-1)
     return beta * jnp.sum(jnp.exp(ref_logp_BTV) * (logp_BTV - ref_logp_BTV), axis=-1)
-
