@@ -1,0 +1,405 @@
+"""Shared pieces of the experiment scripts: statistics, tables, figures, result files, machine facts.
+
+Everything here is either a pure function (Wilson interval, §5.4 check, tables) or writes files that
+the scripts generate (results/<name>.md with its PNGs, self-contained HTML). No training logic lives
+here: the scripts call dpoq_jax's own train loop, decoders and analysis.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+import html
+import io
+import math
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "experiments" / "results"
+CONFIGS_DIR = REPO_ROOT / "experiments" / "configs"
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics
+# ----------------------------------------------------------------------------------------------
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default).
+
+    `successes` may be fractional (ties counted as half a win); n must be > 0.
+    """
+    if n <= 0:
+        raise ValueError(f"wilson_interval: n must be > 0, got {n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval: successes must be in [0, n={n}], got {successes}")
+    p = successes / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # At k = 0 or k = n one end is exactly 0 or 1; say so rather than leave a rounding error.
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return lo, hi
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve of `scores` as a detector of labels == 1 (ties count half).
+
+    Mann–Whitney form: P(score of a positive > score of a negative).
+    """
+    scores = np.asarray(scores, np.float64).ravel()
+    labels = np.asarray(labels).ravel().astype(bool)
+    pos, neg = scores[labels], scores[~labels]
+    if pos.size == 0 or neg.size == 0:
+        raise ValueError(f"auroc: need both classes, got {pos.size} positives and {neg.size} negatives")
+    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
+    allv = np.concatenate([pos, neg])[order]
+    ranks = np.empty_like(allv)
+    # Average ranks over ties so that tied scores contribute one half.
+    i = 0
+    while i < allv.size:
+        j = i
+        while j + 1 < allv.size and allv[j + 1] == allv[i]:
+            j += 1
+        ranks[i : j + 1] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    r = np.empty_like(ranks)
+    r[order] = ranks
+    rank_sum_pos = r[: pos.size].sum()
+    return float((rank_sum_pos - pos.size * (pos.size + 1) / 2.0) / (pos.size * neg.size))
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x = np.asarray(x, np.float64).ravel()
+    y = np.asarray(y, np.float64).ravel()
+    if x.size != y.size or x.size < 2:
+        raise ValueError(f"pearson: need two equal-length arrays of >= 2 values, got {x.size} and {y.size}")
+    x, y = x - x.mean(), y - y.mean()
+    den = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / den) if den > 0 else float("nan")
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank), 0-based."""
+    x = np.asarray(x, np.float64).ravel()
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(x.size)
+    xs = x[order]
+    i = 0
+    while i < x.size:
+        j = i
+        while j + 1 < x.size and xs[j + 1] == xs[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0
+        i = j + 1
+    return ranks
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    return pearson(_ranks(x), _ranks(y))
+
+
+def mean_ci(x: np.ndarray, z: float = 1.959963984540054) -> tuple[float, float]:
+    """(mean, half-width of the normal-approximation 95% interval)."""
+    x = np.asarray(x, np.float64).ravel()
+    if x.size == 0:
+        raise ValueError("mean_ci: empty input")
+    half = z * x.std(ddof=1) / math.sqrt(x.size) if x.size > 1 else float("nan")
+    return float(x.mean()), float(half)
+
+
+# ----------------------------------------------------------------------------------------------
+# §5.4: E_{a~π_ref}[β log π/π_ref] = −β KL(π_ref‖π)
+# ----------------------------------------------------------------------------------------------
+
+
+def _log_softmax64(logits: np.ndarray) -> np.ndarray:
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def kl_ref_policy_np(policy_logits_BTV: np.ndarray, ref_logits_BTV: np.ndarray) -> np.ndarray:
+    """KL(π_ref(·|s_t) ‖ π(·|s_t)) per state in float64 numpy -> [B, T] (independent reference)."""
+    lp, lr = _log_softmax64(policy_logits_BTV), _log_softmax64(ref_logits_BTV)
+    return np.sum(np.exp(lr) * (lr - lp), axis=-1)
+
+
+def section54_summary(
+    exact_BT: np.ndarray, sampled_reward_BT: np.ndarray, mask_BT: np.ndarray
+) -> dict[str, float]:
+    """Compare the two sides of §5.4 over the states visited by reference samples.
+
+    exact_BT: E_{a~π_ref}[β log π/π_ref] computed over the whole vocabulary at each state
+    (= −β KL, from tokenq.expected_ref_reward). sampled_reward_BT: β log π/π_ref of the token the
+    reference actually sampled there (a one-sample Monte-Carlo estimate of the same expectation).
+    Returns per-token means, the MC standard error, and the largest exact value (must be <= 0).
+    """
+    m = np.asarray(mask_BT, bool)
+    if not m.any():
+        raise ValueError("section54_summary: mask has no real tokens")
+    exact = np.asarray(exact_BT, np.float64)[m]
+    mc = np.asarray(sampled_reward_BT, np.float64)[m]
+    diff = mc - exact  # zero-mean per state if the identity holds; its SE measures the MC noise
+    return {
+        "tokens": int(m.sum()),
+        "exact_mean": float(exact.mean()),
+        "exact_max": float(exact.max()),
+        "mc_mean": float(mc.mean()),
+        "mc_se": float(mc.std(ddof=1) / math.sqrt(mc.size)) if mc.size > 1 else float("nan"),
+        "diff_mean": float(diff.mean()),
+        "diff_se": float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else float("nan"),
+        "per_response_exact": float((np.asarray(exact_BT, np.float64) * m).sum(-1).mean()),
+        "per_response_mc": float((np.asarray(sampled_reward_BT, np.float64) * m).sum(-1).mean()),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Machine facts and commands
+# ----------------------------------------------------------------------------------------------
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict[str, str]:
+    """Where and when a result was produced (written into every results file)."""
+    import jax
+
+    info = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "platform": platform.platform(),
+        "cpu": cpu_name(),
+        "cpu cores visible": str(os.cpu_count()),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "backend": f"{jax.default_backend()} ({jax.device_count()} device(s))",
+    }
+    try:
+        import flax
+
+        info["flax"] = flax.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def command_line(module: str | None = None, argv: Sequence[str] | None = None) -> str:
+    """The command that reproduces this run, as a user would type it."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    head = f"python -m {module}" if module else " ".join(shlex.quote(a) for a in sys.argv[:1])
+    return " ".join([head] + [shlex.quote(a) for a in argv])
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables, figures, reports
+# ----------------------------------------------------------------------------------------------
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    if isinstance(x, (bool, np.bool_)):
+        return str(bool(x))
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, (float, np.floating)):
+        if math.isnan(x):
+            return "nan"
+        if x != 0 and (abs(x) >= 1e5 or abs(x) < 10 ** (-digits)):
+            return f"{x:.{digits}g}"
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+@dataclasses.dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[Any]]
+    caption: str = ""
+
+    def __post_init__(self) -> None:
+        for i, row in enumerate(self.rows):
+            if len(row) != len(self.headers):
+                raise ValueError(f"Table row {i} has {len(row)} cells, headers have {len(self.headers)}")
+
+    def markdown(self) -> str:
+        cells = [[fmt(c) for c in row] for row in self.rows]
+        lines = ["| " + " | ".join(self.headers) + " |", "|" + "|".join("---" for _ in self.headers) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+        return ("\n".join(lines) + ("\n\n" + self.caption if self.caption else "")).strip()
+
+    def html(self) -> str:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(fmt(c))}</td>" for c in row) + "</tr>" for row in self.rows
+        )
+        cap = f"<p class='caption'>{html.escape(self.caption)}</p>" if self.caption else ""
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{cap}"
+
+
+@dataclasses.dataclass
+class Figure:
+    """A PNG figure: `name` is its file name stem; `png` its bytes."""
+
+    name: str
+    png: bytes
+    caption: str = ""
+
+
+def fig_to_png(fig: Any, dpi: int = 110) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+@dataclasses.dataclass
+class Section:
+    title: str
+    text: str = ""
+    items: list[Table | Figure | str] = dataclasses.field(default_factory=list)
+
+
+def _md_inline(text: str) -> str:
+    """Tiny Markdown -> HTML for prose: paragraphs, `code`, **bold**, bullet lines."""
+    import re
+
+    out = []
+    for para in text.strip().split("\n\n"):
+        esc = html.escape(para)
+        esc = re.sub(r"`([^`]+)`", r"<code>\1</code>", esc)
+        esc = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", esc)
+        lines = esc.split("\n")
+        if all(line.lstrip().startswith("- ") for line in lines if line.strip()):
+            items = "".join(f"<li>{line.lstrip()[2:]}</li>" for line in lines if line.strip())
+            out.append(f"<ul>{items}</ul>")
+        else:
+            out.append("<p>" + "<br>".join(lines) + "</p>")
+    return "\n".join(out)
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.6em 0}th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+img{max-width:100%;border:1px solid #eee}code{background:#f5f5f5;padding:0 3px}
+.caption{color:#555;font-size:90%}.meta td{text-align:left}
+"""
+
+
+@dataclasses.dataclass
+class Report:
+    """A results document written both as Markdown (PNGs beside it) and as self-contained HTML."""
+
+    title: str
+    intro: str = ""
+    sections: list[Section] = dataclasses.field(default_factory=list)
+    meta: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def add(self, title: str, text: str = "", *items: Table | Figure | str) -> Section:
+        section = Section(title, text, list(items))
+        self.sections.append(section)
+        return section
+
+    def figures(self) -> list[Figure]:
+        return [it for s in self.sections for it in s.items if isinstance(it, Figure)]
+
+    def markdown(self, figure_dir: str) -> str:
+        """figure_dir: path of the PNG folder relative to the Markdown file."""
+        parts = [f"# {self.title}", "", "_Generated by the script; do not edit by hand._", ""]
+        if self.intro:
+            parts += [self.intro.strip(), ""]
+        for s in self.sections:
+            parts += [f"## {s.title}", ""]
+            if s.text:
+                parts += [s.text.strip(), ""]
+            for it in s.items:
+                if isinstance(it, Table):
+                    parts += [it.markdown(), ""]
+                elif isinstance(it, Figure):
+                    parts += [f"![{it.caption or it.name}]({figure_dir}/{it.name}.png)", ""]
+                    if it.caption:
+                        parts += [f"_{it.caption}_", ""]
+                else:
+                    parts += [str(it).strip(), ""]
+        if self.meta:
+            parts += ["## Run", "", Table(["", ""], [[k, v] for k, v in self.meta.items()]).markdown(), ""]
+        return "\n".join(parts).rstrip() + "\n"
+
+    def html(self) -> str:
+        parts = [
+            "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+            f"<title>{html.escape(self.title)}</title><style>{_CSS}</style></head><body>",
+            f"<h1>{html.escape(self.title)}</h1>",
+        ]
+        if self.intro:
+            parts.append(_md_inline(self.intro))
+        for s in self.sections:
+            parts.append(f"<h2>{html.escape(s.title)}</h2>")
+            if s.text:
+                parts.append(_md_inline(s.text))
+            for it in s.items:
+                if isinstance(it, Table):
+                    parts.append(it.html())
+                elif isinstance(it, Figure):
+                    b64 = base64.b64encode(it.png).decode("ascii")
+                    alt = html.escape(it.caption or it.name)
+                    parts.append(f"<figure><img alt='{alt}' src='data:image/png;base64,{b64}'>")
+                    if it.caption:
+                        parts.append(f"<figcaption class='caption'>{html.escape(it.caption)}</figcaption>")
+                    parts.append("</figure>")
+                else:
+                    parts.append(_md_inline(str(it)))
+        if self.meta:
+            rows = "".join(
+                f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in self.meta.items()
+            )
+            parts.append(f"<h2>Run</h2><table class='meta'>{rows}</table>")
+        parts.append("</body></html>")
+        return "\n".join(parts)
+
+    def write(self, md_path: Path | str, html_path: Path | str | None = None) -> list[Path]:
+        """Write <md_path> and its figures into <stem>_figures/ beside it (and the HTML if asked)."""
+        md_path = Path(md_path)
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        fig_dir = md_path.parent / f"{md_path.stem}_figures"
+        written = []
+        if self.figures():
+            fig_dir.mkdir(exist_ok=True)
+            for f in self.figures():
+                p = fig_dir / f"{f.name}.png"
+                p.write_bytes(f.png)
+                written.append(p)
+        md_path.write_text(self.markdown(fig_dir.name))
+        written.append(md_path)
+        if html_path is not None:
+            html_path = Path(html_path)
+            html_path.parent.mkdir(parents=True, exist_ok=True)
+            html_path.write_text(self.html())
+            written.append(html_path)
+        return written
+
+
+def log(msg: str) -> None:
+    """Progress line on the terminal, with the time, flushed at once."""
+    now = dt.datetime.now().strftime("%H:%M:%S")
+    print(f"[{now}] {msg}", flush=True)

@@ -1,0 +1,126 @@
+"""Tests of the experiments' own glue: statistics, the §5.4 check, tables and report files."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpoq_jax import tokenq
+from experiments import common
+
+
+def _wilson_brute(k: int, n: int, z: float) -> tuple[float, float]:
+    """The Wilson interval is the set of p with |k/n - p| <= z sqrt(p(1-p)/n): find it on a fine grid."""
+    p = np.linspace(0.0, 1.0, 2_000_001)
+    inside = np.abs(k / n - p) <= z * np.sqrt(p * (1 - p) / n)
+    return float(p[inside].min()), float(p[inside].max())
+
+
+@pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (10, 10), (128, 256), (200, 256)])
+def test_wilson_matches_its_definition(k: int, n: int) -> None:
+    lo, hi = common.wilson_interval(k, n)
+    blo, bhi = _wilson_brute(k, n, 1.959963984540054)
+    assert lo == pytest.approx(blo, abs=2e-6) and hi == pytest.approx(bhi, abs=2e-6)
+    assert lo <= k / n <= hi
+
+
+def test_wilson_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="n must be > 0"):
+        common.wilson_interval(0, 0)
+    with pytest.raises(ValueError, match="successes"):
+        common.wilson_interval(11, 10)
+
+
+def test_auroc_equals_pairwise_count() -> None:
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 5, size=40).astype(float)  # many ties
+    labels = rng.random(40) < 0.3
+    pos, neg = scores[labels], scores[~labels]
+    brute = np.mean([(p > q) + 0.5 * (p == q) for p, q in itertools.product(pos, neg)])
+    assert common.auroc(scores, labels) == pytest.approx(brute, abs=1e-12)
+    assert common.auroc(-scores, labels) == pytest.approx(1 - brute, abs=1e-12)
+    with pytest.raises(ValueError, match="both classes"):
+        common.auroc(scores, np.zeros(40))
+
+
+def test_spearman_and_pearson() -> None:
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert common.spearman(x, x**3) == pytest.approx(1.0)
+    assert common.pearson(x, -2 * x + 1) == pytest.approx(-1.0)
+    y = np.array([2.0, 1.0, 4.0, 3.0, 5.0])
+    d = np.array([1, -1, 1, -1, 0])  # rank differences
+    assert common.spearman(x, y) == pytest.approx(1 - 6 * (d**2).sum() / (5 * 24))
+
+
+def test_section54_identity_exact_and_monte_carlo() -> None:
+    """E_{a~π_ref}[β log π/π_ref] = −β KL(π_ref‖π): tokenq vs float64 numpy, and sampling from π_ref."""
+    beta = 0.3
+    kp, kr, ks = jax.random.split(jax.random.PRNGKey(0), 3)
+    B, T, V = 2, 3, 7
+    pol_BTV = 1.5 * jax.random.normal(kp, (B, T, V))
+    ref_BTV = 1.5 * jax.random.normal(kr, (B, T, V))
+    exact_BT = np.asarray(tokenq.expected_ref_reward(pol_BTV, ref_BTV, beta))
+    ref_np = -beta * common.kl_ref_policy_np(np.asarray(pol_BTV), np.asarray(ref_BTV))
+    np.testing.assert_allclose(exact_BT, ref_np, rtol=1e-5, atol=1e-6)
+    assert (exact_BT <= 1e-7).all()
+    assert tokenq.expected_ref_reward(ref_BTV, ref_BTV, beta) == pytest.approx(0.0, abs=1e-6)
+
+    # Monte-Carlo: many samples a ~ π_ref at every state, β log π/π_ref of what was sampled.
+    S = 20_000
+    a_SBT = jax.random.categorical(ks, ref_BTV, axis=-1, shape=(S, B, T))
+    lp = jax.nn.log_softmax(pol_BTV, -1)
+    lr = jax.nn.log_softmax(ref_BTV, -1)
+
+    def take(l_BTV):
+        return jnp.take_along_axis(jnp.broadcast_to(l_BTV, (S, B, T, V)), a_SBT[..., None], -1)[..., 0]
+
+    r_SBT = np.asarray(beta * (take(lp) - take(lr)))
+    mask = np.ones((S * B, T))
+    exact_rep = np.broadcast_to(exact_BT, (S, B, T)).reshape(S * B, T)
+    summary = common.section54_summary(exact_rep, r_SBT.reshape(S * B, T), mask)
+    assert summary["tokens"] == S * B * T
+    assert abs(summary["diff_mean"]) < 4 * summary["diff_se"]
+    assert summary["exact_max"] <= 0
+    assert summary["mc_mean"] == pytest.approx(summary["exact_mean"], abs=4 * summary["mc_se"])
+
+
+def test_section54_summary_masks_padding() -> None:
+    exact = np.array([[-1.0, -2.0, 99.0]])
+    mc = np.array([[-1.5, -1.5, 99.0]])
+    s = common.section54_summary(exact, mc, np.array([[1, 1, 0]]))
+    assert s["tokens"] == 2 and s["exact_mean"] == -1.5 and s["mc_mean"] == -1.5
+    assert s["per_response_exact"] == -3.0
+    with pytest.raises(ValueError, match="no real tokens"):
+        common.section54_summary(exact, mc, np.zeros((1, 3)))
+
+
+def test_table_and_report_files(tmp_path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = common.Table(["beams", "win rate"], [[1, 0.5], [5, 0.612345]], caption="c|d")
+    md = t.markdown()
+    assert md.splitlines()[0] == "| beams | win rate |" and "| 5 | 0.612 |" in md
+    with pytest.raises(ValueError, match="row 0 has 1 cells"):
+        common.Table(["a", "b"], [[1]])
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    png = common.fig_to_png(fig)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    rep = common.Report("T <x>", intro="some `code`", meta={"seed": "0"})
+    rep.add("S", "- a\n- b", t, common.Figure("curve", png, "a curve"))
+    paths = rep.write(tmp_path / "r.md", tmp_path / "r.html")
+    assert (tmp_path / "r_figures" / "curve.png").read_bytes() == png
+    text = (tmp_path / "r.md").read_text()
+    assert "![a curve](r_figures/curve.png)" in text and "| seed | 0 |" in text
+    page = (tmp_path / "r.html").read_text()
+    assert "data:image/png;base64," in page and "T &lt;x&gt;" in page and "<li>a</li>" in page
+    assert page.count("<table>") == 1 and len(paths) == 3
+    assert not math.isnan(float(common.fmt(0.5)))
