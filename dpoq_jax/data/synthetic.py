@@ -1,0 +1,302 @@
+"""Synthetic preference tasks with known per-token rewards and gold judges (offline, seeded).
+
+Both tasks share one character-level vocabulary (`SyntheticTokenizer`, 42 ids):
+  0 <pad>, 1 <bos>, 2 <eos>, 3..12 digits "0".."9", 13..38 letters "a".."z", 39 ":", 40 "=", 41 "|".
+
+error_injection
+  prompt "<bos>{rule}:{digits}=" with rule c (copy), s (sort ascending), a (add one to each digit,
+  mod 10), r (reverse); chosen = the correct answer digits; rejected = chosen with k tokens replaced by
+  a different digit at positions meta["error_positions"] (response token indices). Per-token gold
+  reward: 0 for a token equal to the correct answer's token at that index (EOS included), -1 otherwise.
+  Gold score = (number of correct tokens) / max(len(expected), len(response)), in [0, 1] (EOS counted
+  in both lengths, so missing and extra tokens both lower it).
+
+dense_reward
+  prompt "<bos>{letters}=" (2-4 letters). Reference policy: a fixed random bigram model over the 16
+  letters (logits ~ N(0, 1.5^2), previous token = the last letter shown) with a length rule: EOS is
+  impossible before `min_len` response letters, has probability `eos_prob` after, and is forced after
+  `max_len`. True per-token reward of letter a_t after previous letter s_t, at response index t:
+      r(s_t, a_t) = W[s_t, a_t] + bonus              if t <  gold_len_limit
+      r(s_t, a_t) = W[s_t, a_t] - length_penalty     if t >= gold_len_limit
+  and 0 for EOS, with W ~ N(0, 0.5^2) (seeded). The gold judge is this reward summed. Preferences
+  are Bradley–Terry on the summed reward (p(y1 > y2) = sigmoid(R(y1) - R(y2))) between two reference
+  samples. With the defaults (min_len 3, eos_prob 0.2, gold_len_limit 16) the reference reaches 16
+  letters in about 5% of samples, so within the data longer is better (+bonus a letter), while the
+  gold reward falls beyond 16 letters: a policy that extrapolates "longer is better" over-optimises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+
+from dpoq_jax.data.examples import PreferenceExample, SFTExample
+
+SPECIALS = ("<pad>", "<bos>", "<eos>")
+CHARS = "0123456789" + "abcdefghijklmnopqrstuvwxyz" + ":=|"
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+DIGIT0 = 3
+LETTER0 = 13
+N_LETTERS = 16  # the dense_reward task uses the letters a..p
+
+
+class SyntheticTokenizer:
+    """Character-level tokenizer with the methods the pipeline uses from a HF tokenizer."""
+
+    pad_token_id = PAD_ID
+    bos_token_id = BOS_ID
+    eos_token_id = EOS_ID
+    vocab_size = len(SPECIALS) + len(CHARS)
+
+    def __init__(self):
+        self._to_id = {c: i + len(SPECIALS) for i, c in enumerate(CHARS)}
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Characters to ids; "<bos>", "<eos>", "<pad>" in the text become their special ids."""
+        del add_special_tokens  # nothing is added implicitly, like add_special_tokens=False in HF
+        ids, i = [], 0
+        while i < len(text):
+            for k, sp in enumerate(SPECIALS):
+                if text.startswith(sp, i):
+                    ids.append(k)
+                    i += len(sp)
+                    break
+            else:
+                c = text[i]
+                if c not in self._to_id:
+                    raise ValueError(f"character {c!r} at offset {i} is not in the synthetic vocabulary")
+                ids.append(self._to_id[c])
+                i += 1
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        out = []
+        for t in ids:
+            t = int(t)
+            if t < len(SPECIALS):
+                if not skip_special_tokens:
+                    out.append(SPECIALS[t])
+            elif t < self.vocab_size:
+                out.append(CHARS[t - len(SPECIALS)])
+            else:
+                raise ValueError(f"token id {t} outside the synthetic vocabulary (size {self.vocab_size})")
+        return "".join(out)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+
+def _split_seed(seed: int, split: str) -> np.random.Generator:
+    return np.random.default_rng([seed, {"train": 0, "validation": 1, "test": 2}[split]])
+
+
+def _strip_eos(ids: Sequence[int]) -> list[int]:
+    ids = [int(t) for t in ids]
+    return ids[: ids.index(EOS_ID)] if EOS_ID in ids else ids
+
+
+# --------------------------------------------------------------------------------------------
+# error injection
+
+RULES = {"c": "copy", "s": "sort", "a": "add1", "r": "reverse"}
+
+
+def _apply_rule(rule: str, digits: str) -> str:
+    if rule == "c":
+        return digits
+    if rule == "s":
+        return "".join(sorted(digits))
+    if rule == "a":
+        return "".join(str((int(d) + 1) % 10) for d in digits)
+    if rule == "r":
+        return digits[::-1]
+    raise ValueError(f"unknown rule {rule!r}; rules: {RULES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorInjectionTask:
+    """Rule-following digit strings; rejected = chosen with `n_errors` corrupted tokens."""
+
+    seed: int = 0
+    min_digits: int = 3
+    max_digits: int = 8
+    n_errors: tuple[int, ...] = (1, 2)  # number of corrupted tokens, drawn uniformly from these
+    rules: str = "csar"
+
+    @property
+    def tokenizer(self) -> SyntheticTokenizer:
+        return SyntheticTokenizer()
+
+    def preference_examples(self, n: int, split: str = "train") -> list[PreferenceExample]:
+        rng = _split_seed(self.seed, split)
+        out = []
+        for i in range(n):
+            rule = self.rules[rng.integers(len(self.rules))]
+            n_digits = rng.integers(self.min_digits, self.max_digits + 1)
+            digits = "".join(str(d) for d in rng.integers(0, 10, n_digits))
+            chosen = _apply_rule(rule, digits)
+            k = min(int(rng.choice(self.n_errors)), len(chosen))
+            positions = sorted(int(x) for x in rng.choice(len(chosen), size=k, replace=False))
+            rejected = list(chosen)
+            for pos in positions:
+                rejected[pos] = str((int(chosen[pos]) + rng.integers(1, 10)) % 10)  # always a different digit
+            out.append(PreferenceExample(
+                prompt=f"<bos>{rule}:{digits}=", chosen=chosen, rejected="".join(rejected),
+                meta={"task": "error_injection", "split": split, "index": i, "rule": RULES[rule],
+                      "error_positions": positions}))
+        return out
+
+    def sft_examples(self, n: int, split: str = "train") -> list[SFTExample]:
+        """The chosen (correct) responses of the same prompts as `preference_examples(n, split)`."""
+        return [SFTExample(e.prompt, e.chosen, dict(e.meta)) for e in self.preference_examples(n, split)]
+
+    def expected_ids(self, prompt: str) -> list[int]:
+        """Correct response ids for a prompt, EOS included."""
+        body = prompt.removeprefix("<bos>")
+        if len(body) < 3 or body[1] != ":" or not body.endswith("="):
+            raise ValueError(f"not an error_injection prompt: {prompt!r}")
+        answer = _apply_rule(body[0], body[2:-1])
+        return SyntheticTokenizer().encode(answer) + [EOS_ID]
+
+    def gold_token_rewards(self, prompt: str, response_ids: Sequence[int]) -> np.ndarray:
+        """0 where the token equals the correct answer's token at that index, -1 elsewhere."""
+        exp = self.expected_ids(prompt)
+        resp = [int(t) for t in response_ids]
+        return np.array([0.0 if t < len(exp) and r == exp[t] else -1.0 for t, r in enumerate(resp)])
+
+    def gold_score(self, prompt: str, response_ids: Sequence[int]) -> float:
+        """Fraction correct: (correct tokens) / max(len(expected), len(response)), EOS included."""
+        exp = self.expected_ids(prompt)
+        resp = [int(t) for t in response_ids]
+        n_correct = int(np.sum(self.gold_token_rewards(prompt, resp) == 0))
+        return n_correct / max(len(exp), len(resp))
+
+
+# --------------------------------------------------------------------------------------------
+# dense reward
+
+
+@functools.lru_cache(maxsize=16)
+def _dense_tables(seed: int, policy_scale: float, reward_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng([seed, 12345])
+    logits = rng.normal(0.0, policy_scale, (N_LETTERS, N_LETTERS))
+    W = rng.normal(0.0, reward_scale, (N_LETTERS, N_LETTERS))
+    logits.flags.writeable = W.flags.writeable = False  # shared through the cache
+    return logits, W
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseRewardTask:
+    """Reference-policy samples labelled by Bradley–Terry on a known dense per-token reward."""
+
+    seed: int = 0
+    min_len: int = 3
+    eos_prob: float = 0.2
+    max_len: int = 32
+    gold_len_limit: int = 16
+    bonus: float = 0.3
+    length_penalty: float = 1.0
+    policy_scale: float = 1.5
+    reward_scale: float = 0.5
+
+    @property
+    def tokenizer(self) -> SyntheticTokenizer:
+        return SyntheticTokenizer()
+
+    def _tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """(reference bigram logits, reward table W), both [16, 16] over letters."""
+        return _dense_tables(self.seed, self.policy_scale, self.reward_scale)
+
+    def reference_next_probs(self, prev_letter: int, t: int) -> np.ndarray:
+        """Reference policy's next-token distribution over the full vocabulary at response index t."""
+        logits, _ = self._tables()
+        probs = np.zeros(SyntheticTokenizer.vocab_size)
+        p_eos = 0.0 if t < self.min_len else (1.0 if t >= self.max_len else self.eos_prob)
+        z = np.exp(logits[prev_letter] - logits[prev_letter].max())
+        probs[LETTER0 : LETTER0 + N_LETTERS] = (1.0 - p_eos) * z / z.sum()
+        probs[EOS_ID] = p_eos
+        return probs
+
+    def _prev_letter(self, prompt: str) -> int:
+        body = prompt.removeprefix("<bos>")
+        if len(body) < 2 or not body.endswith("=") or any(c not in CHARS[10:26] for c in body[:-1]):
+            raise ValueError(f"not a dense_reward prompt: {prompt!r}")
+        return CHARS.index(body[-2]) - 10
+
+    def sample_reference(self, prompt: str, rng: np.random.Generator) -> list[int]:
+        """One response from the reference policy: letter ids then EOS."""
+        prev, ids = self._prev_letter(prompt), []
+        for t in range(self.max_len + 1):
+            tok = int(rng.choice(SyntheticTokenizer.vocab_size, p=self.reference_next_probs(prev, t)))
+            ids.append(tok)
+            if tok == EOS_ID:
+                break
+            prev = tok - LETTER0
+        return ids
+
+    def gold_token_rewards(self, prompt: str, response_ids: Sequence[int]) -> np.ndarray:
+        """r(s_t, a_t) for every response token (see the module docstring); 0 for EOS and after it.
+
+        Tokens that are not letters (digits, symbols, specials other than EOS) get -length_penalty - 1.
+        """
+        _, W = self._tables()
+        prev, out, done = self._prev_letter(prompt), [], False
+        for t, tok in enumerate(int(x) for x in response_ids):
+            if done or tok == EOS_ID:
+                out.append(0.0)
+                done = True
+                continue
+            if not LETTER0 <= tok < LETTER0 + N_LETTERS:
+                out.append(-self.length_penalty - 1.0)
+                continue
+            a = tok - LETTER0
+            extra = self.bonus if t < self.gold_len_limit else -self.length_penalty
+            out.append(float(W[prev, a]) + extra)
+            prev = a
+        return np.array(out)
+
+    def gold_score(self, prompt: str, response_ids: Sequence[int]) -> float:
+        return float(self.gold_token_rewards(prompt, response_ids).sum())
+
+    def _prompt(self, rng: np.random.Generator) -> str:
+        letters = "".join(CHARS[10 + int(k)] for k in rng.integers(0, N_LETTERS, rng.integers(2, 5)))
+        return f"<bos>{letters}="
+
+    def preference_examples(self, n: int, split: str = "train") -> list[PreferenceExample]:
+        rng = _split_seed(self.seed, split)
+        tok = SyntheticTokenizer()
+        out = []
+        for i in range(n):
+            prompt = self._prompt(rng)
+            y1, y2 = self.sample_reference(prompt, rng), self.sample_reference(prompt, rng)
+            r1, r2 = self.gold_score(prompt, y1), self.gold_score(prompt, y2)
+            first_wins = rng.random() < 1.0 / (1.0 + np.exp(-(r1 - r2)))
+            (c, rc), (rj, rr) = ((y1, r1), (y2, r2)) if first_wins else ((y2, r2), (y1, r1))
+            out.append(PreferenceExample(
+                prompt=prompt, chosen=tok.decode(_strip_eos(c)), rejected=tok.decode(_strip_eos(rj)),
+                meta={"task": "dense_reward", "split": split, "index": i,
+                      "chosen_reward": rc, "rejected_reward": rr}))
+        return out
+
+    def sft_examples(self, n: int, split: str = "train", responses: str = "all") -> list[SFTExample]:
+        """SFT data for the reference: "all" responses (2 per pair) or only the "chosen" ones."""
+        if responses not in ("all", "chosen"):
+            raise ValueError(f"responses must be 'all' or 'chosen', got {responses!r}")
+        out = []
+        for e in self.preference_examples(n, split):
+            out.append(SFTExample(e.prompt, e.chosen, dict(e.meta)))
+            if responses == "all":
+                out.append(SFTExample(e.prompt, e.rejected, dict(e.meta)))
+        return out
+
+
+TASKS = {"error_injection": ErrorInjectionTask, "dense_reward": DenseRewardTask}
+
+
+def make_task(name: str, **kwargs) -> ErrorInjectionTask | DenseRewardTask:
+    if name not in TASKS:
+        raise ValueError(f"unknown synthetic task {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[name](**kwargs)
