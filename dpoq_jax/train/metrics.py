@@ -1,0 +1,114 @@
+"""Metrics out: TensorBoard event files + metrics.jsonl in the workdir, and the FLOPs / MFU estimate."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+# Dense bf16 peak FLOP/s per chip, by substring of jax's device_kind (lower case). Unknown -> None.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("h200", 989e12),
+    ("h100", 989e12),
+    ("a100", 312e12),
+    ("l4", 121e12),
+    ("tpu v6", 918e12),
+    ("tpu v5p", 459e12),
+    ("tpu v5 lite", 197e12),
+    ("tpu v5e", 197e12),
+    ("tpu v4", 275e12),
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+    kind = device_kind.lower()
+    for key, flops in PEAK_FLOPS:
+        if key in kind:
+            return flops
+    return None
+
+
+def step_flops(
+    num_params: int,
+    tokens_trained: int,
+    *,
+    num_layers: int,
+    attn_width: int,
+    row_len: int,
+    tokens_ref: int = 0,
+) -> float:
+    """FLOPs of one step: 6·N per trained token (forward + backward) plus 2·N per token of a live
+    reference forward, plus attention scores and values, 12·L·(H·F)·S per trained token and 4·L·(H·F)·S
+    per reference token (PaLM appendix B; padding tokens count since they are computed)."""
+    attn = num_layers * attn_width * row_len
+    return 6.0 * num_params * tokens_trained + 12.0 * attn * tokens_trained + (
+        2.0 * num_params + 4.0 * attn
+    ) * tokens_ref
+
+
+def mfu(flops_per_step: float, seconds_per_step: float, num_devices: int, device_kind: str) -> float | None:
+    """Model FLOPs utilisation in [0, 1], or None where the peak is unknown (CPU)."""
+    peak = peak_flops(device_kind)
+    if peak is None or seconds_per_step <= 0:
+        return None
+    return flops_per_step / seconds_per_step / (peak * num_devices)
+
+
+def _jsonable(x: Any) -> Any:
+    x = float(x) if hasattr(x, "__float__") and not isinstance(x, (int, bool)) else x
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else str(x)
+    return x
+
+
+class MetricsWriter:
+    """Appends {"step", "split", metrics...} lines to WORKDIR/metrics.jsonl and scalars to TensorBoard
+    (WORKDIR/tb). Only the main process writes. `truncate_after(step)` drops lines past a restored
+    checkpoint so that a resumed run's log equals an uninterrupted one."""
+
+    def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def truncate_after(self, step: int) -> None:
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(lines)
+        os.replace(tmp, self.path)
+
+    def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step), "split": split}
+        row.update({k: _jsonable(v) for k, v in sorted(metrics.items())})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(f"{split}/{k}", v, step)
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str, split: str | None = None) -> list[dict[str, Any]]:
+    """The rows of WORKDIR/metrics.jsonl (optionally of one split)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if split is None or r["split"] == split]

@@ -1,0 +1,188 @@
+"""Pure train steps `(state, batch) -> (state, metrics)` for DPO and SFT.
+
+The model is used functionally: `graphdef` and the non-parameter variables are closed over, the
+parameters travel in the state, and `nnx.merge` rebuilds the module inside the traced function.
+Batches carry a leading micro-batch axis M (gradient accumulation by lax.scan over it). A step whose
+loss or gradient is not finite leaves parameters and optimizer state untouched and is counted.
+
+No ml_collections / tensorflow import here: this module runs on the GPU machine too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from dpoq_jax import losses, tokenq
+from dpoq_jax.train.state import TrainState
+
+Array = jax.Array
+Batch = dict[str, Array]
+LossFn = Callable[[Any, Any, Batch], tuple[Array, tuple[Array, dict[str, Array]]]]
+
+ROW_KEYS = ("tokens", "positions", "segment_ids", "branch_ids")
+
+
+def _hidden_and_unembed(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch):
+    """Forward the layout rows -> flat hidden [N*S, D], unembedding [D, V] and bias [V] or None."""
+    model = nnx.merge(graphdef, params, rest)
+    hidden_NSD = model(
+        batch["tokens"], batch["positions"], batch["segment_ids"], batch["branch_ids"], return_hidden=True
+    )
+    unembed_DV, bias_V = model.unembedding()
+    N, S, D = hidden_NSD.shape
+    return hidden_NSD.reshape(N * S, D), unembed_DV, bias_V
+
+
+def response_logps(
+    hidden_XD: Array, unembed_DV: Array, bias_V: Array | None, pred_idx_PR: Array, targets_PR: Array,
+    mask_PR: Array, chunk_size: int,
+) -> Array:
+    """Per-token log-probs [P, R] of responses, gathered from flat row positions (CONTRACTS §2)."""
+    h_PRD = jnp.take(hidden_XD, pred_idx_PR, axis=0)
+    return tokenq.lean_token_logps(h_PRD, unembed_DV, targets_PR, mask_PR, bias_V=bias_V, chunk_size=chunk_size)
+
+
+def policy_and_ref_logps(
+    graphdef: nnx.GraphDef, rest: Any, params: Any, ref_params: Any | None, batch: Batch, chunk_size: int
+) -> tuple[Array, Array, Array, Array]:
+    """(policy chosen [P,R], policy rejected [P,R], ref chosen, ref rejected). The reference comes from
+    frozen parameters (no gradient) when given, else from the batch: per-token `ref_*_logps` [P, R]
+    or per-response `ref_*_sum` [P]."""
+
+    def logps(p: Any) -> tuple[Array, Array]:
+        h, w, b = _hidden_and_unembed(graphdef, p, rest, batch)
+        out = []
+        for side in ("chosen", "rejected"):
+            out.append(response_logps(
+                h, w, b, batch[f"{side}_pred_idx"], batch[f"{side}_targets"], batch[f"{side}_mask"], chunk_size
+            ))
+        return out[0], out[1]
+
+    pc, pr = logps(params)
+    if ref_params is not None:
+        rc, rr = jax.lax.stop_gradient(logps(ref_params))
+    elif "ref_chosen_logps" in batch:
+        rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    elif "ref_chosen_sum" in batch:
+        rc, rr = batch["ref_chosen_sum"], batch["ref_rejected_sum"]
+    else:
+        raise ValueError(
+            "DPO step: no reference. Give frozen reference parameters or precomputed "
+            "ref_chosen_logps/ref_rejected_logps (or ref_*_sum) in the batch (`dpoq precompute-ref`)."
+        )
+    return pc, pr, rc, rr
+
+
+def make_dpo_loss(graphdef: nnx.GraphDef, rest: Any, loss_config: losses.LossConfig, chunk_size: int = 512) -> LossFn:
+    """loss_fn(params, ref_params, micro_batch) -> (loss, (weight, metrics)); weight = real pairs."""
+
+    def loss_fn(params, ref_params, batch):
+        pc, pr, rc, rr = policy_and_ref_logps(graphdef, rest, params, ref_params, batch, chunk_size)
+        loss, metrics = losses.preference_loss(
+            pc, pr, rc, rr, batch["chosen_mask"], batch["rejected_mask"],
+            config=loss_config, pair_mask_B=batch["pair_mask"],
+        )
+        return loss, (jnp.sum(batch["pair_mask"]), metrics)
+
+    return loss_fn
+
+
+def make_sft_loss(graphdef: nnx.GraphDef, rest: Any, chunk_size: int = 512) -> LossFn:
+    """NLL of completion tokens; weight = real tokens (the loss is a per-token mean)."""
+
+    def loss_fn(params, ref_params, batch):
+        del ref_params
+        h, w, b = _hidden_and_unembed(graphdef, params, rest, batch)
+        logps = response_logps(
+            h, w, b, batch["completion_pred_idx"], batch["completion_targets"], batch["completion_mask"],
+            chunk_size,
+        )
+        loss, metrics = losses.sft_loss(logps, batch["completion_mask"], pair_mask_B=batch["example_mask"])
+        return loss, (metrics["tokens"], metrics)
+
+    return loss_fn
+
+
+def _combine(name: str, values_M: Array, w_M: Array) -> Array:
+    """Reduce one metric over micro-batches: min/max as such, counts summed, the rest weighted means."""
+    if name.endswith("_min"):
+        return jnp.min(values_M)
+    if name.endswith("_max"):
+        return jnp.max(values_M)
+    if name == "tokens":
+        return jnp.sum(values_M)
+    return jnp.sum(values_M * w_M) / jnp.maximum(jnp.sum(w_M), 1e-12)
+
+
+def accumulate_grads(loss_fn: LossFn, params: Any, ref_params: Any, batch_M: Batch) -> tuple[Any, dict[str, Array]]:
+    """Gradient of the weighted mean of micro-batch losses (weights: real pairs or tokens), by a
+    lax.scan over the leading micro-batch axis; with one micro-batch it is the plain gradient."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def body(g_sum, micro):
+        (loss, (w, metrics)), g = grad_fn(params, ref_params, micro)
+        g_sum = jax.tree.map(lambda a, b: a + w * b, g_sum, g)
+        return g_sum, (w, metrics)
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    g_sum, (w_M, metrics_M) = jax.lax.scan(body, zeros, batch_M)
+    total = jnp.maximum(jnp.sum(w_M), 1e-12)
+    grads = jax.tree.map(lambda g: g / total, g_sum)
+    metrics = {k: _combine(k, v, w_M) for k, v in metrics_M.items()}
+    return grads, metrics
+
+
+def make_train_step(
+    loss_fn: LossFn, optimizer: optax.GradientTransformation, schedule: optax.Schedule
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
+    """The pure step. Non-finite loss or gradient: no update, `skipped` and `nonfinite_streak` grow."""
+
+    def step(state: TrainState, batch_M: Batch) -> tuple[TrainState, dict[str, Array]]:
+        grads, metrics = accumulate_grads(loss_fn, state.params, state.ref_params, batch_M)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+
+        def apply(_):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state
+
+        # lax.cond skips the optimizer entirely on a bad step (no NaN reaches the moments).
+        params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state), None)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+        )
+        metrics = dict(metrics)
+        metrics.update(
+            grad_norm=grad_norm,
+            learning_rate=schedule(state.step),  # optax counts from the update's own step
+            skipped=new_state.skipped,
+            nonfinite_streak=new_state.nonfinite_streak,
+            finite=finite,
+        )
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(loss_fn: LossFn) -> Callable[[TrainState, Batch], dict[str, Array]]:
+    """Metrics of the loss on a (micro-batched) batch without an update."""
+
+    def eval_step(state: TrainState, batch_M: Batch) -> dict[str, Array]:
+        def body(_, micro):
+            _, (w, metrics) = loss_fn(state.params, state.ref_params, micro)
+            return None, (w, metrics)
+
+        _, (w_M, metrics_M) = jax.lax.scan(body, None, batch_M)
+        return {k: _combine(k, v, w_M) for k, v in metrics_M.items()}
+
+    return eval_step
