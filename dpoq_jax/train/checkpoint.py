@@ -41,7 +41,9 @@ class RunCheckpoints:
 
     def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every_steps, max_to_keep=keep, enable_async_checkpointing=async_save,
+            save_interval_steps=every_steps,
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
             create=True,
         )
         self.manager = ocp.CheckpointManager(directory, options=options)
@@ -53,7 +55,13 @@ class RunCheckpoints:
         return list(self.manager.all_steps())
 
     def save(
-        self, step: int, state: TrainState, *, loader: dict, config: dict, model_config: dict,
+        self,
+        step: int,
+        state: TrainState,
+        *,
+        loader: dict,
+        config: dict,
+        model_config: dict,
         force: bool = False,
     ) -> bool:
         """Starts an (asynchronous) save if `step` is due (or force); returns whether it saves."""
@@ -69,7 +77,9 @@ class RunCheckpoints:
             force=force,
         )
 
-    def restore(self, step: int, abstract_state: TrainState, shardings: TrainState) -> tuple[TrainState, dict]:
+    def restore(
+        self, step: int, abstract_state: TrainState, shardings: TrainState
+    ) -> tuple[TrainState, dict]:
         """(TrainState placed in `shardings`, loader position) of checkpoint `step`."""
         target = abstract_with_shardings(abstract_state, shardings)
         params_target = params_to_pure(target.params)

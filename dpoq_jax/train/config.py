@@ -73,7 +73,9 @@ def _parse_value(key: str, text: str, old: Any) -> Any:
             return ast.literal_eval(text)
         except (ValueError, SyntaxError):
             return text
-    raise ConfigError(f"config key {key!r} holds a {type(old).__name__}; it cannot be set from the command line")
+    raise ConfigError(
+        f"config key {key!r} holds a {type(old).__name__}; it cannot be set from the command line"
+    )
 
 
 def apply_override(config: mc.ConfigDict, key: str, text: str) -> None:

@@ -35,20 +35,19 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 def mesh_shape(requested: dict[str, int] | Any, num_devices: int) -> tuple[int, int, int]:
     """Sizes of (data, fsdp, tensor); one entry may be -1 = whatever is left of the devices."""
     sizes = [int(requested[a]) for a in MESH_AXES]
+    named = lambda: dict(zip(MESH_AXES, sizes, strict=True))  # noqa: E731
     free = [i for i, s in enumerate(sizes) if s == -1]
     if len(free) > 1:
-        raise ValueError(f"mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ValueError(f"mesh: at most one axis may be -1, got {named()}")
     if any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh: axis sizes must be positive or -1, got {dict(zip(MESH_AXES, sizes))}")
+        raise ValueError(f"mesh: axis sizes must be positive or -1, got {named()}")
     known = math.prod(s for s in sizes if s != -1)
     if free:
         if num_devices % known:
-            raise ValueError(f"mesh: {num_devices} devices cannot be split as {dict(zip(MESH_AXES, sizes))}")
+            raise ValueError(f"mesh: {num_devices} devices cannot be split as {named()}")
         sizes[free[0]] = num_devices // known
     if math.prod(sizes) != num_devices:
-        raise ValueError(
-            f"mesh: {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, there are {num_devices}"
-        )
+        raise ValueError(f"mesh: {named()} needs {math.prod(sizes)} devices, there are {num_devices}")
     return tuple(sizes)
 
 
@@ -78,7 +77,9 @@ def rules_from_config(rules: Sequence[Sequence[Any]] | None) -> tuple[tuple[str,
         else:
             bad = [] if axes is None or axes in MESH_AXES else [axes]
         if bad:
-            raise ValueError(f"sharding.rules[{i}] ({name!r}) names unknown mesh axes {bad}; known {MESH_AXES}")
+            raise ValueError(
+                f"sharding.rules[{i}] ({name!r}) names unknown mesh axes {bad}; known {MESH_AXES}"
+            )
         out.append((str(name), axes))
     return tuple(out)
 

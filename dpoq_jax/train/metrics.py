@@ -42,9 +42,11 @@ def step_flops(
     reference forward, plus attention scores and values, 12·L·(H·F)·S per trained token and 4·L·(H·F)·S
     per reference token (PaLM appendix B; padding tokens count since they are computed)."""
     attn = num_layers * attn_width * row_len
-    return 6.0 * num_params * tokens_trained + 12.0 * attn * tokens_trained + (
-        2.0 * num_params + 4.0 * attn
-    ) * tokens_ref
+    return (
+        6.0 * num_params * tokens_trained
+        + 12.0 * attn * tokens_trained
+        + (2.0 * num_params + 4.0 * attn) * tokens_ref
+    )
 
 
 def mfu(flops_per_step: float, seconds_per_step: float, num_devices: int, device_kind: str) -> float | None:

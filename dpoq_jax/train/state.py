@@ -50,9 +50,7 @@ def abstract_model(make_model: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, 
         return split_model(nnx.eval_shape(make_model))
 
 
-def init_params(
-    make_model: Callable[[], nnx.Module], shardings: Any
-) -> tuple[nnx.State, nnx.State]:
+def init_params(make_model: Callable[[], nnx.Module], shardings: Any) -> tuple[nnx.State, nnx.State]:
     """Random-init parameters created inside jit straight into `shardings` (plus the replicated rest)."""
 
     def init():
@@ -73,8 +71,12 @@ def state_shardings(
         optimizer, lambda _, s: s, abs_opt, p_shardings, transform_non_params=lambda _: rep
     )
     return TrainState(
-        step=rep, params=p_shardings, opt_state=opt_sh, ref_params=p_shardings if with_ref else None,
-        skipped=rep, nonfinite_streak=rep,
+        step=rep,
+        params=p_shardings,
+        opt_state=opt_sh,
+        ref_params=p_shardings if with_ref else None,
+        skipped=rep,
+        nonfinite_streak=rep,
     )
 
 
@@ -85,25 +87,38 @@ def abstract_state(
     return jax.eval_shape(lambda p: _build(p, optimizer, with_ref, ref_dtype), abs_params)
 
 
-def _build(params: Any, optimizer: optax.GradientTransformation, with_ref: bool, ref_dtype: Any) -> TrainState:
+def _build(
+    params: Any, optimizer: optax.GradientTransformation, with_ref: bool, ref_dtype: Any
+) -> TrainState:
     ref = None
     if with_ref:  # the reference starts as a frozen copy of the initial policy (the SFT model)
-        ref = jax.tree.map(lambda x: x.astype(ref_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+        ref = jax.tree.map(
+            lambda x: x.astype(ref_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+        )
     zero = jnp.zeros((), jnp.int32)
     return TrainState(
-        step=zero, params=params, opt_state=optimizer.init(params), ref_params=ref, skipped=zero,
+        step=zero,
+        params=params,
+        opt_state=optimizer.init(params),
+        ref_params=ref,
+        skipped=zero,
         nonfinite_streak=zero,
     )
 
 
 def create_train_state(
-    params: Any, optimizer: optax.GradientTransformation, shardings: TrainState, *, with_ref: bool,
+    params: Any,
+    optimizer: optax.GradientTransformation,
+    shardings: TrainState,
+    *,
+    with_ref: bool,
     ref_dtype: Any = jnp.float32,
 ) -> TrainState:
     """TrainState from (already sharded) initial parameters; optimizer state and reference copy are
     created inside jit directly in `shardings`."""
     build = jax.jit(
-        lambda p: _build(p, optimizer, with_ref, ref_dtype), in_shardings=(shardings.params,),
+        lambda p: _build(p, optimizer, with_ref, ref_dtype),
+        in_shardings=(shardings.params,),
         out_shardings=shardings,
     )
     return build(params)

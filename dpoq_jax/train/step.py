@@ -40,12 +40,19 @@ def _hidden_and_unembed(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: B
 
 
 def response_logps(
-    hidden_XD: Array, unembed_DV: Array, bias_V: Array | None, pred_idx_PR: Array, targets_PR: Array,
-    mask_PR: Array, chunk_size: int,
+    hidden_XD: Array,
+    unembed_DV: Array,
+    bias_V: Array | None,
+    pred_idx_PR: Array,
+    targets_PR: Array,
+    mask_PR: Array,
+    chunk_size: int,
 ) -> Array:
     """Per-token log-probs [P, R] of responses, gathered from flat row positions (CONTRACTS §2)."""
     h_PRD = jnp.take(hidden_XD, pred_idx_PR, axis=0)
-    return tokenq.lean_token_logps(h_PRD, unembed_DV, targets_PR, mask_PR, bias_V=bias_V, chunk_size=chunk_size)
+    return tokenq.lean_token_logps(
+        h_PRD, unembed_DV, targets_PR, mask_PR, bias_V=bias_V, chunk_size=chunk_size
+    )
 
 
 def policy_and_ref_logps(
@@ -59,9 +66,17 @@ def policy_and_ref_logps(
         h, w, b = _hidden_and_unembed(graphdef, p, rest, batch)
         out = []
         for side in ("chosen", "rejected"):
-            out.append(response_logps(
-                h, w, b, batch[f"{side}_pred_idx"], batch[f"{side}_targets"], batch[f"{side}_mask"], chunk_size
-            ))
+            out.append(
+                response_logps(
+                    h,
+                    w,
+                    b,
+                    batch[f"{side}_pred_idx"],
+                    batch[f"{side}_targets"],
+                    batch[f"{side}_mask"],
+                    chunk_size,
+                )
+            )
         return out[0], out[1]
 
     pc, pr = logps(params)
@@ -79,14 +94,22 @@ def policy_and_ref_logps(
     return pc, pr, rc, rr
 
 
-def make_dpo_loss(graphdef: nnx.GraphDef, rest: Any, loss_config: losses.LossConfig, chunk_size: int = 512) -> LossFn:
+def make_dpo_loss(
+    graphdef: nnx.GraphDef, rest: Any, loss_config: losses.LossConfig, chunk_size: int = 512
+) -> LossFn:
     """loss_fn(params, ref_params, micro_batch) -> (loss, (weight, metrics)); weight = real pairs."""
 
     def loss_fn(params, ref_params, batch):
         pc, pr, rc, rr = policy_and_ref_logps(graphdef, rest, params, ref_params, batch, chunk_size)
         loss, metrics = losses.preference_loss(
-            pc, pr, rc, rr, batch["chosen_mask"], batch["rejected_mask"],
-            config=loss_config, pair_mask_B=batch["pair_mask"],
+            pc,
+            pr,
+            rc,
+            rr,
+            batch["chosen_mask"],
+            batch["rejected_mask"],
+            config=loss_config,
+            pair_mask_B=batch["pair_mask"],
         )
         return loss, (jnp.sum(batch["pair_mask"]), metrics)
 
@@ -100,7 +123,12 @@ def make_sft_loss(graphdef: nnx.GraphDef, rest: Any, chunk_size: int = 512) -> L
         del ref_params
         h, w, b = _hidden_and_unembed(graphdef, params, rest, batch)
         logps = response_logps(
-            h, w, b, batch["completion_pred_idx"], batch["completion_targets"], batch["completion_mask"],
+            h,
+            w,
+            b,
+            batch["completion_pred_idx"],
+            batch["completion_targets"],
+            batch["completion_mask"],
             chunk_size,
         )
         loss, metrics = losses.sft_loss(logps, batch["completion_mask"], pair_mask_B=batch["example_mask"])
@@ -120,7 +148,9 @@ def _combine(name: str, values_M: Array, w_M: Array) -> Array:
     return jnp.sum(values_M * w_M) / jnp.maximum(jnp.sum(w_M), 1e-12)
 
 
-def accumulate_grads(loss_fn: LossFn, params: Any, ref_params: Any, batch_M: Batch) -> tuple[Any, dict[str, Array]]:
+def accumulate_grads(
+    loss_fn: LossFn, params: Any, ref_params: Any, batch_M: Batch
+) -> tuple[Any, dict[str, Array]]:
     """Gradient of the weighted mean of micro-batch losses (weights: real pairs or tokens), by a
     lax.scan over the leading micro-batch axis; with one micro-batch it is the plain gradient."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
