@@ -36,9 +36,11 @@ def token_logps(logits_BTV: Array, targets_BT: Array, mask_BT: Array | None = No
 
 
 def _chunk_logps(h_CD: Array, unembed_DV: Array, bias_V: Array | None, targets_C: Array) -> Array:
-    logits_CV = _f32(h_CD) @ _f32(unembed_DV)
+    # Accumulate the matmul in (at least) float32 without upcasting the whole unembedding matrix.
+    acc = jnp.promote_types(jnp.result_type(h_CD, unembed_DV), jnp.float32)
+    logits_CV = jnp.matmul(h_CD, unembed_DV, preferred_element_type=acc)
     if bias_V is not None:
-        logits_CV = logits_CV + _f32(bias_V)
+        logits_CV = logits_CV + bias_V.astype(acc)
     lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
     return jnp.take_along_axis(logits_CV, targets_C[:, None], axis=-1)[:, 0] - lse_C
 

@@ -179,3 +179,18 @@ class QValueTest(chex.TestCase):
         np.testing.assert_allclose(e, -BETA * kl, atol=1e-5)
         assert np.all(e <= 1e-7)
         np.testing.assert_allclose(tokenq.expected_ref_reward(ref_logits, ref_logits, BETA), 0.0, atol=1e-6)
+
+
+def test_lean_bfloat16_matches_full_with_float32_logits():
+    rng = np.random.default_rng(6)
+    h = jnp.asarray(rng.normal(size=(B, T, D)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(D, V)), jnp.bfloat16)
+    _, targets, mask = _inputs()
+    lean = tokenq.lean_token_logps(h, w, targets, mask, chunk_size=4)
+    assert lean.dtype == jnp.float32
+    full = tokenq.token_logps(
+        jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32), targets, mask
+    )
+    np.testing.assert_allclose(lean, full, atol=1e-5)
+    g = jax.grad(lambda h: tokenq.lean_token_logps(h, w, targets, mask, chunk_size=4).sum())(h)
+    assert g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32)))
