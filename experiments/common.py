@@ -403,3 +403,52 @@ def log(msg: str) -> None:
     """Progress line on the terminal, with the time, flushed at once."""
     now = dt.datetime.now().strftime("%H:%M:%S")
     print(f"[{now}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact soft-optimal values of the dense_reward task (its reference and reward depend only on the
+# previous letter and the response index, so V*(s) is a table over (letter, index)).
+# ----------------------------------------------------------------------------------------------
+
+
+def dense_optimal_values(task: Any, beta: float) -> np.ndarray:
+    """V*(prev letter, t) for t = 0..max_len+1 by backward induction (PAPER.md §2), float64 [16, T+2].
+
+    V*(s) = β log Σ_a π_ref(a|s) exp((r(s,a) + V*(s a))/β), with EOS terminal (reward 0, V = 0).
+    """
+    from dpoq_jax.data import synthetic as syn
+
+    _, W = task._tables()
+    n, T = syn.N_LETTERS, task.max_len
+    V = np.zeros((n, T + 2))
+    for t in range(T, -1, -1):
+        extra = task.bonus if t < task.gold_len_limit else -task.length_penalty
+        for prev in range(n):
+            p = task.reference_next_probs(prev, t)
+            p_letters = p[syn.LETTER0 : syn.LETTER0 + n]
+            terms = [np.log(p[syn.EOS_ID]) if p[syn.EOS_ID] > 0 else -np.inf]
+            with np.errstate(divide="ignore"):
+                terms += list(np.log(p_letters) + (W[prev] + extra + V[:, t + 1]) / beta)
+            V[prev, t] = beta * np.logaddexp.reduce(np.array(terms))
+    return V
+
+
+def dense_shaping(task: Any, prompt: str, response_ids: Sequence[int], V: np.ndarray) -> np.ndarray:
+    """Per-token shaping V*(s_{t+1}) − V*(s_t) along a response (EOS leads to the terminal V = 0).
+
+    The optimal implicit reward is β log π*/π_ref = r(s_t,a_t) + V*(s_{t+1}) − V*(s_t) (Eq. 10).
+    """
+    from dpoq_jax.data import synthetic as syn
+
+    prev = task._prev_letter(prompt)
+    out = []
+    for t, tok in enumerate(int(x) for x in response_ids):
+        v_now = V[prev, t]
+        if tok == syn.EOS_ID:
+            out.append(-v_now)
+            break
+        if not syn.LETTER0 <= tok < syn.LETTER0 + syn.N_LETTERS:
+            raise ValueError(f"dense_shaping: token {tok} at index {t} of the response is not a letter or EOS")
+        prev = tok - syn.LETTER0
+        out.append(V[prev, t + 1] - v_now)
+    return np.array(out)

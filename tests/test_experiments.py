@@ -124,3 +124,33 @@ def test_table_and_report_files(tmp_path) -> None:
     assert "data:image/png;base64," in page and "T &lt;x&gt;" in page and "<li>a</li>" in page
     assert page.count("<table>") == 1 and len(paths) == 3
     assert not math.isnan(float(common.fmt(0.5)))
+
+
+def test_dense_optimal_values_match_enumeration() -> None:
+    """V*(s_0) = β log E_{y~π_ref}[exp(R(y)/β)] over every response of a short-horizon task, and the
+    optimal implicit rewards r + ΔV sum to R(y) − V*(s_0) (telescoping)."""
+    from dpoq_jax.data import synthetic as syn
+
+    task = syn.DenseRewardTask(seed=3, min_len=1, eos_prob=0.4, max_len=3, gold_len_limit=2)
+    beta = 0.7
+    V = common.dense_optimal_values(task, beta)
+    prompt = "<bos>cb="
+    letters = range(syn.LETTER0, syn.LETTER0 + syn.N_LETTERS)
+    total, seqs = 0.0, []
+    for length in range(1, task.max_len + 1):
+        for ys in itertools.product(letters, repeat=length):
+            seqs.append(list(ys) + [syn.EOS_ID])
+    for y in seqs:
+        prev, p = task._prev_letter(prompt), 1.0
+        for t, tok in enumerate(y):
+            p *= task.reference_next_probs(prev, t)[tok]
+            prev = tok - syn.LETTER0 if tok != syn.EOS_ID else prev
+        total += p * math.exp(task.gold_score(prompt, y) / beta)
+    v0 = V[task._prev_letter(prompt), 0]
+    assert v0 == pytest.approx(beta * math.log(total), rel=1e-10)
+    y = seqs[123]
+    shaping = common.dense_shaping(task, prompt, y, V)
+    implicit = task.gold_token_rewards(prompt, y) + shaping
+    assert implicit.sum() == pytest.approx(task.gold_score(prompt, y) - v0, rel=1e-10)
+    with pytest.raises(ValueError, match="not a letter"):
+        common.dense_shaping(task, prompt, [syn.DIGIT0, syn.EOS_ID], V)
