@@ -448,7 +448,7 @@ def dense_shaping(task: Any, prompt: str, response_ids: Sequence[int], V: np.nda
             out.append(-v_now)
             break
         if not syn.LETTER0 <= tok < syn.LETTER0 + syn.N_LETTERS:
-            raise ValueError(f"dense_shaping: token {tok} at index {t} of the response is not a letter or EOS")
+            raise ValueError(f"dense_shaping: token {tok} at response index {t} is not a letter or EOS")
         prev = tok - syn.LETTER0
         out.append(V[prev, t + 1] - v_now)
     return np.array(out)
