@@ -35,14 +35,14 @@ def token_logps(logits_BTV: Array, targets_BT: Array, mask_BT: Array | None = No
     return logps_BT * _ones_like_bt(logps_BT, mask_BT)
 
 
-def _chunk_logps(h_CD: Array, unembed_DV: Array, bias_V: Array | None, targets_C: Array) -> Array:
+def _chunk_logps(h_BCD: Array, unembed_DV: Array, bias_V: Array | None, targets_BC: Array) -> Array:
     # Accumulate the matmul in (at least) float32 without upcasting the whole unembedding matrix.
-    acc = jnp.promote_types(jnp.result_type(h_CD, unembed_DV), jnp.float32)
-    logits_CV = jnp.matmul(h_CD, unembed_DV, preferred_element_type=acc)
+    acc = jnp.promote_types(jnp.result_type(h_BCD, unembed_DV), jnp.float32)
+    logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, unembed_DV, preferred_element_type=acc)
     if bias_V is not None:
-        logits_CV = logits_CV + bias_V.astype(acc)
-    lse_C = jax.nn.logsumexp(logits_CV, axis=-1)
-    return jnp.take_along_axis(logits_CV, targets_C[:, None], axis=-1)[:, 0] - lse_C
+        logits_BCV = logits_BCV + bias_V.astype(acc)
+    lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+    return jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0] - lse_BC
 
 
 def lean_token_logps(
@@ -52,13 +52,14 @@ def lean_token_logps(
     mask_BT: Array | None = None,
     *,
     bias_V: Array | None = None,
-    chunk_size: int = 512,
+    chunk_size: int = 32,
 ) -> Array:
     """Same as token_logps(hidden @ unembed + bias, ...) without ever holding B×T×V in float32.
 
-    The B·T positions are processed in chunks of `chunk_size` rows by lax.scan; each chunk is
-    wrapped in jax.checkpoint, so the backward pass recomputes that chunk's [chunk, V] logits
-    instead of storing them. Peak extra memory is O(chunk_size · V), not O(B · T · V).
+    Time is cut into chunks of `chunk_size` steps, processed by lax.scan; each chunk is wrapped in
+    jax.checkpoint, so the backward pass recomputes that chunk's [B, chunk, V] logits instead of
+    storing them. Peak extra memory is O(B · chunk_size · V), not O(B · T · V). Chunking time (not
+    the flattened B·T) keeps the batch axis intact, so a batch-sharded input stays sharded.
     Gradients flow to hidden, unembed and bias.
     """
     B, T, D = hidden_BTD.shape
@@ -70,25 +71,27 @@ def lean_token_logps(
     V = unembed_DV.shape[1]
     if bias_V is not None and bias_V.shape != (V,):
         raise ValueError(f"lean_token_logps: bias_V has shape {bias_V.shape}, expected ({V},)")
+    if targets_BT.shape != (B, T):
+        raise ValueError(f"lean_token_logps: targets_BT has shape {targets_BT.shape}, expected {(B, T)}")
     if chunk_size <= 0:
         raise ValueError(f"lean_token_logps: chunk_size must be positive, got {chunk_size}")
-    n = B * T
-    chunk = min(chunk_size, n)
-    n_chunks = -(-n // chunk)
-    pad = n_chunks * chunk - n
-    h_ND = jnp.pad(hidden_BTD.reshape(n, D), ((0, pad), (0, 0)))
-    t_N = jnp.pad(jnp.clip(targets_BT.reshape(n), 0, V - 1), (0, pad))
+    c = min(chunk_size, T)
+    k = -(-T // c)
+    pad = k * c - T
+    # [B, T, D] -> [K, B, C, D]: scan over the K time chunks.
+    h_KBCD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, k, c, D).swapaxes(0, 1)
+    t_KBC = jnp.pad(jnp.clip(targets_BT, 0, V - 1), ((0, 0), (0, pad))).reshape(B, k, c).swapaxes(0, 1)
 
     @jax.checkpoint
-    def one_chunk(h_CD: Array, t_C: Array, w_DV: Array, b_V: Array | None) -> Array:
-        return _chunk_logps(h_CD, w_DV, b_V, t_C)
+    def one_chunk(h_BCD: Array, t_BC: Array, w_DV: Array, b_V: Array | None) -> Array:
+        return _chunk_logps(h_BCD, w_DV, b_V, t_BC)
 
     def body(carry: None, xs: tuple[Array, Array]) -> tuple[None, Array]:
-        h_CD, t_C = xs
-        return carry, one_chunk(h_CD, t_C, unembed_DV, bias_V)
+        h_BCD, t_BC = xs
+        return carry, one_chunk(h_BCD, t_BC, unembed_DV, bias_V)
 
-    _, logps_KC = jax.lax.scan(body, None, (h_ND.reshape(n_chunks, chunk, D), t_N.reshape(n_chunks, chunk)))
-    logps_BT = logps_KC.reshape(-1)[:n].reshape(B, T)
+    _, logps_KBC = jax.lax.scan(body, None, (h_KBCD, t_KBC))
+    logps_BT = logps_KBC.swapaxes(0, 1).reshape(B, k * c)[:, :T]
     return logps_BT * _ones_like_bt(logps_BT, mask_BT)
 
 
