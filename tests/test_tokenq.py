@@ -194,3 +194,22 @@ def test_lean_bfloat16_matches_full_with_float32_logits():
     np.testing.assert_allclose(lean, full, atol=1e-5)
     g = jax.grad(lambda h: tokenq.lean_token_logps(h, w, targets, mask, chunk_size=2).sum())(h)
     assert g.dtype == jnp.bfloat16 and np.all(np.isfinite(np.asarray(g, np.float32)))
+
+
+def test_lean_under_jit_with_batch_sharded_inputs():
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+    rng = np.random.default_rng(7)
+    h = rng.normal(size=(4, T, D)).astype(np.float32)
+    w = rng.normal(size=(D, V)).astype(np.float32)
+    targets = rng.integers(0, V, size=(4, T)).astype(np.int32)
+    fn = jax.jit(lambda h, t: tokenq.lean_token_logps(h, w, t, chunk_size=2))
+    out = fn(
+        jax.device_put(h, NamedSharding(mesh, P("data"))),
+        jax.device_put(targets, NamedSharding(mesh, P("data"))),
+    )
+    np.testing.assert_allclose(
+        out, _np_token_logps(h.astype(np.float64) @ w, targets, np.ones((4, T))), atol=1e-5
+    )
