@@ -1,0 +1,116 @@
+"""JSON Lines sources: {"prompt", "chosen", "rejected"} pairs and {"prompt", "completion"} SFT rows.
+
+The full text of a response is prompt + response, joined as given (no separator is added), so a
+response usually starts with a space or newline. Every bad line becomes a DataError naming the file,
+line and key; the ErrorPolicy decides between failing and skipping (with counts).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from dpoq_jax.data.errors import DataError, ErrorPolicy
+from dpoq_jax.data.examples import PreferenceExample, SFTExample
+
+
+def iter_json_lines(path: str | os.PathLike, policy: ErrorPolicy) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed value) for each non-blank line; unreadable lines go to the policy."""
+    path = str(path)
+    try:
+        f = open(path, "rb")  # bytes, so that invalid UTF-8 is reported per line
+    except FileNotFoundError:
+        policy.handle(DataError("file does not exist", kind="missing_file", file=path))
+        return
+    except OSError as e:
+        policy.handle(DataError(f"cannot open: {e.strerror}", kind="unreadable_file", file=path))
+        return
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                policy.handle(DataError(f"invalid UTF-8 at byte {e.start}", kind="invalid_utf8",
+                                        file=path, line=lineno))
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield lineno, json.loads(text)
+            except json.JSONDecodeError as e:
+                policy.handle(DataError(f"malformed JSON: {e.msg} at column {e.colno}",
+                                        kind="malformed_json", file=path, line=lineno))
+
+
+def check_fields(
+    obj: Any, keys: Sequence[str], responses: Sequence[str], *, file: str, line: int | None
+) -> dict[str, str]:
+    """Validates that `obj` is an object with string `keys` and non-empty `responses`; returns them."""
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object, got {type(obj).__name__}", kind="not_object",
+                        file=file, line=line)
+    out = {}
+    for k in keys:
+        if k not in obj:
+            raise DataError("missing key", kind="missing_key", file=file, line=line, key=k)
+        if not isinstance(obj[k], str):
+            raise DataError(f"expected a string, got {type(obj[k]).__name__}", kind="not_string",
+                            file=file, line=line, key=k)
+        out[k] = obj[k]
+    for k in responses:
+        if not out[k].strip():
+            raise DataError("empty response", kind="empty_response", file=file, line=line, key=k)
+    return out
+
+
+def check_pair(prompt: str, chosen: str, rejected: str, *, file: str, line: int | None) -> None:
+    if chosen == rejected:
+        raise DataError("chosen and rejected are identical", kind="identical_responses",
+                        file=file, line=line, key="rejected")
+
+
+def read_preference_jsonl(
+    path: str | os.PathLike, policy: ErrorPolicy | None = None
+) -> list[PreferenceExample]:
+    """Reads {"prompt", "chosen", "rejected"} lines (other keys go to meta)."""
+    policy = policy or ErrorPolicy("fail")
+    out = []
+    for lineno, obj in iter_json_lines(path, policy):
+        try:
+            f = check_fields(obj, ("prompt", "chosen", "rejected"), ("chosen", "rejected"),
+                             file=str(path), line=lineno)
+            check_pair(f["prompt"], f["chosen"], f["rejected"], file=str(path), line=lineno)
+        except DataError as e:
+            policy.handle(e)
+            continue
+        meta = {k: v for k, v in obj.items() if k not in f}
+        meta.update(source=str(path), line=lineno)
+        out.append(PreferenceExample(f["prompt"], f["chosen"], f["rejected"], meta))
+        policy.n_ok += 1
+    return out
+
+
+def read_sft_jsonl(path: str | os.PathLike, policy: ErrorPolicy | None = None) -> list[SFTExample]:
+    """Reads {"prompt", "completion"} lines (other keys go to meta)."""
+    policy = policy or ErrorPolicy("fail")
+    out = []
+    for lineno, obj in iter_json_lines(path, policy):
+        try:
+            f = check_fields(obj, ("prompt", "completion"), ("completion",), file=str(path), line=lineno)
+        except DataError as e:
+            policy.handle(e)
+            continue
+        meta = {k: v for k, v in obj.items() if k not in f}
+        meta.update(source=str(path), line=lineno)
+        out.append(SFTExample(f["prompt"], f["completion"], meta))
+        policy.n_ok += 1
+    return out
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
+    """Writes rows as UTF-8 JSON lines (for exporting synthetic data or fixtures)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")

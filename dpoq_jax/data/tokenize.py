@@ -1,0 +1,160 @@
+"""Tokenization of pairs and SFT examples so that the prompt's ids are a prefix of each sequence.
+
+Prompt and response are encoded separately (no special tokens) and concatenated; EOS is appended to
+each response. A BPE tokenizer may tokenize the joined text differently at the boundary (e.g. when
+the prompt ends in a space and the response starts with a word); we keep the separate encoding, since
+the prompt must be shared, and count such pairs in `TokenizeStats.boundary_mismatches` (the model
+then sees a tokenization of the same text that it would rarely produce itself).
+
+Truncation, limits in tokens: the prompt keeps its END (the last `max_prompt_tokens`), a response
+keeps its START (the first `max_response_tokens - 1` tokens, then EOS, so EOS counts in the limit).
+With `truncate_prompt=False` (or `truncate_responses=False`) an over-long example is a DataError
+(kind "prompt_too_long" / "response_too_long") that the ErrorPolicy fails on or skips.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from dpoq_jax.data.errors import DataError, ErrorPolicy
+from dpoq_jax.data.examples import PreferenceExample, SFTExample, TokenizedPair, TokenizedSFT
+
+
+class Tokenizer(Protocol):
+    eos_token_id: int
+    pad_token_id: int | None
+
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeConfig:
+    max_prompt_tokens: int = 512
+    max_response_tokens: int = 128  # EOS included
+    truncate_prompt: bool = True
+    truncate_responses: bool = True
+    add_bos: bool = False  # prepend tokenizer.bos_token_id to the prompt
+    add_eos: bool = True
+    check_boundary: bool = True  # also encode prompt + response jointly and count mismatches
+
+
+@dataclasses.dataclass
+class TokenizeStats:
+    n: int = 0
+    prompt_truncated: int = 0
+    response_truncated: int = 0
+    boundary_mismatches: int = 0
+
+    def summary(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def load_hf_tokenizer(path: str | os.PathLike) -> Any:
+    """A Hugging Face tokenizer from a local directory (never downloads)."""
+    from transformers import AutoTokenizer  # lazy: heavy import, not needed for synthetic data
+
+    if not os.path.isdir(path):
+        raise DataError("tokenizer directory does not exist", kind="missing_file", file=str(path))
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def encode(tokenizer: Tokenizer, text: str) -> list[int]:
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _where(meta: dict[str, Any]) -> dict[str, Any]:
+    return {"file": meta.get("source"), "line": meta.get("line")}
+
+
+def _prompt_ids(
+    tok: Tokenizer, raw_ids: list[int], cfg: TokenizeConfig, meta: dict, stats: TokenizeStats
+) -> list[int]:
+    ids = raw_ids
+    if cfg.add_bos:
+        bos = getattr(tok, "bos_token_id", None)
+        if bos is None:
+            raise ValueError("add_bos=True but the tokenizer has no bos_token_id")
+        ids = [bos] + ids
+    if len(ids) > cfg.max_prompt_tokens:
+        if not cfg.truncate_prompt:
+            raise DataError(f"prompt has {len(ids)} tokens > max_prompt_tokens={cfg.max_prompt_tokens}",
+                            kind="prompt_too_long", key="prompt", **_where(meta))
+        ids = ids[len(ids) - cfg.max_prompt_tokens :]  # keep the end: the part next to the response
+        stats.prompt_truncated += 1
+    if not ids:
+        raise DataError("prompt has no tokens (set add_bos or give a prompt)", kind="empty_prompt",
+                        key="prompt", **_where(meta))
+    return ids
+
+
+def _response_ids(tok: Tokenizer, prompt: str, raw_prompt_ids: list[int], text: str, key: str,
+                  cfg: TokenizeConfig, meta: dict, stats: TokenizeStats) -> tuple[list[int], bool]:
+    ids = encode(tok, text)
+    # does joint tokenization of the text agree with prompt ids + response ids? (before truncation)
+    mismatch = cfg.check_boundary and encode(tok, prompt + text) != raw_prompt_ids + ids
+    if not ids:
+        raise DataError("response has no tokens", kind="empty_response", key=key, **_where(meta))
+    limit = cfg.max_response_tokens - (1 if cfg.add_eos else 0)
+    if len(ids) > limit:
+        if not cfg.truncate_responses:
+            raise DataError(f"response has {len(ids)} tokens > {limit} (max_response_tokens="
+                            f"{cfg.max_response_tokens} incl. EOS)", kind="response_too_long", key=key,
+                            **_where(meta))
+        ids = ids[:limit]  # keep the start
+        stats.response_truncated += 1
+    if cfg.add_eos:
+        ids = ids + [tok.eos_token_id]
+    return ids, mismatch
+
+
+def tokenize_pair(ex: PreferenceExample, tok: Tokenizer, cfg: TokenizeConfig,
+                  stats: TokenizeStats | None = None) -> TokenizedPair:
+    stats = stats if stats is not None else TokenizeStats()
+    raw = encode(tok, ex.prompt)
+    p = _prompt_ids(tok, raw, cfg, ex.meta, stats)
+    c, mc = _response_ids(tok, ex.prompt, raw, ex.chosen, "chosen", cfg, ex.meta, stats)
+    r, mr = _response_ids(tok, ex.prompt, raw, ex.rejected, "rejected", cfg, ex.meta, stats)
+    if c == r:
+        raise DataError("chosen and rejected have identical tokens", kind="identical_responses",
+                        key="rejected", **_where(ex.meta))
+    stats.n += 1
+    meta = dict(ex.meta)
+    if mc or mr:
+        stats.boundary_mismatches += 1
+        meta["boundary_mismatch"] = True
+    return TokenizedPair(p, c, r, meta)
+
+
+def tokenize_sft(ex: SFTExample, tok: Tokenizer, cfg: TokenizeConfig,
+                 stats: TokenizeStats | None = None) -> TokenizedSFT:
+    stats = stats if stats is not None else TokenizeStats()
+    raw = encode(tok, ex.prompt)
+    p = _prompt_ids(tok, raw, cfg, ex.meta, stats)
+    c, m = _response_ids(tok, ex.prompt, raw, ex.completion, "completion", cfg, ex.meta, stats)
+    stats.n += 1
+    meta = dict(ex.meta)
+    if m:
+        stats.boundary_mismatches += 1
+        meta["boundary_mismatch"] = True
+    return TokenizedSFT(p, c, meta)
+
+
+def tokenize_all(examples: Sequence[PreferenceExample | SFTExample], tok: Tokenizer, cfg: TokenizeConfig,
+                 policy: ErrorPolicy | None = None) -> tuple[list, TokenizeStats]:
+    """Tokenizes a list; DataErrors (too long, empty, identical) go to the policy."""
+    policy = policy or ErrorPolicy("fail")
+    stats, out = TokenizeStats(), []
+    for ex in examples:
+        try:
+            if isinstance(ex, PreferenceExample):
+                out.append(tokenize_pair(ex, tok, cfg, stats))
+            else:
+                out.append(tokenize_sft(ex, tok, cfg, stats))
+        except DataError as e:
+            policy.handle(e)
+    return out, stats
