@@ -5,9 +5,9 @@ Place the published comparison files (one JSON object a line:
  "choice": 0|1, "split": "train"|"valid1"|"valid2", ...}) in a directory, e.g. the OpenAI
 `comparisons/batch*.json` files. Every `*.json` / `*.jsonl` file below `manual_dir` (recursively,
 sorted by path) is read; each line goes to the split named by its "split" field:
-"train" -> train, "valid1" -> validation, "valid2" -> test. Rows without a Reddit post (the CNN/DM
-batches have "article" instead of "post") and other bad rows are DataErrors: failed on or skipped
-with counts, by `on_error`.
+"train" -> train, "valid1" -> validation, "valid2" -> test. CNN/DM rows (with "article" instead
+of "post", mixed into the release) are always skipped and counted as "not_reddit"; other bad rows
+are DataErrors that `on_error` fails on or skips with counts.
 
 Configs: "comparisons" (prompt, chosen, rejected) and "sft" (prompt, completion = the chosen
 summary, each (post id, summary) once). Prompt format of the DPO / TL;DR papers:
@@ -48,6 +48,8 @@ def parse_comparison(obj: Any, *, file: str, line: int) -> tuple[str, dict[str, 
     info = obj.get("info")
     if not isinstance(info, dict):
         raise bad("missing or not an object", "missing_key", "info")
+    if "post" not in info and "article" in info:
+        raise bad("a CNN/DM article, not a Reddit post", "not_reddit", "info.post")
     for k in ("id", "post", "title", "subreddit"):
         if not isinstance(info.get(k), str):
             kind = "missing_key" if info.get(k) is None else "not_string"
@@ -92,7 +94,10 @@ def read_comparisons(manual_dir: str | os.PathLike, policy: ErrorPolicy) -> dict
             try:
                 split, row = parse_comparison(obj, file=str(path), line=lineno)
             except DataError as e:
-                policy.handle(e)
+                if e.kind == "not_reddit":  # the release mixes CNN/DM rows in: always skipped, counted
+                    policy.counts[e.kind] += 1
+                else:
+                    policy.handle(e)
                 continue
             row["source"], row["line"] = str(path), str(lineno)
             out[split].append(row)
