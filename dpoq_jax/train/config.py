@@ -135,6 +135,16 @@ def validate(config: mc.ConfigDict) -> None:
         path = config.data.get(key, "")
         if path and not os.path.exists(path):
             raise ConfigError(f"config key 'data.{key}': path {path!r} does not exist")
+    if config.data.source in ("jsonl", "hh", "tldr") and not config.data.path:
+        raise ConfigError(f"config key 'data.path' is required for data.source={config.data.source!r}")
+    if config.data.source == "synthetic" and config.data.num_examples <= 0:
+        raise ConfigError("config key 'data.num_examples' must be > 0 for data.source='synthetic'")
+    if config.stage == "dpo" and config.reference.mode == "precomputed" and config.reference.logps_path:
+        if not os.path.exists(config.reference.logps_path):
+            raise ConfigError(
+                f"config key 'reference.logps_path': path {config.reference.logps_path!r} does not exist "
+                "(write it with `dpoq precompute-ref`)"
+            )
     if config.model.init in ("hf", "checkpoint"):
         if not config.model.path:
             raise ConfigError(f"config key 'model.path' is required when model.init={config.model.init!r}")
@@ -157,3 +167,86 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> mc.ConfigDict:
         apply_override(config, key, value)
     validate(config)
     return config
+
+
+def base_config() -> mc.ConfigDict:
+    """Every key a run config has, with defaults (docs/train.md explains each). Config files start
+    from this and change what they need; the result is locked by `load_config_file`."""
+    c = mc.ConfigDict()
+    c.stage = "dpo"  # "sft" or "dpo"
+    c.seed = 0
+
+    c.model = mc.ConfigDict()
+    c.model.init = "random"  # "random" (from model.config), "hf" (HF dir), "checkpoint" (a run's workdir)
+    c.model.path = ""
+    c.model.config = mc.ConfigDict()  # ModelConfig fields for init="random"
+    c.model.param_dtype = "float32"
+    c.model.dtype = "float32"  # compute dtype
+    c.model.hf_export = True  # write WORKDIR/hf at the end (models.hf.save_hf)
+
+    c.reference = mc.ConfigDict()
+    c.reference.mode = "frozen"  # "frozen": copy of the initial policy; "precomputed": from the data
+    c.reference.dtype = "float32"  # frozen reference parameters (bfloat16 halves their memory)
+    c.reference.logps_path = ""  # precomputed: file written by `dpoq precompute-ref`
+
+    c.data = mc.ConfigDict()  # keys of data.sources.load_examples, plus the held-out split and layout
+    c.data.source = "synthetic"  # synthetic | jsonl | hh | tldr
+    c.data.path = ""  # jsonl/hh file or tldr manual dir
+    c.data.data_dir = ""  # tldr: where the tfds dataset is prepared
+    c.data.eval_path = ""  # jsonl/hh: held-out file ("" = no periodic eval)
+    c.data.eval_split = "validation"  # tldr and synthetic: held-out split
+    c.data.task = "error_injection"  # synthetic: error_injection | dense_reward
+    c.data.task_kwargs = mc.ConfigDict({"seed": 0})  # synthetic: fields of the task dataclass
+    c.data.num_examples = 0  # training examples (synthetic: drawn; files: first n, 0 = all)
+    c.data.num_eval = 256  # held-out examples (0 = all of a file)
+    c.data.tokenizer_path = ""  # HF tokenizer dir (default: model.path); synthetic tasks bring their own
+    c.data.sft_responses = "chosen"  # SFT stage on preference data: "chosen" or "all" responses
+    c.data.layout = "padded"  # padded | prefix_shared | packed
+    c.data.seq_len = 64  # S: tokens per row
+    c.data.response_len = 16  # R: tokens per response (EOS included)
+    c.data.max_prompt_tokens = 48
+    c.data.num_rows = 0  # packed layout: rows per micro-batch (0: one per pair)
+    c.data.overflow = "error"  # "error" or "drop" pairs that do not fit their rows
+    c.data.on_error = "fail"  # bad examples: "fail" or "skip"
+    c.data.shuffle = True
+
+    c.loss = mc.ConfigDict()  # losses.LossConfig
+    c.loss.beta = 0.1
+    c.loss.loss_type = "sigmoid"
+    c.loss.label_smoothing = 0.0
+    c.loss.ipo_average = True
+    c.loss.sft_weight = 0.0
+
+    c.optim = mc.ConfigDict()
+    c.optim.name = "rmsprop"  # rmsprop | adamw
+    c.optim.lr = 5e-7
+    c.optim.warmup_steps = 150
+    c.optim.schedule = "constant"  # constant | linear | cosine (after warm-up)
+    c.optim.end_factor = 0.0  # linear/cosine: final lr = end_factor * lr
+    c.optim.clip_norm = 10.0  # global gradient-norm clip; <= 0 disables
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.decay = 0.99  # RMSprop second-moment decay (torch default alpha)
+
+    c.train = mc.ConfigDict()
+    c.train.batch_size = 32  # pairs (DPO) or sequences (SFT) per step, global
+    c.train.micro_batches = 1  # gradient accumulation: batch_size / micro_batches per forward
+    c.train.num_steps = 100
+    c.train.log_every = 10
+    c.train.eval_every = 100  # 0: no periodic eval (a final eval still runs if there is eval data)
+    c.train.eval_batches = 0  # 0: the whole held-out split
+    c.train.max_consecutive_nonfinite = 5
+    c.train.logps_chunk = 32  # time steps per chunk of the lean log-probs
+    c.train.progress_bar = True
+
+    c.checkpoint = mc.ConfigDict()
+    c.checkpoint.every_steps = 100
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.mesh = mc.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: the remaining devices
+    c.sharding = mc.ConfigDict()
+    c.sharding.rules = ()  # ((logical, mesh axes), ...); empty: mesh.DEFAULT_RULES
+    return c

@@ -1,0 +1,167 @@
+"""From the `data` config to tokenized train/eval examples and layout micro-batches (numpy)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from dpoq_jax.data import layouts
+from dpoq_jax.data.errors import ErrorPolicy
+from dpoq_jax.data.examples import PreferenceExample, SFTExample, TokenizedPair
+from dpoq_jax.data.sources import load_examples, load_tokenizer
+from dpoq_jax.data.tokenize import TokenizeConfig, tokenize_all
+
+
+@dataclasses.dataclass
+class Dataset:
+    train: list  # TokenizedPair (dpo) or TokenizedSFT (sft)
+    eval: list
+    tokenizer: Any
+    stats: dict[str, Any]
+
+
+def _to_sft(examples: Sequence[PreferenceExample], responses: str) -> list[SFTExample]:
+    out = []
+    for e in examples:
+        out.append(SFTExample(e.prompt, e.chosen, dict(e.meta)))
+        if responses == "all":
+            out.append(SFTExample(e.prompt, e.rejected, dict(e.meta)))
+    return out
+
+
+def _source_cfg(cfg: Any, split: str) -> dict[str, Any] | None:
+    """The data package's source config (data.sources.load_examples) for "train" or "eval"; None if
+    there is no held-out split (a jsonl/hh source without data.eval_path)."""
+    d = cfg.data
+    src = {
+        "source": d.source,
+        "path": d.path or None,
+        "data_dir": d.data_dir or None,
+        "split": "train",
+        "task": d.task,
+        "task_kwargs": dict(d.task_kwargs),
+        "num_examples": d.num_examples,
+        "on_error": d.on_error,
+        "sft_responses": d.sft_responses,
+        "tokenizer_path": d.tokenizer_path or None,
+    }
+    if split == "eval":
+        if d.source in ("jsonl", "hh"):
+            if not d.eval_path:
+                return None
+            src["path"] = d.eval_path
+        else:  # tldr and synthetic tasks have their own held-out split
+            src["split"] = d.eval_split
+        src["num_examples"] = d.num_eval
+    return src
+
+
+def _raw_examples(cfg: Any, split: str) -> tuple[list, Any]:
+    """Untokenized examples of `split` for the config's stage, and the error policy with its counts."""
+    src = _source_cfg(cfg, split)
+    if src is None:
+        return [], ErrorPolicy(cfg.data.on_error)
+    kind = "sft" if cfg.stage == "sft" else "preference"
+    if kind == "sft" and cfg.data.source in ("jsonl", "hh", "tldr"):
+        sft_file = False
+        if (
+            cfg.data.source == "jsonl"
+        ):  # an SFT file has "completion"; a preference file is used via its pairs
+            with open(src["path"]) as f:
+                sft_file = "completion" in next((json.loads(line) for line in f if line.strip()), {})
+        if not sft_file:
+            pairs, policy = load_examples(src, "preference")
+            return _to_sft(pairs, cfg.data.sft_responses), policy
+    return load_examples(src, kind)
+
+
+def load_dataset(cfg: Any) -> Dataset:
+    """Tokenized train and eval examples for the config's stage, plus skip/truncation stats."""
+    src = _source_cfg(cfg, "train")
+    if src["tokenizer_path"] is None and cfg.data.source != "synthetic":
+        src["tokenizer_path"] = cfg.model.path or None  # an HF model directory holds its tokenizer
+    tok = load_tokenizer(src)
+    tcfg = TokenizeConfig(
+        max_prompt_tokens=cfg.data.max_prompt_tokens, max_response_tokens=cfg.data.response_len
+    )
+    out, stats = {}, {}
+    for split in ("train", "eval"):
+        raw, policy = _raw_examples(cfg, split)
+        limit = cfg.data.num_examples if split == "train" else cfg.data.num_eval
+        if limit:
+            raw = raw[:limit]
+        items, tstats = tokenize_all(raw, tok, tcfg, policy)
+        out[split] = items
+        stats[split] = {"read": policy.summary(), "tokenize": tstats.summary()}
+    if not out["train"]:
+        raise ValueError(
+            f"no training examples from data.source={cfg.data.source!r} (data.path={cfg.data.path!r})"
+        )
+    return Dataset(out["train"], out["eval"], tok, stats)
+
+
+def micro_batch_fn(cfg: Any, micro_size: int) -> Callable[[list], dict[str, np.ndarray]]:
+    """list of (tokenized example | None) of length micro_size -> one layout batch (numpy)."""
+    d = cfg.data
+    kw = dict(seq_len=d.seq_len, response_len=d.response_len, overflow=d.overflow)
+    if d.layout == "packed":
+        kw["num_rows"] = d.num_rows or micro_size
+    if cfg.stage == "sft":
+        return functools.partial(layouts.sft_batch, layout=d.layout, batch_size=micro_size, **kw)
+    return functools.partial(layouts.preference_batch, layout=d.layout, num_pairs=micro_size, **kw)
+
+
+def stack_micro(
+    items: Sequence[Any], make_batch: Callable[[list], dict], micro_batches: int
+) -> dict[str, np.ndarray]:
+    """This process's examples of one step (None = dummy) -> arrays with a leading micro axis [M, ...]."""
+    if len(items) % micro_batches:
+        raise ValueError(f"{len(items)} local examples do not split into {micro_batches} micro-batches")
+    k = len(items) // micro_batches
+    parts = [make_batch(list(items[m * k : (m + 1) * k])) for m in range(micro_batches)]
+    return {key: np.stack([p[key] for p in parts]) for key in parts[0]}
+
+
+# ---- precomputed reference log-probs, stored beside the data -------------------------------------
+
+
+def pair_fingerprint(pair: TokenizedPair) -> str:
+    """Hash of a pair's token ids: a stored reference log-prob must belong to exactly these tokens."""
+    h = hashlib.sha1()
+    for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+        h.update(np.asarray(ids, np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def attach_reference(pairs: list[TokenizedPair], path: str) -> list[TokenizedPair]:
+    """Pairs with meta["ref_chosen_logps"/"ref_rejected_logps"] from a `dpoq precompute-ref` file."""
+    if not os.path.exists(path):
+        raise ValueError(f"config key 'reference.logps_path': file {path!r} does not exist")
+    table = {}
+    with open(path) as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                table[row["fingerprint"]] = row
+    out = []
+    for i, p in enumerate(pairs):
+        row = table.get(pair_fingerprint(p))
+        if row is None:
+            raise ValueError(
+                f"{path}: no reference log-probs for pair {i} "
+                f"({p.meta.get('source', '')}:{p.meta.get('line', '')}); "
+                "rerun `dpoq precompute-ref` with this data config"
+            )
+        meta = dict(
+            p.meta, ref_chosen_logps=row["ref_chosen_logps"], ref_rejected_logps=row["ref_rejected_logps"]
+        )
+        out.append(dataclasses.replace(p, meta=meta))
+    return out
