@@ -6,6 +6,7 @@ Config keys (a dict or ml_collections ConfigDict; see docs/data.md):
   data_dir: where the tfds build of TL;DR goes (tldr only)
   split: "train" | "validation" | "test"   (tldr, synthetic)
   task, task_kwargs, num_examples: synthetic task name, its dataclass fields, examples to draw
+      (0 or unset: 1000)
   on_error: "fail" | "skip"
   sft_responses: "chosen" | "all"   (synthetic dense_reward SFT data)
 """
@@ -67,7 +68,7 @@ def load_examples(cfg: Mapping[str, Any], kind: str = "preference"
         from dpoq_jax.data import synthetic
 
         task = synthetic.make_task(_get(cfg, "task", "error_injection"), **dict(_get(cfg, "task_kwargs", {})))
-        n = int(_get(cfg, "num_examples", 1000))
+        n = int(_get(cfg, "num_examples", 0)) or 1000  # 0 / None: the default size
         if kind == "preference":
             out = task.preference_examples(n, split)
         elif isinstance(task, synthetic.DenseRewardTask):
