@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from dpoq_jax.data.examples import TokenizedPair
+
 # name -> (layers, width, heads, mlp width). Hyper-parameters of EleutherAI/pythia-* config.json;
 # "tiny" is ours, for smoke tests (small vocabulary so that it compiles and runs in seconds).
 PYTHIA_SHAPES: dict[str, tuple[int, int, int, int]] = {
@@ -69,22 +71,31 @@ def torch_config(name: str):
     return GPTNeoXConfig(**hf_config(name))
 
 
-def matmul_params(name: str) -> int:
-    """Parameters that take part in a matrix product per token: every layer's weights and the
-    unembedding (the embedding is a lookup, no FLOPs). Biases and norms are counted too (tiny)."""
+def body_matmul_params(name: str) -> int:
+    """Parameters of the layers, i.e. those used in a matrix product at every position (biases and
+    norms counted too: they are tiny). The embedding is a lookup (no FLOPs); the unembedding is
+    counted apart, because the lean log-probs apply it only at response positions."""
     layers, width, heads, mlp = PYTHIA_SHAPES[name]
-    vocab = hf_config(name)["vocab_size"]
     per_layer = 4 * width * width + 4 * width + 2 * width * mlp + mlp + width + 4 * width
-    return layers * per_layer + 2 * width + width * vocab
+    return layers * per_layer + 2 * width
 
 
-def forward_flops(name: str, rows: int, row_len: int) -> float:
-    """FLOPs of one forward pass over `rows` rows of `row_len` positions (padding included: the
-    hardware computes it). PaLM's convention: 2 FLOPs per matmul parameter per position, plus dense
-    attention 4 * layers * width * row_len per position (QK^T and AV, not halved for causality)."""
+def forward_flops(name: str, rows: int, row_len: int, unembedded: int | None = None) -> float:
+    """FLOPs of one forward pass over `rows` rows of `row_len` positions, padding included (the
+    hardware computes it), in PaLM's convention:
+
+        rows * row_len * (2 * body_params + 4 * layers * width * row_len) + 2 * width * vocab * U
+
+    2 FLOPs per parameter per position; dense attention QK^T and AV over the whole row (not halved
+    for causality: the kernels compute it); U = positions whose logits are computed (all of them
+    unless given). A training step counts 3 forward passes for the policy (forward + backward) and
+    1 for a frozen reference. Rematerialisation is not counted (model FLOPs, not hardware FLOPs)."""
     layers, width, _, _ = PYTHIA_SHAPES[name]
+    vocab = hf_config(name)["vocab_size"]
     positions = rows * row_len
-    return float(positions) * (2.0 * matmul_params(name) + 4.0 * layers * width * row_len)
+    unembedded = positions if unembedded is None else unembedded
+    body = float(positions) * (2.0 * body_matmul_params(name) + 4.0 * layers * width * row_len)
+    return body + 2.0 * width * vocab * float(unembedded)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,19 +138,19 @@ TLDR_LIKE = LengthDistribution()
 
 def synthetic_pairs(
     num_pairs: int, vocab_size: int, seed: int, dist: LengthDistribution = TLDR_LIKE
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """`num_pairs` (prompt_ids, chosen_ids, rejected_ids) int32 arrays, deterministic in `seed`.
-    Responses end with EOS (0); other ids avoid 0 and 1 so that no EOS or pad hides inside."""
+) -> list[TokenizedPair]:
+    """`num_pairs` TokenizedPairs, deterministic in `seed`. Responses end with EOS (0); other ids
+    avoid 0 and 1 so that no EOS or pad hides inside."""
     rng = np.random.default_rng(seed)
 
     def length(mean: float, sd: float, lo: int, hi: int) -> int:
         return int(np.clip(round(rng.normal(mean, sd)), lo, hi))
 
-    def ids(n: int, eos: bool) -> np.ndarray:
+    def ids(n: int, eos: bool) -> list[int]:
         x = rng.integers(2, vocab_size, size=n, dtype=np.int32)
         if eos:
             x[-1] = 0
-        return x
+        return x.tolist()
 
     pairs = []
     for _ in range(num_pairs):
@@ -147,11 +158,11 @@ def synthetic_pairs(
         prompt = ids(length(d.prompt_mean, d.prompt_sd, d.prompt_min, d.prompt_max), eos=False)
         chosen = ids(length(d.response_mean, d.response_sd, d.response_min, d.response_max), eos=True)
         rejected = ids(length(d.response_mean, d.response_sd, d.response_min, d.response_max), eos=True)
-        pairs.append((prompt, chosen, rejected))
+        pairs.append(TokenizedPair(prompt, chosen, rejected, {"source": "synthetic", "line": len(pairs)}))
     return pairs
 
 
 def real_tokens(pairs) -> int:
     """Non-padding tokens of the padded layout (prompt twice, each response once): the unit of
     tokens/s for every layout, so that tokens/s ratios equal pairs/s ratios."""
-    return int(sum(2 * len(p) + len(c) + len(r) for p, c, r in pairs))
+    return int(sum(2 * len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs))

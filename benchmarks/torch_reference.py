@@ -24,7 +24,9 @@ def padded_rows(pairs, row_len: int) -> dict[str, np.ndarray]:
     input_ids = np.zeros((num_rows, row_len), np.int64)
     attention_mask = np.zeros((num_rows, row_len), np.int64)
     loss_mask = np.zeros((num_rows, row_len), np.float32)
-    responses = [(p, c) for p, c, _ in pairs] + [(p, r) for p, _, r in pairs]
+    responses = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [
+        (p.prompt_ids, p.rejected_ids) for p in pairs
+    ]
     for i, (prompt, response) in enumerate(responses):
         n = len(prompt) + len(response)
         if n > row_len:
