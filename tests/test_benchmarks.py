@@ -96,9 +96,10 @@ def test_every_layout_gives_padded_logps_loss_and_gradients():
     results = {}
     for layout in ("padded", "prefix_shared", "packed"):
         b = _batch(layout, pairs)
+        zero = jnp.zeros((), jnp.int32)
         st = state_lib.TrainState(
-            step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-            ref_params=ref_params, skipped=jnp.zeros((), jnp.int32), nonfinite_streak=jnp.zeros((), jnp.int32),
+            step=zero, params=params, opt_state=optimizer.init(params), ref_params=ref_params,
+            skipped=zero, nonfinite_streak=zero,
         )  # fmt: skip
         new_st, metrics = train_step(st, {k: jnp.asarray(v)[None] for k, v in b.items()})
         grads = jax.tree.map(lambda old, new: old - new, params, new_st.params)
@@ -138,7 +139,8 @@ def test_benchmark_smoke_tiny(tmp_path):
         r = by_case[name]
         assert "error" not in r, r.get("traceback", r.get("error"))
         for key in ("pairs_per_s", "tokens_per_s", "row_tokens_per_s", "flops_step", "flops_padded_equiv",
-                    "mfu", "mfu_padded_equiv", "peak_memory_bytes", "memory", "loss", "compile_s"):  # fmt: skip
+                    "mfu", "mfu_padded_equiv", "peak_memory_bytes", "memory", "loss",
+                    "compile_s"):  # fmt: skip
             assert key in r, (name, key)
         assert r["finite"] and r["pairs_per_s"] > 0 and r["memory"]["compiled_peak_bytes"] > 0
         assert r["mfu"] is None  # no peak FLOP/s for a CPU
