@@ -46,6 +46,7 @@ class RunCheckpoints:
             enable_async_checkpointing=async_save,
             create=True,
         )
+        self.directory = directory
         self.manager = ocp.CheckpointManager(directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -93,6 +94,25 @@ class RunCheckpoints:
         )
         params = pure_to_params(restored.params, abstract_state.params)
         return restored.train_state.replace(params=params), restored.loader
+
+    def read_json(self, step: int, item: str) -> Any:
+        """One JSON item ("loader", "config", "model_config") of checkpoint `step`."""
+        return getattr(
+            self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})), item
+        )
+
+    def restore_params(
+        self, step: int, abstract_params: nnx.State, shardings: Any, dtype: Any = None
+    ) -> nnx.State:
+        """Only the policy parameters of checkpoint `step` (e.g. the SFT run a DPO run starts from),
+        placed in `shardings` and cast to `dtype` if given."""
+        target = abstract_with_shardings(abstract_params, shardings)
+        if dtype is not None:
+            target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding), target)
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(params_to_pure(target)))
+        )
+        return pure_to_params(restored.params, abstract_params)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

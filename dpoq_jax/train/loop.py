@@ -1,0 +1,429 @@
+"""The training run: config -> mesh, data, sharded state -> jitted steps, eval, checkpoints, metrics.
+
+`train(config, workdir)` resumes from the newest complete checkpoint in WORKDIR/checkpoints if there
+is one (same config assumed), so rerunning the same command after a crash continues the run and
+ends with exactly the parameters and metrics of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dpoq_jax import losses
+from dpoq_jax.data.loader import Loader, LoaderState
+from dpoq_jax.train import inputs
+from dpoq_jax.train.checkpoint import RunCheckpoints
+from dpoq_jax.train.mesh import batch_sharding, make_mesh, replicated, rules_from_config
+from dpoq_jax.train.metrics import MetricsWriter, mfu, step_flops
+from dpoq_jax.train.optim import make_optimizer
+from dpoq_jax.train.state import (
+    TrainState,
+    abstract_model,
+    abstract_state,
+    create_train_state,
+    init_params,
+    param_shardings,
+    split_model,
+    state_shardings,
+)
+from dpoq_jax.train.step import make_dpo_loss, make_eval_step, make_sft_loss, make_train_step
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "checkpoints"
+TIMING_KEYS = ("pairs_per_s", "tokens_per_s", "mfu", "step_time_s")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row; the last good checkpoint is left as it was."""
+
+
+@dataclasses.dataclass
+class ModelSource:
+    make_model: Callable[[], nnx.Module]  # builds the (random-init) module; used abstractly for shapes
+    model_config: Any
+    load_params: Callable[[Any, Any], Any] | None  # (abstract params, shardings) -> sharded params
+
+
+def _dtype(name: str) -> Any:
+    return jnp.dtype(name)
+
+
+def model_source(cfg: Any, mesh: Any, rules: Any) -> ModelSource:
+    """How to build the policy: random init from model.config, a Hugging Face dir, or a run's workdir."""
+    from dpoq_jax.models.config import ModelConfig
+    from dpoq_jax.models.decoder import Decoder
+
+    kw = dict(param_dtype=_dtype(cfg.model.param_dtype), dtype=_dtype(cfg.model.dtype))
+    if cfg.model.init == "random":
+        mcfg = ModelConfig.from_dict(cfg.model.config.to_dict())
+        return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(cfg.seed), **kw), mcfg, None)
+    if cfg.model.init == "hf":
+        from dpoq_jax.models import hf
+
+        def load_hf_params(abstract, shardings):
+            del abstract, shardings  # load_hf places each tensor in its sharding from the same rules
+            model, _ = hf.load_hf(cfg.model.path, mesh=mesh, rules=rules, **kw)
+            return split_model(model)[1]
+
+        mcfg = hf.config_from_hf(hf.read_hf_config(os.path.join(cfg.model.path, "config.json")))
+        return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), **kw), mcfg, load_hf_params)
+    # a previous run's workdir (e.g. the SFT stage): its newest checkpoint's params and model config
+    ckpts = RunCheckpoints(os.path.join(cfg.model.path, CHECKPOINT_SUBDIR), every_steps=1, keep=1)
+    step = ckpts.latest_step()
+    if step is None:
+        raise ValueError(f"config key 'model.path': no complete checkpoint in {cfg.model.path!r}")
+    mcfg = ModelConfig.from_dict(ckpts.read_json(step, "model_config"))
+
+    def load_ckpt_params(abstract, shardings):
+        return ckpts.restore_params(step, abstract, shardings, dtype=_dtype(cfg.model.param_dtype))
+
+    return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), **kw), mcfg, load_ckpt_params)
+
+
+def _attn_width(mcfg: Any) -> int:
+    return int(mcfg.num_heads * mcfg.head_dim)
+
+
+def global_batch(local_M: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
+    """Global arrays [M, global batch, ...] from this process's micro-stacked local batch. Flat row
+    indices are shifted so that they index this process's rows of the global batch."""
+    pc, pi = jax.process_count(), jax.process_index()
+    N, S = local_M["tokens"].shape[1:3]
+    out = {}
+    for k, v in local_M.items():
+        if k.endswith("_pred_idx"):
+            v = v + pi * N * S
+        shape = (v.shape[0], v.shape[1] * pc) + v.shape[2:]
+        out[k] = jax.make_array_from_process_local_data(shardings[k], v, shape)
+    return out
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything `train` and `precompute_ref` build from a config (exposed for tests and tools)."""
+
+    cfg: Any
+    mesh: Any
+    dataset: inputs.Dataset
+    source: ModelSource
+    graphdef: Any
+    rest: Any
+    abs_params: Any
+    p_shardings: Any
+    optimizer: Any
+    schedule: Any
+    shardings: TrainState
+    abstract: TrainState
+    loss_fn: Any
+
+    def new_state(self) -> TrainState:
+        if self.source.load_params is None:
+            params, _ = init_params(self.source.make_model, self.p_shardings)
+        else:
+            params = self.source.load_params(self.abs_params, self.p_shardings)
+        return create_train_state(
+            params,
+            self.optimizer,
+            self.shardings,
+            with_ref=self.shardings.ref_params is not None,
+            ref_dtype=_dtype(self.cfg.reference.dtype),
+        )
+
+    def batch_shardings(self, example: dict[str, np.ndarray]) -> dict[str, Any]:
+        return {k: batch_sharding(self.mesh, v.ndim) for k, v in example.items()}
+
+
+def setup(cfg: Any) -> Run:
+    mesh = make_mesh(cfg.mesh)
+    rules = rules_from_config(cfg.sharding.rules)
+    dataset = inputs.load_dataset(cfg)
+    dpo = cfg.stage == "dpo"
+    if dpo and cfg.reference.mode == "precomputed":
+        if not cfg.reference.logps_path:
+            raise ValueError(
+                "config key 'reference.logps_path' is required when reference.mode='precomputed'"
+            )
+        dataset.train = inputs.attach_reference(dataset.train, cfg.reference.logps_path)
+        dataset.eval = inputs.attach_reference(dataset.eval, cfg.reference.logps_path)
+    source = model_source(cfg, mesh, rules)
+    graphdef, abs_params, _ = abstract_model(source.make_model)
+    # non-parameter variables (e.g. rotary tables) are small: built once, replicated, closed over
+    rest = jax.jit(lambda: split_model(source.make_model())[2], out_shardings=replicated(mesh))()
+    p_sh = param_shardings(abs_params, mesh, rules)
+    optimizer, schedule = make_optimizer(cfg.optim, cfg.train.num_steps)
+    with_ref = dpo and cfg.reference.mode == "frozen"
+    shardings = state_shardings(abs_params, p_sh, optimizer, mesh, with_ref)
+    abstract = abstract_state(abs_params, optimizer, with_ref, _dtype(cfg.reference.dtype))
+    if dpo:
+        loss_cfg = losses.LossConfig(**cfg.loss.to_dict())
+        loss_fn = make_dpo_loss(graphdef, rest, loss_cfg, chunk_size=cfg.train.logps_chunk)
+    else:
+        loss_fn = make_sft_loss(graphdef, rest, chunk_size=cfg.train.logps_chunk)
+    return Run(
+        cfg,
+        mesh,
+        dataset,
+        source,
+        graphdef,
+        rest,
+        abs_params,
+        p_sh,
+        optimizer,
+        schedule,
+        shardings,
+        abstract,
+        loss_fn,
+    )
+
+
+def _count_params(abs_params: Any) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(abs_params)))
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def evaluate(run: Run, state: TrainState, eval_fn: Callable, make_batch: Callable, shardings: dict) -> dict:
+    """Metrics over the held-out split (weighted by real pairs, or real tokens for SFT)."""
+    cfg = run.cfg
+    items = run.dataset.eval
+    loader = Loader(
+        len(items),
+        cfg.train.batch_size,
+        shuffle=False,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    n_batches = loader.steps_per_epoch
+    if cfg.train.eval_batches:
+        n_batches = min(n_batches, cfg.train.eval_batches)
+    sums: dict[str, float] = {}
+    total_w = 0.0
+    for _ in range(n_batches):
+        idx = loader.next_indices()
+        local = inputs.stack_micro(
+            [items[i] if i >= 0 else None for i in idx], make_batch, cfg.train.micro_batches
+        )
+        m = _scalars(eval_fn(state, global_batch(local, shardings)))
+        w = m.pop("weight")
+        total_w += w
+        for k, v in m.items():
+            if k.endswith("_min"):
+                sums[k] = min(sums.get(k, np.inf), v)
+            elif k == "tokens":
+                sums[k] = sums.get(k, 0.0) + v
+            else:
+                sums[k] = sums.get(k, 0.0) + v * w
+    keep = lambda k: k.endswith("_min") or k == "tokens"  # noqa: E731
+    return {k: (v if keep(k) else v / max(total_w, 1e-12)) for k, v in sums.items()}
+
+
+def train(
+    cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | None = None
+) -> dict[str, float]:
+    """Run (or resume) training; returns the last step's metrics (and the final eval's, prefixed eval/).
+
+    batch_hook(step, local_batch) -> local_batch lets tests alter a batch (e.g. inject a NaN)."""
+    os.makedirs(workdir, exist_ok=True)
+    is_main = jax.process_index() == 0
+    run = setup(cfg)
+    tc = cfg.train
+    ckpts = RunCheckpoints(
+        os.path.join(workdir, CHECKPOINT_SUBDIR),
+        every_steps=cfg.checkpoint.every_steps,
+        keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save,
+    )
+    writer = MetricsWriter(workdir, enabled=is_main)
+    latest = ckpts.latest_step()
+    if latest is not None:
+        state, loader_dict = ckpts.restore(latest, run.abstract, run.shardings)
+        loader_state = LoaderState.from_dict(loader_dict)
+        writer.truncate_after(latest)
+        log.info("resuming from %s at step %d", ckpts.directory, latest)
+    else:
+        state, loader_state = run.new_state(), LoaderState()
+        if is_main:
+            with open(os.path.join(workdir, "config.json"), "w") as f:
+                f.write(cfg.to_json(indent=2))
+    start = int(jax.device_get(state.step))
+
+    micro_size = tc.batch_size // tc.micro_batches // jax.process_count()
+    make_batch = inputs.micro_batch_fn(cfg, micro_size)
+    loader = Loader(
+        len(run.dataset.train),
+        tc.batch_size,
+        seed=cfg.seed,
+        shuffle=cfg.data.shuffle,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+        state=loader_state,
+    )
+    items = run.dataset.train
+    example = inputs.stack_micro(
+        [items[0]] * (tc.batch_size // jax.process_count()), make_batch, tc.micro_batches
+    )
+    b_sh = run.batch_shardings(example)
+    rep = replicated(run.mesh)
+    step_fn = jax.jit(
+        make_train_step(run.loss_fn, run.optimizer, run.schedule),
+        in_shardings=(run.shardings, b_sh),
+        out_shardings=(run.shardings, rep),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        _weighted(make_eval_step(run.loss_fn), cfg.stage),
+        in_shardings=(run.shardings, b_sh),
+        out_shardings=rep,
+    )
+
+    n_params = _count_params(run.abs_params)
+    mcfg = run.source.model_config
+    row_tokens = int(np.prod(example["tokens"].shape)) * jax.process_count()
+    flops = step_flops(
+        n_params,
+        row_tokens,
+        num_layers=mcfg.num_layers,
+        attn_width=_attn_width(mcfg),
+        row_len=cfg.data.seq_len,
+        tokens_ref=row_tokens if run.shardings.ref_params is not None else 0,
+    )
+    device_kind = jax.devices()[0].device_kind
+    config_json = json.loads(cfg.to_json())
+    model_json = mcfg.to_dict()
+
+    bar = None
+    if is_main and tc.progress_bar:
+        from tqdm import tqdm
+
+        bar = tqdm(total=tc.num_steps, initial=start, desc=cfg.stage, dynamic_ncols=True)
+    last: dict[str, float] = {}
+    try:
+        for step in range(start, tc.num_steps):
+            t0 = time.perf_counter()
+            idx = loader.next_indices()
+            local = inputs.stack_micro(
+                [items[i] if i >= 0 else None for i in idx], make_batch, tc.micro_batches
+            )
+            if batch_hook is not None:
+                local = batch_hook(step, local)
+            state, metrics = step_fn(state, global_batch(local, b_sh))
+            m = _scalars(metrics)
+            dt = time.perf_counter() - t0
+            done = step + 1
+            # throughput of real (non-padding) tokens and pairs: this process's, times the process count
+            real_tokens = float(np.count_nonzero(local["segment_ids"])) * jax.process_count()
+            m.update(
+                step_time_s=dt,
+                tokens_per_s=real_tokens / dt,
+                mfu=mfu(flops, dt, jax.device_count(), device_kind),
+            )
+            if cfg.stage == "dpo":
+                m["pairs_per_s"] = float(np.sum(local["pair_mask"])) * jax.process_count() / dt
+            last = m
+            if not m["finite"]:
+                log.warning(
+                    "step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                    done,
+                    int(m["nonfinite_streak"]),
+                )
+                if m["nonfinite_streak"] >= tc.max_consecutive_nonfinite:
+                    writer.write(done, m)
+                    raise NonFiniteError(
+                        f"stopping at step {done}: {int(m['nonfinite_streak'])} non-finite steps in a row "
+                        f"(train.max_consecutive_nonfinite={tc.max_consecutive_nonfinite}); their updates "
+                        f"were skipped; last good checkpoint: step {ckpts.latest_step()} in {ckpts.directory}"
+                    )
+            if done % tc.log_every == 0 or done == tc.num_steps:
+                writer.write(done, m)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", **_bar_extras(m))
+            if tc.eval_every and done % tc.eval_every == 0 and done != tc.num_steps and run.dataset.eval:
+                writer.write(done, evaluate(run, state, eval_fn, make_batch, b_sh), split="eval")
+            if done % cfg.checkpoint.every_steps == 0 or done == tc.num_steps:
+                ckpts.save(
+                    done,
+                    state,
+                    loader=loader.state.to_dict(),
+                    config=config_json,
+                    model_config=model_json,
+                    force=True,
+                )
+        ckpts.wait()
+        if run.dataset.eval:
+            ev = evaluate(run, state, eval_fn, make_batch, b_sh)
+            if start < tc.num_steps or not _has_final_eval(workdir, tc.num_steps):
+                writer.write(tc.num_steps, ev, split="eval")
+            last.update({f"eval/{k}": v for k, v in ev.items()})
+        if cfg.model.hf_export:
+            export_hf(run, state, os.path.join(workdir, "hf"))
+    finally:
+        if bar is not None:
+            bar.close()
+        ckpts.close()
+        writer.close()
+    last["_state"] = state  # for tests and tools; not a metric
+    return last
+
+
+def _has_final_eval(workdir: str, step: int) -> bool:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return any(
+            (r := json.loads(line))["split"] == "eval" and r["step"] == step for line in f if line.strip()
+        )
+
+
+def _bar_extras(m: dict[str, float]) -> dict[str, str]:
+    out = {}
+    if "rewards/accuracies" in m:
+        out["acc"] = f"{m['rewards/accuracies']:.3f}"
+        out["margin"] = f"{m['rewards/margins']:.3f}"
+    if m.get("skipped"):
+        out["skipped"] = str(int(m["skipped"]))
+    return out
+
+
+def _weighted(eval_step: Callable, stage: str) -> Callable:
+    """Eval metrics plus their weight (real pairs, or real tokens for SFT) for averaging over batches."""
+
+    def fn(state, batch):
+        m = eval_step(state, batch)
+        w = jnp.sum(batch["pair_mask"]) if stage == "dpo" else m["tokens"]
+        return dict(m, weight=w)
+
+    return fn
+
+
+def export_hf(run: Run, state: TrainState, path: str) -> None:
+    """Writes the policy as a Hugging Face directory (config.json + safetensors, plus the tokenizer
+    when it is a Hugging Face one) from process 0."""
+    from jax.experimental import multihost_utils
+
+    from dpoq_jax.models import hf
+
+    params = state.params
+    if jax.process_count() > 1:  # save_hf reads whole arrays: gather them first
+        params = multihost_utils.process_allgather(params, tiled=True)
+    if jax.process_index() != 0:
+        return
+    tok = run.dataset.tokenizer
+    hf.save_hf(
+        params, run.source.model_config, path, tokenizer=tok if hasattr(tok, "save_pretrained") else None
+    )
