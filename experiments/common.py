@@ -52,33 +52,6 @@ def wilson_interval(successes: float, n: int, z: float = 1.959963984540054) -> t
     return lo, hi
 
 
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve of `scores` as a detector of labels == 1 (ties count half).
-
-    Mann–Whitney form: P(score of a positive > score of a negative).
-    """
-    scores = np.asarray(scores, np.float64).ravel()
-    labels = np.asarray(labels).ravel().astype(bool)
-    pos, neg = scores[labels], scores[~labels]
-    if pos.size == 0 or neg.size == 0:
-        raise ValueError(f"auroc: need both classes, got {pos.size} positives and {neg.size} negatives")
-    order = np.argsort(np.concatenate([pos, neg]), kind="mergesort")
-    allv = np.concatenate([pos, neg])[order]
-    ranks = np.empty_like(allv)
-    # Average ranks over ties so that tied scores contribute one half.
-    i = 0
-    while i < allv.size:
-        j = i
-        while j + 1 < allv.size and allv[j + 1] == allv[i]:
-            j += 1
-        ranks[i : j + 1] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    r = np.empty_like(ranks)
-    r[order] = ranks
-    rank_sum_pos = r[: pos.size].sum()
-    return float((rank_sum_pos - pos.size * (pos.size + 1) / 2.0) / (pos.size * neg.size))
-
-
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
     x = np.asarray(x, np.float64).ravel()
     y = np.asarray(y, np.float64).ravel()
@@ -452,3 +425,244 @@ def dense_shaping(task: Any, prompt: str, response_ids: Sequence[int], V: np.nda
         prev = tok - syn.LETTER0
         out.append(V[prev, t + 1] - v_now)
     return np.array(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Glue to the library: command-line arguments, training runs, models, scoring and decoding.
+# Each function is a thin call into dpoq_jax (train loop, checkpoints, decode); nothing is redone here.
+# ----------------------------------------------------------------------------------------------
+
+
+def default_config(task: str) -> str:
+    """The training engineer's tiny CPU configs for a synthetic task, as a prefix: PREFIX_sft.py and
+    PREFIX_dpo.py (relative to the repository root)."""
+    return str((CONFIGS_DIR / task).relative_to(REPO_ROOT))
+
+
+def stage_config(config: str, stage: str) -> str:
+    """The config spec of one stage: PREFIX_<stage>.py if it exists, else FILE.py:<stage>
+    (a config file whose get_config(arg) takes the stage), else FILE[:arg] as given."""
+    for base in (Path(config), REPO_ROOT / config):
+        candidate = Path(f"{base}_{stage}.py")
+        if candidate.exists():
+            return str(candidate)
+    if config.endswith(".py") and Path(config).exists():
+        return f"{config}:{stage}"
+    if ":" in config and Path(config.split(":")[0]).exists():
+        return config
+    raise FileNotFoundError(
+        f"--config {config!r}: neither {config}_{stage}.py nor a config file {config!r} exists"
+    )
+
+
+def add_common_args(parser: Any, name: str, *, default_config: str, workdir_name: str | None = None) -> None:
+    parser.add_argument("--quick", action="store_true", help="small smoke-test version (minutes)")
+    parser.add_argument(
+        "--config", default=default_config, help="training config FILE[:arg] (experiments/configs)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling")
+    parser.add_argument(
+        "--workdir", default=f"runs/experiments/{workdir_name or name}", help="where the training runs go"
+    )
+    parser.add_argument("--results", default=str(RESULTS_DIR / f"{name}.md"), help="results Markdown file")
+
+
+def check_overrides(rest: Sequence[str]) -> list[str]:
+    """Unknown arguments must be config overrides (--config.key=value), passed to every training run."""
+    from dpoq_jax.train.config import parse_overrides
+
+    parse_overrides(rest)  # raises ConfigError naming the bad argument
+    return list(rest)
+
+
+def make_task(name: str, seed: int = 0) -> Any:
+    from dpoq_jax.data.synthetic import make_task as _make
+
+    return _make(name, seed=seed)
+
+
+def tokenize_pair(tok: Any, example: Any) -> Any:
+    from dpoq_jax.data.tokenize import TokenizeConfig
+    from dpoq_jax.data.tokenize import tokenize_pair as _tokenize
+
+    return _tokenize(example, tok, TokenizeConfig())
+
+
+def max_response_tokens(task: Any) -> int:
+    """A generation limit that no correct response of the task exceeds (EOS included)."""
+    return int(getattr(task, "max_len", getattr(task, "max_digits", 32))) + 1
+
+
+def strip_eos(ids: Sequence[int], eos_id: int) -> list[int]:
+    ids = [int(t) for t in ids]
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
+def _pad_rows(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]]
+) -> tuple[np.ndarray, list[int]]:
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    rows = np.zeros((len(prompts), T), np.int32)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        rows[i, : len(p) + len(r)] = list(p) + list(r)
+    return rows, [len(p) for p in prompts]
+
+
+def response_logits(
+    model: Any, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], batch: int = 128
+) -> list[np.ndarray]:
+    """Logits [R_i, V] of the states that predict each response token (for exact per-state sums)."""
+    import jax
+    from flax import nnx
+
+    from dpoq_jax.decode.core import forward_logits
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, rows):
+        return forward_logits(nnx.merge(graphdef, state), rows)
+
+    out: list[np.ndarray] = []
+    for s in range(0, len(prompts), batch):
+        rows, lens = _pad_rows(prompts[s : s + batch], responses[s : s + batch])
+        logits = np.asarray(f(state, rows), np.float32)
+        for i, r in enumerate(responses[s : s + batch]):
+            out.append(logits[i, lens[i] - 1 : lens[i] - 1 + len(r)])
+    return out
+
+
+def _responses(tokens: np.ndarray, mask: np.ndarray) -> list[list[int]]:
+    return [
+        [int(t) for t, m in zip(row, mrow, strict=True) if m > 0]
+        for row, mrow in zip(tokens, mask, strict=True)
+    ]
+
+
+def sample(
+    model: Any, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, seed: int, temperature: float = 1.0
+) -> list[list[int]]:
+    """Responses (EOS included when emitted) sampled by dpoq_jax.decode.sampling."""
+    from dpoq_jax.decode.sampling import SampleConfig, generate
+
+    gen = generate(
+        model, prompts, SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature), seed=seed
+    )
+    return _responses(gen.tokens, gen.mask)
+
+
+def beam_search(
+    model: Any, prompts: Sequence[Sequence[int]], *, num_beams: int, max_new_tokens: int, batch: int = 64
+) -> list[list[int]]:
+    """The best beam per prompt from dpoq_jax.decode.beam (likelihood search, no length penalty)."""
+    from dpoq_jax.decode.beam import BeamConfig
+    from dpoq_jax.decode.beam import beam_search as _beam
+
+    cfg = BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens)
+    out: list[list[int]] = []
+    for s in range(0, len(prompts), batch):
+        gen = _beam(model, prompts[s : s + batch], cfg)
+        out += _responses(gen.tokens[:, 0], gen.mask[:, 0])
+    return out
+
+
+def train_run(
+    config: str,
+    stage: str,
+    workdir: Path | str,
+    *,
+    steps: int,
+    seed: int,
+    beta: float | None = None,
+    init_from: Path | str | None = None,
+    sft_responses: str | None = None,
+    eval_every: int | None = None,
+    overrides: Sequence[str] = (),
+) -> Path:
+    """One SFT or DPO run through dpoq_jax.train.loop.train; returns its workdir.
+
+    init_from: a finished run's workdir to start from (policy and frozen reference); None = random init.
+    A workdir holding a finished run with exactly these settings is reused (so scripts and the demo
+    share runs); one holding different settings is removed first, so the loop never resumes a stranger.
+    """
+    import json
+    import shutil
+
+    from dpoq_jax.train.config import load_config
+    from dpoq_jax.train.loop import train
+
+    workdir = Path(workdir)
+    ov = [f"--config.stage={stage}", f"--config.seed={seed}", f"--config.train.num_steps={steps}"]
+    ov.append(f"--config.data.task_kwargs.seed={seed}")  # the task's data seed follows --seed too
+    ov += ["--config.train.progress_bar=False", "--config.checkpoint.async_save=False"]
+    if beta is not None:
+        ov.append(f"--config.loss.beta={beta}")
+    if sft_responses is not None:
+        ov.append(f"--config.data.sft_responses={sft_responses}")
+    if eval_every is not None:
+        ov.append(f"--config.train.eval_every={eval_every}")
+    if init_from is not None:
+        ov += ["--config.model.init=checkpoint", f"--config.model.path={init_from}"]
+    else:
+        ov.append("--config.model.init=random")
+    ov += list(overrides)
+    spec = stage_config(config, stage)
+    settings = {"config": spec, "overrides": ov}
+    marker = workdir / "experiment_run.json"
+    if marker.exists() and json.loads(marker.read_text()) == settings:
+        log(f"  reusing finished run {workdir}")
+        return workdir
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    cfg = load_config(spec, ov)
+    t0 = dt.datetime.now()
+    metrics = train(cfg, str(workdir))
+    secs = (dt.datetime.now() - t0).total_seconds()
+    shown = {k: v for k, v in metrics.items() if k in ("loss", "eval/loss", "eval/rewards/accuracies")}
+    log(f"  {stage} run done in {secs:.0f}s: " + ", ".join(f"{k} {float(v):.4f}" for k, v in shown.items()))
+    marker.write_text(json.dumps(settings, indent=1))
+    return workdir
+
+
+def load_model(workdir: Path | str, which: str = "policy") -> Any:
+    """A finished run's final policy (its Hugging Face export) or, for which="initial", the policy it
+    started from (= its frozen reference): rebuilt from the run's config.json."""
+    from dpoq_jax.models import hf
+
+    workdir = Path(workdir)
+    if which == "policy":
+        model, _ = hf.load_hf(str(workdir / "hf"))
+        return model
+    if which != "initial":
+        raise ValueError(f"load_model: which must be 'policy' or 'initial', got {which!r}")
+    import json
+
+    import ml_collections as mc
+
+    cfg = mc.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    if cfg.model.init == "checkpoint":
+        return load_model(cfg.model.path)
+    if cfg.model.init == "hf":
+        model, _ = hf.load_hf(cfg.model.path)
+        return model
+    from dpoq_jax.train.loop import model_source
+
+    return model_source(cfg).make_model()
+
+
+def eval_curve(workdir: Path | str, keys: Sequence[str]) -> list[dict[str, float]]:
+    """The run's held-out metrics by step (metrics.jsonl, split "eval"); errors name missing keys."""
+    from dpoq_jax.train.metrics import read_metrics
+
+    rows = read_metrics(str(workdir), split="eval")
+    if not rows:
+        raise ValueError(f"{workdir}/metrics.jsonl has no eval rows (is train.eval_every > 0?)")
+    out = []
+    for r in rows:
+        missing = [k for k in keys if k not in r]
+        if missing:
+            raise ValueError(f"{workdir}/metrics.jsonl step {r['step']}: eval row lacks {missing}")
+        out.append({"step": r["step"], **{k: float(r[k]) for k in keys}})
+    return out
