@@ -19,9 +19,14 @@ def _pairs(n: int, seed: int = 0) -> list[TokenizedPair]:
     out = []
     for i in range(n):
         lp, lc, lr = rng.integers(1, 9), rng.integers(1, 6), rng.integers(1, 6)
-        out.append(TokenizedPair([int(x) for x in rng.integers(3, 50, lp)],
-                                 [int(x) for x in rng.integers(3, 50, lc)],
-                                 [int(x) for x in rng.integers(3, 50, lr)], {"i": i}))
+        out.append(
+            TokenizedPair(
+                [int(x) for x in rng.integers(3, 50, lp)],
+                [int(x) for x in rng.integers(3, 50, lc)],
+                [int(x) for x in rng.integers(3, 50, lr)],
+                {"i": i},
+            )
+        )
     return out
 
 
@@ -81,8 +86,10 @@ def test_structure(layout, kw):
     assert np.all(b["tokens"][b["segment_ids"] == 0] == 0)
     # tokens in row storage: exactly the prompt once (shared) or twice (padded), plus both responses
     n_real = int((b["segment_ids"] > 0).sum())
-    per = [len(p.prompt_ids) * (2 if layout == "padded" else 1) + len(p.chosen_ids) + len(p.rejected_ids)
-           for p in pairs]
+    per = [
+        len(p.prompt_ids) * (2 if layout == "padded" else 1) + len(p.chosen_ids) + len(p.rejected_ids)
+        for p in pairs
+    ]
     assert n_real == sum(per)
 
 
@@ -109,8 +116,9 @@ def test_packed_segments_isolated_and_static_shape():
     with pytest.raises(ValueError, match="does not fit"):
         preference_batch(pairs, "packed", seq_len=30, response_len=6, num_rows=n - 1)
     stats = {}
-    b2 = preference_batch(pairs, "packed", seq_len=30, response_len=6, num_rows=n - 1, overflow="drop",
-                          stats=stats)
+    b2 = preference_batch(
+        pairs, "packed", seq_len=30, response_len=6, num_rows=n - 1, overflow="drop", stats=stats
+    )
     assert stats["n_dropped"] >= 1 and b2["pair_mask"].sum() == len(pairs) - stats["n_dropped"]
     _check_structure(b2, [p if b2["pair_mask"][i] else None for i, p in enumerate(pairs)], 6, 6)
 
@@ -124,8 +132,12 @@ def test_bad_pairs_rejected():
     with pytest.raises(ValueError, match="empty prompt"):
         preference_batch([TokenizedPair([], [1], [2], {})], "padded", seq_len=8, response_len=2)
     with pytest.raises(ValueError, match="response_len"):
-        preference_batch([TokenizedPair([1], [1, 2, 3], [2], {"source": "f.jsonl", "line": 3})], "padded",
-                         seq_len=8, response_len=2)
+        preference_batch(
+            [TokenizedPair([1], [1, 2, 3], [2], {"source": "f.jsonl", "line": 3})],
+            "padded",
+            seq_len=8,
+            response_len=2,
+        )
     with pytest.raises(ValueError, match="num_rows"):
         preference_batch(_pairs(1), "packed", seq_len=8, response_len=8)
 
@@ -140,10 +152,22 @@ def test_reference_logps_copied():
 @pytest.mark.parametrize("layout", ["padded", "packed"])
 def test_sft_structure(layout):
     rng = np.random.default_rng(3)
-    exs = [TokenizedSFT([int(x) for x in rng.integers(3, 50, rng.integers(1, 6))],
-                        [int(x) for x in rng.integers(3, 50, rng.integers(1, 5))], {}) for _ in range(4)]
-    b = sft_batch(exs + [None], layout, seq_len=12, response_len=4, batch_size=5,
-                  num_rows=3 if layout == "packed" else None)
+    exs = [
+        TokenizedSFT(
+            [int(x) for x in rng.integers(3, 50, rng.integers(1, 6))],
+            [int(x) for x in rng.integers(3, 50, rng.integers(1, 5))],
+            {},
+        )
+        for _ in range(4)
+    ]
+    b = sft_batch(
+        exs + [None],
+        layout,
+        seq_len=12,
+        response_len=4,
+        batch_size=5,
+        num_rows=3 if layout == "packed" else None,
+    )
     tokens, pos = b["tokens"].reshape(-1), b["positions"].reshape(-1)
     allowed = attention_allowed(b["segment_ids"], b["branch_ids"])
     S = 12
@@ -161,3 +185,58 @@ def test_sft_structure(layout):
 def test_gather_flat():
     x = np.arange(24).reshape(2, 4, 3)
     np.testing.assert_array_equal(gather_flat(x, np.array([[5, 0]])), [[x[1, 1], x[0, 0]]])
+
+
+def test_layouts_give_same_token_logps_on_a_model():
+    """padded, prefix_shared and packed give the padded layout's per-token log-probs on a tiny model."""
+    decoder = pytest.importorskip("dpoq_jax.models.decoder")  # the model part is written separately
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from dpoq_jax.models.config import ModelConfig
+
+    V = 50
+    cfg = ModelConfig(
+        family="llama",
+        vocab_size=V,
+        hidden_size=16,
+        num_layers=2,
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        norm="rmsnorm",
+        activation="silu",
+        gated_mlp=True,
+        rotary_dim=8,
+    )
+    model = decoder.Decoder(cfg, rngs=nnx.Rngs(0), dtype=jnp.float32, attention="xla")
+    pairs = _pairs(5, seed=4)
+    P, R, S = 6, 6, 24
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def row_logps(state, tokens, positions, segment_ids, branch_ids):
+        logits = nnx.merge(graphdef, state)(tokens, positions, segment_ids, branch_ids)
+        return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(-1, V)
+
+    def logps(batch):
+        logp = np.asarray(
+            row_logps(state, *(batch[k] for k in ("tokens", "positions", "segment_ids", "branch_ids")))
+        )
+        return {
+            side: logp[batch[f"{side}_pred_idx"], batch[f"{side}_targets"]] * batch[f"{side}_mask"]
+            for side in ("chosen", "rejected")
+        }
+
+    want = logps(preference_batch(pairs, "padded", seq_len=S, response_len=R, num_pairs=P))
+    assert np.all(want["chosen"][:5].sum(-1) < 0)
+    for layout, kw in (("prefix_shared", {}), ("packed", {"num_rows": rows_needed(pairs, S)})):
+        got = logps(preference_batch(pairs, layout, seq_len=S, response_len=R, num_pairs=P, **kw))
+        for side in ("chosen", "rejected"):
+            np.testing.assert_allclose(
+                got[side], want[side], atol=1e-5, rtol=1e-5, err_msg=f"{layout} {side}"
+            )
