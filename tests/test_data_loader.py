@@ -94,3 +94,76 @@ def test_concat_batches_shifts_pred_idx():
         got = gather_flat(both["tokens"], both[f"{side}_pred_idx"])
         want = np.concatenate([gather_flat(p["tokens"], p[f"{side}_pred_idx"]) for p in parts])
         np.testing.assert_array_equal(got, want)
+
+
+_WORKER = r"""
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import functools
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+pid, port = int(sys.argv[1]), sys.argv[2]
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from dpoq_jax.data.examples import TokenizedPair
+from dpoq_jax.data.layouts import gather_flat, preference_batch
+from dpoq_jax.data.loader import Loader, make_global_batch
+rng = np.random.default_rng(0)
+pairs = [TokenizedPair([int(x) for x in rng.integers(3, 40, rng.integers(1, 5))],
+                       [int(x) for x in rng.integers(3, 40, rng.integers(1, 4))],
+                       [int(x) for x in rng.integers(3, 40, rng.integers(1, 4))], {}) for _ in range(10)]
+make = functools.partial(preference_batch, layout="prefix_shared", seq_len=12, response_len=4, num_pairs=2)
+ld = Loader(10, 4, seed=1, process_index=jax.process_index(), process_count=jax.process_count())
+idx = ld.next_indices()
+local = make([pairs[i] if i >= 0 else None for i in idx])
+mesh = jax.make_mesh((4,), ("data",))
+g = make_global_batch(local, NamedSharding(mesh, PartitionSpec("data")))
+rep = NamedSharding(mesh, PartitionSpec())
+data = NamedSharding(mesh, PartitionSpec("data"))
+got = jax.jit(lambda t, i: gather_flat(t, i, data), out_shardings=rep)(
+    g["tokens"], g["chosen_pred_idx"])
+# expected: each process's layout of its own slice, gathered locally, in process order
+order = Loader(10, 4, seed=1).next_indices()
+want = np.concatenate([gather_flat(b["tokens"], b["chosen_pred_idx"])
+                       for b in (make([pairs[i] for i in order[k:k + 2]]) for k in (0, 2))])
+np.testing.assert_array_equal(np.asarray(got), want)
+assert g["tokens"].shape == (4, 12) and g["pair_mask"].shape == (4,)
+print("OK", pid, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_build_global_arrays(tmp_path):
+    """Real 2-process run (jax.distributed on localhost, gloo): pred_idx index the global rows."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "worker.py"
+    script.write_text(_WORKER)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(i), str(port)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outs = []
+    for p in procs:
+        try:
+            outs.append(p.communicate(timeout=120)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    for i, (p, out) in enumerate(zip(procs, outs, strict=True)):
+        assert p.returncode == 0 and f"OK {i}" in out, out[-3000:]

@@ -287,7 +287,13 @@ def attention_allowed(segment_ids_NS: np.ndarray, branch_ids_NS: np.ndarray) -> 
     return causal[None] & same_seg & branch_ok
 
 
-def gather_flat(x_NS: Any, idx_PR: Any) -> Any:
-    """x[n, s, ...] at flat indices n * S + s -> [P, R, ...]; works for numpy and jax arrays."""
+def gather_flat(x_NS: Any, idx_PR: Any, out_sharding: Any = None) -> Any:
+    """x[n, s, ...] at flat indices n * S + s -> [P, R, ...]; works for numpy and jax arrays.
+
+    On a mesh with Explicit axes (the default of `jax.make_mesh`) JAX needs the gather's output
+    sharding: pass `out_sharding` (e.g. PartitionSpec("data")); with Auto axes it may stay None.
+    """
     flat = x_NS.reshape((-1,) + tuple(x_NS.shape[2:]))
+    if out_sharding is not None:
+        return flat.at[idx_PR].get(out_sharding=out_sharding)
     return flat[idx_PR]
