@@ -1,7 +1,7 @@
 """Peak memory of full vs. memory-lean token log-probs (value and gradient), from XLA's compiled
 memory analysis (no execution, so it runs on a laptop CPU).
 
-Run:  python benchmarks/lean_logps_memory.py [--B 8 --T 512 --V 50304 --D 512 --chunk 32]
+Run:  python benchmarks/lean_logps_memory.py [--B 8 --T 512 --V 50304 --D 512 --chunk 256]
 Writes benchmarks/results/lean_logps_memory_<platform>.json.
 """
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--T", type=int, default=512)
     ap.add_argument("--V", type=int, default=50304)
     ap.add_argument("--D", type=int, default=512)
-    ap.add_argument("--chunk", type=int, default=32, help="time steps per chunk")
+    ap.add_argument("--chunk", type=int, default=256, help="positions (rows of logits) per chunk")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 

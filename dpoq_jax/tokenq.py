@@ -52,13 +52,14 @@ def lean_token_logps(
     mask_BT: Array | None = None,
     *,
     bias_V: Array | None = None,
-    chunk_size: int = 32,
+    chunk_size: int = 256,
 ) -> Array:
     """Same as token_logps(hidden @ unembed + bias, ...) without ever holding B×T×V in float32.
 
-    Time is cut into chunks of `chunk_size` steps, processed by lax.scan; each chunk is wrapped in
-    jax.checkpoint, so the backward pass recomputes that chunk's [B, chunk, V] logits instead of
-    storing them. Peak extra memory is O(B · chunk_size · V), not O(B · T · V). Chunking time (not
+    `chunk_size` is the number of positions (rows of logits) per chunk: time is cut into chunks of
+    C = max(1, chunk_size // B) steps, processed by lax.scan; each chunk is wrapped in
+    jax.checkpoint, so the backward pass recomputes that chunk's [B, C, V] logits instead of storing
+    them. Peak extra memory is O(B · C · V) ≈ O(chunk_size · V), not O(B · T · V). Chunking time (not
     the flattened B·T) keeps the batch axis intact, so a batch-sharded input stays sharded.
     Gradients flow to hidden, unembed and bias.
     """
@@ -75,7 +76,7 @@ def lean_token_logps(
         raise ValueError(f"lean_token_logps: targets_BT has shape {targets_BT.shape}, expected {(B, T)}")
     if chunk_size <= 0:
         raise ValueError(f"lean_token_logps: chunk_size must be positive, got {chunk_size}")
-    c = min(chunk_size, T)
+    c = min(max(1, chunk_size // B), T)
     k = -(-T // c)
     pad = k * c - T
     # [B, T, D] -> [K, B, C, D]: scan over the K time chunks.
