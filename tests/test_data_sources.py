@@ -152,12 +152,23 @@ def test_config_entry_point(tmp_path, tldr_dir):
         }
     )
     assert len(exs) == 3 and exs[0].meta["split"] == "validation"
-    exs, _ = load_examples(
+    exs, policy = load_examples(
         {"source": "tldr", "path": str(tldr_dir), "data_dir": str(tmp_path / "tfds"), "split": "test"}
     )
-    assert len(exs) == 1
+    assert len(exs) == 1 and policy.summary()["by_kind"] == {"not_reddit": 1}
     assert isinstance(load_tokenizer({"source": "synthetic"}), SyntheticTokenizer)
     with pytest.raises(ValueError, match="data source must be one of"):
         load_examples({"source": "csv"})
     with pytest.raises(ValueError, match="needs a path"):
         load_examples({"source": "jsonl"})
+
+
+def test_package_import_is_light():
+    """The GPU machine has no tensorflow_datasets: importing the data package must not need it (or JAX)."""
+    import subprocess
+    import sys
+
+    heavy = "('jax', 'tensorflow_datasets', 'transformers')"
+    code = f"import sys, dpoq_jax.data; print(sorted(m for m in {heavy} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -175,10 +175,17 @@ def _text(v: Any) -> str:
 
 
 def load_tldr(manual_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str = "train", *,
-              kind: str = "preference", on_error: str = "skip") -> list[PreferenceExample] | list[SFTExample]:
-    """TL;DR examples of one split ("train", "validation", "test") via `as_data_source`."""
+              kind: str = "preference", on_error: str = "skip", policy: ErrorPolicy | None = None
+              ) -> list[PreferenceExample] | list[SFTExample]:
+    """TL;DR examples of one split ("train", "validation", "test") via `as_data_source`.
+
+    `policy` (optional) receives the skip counts of the build when this call built the dataset.
+    """
     config = "comparisons" if kind == "preference" else "sft"
     builder = build(manual_dir, data_dir, config=config, on_error=on_error)
+    if policy is not None and hasattr(builder, "error_summary"):
+        policy.counts.update(builder.error_summary["by_kind"])
+        policy.examples += builder.error_summary["examples"]
     if split not in builder.info.splits:
         raise DataError(f"split {split!r} has no examples; have {sorted(builder.info.splits)}",
                         kind="missing_split", file=str(manual_dir))
