@@ -42,8 +42,12 @@ def test_error_injection_rules_and_positions():
     assert {e.meta["rule"] for e in exs} == {"copy", "sort", "add1", "reverse"}
     for e in exs:
         rule, digits = e.prompt[5], e.prompt[7:-1]
-        want = {"c": digits, "s": "".join(sorted(digits)), "r": digits[::-1],
-                "a": "".join(str((int(d) + 1) % 10) for d in digits)}[rule]
+        want = {
+            "c": digits,
+            "s": "".join(sorted(digits)),
+            "r": digits[::-1],
+            "a": "".join(str((int(d) + 1) % 10) for d in digits),
+        }[rule]
         assert e.chosen == want
         diff = [i for i, (x, y) in enumerate(zip(e.chosen, e.rejected, strict=True)) if x != y]
         assert diff == e.meta["error_positions"] and 1 <= len(diff) <= 2
@@ -104,7 +108,8 @@ def test_dense_reward_preferences_follow_gold():
     lengths = np.array([len(e.chosen) for e in exs] + [len(e.rejected) for e in exs])
     assert lengths.min() >= task.min_len and np.mean(lengths >= task.gold_len_limit) < 0.08
     # inside the data longer is better; beyond the limit the gold reward falls
-    assert np.corrcoef(lengths, np.concatenate([rc, rr]))[0, 1] > 0.2
+    inside = lengths < task.gold_len_limit
+    assert np.corrcoef(lengths[inside], np.concatenate([rc, rr])[inside])[0, 1] > 0.2
 
 
 def test_sft_splits():
@@ -112,3 +117,35 @@ def test_sft_splits():
     assert [x.completion for x in e] == [x.chosen for x in ErrorInjectionTask().preference_examples(5)]
     d = DenseRewardTask().sft_examples(5, responses="all")
     assert len(d) == 10 and len(DenseRewardTask().sft_examples(5, responses="chosen")) == 5
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_dense_reward_best_gold_peaks_at_the_length_limit(seed):
+    """Over-optimisation by design: the best achievable gold reward of a response of L letters rises
+    with L up to gold_len_limit and falls after it, while the data prefers the longer response."""
+    task = DenseRewardTask(seed=seed)
+    tok = task.tokenizer
+    _, W = task._tables()
+    # dynamic programme over (length, last letter), starting after the prompt letter `start`
+    start = 0
+    best, back, values = W[start] + task.bonus, [], []
+    for L in range(1, 33):
+        if L > 1:
+            extra = task.bonus if L - 1 < task.gold_len_limit else -task.length_penalty
+            cand = best[:, None] + W + extra
+            back.append(cand.argmax(0))
+            best = cand.max(0)
+        # the argmax path of length L, scored by the task's own gold judge (EOS adds 0)
+        a = int(best.argmax())
+        path = [a]
+        for bp in reversed(back):
+            path.append(int(bp[path[-1]]))
+        letters = [13 + x for x in reversed(path)]
+        assert task.gold_score("<bos>a=", letters + [tok.eos_token_id]) == pytest.approx(best.max())
+        values.append(best.max())
+    v = np.array(values)
+    assert int(v.argmax()) + 1 == task.gold_len_limit
+    assert np.all(np.diff(v[: task.gold_len_limit]) > 0) and np.all(np.diff(v[task.gold_len_limit - 1 :]) < 0)
+    exs = task.preference_examples(300)
+    lc, lr = np.array([len(e.chosen) for e in exs]), np.array([len(e.rejected) for e in exs])
+    assert np.mean((lc > lr)[lc != lr]) > 0.6

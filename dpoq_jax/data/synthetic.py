@@ -20,9 +20,10 @@ dense_reward
       r(s_t, a_t) = W[s_t, a_t] - length_penalty     if t >= gold_len_limit
   and 0 for EOS, with W ~ N(0, 0.5^2) (seeded). The gold judge is this reward summed. Preferences
   are Bradley–Terry on the summed reward (p(y1 > y2) = sigmoid(R(y1) - R(y2))) between two reference
-  samples. With the defaults (min_len 3, eos_prob 0.2, gold_len_limit 16) the reference reaches 16
-  letters in about 5% of samples, so within the data longer is better (+bonus a letter), while the
-  gold reward falls beyond 16 letters: a policy that extrapolates "longer is better" over-optimises.
+  samples. With the defaults (min_len 3, eos_prob 0.2, gold_len_limit 16, length_penalty 2.5 >
+  max W) the reference reaches 16 letters in about 4% of samples, so within the data longer is
+  better (+bonus a letter), while the best achievable gold reward falls beyond 16 letters: a policy
+  that extrapolates "longer is better" over-optimises.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ class DenseRewardTask:
     max_len: int = 32
     gold_len_limit: int = 16
     bonus: float = 0.3
-    length_penalty: float = 1.0
+    length_penalty: float = 2.5
     policy_scale: float = 1.5
     reward_scale: float = 0.5
 
