@@ -57,11 +57,11 @@ def hf_config(name: str) -> dict[str, Any]:
     }
 
 
-def model_config(name: str):
-    """dpoq_jax's ModelConfig for a Pythia shape."""
+def model_config(name: str, **overrides: Any):
+    """dpoq_jax's ModelConfig for a Pythia shape (overrides: ModelConfig fields, e.g. remat)."""
     from dpoq_jax import models
 
-    return models.config_from_hf(hf_config(name))
+    return models.config_from_hf(hf_config(name), where=f"benchmarks/shapes.py:{name}", **overrides)
 
 
 def torch_config(name: str):
@@ -134,6 +134,12 @@ class LengthDistribution:
 
 
 TLDR_LIKE = LengthDistribution()
+# Short rows for smoke tests (compiles in seconds); not a benchmark distribution.
+SHORT = LengthDistribution(
+    prompt_mean=9, prompt_sd=4, prompt_min=2, prompt_max=14, response_mean=4, response_sd=2,
+    response_min=1, response_max=6, row_len=32,
+)  # fmt: skip
+LENGTHS = {"tldr": TLDR_LIKE, "short": SHORT}
 
 
 def synthetic_pairs(

@@ -29,10 +29,7 @@ from dpoq_jax.train import state as state_lib  # noqa: E402
 from dpoq_jax.train import step as step_lib  # noqa: E402
 
 # Short rows so that the test compiles quickly; several pairs so that "packed" shares rows.
-SMALL = shapes.LengthDistribution(
-    prompt_mean=9, prompt_sd=4, prompt_min=2, prompt_max=14, response_mean=4, response_sd=2,
-    response_min=1, response_max=6, row_len=32,
-)  # fmt: skip
+SMALL = shapes.SHORT
 NUM_PAIRS = 5
 
 
@@ -124,8 +121,8 @@ def test_benchmark_smoke_tiny(tmp_path):
     out = tmp_path / "bench.json"
     cases = "padded/frozen_fp32/full,prefix_shared/precomputed/lean,packed/frozen_bf16/lean"
     rc = dpo_step.main(
-        ["--shapes", "tiny", "--pairs", "2", "--cases", cases, "--steps", "1", "--warmup", "0",
-         "--no-isolate", "--out", str(out)]
+        ["--shapes", "tiny", "--pairs", "3", "--lengths", "short", "--cases", cases, "--steps", "1",
+         "--warmup", "0", "--no-isolate", "--out", str(out)]
     )  # fmt: skip
     assert rc == 0
     report = json.loads(out.read_text())
