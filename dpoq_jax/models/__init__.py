@@ -1,1 +1,7 @@
-"""dpoq_jax.models"""
+"""dpoq_jax.models: one Flax NNX decoder for GPT-NeoX/Pythia, Llama/Mistral, Qwen2 and GPT-2, with Hugging
+Face checkpoints in and out (see docs/models.md)."""
+
+from dpoq_jax.models.config import ModelConfig, config_from_hf, config_to_hf
+from dpoq_jax.models.decoder import Decoder, attention_mask, default_dtype
+
+__all__ = ["Decoder", "ModelConfig", "attention_mask", "config_from_hf", "config_to_hf", "default_dtype"]

@@ -1,0 +1,406 @@
+"""Hugging Face directories in and out: config.json + *.safetensors (sharded index too) <-> Decoder.
+
+Loading memory-maps the safetensors files and builds each parameter on its own (one host copy of one
+tensor at a time); with a mesh every device's shard is cut from that tensor by
+jax.make_array_from_callback, so no device ever holds a full copy of a sharded parameter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from dpoq_jax.models.config import ModelConfig, config_from_hf, config_to_hf, read_hf_config
+from dpoq_jax.models.decoder import Decoder
+from dpoq_jax.models.sharding import Rules, logical_to_shardings
+
+log = logging.getLogger(__name__)
+
+Path = tuple[str | int, ...]
+_ST_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+# Buffers some checkpoints carry that are not parameters.
+_IGNORED_SUFFIXES = (
+    "rotary_emb.inv_freq",
+    "attention.bias",
+    "attention.masked_bias",
+    "attn.bias",
+    "attn.masked_bias",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# safetensors: a tiny reader (memory-mapped, bfloat16 via ml_dtypes) and writer
+
+
+class SafetensorsDir:
+    """Every tensor of a directory's *.safetensors files, by name, memory-mapped."""
+
+    def __init__(self, path: str):
+        self.path = path
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{path}: no *.safetensors files (PyTorch .bin checkpoints are not read)")
+        self.where: dict[str, tuple[str, dict[str, Any], int]] = {}
+        for f in files:
+            full = os.path.join(path, f)
+            with open(full, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            for name, info in header.items():
+                self.where[name] = (full, info, 8 + n)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def file_of(self, name: str) -> str:
+        return self.where[name][0]
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.where:
+            raise KeyError(f"{self.path}: tensor {name!r} is missing from the safetensors files")
+        full, info, base = self.where[name]
+        if info["dtype"] not in _ST_DTYPES:
+            raise ValueError(f"{full}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        dtype = _ST_DTYPES[info["dtype"]]
+        shape = tuple(info["shape"])
+        if end == start:
+            return np.zeros(shape, dtype)
+        return np.memmap(full, dtype=dtype, mode="r", offset=base + start, shape=shape)
+
+
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    arrays = {}
+    for name, a in tensors.items():
+        a = np.ascontiguousarray(a)
+        if a.dtype not in _ST_NAMES:
+            raise ValueError(f"{path}: cannot store tensor {name!r} of dtype {a.dtype}")
+        header[name] = {
+            "dtype": _ST_NAMES[a.dtype],
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + a.nbytes],
+        }
+        offset += a.nbytes
+        arrays[name] = a
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for a in arrays.values():
+            f.write(a.tobytes())
+
+
+# ----------------------------------------------------------------------------------------------
+# Name maps. Each family gives, per parameter path of our model, the HF tensor it comes from and a
+# function HF array -> our layout; export goes the other way.
+
+Spec = tuple[str, Callable[[np.ndarray], np.ndarray]]
+
+
+def _t(w: np.ndarray) -> np.ndarray:
+    return w.T
+
+
+def _heads_in(n: int, f: int) -> Callable[[np.ndarray], np.ndarray]:
+    """torch Linear [n*f, D] -> [D, n, f]."""
+    return lambda w: w.reshape(n, f, -1).transpose(2, 0, 1)
+
+
+def _heads_out(n: int, f: int) -> Callable[[np.ndarray], np.ndarray]:
+    """torch Linear [D, n*f] -> [n, f, D]."""
+    return lambda w: w.reshape(-1, n, f).transpose(1, 2, 0)
+
+
+def _import_map(cfg: ModelConfig) -> dict[Path, Spec]:
+    H, K, F, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
+    ident = lambda w: w  # noqa: E731
+    m: dict[Path, Spec] = {}
+    if cfg.family in ("llama", "qwen2"):
+        m[("embed",)] = ("model.embed_tokens.weight", ident)
+        m[("final_norm", "scale")] = ("model.norm.weight", ident)
+        if not cfg.tie_word_embeddings:
+            m[("lm_head",)] = ("lm_head.weight", _t)
+        for i in range(cfg.num_layers):
+            p, b = f"model.layers.{i}.", ("blocks", i)
+            m[b + ("ln1", "scale")] = (p + "input_layernorm.weight", ident)
+            m[b + ("ln2", "scale")] = (p + "post_attention_layernorm.weight", ident)
+            for ours, hf, n in (("q", "q_proj", H), ("k", "k_proj", K), ("v", "v_proj", K)):
+                m[b + ("attn", "w" + ours)] = (p + f"self_attn.{hf}.weight", _heads_in(n, F))
+                if cfg.qkv_bias:
+                    m[b + ("attn", "b" + ours)] = (p + f"self_attn.{hf}.bias", lambda w, n=n: w.reshape(n, F))
+            m[b + ("attn", "wo")] = (p + "self_attn.o_proj.weight", _heads_out(H, F))
+            if cfg.out_bias:
+                m[b + ("attn", "bo")] = (p + "self_attn.o_proj.bias", ident)
+            for ours, hf in (("gate", "gate_proj"), ("up", "up_proj"), ("down", "down_proj")):
+                m[b + ("mlp", "w_" + ours)] = (p + f"mlp.{hf}.weight", _t)
+                if cfg.mlp_bias:
+                    m[b + ("mlp", "b_" + ours)] = (p + f"mlp.{hf}.bias", ident)
+    elif cfg.family == "gpt_neox":
+        m[("embed",)] = ("gpt_neox.embed_in.weight", ident)
+        m[("final_norm", "scale")] = ("gpt_neox.final_layer_norm.weight", ident)
+        m[("final_norm", "bias")] = ("gpt_neox.final_layer_norm.bias", ident)
+        if not cfg.tie_word_embeddings:
+            m[("lm_head",)] = ("embed_out.weight", _t)
+        for i in range(cfg.num_layers):
+            p, b = f"gpt_neox.layers.{i}.", ("blocks", i)
+            for ours, hf in (("ln1", "input_layernorm"), ("ln2", "post_attention_layernorm")):
+                m[b + (ours, "scale")] = (p + hf + ".weight", ident)
+                m[b + (ours, "bias")] = (p + hf + ".bias", ident)
+            # Fused QKV rows are ordered [head, (q, k, v), head_dim].
+            for j, ours in enumerate("qkv"):
+                m[b + ("attn", "w" + ours)] = (
+                    p + "attention.query_key_value.weight",
+                    lambda w, j=j: w.reshape(H, 3, F, D)[:, j].transpose(2, 0, 1),
+                )
+                if cfg.qkv_bias:
+                    m[b + ("attn", "b" + ours)] = (
+                        p + "attention.query_key_value.bias",
+                        lambda w, j=j: w.reshape(H, 3, F)[:, j],
+                    )
+            m[b + ("attn", "wo")] = (p + "attention.dense.weight", _heads_out(H, F))
+            if cfg.out_bias:
+                m[b + ("attn", "bo")] = (p + "attention.dense.bias", ident)
+            m[b + ("mlp", "w_up")] = (p + "mlp.dense_h_to_4h.weight", _t)
+            m[b + ("mlp", "b_up")] = (p + "mlp.dense_h_to_4h.bias", ident)
+            m[b + ("mlp", "w_down")] = (p + "mlp.dense_4h_to_h.weight", _t)
+            m[b + ("mlp", "b_down")] = (p + "mlp.dense_4h_to_h.bias", ident)
+    elif cfg.family == "gpt2":
+        # transformers' GPT-2 uses Conv1D: weights stored [in, out], i.e. already x @ W.
+        m[("embed",)] = ("transformer.wte.weight", ident)
+        m[("pos_embed",)] = ("transformer.wpe.weight", ident)
+        m[("final_norm", "scale")] = ("transformer.ln_f.weight", ident)
+        m[("final_norm", "bias")] = ("transformer.ln_f.bias", ident)
+        for i in range(cfg.num_layers):
+            p, b = f"transformer.h.{i}.", ("blocks", i)
+            for ours, hf in (("ln1", "ln_1"), ("ln2", "ln_2")):
+                m[b + (ours, "scale")] = (p + hf + ".weight", ident)
+                m[b + (ours, "bias")] = (p + hf + ".bias", ident)
+            for j, ours in enumerate("qkv"):
+                m[b + ("attn", "w" + ours)] = (
+                    p + "attn.c_attn.weight",
+                    lambda w, j=j: w[:, j * D : (j + 1) * D].reshape(D, H, F),
+                )
+                m[b + ("attn", "b" + ours)] = (
+                    p + "attn.c_attn.bias",
+                    lambda w, j=j: w[j * D : (j + 1) * D].reshape(H, F),
+                )
+            m[b + ("attn", "wo")] = (p + "attn.c_proj.weight", lambda w: w.reshape(H, F, D))
+            m[b + ("attn", "bo")] = (p + "attn.c_proj.bias", ident)
+            m[b + ("mlp", "w_up")] = (p + "mlp.c_fc.weight", ident)
+            m[b + ("mlp", "b_up")] = (p + "mlp.c_fc.bias", ident)
+            m[b + ("mlp", "w_down")] = (p + "mlp.c_proj.weight", ident)
+            m[b + ("mlp", "b_down")] = (p + "mlp.c_proj.bias", ident)
+    return m
+
+
+def _export_tensors(cfg: ModelConfig, get: Callable[[Path], np.ndarray]) -> dict[str, np.ndarray]:
+    """HF tensors from our parameters (get(path) -> numpy array in our layout)."""
+    H, F, D = cfg.num_heads, cfg.head_dim, cfg.hidden_size
+    out: dict[str, np.ndarray] = {}
+    fused: dict[str, dict[str, np.ndarray]] = {}
+    for path, (name, _) in _import_map(cfg).items():
+        x = get(path)
+        leaf = path[-1]
+        if cfg.family == "gpt_neox" and "query_key_value" in name:
+            fused.setdefault(name, {})[leaf[1]] = x
+            continue
+        if cfg.family == "gpt2" and "c_attn" in name:
+            fused.setdefault(name, {})[leaf[1]] = x
+            continue
+        if leaf in ("wq", "wk", "wv"):  # [D, n, f] -> [n*f, D]
+            x = x.transpose(1, 2, 0).reshape(-1, D)
+        elif leaf == "wo":
+            x = x.reshape(H * F, D) if cfg.family == "gpt2" else x.transpose(2, 0, 1).reshape(D, H * F)
+        elif leaf in ("bq", "bk", "bv"):
+            x = x.reshape(-1)
+        elif leaf in ("lm_head",) or (leaf.startswith("w_") and cfg.family != "gpt2"):
+            x = x.T
+        out[name] = x
+    for name, parts in fused.items():
+        if cfg.family == "gpt_neox":
+            if name.endswith("weight"):  # [D, H, F] x3 -> [H, 3, F, D] -> [H*3*F, D]
+                x = np.stack([parts[c].transpose(1, 2, 0) for c in "qkv"], axis=1).reshape(H * 3 * F, D)
+            else:
+                x = np.stack([parts[c] for c in "qkv"], axis=1).reshape(-1)
+        else:
+            if name.endswith("weight"):
+                x = np.concatenate([parts[c].reshape(D, D) for c in "qkv"], axis=1)
+            else:
+                x = np.concatenate([parts[c].reshape(-1) for c in "qkv"])
+        out[name] = x
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Public API
+
+
+def _path_key(path) -> Path:
+    return tuple(getattr(k, "key", getattr(k, "idx", k)) for k in path)
+
+
+def _resolve_name(st: SafetensorsDir, name: str) -> str:
+    """Some GPT-2 checkpoints (the original OpenAI upload) lack the `transformer.` prefix."""
+    if name not in st and name.startswith("transformer.") and name[len("transformer.") :] in st:
+        return name[len("transformer.") :]
+    return name
+
+
+def abstract_decoder(cfg: ModelConfig, **kwargs: Any) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """graphdef, abstract parameters and abstract rest of Decoder(cfg) (nothing allocated)."""
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), **kwargs))
+    return nnx.split(abstract, nnx.Param, ...)
+
+
+def load_hf(
+    path: str,
+    *,
+    mesh: Mesh | None = None,
+    rules: Rules | None = None,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    attention: str = "auto",
+    **config_overrides: Any,
+) -> tuple[Decoder, ModelConfig]:
+    """(Decoder, ModelConfig) from a local Hugging Face directory. With a mesh, each parameter lands
+    directly in its NamedSharding (from `rules`, logical -> mesh axes). config_overrides (e.g.
+    remat="full") replace ModelConfig fields."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{path}: no config.json (expected a local Hugging Face model directory)")
+    cfg = config_from_hf(read_hf_config(cfg_path), where=cfg_path, **config_overrides)
+    st = SafetensorsDir(path)
+    graphdef, abs_params, rest = abstract_decoder(
+        cfg, dtype=dtype, param_dtype=param_dtype, attention=attention
+    )
+    shardings = None
+    if mesh is not None:
+        from dpoq_jax.train.mesh import DEFAULT_RULES  # noqa: PLC0415 (rules default lives with the mesh)
+
+        shardings = nnx.to_pure_dict(logical_to_shardings(abs_params, mesh, rules or DEFAULT_RULES))
+    specs = _import_map(cfg)
+    pure = nnx.to_pure_dict(abs_params)
+    used: set[str] = set()
+    missing = []
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
+    shard_leaves = jax.tree.leaves(shardings) if shardings is not None else [None] * len(leaves)
+    values = []
+    for (kpath, abstract), sharding in zip(leaves, shard_leaves, strict=True):
+        key = _path_key(kpath)
+        if key not in specs:
+            raise RuntimeError(f"internal: no HF name for parameter {key} of family {cfg.family}")
+        name, fn = specs[key]
+        name = _resolve_name(st, name)
+        if name not in st:
+            missing.append(name)
+            values.append(None)
+            continue
+        used.add(name)
+        raw = st.get(name)
+        try:
+            arr = fn(raw)
+        except ValueError as e:
+            arr = None
+            err = e
+        if arr is None or arr.shape != abstract.shape:
+            raise ValueError(
+                f"{st.file_of(name)}: tensor {name!r} has shape {tuple(raw.shape)}, which does not fit "
+                f"parameter {'/'.join(map(str, key))} of shape {abstract.shape} for this config.json"
+                + (f" ({err})" if arr is None else "")
+            )
+        values.append(_place(arr, abstract.dtype, sharding))
+    if missing:
+        raise KeyError(
+            f"{path}: safetensors files lack tensors {sorted(set(missing))[:8]} "
+            f"({len(set(missing))} missing) needed by model_type {cfg.family}"
+        )
+    unused = [n for n in st.where if n not in used and not n.endswith(_IGNORED_SUFFIXES)]
+    if unused and not (cfg.tie_word_embeddings and unused in (["lm_head.weight"], ["embed_out.weight"])):
+        log.warning("%s: %d tensors not used by the model, e.g. %s", path, len(unused), unused[:5])
+    params = jax.tree.map(lambda x: x, abs_params)
+    nnx.replace_by_pure_dict(params, jax.tree_util.tree_unflatten(treedef, values))
+    return nnx.merge(graphdef, params, rest), cfg
+
+
+def _place(arr: np.ndarray, dtype: Any, sharding: Any) -> jax.Array:
+    if sharding is None:
+        return jnp.asarray(np.asarray(arr).astype(dtype))
+    # Each device gets only its slice, cast on the host.
+    return jax.make_array_from_callback(arr.shape, sharding, lambda idx: np.asarray(arr[idx]).astype(dtype))
+
+
+def save_hf(
+    model: Decoder | nnx.State, cfg: ModelConfig, path: str, *, dtype: Any = None, tokenizer: Any = None
+) -> None:
+    """Write config.json + model.safetensors (transformers' AutoModelForCausalLM loads them).
+    dtype: storage dtype of the tensors (default: the parameters' own). Parameters must be
+    addressable from this process (single host)."""
+    state = nnx.state(model, nnx.Param) if isinstance(model, nnx.Module) else model
+    pure = nnx.to_pure_dict(state)
+
+    def get(p: Path) -> np.ndarray:
+        x = pure
+        for k in p:
+            x = x[k]
+        x = np.asarray(jax.device_get(x))
+        return x.astype(dtype) if dtype is not None else x
+
+    tensors = _export_tensors(cfg, get)
+    os.makedirs(path, exist_ok=True)
+    write_safetensors(os.path.join(path, "model.safetensors"), tensors)
+    hf_cfg = config_to_hf(cfg)
+    some = next(iter(tensors.values()))
+    hf_cfg["torch_dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
+        str(some.dtype), "float32"
+    )
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf_cfg, f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def load_tokenizer(path: str) -> Any:
+    """The Hugging Face tokenizer stored in a local directory (never downloads)."""
+    from transformers import AutoTokenizer  # noqa: PLC0415 (heavy import, only when needed)
+
+    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES[:6]):
+        raise FileNotFoundError(f"{path}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES[:6])})")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
