@@ -149,3 +149,14 @@ def test_dense_reward_best_gold_peaks_at_the_length_limit(seed):
     exs = task.preference_examples(300)
     lc, lr = np.array([len(e.chosen) for e in exs]), np.array([len(e.rejected) for e in exs])
     assert np.mean((lc > lr)[lc != lr]) > 0.6
+
+
+def test_synthetic_jsonl_round_trip(tmp_path):
+    from dpoq_jax.data.jsonl import read_preference_jsonl, write_jsonl
+
+    exs = ErrorInjectionTask(seed=5).preference_examples(6)
+    write_jsonl(
+        tmp_path / "s.jsonl", [{"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected} for e in exs]
+    )
+    back = read_preference_jsonl(tmp_path / "s.jsonl")
+    assert [(b.prompt, b.chosen, b.rejected) for b in back] == [(e.prompt, e.chosen, e.rejected) for e in exs]
