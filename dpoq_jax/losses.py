@@ -108,6 +108,14 @@ def preference_loss(
             f"preference_loss: policy log-probs must be [B, T], got {policy_chosen_BT.shape} "
             f"and {policy_rejected_BT.shape}"
         )
+    for name, x, m in (
+        ("chosen", policy_chosen_BT, chosen_mask_BT),
+        ("rejected", policy_rejected_BT, rejected_mask_BT),
+    ):
+        if m.shape != x.shape:
+            raise ValueError(
+                f"preference_loss: {name}_mask_BT has shape {m.shape}, policy log-probs {x.shape}"
+            )
     cm_BT = chosen_mask_BT.astype(jnp.float32)
     rm_BT = rejected_mask_BT.astype(jnp.float32)
     B = policy_chosen_BT.shape[0]

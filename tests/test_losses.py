@@ -183,6 +183,8 @@ class PreferenceLossTest(chex.TestCase):
         with pytest.raises(ValueError, match="label_smoothing"):
             LossConfig(loss_type="robust", label_smoothing=0.5)
         pc, pr, rc, rr, cm, rm, _ = _batch()
+        with pytest.raises(ValueError, match="rejected_mask_BT"):
+            losses.preference_loss(pc, pr, rc, rr, cm, rm[:, :-1], config=LossConfig())
         with pytest.raises(ValueError, match="ref_chosen"):
             losses.preference_loss(pc, pr, rc[..., None], rr, cm, rm, config=LossConfig())
 
