@@ -144,9 +144,26 @@ class Run:
     def batch_shardings(self, example: dict[str, np.ndarray]) -> dict[str, Any]:
         return {k: batch_sharding(self.mesh, v.ndim) for k, v in example.items()}
 
+    def compile(self, b_sh: dict[str, Any]) -> tuple[Callable, Callable]:
+        """(train step, eval step), each jitted once with explicit shardings; the step donates the state."""
+        rep = replicated(self.mesh)
+        step_fn = jax.jit(
+            make_train_step(self.loss_fn, self.optimizer, self.schedule),
+            in_shardings=(self.shardings, b_sh),
+            out_shardings=(self.shardings, rep),
+            donate_argnums=0,
+        )
+        eval_fn = jax.jit(
+            _weighted(make_eval_step(self.loss_fn), self.cfg.stage),
+            in_shardings=(self.shardings, b_sh),
+            out_shardings=rep,
+        )
+        return step_fn, eval_fn
 
-def setup(cfg: Any) -> Run:
-    mesh = make_mesh(cfg.mesh)
+
+def setup(cfg: Any, devices: Any = None) -> Run:
+    """Mesh, data, model source, shardings and loss of a config (`devices`: default all)."""
+    mesh = make_mesh(cfg.mesh, devices)
     rules = rules_from_config(cfg.sharding.rules)
     dataset = inputs.load_dataset(cfg)
     dpo = cfg.stage == "dpo"
@@ -277,18 +294,7 @@ def train(
         [items[0]] * (tc.batch_size // jax.process_count()), make_batch, tc.micro_batches
     )
     b_sh = run.batch_shardings(example)
-    rep = replicated(run.mesh)
-    step_fn = jax.jit(
-        make_train_step(run.loss_fn, run.optimizer, run.schedule),
-        in_shardings=(run.shardings, b_sh),
-        out_shardings=(run.shardings, rep),
-        donate_argnums=0,
-    )
-    eval_fn = jax.jit(
-        _weighted(make_eval_step(run.loss_fn), cfg.stage),
-        in_shardings=(run.shardings, b_sh),
-        out_shardings=rep,
-    )
+    step_fn, eval_fn = run.compile(b_sh)
 
     n_params = _count_params(run.abs_params)
     mcfg = run.source.model_config

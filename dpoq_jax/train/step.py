@@ -175,7 +175,7 @@ def make_train_step(
 
     def step(state: TrainState, batch_M: Batch) -> tuple[TrainState, dict[str, Array]]:
         grads, metrics = accumulate_grads(loss_fn, state.params, state.ref_params, batch_M)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
 
         def apply(_):

@@ -1,0 +1,152 @@
+"""Train step: sharded == single device, accumulation == one big batch, NaN guard, optimizer schedule."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from dpoq_jax.train import inputs
+from dpoq_jax.train.config import ConfigError, base_config, synthetic_config
+from dpoq_jax.train.loop import global_batch, setup
+from dpoq_jax.train.mesh import DEFAULT_RULES, make_mesh, mesh_shape, rules_from_config
+from dpoq_jax.train.optim import make_optimizer, make_schedule
+from dpoq_jax.train.step import accumulate_grads
+
+TINY_MODEL = {
+    "hidden_size": 32,
+    "num_layers": 1,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "head_dim": 8,
+    "intermediate_size": 64,
+    "rotary_dim": 8,
+}
+
+
+def tiny_config(stage: str = "dpo", **mesh):
+    c = synthetic_config("error_injection", stage)
+    c.model.init = "random"
+    c.model.path = ""
+    c.model.config.update(TINY_MODEL)
+    c.data.num_examples = 64
+    c.data.num_eval = 16
+    c.data.seq_len = 32
+    c.data.response_len = 12
+    c.train.batch_size = 8
+    c.optim.lr = 1e-2
+    c.optim.warmup_steps = 2
+    c.mesh.update(mesh or {"data": 1, "fsdp": 1, "tensor": 1})
+    return c
+
+
+def local_batches(run, n: int, micro: int = 1):
+    """n consecutive local micro-stacked batches of the training set, in order."""
+    items, B = run.dataset.train, run.cfg.train.batch_size
+    make = inputs.micro_batch_fn(run.cfg, B // micro)
+    return [inputs.stack_micro(items[i * B : (i + 1) * B], make, micro) for i in range(n)]
+
+
+def run_steps(run, batches):
+    b_sh = run.batch_shardings(batches[0])
+    step_fn, _ = run.compile(b_sh)
+    state = run.new_state()
+    losses = []
+    for b in batches:
+        state, m = step_fn(state, global_batch(b, b_sh))
+        losses.append(float(m["loss"]))
+    return state, np.array(losses)
+
+
+def test_mesh_shape_and_rules():
+    assert mesh_shape({"data": -1, "fsdp": 2, "tensor": 2}, 8) == (2, 2, 2)
+    with pytest.raises(ValueError, match="needs 6 devices"):
+        mesh_shape({"data": 3, "fsdp": 2, "tensor": 1}, 8)
+    with pytest.raises(ValueError, match="at most one axis"):
+        mesh_shape({"data": -1, "fsdp": -1, "tensor": 1}, 8)
+    assert rules_from_config(()) == DEFAULT_RULES
+    assert rules_from_config([["embed", ["data", "fsdp"]]]) == (("embed", ("data", "fsdp")),)
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        rules_from_config([["embed", "model"]])
+    mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+def test_sharded_dpo_steps_equal_single_device():
+    """Five DPO steps on a (data 2, fsdp 2, tensor 2) mesh of 8 CPU devices == one device (f32, 1e-5)."""
+    assert jax.device_count() == 8
+    run8 = setup(tiny_config("dpo", data=2, fsdp=2, tensor=2))
+    run1 = setup(tiny_config("dpo"), devices=jax.devices()[:1])
+    batches = local_batches(run1, 5)
+    state8, losses8 = run_steps(run8, batches)
+    state1, losses1 = run_steps(run1, batches)
+    # parameters really are split over fsdp and tensor axes
+    specs = {str(x.sharding.spec) for x in jax.tree.leaves(state8.params)}
+    assert any("fsdp" in s for s in specs) and any("tensor" in s for s in specs)
+    assert len(set(losses1.tolist())) == 5  # the parameters move
+    np.testing.assert_allclose(losses8, losses1, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(state8.params), jax.tree.leaves(state1.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    assert int(state8.step) == 5 and int(state8.skipped) == 0
+
+
+def test_accumulation_equals_one_batch_and_nan_guard():
+    """4 micro-batches give the gradient of the whole batch; a NaN batch leaves the state untouched."""
+    run = setup(tiny_config("dpo"), devices=jax.devices()[:1])
+    state = run.new_state()
+    (whole,) = local_batches(run, 1, micro=1)
+    (split,) = local_batches(run, 1, micro=4)
+    g1, m1 = jax.jit(lambda p, r, b: accumulate_grads(run.loss_fn, p, r, b))(
+        state.params, state.ref_params, whole
+    )
+    g4, m4 = jax.jit(lambda p, r, b: accumulate_grads(run.loss_fn, p, r, b))(
+        state.params, state.ref_params, split
+    )
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g4), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(float(m1["loss"]), float(m4["loss"]), rtol=1e-6)
+
+    b_sh = run.batch_shardings(whole)
+    step_fn, _ = run.compile(b_sh)
+    before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    bad = dict(whole, chosen_mask=np.where(whole["chosen_mask"] > 0, np.nan, 0.0).astype(np.float32))
+    state, m = step_fn(state, global_batch(bad, b_sh))
+    assert not bool(m["finite"]) and int(state.skipped) == 1 and int(state.nonfinite_streak) == 1
+    after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+    jax.tree.map(np.testing.assert_array_equal, before, after)
+    state, m = step_fn(state, global_batch(whole, b_sh))
+    assert bool(m["finite"]) and int(state.skipped) == 1 and int(state.nonfinite_streak) == 0
+    assert int(state.step) == 2
+
+
+def test_schedule_and_optimizers():
+    s = make_schedule(1.0, warmup_steps=4, total_steps=14, schedule="linear", end_factor=0.0)
+    np.testing.assert_allclose([float(s(i)) for i in (0, 3, 4, 9, 14)], [0.2, 0.8, 1.0, 0.5, 0.0], atol=1e-6)
+    c = make_schedule(2.0, warmup_steps=0, total_steps=10, schedule="cosine", end_factor=0.5)
+    np.testing.assert_allclose([float(c(0)), float(c(10))], [2.0, 1.0], atol=1e-6)
+    k = make_schedule(3.0, warmup_steps=2, total_steps=10, schedule="constant")
+    np.testing.assert_allclose([float(k(0)), float(k(5))], [1.0, 3.0], atol=1e-6)
+
+    cfg = base_config().optim
+    cfg.lr, cfg.warmup_steps, cfg.clip_norm = 0.1, 0, 1.0
+    params = {"w": jnp.array([3.0, 4.0])}
+    grads = {"w": jnp.array([30.0, 40.0])}  # norm 50 -> clipped to norm 1
+    for name in ("rmsprop", "adamw"):
+        cfg.name = name
+        opt, _ = make_optimizer(cfg, 10)
+        updates, _ = opt.update(grads, opt.init(params), params)
+        if name == "rmsprop":  # torch RMSprop: lr * g / (sqrt(v) + eps), v = (1 - decay) g^2
+            g = np.array([0.6, 0.8])
+            expect = -0.1 * g / (np.sqrt((1 - cfg.decay) * g**2) + cfg.eps)
+        else:  # first Adam step: -lr * sign(g) (bias-corrected), no weight decay here
+            expect = -0.1 * np.ones(2)
+        np.testing.assert_allclose(np.asarray(updates["w"]), expect, rtol=1e-5)
+    cfg.name = "sgd"
+    with pytest.raises(ValueError, match="optim.name"):
+        make_optimizer(cfg, 10)
+    assert isinstance(ConfigError("x"), ValueError)
+    assert optax.tree.norm(grads) == 50.0
+    assert nnx is not None
