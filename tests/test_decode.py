@@ -187,6 +187,8 @@ def test_filter_logits_against_numpy():
 def test_bad_inputs(policy, reference):
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(policy, [[1], []], SampleConfig(max_new_tokens=2))
+    with pytest.raises(ValueError, match=r"prompt 1 has token ids \[7\] outside the vocabulary of size 4"):
+        beam_search(policy, [[1], [1, 7]], BeamConfig(num_beams=2, max_new_tokens=2))
     with pytest.raises(ValueError, match="top_p"):
         SampleConfig(top_p=0.0)
     with pytest.raises(ValueError, match="vocabularies differ"):

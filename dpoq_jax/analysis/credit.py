@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 
 from dpoq_jax import tokenq
-from dpoq_jax.decode.core import DecodeModel, check_same_vocab, forward_logits, pack_prompts
+from dpoq_jax.decode.core import DecodeModel, check_same_vocab, forward_logits, model_vocab_size, pack_prompts
 
 Array = jax.Array
 
@@ -101,15 +101,6 @@ def _row_values(
 _row_values_jit = jax.jit(_row_values, static_argnums=(0, 2, 6))
 
 
-def _vocab_size(model: DecodeModel) -> int:
-    shape = jax.eval_shape(
-        lambda: model.decode(
-            jnp.zeros((1, 1), jnp.int32), jnp.zeros((1, 1), jnp.int32), model.init_cache(1, 1, jnp.float32)
-        )
-    )[0].shape
-    return int(shape[-1])
-
-
 def score_responses(
     policy: DecodeModel,
     reference: DecodeModel,
@@ -129,7 +120,7 @@ def score_responses(
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     where = list(names) if names is not None else [f"response {i}" for i in range(len(responses))]
-    V, rV = _vocab_size(policy), _vocab_size(reference)
+    V, rV = model_vocab_size(policy), model_vocab_size(reference)
     check_same_vocab(V, rV)
     for i, r in enumerate(responses):
         if len(r) == 0:

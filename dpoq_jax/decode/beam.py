@@ -29,6 +29,7 @@ from dpoq_jax.decode.core import (
     cache_batch_axes,
     check_same_vocab,
     log_softmax32,
+    model_vocab_size,
     pack_prompts,
     reference_scores,
     reorder_cache,
@@ -186,7 +187,7 @@ def _run(
     cfg: BeamConfig,
     beta: float,
 ) -> tuple[dict[str, np.ndarray], Any]:
-    prompts_ = pack_prompts(prompts, cfg.pad_id)
+    prompts_ = pack_prompts(prompts, cfg.pad_id, model_vocab_size(model))
     graphdef, state = nnx.split(model)
     dtype = jnp.dtype(cfg.cache_dtype)
     axes = cache_batch_axes(model, dtype)

@@ -111,6 +111,14 @@ def forward_logits(model: DecodeModel, tokens_BT: Array, cache_dtype: Any = jnp.
     return logits_BTV
 
 
+def model_vocab_size(model: DecodeModel) -> int:
+    """Number of logits the model produces (abstract evaluation of one decode step, no compute)."""
+    one = jnp.zeros((1, 1), jnp.int32)
+    return int(
+        jax.eval_shape(lambda: model.decode(one, one, model.init_cache(1, 1, jnp.float32)))[0].shape[-1]
+    )
+
+
 def check_same_vocab(policy_V: int, ref_V: int) -> None:
     if policy_V != ref_V:
         raise ValueError(

@@ -20,6 +20,7 @@ from dpoq_jax.decode.core import (
     DecodeModel,
     Generation,
     log_softmax32,
+    model_vocab_size,
     pack_prompts,
     reference_scores,
     response_index,
@@ -132,7 +133,8 @@ def generate(
     With `ref_model`, the responses are also scored by the reference (one uncached pass) and the
     per-token implicit rewards β(log π − log π_ref) returned.
     """
-    prompts_ = pack_prompts(prompts, config.pad_id)
+    V = model_vocab_size(model)
+    prompts_ = pack_prompts(prompts, config.pad_id, V)
     graphdef, state = nnx.split(model)
     tok, mask, lp = _sample_jit(
         graphdef,
@@ -147,20 +149,7 @@ def generate(
     tok = np.where(mask > 0, tok, config.pad_id)
     out = Generation(tokens=tok, mask=mask, logps=lp, score=lp.sum(-1))
     if ref_model is not None:
-        V = _vocab(model, prompts_.ids_BP[:, :1], config.cache_dtype)
         out.ref_logps, out.rewards = reference_scores(
             ref_model, prompts_, tok, mask, lp, beta, config.pad_id, V, config.cache_dtype
         )
     return out
-
-
-def _vocab(model: DecodeModel, tokens: np.ndarray, cache_dtype: Any) -> int:
-    """Size of the model's logits (abstract evaluation, no compute)."""
-    shape = jax.eval_shape(
-        lambda: model.decode(
-            jnp.asarray(tokens),
-            jnp.zeros(tokens.shape, jnp.int32),
-            model.init_cache(tokens.shape[0], tokens.shape[1], jnp.dtype(cache_dtype)),
-        )
-    )[0].shape
-    return int(shape[-1])

@@ -1,0 +1,231 @@
+"""`dpoq generate`: prompts -> sampled, greedy, beam or reward-guided responses as JSON lines.
+
+    dpoq generate --model DIR --prompts prompts.jsonl --mode beam --num-beams 5 --out out.jsonl
+    dpoq generate --model WORKDIR --tokenizer synthetic --synthetic error_injection --n 16 \
+        --mode guided --reference SFT_WORKDIR --beta 0.1 --out out.jsonl
+
+A model is a Hugging Face directory (config.json + safetensors) or a training run's workdir (its
+newest orbax checkpoint). Also used by `dpoq score` (dpoq_jax/analysis/commands.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def load_model(path: str, dtype: str | None = None) -> Any:
+    """Decoder from a Hugging Face directory or a run workdir / its checkpoints directory."""
+    import jax
+    from flax import nnx
+
+    from dpoq_jax.models import hf
+    from dpoq_jax.models.config import ModelConfig
+
+    kw: dict[str, Any] = {} if dtype is None else {"dtype": jax.numpy.dtype(dtype)}
+    if os.path.isfile(os.path.join(path, "config.json")):
+        model, _ = hf.load_hf(path, **kw)
+        return model
+    from dpoq_jax.train.checkpoint import RunCheckpoints
+
+    ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    if not os.path.isdir(ckpt_dir):
+        raise FileNotFoundError(f"--model {path}: not a directory")
+    ckpts = RunCheckpoints(os.path.abspath(ckpt_dir), every_steps=1, keep=1, async_save=False)
+    step = ckpts.latest_step()
+    if step is None:
+        raise FileNotFoundError(
+            f"--model {path}: neither a Hugging Face directory (config.json) nor a run "
+            f"workdir with a complete checkpoint under {ckpt_dir}"
+        )
+    mcfg = ModelConfig.from_dict(ckpts.read_json(step, "model_config"))
+    graphdef, abstract, rest = hf.abstract_decoder(mcfg, **kw)
+    dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    params = ckpts.restore_params(step, abstract, jax.tree.map(lambda _: dev, abstract))
+    ckpts.close()
+    return nnx.merge(graphdef, params, rest)
+
+
+def load_tokenizer(spec: str | None, model_path: str) -> Any:
+    """`synthetic`: the synthetic tasks' tokenizer; a directory: its HF tokenizer (default: the model's)."""
+    if spec == "synthetic":
+        from dpoq_jax.data.synthetic import SyntheticTokenizer
+
+        return SyntheticTokenizer()
+    from dpoq_jax.models.hf import load_tokenizer as load_hf_tokenizer
+
+    return load_hf_tokenizer(spec or model_path)
+
+
+def read_prompts(path: str) -> list[dict[str, Any]]:
+    """Prompts from .jsonl ({"prompt": ..., other keys kept as meta}) or text (one per non-empty line)."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.endswith((".jsonl", ".json")):
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
+                if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                    raise ValueError(f"{path}, line {i}: needs a string key 'prompt'")
+                out.append({**rec, "where": f"{path}, line {i}"})
+            else:
+                out.append({"prompt": line.rstrip("\n"), "where": f"{path}, line {i}"})
+    if not out:
+        raise ValueError(f"{path}: no prompts")
+    return out
+
+
+def synthetic_records(task: str, n: int, split: str, seed: int) -> list[dict[str, Any]]:
+    from dpoq_jax.data.synthetic import make_task
+
+    exs = make_task(task, seed=seed).preference_examples(n, split)
+    return [
+        {
+            "prompt": e.prompt,
+            "chosen": e.chosen,
+            "rejected": e.rejected,
+            "meta": e.meta,
+            "where": f"synthetic {task} {split} example {i}",
+        }
+        for i, e in enumerate(exs)
+    ]
+
+
+def encode_all(tok: Any, texts: Sequence[str], where: Sequence[str]) -> list[list[int]]:
+    out = []
+    for text, w in zip(texts, where, strict=True):
+        try:
+            out.append(list(tok.encode(text, add_special_tokens=False)))
+        except ValueError as e:
+            raise ValueError(f"{w}: {e}") from None
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpoq generate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="HF directory or run workdir")
+    p.add_argument("--reference", help="reference model (implicit rewards; required for --mode guided)")
+    p.add_argument("--tokenizer", help="'synthetic' or a directory with tokenizer files (default: --model)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", help=".jsonl with a 'prompt' key per line, or a text file, one per line")
+    src.add_argument(
+        "--synthetic", choices=["error_injection", "dense_reward"], help="prompts of a synthetic task"
+    )
+    p.add_argument("--n", type=int, default=16, help="number of synthetic prompts")
+    p.add_argument("--split", default="validation")
+    p.add_argument("--task-seed", type=int, default=0)
+    p.add_argument("--mode", choices=["greedy", "sample", "beam", "guided"], default="greedy")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--num-beams", type=int, default=4)
+    p.add_argument("--length-penalty", type=float, default=0.0, help="alpha in score / length**alpha")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the model's)")
+    p.add_argument("--cache-dtype", default="float32")
+    p.add_argument("--eos-id", type=int, default=None, help="default: the tokenizer's eos_token_id")
+    p.add_argument("--out", required=True, help="output .jsonl")
+    return p
+
+
+def generate_main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    from dpoq_jax.decode.beam import BeamConfig, beam_search
+    from dpoq_jax.decode.guided import reward_guided_search
+    from dpoq_jax.decode.sampling import SampleConfig, generate
+
+    if args.mode == "guided" and not args.reference:
+        raise SystemExit("dpoq generate: --mode guided needs --reference")
+    recs = (
+        read_prompts(args.prompts)
+        if args.prompts
+        else synthetic_records(args.synthetic, args.n, args.split, args.task_seed)
+    )
+    tok = load_tokenizer(args.tokenizer, args.model)
+    eos = args.eos_id if args.eos_id is not None else tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    prompts = encode_all(tok, [r["prompt"] for r in recs], [r["where"] for r in recs])
+    model = load_model(args.model, args.dtype)
+    ref = load_model(args.reference, args.dtype) if args.reference else None
+
+    with open(args.out, "w", encoding="utf-8") as f:
+        for s in range(0, len(prompts), args.batch_size):
+            batch = prompts[s : s + args.batch_size]
+            if len(batch) < args.batch_size and s > 0:  # keep one compiled shape: pad with copies
+                batch = batch + [batch[-1]] * (args.batch_size - len(batch))
+            if args.mode in ("greedy", "sample"):
+                cfg = SampleConfig(
+                    max_new_tokens=args.max_new_tokens,
+                    temperature=0.0 if args.mode == "greedy" else args.temperature,
+                    top_k=args.top_k,
+                    top_p=args.top_p,
+                    eos_id=eos,
+                    pad_id=pad,
+                    cache_dtype=args.cache_dtype,
+                )
+                g = generate(model, batch, cfg, seed=args.seed + s, ref_model=ref, beta=args.beta)
+                g = _add_beam_axis(g)
+            else:
+                cfg = BeamConfig(
+                    num_beams=args.num_beams,
+                    max_new_tokens=args.max_new_tokens,
+                    length_penalty=args.length_penalty,
+                    eos_id=eos,
+                    pad_id=pad,
+                    cache_dtype=args.cache_dtype,
+                )
+                if args.mode == "beam":
+                    g = beam_search(model, batch, cfg, ref_model=ref, beta=args.beta)
+                else:
+                    g = reward_guided_search(model, ref, batch, cfg, beta=args.beta)
+            for b in range(min(args.batch_size, len(prompts) - s)):
+                rec = recs[s + b]
+                out = {"index": s + b, "prompt": rec["prompt"], "mode": args.mode, "outputs": []}
+                if "meta" in rec:
+                    out["meta"] = rec["meta"]
+                for k in range(g.tokens.shape[1]):
+                    if g.valid is not None and not g.valid[b, k]:
+                        continue
+                    n = int(g.mask[b, k].sum())
+                    ids = [int(t) for t in g.tokens[b, k, :n]]
+                    o = {
+                        "text": tok.decode([t for t in ids if t != eos]),
+                        "ids": ids,
+                        "length": n,
+                        "finished": bool(n and ids[-1] == eos),
+                        "logp": float(g.logps[b, k].sum()),
+                        "score": float(g.score[b, k]),
+                    }
+                    if g.rewards is not None:
+                        o["reward"] = float(g.rewards[b, k].sum())
+                        o["token_rewards"] = [float(x) for x in g.rewards[b, k, :n]]
+                    out["outputs"].append(o)
+                f.write(json.dumps(out, ensure_ascii=False) + "\n")
+    print(f"dpoq generate: wrote {len(prompts)} prompts ({args.mode}) to {Path(args.out)}", file=sys.stderr)
+    return 0
+
+
+def _add_beam_axis(g: Any) -> Any:
+    import dataclasses
+
+    return dataclasses.replace(
+        g,
+        **{
+            k: (None if getattr(g, k) is None else np.asarray(getattr(g, k))[:, None])
+            for k in ("tokens", "mask", "logps", "score", "ref_logps", "rewards")
+        },
+    )
