@@ -439,6 +439,24 @@ def default_config(task: str) -> str:
     return str((CONFIGS_DIR / task).relative_to(REPO_ROOT))
 
 
+def synthetic_overrides(task: str, config: str) -> list[str]:
+    """Settings the experiments need on top of the tiny default configs.
+
+    dense_reward responses run to max_len letters + EOS (33 tokens); the default response_len (12)
+    would truncate the long responses whose length the experiment is about. Two reference samples of
+    a pair can be identical (short responses): such pairs carry no preference and are skipped.
+    """
+    if config != default_config(task) or task != "dense_reward":
+        return []
+    task_obj = make_task(task)
+    R = task_obj.max_len + 2
+    return [
+        f"--config.data.response_len={R}",
+        f"--config.data.seq_len={R + 8}",
+        "--config.data.on_error=skip",
+    ]
+
+
 def stage_config(config: str, stage: str) -> str:
     """The config spec of one stage: PREFIX_<stage>.py if it exists, else FILE.py:<stage>
     (a config file whose get_config(arg) takes the stage), else FILE[:arg] as given."""
@@ -455,14 +473,16 @@ def stage_config(config: str, stage: str) -> str:
     )
 
 
-def add_common_args(parser: Any, name: str, *, default_config: str, workdir_name: str | None = None) -> None:
+def add_common_args(parser: Any, name: str, *, default_config: str, workdir_name: str) -> None:
+    """workdir_name: runs/experiments/<workdir_name>; experiments on the same task share it, so a
+    finished run with the same settings (e.g. the SFT reference) is trained once."""
     parser.add_argument("--quick", action="store_true", help="small smoke-test version (minutes)")
     parser.add_argument(
         "--config", default=default_config, help="training config FILE[:arg] (experiments/configs)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling")
     parser.add_argument(
-        "--workdir", default=f"runs/experiments/{workdir_name or name}", help="where the training runs go"
+        "--workdir", default=f"runs/experiments/{workdir_name}", help="where the training runs go"
     )
     parser.add_argument("--results", default=str(RESULTS_DIR / f"{name}.md"), help="results Markdown file")
 
@@ -649,7 +669,9 @@ def load_model(workdir: Path | str, which: str = "policy") -> Any:
         return model
     from dpoq_jax.train.loop import model_source
 
-    return model_source(cfg).make_model()
+    if cfg.model.init != "random":
+        raise ValueError(f"{workdir}/config.json: unknown model.init {cfg.model.init!r}")
+    return model_source(cfg, None, None).make_model()  # mesh/rules are unused for random init
 
 
 def eval_curve(workdir: Path | str, keys: Sequence[str]) -> list[dict[str, float]]:

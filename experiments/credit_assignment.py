@@ -62,7 +62,9 @@ def heatmap_figure(rows: list[dict], title: str) -> common.Figure:
     im = ax.imshow(np.ma.masked_invalid(vals), cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
     for i, r in enumerate(rows):
         for t, tok in enumerate(r["tokens"]):
-            ax.text(t, i, tok, ha="center", va="center", fontsize=8, family="monospace")
+            ax.text(
+                t, i, tok, ha="center", va="center", fontsize=8 if len(tok) == 1 else 6, family="monospace"
+            )
         for t in r.get("errors", ()):
             ax.add_patch(Rectangle((t - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", lw=2))
     ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=8, family="monospace")
@@ -86,6 +88,8 @@ def beta_figure(rows: list[list[object]], baselines: dict[str, list[object]]) ->
         for (name, row), style in zip(baselines.items(), (":", "--", "-."), strict=False):
             ax.axhline(row[col - 1], ls=style, color="gray", label=name)
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(betas, [str(b) for b in betas])
         ax.set_xlabel("β")
         ax.set_title(label)
     axes[1].legend(fontsize=7)
@@ -97,11 +101,11 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
     task = common.make_task("error_injection", seed=args.seed)
     tok = task.tokenizer
     workdir = Path(args.workdir)
-    common.log(f"{NAME}: SFT reference ({scale['sft_steps']} steps) in {workdir / 'sft'}")
+    common.log(f"{NAME}: SFT reference ({scale['sft_steps']} steps) in {workdir / 'sft_chosen'}")
     sft_dir = common.train_run(
         args.config,
         "sft",
-        workdir / "sft",
+        workdir / "sft_chosen",
         steps=scale["sft_steps"],
         seed=args.seed,
         overrides=args.overrides,
@@ -121,7 +125,7 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
         dpo_dir = common.train_run(
             args.config,
             "dpo",
-            workdir / f"dpo_beta{beta}",
+            workdir / f"dpo_beta{beta}_sft_chosen",
             steps=scale["dpo_steps"],
             seed=args.seed,
             beta=beta,
@@ -189,10 +193,11 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
     rows = []
     for i in range(min(args.heatmap_pairs, len(eval_pairs))):
         p = tokenized[i]
-        rows.append(dict(label=f"#{i} chosen", tokens=_toks(tok, p.chosen_ids), rewards=best["r_cho"][i]))
+        prompt = eval_pairs[i].prompt.removeprefix("<bos>")
+        rows.append(dict(label=f"{prompt} chosen", tokens=_toks(tok, p.chosen_ids), rewards=best["r_cho"][i]))
         rows.append(
             dict(
-                label=f"#{i} rejected",
+                label=f"{prompt} rejected",
                 tokens=_toks(tok, p.rejected_ids),
                 rewards=best["r_rej"][i],
                 errors=errors[i],
@@ -214,14 +219,16 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
 
 
 def _toks(tok, ids: Sequence[int]) -> list[str]:
-    return [("⏎" if int(t) == tok.eos_token_id else tok.decode([int(t)])) for t in ids]
+    return [("EOS" if int(t) == tok.eos_token_id else tok.decode([int(t)])) for t in ids]
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=f"python -m experiments.{NAME}", description=__doc__.split("\n\n")[0]
     )
-    common.add_common_args(parser, NAME, default_config=common.default_config("error_injection"))
+    common.add_common_args(
+        parser, NAME, default_config=common.default_config("error_injection"), workdir_name="error_injection"
+    )
     parser.add_argument("--heatmap-pairs", type=int, default=4, help="pairs shown in the heatmap")
     args, rest = parser.parse_known_args(argv)
     args.overrides = common.check_overrides(rest)

@@ -83,9 +83,10 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
     sft_dir = common.train_run(
         args.config,
         "sft",
-        workdir / "sft",
+        workdir / "sft_all",
         steps=scale["sft_steps"],
         seed=args.seed,
+        sft_responses="all",
         overrides=args.overrides,
     )
     ref = common.load_model(sft_dir)
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
         dpo_dir = common.train_run(
             args.config,
             "dpo",
-            workdir / f"dpo_beta{beta}",
+            workdir / f"dpo_beta{beta}_sft_all",
             steps=scale["dpo_steps"],
             seed=args.seed,
             beta=beta,
@@ -189,10 +190,10 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         prog=f"python -m experiments.{NAME}", description=__doc__.split("\n\n")[0]
     )
     common.add_common_args(
-        parser, NAME, default_config=common.default_config("dense_reward"), workdir_name="search_overopt"
+        parser, NAME, default_config=common.default_config("dense_reward"), workdir_name="dense_reward"
     )
     args, rest = parser.parse_known_args(argv)
-    args.overrides = common.check_overrides(rest)
+    args.overrides = common.synthetic_overrides("dense_reward", args.config) + common.check_overrides(rest)
     args.command = common.command_line(f"experiments.{NAME}", argv)
     return args
 

@@ -94,7 +94,7 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
     sft_dir = common.train_run(
         args.config,
         "sft",
-        workdir / "sft",
+        workdir / "sft_chosen",
         steps=scale["sft_steps"],
         seed=args.seed,
         sft_responses=sft_responses,
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
     run_dirs = {}
     for name, init, sub in (
         ("sft_ref", sft_dir, f"dpo_beta{beta}"),
-        ("no_sft_ref", None, f"dpo_beta{beta}_no_sft"),
+        ("no_sft_ref", None, f"dpo_beta{beta}_random"),
     ):
         common.log(f"{NAME}: DPO run {RUN_LABELS[name]} ({scale['dpo_steps']} steps, β={beta})")
         run_dirs[name] = common.train_run(
@@ -193,9 +193,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--task", default="error_injection", choices=("error_injection", "dense_reward"))
     args0, _ = parser.parse_known_args(argv)
-    common.add_common_args(parser, NAME, default_config=common.default_config(args0.task))
+    common.add_common_args(
+        parser, NAME, default_config=common.default_config(args0.task), workdir_name=args0.task
+    )
     args, rest = parser.parse_known_args(argv)
-    args.overrides = common.check_overrides(rest)
+    args.overrides = common.synthetic_overrides(args.task, args.config) + common.check_overrides(rest)
     args.command = common.command_line(f"experiments.{NAME}", argv)
     return args
 

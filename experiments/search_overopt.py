@@ -71,6 +71,7 @@ def curves_figure(
     axes[2].axhline(ref_len, color="gray", ls="--", lw=1, label="preferred refs")
     for ax in axes:
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(list(beams), [str(b) for b in beams])
         ax.set_xlabel("beams")
     axes[2].legend(fontsize=7)
@@ -85,9 +86,10 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
     sft_dir = common.train_run(
         args.config,
         "sft",
-        workdir / "sft",
+        workdir / "sft_all",
         steps=scale["sft_steps"],
         seed=args.seed,
+        sft_responses="all",
         overrides=args.overrides,
     )
     pairs = task.preference_examples(scale["n_prompts"], split="test")
@@ -102,7 +104,7 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
         dpo_dir = common.train_run(
             args.config,
             "dpo",
-            workdir / f"dpo_beta{beta}",
+            workdir / f"dpo_beta{beta}_sft_all",
             steps=scale["dpo_steps"],
             seed=args.seed,
             beta=beta,
@@ -180,9 +182,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=f"python -m experiments.{NAME}", description=__doc__.split("\n\n")[0]
     )
-    common.add_common_args(parser, NAME, default_config=common.default_config("dense_reward"))
+    common.add_common_args(
+        parser, NAME, default_config=common.default_config("dense_reward"), workdir_name="dense_reward"
+    )
     args, rest = parser.parse_known_args(argv)
-    args.overrides = common.check_overrides(rest)
+    args.overrides = common.synthetic_overrides("dense_reward", args.config) + common.check_overrides(rest)
     args.command = common.command_line(f"experiments.{NAME}", argv)
     return args
 
