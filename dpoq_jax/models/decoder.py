@@ -40,7 +40,7 @@ def _param(
         value = jnp.ones(shape, dtype)
     else:
         value = jnp.zeros(shape, dtype)
-    return nnx.Param(value, sharding_names=names, eager_sharding=False)
+    return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ Rules = Mapping[str, Any] | Sequence[tuple[str, Any]]
 def logical_names(variable: nnx.Variable) -> tuple[str | None, ...] | None:
     """The logical axis names a parameter was created with (None if it has none)."""
     meta = variable.get_metadata()
-    names = meta.get("sharding_names", meta.get("out_sharding", meta.get("sharding")))
+    names = meta.get("out_sharding", meta.get("sharding_names", meta.get("sharding")))
     return None if names is None else tuple(names)
 
 

@@ -1,0 +1,242 @@
+"""Decoder properties without torch: layouts (padding, packing, prefix sharing) give the same per-token
+log-probs as each sequence alone; remat policies; dtype policy; config round trips; sharding rules;
+params checkpoints and `dpoq convert` both ways (tokenizer included)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from dpoq_jax.models import Decoder, ModelConfig, attention_mask, checkpoint, config_from_hf, config_to_hf, hf
+from dpoq_jax.models.commands import convert_main
+from dpoq_jax.models.sharding import spec_for
+
+V, S = 64, 16
+LLAMA = ModelConfig(
+    family="llama", vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    intermediate_size=48, max_position_embeddings=64, norm="rmsnorm", norm_eps=1e-6, activation="silu",
+    gated_mlp=True, rotary_dim=8, rope_type="llama3", rope_theta=500.0,
+    rope_scaling=(("factor", 4.0), ("high_freq_factor", 4.0), ("low_freq_factor", 1.0),
+                  ("original_max_position_embeddings", 16)),
+)  # fmt: skip
+GPT2 = ModelConfig(
+    family="gpt2", vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8,
+    intermediate_size=64, max_position_embeddings=32, activation="gelu_new", qkv_bias=True, out_bias=True,
+    mlp_bias=True, tie_word_embeddings=True,
+)  # fmt: skip
+NEOX = ModelConfig(
+    family="gpt_neox", vocab_size=V, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=8,
+    intermediate_size=64, max_position_embeddings=64, parallel_residual=True, rotary_dim=4, qkv_bias=True,
+    out_bias=True, mlp_bias=True,
+)  # fmt: skip
+QWEN = LLAMA.replace(
+    family="qwen2", rope_type="default", rope_scaling=(), qkv_bias=True, tie_word_embeddings=True
+)
+
+
+def _model(cfg: ModelConfig, seed: int = 0, **kw) -> Decoder:
+    model = Decoder(cfg, rngs=nnx.Rngs(seed), **kw)
+    # Random norms/biases too (init leaves them at 1/0), so every parameter matters.
+    state = nnx.state(model, nnx.Param)
+    leaves, tree = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [x + 0.1 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys, strict=True)]
+    nnx.update(model, jax.tree.unflatten(tree, leaves))
+    return model
+
+
+@nnx.jit
+def _logps(model, tokens, positions, segment_ids, branch_ids):
+    return jax.nn.log_softmax(model(tokens, positions, segment_ids, branch_ids), axis=-1)
+
+
+def _rows(pieces_per_row):
+    """Rows built from (tokens, positions, segment, branch) pieces, padded to S with segment 0."""
+    out = {k: np.zeros((len(pieces_per_row), S), np.int32) for k in ("tok", "pos", "seg", "br")}
+    where = []
+    for n, pieces in enumerate(pieces_per_row):
+        s = 0
+        for toks, pos, seg, br in pieces:
+            k = len(toks)
+            out["tok"][n, s : s + k], out["pos"][n, s : s + k] = toks, pos
+            out["seg"][n, s : s + k], out["br"][n, s : s + k] = seg, br
+            where.append((n, s, k))
+            s += k
+    return out, where
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
+def test_packed_and_prefix_shared_equal_separate_rows(cfg):
+    model = _model(cfg)
+    rng = np.random.RandomState(0)
+    p, c, r = rng.randint(1, V, 4), rng.randint(1, V, 3), rng.randint(1, V, 2)
+    q, d = rng.randint(1, V, 3), rng.randint(1, V, 4)  # a second plain sequence
+    # Separate: one sequence per row (right padded).
+    sep, sep_at = _rows([
+        [(np.r_[p, c], np.arange(7), 1, 0)],
+        [(np.r_[p, r], np.arange(6), 1, 0)],
+        [(np.r_[q, d], np.arange(7), 1, 0)],
+        [],
+    ])  # fmt: skip
+    # Prefix shared: prompt (branch 0), chosen (1), rejected (2) in one row, rejected positions continue
+    # from the prompt; packed: that row plus another sequence as segment 2; a left-padded row.
+    shared, sh_at = _rows([
+        [(p, np.arange(4), 1, 0), (c, 4 + np.arange(3), 1, 1), (r, 4 + np.arange(2), 1, 2)],
+        [(p, np.arange(4), 1, 0), (c, 4 + np.arange(3), 1, 1), (r, 4 + np.arange(2), 1, 2),
+         (np.r_[q, d], np.arange(7), 2, 0)],
+        [(np.zeros(9, np.int32), np.zeros(9), 0, 0), (np.r_[q, d], np.arange(7), 3, 0)],
+        [],
+    ])  # fmt: skip
+    a = np.asarray(_logps(model, *(jnp.asarray(sep[k]) for k in ("tok", "pos", "seg", "br"))))
+    b = np.asarray(_logps(model, *(jnp.asarray(shared[k]) for k in ("tok", "pos", "seg", "br"))))
+    (n_pc, s_pc, _), (n_pr, s_pr, _), (n_qd, s_qd, _) = sep_at
+    chex_close = lambda x, y: np.testing.assert_allclose(x, y, atol=2e-5, rtol=0)  # noqa: E731
+    for row in (0, 1):
+        chex_close(b[row, 0:4], a[n_pc, s_pc : s_pc + 4])  # prompt
+        chex_close(b[row, 4:7], a[n_pc, s_pc + 4 : s_pc + 7])  # chosen sees prompt + chosen
+        chex_close(b[row, 7:9], a[n_pr, s_pr + 4 : s_pr + 6])  # rejected sees prompt + rejected only
+    chex_close(b[1, 9:16], a[n_qd, s_qd : s_qd + 7])  # packed second segment
+    chex_close(b[2, 9:16], a[n_qd, s_qd : s_qd + 7])  # left padded
+
+
+def test_attention_mask_layout():
+    seg = jnp.array([[1, 1, 1, 1, 1, 2, 2, 0]])
+    br = jnp.array([[0, 0, 1, 2, 2, 0, 0, 0]])
+    m = np.asarray(attention_mask(seg, br))[0, 0].astype(int)
+    expected = np.array([
+        [1, 0, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0, 0, 0],  # branch 2 does not see branch 1
+        [1, 1, 0, 1, 1, 0, 0, 0],
+        [0, 0, 0, 0, 0, 1, 0, 0],  # new segment
+        [0, 0, 0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 0, 0, 0, 0, 1],  # padding sees itself only (no empty softmax row)
+    ])  # fmt: skip
+    np.testing.assert_array_equal(m, expected)
+
+
+def test_remat_policies_same_gradients():
+    model = _model(NEOX)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, V, (2, 8)))
+    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    grads = {}
+    for policy in ("none", "full", "dots"):
+        m = Decoder(NEOX.replace(remat=policy), rngs=nnx.Rngs(0))
+        nnx.update(m, nnx.state(model, nnx.Param))
+        graphdef, params = nnx.split(m, nnx.Param)
+
+        def loss(p, graphdef=graphdef):
+            out = nnx.merge(graphdef, p)(tokens, pos, return_hidden=True)
+            return jnp.sum(jnp.sin(out))
+
+        grads[policy] = jax.jit(jax.grad(loss))(params)
+    for policy in ("full", "dots"):
+        jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5, rtol=1e-5), grads["none"],
+                     grads[policy])  # fmt: skip
+
+
+def test_dtype_policy_and_unembedding():
+    model = _model(LLAMA, dtype=jnp.bfloat16)
+    f32 = _model(LLAMA)
+    tokens = jnp.asarray(np.random.RandomState(1).randint(0, V, (2, 8)))
+    pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
+    logits = model(tokens, pos)
+    hidden = model(tokens, pos, return_hidden=True)
+    assert logits.dtype == jnp.float32 and hidden.dtype == jnp.bfloat16
+    assert model.embed[...].dtype == jnp.float32  # parameters stay float32
+    np.testing.assert_allclose(logits, f32(tokens, pos), atol=0.15)
+    w, b = f32.unembedding()
+    assert b is None and w.shape == (32, V)
+    np.testing.assert_allclose(f32(tokens, pos, return_hidden=True) @ w, f32(tokens, pos), atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [LLAMA, GPT2, NEOX, QWEN], ids=["llama", "gpt2", "neox", "qwen2"])
+def test_config_round_trip(cfg):
+    assert config_from_hf(config_to_hf(cfg)) == cfg
+    assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
+        config_from_hf({**config_to_hf(LLAMA), "rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(KeyError, match="x.json: missing key 'hidden_size'"):
+        config_from_hf({"model_type": "llama"}, where="x.json")
+    with pytest.raises(ValueError, match="unknown keys"):
+        ModelConfig.from_dict({**LLAMA.to_dict(), "bogus": 1})
+
+
+def test_spec_for_rules():
+    mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    rules = {"embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "vocab": ("fsdp", "tensor")}
+    assert spec_for(("embed", "heads", "head_dim"), (32, 4, 8), mesh, rules) == P("fsdp", "tensor", None)
+    assert spec_for(("embed", "kv_heads", "head_dim"), (32, 2, 8), mesh, rules) == P("fsdp", None, None)
+    assert spec_for(("vocab", "embed"), (64, 32), mesh, rules) == P(("fsdp", "tensor"), None)
+
+
+def _tiny_tokenizer(path: str) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(V - 3)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    fast.save_pretrained(path)
+
+
+def test_checkpoint_and_convert_round_trip(tmp_path):
+    model = _model(NEOX)
+    src, ck, back = str(tmp_path / "hf"), str(tmp_path / "ck"), str(tmp_path / "back")
+    hf.save_hf(model, NEOX, src)
+    _tiny_tokenizer(src)
+    assert convert_main(["--from", src, "--to", ck]) == 0
+    assert os.path.isfile(os.path.join(ck, "model_config.json")) and os.path.isdir(os.path.join(ck, "params"))
+    restored, cfg = checkpoint.load_params(ck)
+    assert cfg == NEOX
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param), nnx.state(restored, nnx.Param))
+    assert convert_main(["--from", ck, "--to", back]) == 0
+    again, cfg2 = hf.load_hf(back)
+    assert cfg2 == NEOX
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param), nnx.state(again, nnx.Param))
+    tok = hf.load_tokenizer(back)
+    assert tok.encode("w1 w2 w3") == hf.load_tokenizer(src).encode("w1 w2 w3") == [4, 5, 6]
+    assert convert_main(["--from", str(tmp_path / "nothing"), "--to", back]) == 2
+
+
+def test_train_checkpoint_layout_and_bf16_export(tmp_path):
+    """A training workdir (checkpoints/<step>/params + model_config items) exports the latest step."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+    mgr = ocp.CheckpointManager(str(tmp_path / "run" / "checkpoints"), options=options)
+    models = {}
+    for step in (3, 7):
+        models[step] = _model(GPT2, seed=step)
+        params = nnx.to_pure_dict(nnx.state(models[step], nnx.Param))
+        mgr.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                               model_config=ocp.args.JsonSave(GPT2.to_dict())))  # fmt: skip
+    mgr.wait_until_finished()
+    mgr.close()
+    out = str(tmp_path / "hf")
+    assert convert_main(["--from", str(tmp_path / "run"), "--to", out, "--dtype", "bfloat16"]) == 0
+    loaded, _ = hf.load_hf(out)
+    want = nnx.state(models[7], nnx.Param)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(x, y, atol=2e-2, rtol=1e-2),
+        want,
+        nnx.state(loaded, nnx.Param),
+    )
+    m3, _ = checkpoint.load_params(str(tmp_path / "run"), step=3)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(models[3], nnx.Param), nnx.state(m3, nnx.Param))
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"
