@@ -145,7 +145,7 @@ class _Checker(html.parser.HTMLParser):
             return
         self.stack.append(tag)
         a = dict(attrs)
-        if tag == "span" and a.get("class") == "tok":
+        if tag == "span" and "tok" in a.get("class", "").split():
             self._in_tok = True
             self.tokens.append("")
             self.titles.append(a["title"])
@@ -172,7 +172,7 @@ def _report(models):
                 "chosen": (sc[i], [toks[t] for t in chosen[i]]),
                 "rejected": (sc[2 + i], [toks[t] for t in rejected[i]]),
             },
-            {"index": i},
+            {"index": i, "error_positions": [1]},
         )
         for i in range(2)
     ]
@@ -203,6 +203,8 @@ def test_html_every_token_once_and_well_formed(models, tmp_path):
     assert "<a&b>" not in text and "&lt;a&amp;b&gt;" in text
     first = report["items"][0]["responses"]["chosen"]
     assert f"reward {first['rewards'][0]:+.4f}" in p.titles[0] and "Q " in p.titles[0]
+    n_chosen = len(first["tokens"])
+    assert "injected error" in p.titles[n_chosen + 1] and "injected error" not in p.titles[1]
 
 
 def test_png_size(models, tmp_path):

@@ -98,6 +98,7 @@ body { font-family: sans-serif; margin: 1.5em; color: #222; }
 .col { flex: 1; min-width: 0; }
 .tokens { font-family: monospace; white-space: pre-wrap; line-height: 1.9; }
 .tok { padding: 1px 0; border-radius: 2px; }
+.err { outline: 2px solid #000; }
 .legend span { display: inline-block; width: 3.2em; text-align: center; font-size: 0.8em; }
 """
 
@@ -106,11 +107,16 @@ def _fmt(x: float) -> str:
     return f"{x:+.4f}"
 
 
-def _tokens_html(r: dict[str, Any], scale: float) -> str:
+def _marked(item: dict[str, Any], name: str) -> set[int]:
+    """Token indices to outline: the injected errors of a rejected response (error-injection task)."""
+    return set(item.get("meta", {}).get("error_positions", [])) if name == "rejected" else set()
+
+
+def _tokens_html(r: dict[str, Any], scale: float, marked: set[int]) -> str:
     spans = []
     for j, (tok, tid, rew) in enumerate(zip(r["tokens"], r["ids"], r["rewards"], strict=True)):
         rgb = diverging_rgb(rew, scale)
-        tip = f"#{j} id {tid} {tok!r}: reward {_fmt(rew)}"
+        tip = f"#{j} id {tid} {tok!r}: reward {_fmt(rew)}" + (" (injected error)" if j in marked else "")
         for k, label in (("logps", "log π"), ("ref_logps", "log π_ref"), ("q", "Q"), ("v", "V")):
             if k in r:
                 tip += f", {label} {_fmt(r[k][j])}"
@@ -142,6 +148,7 @@ def render_html(report: dict[str, Any], title: str = "Per-token implicit rewards
         f"<p>β = {report.get('beta', float('nan'))}. Reward r_t = β(log π − log π_ref) of each token. "
         "Hover a token for its values.</p>",
         f'<p class="legend">{legend}</p>',
+        "<p>Outlined tokens: injected errors (when the data says where they are).</p>",
     ]
     for i, item in enumerate(report["items"]):
         parts.append(f'<div class="item" id="item-{i}">')
@@ -153,7 +160,7 @@ def render_html(report: dict[str, Any], title: str = "Per-token implicit rewards
         for name, r in item["responses"].items():
             total = sum(r["rewards"])
             parts.append(f'<div class="col"><h3>{html.escape(name)} (Σ reward {_fmt(total)})</h3>')
-            parts.append(f'<div class="tokens">{_tokens_html(r, scale)}</div></div>')
+            parts.append(f'<div class="tokens">{_tokens_html(r, scale, _marked(item, name))}</div></div>')
         parts.append("</div></div>")
     parts += ["</body>", "</html>"]
     return "\n".join(parts)
@@ -174,7 +181,8 @@ def png_size_px(n_tokens: int, n_rows: int) -> tuple[int, int]:
 
 
 def write_png(item: dict[str, Any], path: str | Path, scale: float | None = None) -> tuple[int, int]:
-    """Heatmap of one item: a row per response, a cell per token coloured by reward, token text inside."""
+    """Heatmap of one item: a row per response, a cell per token coloured by reward, token text inside
+    (injected errors outlined). Returns the image size (width, height) in pixels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,9 +207,21 @@ def write_png(item: dict[str, Any], path: str | Path, scale: float | None = None
         aspect="auto",
         interpolation="nearest",
     )
-    for i, r in enumerate(rs):
-        for j, tok in enumerate(r["tokens"]):
-            ax.text(j, i, tok if len(tok) <= 6 else tok[:5] + "…", ha="center", va="center", fontsize=8)
+    for i, (name, r) in enumerate(zip(names, rs, strict=True)):
+        marked = _marked(item, name)
+        for j, (tok, rew) in enumerate(zip(r["tokens"], r["rewards"], strict=True)):
+            color = "white" if abs(rew) > 0.6 * scale else "black"  # readable on saturated cells
+            ax.text(
+                j,
+                i,
+                tok if len(tok) <= 6 else tok[:5] + "…",
+                ha="center",
+                va="center",
+                fontsize=8,
+                color=color,
+            )
+            if j in marked:
+                ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, lw=2.5, ec="black"))
     ax.set_yticks(
         range(len(rs)),
         [f"{n}\nΣ {sum(r['rewards']):+.2f}" for n, r in zip(names, rs, strict=True)],
