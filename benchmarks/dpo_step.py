@@ -534,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         "--time-budget", type=float, default=None, help="stop starting cases after this many seconds"
     )
     ap.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<device>.json)")
+    ap.add_argument("--append", action="store_true", help="add to the results already in --out")
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--setup", default=None, help=argparse.SUPPRESS)
@@ -576,6 +577,11 @@ def main(argv: list[str] | None = None) -> int:
         "peak_flops_source": "dpoq_jax.train.metrics.PEAK_FLOPS (dense bf16 datasheet); null on CPU",
         "results": [],
     }
+    if a.append and out.exists():  # keep an earlier run's cases on the same device (gpu_run.sh)
+        old = json.loads(out.read_text())
+        report["results"] = old["results"]
+        report["shapes"] = old["shapes"] | report["shapes"]
+        report["earlier_commands"] = old.get("earlier_commands", []) + [old["command"]]
     start = time.perf_counter()
     for shape, n_pairs in zip(shape_list, pairs_list, strict=True):
         setup = Setup(
