@@ -55,6 +55,27 @@ def response_logps(
     )
 
 
+def pair_logps(
+    graphdef: nnx.GraphDef, rest: Any, params: Any, batch: Batch, chunk_size: int
+) -> tuple[Array, Array]:
+    """Per-token log-probs [P, R] of the chosen and rejected responses of a layout batch."""
+    h, w, b = _hidden_and_unembed(graphdef, params, rest, batch)
+    out = []
+    for side in ("chosen", "rejected"):
+        out.append(
+            response_logps(
+                h,
+                w,
+                b,
+                batch[f"{side}_pred_idx"],
+                batch[f"{side}_targets"],
+                batch[f"{side}_mask"],
+                chunk_size,
+            )
+        )
+    return out[0], out[1]
+
+
 def policy_and_ref_logps(
     graphdef: nnx.GraphDef, rest: Any, params: Any, ref_params: Any | None, batch: Batch, chunk_size: int
 ) -> tuple[Array, Array, Array, Array]:
@@ -63,21 +84,7 @@ def policy_and_ref_logps(
     or per-response `ref_*_sum` [P]."""
 
     def logps(p: Any) -> tuple[Array, Array]:
-        h, w, b = _hidden_and_unembed(graphdef, p, rest, batch)
-        out = []
-        for side in ("chosen", "rejected"):
-            out.append(
-                response_logps(
-                    h,
-                    w,
-                    b,
-                    batch[f"{side}_pred_idx"],
-                    batch[f"{side}_targets"],
-                    batch[f"{side}_mask"],
-                    chunk_size,
-                )
-            )
-        return out[0], out[1]
+        return pair_logps(graphdef, rest, p, batch, chunk_size)
 
     pc, pr = logps(params)
     if ref_params is not None:
