@@ -177,3 +177,10 @@ def test_torch_reference_loss_matches_a_hand_computation():
     h = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
     expected = np.mean(np.log1p(np.exp(-0.5 * h)))
     assert float(loss) == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_failing_case_is_recorded_not_raised_and_device_names_are_file_safe():
+    r = dpo_step.run_one("padded/frozen_fp32/lean", dpo_step.Setup(shape="pythia-99b", pairs=1))
+    assert "pythia-99b" in r["error"] and "traceback" in r
+    assert dpo_step.device_name("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert dpo_step.device_name("cpu") == "cpu"
