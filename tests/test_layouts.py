@@ -188,7 +188,7 @@ def test_gather_flat():
 
 
 def test_layouts_give_same_token_logps_on_a_model():
-    """padded, prefix_shared and packed give the padded layout's per-token log-probs on a tiny model."""
+    """padded, prefix_shared and packed give the padded layout's per-token log-probs and gradients."""
     decoder = pytest.importorskip("dpoq_jax.models.decoder")  # the model part is written separately
     import jax
     import jax.numpy as jnp
@@ -217,26 +217,35 @@ def test_layouts_give_same_token_logps_on_a_model():
     P, R, S = 6, 6, 24
 
     graphdef, state = nnx.split(model)
+    weights = np.random.default_rng(1).normal(size=(2, P, R)).astype(np.float32)  # a DPO-like signed sum
 
     @jax.jit
-    def row_logps(state, tokens, positions, segment_ids, branch_ids):
-        logits = nnx.merge(graphdef, state)(tokens, positions, segment_ids, branch_ids)
-        return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(-1, V)
-
-    def logps(batch):
-        logp = np.asarray(
-            row_logps(state, *(batch[k] for k in ("tokens", "positions", "segment_ids", "branch_ids")))
-        )
-        return {
-            side: logp[batch[f"{side}_pred_idx"], batch[f"{side}_targets"]] * batch[f"{side}_mask"]
-            for side in ("chosen", "rejected")
-        }
-
-    want = logps(preference_batch(pairs, "padded", seq_len=S, response_len=R, num_pairs=P))
-    assert np.all(want["chosen"][:5].sum(-1) < 0)
-    for layout, kw in (("prefix_shared", {}), ("packed", {"num_rows": rows_needed(pairs, S)})):
-        got = logps(preference_batch(pairs, layout, seq_len=S, response_len=R, num_pairs=P, **kw))
-        for side in ("chosen", "rejected"):
-            np.testing.assert_allclose(
-                got[side], want[side], atol=1e-5, rtol=1e-5, err_msg=f"{layout} {side}"
+    def logps_and_grad(state, batch):
+        def f(state):
+            logits = nnx.merge(graphdef, state)(
+                batch["tokens"], batch["positions"], batch["segment_ids"], batch["branch_ids"]
             )
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1).reshape(-1, V)
+            out = jnp.stack(
+                [
+                    logp[batch[f"{side}_pred_idx"], batch[f"{side}_targets"]] * batch[f"{side}_mask"]
+                    for side in ("chosen", "rejected")
+                ]
+            )
+            return jnp.sum(out * weights), out
+
+        (_, out), grad = jax.value_and_grad(f, has_aux=True)(state)
+        return out, grad
+
+    def run(layout, **kw):
+        batch = preference_batch(pairs, layout, seq_len=S, response_len=R, num_pairs=P, **kw)
+        return logps_and_grad(state, {k: jnp.asarray(v) for k, v in batch.items()})
+
+    want, want_grad = run("padded")
+    assert np.all(np.asarray(want)[:, :5].sum(-1) < 0)
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(want_grad))
+    for layout, kw in (("prefix_shared", {}), ("packed", {"num_rows": rows_needed(pairs, S)})):
+        got, grad = run(layout, **kw)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5, err_msg=layout)
+        for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(want_grad), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=f"{layout} gradient")
