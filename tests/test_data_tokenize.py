@@ -102,6 +102,8 @@ def test_identical_after_truncation_and_bos():
         tokenize_pair(_pair("ab=", "0123", "0124"), tok, TokenizeConfig(max_response_tokens=3))
     tp = tokenize_pair(_pair("ab=", "1", "2"), tok, TokenizeConfig(add_bos=True))
     assert tp.prompt_ids[0] == tok.bos_token_id
+    tp = tokenize_pair(_pair("abcdef=", "1", "2"), tok, TokenizeConfig(add_bos=True, max_prompt_tokens=3))
+    assert tok.decode(tp.prompt_ids) == "<bos>f="  # BOS kept, then the prompt's end
     with pytest.raises(DataError, match="prompt has no tokens"):
         tokenize_pair(_pair("", "1", "2"), tok, TokenizeConfig())
 

@@ -6,7 +6,8 @@ the prompt ends in a space and the response starts with a word); we keep the sep
 the prompt must be shared, and count such pairs in `TokenizeStats.boundary_mismatches` (the model
 then sees a tokenization of the same text that it would rarely produce itself).
 
-Truncation, limits in tokens: the prompt keeps its END (the last `max_prompt_tokens`), a response
+Truncation, limits in tokens: the prompt keeps its END (the last `max_prompt_tokens`, after the BOS
+that `add_bos` puts first and that truncation keeps), a response
 keeps its START (the first `max_response_tokens - 1` tokens, then EOS, so EOS counts in the limit).
 With `truncate_prompt=False` (or `truncate_responses=False`) an over-long example is a DataError
 (kind "prompt_too_long" / "response_too_long") that the ErrorPolicy fails on or skips.
@@ -74,18 +75,20 @@ def _where(meta: dict[str, Any]) -> dict[str, Any]:
 def _prompt_ids(
     tok: Tokenizer, raw_ids: list[int], cfg: TokenizeConfig, meta: dict, stats: TokenizeStats
 ) -> list[int]:
-    ids = raw_ids
+    head: list[int] = []
     if cfg.add_bos:
         bos = getattr(tok, "bos_token_id", None)
         if bos is None:
             raise ValueError("add_bos=True but the tokenizer has no bos_token_id")
-        ids = [bos] + ids
-    if len(ids) > cfg.max_prompt_tokens:
+        head = [bos]
+    ids, limit = raw_ids, cfg.max_prompt_tokens - len(head)
+    if len(ids) > limit:
         if not cfg.truncate_prompt:
-            raise DataError(f"prompt has {len(ids)} tokens > max_prompt_tokens={cfg.max_prompt_tokens}",
-                            kind="prompt_too_long", key="prompt", **_where(meta))
-        ids = ids[len(ids) - cfg.max_prompt_tokens :]  # keep the end: the part next to the response
+            raise DataError(f"prompt has {len(head) + len(ids)} tokens > max_prompt_tokens="
+                            f"{cfg.max_prompt_tokens}", kind="prompt_too_long", key="prompt", **_where(meta))
+        ids = ids[len(ids) - limit :] if limit > 0 else []  # keep the end: the part next to the response
         stats.prompt_truncated += 1
+    ids = head + ids
     if not ids:
         raise DataError("prompt has no tokens (set add_bos or give a prompt)", kind="empty_prompt",
                         key="prompt", **_where(meta))
