@@ -173,15 +173,16 @@ class Attention(nnx.Module):
 
 
 def _attend(q: Array, k: Array, v: Array, mask: Array | None, implementation: str) -> Array:
-    """mask None = plain causal (cuDNN's fused causal kernel applies); otherwise an explicit boolean mask,
-    which the cuDNN kernel of jax.nn.dot_product_attention does not take in the general form we need."""
+    """mask None = plain causal: on GPU in 16-bit, "auto" takes cuDNN's fused causal kernel (it never
+    computes the masked half). A boolean mask turns into a dense additive bias in cuDNN, so "auto"
+    keeps XLA for masked layouts; attention="cudnn" forces cuDNN for them too."""
+    impl = implementation
+    if impl == "auto":
+        gpu = jax.default_backend() == "gpu"
+        impl = "cudnn" if mask is None and gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
     if mask is None:
-        impl = implementation
-        if impl == "auto":
-            gpu = jax.default_backend() == "gpu"
-            impl = "cudnn" if gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
 def _activation(name: str, x: Array) -> Array:
