@@ -40,7 +40,7 @@ def iter_json_lines(path: str | os.PathLike, policy: ErrorPolicy) -> Iterator[tu
             try:
                 yield lineno, json.loads(text)
             except json.JSONDecodeError as e:
-                policy.handle(DataError(f"malformed JSON: {e.msg} at column {e.colno}",
+                policy.handle(DataError(f"malformed JSON: {e.msg} (column {e.colno})",
                                         kind="malformed_json", file=path, line=lineno))
 
 

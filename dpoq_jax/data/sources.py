@@ -63,7 +63,6 @@ def load_examples(cfg: Mapping[str, Any], kind: str = "preference"
         if data_dir is None:
             raise ValueError("data source 'tldr' needs data_dir (where the tfds build is written)")
         out = tldr.load_tldr(path, data_dir, split, kind=kind, on_error=policy.on_error, policy=policy)
-        policy.n_ok = len(out)
     else:
         from dpoq_jax.data import synthetic
 

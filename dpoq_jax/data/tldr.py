@@ -198,4 +198,6 @@ def load_tldr(manual_dir: str | os.PathLike, data_dir: str | os.PathLike, split:
             out.append(PreferenceExample(r["prompt"], r["chosen"], r["rejected"], meta))
         else:
             out.append(SFTExample(r["prompt"], r["completion"], meta))
+    if policy is not None:
+        policy.n_ok = len(out)
     return out
