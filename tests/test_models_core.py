@@ -164,6 +164,46 @@ def test_config_round_trip(cfg):
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
 
 
+def test_config_from_old_style_hf_configs():
+    """config.json files written before transformers 5 (Pythia, Llama 3.2, Qwen2.5 on the Hub)."""
+    pythia = {"model_type": "gpt_neox", "hidden_size": 2560, "num_attention_heads": 32,
+              "num_hidden_layers": 32, "intermediate_size": 10240, "vocab_size": 50304, "rotary_pct": 0.25,
+              "rotary_emb_base": 10000,
+              "use_parallel_residual": True, "tie_word_embeddings": False, "layer_norm_eps": 1e-5,
+              "hidden_act": "gelu", "max_position_embeddings": 2048, "eos_token_id": 0}  # fmt: skip
+    c = config_from_hf(pythia)
+    assert (c.family, c.head_dim, c.rotary_dim, c.parallel_residual, c.qkv_bias) == (
+        "gpt_neox",
+        80,
+        20,
+        True,
+        True,
+    )
+    llama32 = {"model_type": "llama", "hidden_size": 2048, "num_attention_heads": 32,
+               "num_key_value_heads": 8, "num_hidden_layers": 16, "intermediate_size": 8192,
+               "vocab_size": 128256, "head_dim": 64,
+               "rope_theta": 500000.0, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+               "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+               "eos_token_id": [128001, 128008, 128009]}  # fmt: skip
+    c = config_from_hf(llama32)
+    assert (c.rope_type, c.rope_theta, c.num_kv_heads, c.rotary_dim, c.eos_token_id) == (
+        "llama3",
+        500000.0,
+        8,
+        64,
+        (128001, 128008, 128009),
+    )
+    assert dict(c.rope_scaling)["factor"] == 32.0 and c.tie_word_embeddings
+    qwen = {"model_type": "qwen2", "hidden_size": 896, "num_attention_heads": 14, "num_key_value_heads": 2,
+            "num_hidden_layers": 24, "intermediate_size": 4864, "vocab_size": 151936, "rope_theta": 1000000.0,
+            "use_sliding_window": False, "sliding_window": 32768, "tie_word_embeddings": True}  # fmt: skip
+    c = config_from_hf(qwen)
+    assert (c.qkv_bias, c.out_bias, c.head_dim, c.rope_theta) == (True, False, 64, 1000000.0)
+    with pytest.raises(ValueError, match="sliding-window"):
+        config_from_hf({**qwen, "use_sliding_window": True})
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
         config_from_hf({**config_to_hf(LLAMA), "rope_parameters": {"rope_type": "yarn", "factor": 2.0}})

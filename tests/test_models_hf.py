@@ -249,3 +249,17 @@ def test_clear_errors(torch_models, tmp_path):
         hf.load_hf(str(bad))
     with pytest.raises(FileNotFoundError, match="no config.json"):
         hf.load_hf(str(tmp_path))
+
+
+def test_sharded_safetensors_directory(torch_models, tmp_path):
+    """A checkpoint split over several files with an index loads like the single file."""
+    m, d = torch_models["gpt2"]
+    m.save_pretrained(str(tmp_path), max_shard_size="20KB")
+    assert os.path.isfile(tmp_path / "model.safetensors.index.json")
+    assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 2
+    sharded, _ = hf.load_hf(str(tmp_path))
+    single, _ = hf.load_hf(d)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(single, nnx.Param), nnx.state(sharded, nnx.Param))
+    os.remove(tmp_path / sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[0])
+    with pytest.raises(FileNotFoundError, match="model.safetensors.index.json: lists files that are missing"):
+        hf.load_hf(str(tmp_path))

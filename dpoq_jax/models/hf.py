@@ -57,7 +57,15 @@ class SafetensorsDir:
 
     def __init__(self, path: str):
         self.path = path
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.isfile(index):  # sharded checkpoint: only the files the index names
+            with open(index) as fh:
+                files = sorted(set(json.load(fh)["weight_map"].values()))
+            absent = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+            if absent:
+                raise FileNotFoundError(f"{index}: lists files that are missing: {absent}")
+        else:
+            files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
             raise FileNotFoundError(f"{path}: no *.safetensors files (PyTorch .bin checkpoints are not read)")
         self.where: dict[str, tuple[str, dict[str, Any], int]] = {}
