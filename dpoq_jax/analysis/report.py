@@ -231,6 +231,10 @@ def write_png(item: dict[str, Any], path: str | Path, scale: float | None = None
     ax.set_xlabel("response token", fontsize=8)
     cax = fig.add_axes(((LEFT_PX + CELL_PX * n_tok + 4) / w, 40 / h, 6 / w, ROW_PX * len(rs) / h))
     fig.colorbar(im, cax=cax).ax.tick_params(labelsize=6)
+    prompt = " ".join(item.get("prompt", "").split())  # one line: newlines would overflow the margin
+    max_chars = max(10, (w - LEFT_PX) // 6)
+    title = prompt if len(prompt) <= max_chars else prompt[: max_chars - 1] + "…"
+    fig.text(LEFT_PX / w, 1 - 6 / h, title, va="top", ha="left", fontsize=8, family="monospace")
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return w, h

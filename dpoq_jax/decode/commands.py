@@ -30,12 +30,13 @@ def load_model(path: str, dtype: str | None = None) -> Any:
     from dpoq_jax.models.config import ModelConfig
 
     kw: dict[str, Any] = {} if dtype is None else {"dtype": jax.numpy.dtype(dtype)}
-    if os.path.isfile(os.path.join(path, "config.json")):
+    is_workdir = os.path.isdir(os.path.join(path, "checkpoints"))  # a run workdir also has a config.json
+    if not is_workdir and os.path.isfile(os.path.join(path, "config.json")):
         model, _ = hf.load_hf(path, **kw)
         return model
     from dpoq_jax.train.checkpoint import RunCheckpoints
 
-    ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    ckpt_dir = os.path.join(path, "checkpoints") if is_workdir else path
     if not os.path.isdir(ckpt_dir):
         raise FileNotFoundError(f"--model {path}: not a directory")
     ckpts = RunCheckpoints(os.path.abspath(ckpt_dir), every_steps=1, keep=1, async_save=False)
