@@ -513,6 +513,25 @@ def max_response_tokens(task: Any) -> int:
     return int(getattr(task, "max_len", getattr(task, "max_digits", 32))) + 1
 
 
+def heldout_prompts(
+    config: str, overrides: Sequence[str], task: str, n: int, seed: int
+) -> tuple[list[list[int]], int]:
+    """(prompt ids, generation limit) of n held-out prompts: the synthetic task's test split for the
+    default configs (never seen in training), else the DPO config's held-out split (e.g. TL;DR)."""
+    if config == default_config(task):
+        t = make_task(task, seed=seed)
+        pairs = t.preference_examples(n, split="test")
+        return [t.tokenizer.encode(p.prompt) for p in pairs], max_response_tokens(t)
+    from dpoq_jax.train.config import load_config
+    from dpoq_jax.train.inputs import load_dataset
+
+    cfg = load_config(stage_config(config, "dpo"), list(overrides))
+    data = load_dataset(cfg)
+    if not data.eval:
+        raise ValueError(f"config {config!r}: no held-out split (data.eval_path / data.eval_split)")
+    return [list(p.prompt_ids) for p in data.eval[:n]], int(cfg.data.response_len)
+
+
 def strip_eos(ids: Sequence[int], eos_id: int) -> list[int]:
     ids = [int(t) for t in ids]
     return ids[: ids.index(eos_id)] if eos_id in ids else ids
@@ -603,7 +622,8 @@ def train_run(
 ) -> Path:
     """One SFT or DPO run through dpoq_jax.train.loop.train; returns its workdir.
 
-    init_from: a finished run's workdir to start from (policy and frozen reference); None = random init.
+    init_from: a finished run's workdir to start from (policy and frozen reference); None = the SFT
+    stage's own starting point (random init for the synthetic configs, the base model at scale).
     A workdir holding a finished run with exactly these settings is reused (so scripts and the demo
     share runs); one holding different settings is removed first, so the loop never resumes a stranger.
     """
@@ -613,7 +633,7 @@ def train_run(
     from dpoq_jax.train.config import load_config
     from dpoq_jax.train.loop import train
 
-    workdir = Path(workdir)
+    workdir = Path(workdir).resolve()  # orbax wants absolute checkpoint paths
     ov = [f"--config.stage={stage}", f"--config.seed={seed}", f"--config.train.num_steps={steps}"]
     ov.append(f"--config.data.task_kwargs.seed={seed}")  # the task's data seed follows --seed too
     ov += ["--config.train.progress_bar=False", "--config.checkpoint.async_save=False"]
@@ -625,8 +645,11 @@ def train_run(
         ov.append(f"--config.train.eval_every={eval_every}")
     if init_from is not None:
         ov += ["--config.model.init=checkpoint", f"--config.model.path={init_from}"]
-    else:
-        ov.append("--config.model.init=random")
+    elif stage == "dpo":  # no SFT: start from what the SFT stage starts from (random init, or a base model)
+        sft = load_config(stage_config(config, "sft"))
+        ov.append(f"--config.model.init={sft.model.init}")
+        if sft.model.path:
+            ov.append(f"--config.model.path={sft.model.path}")
     ov += list(overrides)
     spec = stage_config(config, stage)
     settings = {"config": spec, "overrides": ov}

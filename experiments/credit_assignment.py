@@ -45,6 +45,41 @@ def score_table_rows(
     return [name, s["top1"], s["auroc_pooled"], s["auroc_mean_per_response"]]
 
 
+BLAME_COLUMNS = (
+    "argmin −1",
+    "argmin on error",
+    "argmin +1",
+    "argmin +2",
+    "argmin ≥ +3",
+    "r before first error",
+    "r on errors",
+    "r after first error",
+)
+
+
+def blame_profile(rewards: Sequence[np.ndarray], errors: Sequence[Sequence[int]]) -> dict[str, float]:
+    """Where the lowest reward falls relative to the injected tokens, and mean rewards by region.
+
+    offset: argmin index minus the nearest injected index (0 = on an error, +1 = the token after);
+    regions: tokens before the first error (their states are shared with the chosen response),
+    injected tokens, and correct tokens after the first error (states only rejected responses reach).
+    """
+    offsets, before, on, after = [], [], [], []
+    for r, e in zip(rewards, errors, strict=True):
+        r = np.asarray(r, np.float64)
+        a = int(np.argmin(r))
+        offsets.append(min((a - x for x in e), key=abs))
+        first, err = min(e), set(e)
+        before += list(r[:first])
+        on += [r[i] for i in e]
+        after += [r[i] for i in range(first + 1, len(r)) if i not in err]
+    off = np.array(offsets)
+    mean = lambda xs: float(np.mean(xs)) if xs else float("nan")  # noqa: E731
+    values = [np.mean(off == -1), np.mean(off == 0), np.mean(off == 1), np.mean(off == 2), np.mean(off >= 3)]
+    values += [mean(before), mean(on), mean(after)]
+    return dict(zip(BLAME_COLUMNS, (float(v) for v in values), strict=True))
+
+
 def heatmap_figure(rows: list[dict], title: str) -> common.Figure:
     """Per-token implicit rewards of a few pairs: chosen and rejected lines, injected tokens boxed."""
     import matplotlib
@@ -119,7 +154,7 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
     chosen = [t.chosen_ids for t in tokenized]
     rng = np.random.default_rng(args.seed)
     baselines: dict[str, list[object]] = {}
-    beta_rows, per_beta = [], {}
+    beta_rows, blame_rows, per_beta = [], [], {}
     for beta in scale["betas"]:
         common.log(f"{NAME}: DPO β={beta} ({scale['dpo_steps']} steps)")
         dpo_dir = common.train_run(
@@ -144,6 +179,7 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
         dpo = score_table_rows("DPO implicit reward (−r_t)", [s.rewards for s in s_rej], errors)
         policy_alone = score_table_rows("policy alone (−log π)", [s.logps for s in s_rej], errors)
         beta_rows.append([beta, acc, dpo[1], dpo[2], policy_alone[1], policy_alone[2]])
+        blame_rows.append([beta, *blame_profile([s.rewards for s in s_rej], errors).values()])
         per_beta[beta] = dict(
             r_rej=[s.rewards for s in s_rej],
             r_cho=[s.rewards for s in s_cho],
@@ -189,6 +225,14 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
             beta_rows,
         ),
         beta_figure([[r[0], r[1], r[2], r[3]] for r in beta_rows], baselines),
+    )
+    report.add(
+        "Where the blame goes",
+        "For the DPO implicit reward of the rejected responses, per β: where the lowest-reward token sits "
+        "relative to the nearest injected token (fractions of responses), and the mean implicit reward of "
+        "tokens before the first error (states shared with the chosen response), of the injected tokens, "
+        "and of the correct tokens after the first error (states that only rejected responses reach).",
+        common.Table(["β", *BLAME_COLUMNS], blame_rows),
     )
     rows = []
     for i in range(min(args.heatmap_pairs, len(eval_pairs))):

@@ -85,8 +85,6 @@ def section54_check(policy, ref, prompts: list[list[int]], beta: float, max_new:
 
 def run(args: argparse.Namespace, scale: dict) -> common.Report:
     """Train (or reuse finished runs of the same settings in args.workdir), check, build the report."""
-    task = common.make_task(args.task, seed=args.seed)
-    tok = task.tokenizer
     workdir = Path(args.workdir)
     beta = scale["beta"]
     sft_responses = "chosen"  # (a): the reference is fine-tuned on the chosen responses
@@ -104,7 +102,7 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
     # same β there is reused rather than trained again.
     run_dirs = {}
     for name, init, sub in (
-        ("sft_ref", sft_dir, f"dpo_beta{beta}"),
+        ("sft_ref", sft_dir, f"dpo_beta{beta}_sft_chosen"),
         ("no_sft_ref", None, f"dpo_beta{beta}_random"),
     ):
         common.log(f"{NAME}: DPO run {RUN_LABELS[name]} ({scale['dpo_steps']} steps, β={beta})")
@@ -131,9 +129,10 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
             + [last["rewards/accuracies"]]
         )
 
-    check_rows, pairs = [], task.preference_examples(scale["n_check"], split="test")
-    prompts = [tok.encode(p.prompt) for p in pairs]
-    max_new = common.max_response_tokens(task)
+    check_rows = []
+    prompts, max_new = common.heldout_prompts(
+        args.config, args.overrides, args.task, scale["n_check"], args.seed
+    )
     for name, d in run_dirs.items():
         common.log(f"{NAME}: §5.4 check for {RUN_LABELS[name]}")
         ref = common.load_model(sft_dir) if name == "sft_ref" else common.load_model(d, which="initial")
@@ -151,13 +150,16 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
             ]
         )
 
+    data_name = args.task if args.config == common.default_config(args.task) else args.config
     report = common.Report(
         "Experiment 3: implicit rewards during DPO training",
         intro=(
             "Paper §5.4 (PAPER.md §5): E_{a~π_ref}[β log π/π_ref] = −β KL(π_ref‖π) ≤ 0, so when the "
             "reference was fine-tuned on the chosen responses (they are then samples of π_ref), their "
             "implicit reward is expected to fall during DPO while the margin grows; without that SFT "
-            f"there is no such trend. Task: {args.task}; β = {beta}; curves on held-out pairs."
+            f"there is no such trend. Data: {data_name}; "
+            f"β = {beta}; curves on held-out pairs. Run (b) starts from the SFT stage's own initialisation "
+            "(random here; the base model at scale)."
         ),
     )
     report.add(
@@ -197,6 +199,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser, NAME, default_config=common.default_config(args0.task), workdir_name=args0.task
     )
     args, rest = parser.parse_known_args(argv)
+    if args.task != "error_injection" and args.results == str(common.RESULTS_DIR / f"{NAME}.md"):
+        args.results = str(common.RESULTS_DIR / f"{NAME}_{args.task}.md")
     args.overrides = common.synthetic_overrides(args.task, args.config) + common.check_overrides(rest)
     args.command = common.command_line(f"experiments.{NAME}", argv)
     return args

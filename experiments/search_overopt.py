@@ -27,7 +27,7 @@ from experiments import common  # noqa: E402
 
 NAME = "search_overopt"
 SCALES = {
-    "full": dict(sft_steps=600, dpo_steps=400, betas=(0.1, 0.3, 1.0), beams=(1, 2, 5, 10, 20), n_prompts=256),
+    "full": dict(sft_steps=400, dpo_steps=300, betas=(0.1, 0.3, 1.0), beams=(1, 2, 5, 10, 20), n_prompts=256),
     "quick": dict(sft_steps=150, dpo_steps=100, betas=(0.3,), beams=(1, 2, 5), n_prompts=64),
 }
 

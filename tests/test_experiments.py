@@ -142,3 +142,15 @@ def test_dense_optimal_values_match_enumeration() -> None:
     assert implicit.sum() == pytest.approx(task.gold_score(prompt, y) - v0, rel=1e-10)
     with pytest.raises(ValueError, match="not a letter"):
         common.dense_shaping(task, prompt, [syn.DIGIT0, syn.EOS_ID], V)
+
+
+def test_blame_profile() -> None:
+    from experiments.credit_assignment import blame_profile
+
+    rewards = [np.array([0.0, -1.0, -3.0, -0.5]), np.array([-2.0, 0.0, 0.0])]
+    errors = [[1], [0, 2]]
+    b = blame_profile(rewards, errors)
+    assert b["argmin +1"] == 0.5 and b["argmin on error"] == 0.5
+    assert b["r before first error"] == 0.0  # only response 0 has tokens before its first error
+    assert b["r on errors"] == pytest.approx((-1.0 - 2.0 + 0.0) / 3)
+    assert b["r after first error"] == pytest.approx((-3.0 - 0.5 + 0.0) / 3)
