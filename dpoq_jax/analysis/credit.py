@@ -19,7 +19,14 @@ import numpy as np
 from flax import nnx
 
 from dpoq_jax import tokenq
-from dpoq_jax.decode.core import DecodeModel, check_same_vocab, forward_logits, model_vocab_size, pack_prompts
+from dpoq_jax.decode.core import (
+    DecodeModel,
+    as_dtype,
+    check_same_vocab,
+    forward_logits,
+    model_vocab_size,
+    pack_prompts,
+)
 
 Array = jax.Array
 
@@ -110,7 +117,7 @@ def score_responses(
     *,
     with_qv: bool = False,
     pad_id: int = 0,
-    cache_dtype: Any = jnp.float32,
+    cache_dtype: Any = None,
     names: Sequence[str] | None = None,
 ) -> list[TokenScores]:
     """Per-token rewards (and Q, V) of each (prompt, response) pair, one uncached pass per model.
@@ -137,7 +144,7 @@ def score_responses(
     graphdef, state = nnx.split(policy)
     rgraphdef, rstate = nnx.split(reference)
     vals = _row_values_jit(
-        graphdef, state, rgraphdef, rstate, jnp.asarray(rows), jnp.float32(beta), jnp.dtype(cache_dtype)
+        graphdef, state, rgraphdef, rstate, jnp.asarray(rows), jnp.float32(beta), as_dtype(cache_dtype)
     )
     vals = {k: np.asarray(v) for k, v in vals.items()}
     out = []

@@ -26,6 +26,7 @@ from flax import nnx
 from dpoq_jax.decode.core import (
     DecodeModel,
     Generation,
+    as_dtype,
     cache_batch_axes,
     check_same_vocab,
     log_softmax32,
@@ -45,7 +46,7 @@ class BeamConfig:
     length_penalty: float = 0.0  # alpha in score / length**alpha; 0 = none
     eos_id: int = 2
     pad_id: int = 0
-    cache_dtype: str = "float32"
+    cache_dtype: str | None = None  # None: the model's compute dtype
 
     def __post_init__(self):
         if self.num_beams < 1:
@@ -74,7 +75,7 @@ def _beam_core(
     B, P = ids_BP.shape
     K, R = cfg.num_beams, cfg.max_new_tokens
     T, N = P + R, B * K
-    dtype = jnp.dtype(cfg.cache_dtype)
+    dtype = as_dtype(cfg.cache_dtype)
 
     seq_BKT = jnp.full((B, K, T), cfg.pad_id, jnp.int32).at[:, :, :P].set(ids_BP[:, None, :])
     pos = jnp.broadcast_to(jnp.arange(prefill_len, dtype=jnp.int32), (N, prefill_len))
@@ -189,7 +190,7 @@ def _run(
 ) -> tuple[dict[str, np.ndarray], Any]:
     prompts_ = pack_prompts(prompts, cfg.pad_id, model_vocab_size(model))
     graphdef, state = nnx.split(model)
-    dtype = jnp.dtype(cfg.cache_dtype)
+    dtype = as_dtype(cfg.cache_dtype)
     axes = cache_batch_axes(model, dtype)
     if ref is not None:
         ref_graphdef, ref_state = nnx.split(ref)

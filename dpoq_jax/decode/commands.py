@@ -137,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the model's)")
-    p.add_argument("--cache-dtype", default="float32")
+    p.add_argument("--cache-dtype", default=None, help="KV cache dtype (default: the model's compute dtype)")
     p.add_argument("--eos-id", type=int, default=None, help="default: the tokenizer's eos_token_id")
     p.add_argument("--out", required=True, help="output .jsonl")
     return p

@@ -67,7 +67,12 @@ def pack_prompts(prompts: Sequence[Sequence[int]], pad_id: int = 0, vocab_size: 
     return Prompts(ids, np.asarray(lens, np.int32))
 
 
-def cache_batch_axes(model: DecodeModel, dtype: Any = jnp.float32) -> tuple[int | None, ...]:
+def as_dtype(x: Any) -> Any:
+    """None stays None (the model picks its own cache dtype); anything else becomes a jnp.dtype."""
+    return None if x is None else jnp.dtype(x)
+
+
+def cache_batch_axes(model: DecodeModel, dtype: Any = None) -> tuple[int | None, ...]:
     """For each cache leaf (flatten order), the axis that indexes the batch, or None.
 
     Found by comparing the abstract caches of batch 1 and batch 2, so any cache layout works
@@ -99,7 +104,7 @@ def split(model: nnx.Module) -> tuple[Any, Any]:
     return nnx.split(model)
 
 
-def forward_logits(model: DecodeModel, tokens_BT: Array, cache_dtype: Any = jnp.float32) -> Array:
+def forward_logits(model: DecodeModel, tokens_BT: Array, cache_dtype: Any = None) -> Array:
     """Uncached scoring: one prefill call over whole (right-padded) sequences -> logits [B, T, V].
 
     Right padding is safe here: attention is causal, so padding after a token never changes it.
@@ -163,7 +168,7 @@ def response_index(lens_B: Array, R: int) -> Array:
     return lens_B[:, None] + jnp.arange(R, dtype=jnp.int32)[None, :]
 
 
-def sequence_logps(model: DecodeModel, tokens_BT: Array, cache_dtype: Any = jnp.float32) -> tuple[Array, int]:
+def sequence_logps(model: DecodeModel, tokens_BT: Array, cache_dtype: Any = None) -> tuple[Array, int]:
     """log p(tokens[:, t] | tokens[:, :t]) for t >= 1 (column 0 is 0), uncached; also the logits' V."""
     logits_BTV = forward_logits(model, tokens_BT, cache_dtype)
     lp_BTV = log_softmax32(logits_BTV[:, :-1])
@@ -181,12 +186,10 @@ def _score_rows(graphdef: Any, state: Any, tokens_BT: Array, cache_dtype: Any) -
 _score_rows_jit = jax.jit(_score_rows, static_argnums=(0, 3))
 
 
-def score_rows(
-    model: DecodeModel, tokens_BT: np.ndarray, cache_dtype: Any = jnp.float32
-) -> tuple[np.ndarray, int]:
+def score_rows(model: DecodeModel, tokens_BT: np.ndarray, cache_dtype: Any = None) -> tuple[np.ndarray, int]:
     """Jitted uncached per-token log-probs of whole rows -> (logps [B, T] numpy, vocabulary size)."""
     graphdef, state = nnx.split(model)
-    lp, V = _score_rows_jit(graphdef, state, jnp.asarray(tokens_BT, jnp.int32), jnp.dtype(cache_dtype))
+    lp, V = _score_rows_jit(graphdef, state, jnp.asarray(tokens_BT, jnp.int32), as_dtype(cache_dtype))
     return np.asarray(lp), int(V)
 
 
@@ -215,7 +218,7 @@ def reference_scores(
     beta: float,
     pad_id: int,
     policy_V: int,
-    cache_dtype: Any = jnp.float32,
+    cache_dtype: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Score generated responses (any leading dims [B, ...]) with the reference, uncached.
 

@@ -19,6 +19,7 @@ from flax import nnx
 from dpoq_jax.decode.core import (
     DecodeModel,
     Generation,
+    as_dtype,
     log_softmax32,
     model_vocab_size,
     pack_prompts,
@@ -39,7 +40,7 @@ class SampleConfig:
     top_p: float = 1.0
     eos_id: int = 2
     pad_id: int = 0
-    cache_dtype: str = "float32"
+    cache_dtype: str | None = None  # None: the model's compute dtype
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -79,7 +80,7 @@ def _sample_core(
     R = cfg.max_new_tokens
     T = P + R
     seq_BT = jnp.full((B, T), cfg.pad_id, jnp.int32).at[:, :P].set(ids_BP)
-    cache = model.init_cache(B, T, jnp.dtype(cfg.cache_dtype))
+    cache = model.init_cache(B, T, as_dtype(cfg.cache_dtype))
     pos = jnp.broadcast_to(jnp.arange(prefill_len, dtype=jnp.int32), (B, prefill_len))
     logits_BTV, cache = model.decode(seq_BT[:, :prefill_len], pos, cache)
     gen_BT = jnp.zeros((B, T), bool)
