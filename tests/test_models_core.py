@@ -143,19 +143,23 @@ def test_remat_policies_same_gradients():
                      grads[policy])  # fmt: skip
 
 
+@nnx.jit
+def _logits_hidden(model, tokens, positions):
+    return model(tokens, positions), model(tokens, positions, return_hidden=True), model.unembedding()[0]
+
+
 def test_dtype_policy_and_unembedding():
-    model = _model(LLAMA, dtype=jnp.bfloat16)
-    f32 = _model(LLAMA)
     tokens = jnp.asarray(np.random.RandomState(1).randint(0, V, (2, 8)))
     pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
-    logits = model(tokens, pos)
-    hidden = model(tokens, pos, return_hidden=True)
-    assert logits.dtype == jnp.float32 and hidden.dtype == jnp.bfloat16
+    model = _model(LLAMA, dtype=jnp.bfloat16)
+    logits, hidden, w16 = _logits_hidden(model, tokens, pos)
+    assert logits.dtype == jnp.float32 and hidden.dtype == jnp.bfloat16 and w16.dtype == jnp.bfloat16
     assert model.embed[...].dtype == jnp.float32  # parameters stay float32
-    np.testing.assert_allclose(logits, f32(tokens, pos), atol=0.15)
-    w, b = f32.unembedding()
-    assert b is None and w.shape == (32, V)
-    np.testing.assert_allclose(f32(tokens, pos, return_hidden=True) @ w, f32(tokens, pos), atol=1e-5)
+    f32 = _model(LLAMA)
+    logits32, hidden32, w = _logits_hidden(f32, tokens, pos)
+    np.testing.assert_allclose(logits, logits32, atol=0.15)
+    assert f32.unembedding()[1] is None and w.shape == (32, V)
+    np.testing.assert_allclose(hidden32 @ w, logits32, atol=1e-5)
 
 
 @pytest.mark.parametrize("cfg", [LLAMA, GPT2, NEOX, QWEN], ids=["llama", "gpt2", "neox", "qwen2"])
