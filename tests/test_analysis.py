@@ -41,7 +41,7 @@ def test_score_responses_against_table(models):
     beta = 0.3
     prompts = [[1, 2], [3], [4, 4, 5]]
     responses = [[5, 1, 2], [0], [3, 3, 3, 3, 2]]
-    out = score_responses(pol, ref, prompts, responses, beta, with_qv=True)
+    out = score_responses(pol, ref, prompts, responses, beta, with_qv=True, batch_size=2)  # 2 chunks, padded
     for p, r, s in zip(prompts, responses, out, strict=True):
         lp, q, v = np_values(pol, p, r, beta)
         rlp, _, _ = np_values(ref, p, r, beta)

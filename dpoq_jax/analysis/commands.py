@@ -63,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to each response")
     p.add_argument("--dtype", default=None)
     p.add_argument("--max-png", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=32, help="responses scored at a time")
     p.add_argument("--out-dir", required=True)
     return p
 
@@ -101,6 +102,7 @@ def score_main(argv: list[str]) -> int:
         with_qv=args.with_qv,
         pad_id=tok.pad_token_id or 0,
         names=names,
+        batch_size=args.batch_size,
     )
     items: list[dict[str, Any]] = [
         {"prompt": r["prompt"], "meta": r.get("meta", {}), "responses": {}} for r in recs

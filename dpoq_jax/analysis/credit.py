@@ -119,10 +119,12 @@ def score_responses(
     pad_id: int = 0,
     cache_dtype: Any = None,
     names: Sequence[str] | None = None,
+    batch_size: int = 32,
 ) -> list[TokenScores]:
     """Per-token rewards (and Q, V) of each (prompt, response) pair, one uncached pass per model.
 
-    `names` (one per pair, e.g. "pairs.jsonl line 3 rejected") is used in error messages.
+    `names` (one per pair, e.g. "pairs.jsonl line 3 rejected") is used in error messages;
+    `batch_size` rows go through the models at a time.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -143,10 +145,18 @@ def score_responses(
         rows[n, len(p) : len(p) + len(r)] = r
     graphdef, state = nnx.split(policy)
     rgraphdef, rstate = nnx.split(reference)
-    vals = _row_values_jit(
-        graphdef, state, rgraphdef, rstate, jnp.asarray(rows), jnp.float32(beta), as_dtype(cache_dtype)
-    )
-    vals = {k: np.asarray(v) for k, v in vals.items()}
+    # Fixed-size chunks (the last one padded with copies) keep one compiled shape and bound the
+    # [batch, T, V] float32 logits in memory.
+    N, bs = rows.shape[0], min(batch_size, rows.shape[0])
+    chunks = []
+    for s in range(0, N, bs):
+        chunk = rows[s : s + bs]
+        chunk = np.concatenate([chunk, np.repeat(chunk[:1], bs - len(chunk), axis=0)])
+        v = _row_values_jit(
+            graphdef, state, rgraphdef, rstate, jnp.asarray(chunk), jnp.float32(beta), as_dtype(cache_dtype)
+        )
+        chunks.append({k: np.asarray(x) for k, x in v.items()})
+    vals = {k: np.concatenate([c[k] for c in chunks])[:N] for k in chunks[0]}
     out = []
     for n, (p, r) in enumerate(zip(prompts, responses, strict=True)):
         sl = slice(len(p), len(p) + len(r))
