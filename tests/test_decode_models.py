@@ -227,3 +227,15 @@ def test_generate_and_score_commands(decoders, tmp_path):
                 str(tmp_path / "rep2"),
             ]
         )
+
+
+def test_cli_dispatch_and_model_errors(tmp_path, capsys):
+    from dpoq_jax import cli
+    from dpoq_jax.decode.commands import load_model
+
+    for name in ("generate", "score"):
+        with pytest.raises(SystemExit) as e:
+            cli.main([name, "--help"])
+        assert e.value.code == 0 and f"dpoq {name}" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="neither a Hugging Face directory"):
+        load_model(str(tmp_path))
