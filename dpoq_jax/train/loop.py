@@ -273,6 +273,7 @@ def train(
         log.info("resuming from %s at step %d", ckpts.directory, latest)
     else:
         state, loader_state = run.new_state(), LoaderState()
+        writer.truncate_after(0)  # lines of an earlier attempt that died before its first checkpoint
         if is_main:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(cfg.to_json(indent=2))
