@@ -211,3 +211,23 @@ def test_png_size(models, tmp_path):
     report = _report(models)
     w, h = rep.write_png(report["items"][1], tmp_path / "r.png")
     assert rep.png_shape(tmp_path / "r.png") == (w, h) == (110 + 44 * 4 + 60, 56 * 2 + 70)
+
+
+def test_error_injection_credit_end_to_end():
+    from dpoq_jax.analysis.metrics import error_injection_credit
+    from dpoq_jax.data.synthetic import ErrorInjectionTask
+
+    task = ErrorInjectionTask(seed=3)
+    tok = task.tokenizer
+    exs = task.preference_examples(6, "validation")
+    pol, ref = TabularLM.random(tok.vocab_size, seed=2), TabularLM.random(tok.vocab_size, seed=3)
+    got = error_injection_credit(pol, ref, exs, tok, beta=0.2)
+    prompts = [tok.encode(e.prompt) for e in exs]
+    rejected = [tok.encode(e.rejected) + [tok.eos_token_id] for e in exs]
+    rewards = [s.rewards for s in score_responses(pol, ref, prompts, rejected, 0.2)]
+    want = credit_assignment_score(rewards, [e.meta["error_positions"] for e in exs])
+    assert got["n_responses"] == 6 and got["top1"] == want["top1"]
+    assert got["auroc_pooled"] == pytest.approx(want["auroc_pooled"])
+    # the gold judge agrees with the injected positions the metric uses
+    for e, r in zip(exs, rejected, strict=True):
+        assert list(np.flatnonzero(task.gold_token_rewards(e.prompt, r) < 0)) == e.meta["error_positions"]
