@@ -209,15 +209,10 @@ class MLP(nnx.Module):
         return y if b is None else y + b[...].astype(self.dtype)
 
     def __call__(self, x: Array) -> Array:
-        h = _activation(
-            self.activation,
-            self._dense(
-                x,
-                self.w_gate if self.w_gate is not None else self.w_up,
-                self.b_gate if self.w_gate is not None else self.b_up,
-            ),
-        )
-        if self.w_gate is not None:
+        if self.w_gate is None:  # act(x W_up) W_down
+            h = _activation(self.activation, self._dense(x, self.w_up, self.b_up))
+        else:  # SwiGLU: (act(x W_gate) * x W_up) W_down
+            h = _activation(self.activation, self._dense(x, self.w_gate, self.b_gate))
             h = h * self._dense(x, self.w_up, self.b_up)
         return self._dense(h, self.w_down, self.b_down)
 

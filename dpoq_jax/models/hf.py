@@ -332,14 +332,12 @@ def load_hf(
         raw = st.get(name)
         try:
             arr = fn(raw)
-        except ValueError as e:
+        except ValueError:  # a reshape that cannot fit: same report as a wrong final shape
             arr = None
-            err = e
         if arr is None or arr.shape != abstract.shape:
             raise ValueError(
                 f"{st.file_of(name)}: tensor {name!r} has shape {tuple(raw.shape)}, which does not fit "
                 f"parameter {'/'.join(map(str, key))} of shape {abstract.shape} for this config.json"
-                + (f" ({err})" if arr is None else "")
             )
         values.append(_place(arr, abstract.dtype, sharding))
     if missing:
