@@ -456,7 +456,7 @@ def markdown_table(report: dict[str, Any]) -> str:
     """One row per case: speed, ratio to the torch step, MFU, peak memory, first-steps loss."""
     head = (
         "| shape | step | pairs/s | tokens/s | × torch | MFU computed | MFU padded-eq. "
-        "| peak memory | loss |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"
+        "| peak memory | process RSS | loss |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     torch_pps = {
@@ -468,13 +468,16 @@ def markdown_table(report: dict[str, Any]) -> str:
     for r in report["results"]:
         if "pairs_per_s" not in r:
             why = r.get("skipped") or r.get("error", "")
-            lines.append(f"| {r['shape']} | {r['case']} | {why.splitlines()[0][:80] if why else '–'} |||||||")
+            lines.append(
+                f"| {r['shape']} | {r['case']} | {why.splitlines()[0][:80] if why else '–'} ||||||||"
+            )
             continue
         ratio = r["pairs_per_s"] / torch_pps[r["shape"]] if r["shape"] in torch_pps else None
         lines.append(
             f"| {r['shape']} | {r['case']} | {r['pairs_per_s']:.3g} | {r['tokens_per_s']:.4g} | "
             f"{'–' if ratio is None else f'{ratio:.2f}'} | {pct(r['mfu'])} | {pct(r['mfu_padded_equiv'])} | "
-            f"{_fmt_bytes(r['peak_memory_bytes'])} | {r['loss']:.4f} |"
+            f"{_fmt_bytes(r['peak_memory_bytes'])} | {_fmt_bytes(r['memory'].get('process_peak_rss_bytes'))} "
+            f"| {r['loss']:.4f} |"
         )
     return "\n".join(lines)
 
