@@ -250,7 +250,7 @@ def add_precomputed_reference(np_batch, params, graphdef, rest, setup: Setup) ->
 
     from dpoq_jax.train import step as step_lib
 
-    fn = jax.jit(lambda p, b: step_lib.policy_and_ref_logps(graphdef, rest, p, p, b, setup.chunk_size)[:2])
+    fn = jax.jit(lambda p, b: step_lib.pair_logps(graphdef, rest, p, b, setup.chunk_size))
     rc, rr = fn(params, {k: jax.numpy.asarray(v) for k, v in np_batch.items()})
     np_batch["ref_chosen_logps"] = np.asarray(rc, np.float32)
     np_batch["ref_rejected_logps"] = np.asarray(rr, np.float32)

@@ -87,7 +87,7 @@ def test_every_layout_gives_padded_logps_loss_and_gradients():
     optimizer = optax.sgd(1.0)  # new params = params - gradient
     loss_fn = step_lib.make_dpo_loss(graphdef, rest, losses.LossConfig(beta=0.5), chunk_size=16)
     train_step = jax.jit(step_lib.make_train_step(loss_fn, optimizer, optax.constant_schedule(1.0)))
-    logps_fn = jax.jit(lambda p, b: step_lib.policy_and_ref_logps(graphdef, rest, p, p, b, 16)[:2])
+    logps_fn = jax.jit(lambda p, b: step_lib.pair_logps(graphdef, rest, p, b, 16))
 
     pairs = _small_pairs()
     results = {}
