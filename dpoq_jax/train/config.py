@@ -182,6 +182,7 @@ def base_config() -> mc.ConfigDict:
     c.model.config = mc.ConfigDict()  # ModelConfig fields for init="random"
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"  # compute dtype
+    c.model.remat = ""  # "" keeps the model config's; "none" | "full" | "dots" (recompute blocks in backward)
     c.model.hf_export = True  # write WORKDIR/hf at the end (models.hf.save_hf)
 
     c.reference = mc.ConfigDict()
@@ -283,7 +284,7 @@ def synthetic_config(task: str, stage: str, sft_workdir: str = "") -> mc.ConfigD
     c.stage = stage
     c.data.source = "synthetic"
     c.data.task = task
-    c.data.num_examples = 2048
+    c.data.num_examples = 8192
     c.data.num_eval = 256
     c.data.seq_len = 32
     c.data.response_len = 12
@@ -302,14 +303,14 @@ def synthetic_config(task: str, stage: str, sft_workdir: str = "") -> mc.ConfigD
         c.optim.warmup_steps = 20
         c.optim.schedule = "cosine"
         c.optim.end_factor = 0.1
-        c.train.num_steps = 300
-        c.train.eval_every = 100
+        c.train.num_steps = 800
+        c.train.eval_every = 200
     else:
         c.model.init = "checkpoint"
         c.model.path = sft_workdir
         c.loss.beta = 0.1
         c.optim.lr = 1e-3
         c.optim.warmup_steps = 10
-        c.train.num_steps = 150
+        c.train.num_steps = 200
         c.train.eval_every = 50
     return c

@@ -66,25 +66,26 @@ def model_source(cfg: Any, mesh: Any, rules: Any) -> ModelSource:
     from dpoq_jax.models.decoder import Decoder
 
     kw = dict(param_dtype=_dtype(cfg.model.param_dtype), dtype=_dtype(cfg.model.dtype))
+    over = {"remat": cfg.model.remat} if cfg.model.remat else {}  # rematerialisation policy of the blocks
     if cfg.model.init == "random":
-        mcfg = ModelConfig.from_dict(cfg.model.config.to_dict())
+        mcfg = ModelConfig.from_dict({**cfg.model.config.to_dict(), **over})
         return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(cfg.seed), **kw), mcfg, None)
     if cfg.model.init == "hf":
         from dpoq_jax.models import hf
 
         def load_hf_params(abstract, shardings):
             del abstract, shardings  # load_hf places each tensor in its sharding from the same rules
-            model, _ = hf.load_hf(cfg.model.path, mesh=mesh, rules=rules, **kw)
+            model, _ = hf.load_hf(cfg.model.path, mesh=mesh, rules=rules, **kw, **over)
             return split_model(model)[1]
 
-        mcfg = hf.config_from_hf(hf.read_hf_config(os.path.join(cfg.model.path, "config.json")))
+        mcfg = hf.config_from_hf(hf.read_hf_config(os.path.join(cfg.model.path, "config.json")), **over)
         return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), **kw), mcfg, load_hf_params)
     # a previous run's workdir (e.g. the SFT stage): its newest checkpoint's params and model config
     ckpts = RunCheckpoints(os.path.join(cfg.model.path, CHECKPOINT_SUBDIR), every_steps=1, keep=1)
     step = ckpts.latest_step()
     if step is None:
         raise ValueError(f"config key 'model.path': no complete checkpoint in {cfg.model.path!r}")
-    mcfg = ModelConfig.from_dict(ckpts.read_json(step, "model_config"))
+    mcfg = ModelConfig.from_dict({**ckpts.read_json(step, "model_config"), **over})
 
     def load_ckpt_params(abstract, shardings):
         return ckpts.restore_params(step, abstract, shardings, dtype=_dtype(cfg.model.param_dtype))

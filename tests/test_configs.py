@@ -1,0 +1,122 @@
+"""Run configs: every file in experiments/configs loads; overrides are typed; errors name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dpoq_jax.train.commands import train_main
+from dpoq_jax.train.config import ConfigError, apply_override, base_config, load_config, load_config_file
+
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+FILES = sorted(p.name for p in CONFIGS.glob("*.py"))
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_every_config_loads_locked_and_documents_its_launch(name):
+    path = CONFIGS / name
+    assert f"--config experiments/configs/{name}" in path.read_text()  # launch command in the docstring
+    cfg = load_config_file(str(path))
+    assert cfg.is_locked and cfg.stage in ("sft", "dpo")
+    assert set(cfg.keys()) == set(base_config().keys())  # no config invents its own top-level keys
+    with pytest.raises(AttributeError):
+        cfg.new_key = 1
+
+
+def test_paper_setting():
+    c = load_config_file(str(CONFIGS / "tldr_pythia2p8b_dpo.py"))
+    assert (c.loss.beta, c.optim.lr, c.optim.warmup_steps, c.train.batch_size, c.optim.clip_norm) == (
+        0.1,
+        5e-7,
+        150,
+        32,
+        10.0,
+    )
+    assert c.optim.name == "rmsprop"
+    assert load_config_file(str(CONFIGS / "tldr_pythia2p8b_dpo.py") + ":1gpu").train.micro_batches == 8
+    with pytest.raises(ValueError, match="unknown variant 'tpu9'"):
+        load_config_file(str(CONFIGS / "tldr_pythia2p8b_dpo.py") + ":tpu9")
+
+
+def test_typed_overrides():
+    spec = str(CONFIGS / "error_injection_sft.py")
+    c = load_config(
+        spec,
+        [
+            "--config.optim.lr=1e-4",
+            "--config.train.num_steps",
+            "7",
+            "--config.train.progress_bar=false",
+            "--config.sharding.rules=[['embed', 'fsdp']]",
+            "--config.optim.clip_norm=3",
+        ],
+    )
+    assert (c.optim.lr, c.train.num_steps, c.train.progress_bar, c.optim.clip_norm) == (1e-4, 7, False, 3.0)
+    assert isinstance(c.optim.clip_norm, float)
+    assert c.sharding.rules == (["embed", "fsdp"],)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["--config.optim.learning_rate=1"],
+            r"unknown config key 'optim.learning_rate' .*no 'learning_rate' in optim",
+        ),
+        (["--config.nope.x=1"], r"unknown config key 'nope.x'"),
+        (["--config.train.batch_size=big"], r"config key 'train.batch_size' expects int, got 'big'"),
+        (["--config.optim.lr=fast"], r"config key 'optim.lr' expects float, got 'fast'"),
+        (["--config.train.progress_bar=maybe"], r"config key 'train.progress_bar' expects bool"),
+        (["--config.optim=1"], r"config key 'optim' is a group"),
+        (["--config.stage=rlhf"], r"config key 'stage' must be one of"),
+        (
+            ["--config.train.micro_batches=5"],
+            r"'train.batch_size' \(32\) must be divisible by 'train.micro_batches'",
+        ),
+        (
+            ["--config.data.source=jsonl", "--config.data.path=/no/such/file.jsonl"],
+            r"config key 'data.path': path '/no/such/file.jsonl' does not exist",
+        ),
+        (["--config.data.source=jsonl"], r"config key 'data.path' is required for data.source='jsonl'"),
+        (["--config.model.init=hf"], r"config key 'model.path' is required when model.init='hf'"),
+        (
+            ["--config.model.init=hf", "--config.model.path=/no/model"],
+            r"'model.path': path '/no/model' does not exist",
+        ),
+        (["--lr=1"], r"unexpected argument '--lr=1'"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(CONFIGS / "error_injection_sft.py"), overrides)
+
+
+def test_missing_sft_workdir_and_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="model.path.*error_injection_sft.*does not exist"):
+        load_config(
+            str(CONFIGS / "error_injection_dpo.py"), ["--config.model.path=/tmp/none/error_injection_sft"]
+        )
+    with pytest.raises(ConfigError, match="config file '/no/cfg.py' does not exist"):
+        load_config("/no/cfg.py")
+    bad = tmp_path / "bad.py"
+    bad.write_text("x = 1\n")
+    with pytest.raises(ConfigError, match="has no get_config"):
+        load_config(str(bad))
+    c = base_config()
+    c.lock()
+    with pytest.raises(ConfigError, match="unknown config key 'model.widht'"):
+        apply_override(c, "model.widht", "3")
+
+
+def test_cli_reports_config_errors(capsys):
+    with pytest.raises(SystemExit, match="config error: unknown config key 'train.steps'"):
+        train_main(
+            [
+                "--config",
+                str(CONFIGS / "error_injection_sft.py"),
+                "--workdir",
+                "/tmp/x",
+                "--config.train.steps=3",
+            ]
+        )
