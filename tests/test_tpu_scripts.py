@@ -56,7 +56,7 @@ def test_launch_runs_the_config_on_all_workers():
         "--config",
         "experiments/configs/tldr_pythia2p8b_dpo.py",
         "--workdir",
-        "gs://b/run",
+        "/mnt/bucket/run",
         "--config.optim.lr=1e-6",
     )
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"] and "--worker=all" in ssh
@@ -68,7 +68,7 @@ def test_launch_runs_the_config_on_all_workers():
         "--config",
         "experiments/configs/tldr_pythia2p8b_dpo.py",
         "--workdir",
-        "gs://b/run",
+        "/mnt/bucket/run",
         "--config.optim.lr=1e-6",
     ]
 

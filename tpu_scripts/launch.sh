@@ -22,7 +22,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ -n "${CONFIG}" ]] || die "--config is required"
-[[ -n "${WORKDIR}" ]] || die "--workdir is required (a gs:// path or a disk shared by all workers)"
+[[ -n "${WORKDIR}" ]] || die "--workdir is required (a directory shared by all workers, e.g. a gcsfuse mount)"
 gcloud_flags
 
 train=(dpoq train --config "${CONFIG}" --workdir "${WORKDIR}" "${OVERRIDES[@]+"${OVERRIDES[@]}"}")
