@@ -290,6 +290,10 @@ def synthetic_config(task: str, stage: str, sft_workdir: str = "") -> mc.ConfigD
     c.data.response_len = 12
     c.data.max_prompt_tokens = 16
     c.data.sft_responses = "chosen" if task == "error_injection" else "all"
+    if task == "dense_reward":
+        c.data.on_error = "skip"  # two reference samples can coincide: such pairs carry no preference
+        c.data.response_len = 34  # up to 32 letters + EOS: no truncated responses
+        c.data.seq_len = 40
     c.model.config = mc.ConfigDict(TINY_LLAMA)
     c.optim.name = "adamw"
     c.optim.clip_norm = 10.0

@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +18,8 @@ from dpoq_jax.data.errors import ErrorPolicy
 from dpoq_jax.data.examples import PreferenceExample, SFTExample, TokenizedPair
 from dpoq_jax.data.sources import load_examples, load_tokenizer
 from dpoq_jax.data.tokenize import TokenizeConfig, tokenize_all
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -100,6 +103,7 @@ def load_dataset(cfg: Any) -> Dataset:
         items, tstats = tokenize_all(raw, tok, tcfg, policy)
         out[split] = items
         stats[split] = {"read": policy.summary(), "tokenize": tstats.summary()}
+        log.info("%s: %d examples (%s; %s)", split, len(items), policy.log_summary(split), tstats.summary())
     if not out["train"]:
         raise ValueError(
             f"no training examples from data.source={cfg.data.source!r} (data.path={cfg.data.path!r})"
