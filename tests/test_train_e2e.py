@@ -163,3 +163,26 @@ def test_sft_then_dpo_error_injection_accuracy(tmp_path):
     assert evals[-1]["step"] == 150
     assert evals[-1]["rewards/accuracies"] > 0.9, out[-2000:]
     assert (dpo / "hf" / "config.json").exists()
+
+
+def test_hf_export_starts_a_dpo_run(tmp_path):
+    """SFT exports WORKDIR/hf; DPO with model.init=hf starts from it (policy == reference: loss log 2)."""
+    finish(
+        dpoq_train("error_injection_sft.py", tmp_path / "sft", *TINY, "--config.train.num_steps=3", devices=1)
+    )
+    finish(
+        dpoq_train(
+            "error_injection_dpo.py",
+            tmp_path / "dpo",
+            *TINY,
+            "--config.model.init=hf",
+            f"--config.model.path={tmp_path / 'sft' / 'hf'}",
+            "--config.train.num_steps=1",
+            "--config.model.hf_export=false",
+            devices=1,
+        )
+    )
+    (first,) = read_metrics(str(tmp_path / "dpo"), "train")
+    np.testing.assert_allclose(first["loss"], np.log(2.0), rtol=1e-6)
+    assert first["rewards/margins"] == 0.0
+    assert not (tmp_path / "dpo" / "hf").exists()
