@@ -458,19 +458,34 @@ def synthetic_overrides(task: str, config: str) -> list[str]:
 
 
 def stage_config(config: str, stage: str) -> str:
-    """The config spec of one stage: PREFIX_<stage>.py if it exists, else FILE.py:<stage>
-    (a config file whose get_config(arg) takes the stage), else FILE[:arg] as given."""
-    for base in (Path(config), REPO_ROOT / config):
-        candidate = Path(f"{base}_{stage}.py")
+    """The config spec of one stage: PREFIX_<stage>.py[:arg] if it exists (config = PREFIX[:arg]),
+    else FILE.py:<stage> (one file whose get_config(arg) takes the stage)."""
+    base, _, arg = config.partition(":")
+    for root in (Path(base), REPO_ROOT / base):
+        candidate = Path(f"{root}_{stage}.py")
         if candidate.exists():
-            return str(candidate)
-    if config.endswith(".py") and Path(config).exists():
-        return f"{config}:{stage}"
-    if ":" in config and Path(config.split(":")[0]).exists():
-        return config
-    raise FileNotFoundError(
-        f"--config {config!r}: neither {config}_{stage}.py nor a config file {config!r} exists"
-    )
+            return f"{candidate}:{arg}" if arg else str(candidate)
+    if base.endswith(".py") and Path(base).exists() and not arg:
+        return f"{base}:{stage}"
+    raise FileNotFoundError(f"--config {config!r}: no {base}_{stage}.py and no config file {base!r}")
+
+
+def at_scale(args: Any, task: str) -> bool:
+    """True when the user named their own configs: their step counts and eval cadence are kept."""
+    return args.config != default_config(task)
+
+
+def require_synthetic(config: str, overrides: Sequence[str], task: str, experiment: str) -> None:
+    """Experiments that need a gold judge or known error positions run on the synthetic task only."""
+    from dpoq_jax.train.config import load_config
+
+    cfg = load_config(stage_config(config, "dpo"), list(overrides))
+    if cfg.data.source != "synthetic" or cfg.data.task != task:
+        raise SystemExit(
+            f"{experiment} needs the synthetic {task!r} task (its gold judge / known answers); config "
+            f"{config!r} trains on data.source={cfg.data.source!r}. At scale see docs/experiments.md "
+            "(dpoq train + dpoq score / dpoq generate)."
+        )
 
 
 def add_common_args(parser: Any, name: str, *, default_config: str, workdir_name: str) -> None:
@@ -550,9 +565,12 @@ def _pad_rows(
 
 
 def response_logits(
-    model: Any, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], batch: int = 128
+    model: Any, prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], max_floats: float = 2e8
 ) -> list[np.ndarray]:
-    """Logits [R_i, V] of the states that predict each response token (for exact per-state sums)."""
+    """Logits [R_i, V] of the states that predict each response token (for exact per-state sums).
+
+    Batches hold at most `max_floats` logits (B·T·V), so a 50k vocabulary stays within memory.
+    """
     import jax
     from flax import nnx
 
@@ -564,6 +582,9 @@ def response_logits(
     def f(state, rows):
         return forward_logits(nnx.merge(graphdef, state), rows)
 
+    V = int(model.unembedding()[0].shape[-1])
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    batch = max(1, int(max_floats // (T * V)))
     out: list[np.ndarray] = []
     for s in range(0, len(prompts), batch):
         rows, lens = _pad_rows(prompts[s : s + batch], responses[s : s + batch])
@@ -612,7 +633,7 @@ def train_run(
     stage: str,
     workdir: Path | str,
     *,
-    steps: int,
+    steps: int | None,
     seed: int,
     beta: float | None = None,
     init_from: Path | str | None = None,
@@ -634,8 +655,12 @@ def train_run(
     from dpoq_jax.train.loop import train
 
     workdir = Path(workdir).resolve()  # orbax wants absolute checkpoint paths
-    ov = [f"--config.stage={stage}", f"--config.seed={seed}", f"--config.train.num_steps={steps}"]
-    ov.append(f"--config.data.task_kwargs.seed={seed}")  # the task's data seed follows --seed too
+    ov = [f"--config.stage={stage}", f"--config.seed={seed}"]
+    if steps is not None:  # None: the config's own num_steps (e.g. one epoch at scale)
+        ov.append(f"--config.train.num_steps={steps}")
+    base = load_config(stage_config(config, stage), list(overrides))
+    if base.data.source == "synthetic":
+        ov.append(f"--config.data.task_kwargs.seed={seed}")  # the task's data seed follows --seed too
     ov += ["--config.train.progress_bar=False", "--config.checkpoint.async_save=False"]
     if beta is not None:
         ov.append(f"--config.loss.beta={beta}")
@@ -643,23 +668,34 @@ def train_run(
         ov.append(f"--config.data.sft_responses={sft_responses}")
     if eval_every is not None:
         ov.append(f"--config.train.eval_every={eval_every}")
+    ov += list(overrides)  # the user's; the starting point below is the experiment's, so it comes last
     if init_from is not None:
         ov += ["--config.model.init=checkpoint", f"--config.model.path={init_from}"]
     elif stage == "dpo":  # no SFT: start from what the SFT stage starts from (random init, or a base model)
-        sft = load_config(stage_config(config, "sft"))
+        sft = load_config(stage_config(config, "sft"), list(overrides))
         ov.append(f"--config.model.init={sft.model.init}")
         if sft.model.path:
             ov.append(f"--config.model.path={sft.model.path}")
-    ov += list(overrides)
     spec = stage_config(config, stage)
-    settings = {"config": spec, "overrides": ov}
+    cfg = load_config(spec, ov)
+    # The resolved config, not just its file name: a config file edited since is a different run.
+    settings = {"config": spec, "overrides": ov, "resolved": json.loads(cfg.to_json())}
+    if init_from is not None:  # a retrained starting run makes this one stale too
+        init_marker = Path(init_from) / "experiment_run.json"
+        settings["init_from"] = json.loads(init_marker.read_text()) if init_marker.exists() else None
     marker = workdir / "experiment_run.json"
     if marker.exists() and json.loads(marker.read_text()) == settings:
         log(f"  reusing finished run {workdir}")
         return workdir
     if workdir.exists():
+        old = json.loads(marker.read_text()) if marker.exists() else None
+        if old is None:
+            why = "unfinished run"
+        else:
+            changed = sorted(_diff_keys(old.get("resolved", {}), settings["resolved"]))
+            why = f"settings changed: {', '.join(changed) or 'overrides'}"
+        log(f"  replacing {workdir}: {why}")
         shutil.rmtree(workdir)
-    cfg = load_config(spec, ov)
     t0 = dt.datetime.now()
     metrics = train(cfg, str(workdir))
     secs = (dt.datetime.now() - t0).total_seconds()
@@ -667,6 +703,16 @@ def train_run(
     log(f"  {stage} run done in {secs:.0f}s: " + ", ".join(f"{k} {float(v):.4f}" for k, v in shown.items()))
     marker.write_text(json.dumps(settings, indent=1))
     return workdir
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return [prefix or "<root>"] if a != b else []
+    out = []
+    for k in sorted(set(a) | set(b)):
+        out += _diff_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+    return out
 
 
 def load_model(workdir: Path | str, which: str = "policy") -> Any:

@@ -133,6 +133,7 @@ def beta_figure(rows: list[list[object]], baselines: dict[str, list[object]]) ->
 
 def run(args: argparse.Namespace, scale: dict) -> common.Report:
     """Train, score, and build the report (also used by `dpoq demo`)."""
+    common.require_synthetic(args.config, args.overrides, "error_injection", NAME)
     task = common.make_task("error_injection", seed=args.seed)
     tok = task.tokenizer
     workdir = Path(args.workdir)
@@ -143,6 +144,7 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
         workdir / "sft_chosen",
         steps=scale["sft_steps"],
         seed=args.seed,
+        sft_responses="chosen",
         overrides=args.overrides,
     )
     ref = common.load_model(sft_dir)

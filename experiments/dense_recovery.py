@@ -77,6 +77,7 @@ def scatter_figure(learned: np.ndarray, target: np.ndarray, beta: float) -> comm
 
 
 def run(args: argparse.Namespace, scale: dict) -> common.Report:
+    common.require_synthetic(args.config, args.overrides, "dense_reward", NAME)
     task = common.make_task("dense_reward", seed=args.seed)
     tok = task.tokenizer
     workdir = Path(args.workdir)

@@ -86,6 +86,8 @@ def section54_check(policy, ref, prompts: list[list[int]], beta: float, max_new:
 def run(args: argparse.Namespace, scale: dict) -> common.Report:
     """Train (or reuse finished runs of the same settings in args.workdir), check, build the report."""
     workdir = Path(args.workdir)
+    if common.at_scale(args, args.task):  # the user's configs keep their own steps and eval cadence
+        scale = dict(scale, sft_steps=None, dpo_steps=None, eval_every=None)
     beta = scale["beta"]
     sft_responses = "chosen"  # (a): the reference is fine-tuned on the chosen responses
     common.log(f"{NAME}: SFT reference on chosen responses ({scale['sft_steps']} steps)")
