@@ -475,11 +475,19 @@ def at_scale(args: Any, task: str) -> bool:
     return args.config != default_config(task)
 
 
+def peek_config(config: str, stage: str, overrides: Sequence[str] = ()) -> Any:
+    """A stage's config with the overrides applied but not validated (paths may not exist yet)."""
+    from dpoq_jax.train.config import apply_override, load_config_file, parse_overrides
+
+    cfg = load_config_file(stage_config(config, stage))
+    for key, value in parse_overrides(list(overrides)):
+        apply_override(cfg, key, value)
+    return cfg
+
+
 def require_synthetic(config: str, overrides: Sequence[str], task: str, experiment: str) -> None:
     """Experiments that need a gold judge or known error positions run on the synthetic task only."""
-    from dpoq_jax.train.config import load_config
-
-    cfg = load_config(stage_config(config, "dpo"), list(overrides))
+    cfg = peek_config(config, "dpo", overrides)
     if cfg.data.source != "synthetic" or cfg.data.task != task:
         raise SystemExit(
             f"{experiment} needs the synthetic {task!r} task (its gold judge / known answers); config "
@@ -537,10 +545,9 @@ def heldout_prompts(
         t = make_task(task, seed=seed)
         pairs = t.preference_examples(n, split="test")
         return [t.tokenizer.encode(p.prompt) for p in pairs], max_response_tokens(t)
-    from dpoq_jax.train.config import load_config
     from dpoq_jax.train.inputs import load_dataset
 
-    cfg = load_config(stage_config(config, "dpo"), list(overrides))
+    cfg = peek_config(config, "dpo", overrides)
     data = load_dataset(cfg)
     if not data.eval:
         raise ValueError(f"config {config!r}: no held-out split (data.eval_path / data.eval_split)")
@@ -658,8 +665,7 @@ def train_run(
     ov = [f"--config.stage={stage}", f"--config.seed={seed}"]
     if steps is not None:  # None: the config's own num_steps (e.g. one epoch at scale)
         ov.append(f"--config.train.num_steps={steps}")
-    base = load_config(stage_config(config, stage), list(overrides))
-    if base.data.source == "synthetic":
+    if peek_config(config, stage, overrides).data.source == "synthetic":
         ov.append(f"--config.data.task_kwargs.seed={seed}")  # the task's data seed follows --seed too
     ov += ["--config.train.progress_bar=False", "--config.checkpoint.async_save=False"]
     if beta is not None:
@@ -672,7 +678,7 @@ def train_run(
     if init_from is not None:
         ov += ["--config.model.init=checkpoint", f"--config.model.path={init_from}"]
     elif stage == "dpo":  # no SFT: start from what the SFT stage starts from (random init, or a base model)
-        sft = load_config(stage_config(config, "sft"), list(overrides))
+        sft = peek_config(config, "sft", overrides)
         ov.append(f"--config.model.init={sft.model.init}")
         if sft.model.path:
             ov.append(f"--config.model.path={sft.model.path}")

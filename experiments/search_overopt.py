@@ -121,11 +121,13 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
             else:
                 outs = common.beam_search(pol, prompts, num_beams=b, max_new_tokens=max_new)
             gold = np.array([task.gold_score(p.prompt, o) for p, o in zip(pairs, outs, strict=True)])
-            length = float(np.mean([len(common.strip_eos(o, tok.eos_token_id)) for o in outs]))
-            st = win_stats(gold, ref_gold) | {"gold": float(gold.mean()), "length": length}
+            lens = np.array([len(common.strip_eos(o, tok.eos_token_id)) for o in outs])
+            length = float(lens.mean())
+            over = float(np.mean(lens > task.gold_len_limit))  # where the gold reward turns to a penalty
+            st = win_stats(gold, ref_gold) | {"gold": float(gold.mean()), "length": length, "over": over}
             per[label] = st
             rows.append(
-                [beta, label, st["win_rate"], f"[{st['lo']:.3f}, {st['hi']:.3f}]", st["gold"], length]
+                [beta, label, st["win_rate"], f"[{st['lo']:.3f}, {st['hi']:.3f}]", st["gold"], length, over]
             )
             common.log(
                 f"{NAME}: β={beta} {label}: win {st['win_rate']:.3f}, gold {st['gold']:.3f}, len {length:.1f}"
@@ -149,7 +151,18 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
         f"{len(pairs)} held-out prompts; the opponent is the preferred response of the held-out pair "
         f"(mean gold reward {ref_gold.mean():.3f}, mean length {ref_len:.1f} letters). "
         "Win rate counts ties as half; the interval is the 95% Wilson score interval.",
-        common.Table(["β", "decoding", "win rate", "95% CI", "mean gold reward", "mean length"], rows),
+        common.Table(
+            [
+                "β",
+                "decoding",
+                "win rate",
+                "95% CI",
+                "mean gold reward",
+                "mean length",
+                f"share > {task.gold_len_limit} letters",
+            ],
+            rows,
+        ),
         curves_figure(results, scale["beams"], ref_len),
     )
     report.add("What the curve shows", summarise(results, scale["beams"]))
@@ -166,15 +179,19 @@ def summarise(results: dict[float, dict[str, dict]], beams: Sequence[int]) -> st
     """Plain statements read off the numbers (not hand-written claims)."""
     lines = []
     for beta, per in results.items():
-        wr = {b: per[f"beam {b}"]["win_rate"] for b in beams}
-        best = max(wr, key=wr.get)
-        ln = {b: per[f"beam {b}"]["length"] for b in beams}
-        trend = "peaks at" if best not in (beams[0], beams[-1]) else "is best at"
+        st = {b: per[f"beam {b}"] for b in beams}
+        b0, b1 = beams[0], beams[-1]
+        best_wr = max(beams, key=lambda b: st[b]["win_rate"])
+        best_gold = max(beams, key=lambda b: st[b]["gold"])
+        sm = per["sample"]
         lines.append(
-            f"- β={beta}: win rate {trend} {best} beams ({wr[best]:.3f}; 1 beam {wr[beams[0]]:.3f}, "
-            f"{beams[-1]} beams {wr[beams[-1]]:.3f}); "
-            f"length {ln[beams[0]]:.1f} → {ln[beams[-1]]:.1f} letters; "
-            f"sampling {per['sample']['win_rate']:.3f}."
+            f"- β={beta}: win rate {st[b0]['win_rate']:.3f} at {b0} beam(s) → "
+            f"{st[b1]['win_rate']:.3f} at {b1} (highest {st[best_wr]['win_rate']:.3f} at {best_wr}); "
+            f"mean gold reward {st[b0]['gold']:.3f} → "
+            f"{st[b1]['gold']:.3f} (highest at {best_gold}); length {st[b0]['length']:.1f} → "
+            f"{st[b1]['length']:.1f} letters; sampling: win rate {sm['win_rate']:.3f}, "
+            f"gold {sm['gold']:.3f}, "
+            f"length {sm['length']:.1f}, {100 * sm['over']:.0f}% beyond the limit."
         )
     return "\n".join(lines)
 
