@@ -60,7 +60,7 @@ def test_resume_after_crash_is_bitwise_exact(tmp_path):
     assert max(read_metrics(work), key=lambda r: r["step"])["step"] == 4
     resumed = train(cfg, work)
 
-    for a, b in zip(params_np(full["_state"]), params_np(resumed["_state"]), strict=True):
+    for a, b in zip(params_np(full.state), params_np(resumed.state), strict=True):
         np.testing.assert_array_equal(a, b)
     assert rows_without_timing(work) == rows_without_timing(str(tmp_path / "full"))
     rows = read_metrics(work)
@@ -112,6 +112,6 @@ def test_precomputed_reference_equals_frozen(tmp_path):
     cfg.reference.mode = "precomputed"
     cfg.reference.logps_path = out
     pre = train(cfg, str(tmp_path / "pre"))
-    assert pre["_state"].ref_params is None
+    assert pre.state.ref_params is None
     for key in ("loss", "rewards/margins", "token_rewards/chosen_mean", "eval/rewards/accuracies"):
-        np.testing.assert_allclose(pre[key], frozen[key], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(pre.metrics[key], frozen.metrics[key], rtol=1e-5, atol=1e-6)

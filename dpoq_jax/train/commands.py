@@ -65,11 +65,12 @@ def train_main(argv: list[str]) -> int:
     from dpoq_jax.train.loop import NonFiniteError, train
 
     try:
-        last = train(cfg, args.workdir)
+        last = train(cfg, args.workdir).metrics
     except NonFiniteError as e:
         print(f"dpoq train: {e}", file=sys.stderr)
         return 1
-    shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float) and "/" in k or k == "loss"}
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/accuracies")
+    shown = {k: round(last[k], 4) for k in keys if isinstance(last.get(k), float)}
     print(f"done: {args.workdir} {shown}")
     return 0
 

@@ -249,10 +249,14 @@ def evaluate(run: Run, state: TrainState, eval_fn: Callable, make_batch: Callabl
     return {k: (v if keep(k) else v / max(total_w, 1e-12)) for k, v in sums.items()}
 
 
-def train(
-    cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | None = None
-) -> dict[str, float]:
-    """Run (or resume) training; returns the last step's metrics (and the final eval's, prefixed eval/).
+@dataclasses.dataclass
+class TrainResult:
+    metrics: dict[str, float]  # the last step's metrics and the final eval's (prefixed "eval/")
+    state: TrainState  # the final train state (sharded)
+
+
+def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | None = None) -> TrainResult:
+    """Run (or resume) training to cfg.train.num_steps.
 
     batch_hook(step, local_batch) -> local_batch lets tests alter a batch (e.g. inject a NaN)."""
     os.makedirs(workdir, exist_ok=True)
@@ -384,8 +388,7 @@ def train(
             bar.close()
         ckpts.close()
         writer.close()
-    last["_state"] = state  # for tests and tools; not a metric
-    return last
+    return TrainResult(last, state)
 
 
 def _has_final_eval(workdir: str, step: int) -> bool:
