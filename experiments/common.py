@@ -703,7 +703,7 @@ def train_run(
         log(f"  replacing {workdir}: {why}")
         shutil.rmtree(workdir)
     t0 = dt.datetime.now()
-    metrics = train(cfg, str(workdir))
+    metrics = train(cfg, str(workdir)).metrics
     secs = (dt.datetime.now() - t0).total_seconds()
     shown = {k: v for k, v in metrics.items() if k in ("loss", "eval/loss", "eval/rewards/accuracies")}
     log(f"  {stage} run done in {secs:.0f}s: " + ", ".join(f"{k} {float(v):.4f}" for k, v in shown.items()))
