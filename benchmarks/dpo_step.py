@@ -384,6 +384,20 @@ def derive(r: dict[str, Any], setup: Setup, device_kind: str) -> dict[str, Any]:
     return r
 
 
+def merge_rounds(r: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """One case measured again: its step times pooled (the fastest step counts), its largest memory."""
+    if "step_times_s" not in new:
+        return r
+    if "step_times_s" not in r:
+        return new
+    times = r["step_times_s"] + new["step_times_s"]
+    r = dict(r, step_times_s=times, step_s=float(np.min(times)), step_median_s=float(np.median(times)))
+    r["rounds"] = r.get("rounds", 1) + 1
+    for k, v in new.get("memory", {}).items():
+        r["memory"][k] = max(v, r["memory"].get(k, 0))
+    return r
+
+
 def run_isolated(what: str, setup: Setup, timeout_s: float | None) -> dict[str, Any]:
     """Run one case in a fresh Python process; its result comes back as one JSON line."""
     cmd = [
@@ -521,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-torch", action="store_true", help="skip the PyTorch/transformers step")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per case, >= 1 (fastest reported)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+    ap.add_argument("--rounds", type=int, default=1, help="measure every case this often, order alternating")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--lengths", default="tldr", choices=tuple(shapes.LENGTHS), help="pair length distribution"
@@ -564,8 +579,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for c in cases:
         Case.parse(c)
-    if a.steps < 1:
-        ap.error("--steps must be >= 1")
+    if a.steps < 1 or a.rounds < 1:
+        ap.error("--steps and --rounds must be >= 1")
     env = environment()
     kind = env["device_kind"]
     out = pathlib.Path(a.out) if a.out else RESULTS_DIR / f"{device_name(kind)}.json"
@@ -584,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         old = json.loads(out.read_text())
         report["results"] = old["results"]
         report["shapes"] = old["shapes"] | report["shapes"]
-        report["earlier_commands"] = old.get("earlier_commands", []) + [old["command"]]
+        report["earlier_commands"] = old.get("earlier_commands", []) + [f"{old['command']}  ({old['date']})"]
     start = time.perf_counter()
     for shape, n_pairs in zip(shape_list, pairs_list, strict=True):
         setup = Setup(
@@ -592,24 +607,37 @@ def main(argv: list[str] | None = None) -> int:
             packed_row_len=a.packed_row_len, param_dtype=a.param_dtype, compute_dtype=a.compute_dtype,
             remat=a.remat,
         )  # fmt: skip
-        for what in (["torch"] if not a.no_torch else []) + cases:
-            if a.time_budget is not None and time.perf_counter() - start > a.time_budget:
-                report["results"].append({"case": what, "shape": shape, "skipped": "time budget spent"})
-                continue
-            t0 = time.perf_counter()
-            r = run_one(what, setup) if a.no_isolate else run_isolated(what, setup, a.case_timeout)
-            r = derive(r, setup, kind)
-            r["setup"] = dataclasses.asdict(setup)
-            r["wall_s"] = time.perf_counter() - t0
-            report["results"].append(r)
-            msg = (
-                f"{r['pairs_per_s']:.3g} pairs/s"
-                if "pairs_per_s" in r
-                else (r.get("skipped") or r.get("error", ""))[:300]
-            )
-            print(f"[{time.perf_counter() - start:6.0f}s] {shape} {what}: {msg}", flush=True)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(report, indent=1) + "\n")  # after each case: a timeout keeps the rest
+        order = (["torch"] if not a.no_torch else []) + cases
+        first = len(report["results"])
+        for rnd in range(a.rounds):
+            # Alternate the order: on a shared machine the load drifts, and no case should always go last.
+            for i, what in enumerate(order if rnd % 2 == 0 else order[::-1]):
+                slot = first + (i if rnd % 2 == 0 else len(order) - 1 - i)
+                if a.time_budget is not None and time.perf_counter() - start > a.time_budget:
+                    if rnd == 0:
+                        report["results"].append(
+                            {"case": what, "shape": shape, "skipped": "time budget spent"}
+                        )
+                    continue
+                t0 = time.perf_counter()
+                r = run_one(what, setup) if a.no_isolate else run_isolated(what, setup, a.case_timeout)
+                r["setup"] = dataclasses.asdict(setup)
+                r["wall_s"] = time.perf_counter() - t0
+                if rnd == 0:
+                    report["results"].append(derive(r, setup, kind))
+                else:
+                    report["results"][slot] = derive(merge_rounds(report["results"][slot], r), setup, kind)
+                r = report["results"][slot]
+                msg = (
+                    f"{r['pairs_per_s']:.3g} pairs/s"
+                    if "pairs_per_s" in r
+                    else (r.get("skipped") or r.get("error", ""))[:300]
+                )
+                print(f"[{time.perf_counter() - start:6.0f}s] round {rnd} {shape} {what}: {msg}", flush=True)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_text(
+                    json.dumps(report, indent=1) + "\n"
+                )  # after each case: a timeout keeps the rest
     report["environment"]["load_average_1m_at_end"] = os.getloadavg()[0]
     table = markdown_table(report)
     report["markdown"] = table
