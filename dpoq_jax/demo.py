@@ -24,9 +24,11 @@ from pathlib import Path
 # Scales: steps and sizes of each part (the full experiments use larger ones).
 SCALES = {
     "demo": {
-        "credit": dict(sft_steps=300, dpo_steps=200, betas=(0.1,), n_eval=256, eval_every=20),
-        "implicit": dict(sft_steps=300, dpo_steps=200, beta=0.1, eval_every=20, n_check=128),
-        "search": dict(sft_steps=300, dpo_steps=200, betas=(0.3,), beams=(1, 2, 5, 10), n_prompts=256),
+        "credit": dict(sft_steps=500, dpo_steps=300, betas=(0.03, 0.1, 0.3), n_eval=256, eval_every=20),
+        "implicit": dict(sft_steps=500, dpo_steps=300, beta=0.1, eval_every=20, n_check=128),
+        "search": dict(
+            sft_steps=300, dpo_steps=300, betas=(0.1, 1.0), beams=(1, 2, 5, 10, 20), n_prompts=256
+        ),
     },
     "quick": {
         "credit": dict(sft_steps=40, dpo_steps=20, betas=(0.1,), n_eval=32, eval_every=10),
@@ -97,9 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         t0 = time.time()
         common.log(f"[{num}/3] {label}")
         reports.append((num, module.run(a, sc)))
-        timings.append([f"{num}. {label}", round(time.time() - t0, 1)])
+        timings.append([f"{num}. {label}", f"{time.time() - t0:.0f}"])
     total = time.time() - t_start
-    timings.append(["total", round(total, 1)])
+    timings.append(["total", f"{total:.0f}"])
 
     report = common.Report(
         "dpoq demo: your language model is secretly a Q-function",
@@ -112,16 +114,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
     )
     for num, rep in reports:
-        first = True
-        for s in rep.sections:
-            title = f"{num}. {rep.title.split(': ', 1)[-1]}" if first else f"{num}. {s.title}"
-            text = (rep.intro + "\n\n" + s.text) if first else s.text
-            if first:
-                report.add(title, text)
-                report.add(f"{num}. {s.title}", "", *s.items)
-            else:
-                report.add(title, text, *s.items)
-            first = False
+        title = rep.title.split(": ", 1)[-1]
+        report.add(f"{num}. {title[:1].upper()}{title[1:]}", rep.intro)
+        for sec in rep.sections:
+            report.add(f"{num}. {sec.title}", sec.text, *sec.items)
     report.add("Timings (seconds, wall clock, this machine)", "", common.Table(["part", "seconds"], timings))
     report.meta = {"command": command, "seed": str(args.seed), **common.machine_info()}
     paths = report.write(out / "report.md", out / "report.html")

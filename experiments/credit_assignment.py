@@ -226,7 +226,11 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
             ["β", "pref. accuracy", "top-1 (DPO r_t)", "AUROC (DPO r_t)", "top-1 (−log π)", "AUROC (−log π)"],
             beta_rows,
         ),
-        beta_figure([[r[0], r[1], r[2], r[3]] for r in beta_rows], baselines),
+        *(
+            [beta_figure([[r[0], r[1], r[2], r[3]] for r in beta_rows], baselines)]
+            if len(beta_rows) > 1
+            else []
+        ),
     )
     report.add(
         "Where the blame goes",

@@ -22,7 +22,7 @@ def test_demo_quick_writes_report(tmp_path, capsys) -> None:
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     # Self-contained: every image is inline PNG data that decodes to a PNG, nothing is fetched.
     images = re.findall(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'", page)
-    assert len(images) >= 4  # β sweep, heatmap, training curves, beam curves
+    assert len(images) >= 3  # heatmap, training curves, beam curves (the β sweep plot needs 2+ β)
     assert all(base64.b64decode(b)[:8] == b"\x89PNG\r\n\x1a\n" for b in images)
     assert "http://" not in page and "https://" not in page
     for needle in ("top-1 localisation", "reference alone", "uniform random", "§5.4", "win rate", "95% CI"):

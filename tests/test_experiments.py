@@ -154,3 +154,51 @@ def test_blame_profile() -> None:
     assert b["r before first error"] == 0.0  # only response 0 has tokens before its first error
     assert b["r on errors"] == pytest.approx((-1.0 - 2.0 + 0.0) / 3)
     assert b["r after first error"] == pytest.approx((-3.0 - 0.5 + 0.0) / 3)
+
+
+def _tiny_decoder(seed: int):
+    from flax import nnx
+
+    from dpoq_jax.models.config import ModelConfig
+    from dpoq_jax.models.decoder import Decoder
+    from dpoq_jax.train.config import TINY_LLAMA
+
+    cfg = ModelConfig.from_dict(dict(TINY_LLAMA, hidden_size=32, num_layers=1, intermediate_size=64))
+    return Decoder(cfg, rngs=nnx.Rngs(seed))
+
+
+def test_section54_on_tiny_models_and_logit_alignment() -> None:
+    """The glue that feeds §5.4: response_logits picks the states that predict each response token
+    (same log-probs as analysis.credit.score_responses), and the exact per-state expectation from
+    tokenq equals −β KL computed in float64 numpy from those logits."""
+    from dpoq_jax.analysis.credit import score_responses
+
+    policy, ref = _tiny_decoder(0), _tiny_decoder(1)
+    prompts = [[1, 5, 6, 7], [1, 9], [1, 3, 4, 5, 6, 8]]
+    responses = [[10, 11, 2], [12, 2], [13, 14, 15, 16, 2]]
+    beta = 0.5
+    pol = common.response_logits(policy, prompts, responses, max_floats=200)  # forces several batches
+    rl = common.response_logits(ref, prompts, responses)
+    scored = score_responses(policy, ref, prompts, responses, beta)
+    for p_RV, r_RV, resp, sc in zip(pol, rl, responses, scored, strict=True):
+        assert p_RV.shape == (len(resp), 42)
+        lp = np.asarray(tokenq.token_logps(p_RV[None], np.asarray(resp)[None]))[0]
+        np.testing.assert_allclose(lp, sc.logps, rtol=1e-5, atol=1e-5)
+        exact = np.asarray(tokenq.expected_ref_reward(p_RV[None], r_RV[None], beta))[0]
+        np.testing.assert_allclose(exact, -beta * common.kl_ref_policy_np(p_RV, r_RV), rtol=1e-5, atol=1e-6)
+        assert (exact < 0).all()
+
+
+def test_stage_config_and_diff_keys(tmp_path) -> None:
+    assert common.stage_config("experiments/configs/error_injection", "sft").endswith(
+        "error_injection_sft.py"
+    )
+    assert common.stage_config("experiments/configs/error_injection:x", "dpo").endswith(
+        "error_injection_dpo.py:x"
+    )
+    one = tmp_path / "one.py"
+    one.write_text("def get_config(arg=None): ...\n")
+    assert common.stage_config(str(one), "dpo") == f"{one}:dpo"
+    with pytest.raises(FileNotFoundError, match="no nowhere_sft.py"):
+        common.stage_config("nowhere", "sft")
+    assert common._diff_keys({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, "d": 0}) == ["a.c", "d"]
