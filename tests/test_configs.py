@@ -120,3 +120,17 @@ def test_cli_reports_config_errors(capsys):
                 "--config.train.steps=3",
             ]
         )
+
+
+def test_cli_reports_bad_config_file_and_bad_data_without_traceback(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(arg=None):\n    return 1 +\n")
+    with pytest.raises(SystemExit, match=r"config error: config file .*broken.py', line 2: invalid syntax"):
+        train_main(["--config", str(broken), "--workdir", str(tmp_path / "w")])
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    argv = ["--config", str(CONFIGS / "error_injection_dpo.py"), "--workdir", str(tmp_path / "w"),
+            "--config.data.source=jsonl", f"--config.data.path={data}", "--config.model.init=random",
+            f"--config.data.tokenizer_path={tmp_path / 'no_tokenizer'}"]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"dpoq train: error: .*no_tokenizer: tokenizer directory does not"):
+        train_main(argv)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dpoq_jax.data.errors import reports_user_errors
 from dpoq_jax.decode.commands import encode_all, load_model, load_tokenizer, synthetic_records
 
 RESPONSE_KEYS = (("response",), ("chosen", "rejected"))
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@reports_user_errors("dpoq score")
 def score_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from dpoq_jax.analysis import report as rep

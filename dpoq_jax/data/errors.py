@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import collections
+import functools
 import logging
+import os
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -73,3 +76,28 @@ class ErrorPolicy:
         if self.examples:
             log.info("first skipped: %s", " | ".join(self.examples))
         return line
+
+
+# Errors that bad input (files, JSON lines, keys, config values) raises; DataError and ConfigError are
+# ValueErrors, a missing or unreadable file an OSError.
+USER_ERRORS = (ValueError, OSError)
+
+
+def reports_user_errors(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
+    """Decorator for a command's `main(argv) -> int`: a bad-input error ends it with one line on
+    stderr ("PROG: error: message naming file/line/key") and exit status 1 instead of a traceback.
+    DPOQ_TRACEBACK=1 in the environment re-raises, for debugging."""
+
+    def wrap(main: Callable[..., int]) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(*args: Any, **kwargs: Any) -> int:
+            try:
+                return main(*args, **kwargs)
+            except USER_ERRORS as e:
+                if os.environ.get("DPOQ_TRACEBACK"):
+                    raise
+                raise SystemExit(f"{prog}: error: {e}") from None
+
+        return run
+
+    return wrap

@@ -61,7 +61,11 @@ def load_hf_tokenizer(path: str | os.PathLike) -> Any:
 
     if not os.path.isdir(path):
         raise DataError("tokenizer directory does not exist", kind="missing_file", file=str(path))
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:  # no/unreadable tokenizer files: name the directory
+        msg = f"no usable tokenizer ({type(e).__name__}: {e})"
+        raise DataError(msg, kind="bad_tokenizer", file=str(path)) from e
 
 
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from dpoq_jax.data.errors import reports_user_errors
+
 
 def load_model(path: str, dtype: str | None = None) -> Any:
     """Decoder from a Hugging Face directory or a run workdir / its checkpoints directory."""
@@ -143,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+@reports_user_errors("dpoq generate")
 def generate_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from dpoq_jax.decode.beam import BeamConfig, beam_search

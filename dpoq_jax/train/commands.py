@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from dpoq_jax.data.errors import reports_user_errors
+
 USAGE_CONFIG = "FILE[:arg]: a Python file with get_config(arg=None); --config.key=value overrides follow"
 
 
@@ -53,6 +55,7 @@ def _load(args: argparse.Namespace, overrides: list[str]):
         raise SystemExit(f"config error: {e}") from None
 
 
+@reports_user_errors("dpoq train")
 def train_main(argv: list[str]) -> int:
     """dpoq train --config FILE[:arg] --workdir DIR [--config.key=value ...]"""
     p = _parser(
@@ -75,6 +78,7 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
+@reports_user_errors("dpoq precompute-ref")
 def precompute_ref_main(argv: list[str]) -> int:
     """dpoq precompute-ref --config FILE[:arg] --workdir DIR [--output FILE] [--config.key=value ...]"""
     p = _parser(

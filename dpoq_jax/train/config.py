@@ -29,10 +29,18 @@ def load_config_file(spec: str) -> mc.ConfigDict:
         raise ConfigError(f"config file {path!r} does not exist")
     mod_spec = importlib.util.spec_from_file_location(f"_dpoq_config_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
+    try:
+        mod_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path!r}, line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 - any error in user code: name the file, keep the cause
+        raise ConfigError(f"config file {path!r} failed to import: {type(e).__name__}: {e}") from e
     if not hasattr(module, "get_config"):
         raise ConfigError(f"config file {path!r} has no get_config(arg=None) function")
-    config = module.get_config(arg or None)
+    try:
+        config = module.get_config(arg or None)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{path}: get_config({arg or None!r}) failed: {type(e).__name__}: {e}") from e
     if not isinstance(config, mc.ConfigDict):
         raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
     config.lock()
