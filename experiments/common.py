@@ -82,15 +82,6 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
     return pearson(_ranks(x), _ranks(y))
 
 
-def mean_ci(x: np.ndarray, z: float = 1.959963984540054) -> tuple[float, float]:
-    """(mean, half-width of the normal-approximation 95% interval)."""
-    x = np.asarray(x, np.float64).ravel()
-    if x.size == 0:
-        raise ValueError("mean_ci: empty input")
-    half = z * x.std(ddof=1) / math.sqrt(x.size) if x.size > 1 else float("nan")
-    return float(x.mean()), float(half)
-
-
 # ----------------------------------------------------------------------------------------------
 # §5.4: E_{a~π_ref}[β log π/π_ref] = −β KL(π_ref‖π)
 # ----------------------------------------------------------------------------------------------
