@@ -288,3 +288,22 @@ def test_train_checkpoint_layout_and_bf16_export(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, nnx.state(models[3], nnx.Param), nnx.state(m3, nnx.Param))
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["torch_dtype"] == "bfloat16"
+
+
+
+def test_eager_init_equals_direct_draw():
+    """Eager construction draws small parameters through shared power-of-two buckets (fast on CPU);
+    the values must be bitwise those of the direct draw that jit / eval_shape construction makes."""
+    from dpoq_jax.models.decoder import _INIT_STD, _normal
+
+    key = jax.random.key(3)
+    for shape, dtype in (((V, 32), jnp.float32), ((32, 4, 8), jnp.bfloat16), ((5,), jnp.float32)):
+        eager = _normal(key, shape, dtype)
+        direct = jax.jit(lambda k, s=shape, d=dtype: _INIT_STD * jax.random.normal(k, s, d))(key)
+        traced = jax.jit(lambda k, s=shape, d=dtype: _normal(k, s, d))(key)  # the tracer path
+        assert eager.shape == shape and eager.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(eager, np.float32), np.asarray(direct, np.float32))
+        np.testing.assert_array_equal(np.asarray(traced, np.float32), np.asarray(direct, np.float32))
+    model = Decoder(LLAMA, rngs=nnx.Rngs(3))
+    assert float(jnp.std(model.embed[...])) == pytest.approx(0.02, rel=0.1)
+    np.testing.assert_array_equal(model.final_norm.scale[...], np.ones(32, np.float32))

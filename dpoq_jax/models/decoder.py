@@ -8,6 +8,7 @@ equals branch_ids[i]. segment_ids=None means plain causal attention over the who
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -29,17 +30,40 @@ def default_dtype() -> jnp.dtype:
     return jnp.dtype(jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16)
 
 
+_EAGER_BUCKET_MAX = 1 << 22  # eager init draws parameters up to this size through shared buckets
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _normal_bucket(key: Array, size: int, dtype: Any) -> Array:
+    return _INIT_STD * jax.random.normal(key, (size,), dtype)
+
+
+def _normal(key: Array, shape: tuple[int, ...], dtype: Any) -> Array:
+    """_INIT_STD * N(0, 1) of `shape`, bitwise equal to `_INIT_STD * jax.random.normal(key, shape)`.
+
+    Built eagerly (outside jit/eval_shape), every distinct shape would compile its own threefry
+    program (~0.3-0.8 s each on CPU: seconds per model). With the partitionable threefry (the JAX
+    default) element i depends only on (key, flat index i), so eagerly we draw a power-of-two bucket
+    (one compiled program per bucket size, shared by all shapes) and cut it on the host. Under a
+    trace, or for big parameters, the direct draw keeps sharding and memory as they are.
+    """
+    size = math.prod(shape)
+    direct = size > _EAGER_BUCKET_MAX or not jax.config.jax_threefry_partitionable
+    if direct or isinstance(key, jax.core.Tracer):
+        return _INIT_STD * jax.random.normal(key, shape, dtype)
+    bucket = max(1024, 1 << (size - 1).bit_length())
+    return jnp.asarray(np.asarray(_normal_bucket(key, bucket, jnp.dtype(dtype)))[:size].reshape(shape))
+
+
 def _param(
     rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str | None, ...], dtype, init: str
 ) -> nnx.Param:
     """A parameter with logical axis names. eager_sharding=False: the model can be built without a mesh;
     placement on a mesh comes from `sharding.logical_to_shardings` (jit out_shardings or load_hf)."""
     if init == "normal":
-        value = _INIT_STD * jax.random.normal(rngs.params(), shape, dtype)
-    elif init == "ones":
-        value = jnp.ones(shape, dtype)
-    else:
-        value = jnp.zeros(shape, dtype)
+        value = _normal(rngs.params(), shape, dtype)
+    else:  # numpy constants: no per-shape compilation when built eagerly
+        value = jnp.asarray(np.full(shape, 1 if init == "ones" else 0, jnp.dtype(dtype)))
     return nnx.Param(value, out_sharding=names, eager_sharding=False)
 
 
