@@ -492,7 +492,9 @@ def add_common_args(parser: Any, name: str, *, default_config: str, workdir_name
     finished run with the same settings (e.g. the SFT reference) is trained once."""
     parser.add_argument("--quick", action="store_true", help="small smoke-test version (minutes)")
     parser.add_argument(
-        "--config", default=default_config, help="training config FILE[:arg] (experiments/configs)"
+        "--config",
+        default=default_config,
+        help="training configs: PREFIX[:arg] (PREFIX_sft.py, PREFIX_dpo.py) or FILE.py taking the stage",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling")
     parser.add_argument(
@@ -501,11 +503,15 @@ def add_common_args(parser: Any, name: str, *, default_config: str, workdir_name
     parser.add_argument("--results", default=str(RESULTS_DIR / f"{name}.md"), help="results Markdown file")
 
 
-def check_overrides(rest: Sequence[str]) -> list[str]:
-    """Unknown arguments must be config overrides (--config.key=value), passed to every training run."""
-    from dpoq_jax.train.config import parse_overrides
+def check_overrides(rest: Sequence[str], parser: Any) -> list[str]:
+    """Unknown arguments must be config overrides (--config.key=value), passed to every training run;
+    anything else is a usage error naming the argument."""
+    from dpoq_jax.train.config import ConfigError, parse_overrides
 
-    parse_overrides(rest)  # raises ConfigError naming the bad argument
+    try:
+        parse_overrides(rest)
+    except ConfigError as e:
+        parser.error(str(e))
     return list(rest)
 
 

@@ -281,7 +281,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--heatmap-pairs", type=int, default=4, help="pairs shown in the heatmap")
     args, rest = parser.parse_known_args(argv)
-    args.overrides = common.check_overrides(rest)
+    args.overrides = common.check_overrides(rest, parser)
     args.command = common.command_line(f"experiments.{NAME}", argv)
     return args
 

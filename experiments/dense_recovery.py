@@ -194,7 +194,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser, NAME, default_config=common.default_config("dense_reward"), workdir_name="dense_reward"
     )
     args, rest = parser.parse_known_args(argv)
-    args.overrides = common.synthetic_overrides("dense_reward", args.config) + common.check_overrides(rest)
+    args.overrides = common.synthetic_overrides("dense_reward", args.config) + common.check_overrides(
+        rest, parser
+    )
     args.command = common.command_line(f"experiments.{NAME}", argv)
     return args
 

@@ -203,7 +203,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args, rest = parser.parse_known_args(argv)
     if args.task != "error_injection" and args.results == str(common.RESULTS_DIR / f"{NAME}.md"):
         args.results = str(common.RESULTS_DIR / f"{NAME}_{args.task}.md")
-    args.overrides = common.synthetic_overrides(args.task, args.config) + common.check_overrides(rest)
+    args.overrides = common.synthetic_overrides(args.task, args.config) + common.check_overrides(rest, parser)
     args.command = common.command_line(f"experiments.{NAME}", argv)
     return args
 
