@@ -90,7 +90,8 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
         scale = dict(scale, sft_steps=None, dpo_steps=None, eval_every=None)
     beta = scale["beta"]
     sft_responses = "chosen"  # (a): the reference is fine-tuned on the chosen responses
-    common.log(f"{NAME}: SFT reference on chosen responses ({scale['sft_steps']} steps)")
+    steps = {k: scale[k] or "the config's" for k in ("sft_steps", "dpo_steps")}
+    common.log(f"{NAME}: SFT reference on chosen responses ({steps['sft_steps']} steps)")
     sft_dir = common.train_run(
         args.config,
         "sft",
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
         ("sft_ref", sft_dir, f"dpo_beta{beta}_sft_chosen"),
         ("no_sft_ref", None, f"dpo_beta{beta}_random"),
     ):
-        common.log(f"{NAME}: DPO run {RUN_LABELS[name]} ({scale['dpo_steps']} steps, β={beta})")
+        common.log(f"{NAME}: DPO run {RUN_LABELS[name]} ({steps['dpo_steps']} steps, β={beta})")
         run_dirs[name] = common.train_run(
             args.config,
             "dpo",
