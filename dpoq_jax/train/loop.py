@@ -97,6 +97,12 @@ def _attn_width(mcfg: Any) -> int:
     return int(mcfg.num_heads * mcfg.head_dim)
 
 
+def logps_chunk_positions(cfg: Any, rows: int) -> int:
+    """train.logps_chunk counts time steps per chunk; the lean log-probs count positions (responses x
+    steps), so scale by the responses per forward (pairs or sequences of one micro-batch, global)."""
+    return max(1, cfg.train.logps_chunk) * max(1, rows)
+
+
 def global_batch(local_M: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
     """Global arrays [M, global batch, ...] from this process's micro-stacked local batch. Flat row
     indices are shifted so that they index this process's rows of the global batch."""
@@ -184,11 +190,12 @@ def setup(cfg: Any, devices: Any = None) -> Run:
     with_ref = dpo and cfg.reference.mode == "frozen"
     shardings = state_shardings(abs_params, p_sh, optimizer, mesh, with_ref)
     abstract = abstract_state(abs_params, optimizer, with_ref, _dtype(cfg.reference.dtype))
+    chunk = logps_chunk_positions(cfg, cfg.train.batch_size // cfg.train.micro_batches)
     if dpo:
         loss_cfg = losses.LossConfig(**cfg.loss.to_dict())
-        loss_fn = make_dpo_loss(graphdef, rest, loss_cfg, chunk_size=cfg.train.logps_chunk)
+        loss_fn = make_dpo_loss(graphdef, rest, loss_cfg, chunk_size=chunk)
     else:
-        loss_fn = make_sft_loss(graphdef, rest, chunk_size=cfg.train.logps_chunk)
+        loss_fn = make_sft_loss(graphdef, rest, chunk_size=chunk)
     return Run(
         cfg,
         mesh,
