@@ -70,6 +70,8 @@ def test_typed_overrides():
         (["--config.train.progress_bar=maybe"], r"config key 'train.progress_bar' expects bool"),
         (["--config.optim=1"], r"config key 'optim' is a group"),
         (["--config.stage=rlhf"], r"config key 'stage' must be one of"),
+        (["--config.data.sft_responses=al"], r"config key 'data.sft_responses' must be one of .*got 'al'"),
+        (["--config.loss.loss_type=dpo"], r"config key 'loss.loss_type' must be one of"),
         (
             ["--config.train.micro_batches=5"],
             r"'train.batch_size' \(32\) must be divisible by 'train.micro_batches'",

@@ -126,6 +126,19 @@ def parse_overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
+# Keys with a fixed set of values: a typo must fail here, not silently pick a default later.
+_CHOICES = {
+    "data.source": ("synthetic", "jsonl", "hh", "tldr"),
+    "data.sft_responses": ("chosen", "all"),
+    "data.layout": ("padded", "prefix_shared", "packed"),
+    "data.overflow": ("error", "drop"),
+    "data.on_error": ("fail", "skip"),
+    "optim.name": ("rmsprop", "adamw"),
+    "optim.schedule": ("constant", "linear", "cosine"),
+    "loss.loss_type": ("sigmoid", "cdpo", "ipo", "hinge", "robust"),
+}
+
+
 def validate(config: mc.ConfigDict) -> None:
     """Check values that types cannot: stage, positive sizes, existing paths."""
     if config.stage not in STAGES:
@@ -162,6 +175,10 @@ def validate(config: mc.ConfigDict) -> None:
         raise ConfigError(
             f"config key 'model.init' must be 'random', 'hf' or 'checkpoint', got {config.model.init!r}"
         )
+    for key, choices in _CHOICES.items():
+        group, name = key.split(".")
+        if config[group][name] not in choices:
+            raise ConfigError(f"config key {key!r} must be one of {choices}, got {config[group][name]!r}")
     if config.stage == "dpo" and config.reference.mode not in ("frozen", "precomputed"):
         raise ConfigError(
             f"config key 'reference.mode' must be 'frozen' or 'precomputed', got {config.reference.mode!r}"
