@@ -1,8 +1,10 @@
-"""Shared pieces of the experiment scripts: statistics, tables, figures, result files, machine facts.
+"""Shared pieces of the experiment scripts: statistics, tables, figures, result files, machine facts,
+and thin glue to the library.
 
-Everything here is either a pure function (Wilson interval, §5.4 check, tables) or writes files that
-the scripts generate (results/<name>.md with its PNGs, self-contained HTML). No training logic lives
-here: the scripts call dpoq_jax's own train loop, decoders and analysis.
+Pure functions: Wilson interval, correlations, the §5.4 comparison, exact V* of the dense_reward task.
+Files: results/<name>.md with its PNGs and self-contained HTML (`Report`). Glue: training runs go
+through dpoq_jax.train.loop.train (with a settings-keyed cache so experiments share runs), decoding
+through dpoq_jax.decode, scoring through dpoq_jax.analysis; nothing of theirs is re-implemented here.
 """
 
 from __future__ import annotations
