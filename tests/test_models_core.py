@@ -256,9 +256,12 @@ def test_checkpoint_and_convert_round_trip(tmp_path):
     again, cfg2 = hf.load_hf(back)
     assert cfg2 == NEOX
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param), nnx.state(again, nnx.Param))
+    before_self_convert = sorted(os.listdir(back))
     tok = hf.load_tokenizer(back)
     assert tok.encode("w1 w2 w3") == hf.load_tokenizer(src).encode("w1 w2 w3") == [4, 5, 6]
     assert convert_main(["--from", str(tmp_path / "nothing"), "--to", back]) == 2
+    assert convert_main(["--from", back, "--to", back + "/"]) == 2  # would write into its own source
+    assert sorted(os.listdir(back)) == before_self_convert
 
 
 def test_train_checkpoint_layout_and_bf16_export(tmp_path):

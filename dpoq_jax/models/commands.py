@@ -48,6 +48,10 @@ def convert_main(argv: list[str]) -> int:
     from dpoq_jax.models import checkpoint, hf  # noqa: PLC0415 (keep `--help` fast)
 
     dtype = jnp.dtype(args.dtype)
+    if os.path.realpath(args.src) == os.path.realpath(args.dst):
+        print(f"dpoq convert: --from and --to are the same directory ({args.src}); choose a new --to",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
         if os.path.isfile(os.path.join(args.src, "config.json")):
             model, cfg = hf.load_hf(args.src, param_dtype=dtype)
@@ -57,10 +61,10 @@ def convert_main(argv: list[str]) -> int:
             model, cfg = checkpoint.load_params(args.src, step=args.step, param_dtype=dtype)
             hf.save_hf(model, cfg, args.dst)
             kind = "orbax -> Hugging Face"
-    except (FileNotFoundError, KeyError, ValueError) as e:
+        copied = _copy_tokenizer(args.tokenizer or args.src, args.dst)
+    except (OSError, KeyError, ValueError) as e:  # OSError: missing, unreadable or unwritable files
         print(f"dpoq convert: {e}", file=sys.stderr)
         return 2
-    copied = _copy_tokenizer(args.tokenizer or args.src, args.dst)
     print(
         f"{kind}: {cfg.family}, {cfg.num_layers} layers, width {cfg.hidden_size} -> {args.dst}"
         + (f" (tokenizer: {', '.join(copied)})" if copied else "")
