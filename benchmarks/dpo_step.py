@@ -256,8 +256,8 @@ def add_precomputed_reference(np_batch, params, graphdef, rest, setup: Setup) ->
     np_batch["ref_rejected_logps"] = np.asarray(rr, np.float32)
 
 
-def run_jax_case(setup: Setup, case: Case) -> dict[str, Any]:
-    """Compile, warm up and time one case; raw numbers (derived ones come from `derive`)."""
+def prepare_jax_case(setup: Setup, case: Case) -> dict[str, Any]:
+    """Build, compile and warm up one case: {"compiled", "state", "batch", "info"}."""
     import jax
 
     pairs = setup.pairs_list()
@@ -271,23 +271,11 @@ def run_jax_case(setup: Setup, case: Case) -> dict[str, Any]:
     t0 = time.perf_counter()
     compiled = jit_step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    memory = compiled_memory(compiled)
     for _ in range(setup.warmup):
         state, _ = compiled(state, batch)
     jax.block_until_ready(state)
-    times = []
-    for _ in range(setup.steps):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - t0)
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-        memory["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
-    memory["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    pd, cd = setup.dtypes(dev.platform)
-    return {
+    pd, cd = setup.dtypes(jax.devices()[0].platform)
+    info = {
         "kind": "jax",
         "shape": setup.shape,
         "case": case.name,
@@ -300,14 +288,55 @@ def run_jax_case(setup: Setup, case: Case) -> dict[str, Any]:
         "real_tokens": shapes.real_tokens(pairs),
         "init_s": init_s,
         "compile_s": compile_s,
+        "memory": compiled_memory(compiled),
+    }
+    return {"compiled": compiled, "state": state, "batch": batch, "info": info, "times": []}
+
+
+def time_steps(prep: dict[str, Any], n: int) -> None:
+    """n timed steps, each ended by block_until_ready; times appended to prep["times"]."""
+    import jax
+
+    for _ in range(n):
+        t0 = time.perf_counter()
+        prep["state"], prep["metrics"] = prep["compiled"](prep["state"], prep["batch"])
+        jax.block_until_ready((prep["state"], prep["metrics"]))
+        prep["times"].append(time.perf_counter() - t0)
+
+
+def finish_jax_case(prep: dict[str, Any]) -> dict[str, Any]:
+    import jax
+
+    times, metrics, memory = prep["times"], prep["metrics"], prep["info"]["memory"]
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        memory["device_peak_bytes"] = int(stats["peak_bytes_in_use"])
+    memory["process_peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return prep["info"] | {
         "step_times_s": times,
         # the fastest step: on a shared machine other processes only ever add time
         "step_s": float(np.min(times)),
         "step_median_s": float(np.median(times)),
         "loss": float(metrics["loss"]),
         "finite": bool(metrics["finite"]),
-        "memory": memory,
     }
+
+
+def run_jax_case(setup: Setup, case: Case) -> dict[str, Any]:
+    """Compile, warm up and time one case; raw numbers (derived ones come from `derive`)."""
+    prep = prepare_jax_case(setup, case)
+    time_steps(prep, setup.steps)
+    return finish_jax_case(prep)
+
+
+def run_interleaved(setup: Setup, cases: list[str]) -> list[dict[str, Any]]:
+    """All cases in this process, their timed steps alternated (A B C C B A ...): load drift on a
+    shared machine then hits every case alike. Peak RSS is the process's, shared by all cases."""
+    preps = [prepare_jax_case(setup, Case.parse(c)) for c in cases]
+    for k in range(setup.steps):
+        for prep in preps if k % 2 == 0 else preps[::-1]:
+            time_steps(prep, 1)
+    return [finish_jax_case(p) | {"interleaved": True} for p in preps]
 
 
 def compiled_memory(compiled) -> dict[str, int]:
@@ -546,6 +575,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--param-dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     ap.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     ap.add_argument("--remat", default="none", choices=("none", "full", "dots"))
+    ap.add_argument(
+        "--interleave", action="store_true",
+        help="JAX cases of a shape in one process with their steps alternated (noisy shared CPUs)",
+    )  # fmt: skip
     ap.add_argument("--no-isolate", action="store_true", help="run cases in this process (smoke tests)")
     ap.add_argument("--case-timeout", type=float, default=None, help="seconds per isolated case")
     ap.add_argument(
@@ -607,6 +640,16 @@ def main(argv: list[str] | None = None) -> int:
             packed_row_len=a.packed_row_len, param_dtype=a.param_dtype, compute_dtype=a.compute_dtype,
             remat=a.remat,
         )  # fmt: skip
+        if a.interleave:  # torch first (its own process), then all JAX cases together
+            for what in ["torch"] if not a.no_torch else []:
+                r = run_one(what, setup) if a.no_isolate else run_isolated(what, setup, a.case_timeout)
+                report["results"].append(derive(r | {"setup": dataclasses.asdict(setup)}, setup, kind))
+            for r in run_interleaved(setup, cases):
+                report["results"].append(derive(r | {"setup": dataclasses.asdict(setup)}, setup, kind))
+                print(f"{shape} {r['case']}: {report['results'][-1]['pairs_per_s']:.3g} pairs/s", flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(report, indent=1) + "\n")
+            continue
         order = (["torch"] if not a.no_torch else []) + cases
         first = len(report["results"])
         for rnd in range(a.rounds):
