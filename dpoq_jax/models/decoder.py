@@ -48,8 +48,9 @@ def _normal(key: Array, shape: tuple[int, ...], dtype: Any) -> Array:
     trace, or for big parameters, the direct draw keeps sharding and memory as they are.
     """
     size = math.prod(shape)
-    direct = size > _EAGER_BUCKET_MAX or not jax.config.jax_threefry_partitionable
-    if direct or isinstance(key, jax.core.Tracer):
+    partitionable = getattr(jax.config, "jax_threefry_partitionable", False)
+    tracer = getattr(jax.core, "Tracer", None)  # if a JAX version lacks either, take the direct draw
+    if size > _EAGER_BUCKET_MAX or not partitionable or tracer is None or isinstance(key, tracer):
         return _INIT_STD * jax.random.normal(key, shape, dtype)
     bucket = max(1024, 1 << (size - 1).bit_length())
     return jnp.asarray(np.asarray(_normal_bucket(key, bucket, jnp.dtype(dtype)))[:size].reshape(shape))
