@@ -11,7 +11,7 @@ from flax import nnx
 
 from dpoq_jax.train import inputs
 from dpoq_jax.train.config import ConfigError, base_config, synthetic_config
-from dpoq_jax.train.loop import global_batch, setup
+from dpoq_jax.train.loop import global_batch, logps_chunk_positions, setup
 from dpoq_jax.train.mesh import DEFAULT_RULES, make_mesh, mesh_shape, rules_from_config
 from dpoq_jax.train.optim import make_optimizer, make_schedule
 from dpoq_jax.train.step import accumulate_grads
@@ -59,6 +59,16 @@ def run_steps(run, batches):
         state, m = step_fn(state, global_batch(b, b_sh))
         losses.append(float(m["loss"]))
     return state, np.array(losses)
+
+
+def test_logps_chunk_counts_time_steps():
+    """train.logps_chunk is time steps per chunk (docs/train.md); lean_token_logps takes positions, so
+    the loop scales it by the responses of one micro-batch (it used to pass 32 positions = 1 step)."""
+    c = tiny_config("dpo")
+    c.train.logps_chunk = 32
+    assert logps_chunk_positions(c, 16) == 32 * 16
+    c.train.logps_chunk = 0
+    assert logps_chunk_positions(c, 16) == 16  # at least one step per chunk
 
 
 def test_mesh_shape_and_rules():
