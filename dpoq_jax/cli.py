@@ -13,7 +13,10 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("dpoq_jax.demo:main", "end-to-end demo on bundled synthetic data (CPU, offline)"),
     "train": ("dpoq_jax.train.commands:train_main", "SFT or DPO training from a config file"),
-    "precompute-ref": ("dpoq_jax.train.commands:precompute_ref_main", "store reference log-probs with the data"),
+    "precompute-ref": (
+        "dpoq_jax.train.commands:precompute_ref_main",
+        "store reference log-probs with the data",
+    ),
     "convert": ("dpoq_jax.models.commands:convert_main", "Hugging Face directory <-> orbax checkpoint"),
     "generate": ("dpoq_jax.decode.commands:generate_main", "sample / beam / reward-guided search"),
     "score": ("dpoq_jax.analysis.commands:score_main", "per-token implicit rewards and HTML/PNG reports"),
