@@ -10,6 +10,7 @@ from typing import Any
 # Dense bf16 peak FLOP/s per chip, by substring of jax's device_kind (lower case). Unknown -> None.
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
     ("h200", 989e12),
+    ("h100 pcie", 756e12),  # before the plain "h100" (SXM) entry: first match wins
     ("h100", 989e12),
     ("a100", 312e12),
     ("l4", 121e12),
