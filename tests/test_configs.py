@@ -136,3 +136,30 @@ def test_cli_reports_bad_config_file_and_bad_data_without_traceback(tmp_path):
             f"--config.data.tokenizer_path={tmp_path / 'no_tokenizer'}"]  # fmt: skip
     with pytest.raises(SystemExit, match=r"dpoq train: error: .*no_tokenizer: tokenizer directory does not"):
         train_main(argv)
+
+
+def test_over_long_prompts_truncate_fail_or_skip():
+    """data.truncate_prompt=False turns prompts over data.max_prompt_tokens into bad input."""
+    from dpoq_jax.data.errors import DataError
+    from dpoq_jax.train.inputs import load_dataset
+
+    spec = str(CONFIGS / "error_injection_dpo.py")
+    common = [
+        "--config.data.num_examples=20",
+        "--config.data.num_eval=4",
+        "--config.data.max_prompt_tokens=9",
+    ]
+    truncated = load_dataset(load_config(spec, common))
+    assert len(truncated.train) == 20
+    assert all(len(p.prompt_ids) <= 9 for p in truncated.train)
+    assert truncated.stats["train"]["tokenize"]["prompt_truncated"] > 0
+
+    with pytest.raises(DataError, match="prompt"):
+        load_dataset(load_config(spec, [*common, "--config.data.truncate_prompt=false"]))
+
+    skipped = load_dataset(
+        load_config(spec, [*common, "--config.data.truncate_prompt=false", "--config.data.on_error=skip"])
+    )
+    assert 0 < len(skipped.train) < 20
+    assert skipped.stats["train"]["read"]["by_kind"] == {"prompt_too_long": 20 - len(skipped.train)}
+    assert all(len(p.prompt_ids) <= 9 for p in skipped.train)

@@ -231,6 +231,9 @@ def base_config() -> mc.ConfigDict:
     c.data.seq_len = 64  # S: tokens per row
     c.data.response_len = 16  # R: tokens per response (EOS included)
     c.data.max_prompt_tokens = 48
+    c.data.truncate_prompt = True  # False: a longer prompt is bad input (data.on_error: fail or skip)
+    c.data.truncate_responses = True  # False: a response over data.response_len is bad input
+    c.data.add_bos = False  # prepend the tokenizer's BOS to each prompt
     c.data.num_rows = 0  # packed layout: rows per micro-batch (0: one per pair)
     c.data.overflow = "error"  # "error" or "drop" pairs that do not fit their rows
     c.data.on_error = "fail"  # bad examples: "fail" or "skip"

@@ -92,7 +92,11 @@ def load_dataset(cfg: Any) -> Dataset:
         src["tokenizer_path"] = cfg.model.path or None  # an HF model directory holds its tokenizer
     tok = load_tokenizer(src)
     tcfg = TokenizeConfig(
-        max_prompt_tokens=cfg.data.max_prompt_tokens, max_response_tokens=cfg.data.response_len
+        max_prompt_tokens=cfg.data.max_prompt_tokens,
+        max_response_tokens=cfg.data.response_len,
+        truncate_prompt=cfg.data.truncate_prompt,
+        truncate_responses=cfg.data.truncate_responses,
+        add_bos=cfg.data.add_bos,
     )
     out, stats = {}, {}
     for split in ("train", "eval"):
