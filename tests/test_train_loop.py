@@ -115,3 +115,13 @@ def test_precomputed_reference_equals_frozen(tmp_path):
     assert pre.state.ref_params is None
     for key in ("loss", "rewards/margins", "token_rewards/chosen_mean", "eval/rewards/accuracies"):
         np.testing.assert_allclose(pre.metrics[key], frozen.metrics[key], rtol=1e-5, atol=1e-6)
+
+
+def test_relative_workdir_is_made_absolute(tmp_path, monkeypatch):
+    """orbax refuses relative checkpoint paths; `dpoq train --workdir runs/x` must still work."""
+    from dpoq_jax.train.checkpoint import RunCheckpoints
+
+    monkeypatch.chdir(tmp_path)
+    ckpts = RunCheckpoints("runs/x/checkpoints", every_steps=1, keep=1, async_save=False)
+    assert ckpts.directory == str(tmp_path / "runs/x/checkpoints")
+    assert ckpts.latest_step() is None

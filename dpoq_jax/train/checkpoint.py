@@ -11,6 +11,7 @@ Orbax writes a step into a temporary directory and renames it when complete, so 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import jax
@@ -46,8 +47,8 @@ class RunCheckpoints:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self.directory = directory
-        self.manager = ocp.CheckpointManager(directory, options=options)
+        self.directory = os.path.abspath(directory)  # orbax refuses relative paths
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
