@@ -9,6 +9,7 @@ through dpoq_jax.decode, scoring through dpoq_jax.analysis; nothing of theirs is
 
 from __future__ import annotations
 
+import argparse
 import base64
 import dataclasses
 import datetime as dt
@@ -489,20 +490,36 @@ def require_synthetic(config: str, overrides: Sequence[str], task: str, experime
         )
 
 
-def add_common_args(parser: Any, name: str, *, default_config: str, workdir_name: str) -> None:
-    """workdir_name: runs/experiments/<workdir_name>; experiments on the same task share it, so a
-    finished run with the same settings (e.g. the SFT reference) is trained once."""
+def experiment_parser(
+    name: str, doc: str, task: str, parents: Sequence[argparse.ArgumentParser] = ()
+) -> argparse.ArgumentParser:
+    """The options every experiment takes; its runs go to runs/experiments/<task>, shared by the
+    experiments on the same task, so a finished run with the same settings (e.g. the SFT reference)
+    is trained once."""
+    parser = argparse.ArgumentParser(
+        prog=f"python -m experiments.{name}", description=doc.split("\n\n")[0], parents=list(parents)
+    )
     parser.add_argument("--quick", action="store_true", help="small smoke-test version (minutes)")
     parser.add_argument(
         "--config",
-        default=default_config,
+        default=default_config(task),
         help="training configs: PREFIX[:arg] (PREFIX_sft.py, PREFIX_dpo.py) or FILE.py taking the stage",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling")
-    parser.add_argument(
-        "--workdir", default=f"runs/experiments/{workdir_name}", help="where the training runs go"
-    )
+    parser.add_argument("--workdir", default=f"runs/experiments/{task}", help="where the training runs go")
     parser.add_argument("--results", default=str(RESULTS_DIR / f"{name}.md"), help="results Markdown file")
+    return parser
+
+
+def parse_experiment_args(
+    parser: argparse.ArgumentParser, argv: Sequence[str], name: str, task: str
+) -> argparse.Namespace:
+    """Parse argv; adds args.overrides (the task's needed settings, then the user's config overrides)
+    and args.command (the command line that reproduces the run)."""
+    args, rest = parser.parse_known_args(argv)
+    args.overrides = synthetic_overrides(task, args.config) + check_overrides(rest, parser)
+    args.command = command_line(f"experiments.{name}", argv)
+    return args
 
 
 def check_overrides(rest: Sequence[str], parser: Any) -> list[str]:
@@ -708,6 +725,56 @@ def train_run(
     log(f"  {stage} run done in {secs:.0f}s: " + ", ".join(f"{k} {float(v):.4f}" for k, v in shown.items()))
     marker.write_text(json.dumps(settings, indent=1))
     return workdir
+
+
+def train_sft(args: argparse.Namespace, responses: str, steps: int | None) -> Path:
+    """An experiment's SFT reference, trained on the task's `responses` ("chosen" or "all") in
+    <args.workdir>/sft_<responses>."""
+    return train_run(
+        args.config,
+        "sft",
+        Path(args.workdir) / f"sft_{responses}",
+        steps=steps,
+        seed=args.seed,
+        sft_responses=responses,
+        overrides=args.overrides,
+    )
+
+
+def train_dpo(
+    args: argparse.Namespace,
+    beta: float,
+    steps: int | None,
+    init_from: Path | None,
+    eval_every: int | None = None,
+) -> Path:
+    """A DPO run from a finished SFT run (None: from the SFT stage's own starting point) in
+    <args.workdir>/dpo_beta<β>_<SFT run's folder name, or "random">: one naming for all experiments,
+    so those sharing a workdir share their finished runs."""
+    start = "random" if init_from is None else Path(init_from).name
+    return train_run(
+        args.config,
+        "dpo",
+        Path(args.workdir) / f"dpo_beta{beta}_{start}",
+        steps=steps,
+        seed=args.seed,
+        beta=beta,
+        init_from=init_from,
+        eval_every=eval_every,
+        overrides=args.overrides,
+    )
+
+
+def run_meta(args: argparse.Namespace) -> dict[str, str]:
+    """The "Run" table of an experiment's report: how to reproduce it, and where it ran."""
+    return {"command": args.command, "seed": str(args.seed), "config": args.config, **machine_info()}
+
+
+def write_report(name: str, report: Report, md_path: Path | str) -> int:
+    """Write an experiment's results (Markdown and figures) and say where; the script's exit code."""
+    paths = report.write(md_path)
+    log(f"{name}: wrote {', '.join(str(p) for p in paths)}")
+    return 0
 
 
 def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -29,6 +29,7 @@ from dpoq_jax.analysis.metrics import credit_assignment_score  # noqa: E402
 from experiments import common  # noqa: E402
 
 NAME = "credit_assignment"
+TASK = "error_injection"
 SCALES = {
     # dpo_steps per β; n_eval held-out pairs scored
     "full": dict(sft_steps=600, dpo_steps=400, betas=(0.03, 0.1, 0.3), n_eval=512, eval_every=20),
@@ -133,20 +134,11 @@ def beta_figure(rows: list[list[object]], baselines: dict[str, list[object]]) ->
 
 def run(args: argparse.Namespace, scale: dict) -> common.Report:
     """Train, score, and build the report (also used by `dpoq demo`)."""
-    common.require_synthetic(args.config, args.overrides, "error_injection", NAME)
-    task = common.make_task("error_injection", seed=args.seed)
+    common.require_synthetic(args.config, args.overrides, TASK, NAME)
+    task = common.make_task(TASK, seed=args.seed)
     tok = task.tokenizer
-    workdir = Path(args.workdir)
-    common.log(f"{NAME}: SFT reference ({scale['sft_steps']} steps) in {workdir / 'sft_chosen'}")
-    sft_dir = common.train_run(
-        args.config,
-        "sft",
-        workdir / "sft_chosen",
-        steps=scale["sft_steps"],
-        seed=args.seed,
-        sft_responses="chosen",
-        overrides=args.overrides,
-    )
+    common.log(f"{NAME}: SFT reference ({scale['sft_steps']} steps) in {Path(args.workdir) / 'sft_chosen'}")
+    sft_dir = common.train_sft(args, "chosen", scale["sft_steps"])
     ref = common.load_model(sft_dir)
     eval_pairs = task.preference_examples(scale["n_eval"], split="test")
     tokenized = [common.tokenize_pair(tok, e) for e in eval_pairs]
@@ -159,17 +151,7 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
     beta_rows, blame_rows, per_beta = [], [], {}
     for beta in scale["betas"]:
         common.log(f"{NAME}: DPO β={beta} ({scale['dpo_steps']} steps)")
-        dpo_dir = common.train_run(
-            args.config,
-            "dpo",
-            workdir / f"dpo_beta{beta}_sft_chosen",
-            steps=scale["dpo_steps"],
-            seed=args.seed,
-            beta=beta,
-            init_from=sft_dir,
-            eval_every=scale["eval_every"],
-            overrides=args.overrides,
-        )
+        dpo_dir = common.train_dpo(args, beta, scale["dpo_steps"], sft_dir, eval_every=scale["eval_every"])
         pol = common.load_model(dpo_dir)
         s_rej = score_responses(pol, ref, prompts, rejected, beta)
         s_cho = score_responses(pol, ref, prompts, chosen, beta)
@@ -259,12 +241,7 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
         "rule and digits); red is negative, blue positive; injected tokens are boxed.",
         heatmap_figure(rows, f"error_injection, DPO β={main_beta}: per-token implicit reward"),
     )
-    report.meta = {
-        "command": args.command,
-        "seed": str(args.seed),
-        "config": args.config,
-        **common.machine_info(),
-    }
+    report.meta = common.run_meta(args)
     return report
 
 
@@ -273,25 +250,14 @@ def _toks(tok, ids: Sequence[int]) -> list[str]:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m experiments.{NAME}", description=__doc__.split("\n\n")[0]
-    )
-    common.add_common_args(
-        parser, NAME, default_config=common.default_config("error_injection"), workdir_name="error_injection"
-    )
+    parser = common.experiment_parser(NAME, __doc__, TASK)
     parser.add_argument("--heatmap-pairs", type=int, default=4, help="pairs shown in the heatmap")
-    args, rest = parser.parse_known_args(argv)
-    args.overrides = common.check_overrides(rest, parser)
-    args.command = common.command_line(f"experiments.{NAME}", argv)
-    return args
+    return common.parse_experiment_args(parser, argv, NAME, TASK)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    report = run(args, SCALES["quick" if args.quick else "full"])
-    paths = report.write(args.results)
-    common.log(f"{NAME}: wrote {', '.join(str(p) for p in paths)}")
-    return 0
+    return common.write_report(NAME, run(args, SCALES["quick" if args.quick else "full"]), args.results)
 
 
 if __name__ == "__main__":

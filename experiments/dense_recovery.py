@@ -31,6 +31,7 @@ from dpoq_jax.analysis.credit import score_responses  # noqa: E402
 from experiments import common, search_overopt  # noqa: E402
 
 NAME = "dense_recovery"
+TASK = "dense_reward"
 SCALES = {
     "full": dict(search_overopt.SCALES["full"], n_eval=512),
     "quick": dict(search_overopt.SCALES["quick"], n_eval=64),
@@ -77,19 +78,10 @@ def scatter_figure(learned: np.ndarray, target: np.ndarray, beta: float) -> comm
 
 
 def run(args: argparse.Namespace, scale: dict) -> common.Report:
-    common.require_synthetic(args.config, args.overrides, "dense_reward", NAME)
-    task = common.make_task("dense_reward", seed=args.seed)
+    common.require_synthetic(args.config, args.overrides, TASK, NAME)
+    task = common.make_task(TASK, seed=args.seed)
     tok = task.tokenizer
-    workdir = Path(args.workdir)
-    sft_dir = common.train_run(
-        args.config,
-        "sft",
-        workdir / "sft_all",
-        steps=scale["sft_steps"],
-        seed=args.seed,
-        sft_responses="all",
-        overrides=args.overrides,
-    )
+    sft_dir = common.train_sft(args, "all", scale["sft_steps"])
     ref = common.load_model(sft_dir)
     pairs = task.preference_examples(scale["n_eval"], split="test")
     prompts = [tok.encode(p.prompt) for p in pairs]
@@ -99,16 +91,7 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
     }
     rows, figures, pair_rows = [], [], []
     for beta in scale["betas"]:
-        dpo_dir = common.train_run(
-            args.config,
-            "dpo",
-            workdir / f"dpo_beta{beta}_sft_all",
-            steps=scale["dpo_steps"],
-            seed=args.seed,
-            beta=beta,
-            init_from=sft_dir,
-            overrides=args.overrides,
-        )
+        dpo_dir = common.train_dpo(args, beta, scale["dpo_steps"], sft_dir)
         pol = common.load_model(dpo_dir)
         V = common.dense_optimal_values(task, beta)
         learned, true, shaping, v0 = [], [], [], []
@@ -177,36 +160,17 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
         ),
         *figures,
     )
-    report.meta = {
-        "command": args.command,
-        "seed": str(args.seed),
-        "config": args.config,
-        **common.machine_info(),
-    }
+    report.meta = common.run_meta(args)
     return report
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m experiments.{NAME}", description=__doc__.split("\n\n")[0]
-    )
-    common.add_common_args(
-        parser, NAME, default_config=common.default_config("dense_reward"), workdir_name="dense_reward"
-    )
-    args, rest = parser.parse_known_args(argv)
-    args.overrides = common.synthetic_overrides("dense_reward", args.config) + common.check_overrides(
-        rest, parser
-    )
-    args.command = common.command_line(f"experiments.{NAME}", argv)
-    return args
+    return common.parse_experiment_args(common.experiment_parser(NAME, __doc__, TASK), argv, NAME, TASK)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    report = run(args, SCALES["quick" if args.quick else "full"])
-    paths = report.write(args.results)
-    common.log(f"{NAME}: wrote {', '.join(str(p) for p in paths)}")
-    return 0
+    return common.write_report(NAME, run(args, SCALES["quick" if args.quick else "full"]), args.results)
 
 
 if __name__ == "__main__":

@@ -85,40 +85,19 @@ def section54_check(policy, ref, prompts: list[list[int]], beta: float, max_new:
 
 def run(args: argparse.Namespace, scale: dict) -> common.Report:
     """Train (or reuse finished runs of the same settings in args.workdir), check, build the report."""
-    workdir = Path(args.workdir)
     if common.at_scale(args, args.task):  # the user's configs keep their own steps and eval cadence
         scale = dict(scale, sft_steps=None, dpo_steps=None, eval_every=None)
     beta = scale["beta"]
-    sft_responses = "chosen"  # (a): the reference is fine-tuned on the chosen responses
     steps = {k: scale[k] or "the config's" for k in ("sft_steps", "dpo_steps")}
     common.log(f"{NAME}: SFT reference on chosen responses ({steps['sft_steps']} steps)")
-    sft_dir = common.train_run(
-        args.config,
-        "sft",
-        workdir / "sft_chosen",
-        steps=scale["sft_steps"],
-        seed=args.seed,
-        sft_responses=sft_responses,
-        overrides=args.overrides,
-    )
-    # Directory names and settings match experiments.credit_assignment, so a finished run (a) of the
-    # same β there is reused rather than trained again.
+    sft_dir = common.train_sft(args, "chosen", scale["sft_steps"])  # (a): reference SFT'd on chosen
+    # Run (a) has the settings of experiments.credit_assignment's run of the same β, so a finished
+    # one there is reused rather than trained again.
     run_dirs = {}
-    for name, init, sub in (
-        ("sft_ref", sft_dir, f"dpo_beta{beta}_sft_chosen"),
-        ("no_sft_ref", None, f"dpo_beta{beta}_random"),
-    ):
+    for name, init in (("sft_ref", sft_dir), ("no_sft_ref", None)):
         common.log(f"{NAME}: DPO run {RUN_LABELS[name]} ({steps['dpo_steps']} steps, β={beta})")
-        run_dirs[name] = common.train_run(
-            args.config,
-            "dpo",
-            workdir / sub,
-            steps=scale["dpo_steps"],
-            seed=args.seed,
-            beta=beta,
-            init_from=init,
-            eval_every=scale["eval_every"],
-            overrides=args.overrides,
+        run_dirs[name] = common.train_dpo(
+            args, beta, scale["dpo_steps"], init, eval_every=scale["eval_every"]
         )
     keys = [k for k, _ in CURVES] + ["rewards/accuracies"]
     curves = {name: common.eval_curve(d, keys) for name, d in run_dirs.items()}
@@ -183,38 +162,30 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
             check_rows,
         ),
     )
-    report.meta = {
-        "command": args.command,
-        "seed": str(args.seed),
-        "config": args.config,
-        **common.machine_info(),
-    }
+    report.meta = common.run_meta(args)
     return report
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m experiments.{NAME}", description=__doc__.split("\n\n")[0]
+    # --task picks the defaults of the other options, so it is read first.
+    task_parser = argparse.ArgumentParser(add_help=False)
+    task_parser.add_argument(
+        "--task",
+        default="error_injection",
+        choices=("error_injection", "dense_reward"),
+        help="synthetic task",
     )
-    parser.add_argument("--task", default="error_injection", choices=("error_injection", "dense_reward"))
-    args0, _ = parser.parse_known_args(argv)
-    common.add_common_args(
-        parser, NAME, default_config=common.default_config(args0.task), workdir_name=args0.task
-    )
-    args, rest = parser.parse_known_args(argv)
+    task = task_parser.parse_known_args(argv)[0].task
+    parser = common.experiment_parser(NAME, __doc__, task, parents=[task_parser])
+    args = common.parse_experiment_args(parser, argv, NAME, task)
     if args.task != "error_injection" and args.results == str(common.RESULTS_DIR / f"{NAME}.md"):
         args.results = str(common.RESULTS_DIR / f"{NAME}_{args.task}.md")
-    args.overrides = common.synthetic_overrides(args.task, args.config) + common.check_overrides(rest, parser)
-    args.command = common.command_line(f"experiments.{NAME}", argv)
     return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    report = run(args, SCALES["quick" if args.quick else "full"])
-    paths = report.write(args.results)
-    common.log(f"{NAME}: wrote {', '.join(str(p) for p in paths)}")
-    return 0
+    return common.write_report(NAME, run(args, SCALES["quick" if args.quick else "full"]), args.results)
 
 
 if __name__ == "__main__":

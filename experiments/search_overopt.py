@@ -26,6 +26,7 @@ if __package__ in (None, ""):
 from experiments import common  # noqa: E402
 
 NAME = "search_overopt"
+TASK = "dense_reward"
 SCALES = {
     "full": dict(sft_steps=400, dpo_steps=300, betas=(0.1, 0.3, 1.0), beams=(1, 2, 5, 10, 20), n_prompts=256),
     "quick": dict(sft_steps=150, dpo_steps=100, betas=(0.3,), beams=(1, 2, 5), n_prompts=64),
@@ -79,20 +80,11 @@ def curves_figure(
 
 
 def run(args: argparse.Namespace, scale: dict) -> common.Report:
-    common.require_synthetic(args.config, args.overrides, "dense_reward", NAME)
-    task = common.make_task("dense_reward", seed=args.seed)
+    common.require_synthetic(args.config, args.overrides, TASK, NAME)
+    task = common.make_task(TASK, seed=args.seed)
     tok = task.tokenizer
-    workdir = Path(args.workdir)
     common.log(f"{NAME}: SFT reference on all responses ({scale['sft_steps']} steps)")
-    sft_dir = common.train_run(
-        args.config,
-        "sft",
-        workdir / "sft_all",
-        steps=scale["sft_steps"],
-        seed=args.seed,
-        sft_responses="all",
-        overrides=args.overrides,
-    )
+    sft_dir = common.train_sft(args, "all", scale["sft_steps"])
     pairs = task.preference_examples(scale["n_prompts"], split="test")
     prompts = [tok.encode(p.prompt) for p in pairs]
     ref_gold = np.array([p.meta["chosen_reward"] for p in pairs])
@@ -102,16 +94,7 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
     rows = []
     for beta in scale["betas"]:
         common.log(f"{NAME}: DPO β={beta} ({scale['dpo_steps']} steps)")
-        dpo_dir = common.train_run(
-            args.config,
-            "dpo",
-            workdir / f"dpo_beta{beta}_sft_all",
-            steps=scale["dpo_steps"],
-            seed=args.seed,
-            beta=beta,
-            init_from=sft_dir,
-            overrides=args.overrides,
-        )
+        dpo_dir = common.train_dpo(args, beta, scale["dpo_steps"], sft_dir)
         pol = common.load_model(dpo_dir)
         per: dict[str, dict] = {}
         settings = [("sample", None)] + [(f"beam {b}", b) for b in scale["beams"]]
@@ -166,12 +149,7 @@ def run(args: argparse.Namespace, scale: dict) -> common.Report:
         curves_figure(results, scale["beams"], ref_len),
     )
     report.add("What the curve shows", summarise(results, scale["beams"]))
-    report.meta = {
-        "command": args.command,
-        "seed": str(args.seed),
-        "config": args.config,
-        **common.machine_info(),
-    }
+    report.meta = common.run_meta(args)
     return report
 
 
@@ -197,26 +175,12 @@ def summarise(results: dict[float, dict[str, dict]], beams: Sequence[int]) -> st
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=f"python -m experiments.{NAME}", description=__doc__.split("\n\n")[0]
-    )
-    common.add_common_args(
-        parser, NAME, default_config=common.default_config("dense_reward"), workdir_name="dense_reward"
-    )
-    args, rest = parser.parse_known_args(argv)
-    args.overrides = common.synthetic_overrides("dense_reward", args.config) + common.check_overrides(
-        rest, parser
-    )
-    args.command = common.command_line(f"experiments.{NAME}", argv)
-    return args
+    return common.parse_experiment_args(common.experiment_parser(NAME, __doc__, TASK), argv, NAME, TASK)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    report = run(args, SCALES["quick" if args.quick else "full"])
-    paths = report.write(args.results)
-    common.log(f"{NAME}: wrote {', '.join(str(p) for p in paths)}")
-    return 0
+    return common.write_report(NAME, run(args, SCALES["quick" if args.quick else "full"]), args.results)
 
 
 if __name__ == "__main__":

@@ -202,3 +202,21 @@ def test_stage_config_and_diff_keys(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="no nowhere_sft.py"):
         common.stage_config("nowhere", "sft")
     assert common._diff_keys({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}, "d": 0}) == ["a.c", "d"]
+
+
+def test_experiment_args() -> None:
+    from experiments import credit_assignment, implicit_rewards, search_overopt
+
+    a = search_overopt.parse_args(["--seed", "1", "--config.train.lr=0.1"])
+    assert a.workdir == "runs/experiments/dense_reward" and a.seed == 1
+    assert a.overrides[-1] == "--config.train.lr=0.1"
+    assert "--config.data.on_error=skip" in a.overrides  # dense_reward's own settings come first
+    assert a.command == "python -m experiments.search_overopt --seed 1 --config.train.lr=0.1"
+    a = credit_assignment.parse_args(["--heatmap-pairs", "2"])
+    assert (a.heatmap_pairs, a.overrides, a.workdir) == (2, [], "runs/experiments/error_injection")
+    a = implicit_rewards.parse_args(["--task", "dense_reward"])
+    assert a.workdir == "runs/experiments/dense_reward"
+    assert a.config == common.default_config("dense_reward")
+    assert a.results.endswith("implicit_rewards_dense_reward.md")
+    with pytest.raises(SystemExit):
+        search_overopt.parse_args(["--stray"])
