@@ -66,7 +66,11 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (ties share their mean rank), 0-based."""
+    """Average ranks (ties share their mean rank), 0-based.
+
+    dpoq_jax.analysis.metrics ranks the same way, but privately (_average_ranks, for its AUROC); use
+    it here once the library makes it public.
+    """
     x = np.asarray(x, np.float64).ravel()
     order = np.argsort(x, kind="mergesort")
     ranks = np.empty(x.size)
