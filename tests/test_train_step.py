@@ -62,7 +62,7 @@ def run_steps(run, batches):
 
 
 def test_logps_chunk_counts_time_steps():
-    """train.logps_chunk is time steps per chunk (docs/train.md); lean_token_logps takes positions, so
+    """train.logps_chunk is time steps per chunk (README, Training); lean_token_logps takes positions, so
     the loop scales it by the responses of one micro-batch (it used to pass 32 positions = 1 step)."""
     c = tiny_config("dpo")
     c.train.logps_chunk = 32

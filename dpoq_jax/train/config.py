@@ -195,8 +195,8 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> mc.ConfigDict:
 
 
 def base_config() -> mc.ConfigDict:
-    """Every key a run config has, with defaults (docs/train.md explains each). Config files start
-    from this and change what they need; the result is locked by `load_config_file`."""
+    """Every key a run config has, with defaults (the README's Training section explains each).
+    Config files start from this and change what they need; `load_config_file` locks the result."""
     c = mc.ConfigDict()
     c.stage = "dpo"  # "sft" or "dpo"
     c.seed = 0
