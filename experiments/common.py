@@ -489,8 +489,8 @@ def require_synthetic(config: str, overrides: Sequence[str], task: str, experime
     if cfg.data.source != "synthetic" or cfg.data.task != task:
         raise SystemExit(
             f"{experiment} needs the synthetic {task!r} task (its gold judge / known answers); config "
-            f"{config!r} trains on data.source={cfg.data.source!r}. At scale see docs/experiments.md "
-            "(dpoq train + dpoq score / dpoq generate)."
+            f"{config!r} trains on data.source={cfg.data.source!r}. At scale see the README's "
+            "Experiments section (dpoq train + dpoq score / dpoq generate)."
         )
 
 
