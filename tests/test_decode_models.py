@@ -168,7 +168,7 @@ def test_generate_and_score_commands(decoders, tmp_path):
     )
     assert rc == 0 and len(out.read_text().splitlines()) == 2
     prompts_txt.write_text("<bos>c:12=\n<bos>x:#=\n")
-    with pytest.raises(SystemExit, match=r"dpoq generate: error: .*p.txt, line 2: character '#'"):
+    with pytest.raises(SystemExit, match=r"dpoq generate: error: .*p.txt:2: character '#'"):
         generate_main(
             [
                 "--model",
@@ -212,7 +212,7 @@ def test_generate_and_score_commands(decoders, tmp_path):
 
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"prompt": "<bos>c:1=", "response": "1"}\n{"prompt": "<bos>c:1=", "chosen": "1"}\n')
-    with pytest.raises(SystemExit, match=r"dpoq score: error: .*pairs.jsonl, line 2: needs a string key"):
+    with pytest.raises(SystemExit, match=r"dpoq score: error: .*pairs.jsonl:2: key 'rejected': missing key"):
         score_main(
             [
                 "--policy",

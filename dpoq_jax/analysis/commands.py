@@ -17,28 +17,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dpoq_jax.data.errors import reports_user_errors
+from dpoq_jax.data.errors import ErrorPolicy, reports_user_errors
+from dpoq_jax.data.jsonl import check_fields, iter_json_lines
 from dpoq_jax.decode.commands import encode_all, load_model, load_tokenizer, synthetic_records
-
-RESPONSE_KEYS = (("response",), ("chosen", "rejected"))
 
 
 def read_pairs(path: str) -> list[dict[str, Any]]:
+    """{"prompt", "response"} or {"prompt", "chosen", "rejected"} lines; bad lines name file and line."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {i}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                raise ValueError(f"{where}: needs a string key 'prompt'")
-            if not any(all(isinstance(rec.get(k), str) for k in keys) for keys in RESPONSE_KEYS):
-                raise ValueError(f"{where}: needs a string key 'response', or keys 'chosen' and 'rejected'")
-            out.append({**rec, "where": where})
+    for line, rec in iter_json_lines(path, ErrorPolicy("fail")):
+        pair = isinstance(rec, dict) and "response" not in rec
+        responses = ("chosen", "rejected") if pair else ("response",)
+        check_fields(rec, ("prompt", *responses), responses, file=path, line=line)
+        out.append({**rec, "where": f"{path}:{line}"})
     if not out:
         raise ValueError(f"{path}: no pairs")
     return out

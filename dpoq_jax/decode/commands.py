@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from dpoq_jax.data.errors import reports_user_errors
+from dpoq_jax.data.errors import ErrorPolicy, reports_user_errors
+from dpoq_jax.data.jsonl import check_fields, iter_json_lines
 
 
 def load_model(path: str, dtype: str | None = None) -> Any:
@@ -69,21 +70,15 @@ def load_tokenizer(spec: str | None, model_path: str) -> Any:
 
 def read_prompts(path: str) -> list[dict[str, Any]]:
     """Prompts from .jsonl ({"prompt": ..., other keys kept as meta}) or text (one per non-empty line)."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.endswith((".jsonl", ".json")):
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
-                    raise ValueError(f"{path}, line {i}: needs a string key 'prompt'")
-                out.append({**rec, "where": f"{path}, line {i}"})
-            else:
-                out.append({"prompt": line.rstrip("\n"), "where": f"{path}, line {i}"})
+    if path.endswith((".jsonl", ".json")):
+        out = []
+        for line, rec in iter_json_lines(path, ErrorPolicy("fail")):
+            check_fields(rec, ("prompt",), (), file=path, line=line)
+            out.append({**rec, "where": f"{path}:{line}"})
+    else:
+        with open(path, encoding="utf-8") as f:
+            lines = [(i, t.rstrip("\n")) for i, t in enumerate(f, 1) if t.strip()]
+        out = [{"prompt": t, "where": f"{path}:{i}"} for i, t in lines]
     if not out:
         raise ValueError(f"{path}: no prompts")
     return out
