@@ -85,13 +85,16 @@ def test_every_layout_gives_padded_logps_loss_and_gradients():
     graphdef, params, rest = state_lib.split_model(make_model(0)())
     _, ref_params, _ = state_lib.split_model(make_model(1)())  # a different reference: loss != log 2
     optimizer = optax.sgd(1.0)  # new params = params - gradient
-    loss_fn = step_lib.make_dpo_loss(graphdef, rest, losses.LossConfig(beta=0.5), chunk_size=16)
-    train_step = jax.jit(step_lib.make_train_step(loss_fn, optimizer, optax.constant_schedule(1.0)))
-    logps_fn = jax.jit(lambda p, b: step_lib.pair_logps(graphdef, rest, p, b, 16))
-
     pairs = _small_pairs()
     results = {}
-    for layout in ("padded", "prefix_shared", "packed"):
+    # "padded_causal": the padded rows through plain causal attention (no mask), as training runs them
+    for case in ("padded", "padded_causal", "prefix_shared", "packed"):
+        layout, causal = case.removesuffix("_causal"), case.endswith("_causal")
+        loss_fn = step_lib.make_dpo_loss(
+            graphdef, rest, losses.LossConfig(beta=0.5), chunk_size=16, causal_rows=causal
+        )
+        train_step = jax.jit(step_lib.make_train_step(loss_fn, optimizer, optax.constant_schedule(1.0)))
+        logps_fn = jax.jit(lambda p, b, c=causal: step_lib.pair_logps(graphdef, rest, p, b, 16, c))
         b = _batch(layout, pairs)
         zero = jnp.zeros((), jnp.int32)
         st = state_lib.TrainState(
@@ -100,14 +103,14 @@ def test_every_layout_gives_padded_logps_loss_and_gradients():
         )  # fmt: skip
         new_st, metrics = train_step(st, {k: jnp.asarray(v)[None] for k, v in b.items()})
         grads = jax.tree.map(lambda old, new: old - new, params, new_st.params)
-        results[layout] = (b, logps_fn(params, {k: jnp.asarray(v) for k, v in b.items()}), metrics, grads)
+        results[case] = (b, logps_fn(params, {k: jnp.asarray(v) for k, v in b.items()}), metrics, grads)
 
     packed_rows = results["packed"][0]["tokens"].shape[0]
     assert packed_rows < NUM_PAIRS, "packed layout did not put two pairs in one row: the test would be weak"
     b0, (pc0, pr0), m0, g0 = results["padded"]
     assert float(m0["loss"]) != pytest.approx(np.log(2.0), abs=1e-3)
     assert optax.tree.norm(g0) > 1e-3
-    for layout in ("prefix_shared", "packed"):
+    for layout in ("padded_causal", "prefix_shared", "packed"):
         b, (pc, pr), m, g = results[layout]
         np.testing.assert_array_equal(b["chosen_mask"], b0["chosen_mask"])
         chex.assert_trees_all_close((pc, pr), (pc0, pr0), atol=1e-5, rtol=1e-5)

@@ -97,6 +97,12 @@ def _attn_width(mcfg: Any) -> int:
     return int(mcfg.num_heads * mcfg.head_dim)
 
 
+def causal_rows(cfg: Any) -> bool:
+    """The "padded" layout holds one right-padded sequence per row: plain causal attention is exact
+    there (and lets the model take the cuDNN kernel on GPU)."""
+    return cfg.data.layout == "padded"
+
+
 def logps_chunk_positions(cfg: Any, rows: int) -> int:
     """train.logps_chunk counts time steps per chunk; the lean log-probs count positions (responses x
     steps), so scale by the responses per forward (pairs or sequences of one micro-batch, global)."""
@@ -191,11 +197,12 @@ def setup(cfg: Any, devices: Any = None) -> Run:
     shardings = state_shardings(abs_params, p_sh, optimizer, mesh, with_ref)
     abstract = abstract_state(abs_params, optimizer, with_ref, _dtype(cfg.reference.dtype))
     chunk = logps_chunk_positions(cfg, cfg.train.batch_size // cfg.train.micro_batches)
+    causal = causal_rows(cfg)
     if dpo:
         loss_cfg = losses.LossConfig(**cfg.loss.to_dict())
-        loss_fn = make_dpo_loss(graphdef, rest, loss_cfg, chunk_size=chunk)
+        loss_fn = make_dpo_loss(graphdef, rest, loss_cfg, chunk_size=chunk, causal_rows=causal)
     else:
-        loss_fn = make_sft_loss(graphdef, rest, chunk_size=chunk)
+        loss_fn = make_sft_loss(graphdef, rest, chunk_size=chunk, causal_rows=causal)
     return Run(
         cfg,
         mesh,

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from dpoq_jax.train import inputs
-from dpoq_jax.train.loop import global_batch, logps_chunk_positions, setup
+from dpoq_jax.train.loop import causal_rows, global_batch, logps_chunk_positions, setup
 from dpoq_jax.train.mesh import replicated
 from dpoq_jax.train.step import pair_logps
 
@@ -35,7 +35,8 @@ def precompute_reference(cfg: Any, output: str) -> int:
 
     def fn(params, batch):
         micro = jax.tree.map(lambda x: x[0], batch)
-        return pair_logps(run.graphdef, run.rest, params, micro, logps_chunk_positions(cfg, G))
+        chunk = logps_chunk_positions(cfg, G)
+        return pair_logps(run.graphdef, run.rest, params, micro, chunk, causal_rows(cfg))
 
     logps_fn = jax.jit(fn, in_shardings=(run.shardings.params, b_sh), out_shardings=(rep, rep))
     rows = []

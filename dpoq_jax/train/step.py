@@ -28,12 +28,18 @@ LossFn = Callable[[Any, Any, Batch], tuple[Array, tuple[Array, dict[str, Array]]
 ROW_KEYS = ("tokens", "positions", "segment_ids", "branch_ids")
 
 
-def _hidden_and_unembed(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch):
-    """Forward the layout rows -> flat hidden [N*S, D], unembedding [D, V] and bias [V] or None."""
+def _hidden_and_unembed(
+    graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch, causal_rows: bool = False
+):
+    """Forward the layout rows -> flat hidden [N*S, D], unembedding [D, V] and bias [V] or None.
+
+    causal_rows: each row is one right-padded sequence ("padded" layout), so plain causal attention
+    gives every real token exactly what the segment mask would; without a mask the model can use the
+    cuDNN kernel on GPU and skips building the [N, S, S] mask.
+    """
     model = nnx.merge(graphdef, params, rest)
-    hidden_NSD = model(
-        batch["tokens"], batch["positions"], batch["segment_ids"], batch["branch_ids"], return_hidden=True
-    )
+    seg, br = (None, None) if causal_rows else (batch["segment_ids"], batch["branch_ids"])
+    hidden_NSD = model(batch["tokens"], batch["positions"], seg, br, return_hidden=True)
     unembed_DV, bias_V = model.unembedding()
     N, S, D = hidden_NSD.shape
     return hidden_NSD.reshape(N * S, D), unembed_DV, bias_V
@@ -56,10 +62,10 @@ def response_logps(
 
 
 def pair_logps(
-    graphdef: nnx.GraphDef, rest: Any, params: Any, batch: Batch, chunk_size: int
+    graphdef: nnx.GraphDef, rest: Any, params: Any, batch: Batch, chunk_size: int, causal_rows: bool = False
 ) -> tuple[Array, Array]:
     """Per-token log-probs [P, R] of the chosen and rejected responses of a layout batch."""
-    h, w, b = _hidden_and_unembed(graphdef, params, rest, batch)
+    h, w, b = _hidden_and_unembed(graphdef, params, rest, batch, causal_rows)
     out = []
     for side in ("chosen", "rejected"):
         out.append(
@@ -77,14 +83,20 @@ def pair_logps(
 
 
 def policy_and_ref_logps(
-    graphdef: nnx.GraphDef, rest: Any, params: Any, ref_params: Any | None, batch: Batch, chunk_size: int
+    graphdef: nnx.GraphDef,
+    rest: Any,
+    params: Any,
+    ref_params: Any | None,
+    batch: Batch,
+    chunk_size: int,
+    causal_rows: bool = False,
 ) -> tuple[Array, Array, Array, Array]:
     """(policy chosen [P,R], policy rejected [P,R], ref chosen, ref rejected). The reference comes from
     frozen parameters (no gradient) when given, else from the batch: per-token `ref_*_logps` [P, R]
     or per-response `ref_*_sum` [P]."""
 
     def logps(p: Any) -> tuple[Array, Array]:
-        return pair_logps(graphdef, rest, p, batch, chunk_size)
+        return pair_logps(graphdef, rest, p, batch, chunk_size, causal_rows)
 
     pc, pr = logps(params)
     if ref_params is not None:
@@ -102,12 +114,19 @@ def policy_and_ref_logps(
 
 
 def make_dpo_loss(
-    graphdef: nnx.GraphDef, rest: Any, loss_config: losses.LossConfig, chunk_size: int = 512
+    graphdef: nnx.GraphDef,
+    rest: Any,
+    loss_config: losses.LossConfig,
+    chunk_size: int = 512,
+    causal_rows: bool = False,
 ) -> LossFn:
-    """loss_fn(params, ref_params, micro_batch) -> (loss, (weight, metrics)); weight = real pairs."""
+    """loss_fn(params, ref_params, micro_batch) -> (loss, (weight, metrics)); weight = real pairs.
+    causal_rows=True only for the "padded" layout (see _hidden_and_unembed)."""
 
     def loss_fn(params, ref_params, batch):
-        pc, pr, rc, rr = policy_and_ref_logps(graphdef, rest, params, ref_params, batch, chunk_size)
+        pc, pr, rc, rr = policy_and_ref_logps(
+            graphdef, rest, params, ref_params, batch, chunk_size, causal_rows
+        )
         loss, metrics = losses.preference_loss(
             pc,
             pr,
@@ -123,12 +142,14 @@ def make_dpo_loss(
     return loss_fn
 
 
-def make_sft_loss(graphdef: nnx.GraphDef, rest: Any, chunk_size: int = 512) -> LossFn:
+def make_sft_loss(
+    graphdef: nnx.GraphDef, rest: Any, chunk_size: int = 512, causal_rows: bool = False
+) -> LossFn:
     """NLL of completion tokens; weight = real tokens (the loss is a per-token mean)."""
 
     def loss_fn(params, ref_params, batch):
         del ref_params
-        h, w, b = _hidden_and_unembed(graphdef, params, rest, batch)
+        h, w, b = _hidden_and_unembed(graphdef, params, rest, batch, causal_rows)
         logps = response_logps(
             h,
             w,
