@@ -160,7 +160,7 @@ def padded_equiv_flops(shape: str, pairs: int, row_len: int) -> float:
 # One JAX case
 
 
-def _full_logps_loss(graphdef, rest, loss_config):
+def _full_logps_loss(graphdef, rest, loss_config, causal_rows: bool):
     """The DPO loss with full logits: every row position's logits, float32 log-softmax over all of
     them (B×T×V float32), then gathered. Only for measuring what the lean log-probs save."""
     import jax
@@ -171,7 +171,8 @@ def _full_logps_loss(graphdef, rest, loss_config):
 
     def logps(params, batch):
         model = nnx.merge(graphdef, params, rest)
-        logits_NSV = model(batch["tokens"], batch["positions"], batch["segment_ids"], batch["branch_ids"])
+        seg, br = (None, None) if causal_rows else (batch["segment_ids"], batch["branch_ids"])
+        logits_NSV = model(batch["tokens"], batch["positions"], seg, br)
         logp_XV = jax.nn.log_softmax(logits_NSV.astype(jnp.float32), axis=-1)
         logp_XV = logp_XV.reshape(-1, logp_XV.shape[-1])
         out = []
@@ -203,6 +204,7 @@ def build_step(setup: Setup, case: Case, *, model_seed: int | None = None):
     from flax import nnx
 
     from dpoq_jax import losses, models
+    from dpoq_jax.train import loop as loop_lib
     from dpoq_jax.train import mesh as mesh_lib
     from dpoq_jax.train import state as state_lib
     from dpoq_jax.train import step as step_lib
@@ -225,10 +227,13 @@ def build_step(setup: Setup, case: Case, *, model_seed: int | None = None):
     sh = state_lib.state_shardings(abs_params, p_sh, optimizer, mesh, with_ref)
     state = state_lib.create_train_state(params, optimizer, sh, with_ref=with_ref, ref_dtype=ref_dtype)
     loss_config = losses.LossConfig(beta=setup.beta)
+    causal = loop_lib.causal_rows(case.layout)  # the attention path training takes
     if case.logps == "lean":
-        loss_fn = step_lib.make_dpo_loss(graphdef, rest, loss_config, chunk_size=setup.chunk_size)
+        loss_fn = step_lib.make_dpo_loss(
+            graphdef, rest, loss_config, chunk_size=setup.chunk_size, causal_rows=causal
+        )
     else:
-        loss_fn = _full_logps_loss(graphdef, rest, loss_config)
+        loss_fn = _full_logps_loss(graphdef, rest, loss_config, causal)
     train_step = step_lib.make_train_step(loss_fn, optimizer, optax.constant_schedule(setup.lr))
     return jax.jit(train_step, donate_argnums=0), state, graphdef, rest, mesh
 

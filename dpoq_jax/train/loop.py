@@ -97,10 +97,10 @@ def _attn_width(mcfg: Any) -> int:
     return int(mcfg.num_heads * mcfg.head_dim)
 
 
-def causal_rows(cfg: Any) -> bool:
+def causal_rows(layout: str) -> bool:
     """The "padded" layout holds one right-padded sequence per row: plain causal attention is exact
     there (and lets the model take the cuDNN kernel on GPU)."""
-    return cfg.data.layout == "padded"
+    return layout == "padded"
 
 
 def logps_chunk_positions(cfg: Any, rows: int) -> int:
@@ -197,7 +197,7 @@ def setup(cfg: Any, devices: Any = None) -> Run:
     shardings = state_shardings(abs_params, p_sh, optimizer, mesh, with_ref)
     abstract = abstract_state(abs_params, optimizer, with_ref, _dtype(cfg.reference.dtype))
     chunk = logps_chunk_positions(cfg, cfg.train.batch_size // cfg.train.micro_batches)
-    causal = causal_rows(cfg)
+    causal = causal_rows(cfg.data.layout)
     if dpo:
         loss_cfg = losses.LossConfig(**cfg.loss.to_dict())
         loss_fn = make_dpo_loss(graphdef, rest, loss_cfg, chunk_size=chunk, causal_rows=causal)

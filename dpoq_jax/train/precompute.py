@@ -36,7 +36,7 @@ def precompute_reference(cfg: Any, output: str) -> int:
     def fn(params, batch):
         micro = jax.tree.map(lambda x: x[0], batch)
         chunk = logps_chunk_positions(cfg, G)
-        return pair_logps(run.graphdef, run.rest, params, micro, chunk, causal_rows(cfg))
+        return pair_logps(run.graphdef, run.rest, params, micro, chunk, causal_rows(cfg.data.layout))
 
     logps_fn = jax.jit(fn, in_shardings=(run.shardings.params, b_sh), out_shardings=(rep, rep))
     rows = []
