@@ -1,0 +1,40 @@
+"""The documentation site builds in strict mode: a broken link, an anchor that does not exist, a page
+left out of the navigation or a link to a missing repository file fails the suite."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_docs_build_strict(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    home = (tmp_path / "site" / "index.html").read_text(encoding="utf-8")
+    assert "Quick start" in home  # the README is the home page
+    for page in ("core", "models", "data", "training", "decoding", "experiments", "benchmarks", "tpu", "cli"):
+        assert (tmp_path / "site" / page / "index.html").is_file(), page
+
+
+def test_docs_build_fails_on_a_broken_link(tmp_path):
+    """The strict build is a real check: the same build with one broken link fails."""
+    import shutil
+
+    work = tmp_path / "repo"
+    shutil.copytree(REPO / "docs", work / "docs")
+    shutil.copy(REPO / "mkdocs.yml", work / "mkdocs.yml")
+    shutil.copy(REPO / "README.md", work / "README.md")
+    for d in ("experiments/results", "benchmarks/results"):
+        shutil.copytree(REPO / d, work / d)
+    with open(work / "docs" / "cli.md", "a", encoding="utf-8") as f:
+        f.write("\nSee [the missing page](no_such_page.md).\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=work, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode != 0
+    assert "no_such_page.md" in out.stdout + out.stderr
