@@ -19,7 +19,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p benchmarks/results
 # Programs shared between cases (parameter init, state creation) compile once.
-export JAX_COMPILATION_CACHE_DIR="${JAX_COMPILATION_CACHE_DIR:-/tmp/dpoq_jax_cache}"
+# Default: a private temporary folder for this run, removed at the end (no fixed machine path).
+if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
+  JAX_COMPILATION_CACHE_DIR="$(mktemp -d)"
+  trap 'rm -rf "${JAX_COMPILATION_CACHE_DIR}"' EXIT
+fi
+export JAX_COMPILATION_CACHE_DIR
 log=benchmarks/results/gpu_run.log
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$log" || true
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$log"

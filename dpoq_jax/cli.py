@@ -6,6 +6,7 @@ this file only dispatches, so that `dpoq --help` stays fast (no JAX import).
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 
@@ -21,6 +22,33 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("dpoq_jax.decode.commands:generate_main", "sample / beam / reward-guided search"),
     "score": ("dpoq_jax.analysis.commands:score_main", "per-token implicit rewards and HTML/PNG reports"),
 }
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every subcommand's --help: the description as written, and after each option's meaning its
+    default ("(default: X)"), or "(required)"; a help text that already says what the default means
+    ("None: ...") or that the option is required keeps its words."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is argparse.SUPPRESS or any(w in text for w in ("default:", "None:", "required")):
+            return text
+        if action.required:
+            return f"{text} (required)"
+        if action.option_strings:
+            return f"{text} (default: %(default)s)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """A subcommand's parser: the HelpFormatter, and a usage error as one line (exit status 2)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
 
 
 def _usage() -> str:

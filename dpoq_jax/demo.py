@@ -56,10 +56,12 @@ def _experiments_importable() -> None:
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="dpoq demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    from dpoq_jax.cli import Parser
+
+    p = Parser(prog="dpoq demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--quick", action="store_true", help="a much smaller smoke run (about a minute)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the tasks and the training runs")
     return p.parse_args(list(argv))
 
 

@@ -145,10 +145,10 @@ def preference_loss(
         "rewards/accuracies": mean((reward_c_B > reward_r_B).astype(jnp.float32)),
         "logps/chosen": mean(pc_B),
         "logps/rejected": mean(pr_B),
-        # TRL reports the mean raw vocabulary logit; the loss never sees logits, so we report the
-        # mean per-token log-prob of the response tokens (log-softmax-normalised logit).
-        "logits/chosen": mean(pc_B / n_c_B),
-        "logits/rejected": mean(pr_B / n_r_B),
+        # Mean per-token log-prob of the response tokens. Not TRL's `logits/*` (the mean raw logit over
+        # the vocabulary), which the loss never sees and so is not reported.
+        "logps_mean/chosen": mean(pc_B / n_c_B),
+        "logps_mean/rejected": mean(pr_B / n_r_B),
     }
     if config.sft_weight > 0:
         nll = _token_mean(-policy_chosen_BT.astype(jnp.float32), cm_BT, pm_B, axis_name)

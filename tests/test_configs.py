@@ -97,8 +97,16 @@ def test_config_errors_name_the_key(overrides, message):
 def test_missing_sft_workdir_and_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="model.path.*error_injection_sft.*does not exist"):
         load_config(
-            str(CONFIGS / "error_injection_dpo.py"), ["--config.model.path=/tmp/none/error_injection_sft"]
+            str(CONFIGS / "error_injection_dpo.py"),
+            [f"--config.model.path={tmp_path / 'error_injection_sft'}"],
         )
+    # No machine-path default: the DPO configs need the SFT run, as their argument or as model.path.
+    for task in ("error_injection", "dense_reward"):
+        with pytest.raises(ConfigError, match=r"^config key 'model.path' is required .*FILE:DIR"):
+            load_config(str(CONFIGS / f"{task}_dpo.py"))
+        (tmp_path / task).mkdir()
+        spec = f"{CONFIGS / f'{task}_dpo.py'}:{tmp_path / task}"
+        assert load_config(spec).model.path == str(tmp_path / task)
     with pytest.raises(ConfigError, match="config file '/no/cfg.py' does not exist"):
         load_config("/no/cfg.py")
     bad = tmp_path / "bad.py"
@@ -111,14 +119,14 @@ def test_missing_sft_workdir_and_file_errors(tmp_path):
         apply_override(c, "model.widht", "3")
 
 
-def test_cli_reports_config_errors(capsys):
+def test_cli_reports_config_errors(tmp_path):
     with pytest.raises(SystemExit, match="config error: unknown config key 'train.steps'"):
         train_main(
             [
                 "--config",
                 str(CONFIGS / "error_injection_sft.py"),
                 "--workdir",
-                "/tmp/x",
+                str(tmp_path / "w"),
                 "--config.train.steps=3",
             ]
         )
@@ -138,12 +146,14 @@ def test_cli_reports_bad_config_file_and_bad_data_without_traceback(tmp_path):
         train_main(argv)
 
 
-def test_over_long_prompts_truncate_fail_or_skip():
+def test_over_long_prompts_truncate_fail_or_skip(tmp_path):
     """data.truncate_prompt=False turns prompts over data.max_prompt_tokens into bad input."""
     from dpoq_jax.data.errors import DataError
     from dpoq_jax.train.inputs import load_dataset
 
-    spec = str(CONFIGS / "error_injection_dpo.py")
+    # load_dataset reads no model: the SFT run only has to exist for the config to validate.
+    (tmp_path / "sft").mkdir()
+    spec = f"{CONFIGS / 'error_injection_dpo.py'}:{tmp_path / 'sft'}"
     common = [
         "--config.data.num_examples=20",
         "--config.data.num_eval=4",

@@ -56,8 +56,8 @@ def _np_loss(pc, pr, rc, rr, cm, rm, cfg, pm):
         "rewards/accuracies": mean((rwc > rwr).astype(float)),
         "logps/chosen": mean(sc),
         "logps/rejected": mean(sr),
-        "logits/chosen": mean(sc / cm.sum(1)),
-        "logits/rejected": mean(sr / rm.sum(1)),
+        "logps_mean/chosen": mean(sc / cm.sum(1)),
+        "logps_mean/rejected": mean(sr / rm.sum(1)),
         "token_rewards/chosen_mean": tc[real_c].mean(),
         "token_rewards/chosen_min": tc[real_c].min(),
         "token_rewards/rejected_mean": tr[real_r].mean(),
@@ -101,6 +101,8 @@ class PreferenceLossTest(chex.TestCase):
             np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=1e-5, atol=1e-6)
             for k, v in ref_metrics.items():
                 np.testing.assert_allclose(metrics[k], v, rtol=1e-5, atol=1e-6, err_msg=f"{cfg} {k}")
+            # TRL's `logits/*` (mean raw logit) is not something this loss sees: no metric takes the name
+            assert not [k for k in metrics if k.startswith("logits/")]
             # gradient w.r.t. the policy's per-token log-probs vs float64 central differences
             g = jax.grad(
                 lambda a, b, c=cfg: losses.preference_loss(a, b, rc, rr, cm, rm, config=c, pair_mask_B=pm)[0],

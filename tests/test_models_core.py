@@ -259,8 +259,10 @@ def test_checkpoint_and_convert_round_trip(tmp_path):
     before_self_convert = sorted(os.listdir(back))
     tok = hf.load_tokenizer(back)
     assert tok.encode("w1 w2 w3") == hf.load_tokenizer(src).encode("w1 w2 w3") == [4, 5, 6]
-    assert convert_main(["--from", str(tmp_path / "nothing"), "--to", back]) == 2
-    assert convert_main(["--from", back, "--to", back + "/"]) == 2  # would write into its own source
+    with pytest.raises(SystemExit, match=r"^dpoq convert: error: --from .*nothing: not a directory$"):
+        convert_main(["--from", str(tmp_path / "nothing"), "--to", back])
+    with pytest.raises(SystemExit, match="same directory"):  # would write into its own source
+        convert_main(["--from", back, "--to", back + "/"])
     assert sorted(os.listdir(back)) == before_self_convert
 
 

@@ -225,6 +225,22 @@ def test_sharded_load_matches(torch_models):
     np.testing.assert_allclose(np.asarray(sharded(ids, pos)), np.asarray(plain(ids, pos)), atol=1e-5, rtol=0)
 
 
+def test_load_hf_config_overrides(torch_models):
+    """Keywords replace config.json's fields, also those config.json sets (norm_eps, rope_theta)."""
+    import dataclasses
+
+    _, d = torch_models["qwen2"]
+    plain, cfg = hf.load_hf(d)
+    model, cfg2 = hf.load_hf(d, norm_eps=1e-2, rope_theta=123.0, remat="full")
+    assert cfg2 == dataclasses.replace(cfg, norm_eps=1e-2, rope_theta=123.0, remat="full")
+    assert (cfg.norm_eps, cfg.rope_theta) != (1e-2, 123.0)
+    ids = jnp.asarray([[1, 5, 9, 2, 7, 3]])
+    pos = jnp.arange(6)[None]
+    assert not np.allclose(np.asarray(model(ids, pos)), np.asarray(plain(ids, pos)), atol=1e-4)
+    with pytest.raises(TypeError, match="no_such_field"):
+        hf.load_hf(d, no_such_field=1)
+
+
 def test_clear_errors(torch_models, tmp_path):
     _, d = torch_models["qwen2"]
     bad = tmp_path / "bad"

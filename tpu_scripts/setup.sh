@@ -13,7 +13,10 @@ if [[ ${#EXTRA_ARGS[@]} -gt 0 ]]; then
 fi
 gcloud_flags
 
-TARBALL="/tmp/dpoq_jax.tar.gz"
+# A fresh private temporary folder for the archive (no fixed path to collide with or leave behind).
+STAGE="$(mktemp -d)"
+trap 'rm -rf "${STAGE}"' EXIT
+TARBALL="${STAGE}/dpoq_jax.tar.gz"
 # The committed tree (git archive), so that every worker runs exactly the same code.
 run git -C "${REPO}" archive --format=tar.gz --prefix=dpoq_jax/ -o "${TARBALL}" HEAD
 run gcloud compute tpus tpu-vm scp "${TARBALL}" "${NAME}:~/dpoq_jax.tar.gz" --worker=all "${GCLOUD_FLAGS[@]}"

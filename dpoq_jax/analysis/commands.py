@@ -1,4 +1,4 @@
-"""`dpoq score`: per-token implicit rewards of given responses -> JSON, HTML report, PNG heatmaps.
+r"""`dpoq score`: per-token implicit rewards of given responses -> JSON, HTML report, PNG heatmaps.
 
     dpoq score --policy DPO_DIR --reference SFT_DIR --pairs pairs.jsonl --beta 0.1 --out-dir report/
     dpoq score --policy DPO_WORKDIR --reference SFT_WORKDIR --tokenizer synthetic \
@@ -19,7 +19,15 @@ from typing import Any
 
 from dpoq_jax.data.errors import ErrorPolicy, reports_user_errors
 from dpoq_jax.data.jsonl import check_fields, iter_json_lines
-from dpoq_jax.decode.commands import encode_all, load_model, load_tokenizer, synthetic_records
+from dpoq_jax.decode.commands import (
+    SPLIT_HELP,
+    SPLITS,
+    context_length,
+    encode_all,
+    load_model,
+    load_tokenizer,
+    synthetic_records,
+)
 
 
 def read_pairs(path: str) -> list[dict[str, Any]]:
@@ -40,24 +48,65 @@ def token_strings(tok: Any, ids: list[int]) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dpoq score", description=__doc__.split("\n")[0])
-    p.add_argument("--policy", required=True, help="HF directory or run workdir")
-    p.add_argument("--reference", required=True, help="HF directory or run workdir")
-    p.add_argument("--tokenizer", help="'synthetic' or a tokenizer directory (default: --policy)")
+    from dpoq_jax.cli import Parser
+
+    p = Parser(prog="dpoq score", description=__doc__)
+    p.add_argument("--policy", required=True, help="HF directory or `dpoq train` run folder")
+    p.add_argument("--reference", required=True, help="HF directory or `dpoq train` run folder")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="'synthetic' or a tokenizer directory (None: the policy's own, or what its run trained with)",
+    )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--pairs", help=".jsonl with prompt + response, or prompt + chosen + rejected")
-    src.add_argument("--synthetic", choices=["error_injection", "dense_reward"])
-    p.add_argument("--n", type=int, default=32)
-    p.add_argument("--split", default="validation")
-    p.add_argument("--task-seed", type=int, default=0)
-    p.add_argument("--beta", type=float, default=0.1)
+    src.add_argument(
+        "--pairs",
+        help=".jsonl with prompt + response, or prompt + chosen + rejected (this or --synthetic is required)",
+    )
+    src.add_argument(
+        "--synthetic",
+        choices=["error_injection", "dense_reward"],
+        help="pairs of a synthetic task (this or --pairs is required)",
+    )
+    p.add_argument("--n", type=int, default=32, help="number of synthetic pairs")
+    p.add_argument("--split", choices=SPLITS, default="test", help=SPLIT_HELP)
+    p.add_argument("--task-seed", type=int, default=0, help="seed of the synthetic task")
+    p.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward beta*log(pi/pi_ref)")
     p.add_argument("--with-qv", action="store_true", help="also write Q(s_t,a_t) and V(s_t)")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to each response")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--max-png", type=int, default=20)
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="cut responses to fit the models' context (otherwise a longer prompt + response is an error)",
+    )
+    p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (None: the models')")
+    p.add_argument("--max-png", type=int, default=20, help="heatmaps written, for the first items")
     p.add_argument("--batch-size", type=int, default=32, help="responses scored at a time")
-    p.add_argument("--out-dir", required=True)
+    p.add_argument("--out-dir", required=True, help="report folder (created)")
     return p
+
+
+def fit_responses(
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    names: list[str],
+    context: int | None,
+    truncate: bool,
+) -> int:
+    """Refuse (or with `truncate`, cut in place) responses whose prompt + response exceed the models'
+    `context` positions; returns how many were cut."""
+    cut = 0
+    for n, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        if context is None or len(p) + len(r) <= context:
+            continue
+        if not truncate or len(p) >= context:
+            hint = "pass --truncate to cut the response" if len(p) < context else "the prompt alone fills it"
+            raise ValueError(
+                f"{names[n]}: prompt {len(p)} + response {len(r)} tokens exceed the models' context of "
+                f"{context} positions (max_position_embeddings); {hint}"
+            )
+        responses[n], cut = r[: context - len(p)], cut + 1
+    return cut
 
 
 @reports_user_errors("dpoq score")
@@ -72,20 +121,25 @@ def score_main(argv: list[str]) -> int:
         if args.pairs
         else synthetic_records(args.synthetic, args.n, args.split, args.task_seed)
     )
-    tok = load_tokenizer(args.tokenizer, args.policy)
+    tok = load_tokenizer(args.tokenizer, args.policy, "--policy")
     eos = [] if args.no_eos else [tok.eos_token_id]
     prompts, responses, names, owner = [], [], [], []
     for i, r in enumerate(recs):
         keys = ("chosen", "rejected") if "chosen" in r and "rejected" in r else ("response",)
-        (p_ids,) = encode_all(tok, [r["prompt"]], [f"{r['where']}, key 'prompt'"])
+        (p_ids,) = encode_all(tok, [r["prompt"]], [f"{r['where']}, key 'prompt'"], nonempty=True)
         for k in keys:
             (ids,) = encode_all(tok, [r[k]], [f"{r['where']}, key {k!r}"])
             prompts.append(p_ids)
             responses.append(ids + eos)
             names.append(f"{r['where']}, key {k!r}")
             owner.append((i, k))
-    policy = load_model(args.policy, args.dtype)
-    reference = load_model(args.reference, args.dtype)
+    policy = load_model(args.policy, args.dtype, "--policy")
+    reference = load_model(args.reference, args.dtype, "--reference")
+    context = context_length(policy, reference)
+    cut = fit_responses(prompts, responses, names, context, args.truncate)
+    if cut:
+        print(f"dpoq score: {cut} responses cut to the context of {context} positions (--truncate)",
+              file=sys.stderr)  # fmt: skip
     scores = score_responses(
         policy,
         reference,
@@ -103,6 +157,8 @@ def score_main(argv: list[str]) -> int:
     for (i, k), s in zip(owner, scores, strict=True):
         items[i]["responses"][k] = s.to_dict(token_strings(tok, s.ids))
     report = {"beta": args.beta, "policy": args.policy, "reference": args.reference, "items": items}
+    if args.synthetic:
+        report.update(task=args.synthetic, split=args.split, task_seed=args.task_seed)
 
     out = Path(args.out_dir)
     (out / "png").mkdir(parents=True, exist_ok=True)
@@ -113,7 +169,7 @@ def score_main(argv: list[str]) -> int:
     if args.synthetic == "error_injection":
         pos = [r["meta"]["error_positions"] for r in recs]
         credit = credit_assignment_score([it["responses"]["rejected"]["rewards"] for it in items], pos)
-        credit["beta"] = args.beta
+        credit.update(beta=args.beta, split=args.split)
         (out / "credit.json").write_text(json.dumps(credit, indent=1))
         print(json.dumps(credit), file=sys.stderr)
     print(f"dpoq score: {len(items)} items -> {out}/report.html, scores.json, png/", file=sys.stderr)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -88,6 +89,27 @@ class SyntheticTokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+    def save_pretrained(self, path: str) -> list[str]:
+        """Write this tokenizer as Hugging Face tokenizer files (tokenizer.json: a word-level model over
+        single characters, the three specials matched first, decoding without separators), so that
+        AutoTokenizer.from_pretrained(path) and `dpoq --tokenizer PATH` give the same ids and text.
+        One difference: a character outside the vocabulary is an error there too, but a plain Exception."""
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {s: i for i, s in enumerate(SPECIALS)} | self._to_id
+        tk = Tokenizer(models.WordLevel(vocab, unk_token=None))
+        tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # every character
+        tk.decoder = decoders.Fuse()
+        tk.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tk,
+            pad_token=SPECIALS[PAD_ID],
+            bos_token=SPECIALS[BOS_ID],
+            eos_token=SPECIALS[EOS_ID],
+        )
+        return [os.path.basename(f) for f in fast.save_pretrained(path) if os.path.isfile(f)]
 
 
 def _split_seed(seed: int, split: str) -> np.random.Generator:

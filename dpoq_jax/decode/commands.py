@@ -1,4 +1,4 @@
-"""`dpoq generate`: prompts -> sampled, greedy, beam or reward-guided responses as JSON lines.
+r"""`dpoq generate`: prompts -> sampled, greedy, beam or reward-guided responses as JSON lines.
 
     dpoq generate --model DIR --prompts prompts.jsonl --mode beam --num-beams 5 --out out.jsonl
     dpoq generate --model WORKDIR --tokenizer synthetic --synthetic error_injection --n 16 \
@@ -24,29 +24,33 @@ from dpoq_jax.data.errors import ErrorPolicy, reports_user_errors
 from dpoq_jax.data.jsonl import check_fields, iter_json_lines
 
 
-def load_model(path: str, dtype: str | None = None) -> Any:
-    """Decoder from a Hugging Face directory or a run workdir / its checkpoints directory."""
+def load_model(path: str, dtype: str | None = None, flag: str = "--model") -> Any:
+    """Decoder from a Hugging Face directory or a run workdir / its checkpoints directory; errors name
+    the command-line `flag` the path came from."""
     import jax
     from flax import nnx
 
     from dpoq_jax.models import hf
     from dpoq_jax.models.config import ModelConfig
 
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{flag} {path}: not a directory")
     kw: dict[str, Any] = {} if dtype is None else {"dtype": jax.numpy.dtype(dtype)}
     is_workdir = os.path.isdir(os.path.join(path, "checkpoints"))  # a run workdir also has a config.json
     if not is_workdir and os.path.isfile(os.path.join(path, "config.json")):
-        model, _ = hf.load_hf(path, **kw)
+        try:
+            model, _ = hf.load_hf(path, **kw)
+        except (OSError, ValueError) as e:
+            raise type(e)(f"{flag} {path}: {e}") from None
         return model
     from dpoq_jax.train.checkpoint import RunCheckpoints
 
     ckpt_dir = os.path.join(path, "checkpoints") if is_workdir else path
-    if not os.path.isdir(ckpt_dir):
-        raise FileNotFoundError(f"--model {path}: not a directory")
     ckpts = RunCheckpoints(os.path.abspath(ckpt_dir), every_steps=1, keep=1, async_save=False)
     step = ckpts.latest_step()
     if step is None:
         raise FileNotFoundError(
-            f"--model {path}: neither a Hugging Face directory (config.json) nor a run "
+            f"{flag} {path}: neither a Hugging Face directory (config.json) nor a run "
             f"workdir with a complete checkpoint under {ckpt_dir}"
         )
     mcfg = ModelConfig.from_dict(ckpts.read_json(step, "model_config"))
@@ -57,15 +61,36 @@ def load_model(path: str, dtype: str | None = None) -> Any:
     return nnx.merge(graphdef, params, rest)
 
 
-def load_tokenizer(spec: str | None, model_path: str) -> Any:
-    """`synthetic`: the synthetic tasks' tokenizer; a directory: its HF tokenizer (default: the model's)."""
+def context_length(*models: Any) -> int | None:
+    """Positions the models were built for (the smallest max_position_embeddings); None if unknown."""
+    sizes = [m.cfg.max_position_embeddings for m in models if m is not None and hasattr(m, "cfg")]
+    return min(sizes) if sizes else None
+
+
+def load_tokenizer(spec: str | None, model_path: str, flag: str = "--model") -> Any:
+    """`synthetic`: the synthetic tasks' tokenizer; a directory: its HF tokenizer; None: the one that
+    goes with the model (its directory's tokenizer files, or what its training run used)."""
+    from dpoq_jax.models import hf
+
+    if spec is None:
+        if not os.path.isdir(model_path):
+            raise FileNotFoundError(f"{flag} {model_path}: not a directory")
+        spec = hf.find_tokenizer(model_path)
+        if spec is None:
+            raise FileNotFoundError(
+                f"{flag} {model_path}: no tokenizer found with the model; pass --tokenizer DIR or synthetic"
+            )
+        flag = f"tokenizer of {flag}"
+    else:
+        flag = "--tokenizer"
     if spec == "synthetic":
         from dpoq_jax.data.synthetic import SyntheticTokenizer
 
         return SyntheticTokenizer()
-    from dpoq_jax.models.hf import load_tokenizer as load_hf_tokenizer
-
-    return load_hf_tokenizer(spec or model_path)
+    if not hf.has_tokenizer(spec):
+        what = "not a directory" if not os.path.isdir(spec) else "no tokenizer files there"
+        raise FileNotFoundError(f"{flag} {spec}: {what} (expected 'synthetic' or a tokenizer directory)")
+    return hf.load_tokenizer(spec)
 
 
 def read_prompts(path: str) -> list[dict[str, Any]]:
@@ -100,42 +125,103 @@ def synthetic_records(task: str, n: int, split: str, seed: int) -> list[dict[str
     ]
 
 
-def encode_all(tok: Any, texts: Sequence[str], where: Sequence[str]) -> list[list[int]]:
+def encode_all(
+    tok: Any, texts: Sequence[str], where: Sequence[str], *, nonempty: bool = False
+) -> list[list[int]]:
+    """Token ids of each text; an error (a character the tokenizer refuses, or with `nonempty` no token
+    at all) names its `where` (file:line and key)."""
     out = []
     for text, w in zip(texts, where, strict=True):
         try:
-            out.append(list(tok.encode(text, add_special_tokens=False)))
-        except ValueError as e:
+            ids = list(tok.encode(text, add_special_tokens=False))
+        except Exception as e:  # noqa: BLE001 - HF tokenizers raise plain Exception; name the input
             raise ValueError(f"{w}: {e}") from None
+        if nonempty and not ids:
+            raise ValueError(f"{w}: the prompt is empty (no tokens); decoding needs at least one, e.g. <bos>")
+        out.append(ids)
     return out
 
 
+def fit_prompts(
+    prompts: list[list[int]], where: Sequence[str], new_tokens: int, context: int | None, truncate: bool
+) -> int:
+    """Refuse (or with `truncate`, cut from the left, in place) prompts that leave fewer than `new_tokens`
+    positions of the model's `context`; returns how many were cut."""
+    if context is None:
+        return 0
+    room = context - new_tokens
+    if room < 1:
+        raise ValueError(
+            f"--max-new-tokens {new_tokens} leaves no room for a prompt in the model's context of {context} "
+            "positions (max_position_embeddings)"
+        )
+    cut = 0
+    for i, (p, w) in enumerate(zip(prompts, where, strict=True)):
+        if len(p) > room:
+            if not truncate:
+                raise ValueError(
+                    f"{w}: prompt of {len(p)} tokens + --max-new-tokens {new_tokens} exceed the model's "
+                    f"context of {context} positions; lower --max-new-tokens or pass --truncate-prompt"
+                )
+            prompts[i], cut = p[len(p) - room :], cut + 1
+    return cut
+
+
+SPLITS = ("train", "validation", "test")
+SPLIT_HELP = (
+    "split of the synthetic task; 'test' is neither trained on nor used for training's held-out eval "
+    "(that is 'validation'), and is what `dpoq demo` reports"
+)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dpoq generate", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="HF directory or run workdir")
-    p.add_argument("--reference", help="reference model (implicit rewards; required for --mode guided)")
-    p.add_argument("--tokenizer", help="'synthetic' or a directory with tokenizer files (default: --model)")
+    from dpoq_jax.cli import Parser
+
+    p = Parser(prog="dpoq generate", description=__doc__)
+    p.add_argument("--model", required=True, help="HF directory or `dpoq train` run folder")
+    p.add_argument(
+        "--reference", default=None, help="reference model for implicit rewards; --mode guided needs it"
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="'synthetic' or a tokenizer directory (None: the model's own, or what its run trained with)",
+    )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", help=".jsonl with a 'prompt' key per line, or a text file, one per line")
     src.add_argument(
-        "--synthetic", choices=["error_injection", "dense_reward"], help="prompts of a synthetic task"
+        "--prompts", help=".jsonl with a 'prompt' key per line, or a text file, one per line (this or "
+        "--synthetic is required)"
+    )  # fmt: skip
+    src.add_argument(
+        "--synthetic",
+        choices=["error_injection", "dense_reward"],
+        help="prompts of a synthetic task (this or --prompts is required)",
     )
     p.add_argument("--n", type=int, default=16, help="number of synthetic prompts")
-    p.add_argument("--split", default="validation")
-    p.add_argument("--task-seed", type=int, default=0)
-    p.add_argument("--mode", choices=["greedy", "sample", "beam", "guided"], default="greedy")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--num-beams", type=int, default=4)
+    p.add_argument("--split", choices=SPLITS, default="test", help=SPLIT_HELP)
+    p.add_argument("--task-seed", type=int, default=0, help="seed of the synthetic task")
+    p.add_argument("--mode", choices=["greedy", "sample", "beam", "guided"], default="greedy",
+                   help="greedy, sampling, beam search or reward-guided search")  # fmt: skip
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="tokens generated at most per prompt (EOS included)"
+    )
+    p.add_argument(
+        "--truncate-prompt",
+        action="store_true",
+        help="cut prompts from the left to fit the model's context with --max-new-tokens (otherwise such "
+        "a prompt is an error)",
+    )
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (--mode sample)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0: all (--mode sample)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (--mode sample)")
+    p.add_argument("--num-beams", type=int, default=4, help="beams per prompt (--mode beam / guided)")
     p.add_argument("--length-penalty", type=float, default=0.0, help="alpha in score / length**alpha")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (default: the model's)")
-    p.add_argument("--cache-dtype", default=None, help="KV cache dtype (default: the model's compute dtype)")
-    p.add_argument("--eos-id", type=int, default=None, help="default: the tokenizer's eos_token_id")
+    p.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward beta*log(pi/pi_ref)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded at a time")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (None: the model's)")
+    p.add_argument("--cache-dtype", default=None, help="KV cache dtype (None: the compute dtype)")
+    p.add_argument("--eos-id", type=int, default=None, help="end token id (None: the tokenizer's)")
     p.add_argument("--out", required=True, help="output .jsonl")
     return p
 
@@ -157,9 +243,14 @@ def generate_main(argv: list[str]) -> int:
     tok = load_tokenizer(args.tokenizer, args.model)
     eos = args.eos_id if args.eos_id is not None else tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    prompts = encode_all(tok, [r["prompt"] for r in recs], [r["where"] for r in recs])
+    prompts = encode_all(tok, [r["prompt"] for r in recs], [r["where"] for r in recs], nonempty=True)
     model = load_model(args.model, args.dtype)
-    ref = load_model(args.reference, args.dtype) if args.reference else None
+    ref = load_model(args.reference, args.dtype, "--reference") if args.reference else None
+    cut = fit_prompts(prompts, [r["where"] for r in recs], args.max_new_tokens, context_length(model, ref),
+                      args.truncate_prompt)  # fmt: skip
+    if cut:
+        print(f"dpoq generate: {cut} prompts cut from the left to fit the context (--truncate-prompt)",
+              file=sys.stderr)  # fmt: skip
 
     with open(args.out, "w", encoding="utf-8") as f:
         for s in range(0, len(prompts), args.batch_size):

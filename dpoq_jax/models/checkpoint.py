@@ -68,6 +68,16 @@ def resolve_params_dir(path: str, step: int | None = None) -> str:
     return os.path.join(root, str(steps[-1]))
 
 
+def is_params_source(path: str) -> bool:
+    """True when `path` holds params checkpoints (save_params' layout, a checkpoints directory or a
+    workdir), i.e. `resolve_params_dir` finds a step in it."""
+    try:
+        resolve_params_dir(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def read_model_config(path: str) -> ModelConfig:
     for f in (os.path.join(path, "model_config.json"), os.path.join(path, "model_config", "metadata")):
         if os.path.isfile(f):

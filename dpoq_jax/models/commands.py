@@ -1,8 +1,10 @@
 """`dpoq convert --from SRC --to DST`: Hugging Face directory <-> params-only orbax checkpoint.
 
-The direction follows the source: a directory with config.json + *.safetensors is imported to an
-orbax checkpoint; anything else (save_params' layout, a training checkpoints directory or workdir) is
-exported to a Hugging Face directory. Tokenizer files travel along when the source has them.
+The direction follows the source: a `dpoq train` run folder (it has checkpoints/), a checkpoints
+directory or save_params' layout is exported to a Hugging Face directory; a directory with a
+Hugging Face config.json + *.safetensors is imported to an orbax checkpoint. The tokenizer goes
+along: --tokenizer when given, else the source's own tokenizer files, else (export of a run) the
+tokenizer the run trained with, the synthetic one included.
 """
 
 from __future__ import annotations
@@ -10,63 +12,101 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
+from typing import Any
 
-import jax.numpy as jnp
+from dpoq_jax.cli import Parser
+from dpoq_jax.data.errors import reports_user_errors
 
 
-def _copy_tokenizer(src: str | None, dst: str) -> list[str]:
+def _check_tokenizer_arg(spec: str) -> None:
+    from dpoq_jax.models import hf  # noqa: PLC0415
     from dpoq_jax.models.hf import TOKENIZER_FILES  # noqa: PLC0415
 
-    if not src:
+    if spec != "synthetic" and not hf.has_tokenizer(spec):
+        what = "is not a directory" if not os.path.isdir(spec) else "has no tokenizer files"
+        raise ValueError(
+            f"--tokenizer {spec}: {what} (expected 'synthetic' or a directory with one of "
+            f"{', '.join(TOKENIZER_FILES[:7])})"
+        )
+
+
+def _write_tokenizer(tok: Any, dst: str) -> list[str]:
+    """Copy a directory's tokenizer files, or save the synthetic tokenizer as one; the names written."""
+    from dpoq_jax.models.hf import TOKENIZER_FILES  # noqa: PLC0415
+
+    if tok is None:
         return []
+    if tok == "synthetic":
+        from dpoq_jax.data.synthetic import SyntheticTokenizer  # noqa: PLC0415
+
+        return SyntheticTokenizer().save_pretrained(dst)
     copied = []
     for name in TOKENIZER_FILES:
-        f = os.path.join(src, name)
+        f = os.path.join(tok, name)
         if os.path.isfile(f):
             shutil.copy2(f, os.path.join(dst, name))
             copied.append(name)
     return copied
 
 
-def convert_main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="dpoq convert", description=__doc__.split("\n\n")[0])
+def _parser() -> argparse.ArgumentParser:
+    ap = Parser(prog="dpoq convert", description=__doc__)
     ap.add_argument(
-        "--from", dest="src", required=True, help="HF directory or orbax checkpoint / train workdir"
+        "--from",
+        dest="src",
+        required=True,
+        help="a `dpoq train` run folder, its checkpoints/ directory, a save_params directory, or a "
+        "Hugging Face directory (config.json + *.safetensors)",
     )
-    ap.add_argument("--to", dest="dst", required=True, help="output directory")
-    ap.add_argument("--step", type=int, default=None, help="training checkpoint step (default: latest)")
+    ap.add_argument("--to", dest="dst", required=True, help="output directory (created; not the source)")
+    ap.add_argument(
+        "--step", type=int, default=None, help="training checkpoint step to export (None: the latest)"
+    )
     ap.add_argument(
         "--dtype",
         default="float32",
         choices=["float32", "bfloat16", "float16"],
         help="storage dtype of the written parameters",
     )
-    ap.add_argument("--tokenizer", default=None, help="directory to copy tokenizer files from")
-    args = ap.parse_args(argv)
+    ap.add_argument(
+        "--tokenizer",
+        default=None,
+        help="'synthetic' or a directory to copy tokenizer files from (None: the source's own, or the "
+        "tokenizer the run trained with)",
+    )
+    return ap
 
-    from dpoq_jax.models import checkpoint, hf  # noqa: PLC0415 (keep `--help` fast)
+
+@reports_user_errors("dpoq convert")
+def convert_main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if os.path.realpath(args.src) == os.path.realpath(args.dst):
+        raise ValueError(f"--from and --to are the same directory ({args.src}); choose a new --to")
+    if not os.path.isdir(args.src):
+        raise FileNotFoundError(f"--from {args.src}: not a directory")
+    if args.tokenizer is not None:
+        _check_tokenizer_arg(args.tokenizer)
+
+    import jax.numpy as jnp  # noqa: PLC0415 (keep `--help` fast)
+
+    from dpoq_jax.models import checkpoint, hf  # noqa: PLC0415
 
     dtype = jnp.dtype(args.dtype)
-    if os.path.realpath(args.src) == os.path.realpath(args.dst):
-        print(f"dpoq convert: --from and --to are the same directory ({args.src}); choose a new --to",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    try:
-        if os.path.isfile(os.path.join(args.src, "config.json")):
-            model, cfg = hf.load_hf(args.src, param_dtype=dtype)
-            checkpoint.save_params(args.dst, model, cfg)
-            kind = "Hugging Face -> orbax"
-        else:
-            model, cfg = checkpoint.load_params(args.src, step=args.step, param_dtype=dtype)
-            hf.save_hf(model, cfg, args.dst)
-            kind = "orbax -> Hugging Face"
-        copied = _copy_tokenizer(args.tokenizer or args.src, args.dst)
-    except (OSError, KeyError, ValueError) as e:  # OSError: missing, unreadable or unwritable files
-        print(f"dpoq convert: {e}", file=sys.stderr)
-        return 2
+    if hf.run_root(args.src) is not None or checkpoint.is_params_source(args.src):
+        model, cfg = checkpoint.load_params(args.src, step=args.step, param_dtype=dtype)
+        tok = args.tokenizer or hf.find_tokenizer(args.src)
+        hf.save_hf(model, cfg, args.dst)
+        kind = "orbax -> Hugging Face"
+    else:
+        if args.step is not None:
+            raise ValueError(f"--step {args.step}: {args.src} is a Hugging Face directory, not a run")
+        model, cfg = hf.load_hf(args.src, param_dtype=dtype)
+        checkpoint.save_params(args.dst, model, cfg)
+        tok = args.tokenizer or hf.find_tokenizer(args.src)
+        kind = "Hugging Face -> orbax"
+    copied = _write_tokenizer(tok, args.dst)
     print(
         f"{kind}: {cfg.family}, {cfg.num_layers} layers, width {cfg.hidden_size} -> {args.dst}"
-        + (f" (tokenizer: {', '.join(copied)})" if copied else "")
+        + (f" (tokenizer: {', '.join(copied)})" if copied else " (no tokenizer)")
     )
     return 0

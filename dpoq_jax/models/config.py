@@ -218,7 +218,7 @@ def config_from_hf(hf: dict[str, Any], *, where: str = "config.json", **override
             )
     if kw["activation"] not in ("gelu", "gelu_new", "silu"):
         raise ValueError(f"{where}: activation {kw['activation']!r} is not supported")
-    return ModelConfig(family=family, **kw, **common, **overrides)
+    return ModelConfig(**{"family": family, **kw, **common, **overrides})  # overrides win, not collide
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -283,8 +283,12 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def read_hf_config(path: str) -> dict[str, Any]:
-    with open(path) as f:
+    with open(path, "rb") as f:
         try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+            hf = json.loads(f.read())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            line = f" at line {e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise ValueError(f"{path}: invalid JSON{line}: {getattr(e, 'msg', e)}") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path}: expected a JSON object (a Hugging Face config), got a {type(hf).__name__}")
+    return hf

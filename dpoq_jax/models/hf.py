@@ -59,8 +59,11 @@ class SafetensorsDir:
         self.path = path
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):  # sharded checkpoint: only the files the index names
-            with open(index) as fh:
-                files = sorted(set(json.load(fh)["weight_map"].values()))
+            try:
+                with open(index, "rb") as fh:
+                    files = sorted(set(json.loads(fh.read())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{index}: not a safetensors index ({type(e).__name__}: {e})") from None
             absent = [f for f in files if not os.path.isfile(os.path.join(path, f))]
             if absent:
                 raise FileNotFoundError(f"{index}: lists files that are missing: {absent}")
@@ -71,12 +74,8 @@ class SafetensorsDir:
         self.where: dict[str, tuple[str, dict[str, Any], int]] = {}
         for f in files:
             full = os.path.join(path, f)
-            with open(full, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-            header.pop("__metadata__", None)
-            for name, info in header.items():
-                self.where[name] = (full, info, 8 + n)
+            for name, info, base in _read_header(full):
+                self.where[name] = (full, info, base)
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -96,6 +95,40 @@ class SafetensorsDir:
         if end == start:
             return np.zeros(shape, dtype)
         return np.memmap(full, dtype=dtype, mode="r", offset=base + start, shape=shape)
+
+
+def _read_header(full: str) -> list[tuple[str, dict[str, Any], int]]:
+    """(name, {"dtype", "shape", "data_offsets"}, data start) of each tensor of one safetensors file,
+    checked against the file: a damaged or foreign file is one ValueError naming it, not a
+    MemoryError from an absurd header length or a crash at the first read."""
+    size = os.path.getsize(full)
+    with open(full, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        if size < 8 or not 2 <= n <= size - 8:
+            raise ValueError(f"{full}: not a safetensors file (header length {n}, file size {size} bytes)")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{full}: not a safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{full}: not a safetensors file (header is a JSON {type(header).__name__})")
+    header.pop("__metadata__", None)
+    out = []
+    for name, info in header.items():
+        try:
+            start, end = (int(x) for x in info["data_offsets"])
+            count = int(np.prod([int(d) for d in info["shape"]]))
+            itemsize = _ST_DTYPES[info["dtype"]].itemsize if info["dtype"] in _ST_DTYPES else None
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{full}: tensor {name!r} has a malformed header entry {info!r}") from None
+        if not 0 <= start <= end <= size - 8 - n or (itemsize and end - start != count * itemsize):
+            raise ValueError(
+                f"{full}: tensor {name!r}: bytes [{start}, {end}) do not fit its shape {info['shape']} "
+                f"{info['dtype']} and the file's {size - 8 - n} data bytes (truncated or damaged file?)"
+            )
+        out.append((name, info, 8 + n))
+    return out
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
@@ -301,7 +334,7 @@ def load_hf(
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path}: no config.json (expected a local Hugging Face model directory)")
-    cfg = config_from_hf(read_hf_config(cfg_path), where=cfg_path, **config_overrides)
+    cfg = config_from_hf(read_hf_config(cfg_path), where=cfg_path, **config_overrides)  # overrides win
     st = SafetensorsDir(path)
     graphdef, abs_params, rest = abstract_decoder(
         cfg, dtype=dtype, param_dtype=param_dtype, attention=attention
@@ -401,6 +434,56 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+
+
+def has_tokenizer(path: str) -> bool:
+    """Does directory `path` hold Hugging Face tokenizer files?"""
+    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES[:7])
+
+
+def run_root(path: str) -> str | None:
+    """The `dpoq train` workdir that `path` is, or is the checkpoints directory or a step of; else None."""
+    here = os.path.abspath(path)
+    for cand in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
+        if os.path.isdir(os.path.join(cand, "checkpoints")) and os.path.isfile(
+            os.path.join(cand, "config.json")
+        ):
+            return cand
+    return None
+
+
+def find_tokenizer(path: str) -> str | None:
+    """The tokenizer that goes with a model directory: `path` itself or its hf/ when they hold
+    tokenizer files; for a `dpoq train` run, what it trained with (as train.inputs.load_dataset
+    chooses: data.tokenizer_path, else "synthetic" for synthetic data, else model.path). None: none."""
+    for cand in (path, os.path.join(path, "hf")):
+        if has_tokenizer(cand):
+            return cand
+    root = run_root(path)
+    if root is None:
+        return None
+    if has_tokenizer(os.path.join(root, "hf")):
+        return os.path.join(root, "hf")
+    cfg_file = os.path.join(root, "config.json")
+    try:
+        with open(cfg_file, "rb") as f:
+            cfg = json.loads(f.read())
+        data, model = cfg.get("data", {}), cfg.get("model", {})
+        source, tok_path, model_path = data.get("source"), data.get("tokenizer_path"), model.get("path")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{cfg_file}: not a run config ({type(e).__name__}: {e})") from None
+    if not tok_path and source == "synthetic":
+        return "synthetic"
+    named = tok_path or model_path
+    if not named:
+        return None
+    for cand in (named, os.path.join(named, "hf")):  # model.path may be another run's workdir
+        if has_tokenizer(cand):
+            return cand
+    raise FileNotFoundError(
+        f"{cfg_file}: the run's tokenizer {named} (data.tokenizer_path or model.path) has no tokenizer "
+        "files any more; pass --tokenizer DIR"
+    )
 
 
 def load_tokenizer(path: str) -> Any:

@@ -13,13 +13,15 @@ USAGE_CONFIG = "FILE[:arg]: a Python file with get_config(arg=None); --config.ke
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    from dpoq_jax.cli import Parser
+
+    p = Parser(prog=prog, description=description)
     p.add_argument("--config", required=True, help=USAGE_CONFIG)
     p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tb/ and hf/ go here")
     g = p.add_argument_group("multi-process (jax.distributed); automatic on Cloud TPU VMs")
-    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
-    g.add_argument("--num-processes", type=int, default=None)
-    g.add_argument("--process-id", type=int, default=None)
+    g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (None: one process)")
+    g.add_argument("--num-processes", type=int, default=None, help="processes in all (with --coordinator)")
+    g.add_argument("--process-id", type=int, default=None, help="this process, 0-based (with --coordinator)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -86,7 +88,7 @@ def precompute_ref_main(argv: list[str]) -> int:
         "Reference log-probs of every train and held-out pair (the config's initial model), written as JSON "
         "lines for reference.mode='precomputed'",
     )
-    p.add_argument("--output", default=None, help="default: WORKDIR/ref_logps.jsonl")
+    p.add_argument("--output", default=None, help="output file (None: WORKDIR/ref_logps.jsonl)")
     args, overrides = p.parse_known_args(argv)
     _logging(args.verbose)
     cfg = _load(args, overrides + ["--config.stage=dpo", "--config.reference.mode=frozen"])

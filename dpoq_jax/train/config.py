@@ -168,7 +168,10 @@ def validate(config: mc.ConfigDict) -> None:
             )
     if config.model.init in ("hf", "checkpoint"):
         if not config.model.path:
-            raise ConfigError(f"config key 'model.path' is required when model.init={config.model.init!r}")
+            raise ConfigError(
+                f"config key 'model.path' is required when model.init={config.model.init!r} "
+                "(--config.model.path=DIR, or FILE:DIR for a config that takes the run as its argument)"
+            )
         if not os.path.exists(config.model.path):
             raise ConfigError(f"config key 'model.path': path {config.model.path!r} does not exist")
     elif config.model.init != "random":

@@ -1,6 +1,6 @@
 """Tiny CPU SFT run on the synthetic dense_reward task (random-init Llama-shaped decoder, 2 layers).
 
-    dpoq train --config experiments/configs/dense_reward_sft.py --workdir /tmp/dpoq/dense_reward_sft
+    dpoq train --config experiments/configs/dense_reward_sft.py --workdir runs/dense_reward_sft
 
 Then DPO from it with experiments/configs/dense_reward_dpo.py.
 """

@@ -1,6 +1,6 @@
 """Tiny CPU SFT run on the synthetic error_injection task (random-init Llama-shaped decoder, 2 layers).
 
-    dpoq train --config experiments/configs/error_injection_sft.py --workdir /tmp/dpoq/error_injection_sft
+    dpoq train --config experiments/configs/error_injection_sft.py --workdir runs/error_injection_sft
 
 Then DPO from it with experiments/configs/error_injection_dpo.py.
 """
