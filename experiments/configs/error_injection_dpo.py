@@ -1,7 +1,7 @@
 r"""Tiny CPU DPO run on the synthetic error_injection task, starting from (and referencing) the SFT run.
 
     dpoq train --config experiments/configs/error_injection_sft.py --workdir runs/error_injection_sft
-    dpoq train --config experiments/configs/error_injection_dpo.py:runs/error_injection_sft \\
+    dpoq train --config experiments/configs/error_injection_dpo.py:runs/error_injection_sft \
         --workdir runs/error_injection_dpo
 
 The config argument (after the colon) is the SFT run's workdir and becomes model.path;
