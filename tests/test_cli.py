@@ -112,18 +112,28 @@ class _Stop(Exception):
     pass
 
 
+def _parsers() -> dict[str, argparse.ArgumentParser]:
+    """Each subcommand's parser, as its main() builds it (caught at its first parse)."""
+    out: dict[str, argparse.ArgumentParser] = {}
+    original = argparse.ArgumentParser.parse_known_args
+    try:
+        for name in cli.COMMANDS:
+
+            def grab(self, args=None, namespace=None, name=name):
+                out[name] = self
+                raise _Stop
+
+            argparse.ArgumentParser.parse_known_args = grab
+            with pytest.raises(_Stop):
+                cli.main([name])
+    finally:
+        argparse.ArgumentParser.parse_known_args = original
+    return out
+
+
 @pytest.mark.parametrize("name", sorted(cli.COMMANDS))
-def test_every_option_has_help_and_default(name, monkeypatch):
-    parsers: list[argparse.ArgumentParser] = []
-
-    def grab(self, args=None, namespace=None):
-        parsers.append(self)
-        raise _Stop
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", grab)
-    with pytest.raises(_Stop):
-        cli.main([name])
-    (parser,) = parsers
+def test_every_option_has_help_and_default(name):
+    parser = _parsers()[name]
     assert issubclass(parser.formatter_class, cli.HelpFormatter), name
     formatter = parser.formatter_class(prog=parser.prog)
     options = [a for a in parser._actions if a.option_strings and a.help is not argparse.SUPPRESS]
@@ -136,6 +146,18 @@ def test_every_option_has_help_and_default(name, monkeypatch):
         shown = formatter._get_help_string(action) % {"default": action.default}
         says_default = f"(default: {action.default})" in shown or "None:" in shown
         assert says_default or "required" in shown, f"dpoq {name} {flag}: default not shown: {shown!r}"
+
+
+def test_cli_reference_page_lists_every_option():
+    """docs/cli.md has a section per command whose table names each of its options."""
+    page = (REPO / "docs" / "cli.md").read_text(encoding="utf-8")
+    sections = dict(re.findall(r"### `dpoq ([\w-]+)`\n(.*?)(?=\n### |\Z)", page, flags=re.S))
+    assert set(sections) == set(cli.COMMANDS)
+    for name, parser in _parsers().items():
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag not in ("-h", "--help"):
+                    assert f"`{flag}`" in sections[name], f"docs/cli.md: dpoq {name} {flag} missing"
 
 
 def test_help_lists_split_default_and_choices(capsys):

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from collections.abc import Sequence
 
@@ -109,7 +110,15 @@ class SyntheticTokenizer:
             bos_token=SPECIALS[BOS_ID],
             eos_token=SPECIALS[EOS_ID],
         )
-        return [os.path.basename(f) for f in fast.save_pretrained(path) if os.path.isfile(f)]
+        written = [f for f in fast.save_pretrained(path) if os.path.isfile(f)]
+        # transformers 5 writes its own class name; the generic one also loads with transformers 4.
+        cfg_file = os.path.join(path, "tokenizer_config.json")
+        with open(cfg_file) as f:
+            cfg = json.load(f)
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(cfg_file, "w") as f:
+            json.dump(cfg, f, indent=2)
+        return [os.path.basename(f) for f in written]
 
 
 def _split_seed(seed: int, split: str) -> np.random.Generator:
