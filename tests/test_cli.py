@@ -379,6 +379,23 @@ def test_dpo_config_without_sft_run_names_the_key(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+def test_no_shipped_default_points_at_a_machine_path():
+    """No file of the project names a fixed /tmp or home-directory path as a default or a test location
+    (the DPO configs once defaulted to /tmp/dpoq/..., so a test passed only where a run had been made).
+    Exceptions: paths on the remote TPU VM (`~/` in the gcloud ssh/scp commands of tpu_scripts/)."""
+    pattern = re.compile(r"""["'=\s(]/tmp\b|\$HOME\b|expanduser|Path\.home|gettempdir|["'=\s]~/""")
+    hits = []
+    for sub in ("dpoq_jax", "experiments", "benchmarks", "tpu_scripts", "tests", ".ci"):
+        for f in sorted((REPO / sub).rglob("*")):
+            if f.suffix not in (".py", ".sh", ".toml", ".cfg", "") or not f.is_file() or f == Path(__file__):
+                continue
+            for n, line in enumerate(f.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+                if pattern.search(line) and not (sub == "tpu_scripts" and "~/dpoq" in line):
+                    if not (sub == "tests" and "~/dpoq" in line and "tpu" in f.name):
+                        hits.append(f"{f.relative_to(REPO)}:{n}: {line.strip()}")
+    assert not hits, "\n".join(hits)
+
+
 # ------------------------------------------------------------------------------------------------
 # the synthetic tokenizer as Hugging Face files
 
