@@ -215,11 +215,11 @@ def test_sharded_load_matches(torch_models):
     rules = {"embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
     sharded, _ = hf.load_hf(d, mesh=mesh, rules=rules)
     plain, _ = hf.load_hf(d)
-    wq = sharded.blocks[0].attn.wq[...]
-    assert wq.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
-    assert wq.addressable_shards[0].data.shape == (16, 1, 8)
-    wk = sharded.blocks[0].attn.wk[...]  # 2 kv heads over 4 tensor shards: stays whole on that axis
-    assert wk.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, None)
+    wq = sharded.blocks.attn.wq[...]  # stacked layers [L, D, H, F]: the layer axis stays whole
+    assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert wq.addressable_shards[0].data.shape == (wq.shape[0], 16, 1, 8)
+    wk = sharded.blocks.attn.wk[...]  # 2 kv heads over 4 tensor shards: stays whole on that axis
+    assert wk.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None, None)
     ids = jnp.asarray(_padded_batch()[0])
     pos = jnp.broadcast_to(jnp.arange(9), ids.shape)
     np.testing.assert_allclose(np.asarray(sharded(ids, pos)), np.asarray(plain(ids, pos)), atol=1e-5, rtol=0)

@@ -1,7 +1,9 @@
 """One Flax NNX decoder for GPT-NeoX/Pythia, Llama/Mistral, Qwen2 and GPT-2 (see ModelConfig.family).
 
 Shapes: N rows (or B), S tokens per row (T new tokens when decoding), D width, H query heads,
-K key/value heads, F head dim, M MLP width, V vocabulary. Attention layout (CONTRACTS §3): token i
+K key/value heads, F head dim, M MLP width, V vocabulary, L layers. The layers' parameters are
+stacked on a leading L axis (`Decoder.blocks` is one Block holding all of them) and run by a
+lax.scan, so a model compiles one layer body however deep it is. Attention layout (CONTRACTS §3): token i
 attends token j iff j <= i in row order, segment_ids equal and non-zero, and branch_ids[j] is 0 or
 equals branch_ids[i]. segment_ids=None means plain causal attention over the whole row.
 """
@@ -260,6 +262,21 @@ class Block(nnx.Module):
         return x + self.mlp(self.ln2(x)), kv
 
 
+def stack_blocks(blocks: list[Block]) -> Block:
+    """One Block whose parameters hold those of `blocks` stacked on a leading layer axis (logical
+    name "layers"), for a lax.scan over layers. Each layer is built (and randomly initialised) on its
+    own first, in order, so the values equal those of a per-layer list."""
+    stacked = blocks[0]
+    layers = [dict(nnx.iter_graph(b)) for b in blocks]
+    for path, var in nnx.iter_graph(stacked):
+        if isinstance(var, nnx.Variable):
+            var.set_value(jnp.stack([layer[path][...] for layer in layers]))
+            names = var.get_metadata().get("out_sharding")
+            if names is not None:
+                var.set_metadata(out_sharding=("layers", *names))
+    return stacked
+
+
 def _remat_policy(name: str):
     return {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[name]
 
@@ -291,7 +308,7 @@ class Decoder(nnx.Module):
             if cfg.learned_positions
             else None
         )
-        self.blocks = nnx.List(
+        self.blocks = stack_blocks(
             [
                 Block(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, implementation=attention)
                 for _ in range(cfg.num_layers)
@@ -323,11 +340,17 @@ class Decoder(nnx.Module):
         # float32 logits: bfloat16 has ~3 significant digits, too few for log-probs.
         return jnp.einsum("nsd,dv->nsv", hidden, w, preferred_element_type=jnp.float32)
 
-    def _run_block(self, block: Block, x, rope, mask, kv=None, index=None):
-        if self.cfg.remat == "none" or kv is not None:
-            return block(x, rope, mask, kv, index)
-        fn = nnx.remat(lambda b, *a: b(*a), policy=_remat_policy(self.cfg.remat))
-        return fn(block, x, rope, mask, kv, index)
+    def _run_blocks(self, x: Array, rope, mask) -> Array:
+        """All layers by one lax.scan over the stacked block parameters (one compiled layer body)."""
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(x, layer_state):
+            return nnx.merge(graphdef, layer_state)(x, rope, mask)[0], None
+
+        if self.cfg.remat != "none":  # recompute each layer in the backward pass (policy: what to keep)
+            body = jax.checkpoint(body, policy=_remat_policy(self.cfg.remat))
+        x, _ = jax.lax.scan(body, x, state)
+        return x
 
     # -- public API (CONTRACTS §3)
 
@@ -344,19 +367,18 @@ class Decoder(nnx.Module):
             segment_ids = jnp.ones_like(branch_ids)
         mask = None if segment_ids is None else attention_mask(segment_ids, branch_ids)
         x, rope = self._embed(tokens, positions)
-        for block in self.blocks:
-            x, _ = self._run_block(block, x, rope, mask)
+        x = self._run_blocks(x, rope, mask)
         x = self.final_norm(x)
         return x if return_hidden else self._logits(x)
 
     def init_cache(self, batch: int, max_len: int, dtype: Any = None) -> Cache:
-        """Empty KV cache: per-layer keys/values [B, max_len, K, F], `valid` [B, max_len] (slots
-        holding real tokens) and the shared write `index`."""
+        """Empty KV cache: keys/values of all layers [L, B, max_len, K, F], `valid` [B, max_len]
+        (slots holding real tokens) and the shared write `index`."""
         dtype = jnp.dtype(dtype) if dtype is not None else self.dtype
-        shape = (batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim)
+        shape = (self.cfg.num_layers, batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim)
         return {
-            "k": [jnp.zeros(shape, dtype) for _ in range(self.cfg.num_layers)],
-            "v": [jnp.zeros(shape, dtype) for _ in range(self.cfg.num_layers)],
+            "k": jnp.zeros(shape, dtype),
+            "v": jnp.zeros(shape, dtype),
             "valid": jnp.zeros((batch, max_len), bool),
             "index": jnp.zeros((), jnp.int32),
         }
@@ -382,10 +404,13 @@ class Decoder(nnx.Module):
         mask |= k_slot[None, None, :] == q_slot[None, :, None]  # no empty softmax row for padding
         mask = mask[:, None]
         x, rope = self._embed(tokens_BT, positions_BT)
-        ks, vs = [], []
-        for block, k, v in zip(self.blocks, cache["k"], cache["v"], strict=True):
-            x, (k, v) = block(x, rope, mask, (k, v), index)
-            ks.append(k)
-            vs.append(v)
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(x, layer):
+            layer_state, k, v = layer
+            x, kv = nnx.merge(graphdef, layer_state)(x, rope, mask, (k, v), index)
+            return x, kv
+
+        x, (ks, vs) = jax.lax.scan(body, x, (state, cache["k"], cache["v"]))
         logits = self._logits(self.final_norm(x))
         return logits, {"k": ks, "v": vs, "valid": valid, "index": index + T}

@@ -351,28 +351,41 @@ def load_hf(
     leaves, treedef = jax.tree_util.tree_flatten_with_path(pure)
     shard_leaves = jax.tree.leaves(shardings) if shardings is not None else [None] * len(leaves)
     values = []
-    for (kpath, abstract), sharding in zip(leaves, shard_leaves, strict=True):
-        key = _path_key(kpath)
+
+    def tensor(key: Path, shape: tuple[int, ...]) -> np.ndarray | None:
+        """Our parameter `key` (one layer's for ("blocks", i, ...)) from its HF tensor, or None if missing."""
         if key not in specs:
             raise RuntimeError(f"internal: no HF name for parameter {key} of family {cfg.family}")
         name, fn = specs[key]
         name = _resolve_name(st, name)
         if name not in st:
             missing.append(name)
-            values.append(None)
-            continue
+            return None
         used.add(name)
         raw = st.get(name)
         try:
             arr = fn(raw)
         except ValueError:  # a reshape that cannot fit: same report as a wrong final shape
             arr = None
-        if arr is None or arr.shape != abstract.shape:
+        if arr is None or arr.shape != shape:
             raise ValueError(
                 f"{st.file_of(name)}: tensor {name!r} has shape {tuple(raw.shape)}, which does not fit "
-                f"parameter {'/'.join(map(str, key))} of shape {abstract.shape} for this config.json"
+                f"parameter {'/'.join(map(str, key))} of shape {shape} for this config.json"
             )
-        values.append(_place(arr, abstract.dtype, sharding))
+        return arr
+
+    for (kpath, abstract), sharding in zip(leaves, shard_leaves, strict=True):
+        key = _path_key(kpath)
+        if key[0] != "blocks":
+            arr = tensor(key, abstract.shape)
+            values.append(None if arr is None else _place(arr, abstract.dtype, sharding))
+            continue
+        # stacked layers [L, ...]: HF stores one tensor per layer ("blocks", i, ...) in the name map
+        layers = [tensor(("blocks", i, *key[1:]), abstract.shape[1:]) for i in range(cfg.num_layers)]
+        if any(a is None for a in layers):
+            values.append(None)
+            continue
+        values.append(_place(np.stack(layers), abstract.dtype, sharding))
     if missing:
         raise KeyError(
             f"{path}: safetensors files lack tensors {sorted(set(missing))[:8]} "
@@ -403,10 +416,13 @@ def save_hf(
     pure = nnx.to_pure_dict(state)
 
     def get(p: Path) -> np.ndarray:
+        layer = None
+        if p[0] == "blocks":  # ("blocks", i, ...) is layer i of the stacked parameter ("blocks", ...)
+            layer, p = p[1], (p[0], *p[2:])
         x = pure
         for k in p:
             x = x[k]
-        x = np.asarray(jax.device_get(x))
+        x = np.asarray(jax.device_get(x if layer is None else x[layer]))
         return x.astype(dtype) if dtype is not None else x
 
     tensors = _export_tensors(cfg, get)
