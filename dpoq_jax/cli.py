@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "convert": ("dpoq_jax.models.commands:convert_main", "Hugging Face directory <-> orbax checkpoint"),
     "generate": ("dpoq_jax.decode.commands:generate_main", "sample / beam / reward-guided search"),
+    "compile": ("dpoq_jax.train.aot:compile_main", "compile the train step ahead of time for a TPU topology"),
     "score": ("dpoq_jax.analysis.commands:score_main", "per-token implicit rewards and HTML/PNG reports"),
 }
 

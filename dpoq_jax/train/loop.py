@@ -129,7 +129,7 @@ class Run:
 
     cfg: Any
     mesh: Any
-    dataset: inputs.Dataset
+    dataset: inputs.Dataset | None
     source: ModelSource
     graphdef: Any
     rest: Any
@@ -174,23 +174,26 @@ class Run:
         return step_fn, eval_fn
 
 
-def setup(cfg: Any, devices: Any = None) -> Run:
-    """Mesh, data, model source, shardings and loss of a config (`devices`: default all)."""
+def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, with_data: bool = True) -> Run:
+    """Mesh, data, model source, shardings and loss of a config (`devices`: default all).
+
+    with_data=False skips reading data (Run.dataset is None) and `source` replaces the config's model
+    source: `dpoq compile` builds the step this way from shapes alone, for devices it does not have."""
     mesh = make_mesh(cfg.mesh, devices)
     rules = rules_from_config(cfg.sharding.rules)
-    dataset = inputs.load_dataset(cfg)
+    dataset = inputs.load_dataset(cfg) if with_data else None
     dpo = cfg.stage == "dpo"
-    if dpo and cfg.reference.mode == "precomputed":
+    if dpo and cfg.reference.mode == "precomputed" and with_data:
         if not cfg.reference.logps_path:
             raise ValueError(
                 "config key 'reference.logps_path' is required when reference.mode='precomputed'"
             )
         dataset.train = inputs.attach_reference(dataset.train, cfg.reference.logps_path)
         dataset.eval = inputs.attach_reference(dataset.eval, cfg.reference.logps_path)
-    source = model_source(cfg, mesh, rules)
-    graphdef, abs_params, _ = abstract_model(source.make_model)
-    # non-parameter variables (e.g. rotary tables) are small: built once, replicated, closed over
-    rest = jax.jit(lambda: split_model(source.make_model())[2], out_shardings=replicated(mesh))()
+    source = source or model_source(cfg, mesh, rules)
+    graphdef, abs_params, rest = abstract_model(source.make_model)
+    if jax.tree.leaves(rest):  # non-parameter variables: small, built once, replicated, closed over
+        rest = jax.jit(lambda: split_model(source.make_model())[2], out_shardings=replicated(mesh))()
     p_sh = param_shardings(abs_params, mesh, rules)
     optimizer, schedule = make_optimizer(cfg.optim, cfg.train.num_steps)
     with_ref = dpo and cfg.reference.mode == "frozen"

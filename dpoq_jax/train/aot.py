@@ -1,0 +1,319 @@
+"""`dpoq compile`: the real train step of a config, compiled ahead of time for a TPU topology.
+
+Nothing is allocated: parameters, optimizer state and the batch are ShapeDtypeStructs with their
+NamedShardings on a mesh of the topology's devices (libtpu describes them on a CPU-only host, the
+`tpu` extra installs it). The compiled executable's memory and cost analyses say, per chip, whether
+the run fits before anyone pays for a TPU.
+
+    dpoq compile --config experiments/configs/tldr_pythia2p8b_dpo.py --topology v4-8 \
+        --model-config experiments/configs/pythia-2.8b.json [--search-batch] [--config.k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any
+
+from dpoq_jax.data.errors import reports_user_errors
+
+log = logging.getLogger(__name__)
+
+GiB = 1 << 30
+# HBM per chip (GiB) by device_kind; public Cloud TPU figures.
+HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32}
+# Cloud TPU accelerator types -> topology names (v4/v5p count TensorCores, v5e/v6e chips).
+ALIASES = {
+    "v4-8": "v4:2x2x1",
+    "v4-16": "v4:2x2x2",
+    "v4-32": "v4:2x2x4",
+    "v5p-8": "v5p:2x2x1",
+    "v5p-16": "v5p:2x2x2",
+    "v5e-4": "v5e:2x2",
+    "v5e-8": "v5e:2x4",
+    "v5e-16": "v5e:4x4",
+    "v6e-4": "v6e:2x2",
+    "v6e-8": "v6e:2x4",
+}
+# chips one host holds, per generation (bounds of chips_per_host_bounds)
+_HOST_BOUNDS = {"v4": (2, 2, 1), "v5p": (2, 2, 1), "v5e": (2, 4, 1), "v6e": (2, 4, 1)}
+
+
+def topology_devices(name: str, chip_config: str | None = None) -> tuple[str, list[Any]]:
+    """(topology name, its TPU devices) for "v5e:2x4" or an accelerator type such as "v5e-8".
+    chip_config: libtpu's chip configuration; default "megacore" on v4 (one device per chip, as JAX
+    runs a v4 VM) and "default" elsewhere ("default" on v4 gives one device per TensorCore)."""
+    from jax.experimental import topologies
+
+    topo = ALIASES.get(name, name)
+    gen, _, dims_s = topo.partition(":")
+    try:
+        dims = tuple(int(d) for d in dims_s.split("x"))
+    except ValueError:
+        dims = ()
+    if gen not in _HOST_BOUNDS or len(dims) not in (2, 3):
+        raise ValueError(
+            f"--topology {name!r}: expected GEN:AxB[xC] with GEN in {sorted(_HOST_BOUNDS)} "
+            f"(e.g. v5e:2x4) or one of {sorted(ALIASES)}"
+        )
+    dims3 = dims + (1,) * (3 - len(dims))
+    bounds = tuple(min(d, b) for d, b in zip(dims3, _HOST_BOUNDS[gen], strict=True))
+    desc = topologies.get_topology_desc(
+        platform="tpu",
+        topology_name=topo,
+        chip_config_name=chip_config or ("megacore" if gen == "v4" else "default"),
+        chips_per_host_bounds=bounds,
+        num_slices=1,
+    )
+    return topo, list(desc.devices)
+
+
+def model_config_for(cfg: Any, model_config_path: str | None) -> Any:
+    """The ModelConfig the run would build: --model-config (an HF config.json or our model_config.json)
+    when given, else the config's own source (model.config, the HF dir's or the checkpoint's)."""
+    from dpoq_jax.models.config import ModelConfig, config_from_hf, read_hf_config
+
+    over = {"remat": cfg.model.remat} if cfg.model.remat else {}
+    if model_config_path:
+        d = read_hf_config(model_config_path)
+        if "model_type" in d:
+            return config_from_hf(d, where=model_config_path, **over)
+        return ModelConfig.from_dict({**d, **over})
+    if cfg.model.init == "random":
+        return ModelConfig.from_dict({**cfg.model.config.to_dict(), **over})
+    if cfg.model.init == "hf":
+        path = os.path.join(cfg.model.path, "config.json")
+        if not os.path.isfile(path):
+            raise ValueError(f"config key 'model.path': no {path}; give --model-config FILE (a config.json)")
+        return config_from_hf(read_hf_config(path), where=path, **over)
+    from dpoq_jax.train.checkpoint import RunCheckpoints
+
+    ckpts = RunCheckpoints(os.path.join(cfg.model.path, "checkpoints"), every_steps=1, keep=1)
+    step = ckpts.latest_step() if cfg.model.path else None
+    if step is None:
+        raise ValueError(
+            f"config key 'model.path': no checkpoint in {cfg.model.path!r}; give --model-config FILE"
+        )
+    return ModelConfig.from_dict({**ckpts.read_json(step, "model_config"), **over})
+
+
+def abstract_batch(cfg: Any, shardings_of: Any) -> dict[str, Any]:
+    """ShapeDtypeStructs (with shardings) of one step's batch [M, ...], built from dummy examples."""
+    import jax
+    import numpy as np
+
+    from dpoq_jax.train import inputs
+
+    tc = cfg.train
+    micro = tc.batch_size // tc.micro_batches
+    example = inputs.stack_micro([None] * tc.batch_size, inputs.micro_batch_fn(cfg, micro), tc.micro_batches)
+    if cfg.stage == "dpo" and cfg.reference.mode == "precomputed":
+        for side in ("chosen", "rejected"):
+            example[f"ref_{side}_logps"] = np.zeros_like(example[f"{side}_mask"])
+    sh = shardings_of(example)
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in example.items()}
+
+
+@dataclasses.dataclass
+class CompileReport:
+    topology: str
+    device_kind: str
+    chips: int
+    mesh: dict[str, int]
+    stage: str
+    layout: str
+    reference: str
+    num_layers: int
+    batch_size: int
+    micro_batches: int
+    seq_len: int
+    argument_gib: float  # per chip
+    output_gib: float
+    alias_gib: float  # outputs that reuse donated argument buffers
+    temp_gib: float
+    peak_gib: float  # arguments + outputs - aliased + temporaries
+    hbm_gib: float | None
+    fits: bool | None
+    flops_per_step: float  # all chips: the model FLOPs that MFU counts (train.metrics.step_flops)
+    xla_flops_per_chip: float  # XLA's cost analysis; it counts a loop body (layer scan) once
+    compile_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def compile_step(
+    cfg: Any, topology: str, model_config_path: str | None = None, chip_config: str | None = None
+) -> CompileReport:
+    """Lower and compile the config's train step for `topology`; memory and cost of the result."""
+    import jax
+    from flax import nnx
+
+    from dpoq_jax.models.decoder import Decoder
+    from dpoq_jax.train.loop import ModelSource, setup
+    from dpoq_jax.train.metrics import step_flops
+
+    topo, devices = topology_devices(topology, chip_config)
+    mcfg = model_config_for(cfg, model_config_path)
+    kw = dict(param_dtype=jax.numpy.dtype(cfg.model.param_dtype), dtype=jax.numpy.dtype(cfg.model.dtype))
+    source = ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), **kw), mcfg, None)
+    run = setup(cfg, devices, source=source, with_data=False)
+    state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), run.abstract, run.shardings
+    )
+    batch = abstract_batch(cfg, run.batch_shardings)
+    step_fn, _ = run.compile({k: v.sharding for k, v in batch.items()})
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    arg, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
+    peak = arg + out - alias + temp
+    kind = devices[0].device_kind
+    hbm = HBM_GIB.get(kind)
+    rows = math.prod(batch["tokens"].shape)
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(run.abs_params))
+    flops = step_flops(
+        n_params,
+        rows,
+        num_layers=mcfg.num_layers,
+        attn_width=mcfg.num_heads * mcfg.head_dim,
+        row_len=cfg.data.seq_len,
+        tokens_ref=rows if run.shardings.ref_params is not None else 0,
+    )
+    return CompileReport(
+        topology=topo,
+        device_kind=kind,
+        chips=len(devices),
+        mesh=dict(run.mesh.shape),
+        stage=cfg.stage,
+        layout=cfg.data.layout,
+        reference=cfg.reference.mode if cfg.stage == "dpo" else "none",
+        num_layers=mcfg.num_layers,
+        batch_size=cfg.train.batch_size,
+        micro_batches=cfg.train.micro_batches,
+        seq_len=cfg.data.seq_len,
+        argument_gib=round(arg / GiB, 3),
+        output_gib=round(out / GiB, 3),
+        alias_gib=round(alias / GiB, 3),
+        temp_gib=round(temp / GiB, 3),
+        peak_gib=round(peak / GiB, 3),
+        hbm_gib=hbm,
+        fits=None if hbm is None else peak <= hbm * GiB,
+        flops_per_step=flops,
+        xla_flops_per_chip=float(cost.get("flops", 0.0)),
+        compile_s=round(compile_s, 1),
+    )
+
+
+def _with_micro_size(cfg: Any, per_chip: int, batch_shards: int) -> Any:
+    """A copy of cfg whose micro-batch holds `per_chip` examples (pairs) per batch shard."""
+    c = cfg.copy_and_resolve_references()
+    with c.unlocked():
+        c.train.batch_size = per_chip * batch_shards * cfg.train.micro_batches
+    return c
+
+
+def search_batch(
+    cfg: Any, topology: str, model_config_path: str | None, chip_config: str | None = None, limit: int = 256
+) -> list[dict]:
+    """Compiles with 1, 2, 4, ... examples per batch shard and micro-batch until one does not fit."""
+    from dpoq_jax.train.mesh import MESH_AXES, mesh_shape
+
+    _, devices = topology_devices(topology, chip_config)
+    sizes = dict(zip(MESH_AXES, mesh_shape(cfg.mesh, len(devices)), strict=True))
+    shards = sizes["data"] * sizes["fsdp"]
+    tried = []
+    per_shard = 1
+    while per_shard <= limit:
+        r = compile_step(_with_micro_size(cfg, per_shard, shards), topology, model_config_path, chip_config)
+        tried.append(dict(r.to_dict(), per_shard_micro_batch=per_shard))
+        print(_line(r, per_shard), flush=True)
+        if not r.fits:
+            break
+        per_shard *= 2
+    return tried
+
+
+def _line(r: CompileReport, per_shard: int | None = None) -> str:
+    fits = {True: "fits", False: "DOES NOT FIT", None: "HBM unknown"}[r.fits]
+    extra = f" per-shard micro-batch {per_shard}" if per_shard is not None else ""
+    return (
+        f"{r.topology} ({r.chips} x {r.device_kind}) mesh {r.mesh}{extra}: peak {r.peak_gib:.2f} GiB "
+        f"of {r.hbm_gib} GiB per chip ({fits}); compile {r.compile_s:.1f} s"
+    )
+
+
+def print_report(r: CompileReport) -> None:
+    print(f"topology      {r.topology}: {r.chips} x {r.device_kind}, mesh {r.mesh}")
+    print(
+        f"step          {r.stage} layout={r.layout} reference={r.reference} layers={r.num_layers} "
+        f"batch={r.batch_size} micro_batches={r.micro_batches} seq_len={r.seq_len}"
+    )
+    print(
+        f"per chip      arguments {r.argument_gib:.3f} GiB, outputs {r.output_gib:.3f} GiB "
+        f"(aliased {r.alias_gib:.3f}), temporaries {r.temp_gib:.3f} GiB"
+    )
+    fits = {True: "fits", False: "DOES NOT FIT", None: "unknown chip HBM"}[r.fits]
+    print(f"peak          {r.peak_gib:.3f} GiB of {r.hbm_gib} GiB HBM: {fits}")
+    xla = r.xla_flops_per_chip
+    print(f"flops/step    {r.flops_per_step:.4g} (model FLOPs, all chips; XLA per chip: {xla:.4g})")
+    print(f"compile       {r.compile_s:.1f} s")
+
+
+@reports_user_errors("dpoq compile")
+def compile_main(argv: list[str]) -> int:
+    """dpoq compile --config FILE[:arg] --topology T [--model-config F] [--json OUT] [--search-batch]"""
+    p = argparse.ArgumentParser(
+        prog="dpoq compile",
+        description="Compile the config's train step ahead of time for a TPU topology (on any host, "
+        "nothing allocated) and report per-chip memory, fit, FLOPs and compile time",
+    )
+    p.add_argument("--config", required=True, help="FILE[:arg]; --config.key=value overrides follow")
+    p.add_argument("--topology", required=True, help=f"e.g. v5e:2x4, v4:2x2x1 or one of {sorted(ALIASES)}")
+    p.add_argument(
+        "--model-config", default=None, help="config.json of the model shape (default: the config's)"
+    )
+    p.add_argument("--chip-config", default=None, help="libtpu chip config (default: megacore on v4)")
+    p.add_argument("--json", default=None, help="also write the report(s) here as JSON")
+    p.add_argument(
+        "--search-batch",
+        action="store_true",
+        help="compile with 1, 2, 4, ... examples per batch shard and micro-batch until one does not fit",
+    )
+    args, overrides = p.parse_known_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    from dpoq_jax.train.config import ConfigError, load_config
+
+    # the step's shapes come from the data config's layout and lengths; no data file is read
+    # (and with --model-config, no model file either)
+    placeholders = ["--config.data.path=."] + (["--config.model.path=."] if args.model_config else [])
+    overrides = [*placeholders, *overrides]
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
+    try:
+        import libtpu  # noqa: F401
+    except ImportError:
+        print("dpoq compile: needs libtpu: pip install 'dpoq_jax[tpu]'", file=sys.stderr)
+        return 2
+    if args.search_batch:
+        out: Any = search_batch(cfg, args.topology, args.model_config, args.chip_config)
+    else:
+        r = compile_step(cfg, args.topology, args.model_config, args.chip_config)
+        print_report(r)
+        out = r.to_dict()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return 0
