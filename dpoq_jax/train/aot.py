@@ -11,7 +11,6 @@ the run fits before anyone pays for a TPU.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -273,18 +272,26 @@ def print_report(r: CompileReport) -> None:
 @reports_user_errors("dpoq compile")
 def compile_main(argv: list[str]) -> int:
     """dpoq compile --config FILE[:arg] --topology T [--model-config F] [--json OUT] [--search-batch]"""
-    p = argparse.ArgumentParser(
+    from dpoq_jax.cli import Parser
+
+    p = Parser(
         prog="dpoq compile",
         description="Compile the config's train step ahead of time for a TPU topology (on any host, "
         "nothing allocated) and report per-chip memory, fit, FLOPs and compile time",
     )
-    p.add_argument("--config", required=True, help="FILE[:arg]; --config.key=value overrides follow")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="FILE[:arg]: a Python file with get_config(arg=None); --config.key=value overrides follow",
+    )
     p.add_argument("--topology", required=True, help=f"e.g. v5e:2x4, v4:2x2x1 or one of {sorted(ALIASES)}")
     p.add_argument(
-        "--model-config", default=None, help="config.json of the model shape (default: the config's)"
+        "--model-config",
+        default=None,
+        help="config.json of the model shape (None: the config's own model)",
     )
-    p.add_argument("--chip-config", default=None, help="libtpu chip config (default: megacore on v4)")
-    p.add_argument("--json", default=None, help="also write the report(s) here as JSON")
+    p.add_argument("--chip-config", default=None, help="libtpu chip config (None: megacore on v4)")
+    p.add_argument("--json", default=None, help="also write the report(s) here as JSON (None: print only)")
     p.add_argument(
         "--search-batch",
         action="store_true",
