@@ -48,6 +48,9 @@ def topology_devices(name: str, chip_config: str | None = None) -> tuple[str, li
     """(topology name, its TPU devices) for "v5e:2x4" or an accelerator type such as "v5e-8".
     chip_config: libtpu's chip configuration; default "megacore" on v4 (one device per chip, as JAX
     runs a v4 VM) and "default" elsewhere ("default" on v4 gives one device per TensorCore)."""
+    # describing a topology loads libtpu; without this it takes a machine-wide lock file and fails
+    # while another process (a training run on a TPU VM, a second compile) holds it
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     topo = ALIASES.get(name, name)
