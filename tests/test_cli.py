@@ -26,7 +26,7 @@ from flax import nnx
 from dpoq_jax import cli
 from dpoq_jax.data.synthetic import SyntheticTokenizer, make_task
 from dpoq_jax.models import ModelConfig
-from dpoq_jax.models.hf import abstract_decoder, save_hf
+from dpoq_jax.models.hf import SafetensorsDir, abstract_decoder, save_hf, write_safetensors
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 16
@@ -340,9 +340,11 @@ def test_convert_tokenizer_argument_is_checked(tmp_path, model_dir, capsys):
         ("header_list", r"model.safetensors: not a safetensors file \(header is a JSON list\)"),
         ("config_array", r"config.json: expected a JSON object \(a Hugging Face config\), got a list"),
         ("config_garbage", r"config.json: invalid JSON"),
+        ("missing_tensor", r"safetensors files lack tensors \['model.norm.weight'\] \(1 missing\)"),
     ],
 )
-def test_convert_damaged_hf_directory_is_one_line(tmp_path, model_dir, damage, pattern):
+def test_convert_damaged_hf_directory_is_one_line(tmp_path, model_dir, damage, pattern, capsys):
+    """One damage kind runs the real command in a subprocess, the others in this process (faster)."""
     bad = tmp_path / "bad"
     bad.mkdir()
     config, weights = (model_dir / "config.json").read_bytes(), (model_dir / "model.safetensors").read_bytes()
@@ -352,14 +354,38 @@ def test_convert_damaged_hf_directory_is_one_line(tmp_path, model_dir, damage, p
         weights = weights[: len(weights) // 2]
     elif damage == "header_list":
         weights = (8).to_bytes(8, "little") + b"[1,2,3] "
+    elif damage == "missing_tensor":
+        st = SafetensorsDir(str(model_dir))
+        tensors = {n: np.asarray(st.get(n)) for n in st.where if n != "model.norm.weight"}
+        write_safetensors(str(bad / "model.safetensors"), tensors)
+        weights = (bad / "model.safetensors").read_bytes()
     elif damage == "config_array":
         config = b"[1, 2]"
     else:
         config = b"\x00\xff{"
     (bad / "config.json").write_bytes(config)
     (bad / "model.safetensors").write_bytes(weights)
-    rc, err = run_subprocess(["convert", "--from", str(bad), "--to", str(tmp_path / "out")], tmp_path)
+    argv = ["convert", "--from", str(bad), "--to", str(tmp_path / "out")]
+    rc, err = run_subprocess(argv, tmp_path) if damage == "random" else run(argv, capsys)
     assert_one_error(rc, err, r"^dpoq convert: error: .*" + pattern)
+    if damage in ("truncated", "missing_tensor"):  # the same directory as a model of `dpoq score`
+        rc, err = run(
+            [
+                "score",
+                "--policy",
+                str(bad),
+                "--tokenizer",
+                "synthetic",
+                "--reference",
+                str(model_dir),
+                "--synthetic",
+                "error_injection",
+                "--out-dir",
+                str(tmp_path / "r"),
+            ],
+            capsys,
+        )
+        assert_one_error(rc, err, r"^dpoq score: error: --policy .*bad: .*" + pattern)
 
 
 def test_dpo_config_without_sft_run_names_the_key(tmp_path):

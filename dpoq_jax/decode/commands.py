@@ -40,6 +40,8 @@ def load_model(path: str, dtype: str | None = None, flag: str = "--model") -> An
     if not is_workdir and os.path.isfile(os.path.join(path, "config.json")):
         try:
             model, _ = hf.load_hf(path, **kw)
+        except KeyError as e:  # tensors missing from the safetensors files
+            raise ValueError(f"{flag} {path}: {e.args[0]}") from None
         except (OSError, ValueError) as e:
             raise type(e)(f"{flag} {path}: {e}") from None
         return model

@@ -100,7 +100,10 @@ def convert_main(argv: list[str]) -> int:
     else:
         if args.step is not None:
             raise ValueError(f"--step {args.step}: {args.src} is a Hugging Face directory, not a run")
-        model, cfg = hf.load_hf(args.src, param_dtype=dtype)
+        try:
+            model, cfg = hf.load_hf(args.src, param_dtype=dtype)
+        except KeyError as e:  # tensors missing from the safetensors files
+            raise ValueError(e.args[0]) from None
         checkpoint.save_params(args.dst, model, cfg)
         tok = args.tokenizer or hf.find_tokenizer(args.src)
         kind = "Hugging Face -> orbax"
