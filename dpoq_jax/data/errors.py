@@ -40,7 +40,9 @@ class DataError(ValueError):
 class ErrorPolicy:
     """Applies on_error="fail" (raise the DataError) or "skip" (count it and go on).
 
-    `summary()` gives the counts per kind, reported by the loaders as one log line.
+    `summary()` gives the counts per kind, reported by the loaders as one log line. `n_ok` ("kept")
+    counts the examples that came out of the last stage the policy went through: reading, then
+    tokenisation (`tokenize_all` sets it to the examples it returns), i.e. the examples used.
     """
 
     def __init__(self, on_error: str = "fail", *, max_examples: int = 5):
@@ -68,13 +70,18 @@ class ErrorPolicy:
         return {"kept": self.n_ok, "skipped": self.n_skipped, "by_kind": dict(self.counts),
                 "examples": list(self.examples)}
 
-    def log_summary(self, what: str = "data") -> str:
+    def summary_line(self, what: str = "data") -> str:
         line = f"{what}: kept {self.n_ok}, skipped {self.n_skipped}"
         if self.counts:
             line += " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items())) + ")"
-        log.info(line)
+        return line
+
+    def log_summary(self, what: str = "data", level: int = logging.INFO) -> str:
+        """Logs the counts (and the first skipped messages) once; returns the counts line."""
+        line = self.summary_line(what)
+        log.log(level, line)
         if self.examples:
-            log.info("first skipped: %s", " | ".join(self.examples))
+            log.log(level, "first skipped: %s", " | ".join(self.examples))
         return line
 
 

@@ -2,7 +2,8 @@
 
 The full text of a response is prompt + response, joined as given (no separator is added), so a
 response usually starts with a space or newline. Every bad line becomes a DataError naming the file,
-line and key; the ErrorPolicy decides between failing and skipping (with counts).
+line and key; the ErrorPolicy decides between failing and skipping (with counts). A UTF-8 byte-order
+mark at the start of a file (written by some Windows tools) is accepted and ignored.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def iter_json_lines(path: str | os.PathLike, policy: ErrorPolicy) -> Iterator[tu
                 policy.handle(DataError(f"invalid UTF-8 at byte {e.start}", kind="invalid_utf8",
                                         file=path, line=lineno))
                 continue
+            if lineno == 1 and text.startswith("\ufeff"):
+                text = text[1:]  # a byte-order mark: valid UTF-8, not part of the first record
             if not text.strip():
                 continue
             try:
@@ -42,6 +45,21 @@ def iter_json_lines(path: str | os.PathLike, policy: ErrorPolicy) -> Iterator[tu
             except json.JSONDecodeError as e:
                 policy.handle(DataError(f"malformed JSON: {e.msg} (column {e.colno})",
                                         kind="malformed_json", file=path, line=lineno))
+
+
+def check_text(text: str, *, file: str, line: int | None, key: str) -> None:
+    """A JSON string may hold a lone surrogate ("\\ud800"), which is no text: no tokenizer can encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"lone surrogate {text[e.start]!r} at character {e.start} (not valid Unicode text)",
+                        kind="invalid_unicode", file=file, line=line, key=key) from None
+
+
+def first_record(path: str | os.PathLike) -> Any:
+    """The first JSON value of a file that parses (None if there is none), e.g. to tell an SFT file
+    from a preference file; the real read that follows reports every bad line under its policy."""
+    return next((obj for _, obj in iter_json_lines(path, ErrorPolicy("skip"))), None)
 
 
 def check_fields(
@@ -58,6 +76,7 @@ def check_fields(
         if not isinstance(obj[k], str):
             raise DataError(f"expected a string, got {type(obj[k]).__name__}", kind="not_string",
                             file=file, line=line, key=k)
+        check_text(obj[k], file=file, line=line, key=k)
         out[k] = obj[k]
     for k in responses:
         if not out[k].strip():

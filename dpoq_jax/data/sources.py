@@ -75,7 +75,8 @@ def load_examples(cfg: Mapping[str, Any], kind: str = "preference"
         else:
             out = task.sft_examples(n, split)
         policy.n_ok = len(out)
-    log.info(policy.log_summary(f"{source} {kind} data"))
+    # read counts; the examples used are counted again after tokenisation (train.inputs)
+    policy.log_summary(f"{source} {kind} data read", level=logging.DEBUG)
     return out, policy
 
 

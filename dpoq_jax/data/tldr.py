@@ -27,7 +27,7 @@ from typing import Any
 
 from dpoq_jax.data.errors import DataError, ErrorPolicy
 from dpoq_jax.data.examples import PreferenceExample, SFTExample
-from dpoq_jax.data.jsonl import check_pair, iter_json_lines
+from dpoq_jax.data.jsonl import check_pair, check_text, iter_json_lines
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ def parse_comparison(obj: Any, *, file: str, line: int) -> tuple[str, dict[str, 
         if not isinstance(info.get(k), str):
             kind = "missing_key" if info.get(k) is None else "not_string"
             raise bad("missing or not a string (not a Reddit post?)", kind, f"info.{k}")
+        check_text(info[k], file=file, line=line, key=f"info.{k}")
     split = obj.get("split")
     if split not in SPLITS:
         raise bad(f"split must be one of {sorted(SPLITS)}, got {split!r}", "bad_split", "split")
@@ -65,6 +66,7 @@ def parse_comparison(obj: Any, *, file: str, line: int) -> tuple[str, dict[str, 
         t = s.get("text") if isinstance(s, dict) else None
         if not isinstance(t, str):
             raise bad("missing or not a string", "not_string", f"summaries[{i}].text")
+        check_text(t, file=file, line=line, key=f"summaries[{i}].text")
         if not t.strip():
             raise bad("empty summary", "empty_response", f"summaries[{i}].text")
         texts.append(" " + t.strip())
@@ -139,7 +141,7 @@ def builder_class() -> type:
         def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
             policy = ErrorPolicy(self.on_error)
             rows = read_comparisons(dl_manager.manual_dir, policy)
-            log.info(policy.log_summary("TL;DR comparisons"))
+            policy.log_summary("TL;DR comparisons")
             self.error_summary = policy.summary()
             return {split: self._generate_examples(r) for split, r in rows.items() if r}
 

@@ -153,7 +153,8 @@ def tokenize_sft(ex: SFTExample, tok: Tokenizer, cfg: TokenizeConfig,
 
 def tokenize_all(examples: Sequence[PreferenceExample | SFTExample], tok: Tokenizer, cfg: TokenizeConfig,
                  policy: ErrorPolicy | None = None) -> tuple[list, TokenizeStats]:
-    """Tokenizes a list; DataErrors (too long, empty, identical) go to the policy."""
+    """Tokenizes a list; DataErrors (too long, empty, identical) go to the policy, whose `kept` count
+    becomes the number of examples returned (the ones used)."""
     policy = policy or ErrorPolicy("fail")
     stats, out = TokenizeStats(), []
     for ex in examples:
@@ -164,4 +165,5 @@ def tokenize_all(examples: Sequence[PreferenceExample | SFTExample], tok: Tokeni
                 out.append(tokenize_sft(ex, tok, cfg, stats))
         except DataError as e:
             policy.handle(e)
+    policy.n_ok = len(out)
     return out, stats
