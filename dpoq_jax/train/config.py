@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -139,14 +140,47 @@ _CHOICES = {
 }
 
 
+# Floating dtypes a model, its compute or a frozen reference may take (names as jnp.dtype reads them).
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+# Counts that divide or schedule something: 0 would divide by zero or (keep=0) delete every checkpoint.
+_POSITIVE = ("train.batch_size", "train.micro_batches", "train.num_steps", "train.log_every",
+             "train.max_consecutive_nonfinite", "checkpoint.every_steps", "checkpoint.keep")
+_NON_NEGATIVE = ("train.eval_every", "train.eval_batches", "train.logps_chunk", "optim.warmup_steps",
+                 "optim.lr", "optim.weight_decay", "optim.end_factor", "optim.eps",
+                 "data.num_examples", "data.num_eval")
+
+
+def _value(config: mc.ConfigDict, key: str) -> Any:
+    group, name = key.split(".")
+    return config[group][name]
+
+
+def _check_numbers(config: mc.ConfigDict) -> None:
+    """Every float of optim and loss is finite (an inf or nan learning rate trains garbage); counts
+    and rates have their signs."""
+    for group in ("optim", "loss"):
+        for name, v in config[group].items():
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"config key '{group}.{name}' must be a finite number, got {v}")
+    for key in _POSITIVE:
+        if _value(config, key) <= 0:
+            raise ConfigError(f"config key {key!r} must be > 0, got {_value(config, key)}")
+    for key in _NON_NEGATIVE:
+        if _value(config, key) < 0:
+            raise ConfigError(f"config key {key!r} must be >= 0, got {_value(config, key)}")
+    if config.loss.beta <= 0:
+        raise ConfigError(f"config key 'loss.beta' must be > 0, got {config.loss.beta}")
+    for key in ("model.dtype", "model.param_dtype", "reference.dtype"):
+        if (v := _value(config, key)) not in FLOAT_DTYPES:
+            raise ConfigError(f"config key {key!r} must be one of {FLOAT_DTYPES}, got {v!r}")
+
+
 def validate(config: mc.ConfigDict) -> None:
-    """Check values that types cannot: stage, positive sizes, existing paths."""
+    """Check values that types cannot: stage, signs and finiteness, dtypes, existing paths."""
     if config.stage not in STAGES:
         raise ConfigError(f"config key 'stage' must be one of {STAGES}, got {config.stage!r}")
+    _check_numbers(config)
     t = config.train
-    for key in ("batch_size", "micro_batches", "num_steps"):
-        if t[key] <= 0:
-            raise ConfigError(f"config key 'train.{key}' must be > 0, got {t[key]}")
     if t.batch_size % t.micro_batches:
         raise ConfigError(
             f"config key 'train.batch_size' ({t.batch_size}) must be divisible by "
