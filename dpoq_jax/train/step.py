@@ -196,22 +196,35 @@ def accumulate_grads(
     return grads, metrics
 
 
+def all_finite(tree: Any) -> Array:
+    """One boolean: every floating leaf of `tree` is free of NaN and Inf (exact: no sum that could
+    overflow)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def make_train_step(
     loss_fn: LossFn, optimizer: optax.GradientTransformation, schedule: optax.Schedule
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Array]]]:
-    """The pure step. Non-finite loss or gradient: no update, `skipped` and `nonfinite_streak` grow."""
+    """The pure step. Non-finite loss, gradient or updated parameters: no update, `skipped` and
+    `nonfinite_streak` grow (so a checkpoint never holds a NaN/Inf that a step produced)."""
 
     def step(state: TrainState, batch_M: Batch) -> tuple[TrainState, dict[str, Array]]:
         grads, metrics = accumulate_grads(loss_fn, state.params, state.ref_params, batch_M)
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        grads_ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
+        keep = (state.params, state.opt_state)
 
         def apply(_):
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state
+            params = optax.apply_updates(state.params, updates)
+            # finite gradients can still give a non-finite update (e.g. an infinite learning rate,
+            # an overflow); one elementwise pass over the new parameters catches it
+            ok = all_finite(params)
+            return jax.lax.cond(ok, lambda: (params, opt_state), lambda: keep) + (ok,)
 
-        # lax.cond skips the optimizer entirely on a bad step (no NaN reaches the moments).
-        params, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.opt_state), None)
+        # lax.cond skips the optimizer entirely on a bad gradient (no NaN reaches the moments).
+        params, opt_state, finite = jax.lax.cond(grads_ok, apply, lambda _: keep + (jnp.bool_(False),), None)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
