@@ -1,24 +1,47 @@
-"""Orbax checkpoints of a training run: asynchronous saves every N steps, keep the last K.
+"""Orbax checkpoints of a training run: asynchronous saves every N steps, keep the last K, and every
+restore verified.
 
 Each step directory WORKDIR/checkpoints/<step>/ holds the items
   params        policy parameters as a plain nested dict (the format `dpoq convert` reads)
   train_state   the rest of the TrainState (optimizer state, frozen reference, counters)
   loader        the data position (LoaderState, JSON)
   config        the run config (JSON), model_config: the model's hyper-parameters (JSON)
-Orbax writes a step into a temporary directory and renames it when complete, so a save cut short
-(kill -9) leaves no step directory and `latest_step` never sees it.
+  integrity     per array of params and train_state: dtype and two 32-bit checksums of its bytes,
+                computed on device at save time; and a copy of the loader position (JSON)
+Orbax writes a step into a temporary directory and renames it when every item is complete, so a save
+cut short (kill -9) leaves no step directory and `latest_step` never sees it; the integrity record
+is an item of the same step, so it exists exactly when the step does.
+
+Orbax itself restores whatever bytes it finds (a flipped byte in a data file comes back as a wrong
+number without complaint), so `restore` recomputes the checksums of what it read and compares them,
+checks that every floating array is finite, and that the loader position is well formed and equals
+its copy. `restore_latest_intact` walks back from the newest step to the newest intact one.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from dpoq_jax.train.state import TrainState
+
+log = logging.getLogger(__name__)
+
+INTEGRITY_VERSION = 1
+DAMAGED_SUFFIX = ".damaged"  # WORKDIR/checkpoints.damaged/<step>: damaged steps set aside, not deleted
+
+
+class DamagedCheckpoint(ValueError):
+    """A checkpoint step that cannot be used; the message says what is wrong, in one line."""
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -37,10 +60,100 @@ def pure_to_params(pure: dict, template: nnx.State) -> nnx.State:
     return out
 
 
+# ---- checksums ----------------------------------------------------------------------------------
+
+
+def _bits_u32(x: jax.Array) -> jax.Array:
+    """The bytes of `x` as uint32 words (8-bit and 16-bit elements widened, 64-bit ones split)."""
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = x.dtype.itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if size in (1, 2):
+        return jax.lax.bitcast_convert_type(x, jnp.uint8 if size == 1 else jnp.uint16).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes: a trailing axis of 2 words
+
+
+def _leaf_sums(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of the words, sum of word * (2 * position + 1)), both mod 2**32, and "all finite".
+    Integer sums are exact in any order, so the result does not depend on sharding or device; a
+    change confined to one element always changes the first sum, a moved element the second."""
+    w = _bits_u32(x)
+    pos, stride = jnp.zeros(w.shape, jnp.uint32), 1
+    for d in reversed(range(w.ndim)):  # linear position without reshaping (keeps the sharding)
+        pos = pos + jax.lax.broadcasted_iota(jnp.uint32, w.shape, d) * jnp.uint32(stride % 2**32)
+        stride *= w.shape[d]
+    sums = jnp.stack([jnp.sum(w, dtype=jnp.uint32), jnp.sum(w * (2 * pos + 1), dtype=jnp.uint32)])
+    finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.inexact) else jnp.bool_(True)
+    return sums, finite
+
+
+def _mesh_of(tree: Any) -> Any:
+    for leaf in jax.tree.leaves(tree):
+        if isinstance(getattr(leaf, "sharding", None), NamedSharding):
+            return leaf.sharding.mesh
+    return None
+
+
+def array_checks(tree: Any) -> dict[str, tuple[str, list[int], bool]]:
+    """{path: (dtype, [sum, weighted sum], finite)} of every array leaf, computed on device (one jit,
+    replicated scalar outputs: fine on several processes)."""
+    paths_leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    if not paths_leaves:
+        return {}
+    leaves = [leaf for _, leaf in paths_leaves]
+    mesh = _mesh_of(leaves)
+    out_sh = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+    fn = jax.jit(lambda ls: [_leaf_sums(x) for x in ls], out_shardings=out_sh)
+    results = jax.device_get(fn(leaves))
+    return {
+        jax.tree_util.keystr(p): (str(leaf.dtype), [int(v) for v in np.asarray(s)], bool(f))
+        for (p, leaf), (s, f) in zip(paths_leaves, results, strict=True)
+    }
+
+
+def integrity_record(pure_params: dict, rest: TrainState, loader: dict) -> dict:
+    arrays = {}
+    for item, tree in (("params", pure_params), ("train_state", rest)):
+        for path, (dtype, sums, _) in array_checks(tree).items():
+            arrays[f"{item}{path}"] = [dtype, *sums]
+    return {"version": INTEGRITY_VERSION, "arrays": arrays, "loader": loader}
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def verify_arrays(record: dict, item: str, tree: Any) -> None:
+    """DamagedCheckpoint unless every array of `tree` (item "params" or "train_state") matches the
+    record's dtype and checksums and every floating one is finite."""
+    expected = {k[len(item):]: v for k, v in record["arrays"].items() if k.startswith(item)}
+    got = array_checks(tree)
+    if set(got) != set(expected):
+        missing = sorted(set(expected) ^ set(got))
+        raise DamagedCheckpoint(f"{item}: arrays differ from the integrity record ({missing[:3]})")
+    for path, (dtype, sums, finite) in got.items():
+        if [dtype, *sums] != expected[path]:
+            raise DamagedCheckpoint(f"checksum mismatch in {item}{path} (the data on disk changed)")
+        if not finite:
+            raise DamagedCheckpoint(f"non-finite values in {item}{path}")
+
+
+def check_loader(loader: Any, record: dict) -> None:
+    ok = (isinstance(loader, dict) and set(loader) == {"epoch", "index"}
+          and all(isinstance(v, int) and v >= 0 for v in loader.values()))
+    if not ok or loader != record.get("loader"):
+        raise DamagedCheckpoint(f"loader position {loader!r} is malformed or differs from its copy")
+
+
 class RunCheckpoints:
     """Checkpoint manager for one workdir's run."""
 
     def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
+        if every_steps < 1 or keep < 1:
+            raise ValueError(f"checkpoint every_steps and keep must be >= 1, got {every_steps}, {keep}")
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every_steps,
             max_to_keep=keep,
@@ -56,6 +169,9 @@ class RunCheckpoints:
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
+    def step_dir(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
     def save(
         self,
         step: int,
@@ -66,38 +182,101 @@ class RunCheckpoints:
         model_config: dict,
         force: bool = False,
     ) -> bool:
-        """Starts an (asynchronous) save if `step` is due (or force); returns whether it saves."""
+        """Starts an (asynchronous) save if `step` is due (or force); returns whether it saves. The
+        checksums are computed first, on device, from the same arrays."""
+        if not (force or self.manager.should_save(step)):
+            return False
+        pure, rest = params_to_pure(state.params), state.replace(params=None)
         return self.manager.save(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardSave(params_to_pure(state.params)),
-                train_state=ocp.args.StandardSave(state.replace(params=None)),
+                params=ocp.args.StandardSave(pure),
+                train_state=ocp.args.StandardSave(rest),
                 loader=ocp.args.JsonSave(loader),
                 config=ocp.args.JsonSave(config),
                 model_config=ocp.args.JsonSave(model_config),
+                integrity=ocp.args.JsonSave(integrity_record(pure, rest, loader)),
             ),
             force=force,
         )
 
+    def _integrity(self, step: int) -> dict:
+        try:
+            record = self.read_json(step, "integrity")
+        except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds; all mean unusable
+            raise DamagedCheckpoint(f"no readable integrity record ({_one_line(e)})") from None
+        if not (isinstance(record, dict) and record.get("version") == INTEGRITY_VERSION
+                and isinstance(record.get("arrays"), dict)):
+            raise DamagedCheckpoint("the integrity record is malformed")
+        return record
+
     def restore(
         self, step: int, abstract_state: TrainState, shardings: TrainState
     ) -> tuple[TrainState, dict]:
-        """(TrainState placed in `shardings`, loader position) of checkpoint `step`."""
+        """(TrainState placed in `shardings`, loader position) of checkpoint `step`, verified:
+        DamagedCheckpoint (one line) if any item is missing, unreadable, changed or non-finite."""
+        record = self._integrity(step)
         target = abstract_with_shardings(abstract_state, shardings)
-        params_target = params_to_pure(target.params)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(params_target),
-                train_state=ocp.args.StandardRestore(target.replace(params=None)),
-                loader=ocp.args.JsonRestore(),
-            ),
-        )
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(params_to_pure(target.params)),
+                    train_state=ocp.args.StandardRestore(target.replace(params=None)),
+                    loader=ocp.args.JsonRestore(),
+                ),
+            )
+        except Exception as e:  # noqa: BLE001 - a cut file, a missing item, an emptied JSON file, ...
+            raise DamagedCheckpoint(f"cannot be read ({_one_line(e)})") from None
+        verify_arrays(record, "params", restored.params)
+        verify_arrays(record, "train_state", restored.train_state)
+        check_loader(restored.loader, record)
         params = pure_to_params(restored.params, abstract_state.params)
         return restored.train_state.replace(params=params), restored.loader
 
+    def restore_latest_intact(
+        self, abstract_state: TrainState, shardings: TrainState
+    ) -> tuple[int, TrainState, dict] | None:
+        """(step, state, loader) of the newest intact checkpoint, None if there is none at all. Each
+        damaged newer step gets a one-line warning and is moved to DIR.damaged/ (kept for
+        inspection; it would block the next save of that step); no intact step: ValueError."""
+        problems = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, loader = self.restore(step, abstract_state, shardings)
+            except DamagedCheckpoint as e:
+                log.warning("checkpoint %s is damaged, not used: %s", self.step_dir(step), e)
+                problems.append((step, str(e)))
+                continue
+            self._set_aside([s for s, _ in problems])
+            if problems:
+                log.warning("resuming from the newest intact checkpoint, step %d", step)
+            return step, state, loader
+        if problems:
+            raise ValueError(f"{self.directory}: no intact checkpoint (newest: step {problems[0][0]}: "
+                             f"{problems[0][1]}; {len(problems)} damaged); move it away to start over")
+        return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            dest = self.directory.rstrip("/") + DAMAGED_SUFFIX
+            os.makedirs(dest, exist_ok=True)
+            for s in steps:
+                target, n = os.path.join(dest, str(s)), 1
+                while os.path.exists(target):
+                    target, n = os.path.join(dest, f"{s}.{n}"), n + 1
+                shutil.move(self.step_dir(s), target)
+                log.warning("moved damaged checkpoint step %d to %s", s, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("dpoq_set_aside_damaged_checkpoints")
+        self.manager.reload()
+
     def read_json(self, step: int, item: str) -> Any:
-        """One JSON item ("loader", "config", "model_config") of checkpoint `step`."""
+        """One JSON item ("loader", "config", "model_config", "integrity") of checkpoint `step`."""
         return getattr(
             self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})), item
         )
@@ -106,14 +285,42 @@ class RunCheckpoints:
         self, step: int, abstract_params: nnx.State, shardings: Any, dtype: Any = None
     ) -> nnx.State:
         """Only the policy parameters of checkpoint `step` (e.g. the SFT run a DPO run starts from),
-        placed in `shardings` and cast to `dtype` if given."""
-        target = abstract_with_shardings(abstract_params, shardings)
+        placed in `shardings`, verified against the integrity record, then cast to `dtype` if given."""
+        record = self._integrity(step)
+        target = params_to_pure(abstract_with_shardings(abstract_params, shardings))
+        saved = {k[len("params"):]: v[0] for k, v in record["arrays"].items() if k.startswith("params")}
+        paths, treedef = jax.tree_util.tree_flatten_with_path(target)
+        if set(saved) != {jax.tree_util.keystr(p) for p, _ in paths}:
+            raise DamagedCheckpoint(f"step {step}: its parameters do not match this model's")
+        target = jax.tree_util.tree_unflatten(treedef, [  # read in the saved dtype: checksums are of it
+            jax.ShapeDtypeStruct(a.shape, jnp.dtype(saved[jax.tree_util.keystr(p)]), sharding=a.sharding)
+            for p, a in paths
+        ])
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+            )
+        except Exception as e:  # noqa: BLE001
+            raise DamagedCheckpoint(f"step {step} cannot be read ({_one_line(e)})") from None
+        try:
+            verify_arrays(record, "params", restored.params)
+        except DamagedCheckpoint as e:
+            raise DamagedCheckpoint(f"{self.step_dir(step)}: {e}") from None
+        pure = restored.params
         if dtype is not None:
-            target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=a.sharding), target)
-        restored = self.manager.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(params_to_pure(target)))
-        )
-        return pure_to_params(restored.params, abstract_params)
+            pure = jax.tree.map(lambda x: x.astype(dtype), pure)
+        return pure_to_params(pure, abstract_params)
+
+    def latest_intact_params_step(self) -> int | None:
+        """The newest step whose integrity record reads (for starting from a run's parameters); the
+        parameters themselves are verified by `restore_params`."""
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                self._integrity(step)
+                return step
+            except DamagedCheckpoint as e:
+                log.warning("checkpoint %s is damaged, not used: %s", self.step_dir(step), e)
+        return None
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

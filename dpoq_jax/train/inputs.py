@@ -16,6 +16,7 @@ import numpy as np
 from dpoq_jax.data import layouts
 from dpoq_jax.data.errors import ErrorPolicy
 from dpoq_jax.data.examples import PreferenceExample, SFTExample, TokenizedPair
+from dpoq_jax.data.jsonl import first_record
 from dpoq_jax.data.sources import load_examples, load_tokenizer
 from dpoq_jax.data.tokenize import TokenizeConfig, tokenize_all
 
@@ -73,13 +74,10 @@ def _raw_examples(cfg: Any, split: str) -> tuple[list, Any]:
         return [], ErrorPolicy(cfg.data.on_error)
     kind = "sft" if cfg.stage == "sft" else "preference"
     if kind == "sft" and cfg.data.source in ("jsonl", "hh", "tldr"):
-        sft_file = False
-        if (
-            cfg.data.source == "jsonl"
-        ):  # an SFT file has "completion"; a preference file is used via its pairs
-            with open(src["path"]) as f:
-                sft_file = "completion" in next((json.loads(line) for line in f if line.strip()), {})
-        if not sft_file:
+        # an SFT file has "completion"; a preference file is used via its pairs. Only the first record
+        # that parses decides; the read itself reports every bad line (file:line: key) under on_error.
+        first = first_record(src["path"]) if cfg.data.source == "jsonl" else None
+        if not (isinstance(first, dict) and "completion" in first):
             pairs, policy = load_examples(src, "preference")
             return _to_sft(pairs, cfg.data.sft_responses), policy
     return load_examples(src, kind)
@@ -107,7 +105,8 @@ def load_dataset(cfg: Any) -> Dataset:
         items, tstats = tokenize_all(raw, tok, tcfg, policy)
         out[split] = items
         stats[split] = {"read": policy.summary(), "tokenize": tstats.summary()}
-        log.info("%s: %d examples (%s; %s)", split, len(items), policy.log_summary(split), tstats.summary())
+        policy.log_summary(split)  # kept = the examples used, after tokenisation and the limit
+        log.info("%s: %d examples (%s)", split, len(items), tstats.summary())
     if not out["train"]:
         raise ValueError(
             f"no training examples from data.source={cfg.data.source!r} (data.path={cfg.data.path!r})"

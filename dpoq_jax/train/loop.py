@@ -25,7 +25,7 @@ from dpoq_jax.data.loader import Loader, LoaderState
 from dpoq_jax.train import inputs
 from dpoq_jax.train.checkpoint import RunCheckpoints
 from dpoq_jax.train.mesh import batch_sharding, make_mesh, replicated, rules_from_config
-from dpoq_jax.train.metrics import MetricsWriter, mfu, step_flops
+from dpoq_jax.train.metrics import MetricsWriter, mfu, read_metrics, step_flops
 from dpoq_jax.train.optim import make_optimizer
 from dpoq_jax.train.state import (
     TrainState,
@@ -82,15 +82,34 @@ def model_source(cfg: Any, mesh: Any, rules: Any) -> ModelSource:
         return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), **kw), mcfg, load_hf_params)
     # a previous run's workdir (e.g. the SFT stage): its newest checkpoint's params and model config
     ckpts = RunCheckpoints(os.path.join(cfg.model.path, CHECKPOINT_SUBDIR), every_steps=1, keep=1)
-    step = ckpts.latest_step()
+    step = ckpts.latest_intact_params_step()
     if step is None:
-        raise ValueError(f"config key 'model.path': no complete checkpoint in {cfg.model.path!r}")
+        raise ValueError(f"config key 'model.path': no intact checkpoint in {cfg.model.path!r}")
     mcfg = ModelConfig.from_dict({**ckpts.read_json(step, "model_config"), **over})
 
     def load_ckpt_params(abstract, shardings):
         return ckpts.restore_params(step, abstract, shardings, dtype=_dtype(cfg.model.param_dtype))
 
     return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), **kw), mcfg, load_ckpt_params)
+
+
+def check_vocab(dataset: inputs.Dataset, vocab_size: int, cfg: Any) -> None:
+    """The model must have a row for every token id the tokenizer can produce (an id past the
+    embedding reads NaN and trains garbage): refused before the first step."""
+    tok = dataset.tokenizer
+    n_tok = len(tok) if hasattr(tok, "__len__") else int(tok.vocab_size)
+    top = max((max(ids) for ex in dataset.train + dataset.eval for ids in _token_ids(ex) if ids), default=-1)
+    if n_tok > vocab_size or top >= vocab_size:
+        where = cfg.data.tokenizer_path or cfg.model.path or f"the {cfg.data.source} tokenizer"
+        raise ValueError(
+            f"model vocab_size={vocab_size} is smaller than the tokenizer's vocabulary ({n_tok} tokens, "
+            f"largest id in the data {top}; tokenizer: {where}); set model.config.vocab_size >= {n_tok}"
+        )
+
+
+def _token_ids(ex: Any) -> list[list[int]]:
+    return [getattr(ex, k) for k in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids")
+            if hasattr(ex, k)]
 
 
 def _attn_width(mcfg: Any) -> int:
@@ -191,6 +210,8 @@ def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, w
         dataset.train = inputs.attach_reference(dataset.train, cfg.reference.logps_path)
         dataset.eval = inputs.attach_reference(dataset.eval, cfg.reference.logps_path)
     source = source or model_source(cfg, mesh, rules)
+    if with_data:
+        check_vocab(dataset, source.model_config.vocab_size, cfg)
     graphdef, abs_params, rest = abstract_model(source.make_model)
     if jax.tree.leaves(rest):  # non-parameter variables: small, built once, replicated, closed over
         rest = jax.jit(lambda: split_model(source.make_model())[2], out_shardings=replicated(mesh))()
@@ -287,9 +308,10 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
         async_save=cfg.checkpoint.async_save,
     )
     writer = MetricsWriter(workdir, enabled=is_main)
-    latest = ckpts.latest_step()
-    if latest is not None:
-        state, loader_dict = ckpts.restore(latest, run.abstract, run.shardings)
+    # the newest checkpoint that passes every check (damaged newer ones: a warning each, set aside)
+    restored = ckpts.restore_latest_intact(run.abstract, run.shardings)
+    if restored is not None:
+        latest, state, loader_dict = restored
         loader_state = LoaderState.from_dict(loader_dict)
         writer.truncate_after(latest)
         log.info("resuming from %s at step %d", ckpts.directory, latest)
@@ -365,7 +387,7 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
             last = m
             if not m["finite"]:
                 log.warning(
-                    "step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                    "step %d: non-finite loss, gradient or update; update skipped (%d in a row)",
                     done,
                     int(m["nonfinite_streak"]),
                 )
@@ -409,13 +431,9 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
 
 
 def _has_final_eval(workdir: str, step: int) -> bool:
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
         return False
-    with open(path) as f:
-        return any(
-            (r := json.loads(line))["split"] == "eval" and r["step"] == step for line in f if line.strip()
-        )
+    return any(r["step"] == step for r in read_metrics(workdir, "eval"))
 
 
 def _bar_extras(m: dict[str, float]) -> dict[str, str]:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s per chip, by substring of jax's device_kind (lower case). Unknown -> None.
 PEAK_FLOPS: tuple[tuple[str, float], ...] = (
@@ -80,13 +83,14 @@ class MetricsWriter:
             self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
     def truncate_after(self, step: int) -> None:
+        """Keeps the lines up to `step` (a torn last line, from a process killed mid-write, is dropped
+        with a warning naming the file)."""
         if not self.enabled or not os.path.exists(self.path):
             return
-        with open(self.path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        rows = _read_rows(self.path, torn_last_ok=True)
         tmp = self.path + ".tmp"
         with open(tmp, "w") as f:
-            f.writelines(lines)
+            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
         os.replace(tmp, self.path)
 
     def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
@@ -111,7 +115,27 @@ class MetricsWriter:
 
 def read_metrics(workdir: str, split: str | None = None) -> list[dict[str, Any]]:
     """The rows of WORKDIR/metrics.jsonl (optionally of one split)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = _read_rows(os.path.join(workdir, "metrics.jsonl"), torn_last_ok=True)
     return [r for r in rows if split is None or r["split"] == split]
+
+
+def _read_rows(path: str, *, torn_last_ok: bool) -> list[dict[str, Any]]:
+    """The JSON rows of a metrics file. Appends are fsynced one line at a time, so only the last line
+    can be torn (the process died mid-write): it is dropped with a warning. Any other bad line is
+    damage, not a crash: a ValueError naming file and line."""
+    with open(path, "rb") as f:
+        raw = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for k, (lineno, line) in enumerate(raw):
+        try:
+            row = json.loads(line.decode("utf-8"))
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not a metrics row")
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if torn_last_ok and k == len(raw) - 1:
+                log.warning("%s:%d: dropping a torn last line (a run stopped mid-write)", path, lineno)
+                break
+            msg = e.msg if isinstance(e, json.JSONDecodeError) else str(e)
+            raise ValueError(f"{path}:{lineno}: not a metrics line ({msg})") from None
+        rows.append(row)
+    return rows
