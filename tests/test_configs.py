@@ -119,8 +119,38 @@ def test_missing_sft_workdir_and_file_errors(tmp_path):
         apply_override(c, "model.widht", "3")
 
 
-def test_cli_reports_config_errors(tmp_path):
-    with pytest.raises(SystemExit, match="config error: unknown config key 'train.steps'"):
+# bad config values (issue 16): each was a ZeroDivisionError, a TypeError, every checkpoint deleted,
+# or a run that trains on inf/nan; now one line naming the key at load, exit status 2
+BAD_VALUES = [
+    ("checkpoint.every_steps=0", "config key 'checkpoint.every_steps' must be > 0, got 0"),
+    ("train.log_every=0", "config key 'train.log_every' must be > 0, got 0"),
+    ("checkpoint.keep=0", "config key 'checkpoint.keep' must be > 0, got 0"),
+    ("model.dtype=float33", "config key 'model.dtype' must be one of ('float32', 'bfloat16', 'float16'), "
+     "got 'float33'"),
+    ("reference.dtype=int99", "config key 'reference.dtype' must be one of"),
+    ("model.param_dtype=int8", "config key 'model.param_dtype' must be one of"),
+    ("optim.lr=-1e-3", "config key 'optim.lr' must be >= 0, got -0.001"),
+    ("optim.lr=inf", "config key 'optim.lr' must be a finite number, got inf"),
+    ("optim.lr=nan", "config key 'optim.lr' must be a finite number, got nan"),
+    ("loss.beta=0", "config key 'loss.beta' must be > 0, got 0.0"),
+    ("train.max_consecutive_nonfinite=0", "config key 'train.max_consecutive_nonfinite' must be > 0"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
+def test_bad_config_values_one_line_exit_2(tmp_path, capsys, override, message):
+    argv = ["--config", str(CONFIGS / "error_injection_sft.py"), "--workdir", str(tmp_path / "w"),
+            f"--config.{override}"]
+    with pytest.raises(SystemExit) as info:
+        train_main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dpoq train: config error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "w").exists()  # refused before anything is written
+
+
+def test_cli_reports_config_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
         train_main(
             [
                 "--config",
@@ -130,13 +160,17 @@ def test_cli_reports_config_errors(tmp_path):
                 "--config.train.steps=3",
             ]
         )
+    assert info.value.code == 2
+    assert capsys.readouterr().err.startswith("dpoq train: config error: unknown config key 'train.steps'")
 
 
-def test_cli_reports_bad_config_file_and_bad_data_without_traceback(tmp_path):
+def test_cli_reports_bad_config_file_and_bad_data_without_traceback(tmp_path, capsys):
     broken = tmp_path / "broken.py"
     broken.write_text("def get_config(arg=None):\n    return 1 +\n")
-    with pytest.raises(SystemExit, match=r"config error: config file .*broken.py', line 2: invalid syntax"):
+    with pytest.raises(SystemExit) as info:
         train_main(["--config", str(broken), "--workdir", str(tmp_path / "w")])
+    assert info.value.code == 2
+    assert "config error: config file " in capsys.readouterr().err
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
     argv = ["--config", str(CONFIGS / "error_injection_dpo.py"), "--workdir", str(tmp_path / "w"),

@@ -114,3 +114,183 @@ def test_sft_and_hh_bad_lines(tmp_path):
 def test_bad_policy_choice():
     with pytest.raises(ValueError, match="on_error must be one of"):
         ErrorPolicy("ignore")
+
+
+# ---- the bad-input corpus through `dpoq train` (issue 16): one case per kind --------------------
+
+REPO_CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "experiments" / "configs"
+PAIR = b'{"prompt": "a b", "chosen": " c", "rejected": " d"}\n'
+SFT = b'{"prompt": "a b", "completion": " c"}\n'
+BOM = b"\xef\xbb\xbf"
+# (id, stage, good line, bad line, bad line's position (1 or 2), kind, key, message fragment)
+CORPUS = [
+    ("malformed_json", "dpo", PAIR, b'{"prompt": "a", \n', 2, "malformed_json", None, "malformed JSON"),
+    ("not_object", "dpo", PAIR, b"[1, 2]\n", 2, "not_object", None, "expected a JSON object, got list"),
+    ("missing_key", "dpo", PAIR, b'{"prompt": "a", "chosen": " c"}\n', 2, "missing_key", "rejected",
+     "missing key"),
+    ("not_string", "dpo", PAIR, b'{"prompt": 3, "chosen": " c", "rejected": " d"}\n', 2, "not_string",
+     "prompt", "expected a string, got int"),
+    ("empty_response", "dpo", PAIR, b'{"prompt": "a", "chosen": " ", "rejected": " d"}\n', 2,
+     "empty_response", "chosen", "empty response"),
+    ("identical", "dpo", PAIR, b'{"prompt": "a", "chosen": " c", "rejected": " c"}\n', 2,
+     "identical_responses", "rejected", "identical"),
+    ("invalid_utf8", "dpo", PAIR, b'{"prompt": "a\xff", "chosen": " c", "rejected": " d"}\n', 2,
+     "invalid_utf8", None, "invalid UTF-8 at byte 13"),
+    ("surrogate_prompt", "dpo", PAIR, b'{"prompt": "a\\ud800", "chosen": " c", "rejected": " d"}\n', 2,
+     "invalid_unicode", "prompt", "lone surrogate '\\ud800' at character 1"),
+    ("surrogate_chosen", "dpo", PAIR, b'{"prompt": "a", "chosen": " \\udfff", "rejected": " d"}\n', 2,
+     "invalid_unicode", "chosen", "lone surrogate"),
+    ("empty_prompt", "dpo", PAIR, b'{"prompt": "", "chosen": " c", "rejected": " d"}\n', 2, "empty_prompt",
+     "prompt", "prompt has no tokens"),
+    ("sft_first_not_object", "sft", PAIR, b"7\n", 1, "not_object", None, "got int"),
+    ("sft_first_malformed", "sft", PAIR, b'{"prompt": \n', 1, "malformed_json", None, "malformed JSON"),
+    ("sft_first_invalid_utf8", "sft", PAIR, b'{"prompt": "\xfe"}\n', 1, "invalid_utf8", None,
+     "invalid UTF-8"),
+    ("sft_file_first_not_object", "sft", SFT, b'"text"\n', 1, "not_object", None, "got str"),
+    ("sft_file_empty_completion", "sft", SFT, b'{"prompt": "a", "completion": ""}\n', 2, "empty_response",
+     "completion", "empty response"),
+    ("sft_file_surrogate", "sft", SFT, b'{"prompt": "a", "completion": " \\ud834"}\n', 2, "invalid_unicode",
+     "completion", "lone surrogate"),
+]
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer(tmp_path_factory):
+    """A whitespace word-level HF tokenizer over the corpus words (fits the tiny model's vocabulary)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<unk>", "a", "b", "c", "d"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    path = tmp_path_factory.mktemp("wordtok")
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
+                            unk_token="<unk>").save_pretrained(path)
+    return str(path)
+
+
+def train_argv(stage, data, tok, workdir, *extra):
+    cfg = REPO_CONFIGS / ("error_injection_dpo.py" if stage == "dpo" else "error_injection_sft.py")
+    return ["--config", str(cfg), "--workdir", str(workdir), "--config.model.init=random",
+            "--config.model.path=", "--config.data.source=jsonl", f"--config.data.path={data}",
+            f"--config.data.tokenizer_path={tok}", "--config.data.num_eval=0",
+            "--config.train.progress_bar=false", "--config.model.hf_export=false", *extra]
+
+
+def corpus_file(tmp_path, case):
+    _, _, good, bad, pos, *_ = case
+    path = tmp_path / f"{case[0]}.jsonl"
+    path.write_bytes(bad + good + good if pos == 1 else good + bad + good)
+    return path
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[c[0] for c in CORPUS])
+def test_corpus_fail_one_line_naming_file_line_key(tmp_path, word_tokenizer, case):
+    from dpoq_jax.train.commands import train_main
+
+    _, stage, _, _, pos, _, key, fragment = case
+    path = corpus_file(tmp_path, case)
+    with pytest.raises(SystemExit) as info:
+        train_main(train_argv(stage, path, word_tokenizer, tmp_path / "w"))
+    msg = info.value.code
+    assert isinstance(msg, str)  # SystemExit(str): the interpreter prints it and exits with status 1
+    where = f"dpoq train: error: {path}:{pos}: " + (f"key {key!r}: " if key else "")
+    assert msg.startswith(where) and fragment in msg, msg
+    assert "\n" not in msg and "Traceback" not in msg
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=[c[0] for c in CORPUS])
+def test_corpus_skip_counts_and_uses_the_good_records(tmp_path, word_tokenizer, case):
+    from dpoq_jax.train.config import load_config
+    from dpoq_jax.train.inputs import load_dataset
+
+    _, stage, _, _, pos, kind, *_ = case
+    path = corpus_file(tmp_path, case)
+    argv = train_argv(stage, path, word_tokenizer, tmp_path / "w", "--config.data.on_error=skip")
+    ds = load_dataset(load_config(argv[1], argv[4:]))
+    read = ds.stats["train"]["read"]
+    assert (read["kept"], read["skipped"], read["by_kind"]) == (2, 1, {kind: 1})
+    good_lines = [2, 3] if pos == 1 else [1, 3]
+    assert [ex.meta["line"] for ex in ds.train] == good_lines
+    assert all(ex.prompt_ids == [3, 4] for ex in ds.train)  # "a b": the good records' tokens
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_bom_at_file_start_is_accepted(tmp_path, word_tokenizer, on_error):
+    from dpoq_jax.train.config import load_config
+    from dpoq_jax.train.inputs import load_dataset
+
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(BOM + PAIR + PAIR)
+    argv = train_argv("dpo", path, word_tokenizer, tmp_path / "w", f"--config.data.on_error={on_error}")
+    ds = load_dataset(load_config(argv[1], argv[4:]))
+    assert [ex.meta["line"] for ex in ds.train] == [1, 2]
+    assert ds.stats["train"]["read"]["skipped"] == 0
+    policy = ErrorPolicy(on_error)
+    assert len(read_hh_jsonl(_hh_with_bom(tmp_path), policy)) == 1 and policy.n_skipped == 0
+
+
+def _hh_with_bom(tmp_path):
+    p = tmp_path / "hh_bom.jsonl"
+    p.write_bytes(BOM + b'{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", '
+                  b'"rejected": "\\n\\nHuman: a\\n\\nAssistant: c"}\n')
+    return p
+
+
+def test_vocab_smaller_than_tokenizer_refused_before_training(tmp_path, word_tokenizer):
+    from dpoq_jax.train.commands import train_main
+
+    path = tmp_path / "ok.jsonl"
+    path.write_bytes(PAIR * 2)
+    argv = train_argv("dpo", path, word_tokenizer, tmp_path / "w", "--config.model.config.vocab_size=5")
+    with pytest.raises(SystemExit) as info:
+        train_main(argv)
+    msg = info.value.code
+    assert msg.startswith("dpoq train: error: model vocab_size=5 is smaller than the tokenizer's vocabulary "
+                          "(7 tokens, largest id in the data 6") and "\n" not in msg
+    assert not (tmp_path / "w" / "checkpoints").exists()  # refused before any training
+
+
+@pytest.mark.slow
+def test_corpus_skip_trains_on_exactly_the_good_records(tmp_path, word_tokenizer):
+    """One real `dpoq train` subprocess over the whole corpus (BOM first) with on_error=skip: exit 0,
+    the log counts every kind once and keeps exactly the good records."""
+    import os
+    import subprocess
+    import sys
+
+    dpo = [c for c in CORPUS if c[1] == "dpo"]
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(BOM + PAIR + b"".join(c[3] for c in dpo) + PAIR)
+    tiny = ["--config.model.config.hidden_size=32", "--config.model.config.num_layers=1",
+            "--config.model.config.intermediate_size=64", "--config.model.config.head_dim=8",
+            "--config.model.config.rotary_dim=8", "--config.train.batch_size=2", "--config.train.num_steps=1",
+            "--config.data.on_error=skip"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run([sys.executable, "-m", "dpoq_jax.cli", "train",
+                           *train_argv("dpo", path, word_tokenizer, tmp_path / "w", *tiny)],
+                          env=env, capture_output=True, text=True, timeout=600,
+                          cwd=REPO_CONFIGS.parents[1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kinds = sorted({c[5] for c in dpo})
+    counts = ", ".join(f"{k}: {sum(c[5] == k for c in dpo)}" for k in kinds)
+    assert f"train: kept 2, skipped {len(dpo)} ({counts})" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_one_line_and_exit_1_in_a_real_process(tmp_path, word_tokenizer):
+    import os
+    import subprocess
+    import sys
+
+    case = CORPUS[7]  # a lone surrogate: used to end in a TypeError traceback
+    path = corpus_file(tmp_path, case)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.run([sys.executable, "-m", "dpoq_jax.cli", "train",
+                           *train_argv("dpo", path, word_tokenizer, tmp_path / "w")],
+                          env=env, capture_output=True, text=True, timeout=600,
+                          cwd=REPO_CONFIGS.parents[1])
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"dpoq train: error: {path}:2: key 'prompt': lone surrogate '\\ud800' at character 1 "
+        "(not valid Unicode text)"]

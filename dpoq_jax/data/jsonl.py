@@ -56,10 +56,11 @@ def check_text(text: str, *, file: str, line: int | None, key: str) -> None:
                         kind="invalid_unicode", file=file, line=line, key=key) from None
 
 
-def first_record(path: str | os.PathLike) -> Any:
-    """The first JSON value of a file that parses (None if there is none), e.g. to tell an SFT file
-    from a preference file; the real read that follows reports every bad line under its policy."""
-    return next((obj for _, obj in iter_json_lines(path, ErrorPolicy("skip"))), None)
+def first_record(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The first line of a file that is a JSON object (None if there is none), e.g. to tell an SFT
+    file from a preference file; the real read that follows reports every bad line under its policy."""
+    objs = (obj for _, obj in iter_json_lines(path, ErrorPolicy("skip")) if isinstance(obj, dict))
+    return next(objs, None)
 
 
 def check_fields(

@@ -122,7 +122,7 @@ def integrity_record(pure_params: dict, rest: TrainState, loader: dict) -> dict:
 
 
 def _one_line(e: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
+    text = " ".join(str(e).split()).split(" See full TensorStore details")[0] or type(e).__name__
     return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
@@ -217,22 +217,22 @@ class RunCheckpoints:
         DamagedCheckpoint (one line) if any item is missing, unreadable, changed or non-finite."""
         record = self._integrity(step)
         target = abstract_with_shardings(abstract_state, shardings)
-        try:
-            restored = self.manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    params=ocp.args.StandardRestore(params_to_pure(target.params)),
-                    train_state=ocp.args.StandardRestore(target.replace(params=None)),
-                    loader=ocp.args.JsonRestore(),
-                ),
-            )
-        except Exception as e:  # noqa: BLE001 - a cut file, a missing item, an emptied JSON file, ...
-            raise DamagedCheckpoint(f"cannot be read ({_one_line(e)})") from None
-        verify_arrays(record, "params", restored.params)
-        verify_arrays(record, "train_state", restored.train_state)
-        check_loader(restored.loader, record)
-        params = pure_to_params(restored.params, abstract_state.params)
-        return restored.train_state.replace(params=params), restored.loader
+        items = {
+            "params": ocp.args.StandardRestore(params_to_pure(target.params)),
+            "train_state": ocp.args.StandardRestore(target.replace(params=None)),
+            "loader": ocp.args.JsonRestore(),
+        }
+        got = {}
+        for name, args in items.items():  # one at a time, so that the message names the item
+            try:
+                got[name] = getattr(self.manager.restore(step, args=ocp.args.Composite(**{name: args})), name)
+            except Exception as e:  # noqa: BLE001 - a cut file, a missing item, an emptied JSON file, ...
+                raise DamagedCheckpoint(f"item {name!r} cannot be read ({_one_line(e)})") from None
+        verify_arrays(record, "params", got["params"])
+        verify_arrays(record, "train_state", got["train_state"])
+        check_loader(got["loader"], record)
+        params = pure_to_params(got["params"], abstract_state.params)
+        return got["train_state"].replace(params=params), got["loader"]
 
     def restore_latest_intact(
         self, abstract_state: TrainState, shardings: TrainState
@@ -245,35 +245,37 @@ class RunCheckpoints:
             try:
                 state, loader = self.restore(step, abstract_state, shardings)
             except DamagedCheckpoint as e:
-                log.warning("checkpoint %s is damaged, not used: %s", self.step_dir(step), e)
                 problems.append((step, str(e)))
                 continue
-            self._set_aside([s for s, _ in problems])
-            if problems:
-                log.warning("resuming from the newest intact checkpoint, step %d", step)
+            for (bad, why), moved in zip(problems, self._set_aside([s for s, _ in problems]), strict=True):
+                log.warning("checkpoint %s is damaged: %s; not used (moved to %s), resuming from step %d",
+                            self.step_dir(bad), why, moved, step)
             return step, state, loader
         if problems:
-            raise ValueError(f"{self.directory}: no intact checkpoint (newest: step {problems[0][0]}: "
+            raise ValueError(f"{self.directory}: no intact checkpoint (newest, step {problems[0][0]}: "
                              f"{problems[0][1]}; {len(problems)} damaged); move it away to start over")
         return None
 
-    def _set_aside(self, steps: list[int]) -> None:
+    def _set_aside(self, steps: list[int]) -> list[str]:
+        """Moves damaged steps to DIR.damaged/<step> (process 0); returns where each went."""
         if not steps:
-            return
-        if jax.process_index() == 0:
-            dest = self.directory.rstrip("/") + DAMAGED_SUFFIX
-            os.makedirs(dest, exist_ok=True)
-            for s in steps:
-                target, n = os.path.join(dest, str(s)), 1
-                while os.path.exists(target):
-                    target, n = os.path.join(dest, f"{s}.{n}"), n + 1
+            return []
+        dest = self.directory.rstrip("/") + DAMAGED_SUFFIX
+        targets = []
+        for s in steps:
+            target, n = os.path.join(dest, str(s)), 1
+            while os.path.exists(target):
+                target, n = os.path.join(dest, f"{s}.{n}"), n + 1
+            targets.append(target)
+            if jax.process_index() == 0:
+                os.makedirs(dest, exist_ok=True)
                 shutil.move(self.step_dir(s), target)
-                log.warning("moved damaged checkpoint step %d to %s", s, target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
             multihost_utils.sync_global_devices("dpoq_set_aside_damaged_checkpoints")
         self.manager.reload()
+        return targets
 
     def read_json(self, step: int, item: str) -> Any:
         """One JSON item ("loader", "config", "model_config", "integrity") of checkpoint `step`."""

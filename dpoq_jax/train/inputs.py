@@ -74,10 +74,10 @@ def _raw_examples(cfg: Any, split: str) -> tuple[list, Any]:
         return [], ErrorPolicy(cfg.data.on_error)
     kind = "sft" if cfg.stage == "sft" else "preference"
     if kind == "sft" and cfg.data.source in ("jsonl", "hh", "tldr"):
-        # an SFT file has "completion"; a preference file is used via its pairs. Only the first record
-        # that parses decides; the read itself reports every bad line (file:line: key) under on_error.
+        # an SFT file has "completion"; a preference file is used via its pairs. Only the first JSON
+        # object decides; the read itself reports every bad line (file:line: key) under on_error.
         first = first_record(src["path"]) if cfg.data.source == "jsonl" else None
-        if not (isinstance(first, dict) and "completion" in first):
+        if not (first and "completion" in first):
             pairs, policy = load_examples(src, "preference")
             return _to_sft(pairs, cfg.data.sft_responses), policy
     return load_examples(src, kind)
