@@ -20,9 +20,11 @@ its copy. `restore_latest_intact` walks back from the newest step to the newest 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -119,6 +121,18 @@ def integrity_record(pure_params: dict, rest: TrainState, loader: dict) -> dict:
         for path, (dtype, sums, _) in array_checks(tree).items():
             arrays[f"{item}{path}"] = [dtype, *sums]
     return {"version": INTEGRITY_VERSION, "arrays": arrays, "loader": loader}
+
+
+@contextlib.contextmanager
+def _quiet(name: str) -> Iterator[None]:
+    """Silences a logger for a restore: on a damaged file tensorstore's futures log the whole
+    multi-line spec through asyncio besides raising; the raised error is reported in one line."""
+    logger = logging.getLogger(name)
+    old, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = old
 
 
 def _one_line(e: BaseException, limit: int = 200) -> str:
@@ -225,7 +239,9 @@ class RunCheckpoints:
         got = {}
         for name, args in items.items():  # one at a time, so that the message names the item
             try:
-                got[name] = getattr(self.manager.restore(step, args=ocp.args.Composite(**{name: args})), name)
+                with _quiet("asyncio"):
+                    got[name] = getattr(self.manager.restore(step, args=ocp.args.Composite(**{name: args})),
+                                        name)
             except Exception as e:  # noqa: BLE001 - a cut file, a missing item, an emptied JSON file, ...
                 raise DamagedCheckpoint(f"item {name!r} cannot be read ({_one_line(e)})") from None
         verify_arrays(record, "params", got["params"])
@@ -299,9 +315,10 @@ class RunCheckpoints:
             for p, a in paths
         ])
         try:
-            restored = self.manager.restore(
-                step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
-            )
+            with _quiet("asyncio"):
+                restored = self.manager.restore(
+                    step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+                )
         except Exception as e:  # noqa: BLE001
             raise DamagedCheckpoint(f"step {step} cannot be read ({_one_line(e)})") from None
         try:
