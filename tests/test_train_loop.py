@@ -203,6 +203,24 @@ def test_damaged_newest_checkpoint_falls_back_to_intact(tmp_path, finished_run, 
     assert int(state.step) == 2
 
 
+def test_checkpoint_from_before_integrity_records_is_used_with_a_warning(tmp_path, finished_run, caplog):
+    """A step whose orbax metadata lists no integrity item (written by an older version) is restored,
+    checked for finiteness only; a deleted record of a step that had one is damage (above)."""
+    cfg, work, _, run = finished_run
+    copy = tmp_path / "w"
+    shutil.copytree(work, copy)
+    step4 = copy / "checkpoints" / "4"
+    shutil.rmtree(step4 / "integrity")
+    meta = json.loads((step4 / "_CHECKPOINT_METADATA").read_text())
+    del meta["item_handlers"]["integrity"]
+    (step4 / "_CHECKPOINT_METADATA").write_text(json.dumps(meta))
+    ckpts = RunCheckpoints(str(copy / "checkpoints"), every_steps=1, keep=3)
+    with caplog.at_level(logging.WARNING, logger="dpoq_jax"):
+        step, _, _ = ckpts.restore_latest_intact(run.abstract, run.shardings)
+    ckpts.close()
+    assert step == 4 and "has no integrity record (written by an older dpoq_jax)" in caplog.text
+
+
 def test_nonfinite_checkpoint_is_not_used(tmp_path, finished_run, caplog):
     """A step saved with NaN parameters has matching checksums but fails the finiteness check."""
     cfg, work, _, run = finished_run

@@ -21,6 +21,7 @@ its copy. `restore_latest_intact` walks back from the newest step to the newest 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -140,25 +141,26 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
-def verify_arrays(record: dict, item: str, tree: Any) -> None:
+def verify_arrays(record: dict | None, item: str, tree: Any) -> None:
     """DamagedCheckpoint unless every array of `tree` (item "params" or "train_state") matches the
-    record's dtype and checksums and every floating one is finite."""
-    expected = {k[len(item):]: v for k, v in record["arrays"].items() if k.startswith(item)}
+    record's dtype and checksums and every floating one is finite (record None: finiteness only)."""
     got = array_checks(tree)
-    if set(got) != set(expected):
-        missing = sorted(set(expected) ^ set(got))
-        raise DamagedCheckpoint(f"{item}: arrays differ from the integrity record ({missing[:3]})")
+    if record is not None:
+        expected = {k[len(item):]: v for k, v in record["arrays"].items() if k.startswith(item)}
+        if set(got) != set(expected):
+            missing = sorted(set(expected) ^ set(got))
+            raise DamagedCheckpoint(f"{item}: arrays differ from the integrity record ({missing[:3]})")
     for path, (dtype, sums, finite) in got.items():
-        if [dtype, *sums] != expected[path]:
+        if record is not None and [dtype, *sums] != expected[path]:
             raise DamagedCheckpoint(f"checksum mismatch in {item}{path} (the data on disk changed)")
         if not finite:
             raise DamagedCheckpoint(f"non-finite values in {item}{path}")
 
 
-def check_loader(loader: Any, record: dict) -> None:
+def check_loader(loader: Any, record: dict | None) -> None:
     ok = (isinstance(loader, dict) and set(loader) == {"epoch", "index"}
           and all(isinstance(v, int) and v >= 0 for v in loader.values()))
-    if not ok or loader != record.get("loader"):
+    if not ok or (record is not None and loader != record.get("loader")):
         raise DamagedCheckpoint(f"loader position {loader!r} is malformed or differs from its copy")
 
 
@@ -214,15 +216,29 @@ class RunCheckpoints:
             force=force,
         )
 
-    def _integrity(self, step: int) -> dict:
+    def _integrity(self, step: int) -> dict | None:
+        """The step's integrity record; None for a step written before records existed (its
+        orbax metadata lists no "integrity" item: it is checked for finiteness only, with a warning)."""
         try:
             record = self.read_json(step, "integrity")
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many kinds; all mean unusable
+            if self._legacy(step):
+                log.warning("checkpoint %s has no integrity record (written by an older dpoq_jax): "
+                            "checked for finiteness only", self.step_dir(step))
+                return None
             raise DamagedCheckpoint(f"no readable integrity record ({_one_line(e)})") from None
         if not (isinstance(record, dict) and record.get("version") == INTEGRITY_VERSION
                 and isinstance(record.get("arrays"), dict)):
             raise DamagedCheckpoint("the integrity record is malformed")
         return record
+
+    def _legacy(self, step: int) -> bool:
+        try:
+            with open(os.path.join(self.step_dir(step), "_CHECKPOINT_METADATA")) as f:
+                items = json.load(f)["item_handlers"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False  # unreadable step metadata is damage, not age
+        return isinstance(items, dict) and "params" in items and "integrity" not in items
 
     def restore(
         self, step: int, abstract_state: TrainState, shardings: TrainState
@@ -306,14 +322,15 @@ class RunCheckpoints:
         placed in `shardings`, verified against the integrity record, then cast to `dtype` if given."""
         record = self._integrity(step)
         target = params_to_pure(abstract_with_shardings(abstract_params, shardings))
-        saved = {k[len("params"):]: v[0] for k, v in record["arrays"].items() if k.startswith("params")}
-        paths, treedef = jax.tree_util.tree_flatten_with_path(target)
-        if set(saved) != {jax.tree_util.keystr(p) for p, _ in paths}:
-            raise DamagedCheckpoint(f"step {step}: its parameters do not match this model's")
-        target = jax.tree_util.tree_unflatten(treedef, [  # read in the saved dtype: checksums are of it
-            jax.ShapeDtypeStruct(a.shape, jnp.dtype(saved[jax.tree_util.keystr(p)]), sharding=a.sharding)
-            for p, a in paths
-        ])
+        if record is not None:
+            saved = {k[len("params"):]: v[0] for k, v in record["arrays"].items() if k.startswith("params")}
+            paths, treedef = jax.tree_util.tree_flatten_with_path(target)
+            if set(saved) != {jax.tree_util.keystr(p) for p, _ in paths}:
+                raise DamagedCheckpoint(f"step {step}: its parameters do not match this model's")
+            target = jax.tree_util.tree_unflatten(treedef, [  # read in the saved dtype: checksums are of it
+                jax.ShapeDtypeStruct(a.shape, jnp.dtype(saved[jax.tree_util.keystr(p)]), sharding=a.sharding)
+                for p, a in paths
+            ])
         try:
             with _quiet("asyncio"):
                 restored = self.manager.restore(
