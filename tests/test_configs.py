@@ -145,7 +145,7 @@ def test_bad_config_values_one_line_exit_2(tmp_path, capsys, override, message):
         train_main(argv)
     assert info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"dpoq train: config error: {message}") and err.count("\n") == 1, err
+    assert err.startswith(f"config error: {message}") and err.count("\n") == 1, err
     assert not (tmp_path / "w").exists()  # refused before anything is written
 
 
@@ -161,7 +161,7 @@ def test_cli_reports_config_errors(tmp_path, capsys):
             ]
         )
     assert info.value.code == 2
-    assert capsys.readouterr().err.startswith("dpoq train: config error: unknown config key 'train.steps'")
+    assert capsys.readouterr().err.startswith("config error: unknown config key 'train.steps'")
 
 
 def test_cli_reports_bad_config_file_and_bad_data_without_traceback(tmp_path, capsys):

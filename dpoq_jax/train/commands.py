@@ -48,14 +48,14 @@ def _logging(verbose: bool) -> None:
     logging.getLogger("dpoq_jax").setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def _load(prog: str, args: argparse.Namespace, overrides: list[str]):
+def _load(args: argparse.Namespace, overrides: list[str]):
     """The validated config; a bad one is a usage error: one line and exit status 2 (like argparse)."""
     from dpoq_jax.train.config import ConfigError, load_config
 
     try:
         return load_config(args.config, overrides)
     except ConfigError as e:
-        print(f"{prog}: config error: {e}", file=sys.stderr)
+        print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -67,7 +67,7 @@ def train_main(argv: list[str]) -> int:
     )
     args, overrides = p.parse_known_args(argv)
     _logging(args.verbose)
-    cfg = _load("dpoq train", args, overrides)
+    cfg = _load(args, overrides)
     init_distributed(args.coordinator, args.num_processes, args.process_id)
     from dpoq_jax.train.loop import NonFiniteError, train
 
@@ -93,8 +93,7 @@ def precompute_ref_main(argv: list[str]) -> int:
     p.add_argument("--output", default=None, help="output file (None: WORKDIR/ref_logps.jsonl)")
     args, overrides = p.parse_known_args(argv)
     _logging(args.verbose)
-    forced = ["--config.stage=dpo", "--config.reference.mode=frozen"]
-    cfg = _load("dpoq precompute-ref", args, overrides + forced)
+    cfg = _load(args, overrides + ["--config.stage=dpo", "--config.reference.mode=frozen"])
     init_distributed(args.coordinator, args.num_processes, args.process_id)
     from dpoq_jax.train.precompute import precompute_reference
 
