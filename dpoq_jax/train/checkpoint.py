@@ -21,6 +21,7 @@ its copy. `restore_latest_intact` walks back from the newest step to the newest 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -99,6 +100,18 @@ def _mesh_of(tree: Any) -> Any:
     return None
 
 
+def _all_sums(leaves: list[jax.Array]) -> list[tuple[jax.Array, jax.Array]]:
+    return [_leaf_sums(x) for x in leaves]
+
+
+@functools.lru_cache(maxsize=8)
+def _checks_fn(mesh: Any) -> Any:
+    """One jitted function per mesh (jit then caches one executable per tree of shapes, so a run
+    compiles the checks of its state once, not at every save and restore)."""
+    out_sh = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+    return jax.jit(_all_sums, out_shardings=out_sh)
+
+
 def array_checks(tree: Any) -> dict[str, tuple[str, list[int], bool]]:
     """{path: (dtype, [sum, weighted sum], finite)} of every array leaf, computed on device (one jit,
     replicated scalar outputs: fine on several processes)."""
@@ -106,10 +119,7 @@ def array_checks(tree: Any) -> dict[str, tuple[str, list[int], bool]]:
     if not paths_leaves:
         return {}
     leaves = [leaf for _, leaf in paths_leaves]
-    mesh = _mesh_of(leaves)
-    out_sh = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
-    fn = jax.jit(lambda ls: [_leaf_sums(x) for x in ls], out_shardings=out_sh)
-    results = jax.device_get(fn(leaves))
+    results = jax.device_get(_checks_fn(_mesh_of(leaves))(leaves))
     return {
         jax.tree_util.keystr(p): (str(leaf.dtype), [int(v) for v in np.asarray(s)], bool(f))
         for (p, leaf), (s, f) in zip(paths_leaves, results, strict=True)
