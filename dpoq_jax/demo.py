@@ -1,13 +1,17 @@
-"""`dpoq demo`: the paper's three findings, small, end to end, offline, on the CPU (minutes).
+"""`dpoq demo`: three claims of the paper, small, end to end, offline, on the CPU (minutes).
 
-Trains tiny models from random initialisation on the bundled synthetic tasks and writes one report:
-  1. credit assignment: SFT then DPO on error_injection; per-token implicit rewards of held-out pairs
-     (heatmap), top-1 localisation and AUROC of injected tokens against the reference alone and chance;
-  2. search: DPO on dense_reward; gold win rate, gold reward and length against beam width;
-  3. implicit rewards during DPO with and without an SFT'd reference, and the §5.4 identity.
+Trains tiny models from random initialisation on the bundled synthetic tasks (the packaged configs
+dpoq_jax/configs/) and writes one report, a section per claim, each ending with a verdict computed
+from its own numbers:
+  1. credit assignment (paper §5.1): per-token implicit rewards of held-out error_injection pairs,
+     top-1 localisation and AUROC of the injected tokens against the reference alone and chance;
+  2. search (paper §5.2): DPO on dense_reward; gold win rate, gold reward and length against beams;
+  3. implicit rewards during DPO (paper §5.4) with and without an SFT'd reference, and the identity
+     E_{π_ref}[β log π/π_ref] = −β KL.
 Output: OUT/report.html (self-contained), OUT/report.md (+ OUT/report_figures/*.png); the training runs
-go to OUT/work (a rerun reuses finished runs). The experiment drivers live in the repository's
-experiments/ folder (`python -m experiments.<name>` runs their full versions).
+go to OUT/work (a rerun reuses finished runs). The experiments are dpoq_jax.experiments (in a clone,
+`python -m experiments.<name>` runs their full versions). Runs from an installed package: nothing
+outside it is read.
 
     dpoq demo [--out runs/demo] [--quick] [--seed 0]
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -38,49 +43,54 @@ SCALES = {
 }
 
 
-def _experiments_importable() -> None:
-    """The drivers live in <repo>/experiments (beside the configs they train with)."""
-    try:
-        import experiments.common  # noqa: F401
-
-        return
-    except ImportError:
-        pass
-    root = Path(__file__).resolve().parents[1]
-    if not (root / "experiments" / "common.py").exists():
-        raise SystemExit(
-            f"dpoq demo: the experiments/ folder was not found next to {root / 'dpoq_jax'}; "
-            "run the demo from a clone of the repository (pip install -e .)"
-        )
-    sys.path.insert(0, str(root))
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     from dpoq_jax.cli import Parser
 
     p = Parser(prog="dpoq demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--quick", action="store_true", help="a much smaller smoke run (about a minute)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the tasks and the training runs")
+    p.add_argument("--quick", action="store_true", help="a much smaller smoke run (a few minutes)")
+    p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling")
     return p.parse_args(list(argv))
 
 
+def next_steps(credit_runs: dict[str, Path], search_runs: dict[str, Path], out: Path, beta: float) -> str:
+    """What to try next, with the run folders this demo wrote."""
+    q = lambda p: shlex.quote(str(p))  # noqa: E731
+    dpo, sft = credit_runs["dpo"], credit_runs["sft"]
+    return "\n".join(
+        [
+            "Try next (the run folders this demo trained):",
+            "  # per-token implicit rewards of held-out error_injection pairs, as HTML and PNG heatmaps",
+            f"  dpoq score --policy {q(dpo)} --reference {q(sft)} --tokenizer synthetic "
+            f"--synthetic error_injection --split test --n 256 --beta {beta} --out-dir {q(out / 'score')}",
+            "  # beam search on the dense_reward DPO policy, with its implicit rewards",
+            f"  dpoq generate --model {q(search_runs['dpo'])} --reference {q(search_runs['sft'])} "
+            f"--tokenizer synthetic --synthetic dense_reward --split test --mode beam --num-beams 5 "
+            f"--max-new-tokens 33 --out {q(out / 'beams.jsonl')}",
+            "  # the DPO policy's final checkpoint as a Hugging Face folder",
+            f"  dpoq convert --from {q(dpo / 'checkpoints')} --to {q(out / 'export_hf')}",
+        ]
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    _experiments_importable()
-    from experiments import common, credit_assignment, implicit_rewards, search_overopt
+    from dpoq_jax.analysis import document as doc
+    from dpoq_jax.experiments import credit_assignment, implicit_rewards, search_overopt
+    from dpoq_jax.train.runs import default_config
 
     scale = SCALES["quick" if args.quick else "demo"]
     out = Path(args.out)
     work = out / "work"
-    command = "dpoq demo " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = doc.command_line("dpoq demo", argv)
     t_start = time.time()
-    common.log(f"dpoq demo: writing to {out} ({'quick' if args.quick else 'demo'} scale)")
+    doc.log(f"dpoq demo: writing to {out} ({'quick' if args.quick else 'demo'} scale)")
 
-    def ns(task: str, name: str) -> argparse.Namespace:
+    def ns(task: str) -> argparse.Namespace:
         return argparse.Namespace(
-            config=common.default_config(task),
+            config=default_config(task),
             seed=args.seed,
             workdir=str(work / task),
             overrides=[],
@@ -91,41 +101,62 @@ def main(argv: Sequence[str] | None = None) -> int:
             quick=args.quick,
         )
 
-    timings, reports = [], []
-    parts = (
-        ("1", "credit assignment", credit_assignment, ns("error_injection", "credit"), scale["credit"]),
-        ("2", "implicit rewards", implicit_rewards, ns("error_injection", "implicit"), scale["implicit"]),
-        ("3", "beam search", search_overopt, ns("dense_reward", "search"), scale["search"]),
-    )
-    for num, label, module, a, sc in parts:
+    # Run order: implicit rewards reuses the credit-assignment runs; the report follows the paper.
+    parts = {
+        "credit": ("credit assignment", credit_assignment, ns("error_injection")),
+        "implicit": ("implicit rewards", implicit_rewards, ns("error_injection")),
+        "search": ("beam search", search_overopt, ns("dense_reward")),
+    }
+    reports, timings = {}, []
+    for i, (key, (label, module, a)) in enumerate(parts.items(), 1):
         t0 = time.time()
-        common.log(f"[{num}/3] {label}")
-        reports.append((num, module.run(a, sc)))
-        timings.append([f"{num}. {label}", f"{time.time() - t0:.0f}"])
+        doc.log(f"[{i}/{len(parts)}] {label}")
+        reports[key] = module.run(a, scale[key])
+        timings.append([label, f"{time.time() - t0:.0f}"])
     total = time.time() - t_start
     timings.append(["total", f"{total:.0f}"])
 
-    report = common.Report(
+    order = ("credit", "search", "implicit")
+    report = doc.Report(
         "dpoq demo: your language model is secretly a Q-function",
         intro=(
-            "Tiny decoders trained from scratch on the synthetic tasks of dpoq_jax (CPU, offline), "
-            "reproducing the three findings of Rafailov et al. (2024) in miniature: DPO's per-token "
-            "implicit rewards do credit assignment; beam search on a DPO policy is reward search and can "
-            "over-optimise; implicit rewards of the chosen responses fall during DPO when the reference "
-            "was fine-tuned on them (§5.4). The full experiments: `python -m experiments.<name>`."
+            "Tiny decoders trained from scratch on the synthetic tasks of dpoq_jax (CPU, offline) test "
+            'three claims of Rafailov et al. (2024), "From r to Q*", in miniature. Each section states '
+            "the claim, shows the numbers, and ends with a verdict computed from them: holds, partly, "
+            "or does not hold. The verdicts are about these small, briefly trained models, not about "
+            "the paper's 2.8B-parameter ones."
+            + (
+                "\n\nThis is the `--quick` scale: a smoke test of the pipeline; its numbers are too small "
+                "to read anything from. Run `dpoq demo` without `--quick` for the demo scale."
+                if args.quick
+                else ""
+            )
         ),
     )
-    for num, rep in reports:
+    report.add(
+        "At a glance",
+        "One line per claim; the why of each verdict is at the end of its section.",
+        doc.Table(
+            ["section", "claim", "verdict"],
+            [[f"{n}", reports[k].verdict.claim, reports[k].verdict.status] for n, k in enumerate(order, 2)],
+        ),
+    )
+    for key in order:
+        rep = reports[key]
         title = rep.title.split(": ", 1)[-1]
-        report.add(f"{num}. {title[:1].upper()}{title[1:]}", rep.intro)
+        part = report.add(f"{title[:1].upper()}{title[1:]}", rep.intro)
+        part.verdict = rep.verdict  # ends the section, after its subsections
         for sec in rep.sections:
-            report.add(f"{num}. {sec.title}", sec.text, *sec.items)
-    report.add("Timings (seconds, wall clock, this machine)", "", common.Table(["part", "seconds"], timings))
-    report.meta = {"command": command, "seed": str(args.seed), **common.machine_info()}
-    paths = report.write(out / "report.md", out / "report.html")
-    common.log(f"dpoq demo: done in {total:.0f}s")
-    print(f"\nReport:  {(out / 'report.html').resolve()}\nSummary: {(out / 'report.md').resolve()}")
-    del paths
+            report.add(sec.title, sec.text, *sec.items, level=2)
+    report.add("Timings", "Seconds, wall clock, this machine.", doc.Table(["part", "seconds"], timings))
+    beta = 0.1 if 0.1 in scale["credit"]["betas"] else scale["credit"]["betas"][0]
+    tips = next_steps(reports["credit"].run_dirs, reports["search"].run_dirs, out, beta)
+    report.add("What to try next", "```\n" + tips + "\n```")
+    report.meta = {"command": command, "seed": str(args.seed), **doc.machine_info()}
+    report.write(out / "report.md", out / "report.html")
+    doc.log(f"dpoq demo: done in {total:.0f}s")
+    print(f"\nReport:  {(out / 'report.html').resolve()}\nSummary: {(out / 'report.md').resolve()}\n")
+    print(tips)
     return 0
 
 

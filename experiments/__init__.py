@@ -1,4 +1,5 @@
-"""The paper's experiments on the synthetic tasks, one script each.
+"""The paper's experiments on the synthetic tasks: one thin script each (its scales and results
+folder), the configs, and the results. The experiments themselves live in dpoq_jax.experiments.
 
-Run `python -m experiments.<name>`; see the README's Experiments section.
+Run `python -m experiments.<name>` from the repository root.
 """

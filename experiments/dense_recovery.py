@@ -1,177 +1,21 @@
 """Experiment 4 (beyond the paper): does DPO recover a dense per-token reward?
 
-On the dense_reward task the true token reward r(s_t, a_t) is known, and so is the soft-optimal value
-V*(s) (by backward induction: the task's reference and reward depend only on the previous letter and
-the response index; see common.dense_optimal_values). Eq. 10 says the optimum of DPO has
-β log π*/π_ref = r + V*(s_{t+1}) − V*(s_t). On held-out responses (reference samples) we correlate the
-learned per-token implicit reward r̂_t = β log π/π_ref with
-  * the exact optimal implicit reward r_t + ΔV*_t (what DPO should converge to),
-  * the true reward r_t after removing the shaping (r̂_t − ΔV*_t vs r_t), and raw r̂_t vs r_t,
-  * per-token ranks within each response (Spearman, averaged),
-  * per-response sums (Σ r̂ + V*(s_0) vs Σ r), and chosen−rejected differences (V* cancels).
-Uses the DPO policies of experiment 2 (same workdir; trained if missing).
-Writes experiments/results/dense_recovery.md.
+The experiment is dpoq_jax.experiments.dense_recovery; it uses the DPO policies of experiment 2 (same
+workdir and scales, trained if missing) and writes experiments/results/dense_recovery.md.
 
     python -m experiments.dense_recovery [--quick]
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
+from dpoq_jax.experiments.dense_recovery import main
+from experiments.search_overopt import SCALES as SEARCH_SCALES
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dpoq_jax.analysis.credit import score_responses  # noqa: E402
-from experiments import common, search_overopt  # noqa: E402
-
-NAME = "dense_recovery"
-TASK = "dense_reward"
 SCALES = {
-    "full": dict(search_overopt.SCALES["full"], n_eval=512),
-    "quick": dict(search_overopt.SCALES["quick"], n_eval=64),
+    "full": dict(SEARCH_SCALES["full"], n_eval=512),
+    "quick": dict(SEARCH_SCALES["quick"], n_eval=64),
 }
 
-
-def recovery_stats(
-    learned: Sequence[np.ndarray], true: Sequence[np.ndarray], shaping: Sequence[np.ndarray], v0: np.ndarray
-) -> dict[str, float]:
-    """Correlations between learned implicit rewards and the known rewards (lists per response)."""
-    L, Tr, S = (np.concatenate([np.asarray(x, np.float64) for x in xs]) for xs in (learned, true, shaping))
-    within = [common.spearman(a, b) for a, b in zip(learned, true, strict=True) if len(a) >= 3]
-    within = [w for w in within if np.isfinite(w)]
-    sums_l = np.array([np.sum(x) for x in learned])
-    sums_t = np.array([np.sum(x) for x in true])
-    return {
-        "tokens": int(L.size),
-        "pearson_vs_optimal_implicit": common.pearson(L, Tr + S),
-        "pearson_deshaped_vs_true": common.pearson(L - S, Tr),
-        "pearson_raw_vs_true": common.pearson(L, Tr),
-        "spearman_raw_vs_true": common.spearman(L, Tr),
-        "mean_within_response_spearman": float(np.mean(within)) if within else float("nan"),
-        "pearson_sums": common.pearson(sums_l + v0, sums_t),
-        "rmse_vs_optimal_implicit": float(np.sqrt(np.mean((L - Tr - S) ** 2))),
-    }
-
-
-def scatter_figure(learned: np.ndarray, target: np.ndarray, beta: float) -> common.Figure:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.2, 4.0))
-    ax.scatter(target, learned, s=3, alpha=0.3)
-    lo, hi = float(min(target.min(), learned.min())), float(max(target.max(), learned.max()))
-    ax.plot([lo, hi], [lo, hi], color="gray", lw=1, ls="--")
-    ax.set_xlabel("optimal implicit reward r + V*(s') − V*(s)")
-    ax.set_ylabel("learned β log π/π_ref")
-    ax.set_title(f"dense_reward, β={beta}: per-token", fontsize=9)
-    return common.Figure(
-        f"scatter_beta{beta}", common.fig_to_png(fig), f"Learned vs optimal token rewards, β={beta}"
-    )
-
-
-def run(args: argparse.Namespace, scale: dict) -> common.Report:
-    common.require_synthetic(args.config, args.overrides, TASK, NAME)
-    task = common.make_task(TASK, seed=args.seed)
-    tok = task.tokenizer
-    sft_dir = common.train_sft(args, "all", scale["sft_steps"])
-    ref = common.load_model(sft_dir)
-    pairs = task.preference_examples(scale["n_eval"], split="test")
-    prompts = [tok.encode(p.prompt) for p in pairs]
-    responses = {
-        "chosen": [tok.encode(p.chosen) + [tok.eos_token_id] for p in pairs],
-        "rejected": [tok.encode(p.rejected) + [tok.eos_token_id] for p in pairs],
-    }
-    rows, figures, pair_rows = [], [], []
-    for beta in scale["betas"]:
-        dpo_dir = common.train_dpo(args, beta, scale["dpo_steps"], sft_dir)
-        pol = common.load_model(dpo_dir)
-        V = common.dense_optimal_values(task, beta)
-        learned, true, shaping, v0 = [], [], [], []
-        sums = {}
-        for k, resp in responses.items():
-            r_hat = [sc.rewards.astype(np.float64) for sc in score_responses(pol, ref, prompts, resp, beta)]
-            sums[k] = np.array([x.sum() for x in r_hat])
-            for p, y, rh in zip(pairs, resp, r_hat, strict=True):
-                learned.append(rh)
-                true.append(task.gold_token_rewards(p.prompt, y))
-                shaping.append(common.dense_shaping(task, p.prompt, y, V))
-                v0.append(V[task._prev_letter(p.prompt), 0])
-        st = recovery_stats(learned, true, shaping, np.array(v0))
-        gold_diff = np.array([p.meta["chosen_reward"] - p.meta["rejected_reward"] for p in pairs])
-        st["pearson_pair_differences"] = common.pearson(sums["chosen"] - sums["rejected"], gold_diff)
-        rows.append(
-            [
-                beta,
-                st["tokens"],
-                st["pearson_vs_optimal_implicit"],
-                st["pearson_deshaped_vs_true"],
-                st["pearson_raw_vs_true"],
-                st["mean_within_response_spearman"],
-                st["pearson_sums"],
-                st["pearson_pair_differences"],
-                st["rmse_vs_optimal_implicit"],
-            ]
-        )
-        figures.append(
-            scatter_figure(np.concatenate(learned), np.concatenate(true) + np.concatenate(shaping), beta)
-        )
-        common.log(f"{NAME}: β={beta}: r̂ vs r+ΔV* Pearson {st['pearson_vs_optimal_implicit']:.3f}")
-        pair_rows.append(st)
-
-    report = common.Report(
-        "Experiment 4 (beyond the paper): recovering a dense token reward",
-        intro=(
-            "Theorem 1 and Eq. 10 (PAPER.md §3): at the optimum, β log π*/π_ref = r(s_t,a_t) + V*(s_{t+1}) − "
-            "V*(s_t), i.e. the true token reward up to potential-based shaping. The dense_reward task has "
-            "a known token reward, and its V* can be computed exactly (backward induction over "
-            "(previous letter, index) with the task's own reference), so the learned per-token rewards "
-            "can be compared with their target. Responses: both responses of held-out pairs "
-            "(samples of the task's reference). Caveat: V* uses the task's reference; DPO's reference is "
-            "the SFT model that approximates it."
-        ),
-    )
-    report.add(
-        "Correlations",
-        "Pearson over all tokens unless said: learned r̂ vs the optimal implicit reward r + ΔV*; after "
-        "removing the shaping (r̂ − ΔV* vs r); raw r̂ vs r; mean Spearman within a response; per-response "
-        "sums (Σ r̂ + V*(s_0) vs Σ r); chosen − rejected differences of the sums vs the gold differences "
-        "(V* cancels); RMSE to the optimal implicit reward.",
-        common.Table(
-            [
-                "β",
-                "tokens",
-                "r̂ ~ r+ΔV*",
-                "r̂−ΔV* ~ r",
-                "r̂ ~ r (raw)",
-                "within-resp. Spearman",
-                "sums",
-                "pair diffs",
-                "RMSE",
-            ],
-            rows,
-        ),
-        *figures,
-    )
-    report.meta = common.run_meta(args)
-    return report
-
-
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    return common.parse_experiment_args(common.experiment_parser(NAME, __doc__, TASK), argv, NAME, TASK)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    return common.write_report(NAME, run(args, SCALES["quick" if args.quick else "full"]), args.results)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:], SCALES, Path(__file__).resolve().parent / "results"))

@@ -192,3 +192,37 @@ def score_edit(
     edited = edit_span(response, start, end, replacement)
     original, new = score_responses(policy, reference, [prompt, prompt], [response, edited], beta, **kwargs)
     return {"original": original, "edited": new, "span": (start, start + len(replacement))}
+
+
+def response_logits(
+    model: DecodeModel,
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    max_floats: float = 2e8,
+) -> list[np.ndarray]:
+    """Logits [R_i, V] of the states that predict each response token (for exact per-state sums, e.g.
+    tokenq.expected_ref_reward over the whole vocabulary).
+
+    Batches hold at most `max_floats` logits (B·T·V), so a 50k vocabulary stays within memory.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"response_logits: {len(prompts)} prompts for {len(responses)} responses")
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def f(state, rows):
+        return forward_logits(nnx.merge(graphdef, state), rows)
+
+    V = model_vocab_size(model)
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
+    batch = max(1, int(max_floats // (T * V)))
+    out: list[np.ndarray] = []
+    for s in range(0, len(prompts), batch):
+        ps, rs = prompts[s : s + batch], responses[s : s + batch]
+        rows = np.zeros((len(ps), T), np.int32)  # right-padded: padding never precedes a real token
+        for i, (p, r) in enumerate(zip(ps, rs, strict=True)):
+            rows[i, : len(p) + len(r)] = list(p) + list(r)
+        logits = np.asarray(f(state, rows), np.float32)
+        for i, (p, r) in enumerate(zip(ps, rs, strict=True)):
+            out.append(logits[i, len(p) - 1 : len(p) - 1 + len(r)])
+    return out

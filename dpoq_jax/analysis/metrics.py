@@ -1,24 +1,29 @@
-"""Credit-assignment score on tasks with known error positions (synthetic error injection).
+"""Metrics and statistics of the analyses and experiments.
 
-For each rejected response with injected error tokens:
+Credit-assignment score on tasks with known error positions (synthetic error injection); for each
+rejected response with injected error tokens:
   top-1  = is the token with the lowest implicit reward an injected one? With tied minima the
            credit is the fraction of the tied tokens that are injected (the expected hit under a
            random tie break), so ties are neither rewarded nor punished.
   AUROC  = P(−reward of an injected token > −reward of a clean token), ties counting 1/2,
            pooled over all tokens of all responses ("pooled") and averaged over responses that
            have both kinds of token ("mean_per_response").
+Statistics the experiments report: Wilson interval, Pearson and Spearman correlations, and the
+comparison of the two sides of the paper's §5.4 identity (`section54_summary`).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
+def average_ranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks, tied values sharing the mean of their ranks."""
+    x = np.asarray(x, np.float64).ravel()
     order = np.argsort(x, kind="mergesort")
     xs = x[order]
     ranks = np.empty(len(x), np.float64)
@@ -41,7 +46,7 @@ def auroc(scores: Sequence[float], labels: Sequence[bool]) -> float:
     n_pos, n_neg = int(y.sum()), int((~y).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError(f"auroc: needs both classes, got {n_pos} positives and {n_neg} negatives")
-    ranks = _average_ranks(s)
+    ranks = average_ranks(s)
     u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
 
@@ -111,3 +116,68 @@ def error_injection_credit(
     out = credit_assignment_score([s.rewards for s in scores], [e.meta["error_positions"] for e in examples])
     out["beta"] = beta
     return out
+
+
+# ------------------------------------------------------------------------------------------ statistics
+
+
+def wilson_interval(successes: float, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (95% by default).
+
+    `successes` may be fractional (ties counted as half a win); n must be > 0.
+    """
+    if n <= 0:
+        raise ValueError(f"wilson_interval: n must be > 0, got {n}")
+    if not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval: successes must be in [0, n={n}], got {successes}")
+    p = successes / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    # At k = 0 or k = n one end is exactly 0 or 1; say so rather than leave a rounding error.
+    lo = 0.0 if successes == 0 else max(0.0, centre - half)
+    hi = 1.0 if successes == n else min(1.0, centre + half)
+    return lo, hi
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    x = np.asarray(x, np.float64).ravel()
+    y = np.asarray(y, np.float64).ravel()
+    if x.size != y.size or x.size < 2:
+        raise ValueError(f"pearson: need two equal-length arrays of >= 2 values, got {x.size} and {y.size}")
+    x, y = x - x.mean(), y - y.mean()
+    den = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum() / den) if den > 0 else float("nan")
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    return pearson(average_ranks(x), average_ranks(y))
+
+
+def section54_summary(
+    exact_BT: np.ndarray, sampled_reward_BT: np.ndarray, mask_BT: np.ndarray
+) -> dict[str, float]:
+    """Compare the two sides of the paper's §5.4 over the states visited by reference samples.
+
+    exact_BT: E_{a~π_ref}[β log π/π_ref] computed over the whole vocabulary at each state
+    (= −β KL, from tokenq.expected_ref_reward). sampled_reward_BT: β log π/π_ref of the token the
+    reference actually sampled there (a one-sample Monte-Carlo estimate of the same expectation).
+    Returns per-token means, the MC standard error, and the largest exact value (must be <= 0).
+    """
+    m = np.asarray(mask_BT, bool)
+    if not m.any():
+        raise ValueError("section54_summary: mask has no real tokens")
+    exact = np.asarray(exact_BT, np.float64)[m]
+    mc = np.asarray(sampled_reward_BT, np.float64)[m]
+    diff = mc - exact  # zero-mean per state if the identity holds; its SE measures the MC noise
+    return {
+        "tokens": int(m.sum()),
+        "exact_mean": float(exact.mean()),
+        "exact_max": float(exact.max()),
+        "mc_mean": float(mc.mean()),
+        "mc_se": float(mc.std(ddof=1) / math.sqrt(mc.size)) if mc.size > 1 else float("nan"),
+        "diff_mean": float(diff.mean()),
+        "diff_se": float(diff.std(ddof=1) / math.sqrt(diff.size)) if diff.size > 1 else float("nan"),
+        "per_response_exact": float((np.asarray(exact_BT, np.float64) * m).sum(-1).mean()),
+        "per_response_mc": float((np.asarray(sampled_reward_BT, np.float64) * m).sum(-1).mean()),
+    }

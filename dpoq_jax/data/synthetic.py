@@ -332,3 +332,49 @@ def make_task(name: str, **kwargs) -> ErrorInjectionTask | DenseRewardTask:
     if name not in TASKS:
         raise ValueError(f"unknown synthetic task {name!r}; choose one of {sorted(TASKS)}")
     return TASKS[name](**kwargs)
+
+
+# Exact soft-optimal values of the dense_reward task: its reference and reward depend only on the
+# previous letter and the response index, so V*(s) is a table over (letter, index).
+
+
+def dense_optimal_values(task: DenseRewardTask, beta: float) -> np.ndarray:
+    """V*(prev letter, t) for t = 0..max_len+1 by backward induction (paper §2, soft Bellman),
+    float64 [16, max_len+2].
+
+    V*(s) = β log Σ_a π_ref(a|s) exp((r(s,a) + V*(s a))/β), with EOS terminal (reward 0, V = 0).
+    """
+    _, W = task._tables()
+    n, T = N_LETTERS, task.max_len
+    V = np.zeros((n, T + 2))
+    for t in range(T, -1, -1):
+        extra = task.bonus if t < task.gold_len_limit else -task.length_penalty
+        for prev in range(n):
+            p = task.reference_next_probs(prev, t)
+            p_letters = p[LETTER0 : LETTER0 + n]
+            terms = [np.log(p[EOS_ID]) if p[EOS_ID] > 0 else -np.inf]
+            with np.errstate(divide="ignore"):
+                terms += list(np.log(p_letters) + (W[prev] + extra + V[:, t + 1]) / beta)
+            V[prev, t] = beta * np.logaddexp.reduce(np.array(terms))
+    return V
+
+
+def dense_shaping(
+    task: DenseRewardTask, prompt: str, response_ids: Sequence[int], V: np.ndarray
+) -> np.ndarray:
+    """Per-token shaping V*(s_{t+1}) − V*(s_t) along a response (EOS leads to the terminal V = 0).
+
+    The optimal implicit reward is β log π*/π_ref = r(s_t,a_t) + V*(s_{t+1}) − V*(s_t) (Eq. 10).
+    """
+    prev = task._prev_letter(prompt)
+    out = []
+    for t, tok in enumerate(int(x) for x in response_ids):
+        v_now = V[prev, t]
+        if tok == EOS_ID:
+            out.append(-v_now)
+            break
+        if not LETTER0 <= tok < LETTER0 + N_LETTERS:
+            raise ValueError(f"dense_shaping: token {tok} at response index {t} is not a letter or EOS")
+        prev = tok - LETTER0
+        out.append(V[prev, t + 1] - v_now)
+    return np.array(out)

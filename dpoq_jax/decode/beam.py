@@ -34,6 +34,7 @@ from dpoq_jax.decode.core import (
     pack_prompts,
     reference_scores,
     reorder_cache,
+    response_lists,
 )
 
 Array = jax.Array
@@ -245,3 +246,21 @@ def beam_search(
             config.cache_dtype,
         )
     return gen
+
+
+def best_beams(
+    model: DecodeModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    num_beams: int,
+    max_new_tokens: int,
+    batch: int = 64,
+) -> list[list[int]]:
+    """The best beam per prompt as a list (likelihood search, no length penalty), `batch` prompts at a
+    time."""
+    cfg = BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens)
+    out: list[list[int]] = []
+    for s in range(0, len(prompts), batch):
+        gen = beam_search(model, prompts[s : s + batch], cfg)
+        out += response_lists(gen.tokens[:, 0], gen.mask[:, 0])
+    return out

@@ -163,6 +163,20 @@ class Generation:
         return None if self.rewards is None else self.rewards.sum(-1)
 
 
+def response_lists(tokens_BR: np.ndarray, mask_BR: np.ndarray) -> list[list[int]]:
+    """The real tokens of each response (EOS included when emitted) as Python lists."""
+    return [
+        [int(t) for t, m in zip(row, mrow, strict=True) if m > 0]
+        for row, mrow in zip(np.asarray(tokens_BR), np.asarray(mask_BR), strict=True)
+    ]
+
+
+def strip_eos(ids: Sequence[int], eos_id: int) -> list[int]:
+    """The tokens before the first EOS (all of them if there is none)."""
+    ids = [int(t) for t in ids]
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids
+
+
 def response_index(lens_B: Array, R: int) -> Array:
     """[B, R] indices of the response slots right after each prompt."""
     return lens_B[:, None] + jnp.arange(R, dtype=jnp.int32)[None, :]

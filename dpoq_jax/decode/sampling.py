@@ -25,6 +25,7 @@ from dpoq_jax.decode.core import (
     pack_prompts,
     reference_scores,
     response_index,
+    response_lists,
 )
 
 Array = jax.Array
@@ -154,3 +155,17 @@ def generate(
             ref_model, prompts_, tok, mask, lp, beta, config.pad_id, V, config.cache_dtype
         )
     return out
+
+
+def sample_responses(
+    model: DecodeModel,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    seed: int,
+    temperature: float = 1.0,
+) -> list[list[int]]:
+    """`generate` with lists in and out: one sampled response per prompt (EOS included when emitted)."""
+    cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature)
+    gen = generate(model, prompts, cfg, seed=seed)
+    return response_lists(gen.tokens, gen.mask)

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -139,3 +140,17 @@ def _read_rows(path: str, *, torn_last_ok: bool) -> list[dict[str, Any]]:
             raise ValueError(f"{path}:{lineno}: not a metrics line ({msg})") from None
         rows.append(row)
     return rows
+
+
+def eval_curve(workdir: str, keys: Sequence[str]) -> list[dict[str, float]]:
+    """The run's held-out metrics by step (metrics.jsonl, split "eval"); errors name missing keys."""
+    rows = read_metrics(str(workdir), split="eval")
+    if not rows:
+        raise ValueError(f"{workdir}/metrics.jsonl has no eval rows (is train.eval_every > 0?)")
+    out = []
+    for r in rows:
+        missing = [k for k in keys if k not in r]
+        if missing:
+            raise ValueError(f"{workdir}/metrics.jsonl step {r['step']}: eval row lacks {missing}")
+        out.append({"step": r["step"], **{k: float(r[k]) for k in keys}})
+    return out

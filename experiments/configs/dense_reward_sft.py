@@ -1,13 +1,6 @@
-"""Tiny CPU SFT run on the synthetic dense_reward task (random-init Llama-shaped decoder, 2 layers).
+"""Re-export of the packaged config dpoq_jax/configs/dense_reward_sft.py, the one source of its values.
 
-    dpoq train --config experiments/configs/dense_reward_sft.py --workdir runs/dense_reward_sft
-
-Then DPO from it with experiments/configs/dense_reward_dpo.py.
+    dpoq train --config experiments/configs/dense_reward_sft.py ...
 """
 
-from dpoq_jax.train.config import synthetic_config
-
-
-def get_config(arg=None):
-    del arg
-    return synthetic_config("dense_reward", "sft")
+from dpoq_jax.configs.dense_reward_sft import get_config  # noqa: F401

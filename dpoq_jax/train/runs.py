@@ -1,0 +1,254 @@
+"""Training runs as the experiments and `dpoq demo` drive them: configs by prefix, finished runs reused.
+
+A config is named by a prefix PREFIX[:arg] (PREFIX_sft.py and PREFIX_dpo.py) or by one FILE.py whose
+get_config takes the stage. The default for a synthetic task is the packaged pair
+dpoq_jax/configs/<task>_{sft,dpo}.py. `train_run` goes through `train.loop.train` and records the
+resolved settings in <workdir>/experiment_run.json, so a finished run with the same settings is
+reused (the experiments on one task share their SFT reference) and one with other settings is
+replaced, never resumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dpoq_jax.analysis.document import log
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def default_config(task: str) -> str:
+    """The tiny CPU configs of a synthetic task, as a prefix (the packaged <task>_sft.py, _dpo.py)."""
+    return str(CONFIGS_DIR / task)
+
+
+def at_scale(args: Any, task: str) -> bool:
+    """True when the user named their own configs: their step counts and eval cadence are kept."""
+    return args.config != default_config(task)
+
+
+def synthetic_overrides(task: str, config: str) -> list[str]:
+    """Settings the experiments need on top of the tiny default configs.
+
+    dense_reward responses run to max_len letters + EOS (33 tokens); the default response_len (12)
+    would truncate the long responses whose length the experiment is about. Two reference samples of
+    a pair can be identical (short responses): such pairs carry no preference and are skipped.
+    """
+    if config != default_config(task) or task != "dense_reward":
+        return []
+    from dpoq_jax.data.synthetic import make_task
+
+    R = make_task(task).max_len + 2
+    return [
+        f"--config.data.response_len={R}",
+        f"--config.data.seq_len={R + 8}",
+        "--config.data.on_error=skip",
+    ]
+
+
+def stage_config(config: str, stage: str) -> str:
+    """The config spec of one stage: PREFIX_<stage>.py[:arg] if it exists (config = PREFIX[:arg]),
+    else FILE.py:<stage> (one file whose get_config(arg) takes the stage)."""
+    base, _, arg = config.partition(":")
+    candidate = Path(f"{base}_{stage}.py")
+    if candidate.exists():
+        return f"{candidate}:{arg}" if arg else str(candidate)
+    if base.endswith(".py") and Path(base).exists() and not arg:
+        return f"{base}:{stage}"
+    raise FileNotFoundError(f"--config {config!r}: no {base}_{stage}.py and no config file {base!r}")
+
+
+def peek_config(config: str, stage: str, overrides: Sequence[str] = ()) -> Any:
+    """A stage's config with the overrides applied but not validated (paths may not exist yet)."""
+    from dpoq_jax.train.config import apply_override, load_config_file, parse_overrides
+
+    cfg = load_config_file(stage_config(config, stage))
+    for key, value in parse_overrides(list(overrides)):
+        apply_override(cfg, key, value)
+    return cfg
+
+
+def require_synthetic(config: str, overrides: Sequence[str], task: str, experiment: str) -> None:
+    """Experiments that need a gold judge or known error positions run on the synthetic task only."""
+    cfg = peek_config(config, "dpo", overrides)
+    if cfg.data.source != "synthetic" or cfg.data.task != task:
+        raise SystemExit(
+            f"{experiment} needs the synthetic {task!r} task (its gold judge / known answers); config "
+            f"{config!r} trains on data.source={cfg.data.source!r}. At scale use dpoq train + "
+            "dpoq score / dpoq generate (docs: experiments)."
+        )
+
+
+def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return [prefix or "<root>"] if a != b else []
+    out = []
+    for k in sorted(set(a) | set(b)):
+        out += _diff_keys(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+    return out
+
+
+def train_run(
+    config: str,
+    stage: str,
+    workdir: Path | str,
+    *,
+    steps: int | None,
+    seed: int,
+    beta: float | None = None,
+    init_from: Path | str | None = None,
+    sft_responses: str | None = None,
+    eval_every: int | None = None,
+    overrides: Sequence[str] = (),
+) -> Path:
+    """One SFT or DPO run through dpoq_jax.train.loop.train; returns its workdir.
+
+    init_from: a finished run's workdir to start from (policy and frozen reference); None = the SFT
+    stage's own starting point (random init for the synthetic configs, the base model at scale).
+    A workdir holding a finished run with exactly these settings is reused (so scripts and the demo
+    share runs); one holding different settings is removed first, so the loop never resumes a stranger.
+    """
+    from dpoq_jax.train.config import load_config
+    from dpoq_jax.train.loop import train
+
+    workdir = Path(workdir).resolve()  # orbax wants absolute checkpoint paths
+    ov = [f"--config.stage={stage}", f"--config.seed={seed}"]
+    if steps is not None:  # None: the config's own num_steps (e.g. one epoch at scale)
+        ov.append(f"--config.train.num_steps={steps}")
+    if peek_config(config, stage, overrides).data.source == "synthetic":
+        ov.append(f"--config.data.task_kwargs.seed={seed}")  # the task's data seed follows --seed too
+    ov += ["--config.train.progress_bar=False", "--config.checkpoint.async_save=False"]
+    if beta is not None:
+        ov.append(f"--config.loss.beta={beta}")
+    if sft_responses is not None:
+        ov.append(f"--config.data.sft_responses={sft_responses}")
+    if eval_every is not None:
+        ov.append(f"--config.train.eval_every={eval_every}")
+    ov += list(overrides)  # the user's; the starting point below is the experiment's, so it comes last
+    if init_from is not None:
+        ov += ["--config.model.init=checkpoint", f"--config.model.path={init_from}"]
+    elif stage == "dpo":  # no SFT: start from what the SFT stage starts from (random init, or a base model)
+        sft = peek_config(config, "sft", overrides)
+        ov.append(f"--config.model.init={sft.model.init}")
+        if sft.model.path:
+            ov.append(f"--config.model.path={sft.model.path}")
+    spec = stage_config(config, stage)
+    cfg = load_config(spec, ov)
+    # The resolved config, not just its file name: a config file edited since is a different run.
+    settings = {"config": spec, "overrides": ov, "resolved": json.loads(cfg.to_json())}
+    if init_from is not None:  # a retrained starting run makes this one stale too
+        init_marker = Path(init_from) / "experiment_run.json"
+        settings["init_from"] = json.loads(init_marker.read_text()) if init_marker.exists() else None
+    marker = workdir / "experiment_run.json"
+    if marker.exists() and json.loads(marker.read_text()) == settings:
+        log(f"  reusing finished run {workdir}")
+        return workdir
+    if workdir.exists():
+        old = json.loads(marker.read_text()) if marker.exists() else None
+        if old is None:
+            why = "unfinished run"
+        else:
+            changed = sorted(_diff_keys(old.get("resolved", {}), settings["resolved"]))
+            why = f"settings changed: {', '.join(changed) or 'overrides'}"
+        log(f"  replacing {workdir}: {why}")
+        shutil.rmtree(workdir)
+    t0 = dt.datetime.now()
+    metrics = train(cfg, str(workdir)).metrics
+    secs = (dt.datetime.now() - t0).total_seconds()
+    shown = {k: v for k, v in metrics.items() if k in ("loss", "eval/loss", "eval/rewards/accuracies")}
+    log(f"  {stage} run done in {secs:.0f}s: " + ", ".join(f"{k} {float(v):.4f}" for k, v in shown.items()))
+    marker.write_text(json.dumps(settings, indent=1))
+    return workdir
+
+
+def train_sft(args: argparse.Namespace, responses: str, steps: int | None) -> Path:
+    """An experiment's SFT reference, trained on the task's `responses` ("chosen" or "all") in
+    <args.workdir>/sft_<responses>."""
+    return train_run(
+        args.config,
+        "sft",
+        Path(args.workdir) / f"sft_{responses}",
+        steps=steps,
+        seed=args.seed,
+        sft_responses=responses,
+        overrides=args.overrides,
+    )
+
+
+def train_dpo(
+    args: argparse.Namespace,
+    beta: float,
+    steps: int | None,
+    init_from: Path | None,
+    eval_every: int | None = None,
+) -> Path:
+    """A DPO run from a finished SFT run (None: from the SFT stage's own starting point) in
+    <args.workdir>/dpo_beta<β>_<SFT run's folder name, or "random">: one naming for all experiments,
+    so those sharing a workdir share their finished runs."""
+    start = "random" if init_from is None else Path(init_from).name
+    return train_run(
+        args.config,
+        "dpo",
+        Path(args.workdir) / f"dpo_beta{beta}_{start}",
+        steps=steps,
+        seed=args.seed,
+        beta=beta,
+        init_from=init_from,
+        eval_every=eval_every,
+        overrides=args.overrides,
+    )
+
+
+def load_run_model(workdir: Path | str, which: str = "policy") -> Any:
+    """A finished run's final policy (its Hugging Face export) or, for which="initial", the policy it
+    started from (= its frozen reference): rebuilt from the run's config.json."""
+    from dpoq_jax.models import hf
+
+    workdir = Path(workdir)
+    if which == "policy":
+        model, _ = hf.load_hf(str(workdir / "hf"))
+        return model
+    if which != "initial":
+        raise ValueError(f"load_run_model: which must be 'policy' or 'initial', got {which!r}")
+    import ml_collections as mc
+
+    cfg = mc.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    if cfg.model.init == "checkpoint":
+        return load_run_model(cfg.model.path)
+    if cfg.model.init == "hf":
+        model, _ = hf.load_hf(cfg.model.path)
+        return model
+    from dpoq_jax.train.loop import model_source
+
+    if cfg.model.init != "random":
+        raise ValueError(f"{workdir}/config.json: unknown model.init {cfg.model.init!r}")
+    return model_source(cfg, None, None).make_model()  # mesh/rules are unused for random init
+
+
+def heldout_prompts(
+    config: str, overrides: Sequence[str], task: str, n: int, seed: int
+) -> tuple[list[list[int]], int]:
+    """(prompt ids, generation limit) of n held-out prompts: the synthetic task's test split for the
+    default configs (never seen in training), else the DPO config's held-out split (e.g. TL;DR)."""
+    if config == default_config(task):
+        from dpoq_jax.data.synthetic import make_task
+
+        t = make_task(task, seed=seed)
+        pairs = t.preference_examples(n, split="test")
+        # A generation limit that no correct response of the task exceeds (EOS included).
+        limit = int(getattr(t, "max_len", getattr(t, "max_digits", 32))) + 1
+        return [t.tokenizer.encode(p.prompt) for p in pairs], limit
+    from dpoq_jax.train.inputs import load_dataset
+
+    cfg = peek_config(config, "dpo", overrides)
+    data = load_dataset(cfg)
+    if not data.eval:
+        raise ValueError(f"config {config!r}: no held-out split (data.eval_path / data.eval_split)")
+    return [list(p.prompt_ids) for p in data.eval[:n]], int(cfg.data.response_len)
