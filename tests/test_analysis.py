@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html.parser
 import itertools
+import re
 
 import numpy as np
 import pytest
@@ -231,3 +232,24 @@ def test_error_injection_credit_end_to_end():
     # the gold judge agrees with the injected positions the metric uses
     for e, r in zip(exs, rejected, strict=True):
         assert list(np.flatnonzero(task.gold_token_rewards(e.prompt, r) < 0)) == e.meta["error_positions"]
+
+
+def test_html_outlines_errors_readable_headings_index_and_pages(models, tmp_path):
+    report = _report(models)
+    report["items"] = report["items"] * 30  # 60 examples: more than one page
+    text = rep.render_html(report)
+    # The outline class sits on exactly the injected tokens (rejected token 1 of every example).
+    outlined = re.findall(r'<span class="tok err"[^>]*title="#(\d+) ', text)
+    assert outlined == ["1"] * 60
+    assert text.count('class="tok"') + len(outlined) == sum(
+        len(r["tokens"]) for it in report["items"] for r in it["responses"].values()
+    )
+    # Headings are words, not JSON; the meta reads as "key: value".
+    assert "<h2>Example 0</h2>" in text and '{"index"' not in text and "{&quot;" not in text
+    assert "index: 0 · error positions: 1" in text
+    # A compact index links every example; pages of PAGE_SIZE, the first open.
+    assert len(re.findall(r'<a href="#item-\d+"', text)) == 60
+    assert text.count('<details class="page"') == -(-60 // rep.PAGE_SIZE)
+    assert text.count('<details class="page" open>') == 1
+    # Text on a saturated background is white, on a pale one black (by luminance).
+    assert rep._text_on((214, 39, 40)) == "#fff" and rep._text_on((250, 240, 240)) == "#000"

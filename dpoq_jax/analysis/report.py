@@ -90,16 +90,28 @@ def diverging_rgb(x: float, scale: float) -> tuple[int, int, int]:
 
 # --------------------------------------------------------------------------------------------- HTML
 
+PAGE_SIZE = 25  # examples per collapsible page: 256 examples stay navigable
+
 _CSS = """
-body { font-family: sans-serif; margin: 1.5em; color: #222; }
-.item { border-top: 1px solid #ccc; padding: 0.8em 0; }
-.prompt { background: #f4f4f4; padding: 0.4em; white-space: pre-wrap; font-family: monospace; }
-.pair { display: flex; gap: 1.5em; }
-.col { flex: 1; min-width: 0; }
-.tokens { font-family: monospace; white-space: pre-wrap; line-height: 1.9; }
-.tok { padding: 1px 0; border-radius: 2px; }
-.err { outline: 2px solid #000; }
+body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; padding: 0 1em;
+       color: #222; line-height: 1.4; }
+.item { border-top: 1px solid #ccc; padding: 0.6em 0; }
+.item h2 { font-size: 1.05em; margin: 0.2em 0; }
+.sub { color: #555; font-size: 0.9em; margin: 0.2em 0 0.4em; overflow-wrap: anywhere; }
+.prompt { background: #f4f4f4; padding: 0.4em; white-space: pre-wrap; font-family: monospace;
+          overflow-wrap: anywhere; }
+.pair { display: flex; flex-wrap: wrap; gap: 1.5em; }
+.col { flex: 1 1 20em; min-width: 0; }
+.col h3 { font-size: 0.95em; margin: 0.5em 0 0.2em; }
+.tokens { font-family: monospace; font-size: 1.15em; white-space: pre-wrap; overflow-wrap: anywhere;
+          line-height: 2.1; }
+.tok { padding: 1px 2px; margin-right: 2px; border-radius: 2px; }
+.err { outline: 2px solid #000; outline-offset: 1px; }
 .legend span { display: inline-block; width: 3.2em; text-align: center; font-size: 0.8em; }
+.index { display: flex; flex-wrap: wrap; gap: 3px; margin: 0.5em 0 1em; }
+.index a { display: inline-block; min-width: 2.4em; text-align: center; font-size: 0.75em;
+           padding: 1px 2px; border-radius: 3px; text-decoration: none; border: 1px solid #ddd; }
+details.page > summary { cursor: pointer; font-weight: 600; padding: 0.3em 0; }
 """
 
 
@@ -112,6 +124,12 @@ def _marked(item: dict[str, Any], name: str) -> set[int]:
     return set(item.get("meta", {}).get("error_positions", [])) if name == "rejected" else set()
 
 
+def _text_on(rgb: tuple[int, int, int]) -> str:
+    from dpoq_jax.analysis.document import text_colour
+
+    return "#fff" if text_colour([c / 255 for c in rgb]) == "white" else "#000"
+
+
 def _tokens_html(r: dict[str, Any], scale: float, marked: set[int]) -> str:
     spans = []
     for j, (tok, tid, rew) in enumerate(zip(r["tokens"], r["ids"], r["rewards"], strict=True)):
@@ -120,48 +138,115 @@ def _tokens_html(r: dict[str, Any], scale: float, marked: set[int]) -> str:
         for k, label in (("logps", "log π"), ("ref_logps", "log π_ref"), ("q", "Q"), ("v", "V")):
             if k in r:
                 tip += f", {label} {_fmt(r[k][j])}"
+        cls = "tok err" if j in marked else "tok"
         spans.append(
-            f'<span class="tok" style="background:rgb{rgb}" title="{html.escape(tip)}">'
-            f"{html.escape(tok)}</span>"
+            f'<span class="{cls}" style="background:rgb{rgb};color:{_text_on(rgb)}" '
+            f'title="{html.escape(tip)}">{html.escape(tok)}</span>'
         )
     return "".join(spans)
 
 
+def _meta_text(meta: dict[str, Any]) -> str:
+    """`key: value` pairs of an item's meta for its sub-heading (lists joined, floats rounded)."""
+    parts = []
+    for k, v in meta.items():
+        if isinstance(v, (list, tuple)):
+            v = ", ".join(str(x) for x in v) or "none"
+        elif isinstance(v, float):
+            v = f"{v:.3g}"
+        parts.append(f"{k.replace('_', ' ')}: {v}")
+    return " · ".join(parts)
+
+
+def _summary(item: dict[str, Any]) -> tuple[str, float | None, bool | None]:
+    """(one-line summary, margin or None, top-1 hit or None) of an item, for its heading and the index."""
+    rs = item["responses"]
+    bits, margin, hit = [], None, None
+    if "chosen" in rs and "rejected" in rs:
+        margin = sum(rs["chosen"]["rewards"]) - sum(rs["rejected"]["rewards"])
+        bits.append(f"margin Σr(chosen) − Σr(rejected) = {_fmt(margin)}")
+    marked = _marked(item, "rejected")
+    if marked and rs.get("rejected", {}).get("rewards"):
+        r = rs["rejected"]["rewards"]
+        hit = int(np.argmin(r)) in marked
+        bits.append(f"lowest-reward token {'is' if hit else 'is not'} an injected error")
+    return "; ".join(bits), margin, hit
+
+
+def _index_html(report: dict[str, Any], scale: float) -> str:
+    """One small link per example, coloured by its margin (or total reward), with its summary on hover."""
+    links = []
+    for i, item in enumerate(report["items"]):
+        summary, margin, hit = _summary(item)
+        value = margin if margin is not None else sum(sum(r["rewards"]) for r in item["responses"].values())
+        rgb = diverging_rgb(value, scale * 4)  # sums span more than one token's range
+        mark = "" if hit is None else ("✓" if hit else "✗")
+        tip = f"Example {i}" + (f": {summary}" if summary else "")
+        links.append(
+            f'<a href="#item-{i}" style="background:rgb{rgb};color:{_text_on(rgb)}" '
+            f'title="{html.escape(tip)}">{i}{mark}</a>'
+        )
+    return f'<nav class="index">{"".join(links)}</nav>'
+
+
 def render_html(report: dict[str, Any], title: str = "Per-token implicit rewards") -> str:
-    """Self-contained page: each response's tokens on a red (−) / white / blue (+) scale, values on hover."""
+    """Self-contained page: an index of the examples, then each response's tokens on a red (−) / white /
+    blue (+) scale in pages of PAGE_SIZE, injected errors outlined, values on hover."""
     validate(report)
     scale = _scale(report)
     legend = "".join(
-        f'<span style="background:rgb{diverging_rgb(v * scale, scale)}">{v * scale:+.2g}</span>'
+        f'<span style="background:rgb{rgb};color:{_text_on(rgb)}">{v * scale:+.2g}</span>'
         for v in np.linspace(-1, 1, 9)
+        for rgb in [diverging_rgb(v * scale, scale)]
     )
+    items = report["items"]
+    has_errors = any(it.get("meta", {}).get("error_positions") for it in items)
+    hits = [h for h in (_summary(it)[2] for it in items) if h is not None]
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en">',
         "<head>",
         '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(title)}</title>",
         f"<style>{_CSS}</style>",
         "</head>",
         "<body>",
         f"<h1>{html.escape(title)}</h1>",
-        f"<p>β = {report.get('beta', float('nan'))}. Reward r_t = β(log π − log π_ref) of each token. "
-        "Hover a token for its values.</p>",
+        f"<p>{len(items)} examples; β = {report.get('beta', float('nan'))}. "
+        "Reward r_t = β(log π − log π_ref) of each token. Hover a token for its values.</p>",
         f'<p class="legend">{legend}</p>',
-        "<p>Outlined tokens: injected errors (when the data says where they are).</p>",
     ]
-    for i, item in enumerate(report["items"]):
-        parts.append(f'<div class="item" id="item-{i}">')
-        meta = item.get("meta") or {}
-        head = f"Example {i}" + (f" — {html.escape(json.dumps(meta, ensure_ascii=False))}" if meta else "")
-        parts.append(f"<h2>{head}</h2>")
-        parts.append(f'<div class="prompt">{html.escape(item["prompt"])}</div>')
-        parts.append('<div class="pair">')
-        for name, r in item["responses"].items():
-            total = sum(r["rewards"])
-            parts.append(f'<div class="col"><h3>{html.escape(name)} (Σ reward {_fmt(total)})</h3>')
-            parts.append(f'<div class="tokens">{_tokens_html(r, scale, _marked(item, name))}</div></div>')
-        parts.append("</div></div>")
+    if has_errors:
+        parts.append(
+            '<p>Outlined tokens (<span class="err">like this</span>) are injected errors. The lowest-'
+            f"reward token of the rejected response is an injected one in {sum(hits)} of {len(hits)} "
+            "examples (✓ in the index).</p>"
+        )
+    parts.append(
+        "<h2>Index</h2><p>Colour: the example's margin (chosen − rejected summed reward) or total reward. "
+        "Click to jump.</p>" + _index_html(report, scale)
+    )
+    for start in range(0, len(items), PAGE_SIZE):
+        stop = min(start + PAGE_SIZE, len(items))
+        opened = " open" if start == 0 else ""
+        parts.append(f'<details class="page"{opened}><summary>Examples {start}–{stop - 1}</summary>')
+        for i in range(start, stop):
+            item = items[i]
+            summary, _, _ = _summary(item)
+            parts.append(f'<div class="item" id="item-{i}">')
+            parts.append(f"<h2>Example {i}</h2>")
+            sub = "; ".join(x for x in (_meta_text(item.get("meta") or {}), summary) if x)
+            if sub:
+                parts.append(f'<p class="sub">{html.escape(sub)}</p>')
+            parts.append(f'<div class="prompt">{html.escape(item["prompt"])}</div>')
+            parts.append('<div class="pair">')
+            for name, r in item["responses"].items():
+                total = sum(r["rewards"])
+                parts.append(f'<div class="col"><h3>{html.escape(name)} (Σ reward {_fmt(total)})</h3>')
+                parts.append(f'<div class="tokens">{_tokens_html(r, scale, _marked(item, name))}</div></div>')
+            parts.append("</div></div>")
+        parts.append("</details>")
     parts += ["</body>", "</html>"]
     return "\n".join(parts)
 
@@ -188,6 +273,8 @@ def write_png(item: dict[str, Any], path: str | Path, scale: float | None = None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from dpoq_jax.analysis.document import text_colour
+
     names = list(item["responses"])
     rs = [item["responses"][n] for n in names]
     n_tok = max(len(r["rewards"]) for r in rs)
@@ -210,7 +297,7 @@ def write_png(item: dict[str, Any], path: str | Path, scale: float | None = None
     for i, (name, r) in enumerate(zip(names, rs, strict=True)):
         marked = _marked(item, name)
         for j, (tok, rew) in enumerate(zip(r["tokens"], r["rewards"], strict=True)):
-            color = "white" if abs(rew) > 0.6 * scale else "black"  # readable on saturated cells
+            color = text_colour(im.cmap(im.norm(rew)))  # white on dark cells, by the cell's luminance
             ax.text(
                 j,
                 i,
