@@ -48,27 +48,34 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
     p = Parser(prog="dpoq demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--quick", action="store_true", help="a much smaller smoke run (a few minutes)")
-    p.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling")
+    p.add_argument("--quick", action="store_true", help="a much smaller smoke run (about a minute)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tasks and the training runs")
     return p.parse_args(list(argv))
 
 
-def next_steps(credit_runs: dict[str, Path], search_runs: dict[str, Path], out: Path, beta: float) -> str:
-    """What to try next, with the run folders this demo wrote."""
+def next_steps(
+    credit_runs: dict[str, Path],
+    search_runs: dict[str, Path],
+    out: Path,
+    betas: tuple[float, float],
+    seed: int,
+) -> str:
+    """What to try next, with the run folders this demo wrote (and its task seed and split)."""
     q = lambda p: shlex.quote(str(p))  # noqa: E731
-    dpo, sft = credit_runs["dpo"], credit_runs["sft"]
+    dpo, sft, out = credit_runs["dpo"], credit_runs["sft"], out.resolve()
     return "\n".join(
         [
             "Try next (the run folders this demo trained):",
             "  # per-token implicit rewards of held-out error_injection pairs, as HTML and PNG heatmaps",
             f"  dpoq score --policy {q(dpo)} --reference {q(sft)} --tokenizer synthetic "
-            f"--synthetic error_injection --split test --n 256 --beta {beta} --out-dir {q(out / 'score')}",
+            f"--synthetic error_injection --split test --task-seed {seed} --n 256 --beta {betas[0]} "
+            f"--out-dir {q(out / 'score')}",
             "  # beam search on the dense_reward DPO policy, with its implicit rewards",
             f"  dpoq generate --model {q(search_runs['dpo'])} --reference {q(search_runs['sft'])} "
-            f"--tokenizer synthetic --synthetic dense_reward --split test --mode beam --num-beams 5 "
-            f"--max-new-tokens 33 --out {q(out / 'beams.jsonl')}",
+            f"--tokenizer synthetic --synthetic dense_reward --split test --task-seed {seed} "
+            f"--beta {betas[1]} --mode beam --num-beams 5 --max-new-tokens 33 --out {q(out / 'beams.jsonl')}",
             "  # the DPO policy's final checkpoint as a Hugging Face folder",
-            f"  dpoq convert --from {q(dpo / 'checkpoints')} --to {q(out / 'export_hf')}",
+            f"  dpoq convert --from {q(dpo)} --to {q(out / 'export_hf')}",
         ]
     )
 
@@ -150,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             report.add(sec.title, sec.text, *sec.items, level=2)
     report.add("Timings", "Seconds, wall clock, this machine.", doc.Table(["part", "seconds"], timings))
     beta = 0.1 if 0.1 in scale["credit"]["betas"] else scale["credit"]["betas"][0]
-    tips = next_steps(reports["credit"].run_dirs, reports["search"].run_dirs, out, beta)
+    betas = (beta, scale["search"]["betas"][0])  # the runs in run_dirs: see the experiments' run()
+    tips = next_steps(reports["credit"].run_dirs, reports["search"].run_dirs, out, betas, args.seed)
     report.add("What to try next", "```\n" + tips + "\n```")
     report.meta = {"command": command, "seed": str(args.seed), **doc.machine_info()}
     report.write(out / "report.md", out / "report.html")

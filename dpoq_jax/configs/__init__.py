@@ -4,4 +4,6 @@
 experiments train with by default (`dpoq_jax.train.runs.default_config`); their values come from
 `dpoq_jax.train.config.synthetic_config`. experiments/configs/ in the repository re-exports them, so
 `dpoq train --config experiments/configs/error_injection_sft.py` runs the same config from a clone.
+From an installed package, their folder is printed by
+`python -c "import dpoq_jax.configs as c; print(c.__path__[0])"`.
 """
