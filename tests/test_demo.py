@@ -158,9 +158,10 @@ def test_printed_next_steps_run(installed_demo) -> None:
 
 _CHECK_JS = """
 <script>
-window.addEventListener('load', async () => {
+// Synchronous on 'load' (every image has loaded or failed by then): an async handler can lose the
+// race with --dump-dom, which serialises the page once loading is done.
+window.addEventListener('load', () => {
   const imgs = [...document.images];
-  await Promise.all(imgs.map(i => i.decode().catch(() => null)));
   document.querySelectorAll('details').forEach(d => d.open = true);  // hidden pages count too
   const err = document.querySelector('.tok.err');
   const r = {
@@ -203,9 +204,9 @@ def browser_check(page: Path, tmp_path: Path, width: int) -> dict:
         copy.as_uri(),
     ]
     env = dict(os.environ, HOME=str(tmp_path))
-    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env).stdout
-    m = re.search(r'<pre id="dpoq-check">(.*?)</pre>', dom)
-    assert m, f"the check script did not run in {page}; chromium printed:\n{dom[:2000]}"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    m = re.search(r'<pre id="dpoq-check">(.*?)</pre>', proc.stdout)
+    assert m, f"no check result from {page} (chromium exit {proc.returncode}):\n{proc.stderr[-2000:]}"
     return json.loads(m[1].replace("&quot;", '"').replace("&amp;", "&"))
 
 
@@ -227,3 +228,17 @@ def test_pages_render_in_a_browser(installed_demo, tmp_path, width) -> None:
     )
     assert score["outlined"] == n_errors > 0 and score["outline"].startswith("solid"), score
     assert score["scrollWidth"] <= score["innerWidth"], score
+
+
+def test_browser_check_catches_a_broken_page(tmp_path) -> None:
+    """The browser check can fail: an image that does not decode and an element wider than the
+    window are reported as such."""
+    page = tmp_path / "bad" / "report.html"
+    page.parent.mkdir()
+    page.write_text(
+        "<!DOCTYPE html><html><body><img src='data:image/png;base64,AAAA'>"
+        "<div style='width:3000px'>wide</div><span class='tok err'>x</span></body></html>"
+    )
+    got = browser_check(page, tmp_path, 800)
+    assert (got["images"], got["decoded"], got["outlined"]) == (1, 0, 1), got
+    assert got["scrollWidth"] > got["innerWidth"], got
