@@ -95,6 +95,7 @@ class Setup:
     compute_dtype: str = "auto"
     chunk_size: int = 512
     remat: str = "none"  # ModelConfig.remat: none | full | dots
+    attention: str = "auto"  # Decoder(attention=...): auto | xla (masked reference) | cudnn | splash
     beta: float = 0.1
     lr: float = 1e-6
 
@@ -214,7 +215,8 @@ def build_step(setup: Setup, case: Case, *, model_seed: int | None = None):
     seed = setup.seed if model_seed is None else model_seed
 
     def make_model():
-        return models.Decoder(cfg, rngs=nnx.Rngs(seed), param_dtype=jnp.dtype(pd), dtype=jnp.dtype(cd))
+        dtypes = dict(param_dtype=jnp.dtype(pd), dtype=jnp.dtype(cd))
+        return models.Decoder(cfg, rngs=nnx.Rngs(seed), attention=setup.attention, **dtypes)
 
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     graphdef, abs_params, _ = state_lib.abstract_model(make_model)
@@ -230,7 +232,12 @@ def build_step(setup: Setup, case: Case, *, model_seed: int | None = None):
     causal = loop_lib.causal_rows(case.layout)  # the attention path training takes
     if case.logps == "lean":
         loss_fn = step_lib.make_dpo_loss(
-            graphdef, rest, loss_config, chunk_size=setup.chunk_size, causal_rows=causal
+            graphdef,
+            rest,
+            loss_config,
+            chunk_size=setup.chunk_size,
+            causal_rows=causal,
+            one_segment_per_row=loop_lib.one_segment_rows(case.layout),
         )
     else:
         loss_fn = _full_logps_loss(graphdef, rest, loss_config, causal)
@@ -581,6 +588,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compute-dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     ap.add_argument("--remat", default="none", choices=("none", "full", "dots"))
     ap.add_argument(
+        "--attention",
+        default="auto",
+        choices=("auto", "xla", "cudnn", "splash"),
+        help="attention path (auto: TPU splash, GPU cuDNN where exact, CPU XLA; xla: the masked reference)",
+    )
+    ap.add_argument(
         "--interleave", action="store_true",
         help="JAX cases of a shape in one process with their steps alternated (noisy shared CPUs)",
     )  # fmt: skip
@@ -643,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         setup = Setup(
             shape=shape, pairs=n_pairs, seed=a.seed, steps=a.steps, warmup=a.warmup, lengths=a.lengths,
             packed_row_len=a.packed_row_len, param_dtype=a.param_dtype, compute_dtype=a.compute_dtype,
-            remat=a.remat,
+            remat=a.remat, attention=a.attention,
         )  # fmt: skip
         if a.interleave:  # torch first (its own process), then all JAX cases together
             for what in ["torch"] if not a.no_torch else []:

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dpoq_jax.models import attention as attn_lib
+from dpoq_jax.models.attention import layout_mask as attention_mask  # noqa: F401 (public name)
 from dpoq_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -72,23 +74,6 @@ def _param(
 
 # ----------------------------------------------------------------------------------------------
 # Attention layout and rotary embeddings (pure functions)
-
-
-def attention_mask(segment_ids: Array, branch_ids: Array | None = None) -> Array:
-    """Boolean [N, 1, S, S] mask of the layout: causal, same non-zero segment, shared or same branch.
-
-    Padding queries (segment 0) attend to themselves only, so no softmax row is empty (their outputs
-    are garbage that nobody reads)."""
-    S = segment_ids.shape[-1]
-    i = jnp.arange(S)
-    causal_SS = i[None, :] <= i[:, None]
-    seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
-    mask = causal_SS[None] & (seg_q == seg_k) & (seg_k != 0)
-    if branch_ids is not None:
-        br_q, br_k = branch_ids[:, :, None], branch_ids[:, None, :]
-        mask &= (br_k == 0) | (br_k == br_q)
-    mask |= jnp.eye(S, dtype=bool)[None]
-    return mask[:, None]
 
 
 def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
@@ -192,24 +177,39 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
             kv = (k, v)
             k, v = k.astype(self.dtype), v.astype(self.dtype)
-        out = _attend(q, k, v, mask, self.implementation)
+        out = _attend(q, k, v, mask, resolve_attention(self.implementation, self.dtype))
         y = jnp.einsum("nshf,hfd->nsd", out, self.wo[...].astype(self.dtype))
         if self.bo is not None:
             y = y + self.bo[...].astype(self.dtype)
         return y, kv
 
 
-def _attend(q: Array, k: Array, v: Array, mask: Array | None, implementation: str) -> Array:
-    """mask None = plain causal: on GPU in 16-bit, "auto" takes cuDNN's fused causal kernel (it never
-    computes the masked half). A boolean mask turns into a dense additive bias in cuDNN, so "auto"
-    keeps XLA for masked layouts; attention="cudnn" forces cuDNN for them too."""
-    impl = implementation
-    if impl == "auto":
-        gpu = jax.default_backend() == "gpu"
-        impl = "cudnn" if mask is None and gpu and q.dtype in (jnp.bfloat16, jnp.float16) else "xla"
-    if mask is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+def _attend(q: Array, k: Array, v: Array, layout: Any, implementation: str) -> Array:
+    """layout None: plain causal rows; an array: an explicit boolean mask (XLA; decoding and the
+    "xla" reference); a tuple (segment_ids, branch_ids, one_segment_per_row): the fused layout
+    attention of models/attention.py with `implementation` (already resolved, never "auto")."""
+    if isinstance(layout, tuple):
+        seg, br, one = layout
+        return attn_lib.layout_attention(q, k, v, seg, br, implementation, one)
+    if layout is None:
+        if implementation in ("splash", "splash_interpret"):
+            return attn_lib.causal_segments(q, k, v, None, implementation, True)
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, mask=layout, implementation="xla")
+
+
+def resolve_attention(implementation: str, dtype: Any) -> str:
+    """"auto": TPU -> splash (inside the train step's kernel mesh); GPU in 16-bit -> cudnn (fused where
+    exact, see attention.py); else "xla" (the masked reference, CPU default)."""
+    if implementation != "auto":
+        return implementation
+    backend = jax.default_backend()
+    if backend == "tpu" and attn_lib.in_kernel_mesh():
+        # the train step; elsewhere (decoding, scoring arrays of any sharding) XLA partitions attention
+        return "splash"
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "xla"
 
 
 def _activation(name: str, x: Array) -> Array:
@@ -285,7 +285,8 @@ class Decoder(nnx.Module):
     """Decoder-only transformer; `cfg.family` picks the block shape (see module docstring).
 
     dtype: compute dtype (default bfloat16 on accelerators, float32 on CPU); param_dtype: storage.
-    attention: "auto" (cuDNN on GPU for plain causal rows in 16-bit, XLA otherwise) | "xla" | "cudnn".
+    attention: "auto" (TPU: Pallas splash; GPU in 16-bit: cuDNN where exact; else XLA) | "xla" (masked
+    reference) | "cudnn" | "splash" | "splash_interpret" (the Pallas kernel interpreted, for CPU tests).
     """
 
     def __init__(
@@ -297,10 +298,10 @@ class Decoder(nnx.Module):
         param_dtype: Any = jnp.float32,
         attention: str = "auto",
     ):
-        if attention not in ("auto", "xla", "cudnn"):
-            raise ValueError(f"attention must be 'auto', 'xla' or 'cudnn', got {attention!r}")
+        if attention not in attn_lib.IMPLEMENTATIONS:
+            raise ValueError(f"attention must be one of {attn_lib.IMPLEMENTATIONS}, got {attention!r}")
         dtype = jnp.dtype(dtype) if dtype is not None else default_dtype()
-        self.cfg, self.dtype = cfg, dtype
+        self.cfg, self.dtype, self.attention = cfg, dtype, attention
         D, V = cfg.hidden_size, cfg.vocab_size
         self.embed = _param(rngs, (V, D), ("vocab", "embed"), param_dtype, "normal")
         self.pos_embed = (
@@ -361,11 +362,23 @@ class Decoder(nnx.Module):
         segment_ids: Array | None = None,
         branch_ids: Array | None = None,
         return_hidden: bool = False,
+        one_segment_per_row: bool = False,
     ) -> Array:
-        """Logits [N, S, V] (float32), or the final hidden states [N, S, D] after the final norm."""
+        """Logits [N, S, V] (float32), or the final hidden states [N, S, D] after the final norm.
+
+        one_segment_per_row: each row holds one right-padded segment (prefix-shared rows), which lets
+        the GPU take cuDNN's causal kernel for the layout (models/attention.py)."""
         if segment_ids is None and branch_ids is not None:
             segment_ids = jnp.ones_like(branch_ids)
-        mask = None if segment_ids is None else attention_mask(segment_ids, branch_ids)
+        impl = resolve_attention(self.attention, self.dtype)
+        if segment_ids is None:
+            mask = None
+        elif impl == "xla" or (impl == "cudnn" and not one_segment_per_row):
+            # the reference (and GPU rows of several segments, which cuDNN here cannot take): one
+            # explicit [N, 1, S, S] mask shared by all layers
+            mask = attention_mask(segment_ids, branch_ids)
+        else:
+            mask = (segment_ids, branch_ids, one_segment_per_row)
         x, rope = self._embed(tokens, positions)
         x = self._run_blocks(x, rope, mask)
         x = self.final_norm(x)

@@ -132,6 +132,7 @@ class CompileReport:
     layout: str
     reference: str
     num_layers: int
+    attention: str
     batch_size: int
     micro_batches: int
     seq_len: int
@@ -163,7 +164,12 @@ def compile_step(
 
     topo, devices = topology_devices(topology, chip_config)
     mcfg = model_config_for(cfg, model_config_path)
-    kw = dict(param_dtype=jax.numpy.dtype(cfg.model.param_dtype), dtype=jax.numpy.dtype(cfg.model.dtype))
+    kw = dict(
+        param_dtype=jax.numpy.dtype(cfg.model.param_dtype),
+        dtype=jax.numpy.dtype(cfg.model.dtype),
+        # "auto" means the TPU's kernel here: the compile targets a TPU from a CPU host
+        attention="splash" if cfg.model.attention == "auto" else cfg.model.attention,
+    )
     source = ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), **kw), mcfg, None)
     run = setup(cfg, devices, source=source, with_data=False)
     state = jax.tree.map(
@@ -201,6 +207,7 @@ def compile_step(
         layout=cfg.data.layout,
         reference=cfg.reference.mode if cfg.stage == "dpo" else "none",
         num_layers=mcfg.num_layers,
+        attention=kw["attention"],
         batch_size=cfg.train.batch_size,
         micro_batches=cfg.train.micro_batches,
         seq_len=cfg.data.seq_len,
@@ -258,7 +265,8 @@ def _line(r: CompileReport, per_shard: int | None = None) -> str:
 def print_report(r: CompileReport) -> None:
     print(f"topology      {r.topology}: {r.chips} x {r.device_kind}, mesh {r.mesh}")
     print(
-        f"step          {r.stage} layout={r.layout} reference={r.reference} layers={r.num_layers} "
+        f"step          {r.stage} layout={r.layout} attention={r.attention} reference={r.reference} "
+        f"layers={r.num_layers} "
         f"batch={r.batch_size} micro_batches={r.micro_batches} seq_len={r.seq_len}"
     )
     print(

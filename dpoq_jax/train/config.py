@@ -132,6 +132,7 @@ _CHOICES = {
     "data.source": ("synthetic", "jsonl", "hh", "tldr"),
     "data.sft_responses": ("chosen", "all"),
     "data.layout": ("padded", "prefix_shared", "packed"),
+    "model.attention": ("auto", "xla", "cudnn", "splash", "splash_interpret"),
     "data.overflow": ("error", "drop"),
     "data.on_error": ("fail", "skip"),
     "optim.name": ("rmsprop", "adamw"),
@@ -245,6 +246,7 @@ def base_config() -> mc.ConfigDict:
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"  # compute dtype
     c.model.remat = ""  # "" keeps the model config's; "none" | "full" | "dots" (recompute blocks in backward)
+    c.model.attention = "auto"  # auto (TPU splash, GPU cuDNN where exact, else XLA) | xla | cudnn | splash
     c.model.hf_export = True  # write WORKDIR/hf at the end (models.hf.save_hf)
 
     c.reference = mc.ConfigDict()

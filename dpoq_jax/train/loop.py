@@ -24,7 +24,7 @@ from dpoq_jax import losses
 from dpoq_jax.data.loader import Loader, LoaderState
 from dpoq_jax.train import inputs
 from dpoq_jax.train.checkpoint import RunCheckpoints
-from dpoq_jax.train.mesh import batch_sharding, make_mesh, replicated, rules_from_config
+from dpoq_jax.train.mesh import BATCH_AXES, batch_sharding, make_mesh, replicated, rules_from_config
 from dpoq_jax.train.metrics import MetricsWriter, mfu, read_metrics, step_flops
 from dpoq_jax.train.optim import make_optimizer
 from dpoq_jax.train.state import (
@@ -66,6 +66,7 @@ def model_source(cfg: Any, mesh: Any, rules: Any) -> ModelSource:
     from dpoq_jax.models.decoder import Decoder
 
     kw = dict(param_dtype=_dtype(cfg.model.param_dtype), dtype=_dtype(cfg.model.dtype))
+    kw["attention"] = cfg.model.attention
     over = {"remat": cfg.model.remat} if cfg.model.remat else {}  # rematerialisation policy of the blocks
     if cfg.model.init == "random":
         mcfg = ModelConfig.from_dict({**cfg.model.config.to_dict(), **over})
@@ -120,6 +121,12 @@ def causal_rows(layout: str) -> bool:
     """The "padded" layout holds one right-padded sequence per row: plain causal attention is exact
     there (and lets the model take the cuDNN kernel on GPU)."""
     return layout == "padded"
+
+
+def one_segment_rows(layout: str) -> bool:
+    """"prefix_shared" rows hold one right-padded pair (or SFT sequence) each: on GPU the fused layout
+    attention can then take cuDNN's causal kernel (models/attention.py)."""
+    return layout == "prefix_shared"
 
 
 def logps_chunk_positions(cfg: Any, rows: int) -> int:
@@ -180,17 +187,31 @@ class Run:
         """(train step, eval step), each jitted once with explicit shardings; the step donates the state."""
         rep = replicated(self.mesh)
         step_fn = jax.jit(
-            make_train_step(self.loss_fn, self.optimizer, self.schedule),
+            self._on_mesh(make_train_step(self.loss_fn, self.optimizer, self.schedule)),
             in_shardings=(self.shardings, b_sh),
             out_shardings=(self.shardings, rep),
             donate_argnums=0,
         )
         eval_fn = jax.jit(
-            _weighted(make_eval_step(self.loss_fn), self.cfg.stage),
+            self._on_mesh(_weighted(make_eval_step(self.loss_fn), self.cfg.stage)),
             in_shardings=(self.shardings, b_sh),
             out_shardings=rep,
         )
         return step_fn, eval_fn
+
+    def _on_mesh(self, fn: Callable) -> Callable:
+        return kernel_mesh_fn(fn, self.mesh)
+
+
+def kernel_mesh_fn(fn: Callable, mesh: Any) -> Callable:
+    """fn traced with the mesh the fused attention kernels are shard_mapped over (models/attention.py)."""
+    from dpoq_jax.models.attention import kernel_mesh
+
+    def traced(*args):
+        with kernel_mesh(mesh, BATCH_AXES, "tensor"):
+            return fn(*args)
+
+    return traced
 
 
 def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, with_data: bool = True) -> Run:
@@ -221,12 +242,14 @@ def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, w
     shardings = state_shardings(abs_params, p_sh, optimizer, mesh, with_ref)
     abstract = abstract_state(abs_params, optimizer, with_ref, _dtype(cfg.reference.dtype))
     chunk = logps_chunk_positions(cfg, cfg.train.batch_size // cfg.train.micro_batches)
-    causal = causal_rows(cfg.data.layout)
+    causal, one = causal_rows(cfg.data.layout), one_segment_rows(cfg.data.layout)
     if dpo:
         loss_cfg = losses.LossConfig(**cfg.loss.to_dict())
-        loss_fn = make_dpo_loss(graphdef, rest, loss_cfg, chunk_size=chunk, causal_rows=causal)
+        loss_fn = make_dpo_loss(
+            graphdef, rest, loss_cfg, chunk_size=chunk, causal_rows=causal, one_segment_per_row=one
+        )
     else:
-        loss_fn = make_sft_loss(graphdef, rest, chunk_size=chunk, causal_rows=causal)
+        loss_fn = make_sft_loss(graphdef, rest, chunk_size=chunk, causal_rows=causal, one_segment_per_row=one)
     return Run(
         cfg,
         mesh,

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from dpoq_jax.train import inputs
-from dpoq_jax.train.loop import causal_rows, global_batch, logps_chunk_positions, setup
+from dpoq_jax.train.loop import causal_rows, global_batch, kernel_mesh_fn, logps_chunk_positions, setup
 from dpoq_jax.train.mesh import replicated
 from dpoq_jax.train.step import pair_logps
 
@@ -38,7 +38,8 @@ def precompute_reference(cfg: Any, output: str) -> int:
         chunk = logps_chunk_positions(cfg, G)
         return pair_logps(run.graphdef, run.rest, params, micro, chunk, causal_rows(cfg.data.layout))
 
-    logps_fn = jax.jit(fn, in_shardings=(run.shardings.params, b_sh), out_shardings=(rep, rep))
+    shardings = dict(in_shardings=(run.shardings.params, b_sh), out_shardings=(rep, rep))
+    logps_fn = jax.jit(kernel_mesh_fn(fn, run.mesh), **shardings)  # fused attention kernels: on the mesh
     rows = []
     for split, items in (("train", run.dataset.train), ("eval", run.dataset.eval)):
         for start in range(0, len(items), G):

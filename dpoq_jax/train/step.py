@@ -29,17 +29,25 @@ ROW_KEYS = ("tokens", "positions", "segment_ids", "branch_ids")
 
 
 def _hidden_and_unembed(
-    graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch, causal_rows: bool = False
+    graphdef: nnx.GraphDef,
+    params: Any,
+    rest: Any,
+    batch: Batch,
+    causal_rows: bool = False,
+    one_segment_per_row: bool = False,
 ):
     """Forward the layout rows -> flat hidden [N*S, D], unembedding [D, V] and bias [V] or None.
 
     causal_rows: each row is one right-padded sequence ("padded" layout), so plain causal attention
     gives every real token exactly what the segment mask would; without a mask the model can use the
-    cuDNN kernel on GPU and skips building the [N, S, S] mask.
+    cuDNN kernel on GPU and skips building the [N, S, S] mask. one_segment_per_row: one right-padded
+    segment per row ("prefix_shared"), which lets the GPU's fused path take cuDNN (models/attention.py).
     """
     model = nnx.merge(graphdef, params, rest)
     seg, br = (None, None) if causal_rows else (batch["segment_ids"], batch["branch_ids"])
-    hidden_NSD = model(batch["tokens"], batch["positions"], seg, br, return_hidden=True)
+    tokens, positions = batch["tokens"], batch["positions"]
+    one = one_segment_per_row
+    hidden_NSD = model(tokens, positions, seg, br, return_hidden=True, one_segment_per_row=one)
     unembed_DV, bias_V = model.unembedding()
     N, S, D = hidden_NSD.shape
     return hidden_NSD.reshape(N * S, D), unembed_DV, bias_V
@@ -62,10 +70,16 @@ def response_logps(
 
 
 def pair_logps(
-    graphdef: nnx.GraphDef, rest: Any, params: Any, batch: Batch, chunk_size: int, causal_rows: bool = False
+    graphdef: nnx.GraphDef,
+    rest: Any,
+    params: Any,
+    batch: Batch,
+    chunk_size: int,
+    causal_rows: bool = False,
+    one_segment_per_row: bool = False,
 ) -> tuple[Array, Array]:
     """Per-token log-probs [P, R] of the chosen and rejected responses of a layout batch."""
-    h, w, b = _hidden_and_unembed(graphdef, params, rest, batch, causal_rows)
+    h, w, b = _hidden_and_unembed(graphdef, params, rest, batch, causal_rows, one_segment_per_row)
     out = []
     for side in ("chosen", "rejected"):
         out.append(
@@ -90,13 +104,14 @@ def policy_and_ref_logps(
     batch: Batch,
     chunk_size: int,
     causal_rows: bool = False,
+    one_segment_per_row: bool = False,
 ) -> tuple[Array, Array, Array, Array]:
     """(policy chosen [P,R], policy rejected [P,R], ref chosen, ref rejected). The reference comes from
     frozen parameters (no gradient) when given, else from the batch: per-token `ref_*_logps` [P, R]
     or per-response `ref_*_sum` [P]."""
 
     def logps(p: Any) -> tuple[Array, Array]:
-        return pair_logps(graphdef, rest, p, batch, chunk_size, causal_rows)
+        return pair_logps(graphdef, rest, p, batch, chunk_size, causal_rows, one_segment_per_row)
 
     pc, pr = logps(params)
     if ref_params is not None:
@@ -119,13 +134,15 @@ def make_dpo_loss(
     loss_config: losses.LossConfig,
     chunk_size: int = 512,
     causal_rows: bool = False,
+    one_segment_per_row: bool = False,
 ) -> LossFn:
     """loss_fn(params, ref_params, micro_batch) -> (loss, (weight, metrics)); weight = real pairs.
-    causal_rows=True only for the "padded" layout (see _hidden_and_unembed)."""
+    causal_rows=True only for the "padded" layout, one_segment_per_row for "prefix_shared" (see
+    _hidden_and_unembed)."""
 
     def loss_fn(params, ref_params, batch):
         pc, pr, rc, rr = policy_and_ref_logps(
-            graphdef, rest, params, ref_params, batch, chunk_size, causal_rows
+            graphdef, rest, params, ref_params, batch, chunk_size, causal_rows, one_segment_per_row
         )
         loss, metrics = losses.preference_loss(
             pc,
@@ -143,13 +160,17 @@ def make_dpo_loss(
 
 
 def make_sft_loss(
-    graphdef: nnx.GraphDef, rest: Any, chunk_size: int = 512, causal_rows: bool = False
+    graphdef: nnx.GraphDef,
+    rest: Any,
+    chunk_size: int = 512,
+    causal_rows: bool = False,
+    one_segment_per_row: bool = False,
 ) -> LossFn:
     """NLL of completion tokens; weight = real tokens (the loss is a per-token mean)."""
 
     def loss_fn(params, ref_params, batch):
         del ref_params
-        h, w, b = _hidden_and_unembed(graphdef, params, rest, batch, causal_rows)
+        h, w, b = _hidden_and_unembed(graphdef, params, rest, batch, causal_rows, one_segment_per_row)
         logps = response_logps(
             h,
             w,

@@ -1,0 +1,126 @@
+"""Fused layout attention (models/attention.py): each kernel path equals the masked XLA reference in
+outputs and gradients on rows of uneven segments, and the whole DPO/SFT step on every layout equals
+the padded one with the fused path."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dpoq_jax.models import attention as A
+from dpoq_jax.train import inputs
+from dpoq_jax.train.config import synthetic_config
+from dpoq_jax.train.loop import causal_rows, logps_chunk_positions, one_segment_rows, setup
+from dpoq_jax.train.step import accumulate_grads, pair_logps
+
+
+def _rows(branches: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Two rows of S=128: row 0 holds two groups of uneven lengths, row 1 one group then padding.
+    A group is [prompt][chosen][rejected] (branches) or one sequence (SFT rows)."""
+    S = 128
+    seg, br = np.zeros((2, S), np.int32), np.zeros((2, S), np.int32)
+
+    def put(n, s, lp, lc, lr, sid):
+        seg[n, s : s + lp + lc + lr] = sid
+        if branches:
+            br[n, s + lp : s + lp + lc] = 1
+            br[n, s + lp + lc : s + lp + lc + lr] = 2
+        return s + lp + lc + lr
+
+    end = put(0, 0, 20, 7, 13, 1)
+    put(0, end, 31, 5, 9, 2)
+    put(1, 0, 50, 30, 17, 1)
+    return seg, br
+
+
+@pytest.mark.parametrize("impl", ["xla", "splash_interpret"])
+@pytest.mark.parametrize("branches", [True, False])
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_kernel_paths_equal_masked_attention(impl, branches, kv_heads):
+    seg, br = _rows(branches)
+    seg, br = jnp.asarray(seg), (jnp.asarray(br) if branches else None)
+    rng = np.random.default_rng(0)
+    N, S, H, F = 2, 128, 2, 32
+    q = jnp.asarray(rng.normal(size=(N, S, H, F)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(N, S, kv_heads, F)), jnp.float32) for _ in range(2))
+    real = (seg > 0)[:, :, None, None]  # padding queries' outputs are read by nobody
+    w = jnp.asarray(rng.normal(size=(N, S, H, F)), jnp.float32)
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.where(real, fn(q, k, v), 0.0) * w)
+
+    ref = lambda q, k, v: A.masked_attention(q, k, v, seg, br)  # noqa: E731
+    fused = lambda q, k, v: A.layout_attention(q, k, v, seg, br, impl)  # noqa: E731
+    np.testing.assert_allclose(
+        np.where(real, fused(q, k, v), 0), np.where(real, ref(q, k, v), 0), atol=2e-5, rtol=0
+    )
+    want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
+    got = jax.grad(loss(fused), argnums=(0, 1, 2))(q, k, v)
+    for a, b, name in zip(got, want, "qkv", strict=True):
+        assert float(jnp.abs(b).max()) > 0
+        np.testing.assert_allclose(a, b, atol=5e-5, rtol=0, err_msg=f"d{name}")
+
+
+def test_splash_plain_causal_rows_equal_xla():
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 128, 2, 32)), jnp.float32) for _ in range(3))
+    want = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
+    got = A.causal_segments(q, k, v, None, "splash_interpret", True)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+def _config(stage: str, layout: str, attention: str):
+    c = synthetic_config("error_injection", stage)
+    c.model.init = "random"
+    c.model.path = ""
+    c.model.config.update(
+        {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8,
+         "intermediate_size": 64, "rotary_dim": 8}
+    )  # fmt: skip
+    c.data.num_examples = 16
+    c.data.num_eval = 4
+    c.data.seq_len = 64
+    c.data.response_len = 12
+    c.data.layout = layout
+    c.model.attention = attention
+    c.train.batch_size = 4
+    c.mesh.update({"data": 1, "fsdp": 1, "tensor": 1})
+    return c
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["dpo"])  # SFT rows (segments, no branches): kernel test above
+def test_step_on_every_layout_with_the_fused_kernel_equals_padded(stage):
+    """Log-probs, loss and gradients of the whole step: prefix_shared and packed with the Pallas kernel
+    (interpreted on CPU) equal padded with the XLA reference."""
+    out = {}
+    cases = (("padded", "xla"), ("prefix_shared", "splash_interpret"), ("packed", "splash_interpret"))
+    for layout, attention in cases:
+        cfg = _config(stage, layout, attention)
+        run = setup(cfg, devices=jax.devices()[:1])
+        state = run.new_state()
+        items = run.dataset.train[:4]
+        batch = inputs.stack_micro(items, inputs.micro_batch_fn(cfg, 4), 1)
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        grads, metrics = jax.jit(lambda p, r, b, run=run: accumulate_grads(run.loss_fn, p, r, b))(
+            state.params, state.ref_params, batch
+        )
+        logps = None
+        if stage == "dpo":
+            micro = {k: v[0] for k, v in batch.items()}
+            chunk = logps_chunk_positions(cfg, 4)
+            rows = (causal_rows(layout), one_segment_rows(layout))
+            logps = pair_logps(run.graphdef, run.rest, state.params, micro, chunk, *rows)
+        out[layout] = (grads, metrics, logps)
+    grads0, metrics0, logps0 = out["padded"]
+    assert float(metrics0["loss"]) > 0
+    for layout in ("prefix_shared", "packed"):
+        grads, metrics, logps = out[layout]
+        np.testing.assert_allclose(float(metrics["loss"]), float(metrics0["loss"]), rtol=1e-5, err_msg=layout)
+        if logps is not None:
+            for a, b in zip(logps, logps0, strict=True):
+                np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"{layout} log-probs")
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=f"{layout} gradients")
