@@ -70,3 +70,17 @@ def test_compile_tiny_step_for_v5e_2x2(tmp_path, capsys, config, layout, referen
 def test_bad_topology_is_one_clear_line(tmp_path):
     with pytest.raises(SystemExit, match="--topology 'v9:1x1'"):
         compile_main(["--config", "experiments/configs/error_injection_sft.py", "--topology", "v9:1x1"])
+
+
+def test_search_batch_doubles_the_per_shard_micro_batch(tmp_path):
+    model = tmp_path / "model_config.json"
+    model.write_text(json.dumps(TINY))
+    out = tmp_path / "search.json"
+    args = ["--config", "experiments/configs/error_injection_sft.py", "--topology", "v5e:2x2",
+            "--model-config", str(model), "--json", str(out), "--search-batch", "--max-batch", "2",
+            "--config.train.micro_batches=2"]  # fmt: skip
+    assert compile_main(args) == 0
+    runs = json.loads(out.read_text())
+    assert [r["per_shard_micro_batch"] for r in runs] == [1, 2]  # both fit: stops at --max-batch
+    assert [r["batch_size"] for r in runs] == [1 * 4 * 2, 2 * 4 * 2]  # 4 batch shards, 2 micro-batches
+    assert all(r["fits"] for r in runs) and runs[1]["temp_gib"] >= runs[0]["temp_gib"]

@@ -308,6 +308,9 @@ def compile_main(argv: list[str]) -> int:
         action="store_true",
         help="compile with 1, 2, 4, ... examples per batch shard and micro-batch until one does not fit",
     )
+    p.add_argument(
+        "--max-batch", type=int, default=256, help="--search-batch stops after this per-shard size"
+    )
     args, overrides = p.parse_known_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     from dpoq_jax.train.config import ConfigError, load_config
@@ -326,7 +329,7 @@ def compile_main(argv: list[str]) -> int:
         print("dpoq compile: needs libtpu: pip install 'dpoq_jax[tpu]'", file=sys.stderr)
         return 2
     if args.search_batch:
-        out: Any = search_batch(cfg, args.topology, args.model_config, args.chip_config)
+        out: Any = search_batch(cfg, args.topology, args.model_config, args.chip_config, args.max_batch)
     else:
         r = compile_step(cfg, args.topology, args.model_config, args.chip_config)
         print_report(r)
