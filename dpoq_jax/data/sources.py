@@ -1,6 +1,6 @@
 """One entry point from a config to examples: jsonl | tldr | hh | synthetic.
 
-Config keys (a dict or ml_collections ConfigDict; see the README's Data section):
+Config keys (a dict or ml_collections ConfigDict; see docs/data.md):
   source: "jsonl" | "tldr" | "hh" | "synthetic"
   path: file (jsonl, hh) or manual directory (tldr)
   data_dir: where the tfds build of TL;DR goes (tldr only)

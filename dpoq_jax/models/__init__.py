@@ -1,5 +1,5 @@
 """dpoq_jax.models: one Flax NNX decoder for GPT-NeoX/Pythia, Llama/Mistral, Qwen2 and GPT-2, with Hugging
-Face checkpoints in and out (see the README's Models section)."""
+Face checkpoints in and out (see docs/models.md)."""
 
 from dpoq_jax.models.config import ModelConfig, config_from_hf, config_to_hf
 from dpoq_jax.models.decoder import Decoder, attention_mask, default_dtype

@@ -233,7 +233,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> mc.ConfigDict:
 
 
 def base_config() -> mc.ConfigDict:
-    """Every key a run config has, with defaults (the README's Training section explains each).
+    """Every key a run config has, with defaults (docs/training.md explains each).
     Config files start from this and change what they need; `load_config_file` locks the result."""
     c = mc.ConfigDict()
     c.stage = "dpo"  # "sft" or "dpo"
