@@ -296,6 +296,16 @@ def test_generate_refuses_prompts_that_leave_no_room(tmp_path, model_dir, capsys
     lines = [json.loads(x) for x in Path(out).read_text().splitlines()]
     assert len(lines) == 2 and all(1 <= o["length"] <= 4 for x in lines for o in x["outputs"])
     assert "1 prompts cut from the left" in err
+    # no --max-new-tokens: as many as the context leaves after the longest prompt (16 - 5 here)
+    short = write_jsonl(tmp_path / "s.jsonl", {"prompt": "<bos>c:1="})
+    rc, err = run(["generate", "--model", m, "--prompts", str(short), "--out", out], capsys)
+    assert rc == 0, err
+    assert "--max-new-tokens 11 (what the model's context of 16 positions leaves" in err
+    (line,) = [json.loads(x) for x in Path(out).read_text().splitlines()]
+    assert 1 <= line["outputs"][0]["length"] <= 11
+    # ... and a prompt that fills the context is still refused with its file and line
+    rc, err = run(["generate", "--model", m, "--prompts", str(prompts), "--out", out], capsys)
+    assert_one_error(rc, err, r"p.jsonl:2: prompt of 16 tokens \+ --max-new-tokens 1 exceed the model's")
 
 
 def test_guided_without_reference(tmp_path, model_dir, capsys):

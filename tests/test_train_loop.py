@@ -314,3 +314,34 @@ def test_checksums_do_not_depend_on_sharding_and_see_one_changed_element():
     for changed in (dict(tree, w=x.at[3, 2].add(1e-6)), dict(tree, w=x[::-1]), dict(tree, n=jnp.int32(6))):
         with pytest.raises(DamagedCheckpoint, match="checksum mismatch in params"):
             verify_arrays(record, "params", changed)
+
+
+def test_commands_reading_a_run_skip_a_damaged_newest_step(tmp_path, finished_run, caplog):
+    """`dpoq score/generate/convert --model WORKDIR`: a damaged newest step is named and the newest
+    intact one is used (nothing moved: these commands only read); none intact: one clear line."""
+    from flax import nnx
+
+    from dpoq_jax.decode.commands import load_model
+
+    def params_of(model):
+        return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+    _, work, final, _ = finished_run
+    copy, only2 = tmp_path / "w", tmp_path / "only2"
+    shutil.copytree(work, copy)
+    shutil.copytree(work, only2)
+    shutil.rmtree(only2 / "checkpoints" / "4")
+    for a, b in zip(params_of(load_model(str(work))), final, strict=True):  # intact: the newest step
+        np.testing.assert_array_equal(a, b)
+    _cut_half(copy / "checkpoints" / "4")
+    with caplog.at_level(logging.WARNING, logger="dpoq_jax"):
+        model = load_model(str(copy))
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "checkpoint step 4" in warning and warning.endswith("using step 2"), warning
+    assert (copy / "checkpoints" / "4").is_dir()  # read-only: not moved aside
+    for a, b in zip(params_of(model), params_of(load_model(str(only2))), strict=True):
+        np.testing.assert_array_equal(a, b)
+    _cut_half(copy / "checkpoints" / "2")
+    with pytest.raises(ValueError, match=r"^--model .*: no intact checkpoint under .* \(newest, step 4") as e:
+        load_model(str(copy))
+    assert "\n" not in str(e.value)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ import numpy as np
 
 from dpoq_jax.data.errors import ErrorPolicy, reports_user_errors
 from dpoq_jax.data.jsonl import check_fields, iter_json_lines
+
+log = logging.getLogger(__name__)
 
 
 def load_model(path: str, dtype: str | None = None, flag: str = "--model") -> Any:
@@ -45,22 +48,39 @@ def load_model(path: str, dtype: str | None = None, flag: str = "--model") -> An
         except (OSError, ValueError) as e:
             raise type(e)(f"{flag} {path}: {e}") from None
         return model
-    from dpoq_jax.train.checkpoint import RunCheckpoints
+    from dpoq_jax.train.checkpoint import DamagedCheckpoint, RunCheckpoints
 
     ckpt_dir = os.path.join(path, "checkpoints") if is_workdir else path
     ckpts = RunCheckpoints(os.path.abspath(ckpt_dir), every_steps=1, keep=1, async_save=False)
-    step = ckpts.latest_step()
-    if step is None:
+    steps = sorted(ckpts.all_steps(), reverse=True)
+    if not steps:
         raise FileNotFoundError(
             f"{flag} {path}: neither a Hugging Face directory (config.json) nor a run "
             f"workdir with a complete checkpoint under {ckpt_dir}"
         )
-    mcfg = ModelConfig.from_dict(ckpts.read_json(step, "model_config"))
-    graphdef, abstract, rest = hf.abstract_decoder(mcfg, **kw)
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    params = ckpts.restore_params(step, abstract, jax.tree.map(lambda _: dev, abstract))
-    ckpts.close()
-    return nnx.merge(graphdef, params, rest)
+    damaged = []
+    try:
+        # the newest step that passes the integrity checks; a damaged newer one is named and skipped
+        # (read-only: unlike a training resume, nothing is moved aside here)
+        for step in steps:
+            try:
+                mcfg = ModelConfig.from_dict(ckpts.read_json(step, "model_config"))
+                graphdef, abstract, rest = hf.abstract_decoder(mcfg, **kw)
+                params = ckpts.restore_params(step, abstract, jax.tree.map(lambda _: dev, abstract))
+            except DamagedCheckpoint as e:
+                damaged.append(f"step {step}: {e}")
+                continue
+            except Exception as e:  # noqa: BLE001  (orbax/JSON errors of a cut or edited step)
+                first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                damaged.append(f"step {step} cannot be read ({first})")
+                continue
+            for why in damaged:
+                log.warning("%s %s: checkpoint %s; using step %d", flag, path, why, step)
+            return nnx.merge(graphdef, params, rest)
+    finally:
+        ckpts.close()
+    raise ValueError(f"{flag} {path}: no intact checkpoint under {ckpt_dir} (newest, {damaged[0]})")
 
 
 def context_length(*models: Any) -> int | None:
@@ -169,6 +189,18 @@ def fit_prompts(
     return cut
 
 
+DEFAULT_NEW_TOKENS = 64
+
+
+def default_new_tokens(prompts: list[list[int]], context: int | None) -> int:
+    """`--max-new-tokens` when not given: DEFAULT_NEW_TOKENS, capped by what the model's context
+    leaves after the longest prompt (at least 1: a prompt that fills the context is refused by
+    `fit_prompts` with its file and line)."""
+    if context is None:
+        return DEFAULT_NEW_TOKENS
+    return max(1, min(DEFAULT_NEW_TOKENS, context - max(map(len, prompts), default=0)))
+
+
 SPLITS = ("train", "validation", "test")
 SPLIT_HELP = (
     "split of the synthetic task; 'test' is neither trained on nor used for training's held-out eval "
@@ -205,7 +237,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["greedy", "sample", "beam", "guided"], default="greedy",
                    help="greedy, sampling, beam search or reward-guided search")  # fmt: skip
     p.add_argument(
-        "--max-new-tokens", type=int, default=64, help="tokens generated at most per prompt (EOS included)"
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help=f"tokens generated at most per prompt (EOS included); None: {DEFAULT_NEW_TOKENS}, or fewer "
+        "where the model's context cannot hold the longest prompt and that many",
     )
     p.add_argument(
         "--truncate-prompt",
@@ -248,8 +284,14 @@ def generate_main(argv: list[str]) -> int:
     prompts = encode_all(tok, [r["prompt"] for r in recs], [r["where"] for r in recs], nonempty=True)
     model = load_model(args.model, args.dtype)
     ref = load_model(args.reference, args.dtype, "--reference") if args.reference else None
-    cut = fit_prompts(prompts, [r["where"] for r in recs], args.max_new_tokens, context_length(model, ref),
-                      args.truncate_prompt)  # fmt: skip
+    context = context_length(model, ref)
+    capped = args.max_new_tokens is None and default_new_tokens(prompts, context) < DEFAULT_NEW_TOKENS
+    if args.max_new_tokens is None:
+        args.max_new_tokens = default_new_tokens(prompts, context)
+    cut = fit_prompts(prompts, [r["where"] for r in recs], args.max_new_tokens, context, args.truncate_prompt)
+    if capped:
+        print(f"dpoq generate: --max-new-tokens {args.max_new_tokens} (what the model's context of "
+              f"{context} positions leaves after the longest prompt)", file=sys.stderr)  # fmt: skip
     if cut:
         print(f"dpoq generate: {cut} prompts cut from the left to fit the context (--truncate-prompt)",
               file=sys.stderr)  # fmt: skip
