@@ -294,3 +294,59 @@ def test_one_line_and_exit_1_in_a_real_process(tmp_path, word_tokenizer):
     assert proc.stderr.strip().splitlines() == [
         f"dpoq train: error: {path}:2: key 'prompt': lone surrogate '\\ud800' at character 1 "
         "(not valid Unicode text)"]
+
+
+# ---- precomputed reference log-probs (`dpoq precompute-ref` output read by reference.mode=precomputed)
+
+
+def _ref_file(tmp_path, edit=None):
+    """Two pairs and a valid reference file for them; `edit(rows)` damages the rows before writing."""
+    import json
+
+    from dpoq_jax.data.examples import TokenizedPair
+    from dpoq_jax.train.inputs import pair_fingerprint
+
+    pairs = [TokenizedPair([1, 2], [3, 4, 0], [5, 0]), TokenizedPair([1], [6, 0], [7, 8, 9, 0])]
+    rows = [{"fingerprint": pair_fingerprint(p), "split": "train",
+             "ref_chosen_logps": [-1.0] * len(p.chosen_ids),
+             "ref_rejected_logps": [-2.0] * len(p.rejected_ids)} for p in pairs]  # fmt: skip
+    lines = [json.dumps(r) for r in rows]
+    if edit is not None:
+        lines = edit(rows, lines)
+    path = tmp_path / "ref.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return pairs, str(path)
+
+
+REF_DAMAGE = {  # kind -> (edit, line, message fragment)
+    "torn_json": (lambda rows, lines: [lines[0], lines[1][:20]], 2, "malformed JSON"),
+    "not_an_object": (lambda rows, lines: [lines[0], "[1, 2]"], 2, "expected a JSON object, got list"),
+    "fingerprint_missing": (lambda rows, lines: [lines[0], lines[1].replace('"fingerprint"', '"fp"')], 2,
+                            "key 'fingerprint': missing or not a string"),
+    "string_in_logps": (lambda rows, lines: [lines[0].replace("-1.0", '"-1.0"', 1), lines[1]], 1,
+                        "key 'ref_chosen_logps': missing or not a list of numbers"),
+    "nan_logp": (lambda rows, lines: [lines[0], lines[1].replace("-2.0", "NaN", 1)], 2,
+                 "key 'ref_rejected_logps': holds a non-finite log-prob"),
+    "wrong_length": (lambda rows, lines: [lines[0].replace("[-1.0, ", "[", 1), lines[1]], 1,
+                     "key 'ref_chosen_logps': 2 log-probs for a response of 3 tokens"),
+}
+
+
+@pytest.mark.parametrize("kind", list(REF_DAMAGE))
+def test_precomputed_reference_file_errors_name_file_and_line(tmp_path, kind):
+    from dpoq_jax.train.inputs import attach_reference
+
+    edit, line, fragment = REF_DAMAGE[kind]
+    pairs, path = _ref_file(tmp_path, edit)
+    with pytest.raises(DataError) as e:
+        attach_reference(pairs, path)
+    assert str(e.value).startswith(f"{path}:{line}: ") and fragment in str(e.value), str(e.value)
+
+
+def test_precomputed_reference_file_attaches_per_token_logps(tmp_path):
+    from dpoq_jax.train.inputs import attach_reference
+
+    pairs, path = _ref_file(tmp_path)
+    out = attach_reference(pairs, path)
+    assert [p.meta["ref_chosen_logps"] for p in out] == [[-1.0] * 3, [-1.0] * 2]
+    assert [p.meta["ref_rejected_logps"] for p in out] == [[-2.0] * 2, [-2.0] * 4]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -14,9 +13,9 @@ from typing import Any
 import numpy as np
 
 from dpoq_jax.data import layouts
-from dpoq_jax.data.errors import ErrorPolicy
+from dpoq_jax.data.errors import DataError, ErrorPolicy
 from dpoq_jax.data.examples import PreferenceExample, SFTExample, TokenizedPair
-from dpoq_jax.data.jsonl import first_record
+from dpoq_jax.data.jsonl import first_record, iter_json_lines
 from dpoq_jax.data.sources import load_examples, load_tokenizer
 from dpoq_jax.data.tokenize import TokenizeConfig, tokenize_all
 
@@ -148,16 +147,32 @@ def pair_fingerprint(pair: TokenizedPair) -> str:
     return h.hexdigest()[:16]
 
 
+def _reference_row(obj: Any, path: str, line: int) -> dict:
+    """One line of a `dpoq precompute-ref` file, checked: fingerprint and two lists of finite floats."""
+    if not isinstance(obj, dict):
+        raise DataError(f"expected a JSON object, got {type(obj).__name__}", file=path, line=line)
+    if not isinstance(obj.get("fingerprint"), str):
+        raise DataError("missing or not a string", file=path, line=line, key="fingerprint")
+    for k in ("ref_chosen_logps", "ref_rejected_logps"):
+        v = obj.get(k)
+        ok = isinstance(v, list) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+        if not ok:
+            raise DataError("missing or not a list of numbers", file=path, line=line, key=k)
+        if not np.all(np.isfinite(np.asarray(v, np.float64))):
+            raise DataError("holds a non-finite log-prob", file=path, line=line, key=k)
+    return {**obj, "line": line}
+
+
 def attach_reference(pairs: list[TokenizedPair], path: str) -> list[TokenizedPair]:
-    """Pairs with meta["ref_chosen_logps"/"ref_rejected_logps"] from a `dpoq precompute-ref` file."""
+    """Pairs with meta["ref_chosen_logps"/"ref_rejected_logps"] from a `dpoq precompute-ref` file.
+    A malformed line, or one whose log-probs do not fit its pair's token counts, is an error naming
+    the file and line (a log-prob on the wrong token would train silently wrong)."""
     if not os.path.exists(path):
         raise ValueError(f"config key 'reference.logps_path': file {path!r} does not exist")
     table = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                row = json.loads(line)
-                table[row["fingerprint"]] = row
+    for line, obj in iter_json_lines(path, ErrorPolicy("fail")):
+        row = _reference_row(obj, path, line)
+        table[row["fingerprint"]] = row
     out = []
     for i, p in enumerate(pairs):
         row = table.get(pair_fingerprint(p))
@@ -167,6 +182,10 @@ def attach_reference(pairs: list[TokenizedPair], path: str) -> list[TokenizedPai
                 f"({p.meta.get('source', '')}:{p.meta.get('line', '')}); "
                 "rerun `dpoq precompute-ref` with this data config"
             )
+        for k, ids in (("ref_chosen_logps", p.chosen_ids), ("ref_rejected_logps", p.rejected_ids)):
+            if len(row[k]) != len(ids):
+                raise DataError(f"{len(row[k])} log-probs for a response of {len(ids)} tokens", file=path,
+                                line=row["line"], key=k)  # fmt: skip
         meta = dict(
             p.meta, ref_chosen_logps=row["ref_chosen_logps"], ref_rejected_logps=row["ref_rejected_logps"]
         )
