@@ -20,8 +20,7 @@ from typing import Any
 from dpoq_jax.data.errors import ErrorPolicy, reports_user_errors
 from dpoq_jax.data.jsonl import check_fields, iter_json_lines
 from dpoq_jax.decode.commands import (
-    SPLIT_HELP,
-    SPLITS,
+    add_input_args,
     context_length,
     encode_all,
     load_model,
@@ -58,19 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="'synthetic' or a tokenizer directory (None: the policy's own, or what its run trained with)",
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--pairs",
-        help=".jsonl with prompt + response, or prompt + chosen + rejected (this or --synthetic is required)",
-    )
-    src.add_argument(
-        "--synthetic",
-        choices=["error_injection", "dense_reward"],
-        help="pairs of a synthetic task (this or --pairs is required)",
-    )
-    p.add_argument("--n", type=int, default=32, help="number of synthetic pairs")
-    p.add_argument("--split", choices=SPLITS, default="test", help=SPLIT_HELP)
-    p.add_argument("--task-seed", type=int, default=0, help="seed of the synthetic task")
+    add_input_args(p, "--pairs", ".jsonl with prompt + response, or prompt + chosen + rejected", "pairs", 32)
     p.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward beta*log(pi/pi_ref)")
     p.add_argument("--with-qv", action="store_true", help="also write Q(s_t,a_t) and V(s_t)")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to each response")

@@ -208,6 +208,20 @@ SPLIT_HELP = (
 )
 
 
+def add_input_args(p: argparse.ArgumentParser, flag: str, file_help: str, noun: str, n: int) -> None:
+    """The input of `generate` and `score`: a file (`flag`) or a synthetic task's `noun`s (--synthetic,
+    --n, --split, --task-seed), exactly one of the two."""
+    from dpoq_jax.data.synthetic import TASKS
+
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(flag, help=f"{file_help} (this or --synthetic is required)")
+    src.add_argument("--synthetic", choices=sorted(TASKS), help=f"{noun} of a synthetic task (this or "
+                     f"{flag} is required)")  # fmt: skip
+    p.add_argument("--n", type=int, default=n, help=f"number of synthetic {noun}")
+    p.add_argument("--split", choices=SPLITS, default="test", help=SPLIT_HELP)
+    p.add_argument("--task-seed", type=int, default=0, help="seed of the synthetic task")
+
+
 def _parser() -> argparse.ArgumentParser:
     from dpoq_jax.cli import Parser
 
@@ -221,19 +235,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="'synthetic' or a tokenizer directory (None: the model's own, or what its run trained with)",
     )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument(
-        "--prompts", help=".jsonl with a 'prompt' key per line, or a text file, one per line (this or "
-        "--synthetic is required)"
-    )  # fmt: skip
-    src.add_argument(
-        "--synthetic",
-        choices=["error_injection", "dense_reward"],
-        help="prompts of a synthetic task (this or --prompts is required)",
-    )
-    p.add_argument("--n", type=int, default=16, help="number of synthetic prompts")
-    p.add_argument("--split", choices=SPLITS, default="test", help=SPLIT_HELP)
-    p.add_argument("--task-seed", type=int, default=0, help="seed of the synthetic task")
+    add_input_args(p, "--prompts", ".jsonl with a 'prompt' key per line, or a text file, one per line",
+                   "prompts", 16)  # fmt: skip
     p.add_argument("--mode", choices=["greedy", "sample", "beam", "guided"], default="greedy",
                    help="greedy, sampling, beam search or reward-guided search")  # fmt: skip
     p.add_argument(
