@@ -29,7 +29,7 @@ def _rows(branches: bool) -> tuple[np.ndarray, np.ndarray]:
             br[n, s + lp + lc : s + lp + lc + lr] = 2
         return s + lp + lc + lr
 
-    end = put(0, 0, 20, 7, 13, 1)
+    end = put(0, 0, 20, 7, 13, 1)  # (row, start, prompt, chosen, rejected, segment id)
     put(0, end, 31, 5, 9, 2)
     put(1, 0, 50, 30, 17, 1)
     return seg, br
@@ -61,6 +61,44 @@ def test_kernel_paths_equal_masked_attention(impl, branches, kv_heads):
     for a, b, name in zip(got, want, "qkv", strict=True):
         assert float(jnp.abs(b).max()) > 0
         np.testing.assert_allclose(a, b, atol=5e-5, rtol=0, err_msg=f"d{name}")
+
+
+def _positions(seg: np.ndarray, br: np.ndarray) -> np.ndarray:
+    """Position ids of _rows(branches=True): each group counts from 0; rejected continues the prompt."""
+    pos = np.zeros_like(seg)
+    for n in range(seg.shape[0]):
+        count, prompt_end = 0, 0
+        for s in range(seg.shape[1]):
+            if s and (seg[n, s] != seg[n, s - 1]):
+                count, prompt_end = 0, 0
+            if br[n, s] == 0:
+                prompt_end = count + 1
+            if br[n, s] == 2 and br[n, s - 1] != 2:
+                count = prompt_end
+            pos[n, s] = count
+            count += 1
+    return pos
+
+
+def test_splash_window_softcap_scale_equal_position_masked_reference():
+    """Gemma's options on the fused path: a sliding window (slots in each compacted call), score
+    soft-capping and a custom scale equal the XLA reference whose window counts positions (forward)."""
+    seg, br = _rows(True)
+    pos = jnp.asarray(_positions(seg, br))
+    seg, br = jnp.asarray(seg), jnp.asarray(br)
+    rng = np.random.default_rng(2)
+    N, S, H, F = 2, 128, 2, 16
+    q = jnp.asarray(rng.normal(size=(N, S, H, F)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(N, S, 1, F)), jnp.float32) for _ in range(2))
+    real = (seg > 0)[:, :, None, None]
+    opts = dict(scale=0.4, softcap=2.0, window=6)
+    mask = A.layout_mask(seg, br) & A.window_mask(pos, pos, opts["window"])
+    ref = lambda q, k, v: A.dense_attention(q, k, v, mask, opts["scale"], opts["softcap"])  # noqa: E731
+    fused = lambda q, k, v: A.layout_attention(q, k, v, seg, br, "splash_interpret", **opts)  # noqa: E731
+    np.testing.assert_allclose(np.where(real, fused(q, k, v), 0), np.where(real, ref(q, k, v), 0), atol=2e-5)
+    no_window = A.dense_attention(q, k, v, A.layout_mask(seg, br), opts["scale"], opts["softcap"])
+    assert float(jnp.abs(jnp.where(real, no_window - ref(q, k, v), 0)).max()) > 0.1  # the window bites
+    # (gradients: the splash kernel's own; interpreted on CPU they cost ~30 s, left to the TPU runs)
 
 
 def test_splash_plain_causal_rows_equal_xla():

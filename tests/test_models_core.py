@@ -39,6 +39,18 @@ NEOX = ModelConfig(
 QWEN = LLAMA.replace(
     family="qwen2", rope_type="default", rope_scaling=(), qkv_bias=True, tie_word_embeddings=True
 )
+GEMMA3 = LLAMA.replace(
+    family="gemma3", activation="gelu_new", rope_type="linear", rope_scaling=(("factor", 8.0),),
+    tie_word_embeddings=True, sliding_window=4, layer_types=("sliding_attention", "full_attention"),
+    local_rope_theta=10.0, query_pre_attn_scalar=16.0, attn_softcap=3.0, final_softcap=20.0,
+)  # fmt: skip
+QWEN3_YARN = LLAMA.replace(
+    family="qwen3", rope_type="yarn", sliding_window=3, layer_types=("full_attention", "sliding_attention"),
+    rope_scaling=(("beta_fast", 16.0), ("factor", 4.0), ("original_max_position_embeddings", 16)),
+)  # fmt: skip
+MISTRAL = LLAMA.replace(
+    rope_type="default", rope_scaling=(), sliding_window=5, layer_types=("sliding_attention",) * 2
+)
 
 
 def _model(cfg: ModelConfig, seed: int = 0, **kw) -> Decoder:
@@ -72,9 +84,15 @@ def _rows(pieces_per_row):
     return out, where
 
 
-@pytest.mark.parametrize("cfg", [LLAMA, GPT2], ids=["llama", "gpt2"])
-def test_packed_and_prefix_shared_equal_separate_rows(cfg):
-    model = _model(cfg)
+@pytest.mark.parametrize(
+    "cfg,attention",
+    [(LLAMA, "xla"), (GPT2, "xla"), (GEMMA3, "xla"), (GEMMA3, "splash_interpret")],
+    ids=["llama", "gpt2", "gemma3_window_softcap", "gemma3_window_softcap_splash"],
+)
+def test_packed_and_prefix_shared_equal_separate_rows(cfg, attention):
+    """A sliding window (GEMMA3: 4 positions) counts positions: rejected tokens see the prompt's end
+    although the chosen tokens lie between them in the row."""
+    model = _model(cfg, attention=attention)
     rng = np.random.RandomState(0)
     p, c, r = rng.randint(1, V, 4), rng.randint(1, V, 3), rng.randint(1, V, 2)
     q, d = rng.randint(1, V, 3), rng.randint(1, V, 4)  # a second plain sequence
@@ -162,7 +180,11 @@ def test_dtype_policy_and_unembedding():
     np.testing.assert_allclose(hidden32 @ w, logits32, atol=1e-5)
 
 
-@pytest.mark.parametrize("cfg", [LLAMA, GPT2, NEOX, QWEN], ids=["llama", "gpt2", "neox", "qwen2"])
+@pytest.mark.parametrize(
+    "cfg",
+    [LLAMA, GPT2, NEOX, QWEN, GEMMA3, QWEN3_YARN, MISTRAL],
+    ids=["llama", "gpt2", "neox", "qwen2", "gemma3", "qwen3_yarn", "mistral"],
+)
 def test_config_round_trip(cfg):
     assert config_from_hf(config_to_hf(cfg)) == cfg
     assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
@@ -204,13 +226,56 @@ def test_config_from_old_style_hf_configs():
             "use_sliding_window": False, "sliding_window": 32768, "tie_word_embeddings": True}  # fmt: skip
     c = config_from_hf(qwen)
     assert (c.qkv_bias, c.out_bias, c.head_dim, c.rope_theta) == (True, False, 64, 1000000.0)
-    with pytest.raises(ValueError, match="sliding-window"):
-        config_from_hf({**qwen, "use_sliding_window": True})
+    assert (c.sliding_window, c.layer_types) == (None, ())
+    # the window slides from layer max_window_layers on (transformers' Qwen2Config)
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    c = config_from_hf({**qwen, "use_sliding_window": True, "max_window_layers": 20, "rope_scaling": yarn})
+    assert (
+        c.sliding_window == 32768 and c.layer_types == ("full_attention",) * 20 + ("sliding_attention",) * 4
+    )
+    assert (c.rope_type, dict(c.rope_scaling)) == (
+        "yarn",
+        {"factor": 4.0, "original_max_position_embeddings": 32768},
+    )
+    gemma3 = {"model_type": "gemma3_text", "hidden_size": 1152, "num_attention_heads": 4,
+              "num_key_value_heads": 1, "head_dim": 256, "num_hidden_layers": 26, "intermediate_size": 6912,
+              "vocab_size": 262144,
+              "rope_theta": 1000000.0, "rope_local_base_freq": 10000.0, "rope_scaling": None,
+              "sliding_window": 512, "sliding_window_pattern": 6, "query_pre_attn_scalar": 256,
+              "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": None,
+              "attn_logit_softcapping": None}  # fmt: skip
+    c = config_from_hf(gemma3)
+    assert (c.family, c.activation, c.rope_theta, c.local_rope_theta, c.tie_word_embeddings) == (
+        "gemma3", "gelu_new", 1e6, 1e4, True,
+    )  # fmt: skip
+    assert c.layer_types[:6] == ("sliding_attention",) * 5 + ("full_attention",) and c.final_softcap is None
+    gemma2 = {"model_type": "gemma2", "hidden_size": 2304, "num_attention_heads": 8,
+              "num_key_value_heads": 4, "head_dim": 256, "num_hidden_layers": 26, "intermediate_size": 9216,
+              "vocab_size": 256000}  # fmt: skip
+    c = config_from_hf(gemma2)  # Gemma2Config's defaults: caps 50 / 30, every other layer local
+    assert (c.attn_softcap, c.final_softcap, c.sliding_window, c.query_pre_attn_scalar) == (
+        50.0,
+        30.0,
+        4096,
+        256.0,
+    )
+    assert c.layer_types[:2] == ("sliding_attention", "full_attention")
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
-        config_from_hf({**config_to_hf(LLAMA), "rope_parameters": {"rope_type": "yarn", "factor": 2.0}})
+    """What is still refused says so in one line."""
+    for rope in ("dynamic", "longrope"):
+        with pytest.raises(ValueError, match=f"rope type '{rope}' is not supported"):
+            config_from_hf({**config_to_hf(LLAMA), "rope_parameters": {"rope_type": rope, "factor": 2.0}})
+    with pytest.raises(ValueError, match="unsupported model_type 'gemma3': the multimodal Gemma 3"):
+        config_from_hf({"model_type": "gemma3", "text_config": {}})
+    with pytest.raises(ValueError, match="bidirectional attention is not supported"):
+        config_from_hf({**config_to_hf(GEMMA3), "use_bidirectional_attention": True})
+    local_yarn = {"rope_type": "yarn", "factor": 2.0}
+    with pytest.raises(ValueError, match="rope scaling on the sliding .local. layers is not supported"):
+        config_from_hf({**config_to_hf(GEMMA3), "rope_parameters": {"sliding_attention": local_yarn}})
+    with pytest.raises(ValueError, match="sliding layers need sliding_window > 0"):
+        MISTRAL.replace(sliding_window=None)
     with pytest.raises(KeyError, match="x.json: missing key 'hidden_size'"):
         config_from_hf({"model_type": "llama"}, where="x.json")
     with pytest.raises(ValueError, match="unknown keys"):
@@ -294,7 +359,6 @@ def test_train_checkpoint_layout_and_bf16_export(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, nnx.state(models[3], nnx.Param), nnx.state(m3, nnx.Param))
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["torch_dtype"] == "bfloat16"
-
 
 
 def test_eager_init_equals_direct_draw():

@@ -51,7 +51,47 @@ FAMILIES = {
     ),
     "qwen2": lambda: transformers.Qwen2Config(**_TINY, num_key_value_heads=2, tie_word_embeddings=False),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    # Newer families: windows of 3-4 tokens and small soft-caps so that each feature changes the logits.
+    "qwen3_window_yarn": lambda: transformers.Qwen3Config(
+        **_TINY,
+        num_key_value_heads=2,
+        head_dim=8,
+        use_sliding_window=True,
+        sliding_window=3,
+        max_window_layers=1,
+        rope_parameters={
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+            "rope_theta": 10000.0,
+        },
+    ),  # fmt: skip
+    "mistral_window": lambda: transformers.MistralConfig(**_TINY, num_key_value_heads=2, sliding_window=4),
+    "gemma2": lambda: transformers.Gemma2Config(
+        **_TINY,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=5.0,
+    ),  # fmt: skip
+    "gemma3": lambda: transformers.Gemma3TextConfig(
+        **{**_TINY, "num_hidden_layers": 3},
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        query_pre_attn_scalar=12,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 100000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 50.0},
+        },
+    ),  # fmt: skip
 }
+_OUR_FAMILY = {"neox_parallel": "gpt_neox", "neox_sequential": "gpt_neox", "gpt2": "gpt2", "qwen2": "qwen2",
+               "qwen3_window_yarn": "qwen3", "gemma2": "gemma2", "gemma3": "gemma3"}  # fmt: skip
+NEW = ["qwen3_window_yarn", "mistral_window", "gemma2", "gemma3"]
 
 
 def _randomise(model) -> None:
@@ -121,12 +161,7 @@ def _torch_logits(m, ids, mask=None, pos=None) -> np.ndarray:
 def test_logits_match_transformers(torch_models, family):
     m, d = torch_models[family]
     model, cfg = hf.load_hf(d)
-    assert cfg.family == {
-        "neox_parallel": "gpt_neox",
-        "neox_sequential": "gpt_neox",
-        "gpt2": "gpt2",
-        "qwen2": "qwen2",
-    }.get(family, "llama")
+    assert cfg.family == _OUR_FAMILY.get(family, "llama")
     ids, mask, pos = _padded_batch()
     # Plain causal rows (no segment ids).
     plain = np.asarray(_forward(model, ids, np.broadcast_to(np.arange(9), ids.shape)))
@@ -156,7 +191,29 @@ def test_export_loads_in_transformers(torch_models, family, tmp_path):
     assert cfg2 == cfg
 
 
-@pytest.mark.parametrize("family", ["neox_parallel", "llama3_gqa", "gpt2"])
+@pytest.mark.parametrize("family", NEW)
+def test_convert_both_ways_loads_in_transformers(torch_models, family, tmp_path):
+    """`dpoq convert` HF -> orbax -> HF, then AutoModelForCausalLM: the original logits and config."""
+    from dpoq_jax.models.commands import convert_main
+
+    m, d = torch_models[family]
+    ck, back = str(tmp_path / "ck"), str(tmp_path / "back")
+    assert convert_main(["--from", d, "--to", ck]) == 0
+    assert convert_main(["--from", ck, "--to", back]) == 0
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(back, attn_implementation="eager").eval()
+    assert type(reloaded) is type(m)
+    ids, mask, pos = _padded_batch(1)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(
+        _torch_logits(reloaded, ids, mask, pos)[real],
+        _torch_logits(m, ids, mask, pos)[real],
+        atol=TOL,
+        rtol=0,
+    )
+    assert hf.load_hf(back)[1] == hf.load_hf(d)[1]
+
+
+@pytest.mark.parametrize("family", ["neox_parallel", "llama3_gqa", "gpt2", *NEW])
 def test_kv_cache_decoding_equals_full_forward(torch_models, family):
     """Left-padded prefill, then one token at a time; every step's logits equal the full forward."""
     _, d = torch_models[family]

@@ -57,41 +57,84 @@ def layout_mask(segment_ids: Array, branch_ids: Array | None = None) -> Array:
     return mask[:, None]
 
 
-def masked_attention(q: Array, k: Array, v: Array, segment_ids: Array, branch_ids: Array | None) -> Array:
-    """Reference: XLA attention with the explicit layout mask (N·H·S² scores in memory)."""
+def window_mask(q_pos: Array, k_pos: Array, window: int) -> Array:
+    """[N, 1, Sq, Sk]: key within `window` - 1 positions before the query (transformers' sliding window:
+    kv > q - window). Positions, not slots: right for prefix-shared rows and holes in a KV cache."""
+    return (q_pos[:, None, :, None] - k_pos[:, None, None, :]) < window
+
+
+def dense_attention(
+    q: Array, k: Array, v: Array, mask: Array, scale: float | None = None, softcap: float | None = None
+) -> Array:
+    """XLA attention with an explicit boolean mask [N, 1|H, Sq, Sk]; softcap: c * tanh(s / c) on the
+    scaled scores (Gemma 2), which jax.nn.dot_product_attention cannot do."""
+    if softcap is None:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
+    H, K, F = q.shape[2], k.shape[2], q.shape[3]
+    if K != H:
+        k, v = jnp.repeat(k, H // K, axis=2), jnp.repeat(v, H // K, axis=2)
+    scale = F**-0.5 if scale is None else scale
+    # scores and softmax in float32 (transformers' eager path upcasts the softmax too)
+    s = jnp.einsum("nqhf,nkhf->nhqk", q, k, preferred_element_type=jnp.float32) * scale
+    s = softcap * jnp.tanh(s / softcap)
+    s = jnp.where(mask, s, jnp.finfo(jnp.float32).min)
+    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("nhqk,nkhf->nqhf", p, v)
+
+
+def masked_attention(
+    q: Array,
+    k: Array,
+    v: Array,
+    segment_ids: Array,
+    branch_ids: Array | None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
+) -> Array:
+    """Reference: XLA attention with the explicit layout mask (N·H·S² scores in memory); `window` counts
+    slots (rows whose segments hold consecutive positions, as every call here does)."""
     mask = layout_mask(segment_ids, branch_ids)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    if window is not None:
+        slots = jnp.broadcast_to(jnp.arange(segment_ids.shape[-1]), segment_ids.shape)
+        mask &= window_mask(slots, slots, window)
+    return dense_attention(q, k, v, mask, scale, softcap)
 
 
 def in_kernel_mesh() -> bool:
     return bool(_KERNEL_MESH)
 
 
-def _splash(q: Array, k: Array, v: Array, segment_ids: Array | None, interpret: bool) -> Array:
-    """Causal (within segment) attention by the TPU Pallas splash kernel; [N, S, H, F] in and out."""
+def _splash(
+    q: Array, k: Array, v: Array, segment_ids: Array | None, interpret: bool, opts: tuple = (None,) * 3
+) -> Array:
+    """Causal (within segment) attention by the TPU Pallas splash kernel; [N, S, H, F] in and out.
+    opts: (scale, softcap, window) as in causal_segments."""
     H, K = q.shape[2], k.shape[2]
     if K != H:  # grouped-query attention: each query head reads its group's key/value head
         k, v = jnp.repeat(k, H // K, axis=2), jnp.repeat(v, H // K, axis=2)
     if not _KERNEL_MESH or _KERNEL_MESH[-1][0].size == 1:
-        return _splash_local(q, k, v, segment_ids, interpret)
+        return _splash_local(q, k, v, segment_ids, interpret, opts)
     from jax.sharding import PartitionSpec as P
 
     mesh, batch_axes, head_axis = _KERNEL_MESH[-1]
     heads = head_axis if head_axis is not None and H % mesh.shape[head_axis] == 0 else None
     x_spec, ids_spec = P(batch_axes, None, heads, None), P(batch_axes, None)
     if segment_ids is None:
-        fn = lambda q, k, v: _splash_local(q, k, v, None, interpret)  # noqa: E731
+        fn = lambda q, k, v: _splash_local(q, k, v, None, interpret, opts)  # noqa: E731
         return jax.shard_map(fn, mesh=mesh, in_specs=(x_spec,) * 3, out_specs=x_spec, check_vma=False)(
             q, k, v
         )
-    fn = lambda q, k, v, ids: _splash_local(q, k, v, ids, interpret)  # noqa: E731
+    fn = lambda q, k, v, ids: _splash_local(q, k, v, ids, interpret, opts)  # noqa: E731
     specs = (x_spec,) * 3 + (ids_spec,)
     return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=x_spec, check_vma=False)(
         q, k, v, segment_ids
     )
 
 
-def _splash_local(q: Array, k: Array, v: Array, segment_ids: Array | None, interpret: bool) -> Array:
+def _splash_local(
+    q: Array, k: Array, v: Array, segment_ids: Array | None, interpret: bool, opts: tuple
+) -> Array:
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -112,9 +155,20 @@ def _splash_local(q: Array, k: Array, v: Array, segment_ids: Array | None, inter
         block_q_dq=block,
         block_kv_dq=block,
     )
-    mask = sm.MultiHeadMask([sm.CausalMask((S, S)) for _ in range(H)])
-    kernel = sk.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
-    scale = 1.0 / (F**0.5)  # splash does not scale the logits
+    scale, softcap, window = opts
+    if window is None:
+        heads = [sm.CausalMask((S, S)) for _ in range(H)]
+    else:  # causal and at most window - 1 slots back
+        heads = [sm.LocalMask((S, S), window_size=(window - 1, 0), offset=0) for _ in range(H)]
+    kernel = sk.make_splash_mha(
+        sm.MultiHeadMask(heads),
+        block_sizes=sizes,
+        head_shards=1,
+        q_seq_shards=1,
+        interpret=interpret,
+        attn_logits_soft_cap=softcap,  # applied to the (pre-scaled) scores, as transformers does
+    )
+    scale = F**-0.5 if scale is None else scale  # splash does not scale the logits
     to_hsf = lambda x: jnp.swapaxes(x, 0, 1)  # [S, H, F] -> [H, S, F]  # noqa: E731
 
     def one(q1, k1, v1, seg1):
@@ -129,17 +183,33 @@ def _splash_local(q: Array, k: Array, v: Array, segment_ids: Array | None, inter
 
 
 def causal_segments(
-    q: Array, k: Array, v: Array, segment_ids: Array | None, impl: str, one_segment_per_row: bool
+    q: Array,
+    k: Array,
+    v: Array,
+    segment_ids: Array | None,
+    impl: str,
+    one_segment_per_row: bool,
+    scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
 ) -> Array:
-    """Causal attention within segments by a fused kernel (segment_ids None: one sequence per row)."""
+    """Causal attention within segments by a fused kernel (segment_ids None: one sequence per row).
+
+    scale: of the scores (default head_dim ** -0.5); softcap: c * tanh(s / c) on the scaled scores
+    (splash has it; cuDNN does not: resolve_attention sends soft-capped models to XLA); window: keys at
+    most window - 1 slots back (splash LocalMask, cuDNN local_window_size)."""
     if impl in ("splash", "splash_interpret"):
-        return _splash(q, k, v, segment_ids, interpret=impl == "splash_interpret")
-    if impl == "cudnn" and (segment_ids is None or one_segment_per_row):
+        return _splash(q, k, v, segment_ids, impl == "splash_interpret", (scale, softcap, window))
+    if softcap is None and (segment_ids is None or (impl == "cudnn" and one_segment_per_row)):
         # one right-padded sequence per row: causality alone keeps every real token off the padding
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+        local = None if window is None else (window - 1, 0)
+        impl = "cudnn" if impl == "cudnn" else "xla"
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, local_window_size=local, implementation=impl
+        )
     if segment_ids is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
-    return masked_attention(q, k, v, segment_ids, None)
+        segment_ids = jnp.ones(q.shape[:2], jnp.int32)
+    return masked_attention(q, k, v, segment_ids, None, scale, softcap, window)
 
 
 def _compact_without_chosen(branch_ids: Array) -> tuple[Array, Array]:
@@ -158,15 +228,21 @@ def layout_attention(
     branch_ids: Array | None,
     impl: str,
     one_segment_per_row: bool = False,
+    scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
 ) -> Array:
-    """Attention of a layout row [N, S, H, F] by two fused causal-within-segment calls (module doc)."""
-    out = causal_segments(q, k, v, segment_ids, impl, one_segment_per_row)
+    """Attention of a layout row [N, S, H, F] by two fused causal-within-segment calls (module doc).
+    segment_ids None: plain causal rows. A sliding window counts slots, which is exact here: each
+    call's segments hold consecutive positions (the compaction removes the chosen tokens)."""
+    opts = (scale, softcap, window)
+    out = causal_segments(q, k, v, segment_ids, impl, one_segment_per_row, *opts)
     if branch_ids is None:
         return out
     order, inverse = _compact_without_chosen(branch_ids)
     take = functools.partial(jnp.take_along_axis, axis=1)
     seg_c = jnp.where(take(branch_ids, order) == 1, 0, take(segment_ids, order))  # chosen -> padding
     idx = order[:, :, None, None]
-    out_c = causal_segments(take(q, idx), take(k, idx), take(v, idx), seg_c, impl, one_segment_per_row)
+    out_c = causal_segments(take(q, idx), take(k, idx), take(v, idx), seg_c, impl, one_segment_per_row, *opts)
     out_rej = take(out_c, inverse[:, :, None, None])
     return jnp.where((branch_ids == 2)[:, :, None, None], out_rej, out)

@@ -6,22 +6,39 @@ import dataclasses
 import json
 from typing import Any
 
-FAMILIES = ("gpt_neox", "llama", "qwen2", "gpt2")
-# config.json model_type -> our family. Mistral is the Llama shape (sliding window unsupported, see below).
+import numpy as np
+
+FAMILIES = ("gpt_neox", "llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
+# config.json model_type -> our family. Mistral is the Llama shape (+ a sliding window); gemma3_text is
+# Gemma 3's text decoder (Gemma3ForCausalLM).
 _MODEL_TYPES = {
     "gpt_neox": "gpt_neox",
     "llama": "llama",
     "mistral": "llama",
     "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
     "gpt2": "gpt2",
 }
 _ARCHITECTURES = {
     "gpt_neox": "GPTNeoXForCausalLM",
     "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
-ROPE_TYPES = ("default", "linear", "llama3")
+# Why some near relatives are refused (config.json model_type -> reason).
+_REFUSED = {
+    "gemma3": "the multimodal Gemma 3 checkpoint; only the text decoder (model_type gemma3_text, "
+    "Gemma3ForCausalLM) is supported",
+    "gemma": "Gemma 1 is not supported (Gemma 2 and Gemma 3 text are)",
+}
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 REMAT_POLICIES = ("none", "full", "dots")
 
 
@@ -31,6 +48,11 @@ class ModelConfig:
 
     rotary_dim: leading dims of each head that get rotary embeddings (0 = learned positions, GPT-2).
     rope_scaling: sorted (key, value) pairs of the HF rope parameters besides rope_type/theta.
+    sliding_window / layer_types: layers typed "sliding_attention" see only keys whose position is
+    within sliding_window - 1 of the query's (transformers' window); () = every layer full attention.
+    local_rope_theta: rope base of the sliding layers when it differs (Gemma 3; default rope there).
+    query_pre_attn_scalar: attention scale is its -1/2 power (Gemma), else head_dim ** -0.5.
+    attn_softcap / final_softcap: c * tanh(x / c) on attention scores / final logits (Gemma 2).
     remat: "none" | "full" (recompute each block in the backward pass) | "dots" (keep matmul outputs).
     """
 
@@ -60,6 +82,12 @@ class ModelConfig:
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
     remat: str = "none"
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    local_rope_theta: float | None = None
+    query_pre_attn_scalar: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -74,6 +102,31 @@ class ModelConfig:
             raise ValueError(f"rope_type {self.rope_type!r} is not supported (supported: {ROPE_TYPES})")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.layer_types and (
+            len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES)
+        ):
+            raise ValueError(
+                f"layer_types must be {self.num_layers} entries of {LAYER_TYPES}, got {self.layer_types}"
+            )
+        if "sliding_attention" in self.layer_types and not (self.sliding_window or 0) > 0:
+            raise ValueError(f"sliding layers need sliding_window > 0, got {self.sliding_window}")
+        if self.learned_positions and (self.sliding_window or self.local_rope_theta):
+            raise ValueError("sliding windows and local rope bases need rotary (not learned) positions")
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma blocks: sqrt(D)-scaled embeddings, (1 + w) RMS norms, norms before and after attention
+        and MLP."""
+        return self.family in ("gemma2", "gemma3")
+
+    @property
+    def qk_norm(self) -> bool:
+        """RMS norms over each query and key head before rope (Qwen3, Gemma 3)."""
+        return self.family in ("qwen3", "gemma3")
+
+    def local_layers(self) -> np.ndarray:
+        """bool [L]: which layers use the sliding window (and the local rope base)."""
+        return np.array([t == "sliding_attention" for t in self.layer_types] or [False] * self.num_layers)
 
     @property
     def learned_positions(self) -> bool:
@@ -82,6 +135,7 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["rope_scaling"] = dict(self.rope_scaling)
+        d["layer_types"] = list(self.layer_types)
         if isinstance(self.eos_token_id, tuple):
             d["eos_token_id"] = list(self.eos_token_id)
         return d
@@ -96,6 +150,7 @@ class ModelConfig:
         d["rope_scaling"] = _freeze_rope(d.get("rope_scaling") or {})
         if isinstance(d.get("eos_token_id"), list):
             d["eos_token_id"] = tuple(d["eos_token_id"])
+        d["layer_types"] = tuple(d.get("layer_types") or ())
         return cls(**d)
 
     def replace(self, **changes: Any) -> ModelConfig:
@@ -115,25 +170,74 @@ def _get(hf: dict[str, Any], *keys: str, default: Any = KeyError, where: str = "
     return default
 
 
-def _rope(hf: dict[str, Any], default_theta: float, where: str) -> tuple[float, str, tuple, float]:
+def _rope(
+    hf: dict[str, Any], default_theta: float, where: str, params: dict[str, Any] | None = None
+) -> tuple[float, str, tuple, float]:
     """(theta, rope_type, scaling pairs, partial_rotary_factor) from old (rope_theta/rope_scaling) or
-    transformers-5 (rope_parameters) keys."""
-    params = dict(hf.get("rope_parameters") or {})
-    old = hf.get("rope_scaling") or {}
-    params = {**old, **params}
+    transformers-5 (rope_parameters) keys; `params`: one layer type's entry of a nested rope_parameters."""
+    if params is None:
+        params = {**(hf.get("rope_scaling") or {}), **(hf.get("rope_parameters") or {})}
+    params = dict(params)
     theta = float(params.get("rope_theta", _get(hf, "rope_theta", "rotary_emb_base", default=default_theta)))
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"{where}: rope type {rope_type!r} is not supported (supported: {ROPE_TYPES})")
+    if rope_type in ("llama3", "yarn"):  # transformers fills it in the same way (standardize_rope_params)
+        params.setdefault(
+            "original_max_position_embeddings",
+            hf.get("original_max_position_embeddings") or hf.get("max_position_embeddings", 2048),
+        )
     partial = float(
         params.pop("partial_rotary_factor", _get(hf, "partial_rotary_factor", "rotary_pct", default=1.0))
     )
     return theta, rope_type, _freeze_rope(params), partial
 
 
+def _gemma3_rope(hf: dict[str, Any], where: str) -> tuple[tuple[float, str, tuple, float], float]:
+    """(global rope as _rope gives it, local rope base) of a Gemma 3 config: nested rope_parameters
+    {"full_attention": ..., "sliding_attention": ...} or the older rope_theta / rope_local_base_freq /
+    rope_scaling (the scaling applies to the global layers only)."""
+    nested = hf.get("rope_parameters") or {}
+    if "full_attention" in nested or "sliding_attention" in nested:
+        full = dict(nested.get("full_attention") or {})
+        local = dict(nested.get("sliding_attention") or {})
+    else:
+        full = {"rope_theta": hf.get("rope_theta", 1_000_000.0), **(hf.get("rope_scaling") or {}), **nested}
+        local = {"rope_theta": hf.get("rope_local_base_freq", 10_000.0)}
+    full.setdefault("rope_theta", 1_000_000.0)
+    local.setdefault("rope_theta", 10_000.0)
+    if local.get("rope_type", local.get("type", "default")) != "default":
+        raise ValueError(f"{where}: rope scaling on the sliding (local) layers is not supported")
+    return _rope(hf, 1_000_000.0, where, full), float(local["rope_theta"])
+
+
+def _layer_types(hf: dict[str, Any], family: str, model_type: str, layers: int) -> tuple[int | None, tuple]:
+    """(sliding_window, layer_types) as transformers' config classes derive them (see their __post_init__)."""
+    window = hf.get("sliding_window", 4096)  # the config classes' default when the key is absent
+    if family in ("qwen2", "qwen3"):
+        window = window if hf.get("use_sliding_window") else None
+        first = hf.get("max_window_layers", 28)
+        default = ["sliding_attention" if window and i >= first else "full_attention" for i in range(layers)]
+    elif family == "gemma2":
+        default = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(layers)]
+    elif family == "gemma3":
+        pattern = hf.get("sliding_window_pattern", 6)
+        default = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    elif model_type == "mistral":  # every layer slides when the window is set
+        return (int(window), ("sliding_attention",) * layers) if window else (None, ())
+    else:
+        return None, ()
+    types = tuple(hf.get("layer_types") or default)
+    if not window or "sliding_attention" not in types:
+        return None, ()
+    return int(window), types
+
+
 def config_from_hf(hf: dict[str, Any], *, where: str = "config.json", **overrides: Any) -> ModelConfig:
     """ModelConfig from a Hugging Face config.json dict (GPT-NeoX/Pythia, Llama/Mistral, Qwen2, GPT-2)."""
     model_type = hf.get("model_type")
+    if model_type in _REFUSED:
+        raise ValueError(f"{where}: unsupported model_type {model_type!r}: {_REFUSED[model_type]}")
     if model_type not in _MODEL_TYPES:
         raise ValueError(
             f"{where}: unsupported model_type {model_type!r} (architectures={hf.get('architectures')}); "
@@ -176,8 +280,13 @@ def config_from_hf(hf: dict[str, Any], *, where: str = "config.json", **override
         d = int(_get(hf, "hidden_size", where=where))
         heads = int(_get(hf, "num_attention_heads", where=where))
         head_dim = int(hf.get("head_dim") or d // heads)
-        theta, rope_type, scaling, partial = _rope(hf, 10000.0, where)
-        act = hf.get("hidden_act", "gelu" if family == "gpt_neox" else "silu")
+        if family == "gemma3":
+            (theta, rope_type, scaling, partial), local_theta = _gemma3_rope(hf, where)
+        else:
+            theta, rope_type, scaling, partial = _rope(hf, 10000.0, where)
+            local_theta = None
+        default_act = {"gpt_neox": "gelu", "gemma2": "gelu_pytorch_tanh", "gemma3": "gelu_pytorch_tanh"}
+        act = hf.get("hidden_activation") or hf.get("hidden_act") or default_act.get(family, "silu")
         kw = dict(
             vocab_size=int(_get(hf, "vocab_size", where=where)),
             hidden_size=d,
@@ -204,21 +313,43 @@ def config_from_hf(hf: dict[str, Any], *, where: str = "config.json", **override
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             )
         else:
-            if hf.get("use_sliding_window") or (model_type == "mistral" and hf.get("sliding_window")):
-                raise ValueError(f"{where}: sliding-window attention is not supported")
+            if hf.get("use_bidirectional_attention"):
+                raise ValueError(f"{where}: bidirectional attention is not supported (a causal decoder only)")
+            window, layer_types = _layer_types(hf, family, model_type, kw["num_layers"])
+            gemma = family in ("gemma2", "gemma3")
+            bias = bool(hf.get("attention_bias", False))
             kw.update(
                 num_kv_heads=int(hf.get("num_key_value_heads") or heads),
                 norm="rmsnorm",
                 norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
                 gated_mlp=True,
-                qkv_bias=True if family == "qwen2" else bool(hf.get("attention_bias", False)),
-                out_bias=False if family == "qwen2" else bool(hf.get("attention_bias", False)),
+                qkv_bias=True if family == "qwen2" else bias,
+                out_bias=False if family == "qwen2" else bias,
                 mlp_bias=bool(hf.get("mlp_bias", False)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", gemma)),
+                sliding_window=window,
+                layer_types=layer_types,
+                local_rope_theta=local_theta,
             )
+            if gemma:  # soft-capping defaults: Gemma2Config's (Gemma 3 has none)
+                caps = (50.0, 30.0) if family == "gemma2" else (None, None)
+                kw.update(
+                    query_pre_attn_scalar=float(hf.get("query_pre_attn_scalar", 256)),
+                    attn_softcap=_opt_float(hf.get("attn_logit_softcapping", caps[0])),
+                    final_softcap=_opt_float(hf.get("final_logit_softcapping", caps[1])),
+                )
     if kw["activation"] not in ("gelu", "gelu_new", "silu"):
         raise ValueError(f"{where}: activation {kw['activation']!r} is not supported")
     return ModelConfig(**{"family": family, **kw, **common, **overrides})  # overrides win, not collide
+
+
+def _opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
+def _int_if_whole(x: float | None) -> float | int | None:
+    """transformers' Gemma configs type query_pre_attn_scalar as int (strict dataclasses)."""
+    return int(x) if x is not None and float(x).is_integer() else x
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -269,15 +400,40 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
                 rms_norm_eps=cfg.norm_eps,
                 mlp_bias=cfg.mlp_bias,
             )
-            if cfg.family == "llama":
+            if cfg.family in ("llama", "qwen3", "gemma2", "gemma3"):
                 out["attention_bias"] = cfg.qkv_bias
-            else:
-                out.update(use_sliding_window=False)
-        out["rope_parameters"] = rope
-        if cfg.rope_type != "default":
-            out["rope_scaling"] = dict(rope)
+            if cfg.family in ("qwen2", "qwen3"):
+                out.update(use_sliding_window=cfg.sliding_window is not None)
+            if cfg.sliding_window is not None:
+                out.update(sliding_window=cfg.sliding_window, layer_types=list(cfg.layer_types))
+            if cfg.gemma:
+                del out["hidden_act"]
+                out.update(
+                    hidden_activation={"gelu_new": "gelu_pytorch_tanh"}.get(act, act),
+                    query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar),
+                    attn_logit_softcapping=cfg.attn_softcap,
+                    final_logit_softcapping=cfg.final_softcap,
+                    sliding_window=cfg.sliding_window,
+                    layer_types=list(cfg.layer_types) or ["full_attention"] * cfg.num_layers,
+                )
+        if cfg.family == "gemma3":  # one rope per layer type; the local layers' is plain rope
+            local = {"rope_type": "default", "rope_theta": cfg.local_rope_theta or cfg.rope_theta}
+            out.pop("rope_theta")
+            out["rope_parameters"] = {"full_attention": rope, "sliding_attention": local}
+        else:
+            out["rope_parameters"] = rope
+            if cfg.rope_type != "default":
+                out["rope_scaling"] = dict(rope)
+    model_type = {"gemma3": "gemma3_text"}.get(cfg.family, cfg.family)
+    if cfg.family == "llama" and cfg.sliding_window is not None:
+        if cfg.qkv_bias or cfg.out_bias or cfg.mlp_bias or len(set(cfg.layer_types)) > 1:
+            raise ValueError("export: a windowed Llama is written as Mistral, which has no biases and "
+                             "slides every layer")  # fmt: skip
+        model_type = "mistral"
+        for k in ("attention_bias", "mlp_bias", "layer_types"):
+            out.pop(k, None)
     out.update(
-        model_type=cfg.family, architectures=[_ARCHITECTURES[cfg.family]], torch_dtype="float32", **tokens
+        model_type=model_type, architectures=[_ARCHITECTURES[model_type]], torch_dtype="float32", **tokens
     )
     return out
 

@@ -1,4 +1,4 @@
-"""One Flax NNX decoder for GPT-NeoX/Pythia, Llama/Mistral, Qwen2 and GPT-2 (see ModelConfig.family).
+"""One Flax NNX decoder for GPT-NeoX/Pythia, Llama/Mistral, Qwen2/3, Gemma 2/3 and GPT-2 (ModelConfig.family).
 
 Shapes: N rows (or B), S tokens per row (T new tokens when decoding), D width, H query heads,
 K key/value heads, F head dim, M MLP width, V vocabulary, L layers. The layers' parameters are
@@ -6,11 +6,15 @@ stacked on a leading L axis (`Decoder.blocks` is one Block holding all of them) 
 lax.scan, so a model compiles one layer body however deep it is. Attention layout (CONTRACTS §3): token i
 attends token j iff j <= i in row order, segment_ids equal and non-zero, and branch_ids[j] is 0 or
 equals branch_ids[i]. segment_ids=None means plain causal attention over the whole row.
+Layers of two kinds (full / sliding-window attention, each with its own rope base in Gemma 3) stay
+under the one scan: a per-layer flag rides along with the stacked parameters and picks the mask and
+rope inside the body.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from typing import Any
 
@@ -76,12 +80,31 @@ def _param(
 # Attention layout and rotary embeddings (pure functions)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [rotary_dim / 2] (float32), with linear or Llama-3 scaling."""
+def rope_inv_freq(cfg: ModelConfig, local: bool = False) -> np.ndarray:
+    """Inverse frequencies [rotary_dim / 2] (float32), with linear, Llama-3 or YaRN scaling; local: the
+    sliding layers' plain rope of base cfg.local_rope_theta (Gemma 3)."""
     r = cfg.rotary_dim
-    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, r, 2, dtype=np.float32) / r))
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv = 1.0 / (theta ** (np.arange(0, r, 2, dtype=np.float32) / r))
     p = dict(cfg.rope_scaling)
-    if cfg.rope_type == "linear":
+    if local:
+        pass
+    elif cfg.rope_type == "yarn":  # transformers' _compute_yarn_parameters
+        factor, old_ctx = p.get("factor"), p["original_max_position_embeddings"]
+        factor = cfg.max_position_embeddings / old_ctx if factor is None else factor
+
+        def dim_of(rotations: float) -> float:
+            return r * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = dim_of(p.get("beta_fast") or 32), dim_of(p.get("beta_slow") or 1)
+        if p.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, r - 1)
+        high = high + 0.001 if low == high else high
+        ramp = np.clip((np.arange(r // 2, dtype=np.float32) - low) / (high - low), 0, 1)
+        extrapolate = 1 - ramp
+        inv = inv / factor * (1 - extrapolate) + inv * extrapolate
+    elif cfg.rope_type == "linear":
         inv = inv / p["factor"]
     elif cfg.rope_type == "llama3":
         factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
@@ -95,11 +118,30 @@ def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
     return inv.astype(np.float32)
 
 
-def rope_cos_sin(positions: Array, inv_freq: np.ndarray) -> tuple[Array, Array]:
-    """cos, sin [N, S, 1, rotary_dim] (float32) for the given position ids."""
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """YaRN's scale of cos and sin (1 for the other rope types)."""
+    if cfg.rope_type != "yarn":
+        return 1.0
+    p = dict(cfg.rope_scaling)
+    factor = p.get("factor") or cfg.max_position_embeddings / p["original_max_position_embeddings"]
+    if p.get("attention_factor") is not None:
+        return float(p["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if p.get("mscale") and p.get("mscale_all_dim"):
+        return mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
+    return mscale(factor)
+
+
+def rope_cos_sin(positions: Array, inv_freq: np.ndarray, scale: float = 1.0) -> tuple[Array, Array]:
+    """cos, sin [N, S, 1, rotary_dim] (float32) for the given position ids, times `scale` (YaRN)."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
-    return jnp.cos(angles), jnp.sin(angles)
+    if scale == 1.0:
+        return jnp.cos(angles), jnp.sin(angles)
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
 def apply_rope(x_NSHF: Array, cos: Array, sin: Array) -> Array:
@@ -116,12 +158,17 @@ def apply_rope(x_NSHF: Array, cos: Array, sin: Array) -> Array:
 
 
 class Norm(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, param_dtype, dtype):
+    """LayerNorm or RMSNorm over the last axis (hidden_size, or head_dim for q/k norms). Gemma's RMS
+    norms multiply by (1 + scale), its parameter starting at 0."""
+
+    def __init__(self, cfg: ModelConfig, *, param_dtype, dtype, axis: str = "embed"):
+        size = cfg.head_dim if axis == "head_dim" else cfg.hidden_size
         self.rms = cfg.norm == "rmsnorm"
+        self.plus_one = cfg.gemma
         self.eps = cfg.norm_eps
         self.dtype = dtype
-        self.scale = _param(None, (cfg.hidden_size,), ("embed",), param_dtype, "ones")
-        self.bias = None if self.rms else _param(None, (cfg.hidden_size,), ("embed",), param_dtype, "zeros")
+        self.scale = _param(None, (size,), (axis,), param_dtype, "zeros" if self.plus_one else "ones")
+        self.bias = None if self.rms else _param(None, (size,), (axis,), param_dtype, "zeros")
 
     def __call__(self, x: Array) -> Array:
         # Statistics in float32: bfloat16 means/variances over D lose several digits.
@@ -132,7 +179,8 @@ class Norm(nnx.Module):
             mean = jnp.mean(x, axis=-1, keepdims=True)
             var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
             y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32)
+        scale = self.scale[...].astype(jnp.float32)
+        y = y * (1.0 + scale if self.plus_one else scale)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
@@ -154,6 +202,13 @@ class Attention(nnx.Module):
         else:
             self.bq = self.bk = self.bv = None
         self.bo = _param(None, (D,), ("embed",), param_dtype, "zeros") if cfg.out_bias else None
+        if cfg.qk_norm:
+            self.q_norm = Norm(cfg, param_dtype=param_dtype, dtype=dtype, axis="head_dim")
+            self.k_norm = Norm(cfg, param_dtype=param_dtype, dtype=dtype, axis="head_dim")
+        else:
+            self.q_norm = self.k_norm = None
+        self.scale = None if cfg.query_pre_attn_scalar is None else float(cfg.query_pre_attn_scalar) ** -0.5
+        self.softcap, self.window = cfg.attn_softcap, cfg.sliding_window
 
     def _proj(self, x: Array, w: nnx.Param, b: nnx.Param | None) -> Array:
         y = jnp.einsum("nsd,dhf->nshf", x, w[...].astype(self.dtype))
@@ -166,10 +221,15 @@ class Attention(nnx.Module):
         mask: Array | None,
         kv: tuple[Array, Array] | None = None,
         index: Array | None = None,
+        local: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
+        """local: this layer's sliding-window flag (traced, from the scan); explicit masks come with the
+        window already applied, the fused paths pick the windowed kernel by lax.cond."""
         q = self._proj(x_NSD, self.wq, self.bq)
         k = self._proj(x_NSD, self.wk, self.bk)
         v = self._proj(x_NSD, self.wv, self.bv)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv is not None:  # decoding: write the new keys/values at `index`, attend over the cache
@@ -177,30 +237,45 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, index, 0, 0))
             kv = (k, v)
             k, v = k.astype(self.dtype), v.astype(self.dtype)
-        out = _attend(q, k, v, mask, resolve_attention(self.implementation, self.dtype))
+        impl = resolve_attention(self.implementation, self.dtype, self.softcap)
+        attend = functools.partial(_attend, q, k, v, mask, impl, self.scale, self.softcap)
+        if self.window is not None and local is not None and (mask is None or isinstance(mask, tuple)):
+            out = jax.lax.cond(local, lambda: attend(self.window), lambda: attend(None))
+        else:
+            out = attend(None)
         y = jnp.einsum("nshf,hfd->nsd", out, self.wo[...].astype(self.dtype))
         if self.bo is not None:
             y = y + self.bo[...].astype(self.dtype)
         return y, kv
 
 
-def _attend(q: Array, k: Array, v: Array, layout: Any, implementation: str) -> Array:
+def _attend(
+    q: Array,
+    k: Array,
+    v: Array,
+    layout: Any,
+    implementation: str,
+    scale: float | None = None,
+    softcap: float | None = None,
+    window: int | None = None,
+) -> Array:
     """layout None: plain causal rows; an array: an explicit boolean mask (XLA; decoding and the
-    "xla" reference); a tuple (segment_ids, branch_ids, one_segment_per_row): the fused layout
-    attention of models/attention.py with `implementation` (already resolved, never "auto")."""
-    if isinstance(layout, tuple):
-        seg, br, one = layout
-        return attn_lib.layout_attention(q, k, v, seg, br, implementation, one)
-    if layout is None:
-        if implementation in ("splash", "splash_interpret"):
-            return attn_lib.causal_segments(q, k, v, None, implementation, True)
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-    return jax.nn.dot_product_attention(q, k, v, mask=layout, implementation="xla")
+    "xla" reference; any sliding window already in it); a tuple (segment_ids, branch_ids,
+    one_segment_per_row): the fused layout attention of models/attention.py with `implementation`
+    (already resolved, never "auto"), `window` slots back at most when given."""
+    if isinstance(layout, tuple) or layout is None:
+        seg, br, one = (None, None, True) if layout is None else layout
+        return attn_lib.layout_attention(q, k, v, seg, br, implementation, one, scale, softcap, window)
+    return attn_lib.dense_attention(q, k, v, layout, scale, softcap)
 
 
-def resolve_attention(implementation: str, dtype: Any) -> str:
-    """"auto": TPU -> splash (inside the train step's kernel mesh); GPU in 16-bit -> cudnn (fused where
-    exact, see attention.py); else "xla" (the masked reference, CPU default)."""
+def resolve_attention(implementation: str, dtype: Any, softcap: float | None = None) -> str:
+    """ "auto": TPU -> splash (inside the train step's kernel mesh); GPU in 16-bit -> cudnn (fused where
+    exact, see attention.py); else "xla" (the masked reference, CPU default). cuDNN has no score
+    soft-capping: soft-capped models (Gemma 2) take the XLA path there, asked for or not."""
+    if implementation == "cudnn" and softcap is not None:
+        _warn_once("cuDNN attention has no soft-capping: this model's attention runs on the XLA path")
+        return "xla"
     if implementation != "auto":
         return implementation
     backend = jax.default_backend()
@@ -208,8 +283,13 @@ def resolve_attention(implementation: str, dtype: Any) -> str:
         # the train step; elsewhere (decoding, scoring arrays of any sharding) XLA partitions attention
         return "splash"
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-        return "cudnn"
+        return "xla" if softcap is not None else "cudnn"
     return "xla"
+
+
+@functools.cache
+def _warn_once(msg: str) -> None:
+    logging.getLogger(__name__).warning(msg)
 
 
 def _activation(name: str, x: Array) -> Array:
@@ -253,13 +333,21 @@ class Block(nnx.Module):
         )
         self.ln2 = Norm(cfg, param_dtype=param_dtype, dtype=dtype)
         self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        # Gemma: norms on the attention and MLP outputs too, before the residual adds
+        self.ln1_post = Norm(cfg, param_dtype=param_dtype, dtype=dtype) if cfg.gemma else None
+        self.ln2_post = Norm(cfg, param_dtype=param_dtype, dtype=dtype) if cfg.gemma else None
 
-    def __call__(self, x, rope, mask, kv=None, index=None):
-        a, kv = self.attn(self.ln1(x), rope, mask, kv, index)
+    def __call__(self, x, rope, mask, kv=None, index=None, local=None):
+        a, kv = self.attn(self.ln1(x), rope, mask, kv, index, local)
         if self.parallel:  # GPT-NeoX: x + attn(ln1(x)) + mlp(ln2(x))
             return x + a + self.mlp(self.ln2(x)), kv
+        if self.ln1_post is not None:
+            a = self.ln1_post(a)
         x = x + a
-        return x + self.mlp(self.ln2(x)), kv
+        m = self.mlp(self.ln2(x))
+        if self.ln2_post is not None:
+            m = self.ln2_post(m)
+        return x + m, kv
 
 
 def stack_blocks(blocks: list[Block]) -> Block:
@@ -324,12 +412,33 @@ class Decoder(nnx.Module):
 
     # -- pieces shared by the full forward and decoding
 
-    def _embed(self, tokens: Array, positions: Array) -> tuple[Array, tuple[Array, Array] | None]:
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+    def _embed(self, tokens: Array, positions: Array) -> tuple[Array, Any]:
+        """Embeddings and rope: (cos, sin), or (global, local) pairs when the sliding layers have their
+        own base (Gemma 3), or None (learned positions)."""
+        embed = self.embed[...]
+        x = jnp.take(embed, tokens, axis=0)
+        if self.cfg.gemma:  # scaled by sqrt(D), the scale rounded to the table's dtype as transformers does
+            x = x * jnp.asarray(self.cfg.hidden_size**0.5, embed.dtype)
+        x = x.astype(self.dtype)
         if self.pos_embed is not None:
             x = x + jnp.take(self.pos_embed[...], positions, axis=0, mode="clip").astype(self.dtype)
             return x, None
-        return x, rope_cos_sin(positions, rope_inv_freq(self.cfg))
+        rope = rope_cos_sin(positions, rope_inv_freq(self.cfg), rope_attention_factor(self.cfg))
+        if self.cfg.local_rope_theta is None:
+            return x, rope
+        return x, (rope, rope_cos_sin(positions, rope_inv_freq(self.cfg, local=True)))
+
+    def _layer_inputs(self, rope: Any, mask: Any) -> Any:
+        """fn(local) -> (rope, mask) of one layer inside the scan (local: its traced sliding flag)."""
+        two_ropes = self.cfg.local_rope_theta is not None
+        two_masks = isinstance(mask, tuple) and len(mask) == 2  # explicit (full, windowed) masks
+
+        def pick(local):
+            r = jax.tree.map(lambda g, l: jnp.where(local, l, g), *rope) if two_ropes else rope
+            m = jnp.where(local, mask[1], mask[0]) if two_masks else mask
+            return r, m
+
+        return pick
 
     def unembedding(self) -> tuple[Array, Array | None]:
         """(unembed_DV, bias_V or None) in the compute dtype: logits = hidden @ unembed_DV."""
@@ -339,18 +448,23 @@ class Decoder(nnx.Module):
     def _logits(self, hidden: Array) -> Array:
         w, _ = self.unembedding()
         # float32 logits: bfloat16 has ~3 significant digits, too few for log-probs.
-        return jnp.einsum("nsd,dv->nsv", hidden, w, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("nsd,dv->nsv", hidden, w, preferred_element_type=jnp.float32)
+        c = self.cfg.final_softcap
+        return logits if c is None else c * jnp.tanh(logits / c)
 
     def _run_blocks(self, x: Array, rope, mask) -> Array:
-        """All layers by one lax.scan over the stacked block parameters (one compiled layer body)."""
+        """All layers by one lax.scan over the stacked block parameters (one compiled layer body) and
+        each layer's sliding-window flag."""
         graphdef, state = nnx.split(self.blocks)
+        pick = self._layer_inputs(rope, mask)
 
-        def body(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x, rope, mask)[0], None
+        def body(x, layer):
+            layer_state, local = layer
+            return nnx.merge(graphdef, layer_state)(x, *pick(local), local=local)[0], None
 
         if self.cfg.remat != "none":  # recompute each layer in the backward pass (policy: what to keep)
             body = jax.checkpoint(body, policy=_remat_policy(self.cfg.remat))
-        x, _ = jax.lax.scan(body, x, state)
+        x, _ = jax.lax.scan(body, x, (state, jnp.asarray(self.cfg.local_layers())))
         return x
 
     # -- public API (CONTRACTS §3)
@@ -370,13 +484,19 @@ class Decoder(nnx.Module):
         the GPU take cuDNN's causal kernel for the layout (models/attention.py)."""
         if segment_ids is None and branch_ids is not None:
             segment_ids = jnp.ones_like(branch_ids)
-        impl = resolve_attention(self.attention, self.dtype)
+        cfg = self.cfg
+        impl = resolve_attention(self.attention, self.dtype, cfg.attn_softcap)
+        windowed = "sliding_attention" in cfg.layer_types
+        if segment_ids is None and impl == "xla" and (windowed or cfg.attn_softcap is not None):
+            segment_ids = jnp.ones(tokens.shape, jnp.int32)  # the explicit-mask path below
         if segment_ids is None:
             mask = None
         elif impl == "xla" or (impl == "cudnn" and not one_segment_per_row):
             # the reference (and GPU rows of several segments, which cuDNN here cannot take): one
-            # explicit [N, 1, S, S] mask shared by all layers
+            # explicit [N, 1, S, S] mask shared by all layers; (full, windowed) when layers slide
             mask = attention_mask(segment_ids, branch_ids)
+            if windowed:
+                mask = (mask, mask & attn_lib.window_mask(positions, positions, cfg.sliding_window))
         else:
             mask = (segment_ids, branch_ids, one_segment_per_row)
         x, rope = self._embed(tokens, positions)
@@ -389,12 +509,15 @@ class Decoder(nnx.Module):
         (slots holding real tokens) and the shared write `index`."""
         dtype = jnp.dtype(dtype) if dtype is not None else self.dtype
         shape = (self.cfg.num_layers, batch, max_len, self.cfg.num_kv_heads, self.cfg.head_dim)
-        return {
+        cache = {
             "k": jnp.zeros(shape, dtype),
             "v": jnp.zeros(shape, dtype),
             "valid": jnp.zeros((batch, max_len), bool),
             "index": jnp.zeros((), jnp.int32),
         }
+        if "sliding_attention" in self.cfg.layer_types:  # the window counts positions: keep the keys'
+            cache["pos"] = jnp.zeros((batch, max_len), jnp.int32)
+        return cache
 
     def decode(
         self, tokens_BT: Array, positions_BT: Array, cache: Cache, mask_BT: Array | None = None
@@ -416,14 +539,21 @@ class Decoder(nnx.Module):
         mask = valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
         mask |= k_slot[None, None, :] == q_slot[None, :, None]  # no empty softmax row for padding
         mask = mask[:, None]
+        out = {"valid": valid, "index": index + T}
+        if "pos" in cache:  # (full, windowed) masks; the window counts positions, not slots
+            k_pos = jax.lax.dynamic_update_slice(cache["pos"], positions_BT.astype(jnp.int32), (0, index))
+            out["pos"] = k_pos
+            mask = (mask, mask & attn_lib.window_mask(positions_BT, k_pos, self.cfg.sliding_window))
         x, rope = self._embed(tokens_BT, positions_BT)
         graphdef, state = nnx.split(self.blocks)
+        pick = self._layer_inputs(rope, mask)
 
         def body(x, layer):
-            layer_state, k, v = layer
-            x, kv = nnx.merge(graphdef, layer_state)(x, rope, mask, (k, v), index)
+            layer_state, k, v, local = layer
+            x, kv = nnx.merge(graphdef, layer_state)(x, *pick(local), (k, v), index, local)
             return x, kv
 
-        x, (ks, vs) = jax.lax.scan(body, x, (state, cache["k"], cache["v"]))
+        local_L = jnp.asarray(self.cfg.local_layers())
+        x, (ks, vs) = jax.lax.scan(body, x, (state, cache["k"], cache["v"], local_L))
         logits = self._logits(self.final_norm(x))
-        return logits, {"k": ks, "v": vs, "valid": valid, "index": index + T}
+        return logits, {"k": ks, "v": vs, **out}

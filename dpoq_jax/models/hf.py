@@ -180,7 +180,7 @@ def _import_map(cfg: ModelConfig) -> dict[Path, Spec]:
     H, K, F, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.hidden_size
     ident = lambda w: w  # noqa: E731
     m: dict[Path, Spec] = {}
-    if cfg.family in ("llama", "qwen2"):
+    if cfg.family in ("llama", "qwen2", "qwen3", "gemma2", "gemma3"):
         m[("embed",)] = ("model.embed_tokens.weight", ident)
         m[("final_norm", "scale")] = ("model.norm.weight", ident)
         if not cfg.tie_word_embeddings:
@@ -188,7 +188,15 @@ def _import_map(cfg: ModelConfig) -> dict[Path, Spec]:
         for i in range(cfg.num_layers):
             p, b = f"model.layers.{i}.", ("blocks", i)
             m[b + ("ln1", "scale")] = (p + "input_layernorm.weight", ident)
-            m[b + ("ln2", "scale")] = (p + "post_attention_layernorm.weight", ident)
+            if cfg.gemma:  # norms before and after attention and MLP
+                m[b + ("ln1_post", "scale")] = (p + "post_attention_layernorm.weight", ident)
+                m[b + ("ln2", "scale")] = (p + "pre_feedforward_layernorm.weight", ident)
+                m[b + ("ln2_post", "scale")] = (p + "post_feedforward_layernorm.weight", ident)
+            else:
+                m[b + ("ln2", "scale")] = (p + "post_attention_layernorm.weight", ident)
+            if cfg.qk_norm:
+                m[b + ("attn", "q_norm", "scale")] = (p + "self_attn.q_norm.weight", ident)
+                m[b + ("attn", "k_norm", "scale")] = (p + "self_attn.k_norm.weight", ident)
             for ours, hf, n in (("q", "q_proj", H), ("k", "k_proj", K), ("v", "v_proj", K)):
                 m[b + ("attn", "w" + ours)] = (p + f"self_attn.{hf}.weight", _heads_in(n, F))
                 if cfg.qkv_bias:
