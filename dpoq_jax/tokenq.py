@@ -35,12 +35,16 @@ def token_logps(logits_BTV: Array, targets_BT: Array, mask_BT: Array | None = No
     return logps_BT * _ones_like_bt(logps_BT, mask_BT)
 
 
-def _chunk_logps(h_BCD: Array, unembed_DV: Array, bias_V: Array | None, targets_BC: Array) -> Array:
+def _chunk_logps(
+    h_BCD: Array, unembed_DV: Array, bias_V: Array | None, targets_BC: Array, softcap: float | None = None
+) -> Array:
     # Accumulate the matmul in (at least) float32 without upcasting the whole unembedding matrix.
     acc = jnp.promote_types(jnp.result_type(h_BCD, unembed_DV), jnp.float32)
     logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, unembed_DV, preferred_element_type=acc)
     if bias_V is not None:
         logits_BCV = logits_BCV + bias_V.astype(acc)
+    if softcap is not None:  # Gemma 2's final-logit soft-capping
+        logits_BCV = softcap * jnp.tanh(logits_BCV / softcap)
     lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
     return jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0] - lse_BC
 
@@ -53,8 +57,10 @@ def lean_token_logps(
     *,
     bias_V: Array | None = None,
     chunk_size: int = 256,
+    softcap: float | None = None,
 ) -> Array:
-    """Same as token_logps(hidden @ unembed + bias, ...) without ever holding B×T×V in float32.
+    """Same as token_logps(hidden @ unembed + bias, ...) without ever holding B×T×V in float32
+    (softcap: logits -> softcap * tanh(logits / softcap) first, as Gemma 2's model does).
 
     `chunk_size` is the number of positions (rows of logits) per chunk: time is cut into chunks of
     C = max(1, chunk_size // B) steps, processed by lax.scan; each chunk is wrapped in
@@ -85,7 +91,7 @@ def lean_token_logps(
 
     @jax.checkpoint
     def one_chunk(h_BCD: Array, t_BC: Array, w_DV: Array, b_V: Array | None) -> Array:
-        return _chunk_logps(h_BCD, w_DV, b_V, t_BC)
+        return _chunk_logps(h_BCD, w_DV, b_V, t_BC, softcap)
 
     def body(carry: None, xs: tuple[Array, Array]) -> tuple[None, Array]:
         h_BCD, t_BC = xs

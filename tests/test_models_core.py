@@ -124,6 +124,23 @@ def test_packed_and_prefix_shared_equal_separate_rows(cfg, attention):
     chex_close(b[2, 9:16], a[n_qd, s_qd : s_qd + 7])  # left padded
 
 
+def test_final_softcap_reaches_the_train_steps_logps():
+    """The train step's chunked log-probs (hidden @ unembedding) apply Gemma's final soft-cap as the
+    model's logits do."""
+    from dpoq_jax import tokenq
+
+    cfg = GEMMA3.replace(final_softcap=0.5)  # small: the cap changes every log-prob
+    model = _model(cfg)
+    tokens = jnp.asarray(np.random.RandomState(0).randint(0, V, (2, 6)))
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    want = tokenq.token_logps(model(tokens, pos)[:, :-1], tokens[:, 1:])
+    hidden, (w, _) = model(tokens, pos, return_hidden=True), model.unembedding()
+    got = tokenq.lean_token_logps(hidden[:, :-1], w, tokens[:, 1:], chunk_size=4, softcap=cfg.final_softcap)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    uncapped = tokenq.lean_token_logps(hidden[:, :-1], w, tokens[:, 1:], chunk_size=4)
+    assert float(jnp.abs(uncapped - want).max()) > 0.1
+
+
 def test_attention_mask_layout():
     seg = jnp.array([[1, 1, 1, 1, 1, 2, 2, 0]])
     br = jnp.array([[0, 0, 1, 2, 2, 0, 0, 0]])

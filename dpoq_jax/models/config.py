@@ -234,7 +234,8 @@ def _layer_types(hf: dict[str, Any], family: str, model_type: str, layers: int) 
 
 
 def config_from_hf(hf: dict[str, Any], *, where: str = "config.json", **overrides: Any) -> ModelConfig:
-    """ModelConfig from a Hugging Face config.json dict (GPT-NeoX/Pythia, Llama/Mistral, Qwen2, GPT-2)."""
+    """ModelConfig from a Hugging Face config.json dict (GPT-NeoX/Pythia, Llama/Mistral, Qwen2/3, Gemma 2,
+    Gemma 3 text, GPT-2)."""
     model_type = hf.get("model_type")
     if model_type in _REFUSED:
         raise ValueError(f"{where}: unsupported model_type {model_type!r}: {_REFUSED[model_type]}")

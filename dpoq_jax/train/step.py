@@ -36,7 +36,8 @@ def _hidden_and_unembed(
     causal_rows: bool = False,
     one_segment_per_row: bool = False,
 ):
-    """Forward the layout rows -> flat hidden [N*S, D], unembedding [D, V] and bias [V] or None.
+    """Forward the layout rows -> flat hidden [N*S, D], unembedding [D, V], bias [V] or None and the
+    final-logit soft-cap (Gemma 2) or None.
 
     causal_rows: each row is one right-padded sequence ("padded" layout), so plain causal attention
     gives every real token exactly what the segment mask would; without a mask the model can use the
@@ -50,7 +51,7 @@ def _hidden_and_unembed(
     hidden_NSD = model(tokens, positions, seg, br, return_hidden=True, one_segment_per_row=one)
     unembed_DV, bias_V = model.unembedding()
     N, S, D = hidden_NSD.shape
-    return hidden_NSD.reshape(N * S, D), unembed_DV, bias_V
+    return hidden_NSD.reshape(N * S, D), unembed_DV, bias_V, model.cfg.final_softcap
 
 
 def response_logps(
@@ -61,11 +62,12 @@ def response_logps(
     targets_PR: Array,
     mask_PR: Array,
     chunk_size: int,
+    softcap: float | None = None,
 ) -> Array:
     """Per-token log-probs [P, R] of responses, gathered from flat row positions (CONTRACTS §2)."""
     h_PRD = jnp.take(hidden_XD, pred_idx_PR, axis=0)
     return tokenq.lean_token_logps(
-        h_PRD, unembed_DV, targets_PR, mask_PR, bias_V=bias_V, chunk_size=chunk_size
+        h_PRD, unembed_DV, targets_PR, mask_PR, bias_V=bias_V, chunk_size=chunk_size, softcap=softcap
     )
 
 
@@ -79,7 +81,7 @@ def pair_logps(
     one_segment_per_row: bool = False,
 ) -> tuple[Array, Array]:
     """Per-token log-probs [P, R] of the chosen and rejected responses of a layout batch."""
-    h, w, b = _hidden_and_unembed(graphdef, params, rest, batch, causal_rows, one_segment_per_row)
+    h, w, b, cap = _hidden_and_unembed(graphdef, params, rest, batch, causal_rows, one_segment_per_row)
     out = []
     for side in ("chosen", "rejected"):
         out.append(
@@ -91,6 +93,7 @@ def pair_logps(
                 batch[f"{side}_targets"],
                 batch[f"{side}_mask"],
                 chunk_size,
+                cap,
             )
         )
     return out[0], out[1]
@@ -170,7 +173,7 @@ def make_sft_loss(
 
     def loss_fn(params, ref_params, batch):
         del ref_params
-        h, w, b = _hidden_and_unembed(graphdef, params, rest, batch, causal_rows, one_segment_per_row)
+        h, w, b, cap = _hidden_and_unembed(graphdef, params, rest, batch, causal_rows, one_segment_per_row)
         logps = response_logps(
             h,
             w,
@@ -179,6 +182,7 @@ def make_sft_loss(
             batch["completion_targets"],
             batch["completion_mask"],
             chunk_size,
+            cap,
         )
         loss, metrics = losses.sft_loss(logps, batch["completion_mask"], pair_mask_B=batch["example_mask"])
         return loss, (metrics["tokens"], metrics)
