@@ -101,6 +101,21 @@ def test_splash_window_softcap_scale_equal_position_masked_reference():
     # (gradients: the splash kernel's own; interpreted on CPU they cost ~30 s, left to the TPU runs)
 
 
+def test_local_window_size_is_the_position_window_and_cudnn_skips_softcap():
+    """jax.nn's local_window_size=(window - 1, 0), which the cuDNN call passes (run here on XLA, the same
+    arguments; no GPU in CI), is transformers' window; soft-capped models never take cuDNN."""
+    from dpoq_jax.models.decoder import resolve_attention
+
+    rng = np.random.default_rng(3)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 2, 8)), jnp.float32) for _ in range(3))
+    pos = jnp.broadcast_to(jnp.arange(16), (2, 16))
+    mask = A.layout_mask(jnp.ones((2, 16), jnp.int32)) & A.window_mask(pos, pos, 4)
+    got = A.causal_segments(q, k, v, None, "xla", True, scale=0.3, window=4)
+    np.testing.assert_allclose(got, A.dense_attention(q, k, v, mask, 0.3), atol=1e-6, rtol=0)
+    assert resolve_attention("cudnn", jnp.bfloat16, softcap=50.0) == "xla"
+    assert resolve_attention("cudnn", jnp.bfloat16) == "cudnn"
+
+
 def test_splash_plain_causal_rows_equal_xla():
     rng = np.random.default_rng(1)
     q, k, v = (jnp.asarray(rng.normal(size=(2, 128, 2, 32)), jnp.float32) for _ in range(3))

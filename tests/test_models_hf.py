@@ -49,7 +49,14 @@ FAMILIES = {
     "llama_tied_bias": lambda: transformers.LlamaConfig(
         **_TINY, num_key_value_heads=1, tie_word_embeddings=True, attention_bias=True, mlp_bias=True
     ),
-    "qwen2": lambda: transformers.Qwen2Config(**_TINY, num_key_value_heads=2, tie_word_embeddings=False),
+    "qwen2": lambda: transformers.Qwen2Config(  # window 3 from layer 1 on (max_window_layers)
+        **_TINY,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        use_sliding_window=True,
+        sliding_window=3,
+        max_window_layers=1,
+    ),
     "gpt2": lambda: transformers.GPT2Config(vocab_size=V, n_embd=32, n_layer=2, n_head=4, n_positions=64),
     # Newer families: windows of 3-4 tokens and small soft-caps so that each feature changes the logits.
     "qwen3_window_yarn": lambda: transformers.Qwen3Config(
