@@ -1,19 +1,21 @@
 """`dpoq demo`: three claims of the paper, small, end to end, offline, on the CPU (minutes).
 
 Trains tiny models from random initialisation on the bundled synthetic tasks (the packaged configs
-dpoq_jax/configs/) and writes one report, a section per claim, each ending with a verdict computed
-from its own numbers:
-  1. credit assignment (paper §5.1): per-token implicit rewards of held-out error_injection pairs,
-     top-1 localisation and AUROC of the injected tokens against the reference alone and chance;
-  2. search (paper §5.2): DPO on dense_reward; gold win rate, gold reward and length against beams;
-  3. implicit rewards during DPO (paper §5.4) with and without an SFT'd reference, and the identity
+dpoq_jax/configs/), once per seed, and writes one report, a section per claim; every number is a mean
+with its 95% t-interval over the seeds, and every verdict is computed from those intervals:
+  1. credit assignment (paper §3): per-token implicit rewards of held-out error_injection pairs,
+     top-1 localisation and AUROC of the injected tokens against the reference alone and chance,
+     with errors the reference cannot tell (fluent) and errors it finds surprising;
+  2. search (paper §4): DPO on dense_reward with and without a length-biased labeller; gold win rate,
+     gold reward and length against beams;
+  3. implicit rewards during DPO (paper §5) with and without an SFT'd reference, and the identity
      E_{π_ref}[β log π/π_ref] = −β KL.
 Output: OUT/report.html (self-contained), OUT/report.md (+ OUT/report_figures/*.png); the training runs
 go to OUT/work (a rerun reuses finished runs). The experiments are dpoq_jax.experiments (in a clone,
 `python -m experiments.<name>` runs their full versions). Runs from an installed package: nothing
 outside it is read.
 
-    dpoq demo [--out runs/demo] [--quick] [--seed 0]
+    dpoq demo [--out runs/demo] [--quick] [--seeds 0,1,2]
 """
 
 from __future__ import annotations
@@ -27,30 +29,63 @@ from collections.abc import Sequence
 from pathlib import Path
 
 # Scales: steps and sizes of each part (the full experiments use larger ones).
+# Scales: steps and sizes of each part (the full experiments use larger ones), and the default seeds.
 SCALES = {
     "demo": {
-        "credit": dict(sft_steps=500, dpo_steps=300, betas=(0.03, 0.1, 0.3), n_eval=256, eval_every=20),
-        "implicit": dict(sft_steps=500, dpo_steps=300, beta=0.1, eval_every=20, n_check=128),
+        "credit": dict(
+            sft_steps=400,
+            dpo_steps=200,
+            settings={"fluent": (0.1,), "surprising": (0.1,)},
+            n_eval=256,
+            n_gen=128,
+            eval_every=20,
+        ),
+        "implicit": dict(sft_steps=400, dpo_steps=200, beta=0.1, eval_every=20, n_check=128, n_gen=128),
         "search": dict(
-            sft_steps=300, dpo_steps=300, betas=(0.1, 1.0), beams=(1, 2, 5, 10, 20), n_prompts=256
+            sft_steps=300,
+            dpo_steps=150,
+            betas=(0.1, 1.0),
+            beams=(1, 2, 5, 10, 20),
+            n_prompts=64,
+            eval_every=25,
         ),
     },
     "quick": {
-        "credit": dict(sft_steps=40, dpo_steps=20, betas=(0.1,), n_eval=32, eval_every=10),
-        "implicit": dict(sft_steps=40, dpo_steps=20, beta=0.1, eval_every=10, n_check=16),
-        "search": dict(sft_steps=40, dpo_steps=20, betas=(0.3,), beams=(1, 2), n_prompts=32),
+        "credit": dict(
+            sft_steps=40, dpo_steps=20, settings={"surprising": (0.1,)}, n_eval=32, n_gen=16, eval_every=10
+        ),
+        "implicit": dict(sft_steps=40, dpo_steps=20, beta=0.1, eval_every=10, n_check=16, n_gen=16),
+        "search": dict(
+            sft_steps=40,
+            dpo_steps=20,
+            betas=(0.3,),
+            beams=(1, 2),
+            n_prompts=32,
+            eval_every=10,
+            settings=("biased",),
+        ),
     },
 }
+SEEDS = {"demo": (0, 1, 2), "quick": (0,)}
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     from dpoq_jax.cli import Parser
+    from dpoq_jax.experiments.cli import seed_list
 
     p = Parser(prog="dpoq demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--quick", action="store_true", help="a much smaller smoke run (about a minute)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the tasks and the training runs")
-    return p.parse_args(list(argv))
+    p.add_argument(
+        "--seeds",
+        type=seed_list,
+        default=None,
+        help="seeds of the tasks and the training runs, e.g. 0,1,2 (default 0,1,2; --quick: 0)",
+    )
+    args = p.parse_args(list(argv))
+    if args.seeds is None:
+        args.seeds = SEEDS["quick" if args.quick else "demo"]
+    return args
 
 
 def next_steps(
@@ -85,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from dpoq_jax.analysis import document as doc
-    from dpoq_jax.experiments import credit_assignment, implicit_rewards, search_overopt
+    from dpoq_jax.experiments import cli, credit_assignment, implicit_rewards, search_overopt
     from dpoq_jax.train.runs import default_config
 
     scale = SCALES["quick" if args.quick else "demo"]
@@ -98,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def ns(task: str) -> argparse.Namespace:
         return argparse.Namespace(
             config=default_config(task),
-            seed=args.seed,
+            seeds=args.seeds,
             workdir=str(work / task),
             overrides=[],
             command=command,
@@ -118,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for i, (key, (label, module, a)) in enumerate(parts.items(), 1):
         t0 = time.time()
         doc.log(f"[{i}/{len(parts)}] {label}")
-        reports[key] = module.run(a, scale[key])
+        reports[key] = cli.run_seeds(module.run, module.verdicts, a, scale[key])
         timings.append([label, f"{time.time() - t0:.0f}"])
     total = time.time() - t_start
     timings.append(["total", f"{total:.0f}"])
@@ -131,7 +166,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             'three claims of Rafailov et al. (2024), "From r to Q*", in miniature. Each section states '
             "the claim, shows the numbers, and ends with a verdict computed from them: holds, partly, "
             "or does not hold. The verdicts are about these small, briefly trained models, not about "
-            "the paper's 2.8B-parameter ones."
+            "the paper's 2.8B-parameter ones. "
+            + (
+                f"Seeds {', '.join(map(str, args.seeds))}: each number is a mean with its 95% Student-t "
+                "interval over the seeds, written mean [lo, hi]; the verdicts are computed from these "
+                "intervals."
+                if len(args.seeds) > 1
+                else f"One seed ({args.seeds[0]}): point estimates, no intervals; run with --seeds 0,1,2 "
+                "for intervals."
+            )
             + (
                 "\n\nThis is the `--quick` scale: a smoke test of the pipeline; its numbers are too small "
                 "to read anything from. Run `dpoq demo` without `--quick` for the demo scale."
@@ -154,13 +197,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         part = report.add(f"{title[:1].upper()}{title[1:]}", rep.intro)
         part.verdict = rep.verdict  # ends the section, after its subsections
         for sec in rep.sections:
-            report.add(sec.title, sec.text, *sec.items, level=2)
+            sub = report.add(sec.title, sec.text, *sec.items, level=2)
+            if sec.verdict is not rep.verdict:
+                sub.verdict = sec.verdict
     report.add("Timings", "Seconds, wall clock, this machine.", doc.Table(["part", "seconds"], timings))
-    beta = 0.1 if 0.1 in scale["credit"]["betas"] else scale["credit"]["betas"][0]
-    betas = (beta, scale["search"]["betas"][0])  # the runs in run_dirs: see the experiments' run()
-    tips = next_steps(reports["credit"].run_dirs, reports["search"].run_dirs, out, betas, args.seed)
+    first_setting = next(iter(credit_assignment.settings_of(scale["credit"]).values()))
+    betas = (credit_assignment.main_beta(first_setting), scale["search"]["betas"][0])  # the run_dirs' β
+    tips = next_steps(reports["credit"].run_dirs, reports["search"].run_dirs, out, betas, args.seeds[0])
     report.add("What to try next", "```\n" + tips + "\n```")
-    report.meta = {"command": command, "seed": str(args.seed), **doc.machine_info()}
+    report.meta = {"command": command, "seeds": ", ".join(map(str, args.seeds)), **doc.machine_info()}
     report.write(out / "report.md", out / "report.html")
     doc.log(f"dpoq demo: done in {total:.0f}s")
     print(f"\nReport:  {(out / 'report.html').resolve()}\nSummary: {(out / 'report.md').resolve()}\n")

@@ -1,4 +1,4 @@
-"""Experiment 3: implicit rewards during DPO, with and without an SFT'd reference (paper §5.4).
+"""Experiment 3: implicit rewards during DPO, with and without an SFT'd reference (paper §5).
 
 The experiment is dpoq_jax.experiments.implicit_rewards; this script holds its scales and writes
 experiments/results/implicit_rewards.md (implicit_rewards_dense_reward.md with --task dense_reward).
@@ -12,9 +12,10 @@ from pathlib import Path
 
 from dpoq_jax.experiments.implicit_rewards import main
 
+# Steps and eval cadence equal to experiment 1's, whose SFT and β = 0.1 runs this reuses.
 SCALES = {
-    "full": dict(sft_steps=600, dpo_steps=400, beta=0.1, eval_every=20, n_check=256),
-    "quick": dict(sft_steps=150, dpo_steps=100, beta=0.1, eval_every=20, n_check=64),
+    "full": dict(sft_steps=400, dpo_steps=200, beta=0.1, eval_every=25, n_check=256, n_gen=256),
+    "quick": dict(sft_steps=150, dpo_steps=100, beta=0.1, eval_every=25, n_check=64, n_gen=32),
 }
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Tests of the experiment machinery in the package: statistics, the §5.4 check, tables, report files
+"""Tests of the experiment machinery in the package: statistics, the §5 check, tables, report files
 and verdicts, config resolution, and the thin experiments/ scripts' arguments."""
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def _tiny_decoder(seed: int):
 
 
 def test_section54_on_tiny_models_and_logit_alignment() -> None:
-    """The glue that feeds §5.4: response_logits picks the states that predict each response token
+    """The glue that feeds §5: response_logits picks the states that predict each response token
     (same log-probs as analysis.credit.score_responses), and the exact per-state expectation from
     tokenq equals −β KL computed in float64 numpy from those logits."""
     from dpoq_jax.analysis.credit import score_responses
@@ -225,22 +225,28 @@ def test_stage_config_and_diff_keys(tmp_path) -> None:
 
 
 def test_experiment_args(tmp_path) -> None:
-    from dpoq_jax.experiments import credit_assignment, implicit_rewards, search_overopt
+    from dpoq_jax.experiments import cli, credit_assignment, implicit_rewards, search_overopt
 
-    a = search_overopt.parse_args(["--seed", "1", "--config.train.lr=0.1"], tmp_path)
-    assert a.workdir == "runs/experiments/dense_reward" and a.seed == 1
+    a = cli.parse_args(search_overopt, ["--seeds", "1,3", "--config.train.lr=0.1"], tmp_path)
+    assert a.workdir == "runs/experiments/dense_reward" and a.seeds == (1, 3)
     assert a.overrides[-1] == "--config.train.lr=0.1"
     assert "--config.data.on_error=skip" in a.overrides  # dense_reward's own settings come first
-    assert a.command == "python -m experiments.search_overopt --seed 1 --config.train.lr=0.1"
+    assert a.command == "python -m experiments.search_overopt --seeds 1,3 --config.train.lr=0.1"
     assert a.results == str(tmp_path / "search_overopt.md")
-    a = credit_assignment.parse_args(["--heatmap-pairs", "2"], tmp_path)
+    a = cli.parse_args(credit_assignment, ["--heatmap-pairs", "2"], tmp_path)
     assert (a.heatmap_pairs, a.overrides, a.workdir) == (2, [], "runs/experiments/error_injection")
-    a = implicit_rewards.parse_args(["--task", "dense_reward"], tmp_path)
+    assert a.seeds == (0, 1, 2, 3, 4) and cli.parse_args(credit_assignment, ["--quick"], tmp_path).seeds == (
+        0,
+        1,
+    )
+    assert cli.parse_args(credit_assignment, ["--seeds", "0-2"], tmp_path).seeds == (0, 1, 2)
+    a = cli.parse_args(implicit_rewards, ["--task", "dense_reward"], tmp_path)
     assert a.workdir == "runs/experiments/dense_reward"
     assert a.config == runs.default_config("dense_reward")
     assert a.results == str(tmp_path / "implicit_rewards_dense_reward.md")
-    with pytest.raises(SystemExit):
-        search_overopt.parse_args(["--stray"], tmp_path)
+    for bad in (["--stray"], ["--seeds", "1,1"], ["--seeds", "x"]):
+        with pytest.raises(SystemExit):
+            cli.parse_args(search_overopt, bad, tmp_path)
 
 
 def test_thin_scripts_write_into_experiments_results() -> None:
@@ -295,39 +301,242 @@ def test_text_colour_follows_luminance() -> None:
     assert doc.text_colour((1.0, 1.0, 0.0)) == "black" and doc.text_colour((0.0, 0.0, 0.5)) == "white"
 
 
-def test_verdicts_are_computed_from_the_numbers() -> None:
-    from dpoq_jax.experiments import credit_assignment, implicit_rewards, search_overopt
+def iv(mean: float, half: float = 0.0):
+    """A 5-seed interval mean ± half."""
+    from dpoq_jax.analysis import seeds
 
-    # Credit assignment: above chance and better than the reference alone / only above chance / neither.
-    v = credit_assignment.verdict(["dpo", 0.9, 0.95, 0.9], ["ref", 0.5, 0.8, 0.8], n=256, chance=0.1)
-    assert v.status == "holds" and "90.0%" in v.why
-    v = credit_assignment.verdict(["dpo", 0.43, 0.75, 0.7], ["ref", 0.918, 0.95, 0.9], n=256, chance=0.1)
-    assert v.status == "partly" and "reference alone scores 91.8%" in v.why
-    assert credit_assignment.verdict(["d", 0.1, 0.5, 0.5], ["r", 0.9, 0.9, 0.9], 256, 0.1).status == (
-        "does not hold"
+    return seeds.Interval(mean, mean - half, mean + half, 5)
+
+
+def test_verdicts_are_computed_from_the_intervals() -> None:
+    from dpoq_jax.experiments import credit_assignment, dense_recovery, implicit_rewards, search_overopt
+
+    # Credit assignment, per setting at β = 0.1: above chance and above the reference alone / only above
+    # chance / not above chance; the fluent setting's premise (reference AUROC ≈ 0.5) caps it at partly.
+    scale = {"settings": {"fluent": (0.1,), "surprising": (0.1,)}}
+
+    def credit(top1, auroc, ref_auroc, half=0.02):
+        n = {}
+        for s in ("fluent", "surprising"):
+            n |= {
+                f"{s}/beta0.1/dpo_top1": iv(top1, half),
+                f"{s}/beta0.1/dpo_auroc": iv(auroc, half),
+                f"{s}/ref_top1": iv(0.3),
+                f"{s}/ref_auroc": iv(ref_auroc, half),
+                f"{s}/chance": iv(0.25),
+            }
+        return credit_assignment.verdicts(n, scale)
+
+    fluent, surprising = (title for title, _ in credit_assignment.SETTINGS.values())
+    v = credit(0.6, 0.8, 0.52)
+    assert v[fluent].status == "holds" and "premise met" in v[fluent].why
+    assert list(v) == [fluent, surprising]  # the fluent setting's verdict is the report's own
+    assert credit(0.6, 0.8, 0.9)[surprising].status == "partly"  # the reference alone does better
+    assert credit(0.6, 0.95, 0.7)[fluent].status == "partly"  # beats the reference, premise not met
+    assert credit(0.27, 0.6, 0.5, half=0.05)[fluent].status == "does not hold"  # interval reaches chance
+
+    # Search, per labeller and β: 5 beams beat 1, the widest is worse than 5 and longer than 1.
+    sc = {"betas": (0.1,), "beams": (1, 2, 5, 20)}
+
+    def search(unbiased, biased):
+        n = {}
+        for s, (gain, drop, longer) in (("unbiased", unbiased), ("biased", biased)):
+            n |= {
+                f"{s}/beta0.1/gain_few": iv(gain, 0.05),
+                f"{s}/beta0.1/drop_wide": iv(drop, 0.05),
+                f"{s}/beta0.1/longer_wide": iv(longer, 0.5),
+            }
+        return search_overopt.verdicts(n, sc)
+
+    v = search((0.0, 0.0, 0.0), (0.1, 0.3, 4.0))
+    assert (
+        list(v)[0] == "With and without the length bias"
+        and v["With and without the length bias"].status == "holds"
     )
-
-    # Beam search: more beams help then hurt, but responses get shorter -> partly, and it says shorter.
-    def per(wr, length):
-        return {"win_rate": wr, "length": length}
-
-    res = {0.1: {"beam 1": per(0.5, 20.0), "beam 2": per(0.6, 15.0), "beam 5": per(0.4, 12.0)}}
-    v = search_overopt.verdict(res, (1, 2, 5))
-    assert v.status == "partly" and "length change -8.0" in v.why
-    res = {0.1: {"beam 1": per(0.5, 10.0), "beam 2": per(0.6, 15.0), "beam 5": per(0.4, 20.0)}}
-    assert search_overopt.verdict(res, (1, 2, 5)).status == "holds"
-    assert search_overopt.verdict({0.1: {k: res[0.1][k] for k in ("beam 1", "beam 2")}}, (1, 2)).status == (
-        "partly"  # over-optimisation not measured with two widths: never "holds"
-    )
+    assert [x.status for x in v.values()][1:] == ["does not hold", "holds"]
+    assert "5 beams − 1 beam win rate 0.100 [0.050, 0.150]" in v[search_overopt.SETTINGS["biased"][0]].why
+    v = search((0.1, 0.3, 4.0), (0.1, 0.3, 4.0))  # the same with and without: the bias explains nothing
+    assert v["With and without the length bias"].status == "does not hold"
 
     # Implicit rewards: (a)'s chosen reward falls, its margin grows, more than (b)'s; identity within 2 s.e.
-    def curve(c0, c1, m0, m1):
-        return [{"rewards/chosen": c0, "rewards/margins": m0}, {"rewards/chosen": c1, "rewards/margins": m1}]
+    n = {
+        "sft_ref/chosen_change": iv(-0.3, 0.1),
+        "sft_ref/margin_change": iv(0.5, 0.1),
+        "a_minus_b_chosen_change": iv(-0.4, 0.1),
+        "sft_ref/z": iv(0.5, 1.0),
+        "no_sft_ref/z": iv(-0.3, 1.0),
+        "max_exact": iv(-1e-4, 1e-5),
+    }
+    (v,) = implicit_rewards.verdicts(n, {}).values()
+    assert v.status == "holds"
+    v = implicit_rewards.verdicts(n | {"sft_ref/chosen_change": iv(-0.05, 0.1), "no_sft_ref/z": iv(10.0)}, {})
+    (v,) = v.values()
+    assert v.status == "partly" and "not surely below 0" in v.why and "10.000" in v.why
 
-    ok = {"mc_mean": -0.1, "exact_mean": -0.1, "diff_se": 0.01, "exact_max": -1e-4}
-    curves = {"sft_ref": curve(0.0, -0.3, 0.0, 0.5), "no_sft_ref": curve(0.0, 0.1, 0.0, 0.4)}
-    assert implicit_rewards.verdict(curves, {"a": ok, "b": ok}).status == "holds"
-    bad = dict(ok, mc_mean=0.0)  # z = 10
-    curves["sft_ref"] = curve(0.0, 0.2, 0.0, 0.5)
-    v = implicit_rewards.verdict(curves, {"a": ok, "b": bad})
-    assert v.status == "partly" and "does not fall" in v.why and "+10.00" in v.why
+    # Dense recovery: the whole interval of the correlation above 0.5 / above 0 / not.
+    for cor, status in ((0.8, "holds"), (0.3, "partly"), (0.05, "does not hold")):
+        n = {"beta0.1/pearson_vs_optimal_implicit": iv(cor, 0.1)}
+        assert dense_recovery.verdicts(n, {"betas": (0.1,)})["Correlations"].status == status
+
+
+def test_t_interval_and_merged_tables() -> None:
+    from dpoq_jax.analysis import seeds
+
+    x = [1.0, 2.0, 3.0, 4.0, 5.0]
+    it = seeds.t_interval(x)
+    half = 2.776 * np.std(x, ddof=1) / np.sqrt(5)  # t_{0.975, df=4} = 2.776
+    assert (
+        (it.mean, it.n) == (3.0, 5) and it.lo == pytest.approx(3 - half) and it.hi == pytest.approx(3 + half)
+    )
+    assert str(it) == "3.000 [1.037, 4.963]" and it.above(1.0) and not it.above(1.04)
+    assert seeds.t_interval([2.0, float("nan")]) == seeds.Interval(2.0, 2.0, 2.0, 1)  # NaN dropped
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df, t in seeds.T975.items():
+        assert t == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=1e-3)
+
+    t1 = doc.Table(["β", "name", "score"], [[0.1, "a", 1.0], [0.3, "b", 0.5]])
+    t2 = doc.Table(["β", "name", "score"], [[0.1, "a", 3.0], [0.3, "b", 0.5]])
+    m = seeds.merge_tables([t1, t2])
+    assert m.markdown().splitlines()[2] == "| 0.100 [0.100, 0.100] | a | 2.000 [-10.706, 14.706] |"
+    with pytest.raises(ValueError, match="column 'name' differs"):
+        seeds.merge_tables([t1, doc.Table(["β", "name", "score"], [[0.1, "x", 1.0], [0.3, "b", 0.5]])])
+
+    reps = []
+    for k in (1.0, 3.0):
+        r = doc.Report("T", "intro")
+        r.add("S", "text", doc.Table(["x"], [[k]]))
+        r.numbers = {"x": k}
+        reps.append(r)
+    merged = seeds.merge_reports(reps, (0, 1), lambda n: {"S": doc.Verdict("c", "holds", f"x {n['x']}")})
+    assert merged.verdict.why == "x 2.000 [-10.706, 14.706]" and merged.sections[0].verdict is merged.verdict
+    assert "95% Student-t interval over seeds" in merged.intro and merged.meta["seeds"] == "0, 1"
+
+
+def test_fluent_errors_and_length_biased_labels() -> None:
+    from dpoq_jax.data.synthetic import EOS_ID, make_task
+
+    plain = make_task("error_injection", seed=3).preference_examples(200)
+    fluent_task = make_task("error_injection", seed=3, error_shift=5, sft_noise=0.5)
+    fluent = fluent_task.preference_examples(200)
+    for p, f in zip(plain, fluent, strict=True):  # same prompts and error positions, fixed alternative
+        assert (p.prompt, p.chosen, p.meta["error_positions"]) == (
+            f.prompt,
+            f.chosen,
+            f.meta["error_positions"],
+        )
+        for i, (c, r) in enumerate(zip(f.chosen, f.rejected, strict=True)):
+            assert r == (str((int(c) + 5) % 10) if i in f.meta["error_positions"] else c)
+    sft = fluent_task.sft_examples(2000)
+    flips = [
+        (s.completion[i] != c)
+        for s, e in zip(sft, fluent_task.preference_examples(2000), strict=True)
+        for i, c in enumerate(e.chosen)
+    ]
+    assert abs(np.mean(flips) - 0.5) < 0.02  # the reference sees errors as often as correct digits
+    assert all(
+        s.completion == e.chosen
+        for s, e in zip(make_task("error_injection", seed=3).sft_examples(50), plain[:50], strict=True)
+    )
+    with pytest.raises(ValueError, match="needs error_shift"):
+        make_task("error_injection", sft_noise=0.5)
+
+    def longer_share(lam):
+        pairs = make_task("dense_reward", seed=1, label_length_bias=lam).preference_examples(400)
+        return np.mean([len(p.chosen) > len(p.rejected) for p in pairs if len(p.chosen) != len(p.rejected)])
+
+    base = make_task("dense_reward", seed=1, bonus=0.0, length_penalty=0.0)
+    assert longer_share(5.0) > 0.97 and longer_share(0.0) < longer_share(0.3) < longer_share(5.0)
+    # the gold judge ignores the labeller's bias
+    y = [13, 14, 15, EOS_ID]
+    biased = make_task("dense_reward", seed=1, bonus=0.0, length_penalty=0.0, label_length_bias=2.0)
+    assert biased.gold_score("<bos>ab=", y) == base.gold_score("<bos>ab=", y)
+
+
+# ------------------------------------------------------------------------------------------------
+# Each experiment end to end at a tiny scale, one seed (the intervals are tested above): its tables and
+# verdicts come out of the command. The four share one workdir, as the full runs do (experiment 3
+# reuses experiment 1's runs, experiment 4 experiment 2's).
+
+TINY = {
+    "credit": dict(
+        sft_steps=4,
+        dpo_steps=2,
+        settings={"fluent": (0.1,), "surprising": (0.1,)},
+        n_eval=8,
+        n_gen=4,
+        eval_every=1,
+    ),
+    "implicit": dict(sft_steps=4, dpo_steps=2, beta=0.1, eval_every=1, n_check=4, n_gen=4),
+    "search": dict(sft_steps=4, dpo_steps=2, betas=(0.3,), beams=(1, 2), n_prompts=4, eval_every=1),
+}
+TINY["dense"] = dict(TINY["search"], n_eval=4)
+VERDICT_RE = r"^\*\*Verdict: (holds|partly|does not hold)\.\*\* .+$"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("experiments")
+
+
+def run_tiny(module, scale: dict, root, task: str) -> str:
+    from dpoq_jax.experiments import cli
+
+    md = root / f"{module.NAME}.md"
+    argv = ["--quick", "--seeds", "0", "--workdir", str(root / task), "--results", str(md)]
+    assert cli.experiment_main(module, argv, {"quick": scale}, root) == 0
+    return md.read_text()
+
+
+@pytest.mark.slow
+def test_credit_assignment_tiny(tiny_dir) -> None:
+    import re
+
+    from dpoq_jax.experiments import credit_assignment as m
+
+    md = run_tiny(m, TINY["credit"], tiny_dir, "error_injection")
+    fluent, surprising = (title for title, _ in m.SETTINGS.values())
+    assert f"## 1. {fluent}" in md and f"## 2. {surprising}" in md
+    assert len(re.findall(VERDICT_RE, md, flags=re.M)) == 2
+    for row in ("DPO implicit reward (−r_t)", "policy alone (−log π)", "reference alone (−log π_ref)"):
+        assert re.search(rf"^\| {re.escape(row)} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|$", md, flags=re.M), row
+    assert md.count("| reference (SFT) | greedy |") == 2 and md.count("| DPO β=0.1 | sampled |") == 2
+    assert "| β | chosen log-lik. first |" in md and "seeds | 0" in md
+
+
+@pytest.mark.slow
+def test_implicit_rewards_tiny(tiny_dir) -> None:
+    import re
+
+    from dpoq_jax.experiments import implicit_rewards as m
+
+    md = run_tiny(m, TINY["implicit"], tiny_dir, "error_injection")
+    (v,) = re.findall(VERDICT_RE, md, flags=re.M)
+    assert "| (a) reference SFT'd on chosen |" in md and "rejected log-likelihood last" in md
+    assert "| DPO (b) reference without SFT | greedy |" in md
+
+
+@pytest.mark.slow
+def test_search_overopt_tiny(tiny_dir) -> None:
+    import re
+
+    from dpoq_jax.experiments import search_overopt as m
+
+    md = run_tiny(m, TINY["search"], tiny_dir, "dense_reward")
+    assert md.startswith("# Experiment 2") and "## 1. With and without the length bias" in md
+    assert len(re.findall(VERDICT_RE, md, flags=re.M)) == 3
+    for labels in ("unbiased", "biased"):
+        for dec in ("sample", "beam 1", "beam 2"):
+            assert re.search(
+                rf"^\| DPO β=0.3 \| {labels} \| {dec} \| [0-9.]+ \| -?[0-9.]+ \| [0-9.]+ \|$", md, flags=re.M
+            ), (labels, dec)
+
+
+@pytest.mark.slow
+def test_dense_recovery_tiny(tiny_dir) -> None:
+    import re
+
+    from dpoq_jax.experiments import dense_recovery as m
+
+    md = run_tiny(m, TINY["dense"], tiny_dir, "dense_reward")
+    (v,) = re.findall(VERDICT_RE, md, flags=re.M)
+    assert re.search(r"^\| 0.300 \| [0-9]+ \| -?[0-9.]+ \|", md, flags=re.M)

@@ -190,6 +190,7 @@ class Report:
     meta: dict[str, str] = dataclasses.field(default_factory=dict)
     verdict: Verdict | None = None  # the experiment's answer to the claim it tests (not rendered)
     run_dirs: dict[str, Path] = dataclasses.field(default_factory=dict)  # training runs behind it
+    numbers: dict[str, Any] = dataclasses.field(default_factory=dict)  # named results the verdicts read
 
     def add(self, title: str, text: str = "", *items: Table | Figure | str, level: int = 1) -> Section:
         section = Section(title, text, list(items), level)

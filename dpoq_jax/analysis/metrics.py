@@ -9,7 +9,7 @@ rejected response with injected error tokens:
            pooled over all tokens of all responses ("pooled") and averaged over responses that
            have both kinds of token ("mean_per_response").
 Statistics the experiments report: Wilson interval, Pearson and Spearman correlations, and the
-comparison of the two sides of the paper's §5.4 identity (`section54_summary`).
+comparison of the two sides of the paper's §5 identity (`section54_summary`).
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def spearman(x: np.ndarray, y: np.ndarray) -> float:
 def section54_summary(
     exact_BT: np.ndarray, sampled_reward_BT: np.ndarray, mask_BT: np.ndarray
 ) -> dict[str, float]:
-    """Compare the two sides of the paper's §5.4 over the states visited by reference samples.
+    """Compare the two sides of the paper's §5 over the states visited by reference samples.
 
     exact_BT: E_{a~π_ref}[β log π/π_ref] computed over the whole vocabulary at each state
     (= −β KL, from tokenq.expected_ref_reward). sampled_reward_BT: β log π/π_ref of the token the

@@ -10,6 +10,10 @@ error_injection
   reward: 0 for a token equal to the correct answer's token at that index (EOS included), -1 otherwise.
   Gold score = (number of correct tokens) / max(len(expected), len(response)), in [0, 1] (EOS counted
   in both lengths, so missing and extra tokens both lower it).
+  Fluent errors (error_shift = k > 0): an injected digit is always (correct + k) mod 10, one fixed
+  alternative per position; with sft_noise = q the SFT responses have each digit replaced by that
+  alternative with probability q. With q = 0.5 a reference SFT'd on them finds the correct digit and
+  its alternative equally likely: only the preference data tells them apart.
 
 dense_reward
   prompt "<bos>{letters}=" (2-4 letters). Reference policy: a fixed random bigram model over the 16
@@ -20,7 +24,9 @@ dense_reward
       r(s_t, a_t) = W[s_t, a_t] - length_penalty     if t >= gold_len_limit
   and 0 for EOS, with W ~ N(0, 0.5^2) (seeded). The gold judge is this reward summed. Preferences
   are Bradley–Terry on the summed reward (p(y1 > y2) = sigmoid(R(y1) - R(y2))) between two reference
-  samples. With the defaults (min_len 3, eos_prob 0.2, gold_len_limit 16, length_penalty 2.5 >
+  samples; with label_length_bias = λ the labeller judges R(y) + λ·len(y) instead (a known,
+  tunable length bias; the gold judge is unchanged).
+  With the defaults (min_len 3, eos_prob 0.2, gold_len_limit 16, length_penalty 2.5 >
   max W) the reference reaches 16 letters in about 4% of samples, so within the data longer is
   better (+bonus a letter), while the best achievable gold reward falls beyond 16 letters: a policy
   that extrapolates "longer is better" over-optimises.
@@ -157,6 +163,14 @@ class ErrorInjectionTask:
     max_digits: int = 8
     n_errors: tuple[int, ...] = (1, 2)  # number of corrupted tokens, drawn uniformly from these
     rules: str = "csar"
+    error_shift: int = 0  # 0: an injected digit is a random other digit; k: always (correct + k) mod 10
+    sft_noise: float = 0.0  # share of SFT digits replaced by their fluent alternative (needs error_shift)
+
+    def __post_init__(self):
+        if not 0 <= self.error_shift <= 9:
+            raise ValueError(f"error_shift must be in 0..9, got {self.error_shift}")
+        if not 0.0 <= self.sft_noise <= 1.0 or (self.sft_noise > 0 and self.error_shift == 0):
+            raise ValueError(f"sft_noise must be in [0, 1] and needs error_shift > 0, got {self.sft_noise}")
 
     @property
     def tokenizer(self) -> SyntheticTokenizer:
@@ -174,7 +188,8 @@ class ErrorInjectionTask:
             positions = sorted(int(x) for x in rng.choice(len(chosen), size=k, replace=False))
             rejected = list(chosen)
             for pos in positions:
-                rejected[pos] = str((int(chosen[pos]) + rng.integers(1, 10)) % 10)  # always a different digit
+                shift = int(rng.integers(1, 10))  # drawn also when fixed: the same pairs in every setting
+                rejected[pos] = str((int(chosen[pos]) + (self.error_shift or shift)) % 10)  # never the same
             out.append(PreferenceExample(
                 prompt=f"<bos>{rule}:{digits}=", chosen=chosen, rejected="".join(rejected),
                 meta={"task": "error_injection", "split": split, "index": i, "rule": RULES[rule],
@@ -182,8 +197,21 @@ class ErrorInjectionTask:
         return out
 
     def sft_examples(self, n: int, split: str = "train") -> list[SFTExample]:
-        """The chosen (correct) responses of the same prompts as `preference_examples(n, split)`."""
-        return [SFTExample(e.prompt, e.chosen, dict(e.meta)) for e in self.preference_examples(n, split)]
+        """The chosen (correct) responses of the same prompts as `preference_examples(n, split)`; with
+        sft_noise, each digit replaced by its fluent alternative with that probability."""
+        pairs = self.preference_examples(n, split)
+        if self.sft_noise == 0:
+            return [SFTExample(e.prompt, e.chosen, dict(e.meta)) for e in pairs]
+        rng = np.random.default_rng([self.seed, 7, {"train": 0, "validation": 1, "test": 2}[split]])
+        out = []
+        for e in pairs:
+            flip = rng.random(len(e.chosen)) < self.sft_noise
+            text = "".join(
+                str((int(c) + self.error_shift) % 10) if f else c for c, f in zip(e.chosen, flip, strict=True)
+            )
+            flipped = [int(i) for i in np.flatnonzero(flip)]
+            out.append(SFTExample(e.prompt, text, dict(e.meta, sft_flipped=flipped)))
+        return out
 
     def expected_ids(self, prompt: str) -> list[int]:
         """Correct response ids for a prompt, EOS included."""
@@ -233,6 +261,7 @@ class DenseRewardTask:
     length_penalty: float = 2.5
     policy_scale: float = 1.5
     reward_scale: float = 0.5
+    label_length_bias: float = 0.0  # λ: the labeller prefers by R(y) + λ·len(y); gold_score stays R(y)
 
     @property
     def tokenizer(self) -> SyntheticTokenizer:
@@ -305,7 +334,8 @@ class DenseRewardTask:
             prompt = self._prompt(rng)
             y1, y2 = self.sample_reference(prompt, rng), self.sample_reference(prompt, rng)
             r1, r2 = self.gold_score(prompt, y1), self.gold_score(prompt, y2)
-            first_wins = rng.random() < 1.0 / (1.0 + np.exp(-(r1 - r2)))
+            bias = self.label_length_bias * (len(_strip_eos(y1)) - len(_strip_eos(y2)))
+            first_wins = rng.random() < 1.0 / (1.0 + np.exp(-(r1 - r2 + bias)))
             (c, rc), (rj, rr) = ((y1, r1), (y2, r2)) if first_wins else ((y2, r2), (y1, r1))
             out.append(PreferenceExample(
                 prompt=prompt, chosen=tok.decode(_strip_eos(c)), rejected=tok.decode(_strip_eos(rj)),

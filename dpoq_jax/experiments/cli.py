@@ -1,14 +1,39 @@
-"""Command-line glue shared by the experiments: options, config overrides, report files."""
+"""Command-line glue shared by the experiments: options, seeds, config overrides, report files.
+
+An experiment module defines NAME, TASK, `run(args, scale) -> Report` (one seed; its `numbers` feed
+the verdicts) and `verdicts(numbers, scale) -> {section title: Verdict}` (from intervals over seeds);
+optionally TASKS (a --task choice) and `add_args(parser)`. `experiment_main` serves them all.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from dpoq_jax.analysis.document import Report, command_line, log, machine_info
+from dpoq_jax.analysis import seeds as seeds_lib
+from dpoq_jax.analysis.document import Report, Verdict, command_line, log, machine_info
 from dpoq_jax.train.runs import default_config, synthetic_overrides
+
+DEFAULT_SEEDS = {"full": (0, 1, 2, 3, 4), "quick": (0, 1)}
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    """ "0,1,2" or "0-4" -> seeds (argparse type)."""
+    try:
+        if "-" in text.strip("-"):
+            lo, hi = text.split("-")
+            out = tuple(range(int(lo), int(hi) + 1))
+        else:
+            out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must look like 0,1,2 or 0-4, got {text!r}") from None
+    if not out or len(set(out)) != len(out) or min(out) < 0:
+        raise argparse.ArgumentTypeError(f"seeds must be distinct non-negative integers, got {text!r}")
+    return out
 
 
 def experiment_parser(
@@ -33,8 +58,17 @@ def experiment_parser(
         help="training configs: PREFIX[:arg] (PREFIX_sft.py, PREFIX_dpo.py) or FILE.py taking the stage; "
         "default: the packaged tiny configs of the task",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of data, initialisation and sampling")
-    parser.add_argument("--workdir", default=f"runs/experiments/{task}", help="where the training runs go")
+    parser.add_argument(
+        "--seeds",
+        type=seed_list,
+        default=None,
+        help="seeds of data, initialisation and sampling, e.g. 0,1,2,3,4 or 0-4; each runs the whole "
+        f"experiment (default {','.join(map(str, DEFAULT_SEEDS['full']))}; --quick: "
+        f"{','.join(map(str, DEFAULT_SEEDS['quick']))})",
+    )
+    parser.add_argument(
+        "--workdir", default=f"runs/experiments/{task}", help="where the training runs go (seed<N>/ each)"
+    )
     parser.add_argument(
         "--results", default=str(Path(results_dir) / f"{name}.md"), help="results Markdown file"
     )
@@ -62,6 +96,53 @@ def parse_experiment_args(
     args.overrides = synthetic_overrides(task, args.config) + check_overrides(rest, parser)
     args.command = command_line(f"python -m experiments.{name}", argv)
     return args
+
+
+def parse_args(module: ModuleType, argv: Sequence[str], results_dir: Path | str) -> argparse.Namespace:
+    """The options of an experiment module: the common ones, its TASKS choice and its add_args hook."""
+    task, parents = module.TASK, []
+    if hasattr(module, "TASKS"):  # --task picks the defaults of the other options, so it is read first
+        task_parser = argparse.ArgumentParser(add_help=False)
+        task_parser.add_argument("--task", default=module.TASK, choices=module.TASKS, help="synthetic task")
+        task = task_parser.parse_known_args(list(argv))[0].task
+        parents = [task_parser]
+    parser = experiment_parser(module.NAME, module.__doc__, task, results_dir, parents=parents)
+    if hasattr(module, "add_args"):
+        module.add_args(parser)
+    args = parse_experiment_args(parser, argv, module.NAME, task)
+    args.task = task
+    if task != module.TASK and args.results == str(Path(results_dir) / f"{module.NAME}.md"):
+        args.results = str(Path(results_dir) / f"{module.NAME}_{task}.md")
+    if args.seeds is None:
+        args.seeds = DEFAULT_SEEDS["quick" if args.quick else "full"]
+    return args
+
+
+def run_seeds(
+    run: Callable[[argparse.Namespace, dict], Report],
+    verdicts: Callable[[Mapping[str, Any], dict], dict[str, Verdict]],
+    args: argparse.Namespace,
+    scale: dict,
+) -> Report:
+    """Run one experiment per seed (runs in <workdir>/seed<N>) and merge the reports (intervals,
+    verdicts from them); the wall time goes into the report's Run table."""
+    t0, reports = time.time(), []
+    for s in args.seeds:
+        log(f"seed {s} ({len(reports) + 1} of {len(args.seeds)})")
+        a = argparse.Namespace(**{**vars(args), "seed": s, "workdir": str(Path(args.workdir) / f"seed{s}")})
+        reports.append(run(a, scale))
+    report = seeds_lib.merge_reports(reports, args.seeds, lambda numbers: verdicts(numbers, scale))
+    report.meta["wall time"] = f"{time.time() - t0:.0f} s for {len(args.seeds)} seed(s)"
+    return report
+
+
+def experiment_main(
+    module: ModuleType, argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str
+) -> int:
+    """`python -m experiments.<name>`: parse, run every seed, write the merged report."""
+    args = parse_args(module, argv, results_dir)
+    scale = scales["quick" if args.quick else "full"]
+    return write_report(module.NAME, run_seeds(module.run, module.verdicts, args, scale), args.results)
 
 
 def run_meta(args: argparse.Namespace) -> dict[str, str]:

@@ -1,17 +1,23 @@
-"""Experiment 1: does DPO's per-token implicit reward point at the injected errors? (paper §5.1)
+"""Experiment 1: does DPO's per-token implicit reward point at the injected errors? (paper §3)
 
-SFT a tiny model on the correct answers of the error_injection task, then DPO it at several β;
-on held-out pairs, score each rejected response's tokens by −r_t = −β log π/π_ref and measure
-  * top-1 localisation: the lowest-reward token is one of the injected ones,
-  * AUROC of −r_t as a detector of injected tokens (pooled over all held-out rejected tokens),
-against the reference alone (−log π_ref, surprise), the policy alone (−log π) and a uniform random
-score. The verdict: does the implicit reward find the errors above chance, and as well as the
-reference alone?
+Two settings of the error_injection task, each: SFT a tiny reference, DPO it at several β, and on
+held-out pairs score each rejected response's tokens by −r_t = −β log π/π_ref:
+  * fluent: an injected digit is always (correct + 5) mod 10 and the reference is SFT'd on responses
+    whose digits are that alternative half of the time, so the reference finds errors and correct
+    digits equally likely (checked: its own AUROC ≈ 0.5); only the preferences reveal the errors;
+  * surprising: the reference is SFT'd on correct answers only, errors are random other digits, so the
+    reference alone already finds them (the errors are unlikely under it).
+Measured: top-1 localisation (the lowest-reward token is an injected one), AUROC of −r_t as a detector
+of injected tokens (pooled and per response), where the lowest reward lands, against the reference
+alone (−log π_ref), the policy alone (−log π) and a uniform random score; plus the gold quality of
+greedy and sampled answers of the reference and each DPO policy, and the chosen/rejected
+log-likelihoods during DPO. Verdicts come from 95% t-intervals over seeds.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,15 +25,26 @@ import numpy as np
 
 from dpoq_jax.analysis import document as doc
 from dpoq_jax.analysis.credit import score_responses
-from dpoq_jax.analysis.metrics import credit_assignment_score, wilson_interval
+from dpoq_jax.analysis.metrics import credit_assignment_score
 from dpoq_jax.data.synthetic import RULES, make_task
 from dpoq_jax.data.tokenize import TokenizeConfig, tokenize_pair
 from dpoq_jax.experiments import cli
+from dpoq_jax.experiments import policy_effects as pe
 from dpoq_jax.train import runs
 
 NAME = "credit_assignment"
 TASK = "error_injection"
-CLAIM = "DPO's per-token implicit reward localises the injected errors (credit assignment, paper §5.1)"
+CLAIM = "DPO's per-token implicit reward localises the injected errors (credit assignment, paper §3)"
+# Settings: (title, task fields). The first decides the paper's claim; runs of the second live in the
+# seed's workdir itself, where experiment 3 (implicit_rewards) reuses its SFT and β = 0.1 runs.
+SETTINGS = {
+    "fluent": (
+        "Fluent errors: the reference cannot tell them (SFT on a 50/50 mixture)",
+        {"error_shift": 5, "sft_noise": 0.5},
+    ),
+    "surprising": ("Surprising errors: reference SFT'd on correct answers only", {}),
+}
+PREMISE_BAND = 0.1  # the reference "cannot solve" the task if its AUROC is within 0.5 ± this
 REF_NAME, RND_NAME = "reference alone (−log π_ref)", "uniform random"
 # The rule letters of the prompts "<rule>:<digits>=" (data.synthetic.RULES), for the reader.
 RULE_TEXT = {"c": "copy", "s": "sort ascending", "a": "add one to each digit, mod 10", "r": "reverse"}
@@ -78,29 +95,52 @@ def blame_profile(rewards: Sequence[np.ndarray], errors: Sequence[Sequence[int]]
     return dict(zip(BLAME_COLUMNS, (float(v) for v in values), strict=True))
 
 
-def verdict(dpo: Sequence[object], reference: Sequence[object], n: int, chance: float) -> doc.Verdict:
-    """Holds if DPO's top-1 is above chance (95% Wilson interval) and it is no worse than the reference
-    alone in top-1 and pooled AUROC; partly if only above chance; does not hold otherwise."""
-    top1, auroc = float(dpo[1]), float(dpo[2])
-    ref_top1, ref_auroc = float(reference[1]), float(reference[2])
-    lo, hi = wilson_interval(top1 * n, n)
-    above = lo > chance
-    vs_ref = top1 >= ref_top1 and auroc >= ref_auroc
-    found = (
-        f"DPO's lowest-reward token is an injected one in {top1:.1%} of {n} held-out responses "
-        f"(95% CI {lo:.1%}–{hi:.1%}; chance {chance:.1%}), AUROC {auroc:.3f} (0.5 = no signal)"
-    )
-    ref = f"the reference alone scores {ref_top1:.1%} / AUROC {ref_auroc:.3f}, " + (
-        "no better" if vs_ref else "better: the errors are surprising to it without DPO"
-    )
-    if above and vs_ref:
-        status = "holds"
-    elif above:
-        status = "partly"
-    else:
-        status = "does not hold"
-        found += " — not above chance"
-    return doc.Verdict(CLAIM, status, f"{found}; {ref}.")
+def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
+    """Per setting, at the main β, from 95% intervals over seeds: holds if DPO's top-1 lies above
+    chance and its pooled AUROC above the reference alone's; partly if only above chance (or the
+    fluent setting's premise, reference AUROC ≈ 0.5, fails); does not hold if not above chance."""
+    out = {}
+    for setting, betas in settings_of(scale).items():
+        b = main_beta(betas)
+        k = f"{setting}/beta{b}"
+        top1, auroc = n[f"{k}/dpo_top1"], n[f"{k}/dpo_auroc"]
+        ref_top1, ref_auroc, chance = (
+            n[f"{setting}/ref_top1"],
+            n[f"{setting}/ref_auroc"],
+            n[f"{setting}/chance"],
+        )
+        above = top1.above(chance.mean) and auroc.above(0.5)
+        beats = auroc.above(ref_auroc)
+        why = (
+            f"at β = {b}, DPO's lowest-reward token is an injected one in {top1} of held-out responses "
+            f"(chance {chance.mean:.3f}), pooled AUROC {auroc}; the reference alone: top-1 {ref_top1}, "
+            f"AUROC {ref_auroc}"
+        )
+        if above and beats:
+            status, why = "holds", why + ": the implicit reward finds the errors, better than the reference"
+        elif above:
+            status, why = "partly", why + ": above chance, but not above the reference alone"
+        else:
+            status, why = "does not hold", why + ": not above chance"
+        if setting == "fluent":
+            premise = abs(ref_auroc.mean - 0.5) < PREMISE_BAND
+            why += (
+                f"; premise {'met' if premise else 'NOT met'} (reference AUROC {ref_auroc}, "
+                f"needed within 0.5 ± {PREMISE_BAND})"
+            )
+            if not premise and status == "holds":
+                status = "partly"
+        out[SETTINGS[setting][0]] = doc.Verdict(CLAIM, status, why + ".")
+    return out
+
+
+def settings_of(scale: dict) -> dict[str, tuple[float, ...]]:
+    """{setting: its β values}: scale["settings"] if given, else every setting at scale["betas"]."""
+    return dict(scale.get("settings") or {s: tuple(scale["betas"]) for s in SETTINGS})
+
+
+def main_beta(betas: Sequence[float]) -> float:
+    return 0.1 if 0.1 in betas else betas[0]
 
 
 def heatmap_figure(rows: list[dict], title: str) -> doc.Figure:
@@ -141,7 +181,7 @@ def heatmap_figure(rows: list[dict], title: str) -> doc.Figure:
     return doc.Figure("heatmap", doc.fig_to_png(fig), title)
 
 
-def beta_figure(rows: list[list[object]], baselines: dict[str, list[object]]) -> doc.Figure:
+def beta_figure(rows: list[list[object]], baselines: dict[str, list[object]], name: str) -> doc.Figure:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,20 +199,31 @@ def beta_figure(rows: list[list[object]], baselines: dict[str, list[object]]) ->
         ax.set_xlabel("β")
         ax.set_title(label)
     axes[1].legend(fontsize=7)
-    return doc.Figure("beta_sweep", doc.fig_to_png(fig), "Credit-assignment scores against β")
+    return doc.Figure(name, doc.fig_to_png(fig), "Credit-assignment scores against β")
 
 
 def _toks(tok, ids: Sequence[int]) -> list[str]:
     return [("EOS" if int(t) == tok.eos_token_id else tok.decode([int(t)])) for t in ids]
 
 
-def run(args: argparse.Namespace, scale: dict) -> doc.Report:
-    """Train, score, and build the report (also used by `dpoq demo`)."""
-    runs.require_synthetic(args.config, args.overrides, TASK, NAME)
-    task = make_task(TASK, seed=args.seed)
+GEN_NOTE = (
+    "Held-out prompts; greedy = 1 beam, sampled = temperature 1. Gold score: share of correct tokens "
+    "(EOS included); exact match: the whole answer right."
+)
+
+
+def run_setting(args: argparse.Namespace, scale: dict, setting: str, report: doc.Report) -> dict:
+    """One setting of one seed: train, score, add its sections to `report`; returns numbers."""
+    title, kwargs = SETTINGS[setting]
+    a = argparse.Namespace(**{**vars(args), "task_kwargs": kwargs})
+    if setting != "surprising":
+        a.workdir = str(Path(args.workdir) / setting)
+    task = make_task(TASK, seed=args.seed, **kwargs)
     tok = task.tokenizer
-    doc.log(f"{NAME}: SFT reference ({scale['sft_steps']} steps) in {Path(args.workdir) / 'sft_chosen'}")
-    sft_dir = runs.train_sft(args, "chosen", scale["sft_steps"])
+    doc.log(
+        f"{NAME} [{setting}]: SFT reference ({scale['sft_steps']} steps) in {Path(a.workdir) / 'sft_chosen'}"
+    )
+    sft_dir = runs.train_sft(a, "chosen", scale["sft_steps"])
     ref = runs.load_run_model(sft_dir)
     eval_pairs = task.preference_examples(scale["n_eval"], split="test")
     tokenized = [tokenize_pair(e, tok, TokenizeConfig()) for e in eval_pairs]
@@ -180,13 +231,21 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     prompts = [t.prompt_ids for t in tokenized]
     rejected = [t.rejected_ids for t in tokenized]
     chosen = [t.chosen_ids for t in tokenized]
+    gen_prompts = [e.prompt for e in eval_pairs[: scale["n_gen"]]]
+    max_new = task.max_digits + 1
     rng = np.random.default_rng(args.seed)
+    numbers: dict[str, float] = {}
     baselines: dict[str, list[object]] = {}
-    beta_rows, blame_rows, per_beta, dpo_dirs = [], [], {}, {}
-    for beta in scale["betas"]:
-        doc.log(f"{NAME}: DPO β={beta} ({scale['dpo_steps']} steps)")
+    beta_rows, blame_rows, traj_rows, per_beta, dpo_dirs, curves = [], [], [], {}, {}, {}
+    gen_rows = pe.generation_rows(
+        "reference (SFT)", pe.generation_quality(ref, task, gen_prompts, max_new, args.seed)
+    )
+    numbers["ref_greedy_exact"] = gen_rows[0][3]
+    betas = settings_of(scale)[setting]
+    for beta in betas:
+        doc.log(f"{NAME} [{setting}]: DPO β={beta} ({scale['dpo_steps']} steps)")
         dpo_dir = dpo_dirs[beta] = runs.train_dpo(
-            args, beta, scale["dpo_steps"], sft_dir, eval_every=scale["eval_every"]
+            a, beta, scale["dpo_steps"], sft_dir, eval_every=scale["eval_every"]
         )
         pol = runs.load_run_model(dpo_dir)
         s_rej = score_responses(pol, ref, prompts, rejected, beta)
@@ -197,58 +256,84 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
         acc = float(np.mean([c.reward_sum > r.reward_sum for c, r in zip(s_cho, s_rej, strict=True)]))
         dpo = score_table_rows("DPO implicit reward (−r_t)", [s.rewards for s in s_rej], errors)
         policy_alone = score_table_rows("policy alone (−log π)", [s.logps for s in s_rej], errors)
-        beta_rows.append([beta, acc, dpo[1], dpo[2], policy_alone[1], policy_alone[2]])
+        beta_rows.append([beta, acc, dpo[1], dpo[2], dpo[3], policy_alone[1], policy_alone[2]])
         blame_rows.append([beta, *blame_profile([s.rewards for s in s_rej], errors).values()])
+        q = pe.generation_quality(pol, task, gen_prompts, max_new, args.seed)
+        gen_rows += pe.generation_rows(f"DPO β={beta}", q)
+        curves[f"β={beta}"], traj = pe.trajectory(dpo_dir)
+        traj_rows.append([beta, *traj.values()])
         per_beta[beta] = dict(
             r_rej=[s.rewards for s in s_rej],
             r_cho=[s.rewards for s in s_cho],
             dpo=dpo,
             policy_alone=policy_alone,
-            acc=acc,
         )
-        doc.log(f"{NAME}: β={beta}: held-out pref. acc {acc:.3f}, top-1 {dpo[1]:.3f}, AUROC {dpo[2]:.3f}")
+        k = f"beta{beta}"
+        numbers |= {
+            f"{k}/dpo_top1": dpo[1],
+            f"{k}/dpo_auroc": dpo[2],
+            f"{k}/policy_auroc": policy_alone[2],
+            f"{k}/greedy_exact": q["greedy"]["exact match"],
+        }
+        doc.log(f"{NAME} [{setting}]: β={beta}: pref. acc {acc:.3f}, top-1 {dpo[1]:.3f}, AUROC {dpo[2]:.3f}")
 
-    main_beta = 0.1 if 0.1 in per_beta else scale["betas"][0]
-    best = per_beta[main_beta]
+    b = main_beta(betas)
+    best = per_beta[b]
     n_tok = sum(len(x) for x in rejected)
     n_err = sum(len(e) for e in errors)
     chance = float(np.mean([len(e) / len(x) for e, x in zip(errors, rejected, strict=True)]))
-    report = doc.Report(
-        "Experiment 1: per-token credit assignment on the error-injection task",
-        intro=(
-            "Claim (paper §5.1, from Eq. 10 and Theorem 1): the per-token log-ratio β log π/π_ref is an "
-            "implicit token reward, so DPO should put low reward on exactly the tokens that make a "
-            "response worse. The paper shows this qualitatively (hand-inserted errors in TL;DR "
-            "summaries). Here the errors are injected at known positions, so we measure it: on held-out "
-            "rejected responses, how often the lowest-reward token is an injected one (top-1), and the "
-            "AUROC of −r_t as a detector of injected tokens, against the reference alone and chance."
+    numbers |= {
+        "ref_top1": baselines[REF_NAME][1],
+        "ref_auroc": baselines[REF_NAME][2],
+        "chance": chance,
+        "random_top1": baselines[RND_NAME][1],
+    }
+    report.add(
+        title,
+        (
+            "Reference SFT'd on responses whose digits are each replaced, with probability 0.5, by the "
+            "fluent alternative (correct + 5) mod 10; injected errors are that alternative. The reference "
+            "sees an error as often as the correct digit, so only the preference data can reveal the errors."
+            if setting == "fluent"
+            else "Reference SFT'd on correct answers only; injected errors are random other digits, which "
+            "the reference finds unlikely: the reference alone localises them."
         ),
     )
-    scores = report.add(
-        f"Scores at β = {main_beta}",
+    report.add(
+        f"Scores at β = {b}",
         f"{len(eval_pairs)} held-out pairs, {n_tok} rejected-response tokens of which {n_err} injected "
-        f"(top-1 by chance ≈ {chance:.3f}). Each detector flags the tokens with the lowest value "
-        "(implicit reward, or log-prob for the likelihood baselines); AUROC pooled over all tokens and "
-        "averaged per response; scored by `dpoq_jax.analysis.metrics.credit_assignment_score`.",
+        f"(top-1 by chance ≈ {chance:.3f}; seed {args.seed}). Each detector flags the tokens with the lowest "
+        "value (implicit reward, or log-prob for the likelihood baselines); AUROC pooled over all tokens "
+        "and averaged per response; scored by `dpoq_jax.analysis.metrics.credit_assignment_score`. "
+        "The reference alone's AUROC tests the setting's premise.",
         doc.Table(
             ["detector", "top-1 localisation", "AUROC (pooled)", "AUROC (per response)"],
             [best["dpo"], best["policy_alone"], *baselines.values()],
         ),
+        level=2,
     )
-    report.verdict = scores.verdict = verdict(best["dpo"], baselines[REF_NAME], len(eval_pairs), chance)
     report.add(
         "β sweep",
         "Held-out preference accuracy (summed implicit reward of chosen > rejected) and the "
         "credit-assignment scores of the DPO implicit reward and of the policy alone, per β.",
         doc.Table(
-            ["β", "pref. accuracy", "top-1 (DPO r_t)", "AUROC (DPO r_t)", "top-1 (−log π)", "AUROC (−log π)"],
+            [
+                "β",
+                "pref. accuracy",
+                "top-1 (DPO r_t)",
+                "AUROC (DPO r_t)",
+                "AUROC per resp. (DPO r_t)",
+                "top-1 (−log π)",
+                "AUROC (−log π)",
+            ],
             beta_rows,
         ),
         *(
-            [beta_figure([[r[0], r[1], r[2], r[3]] for r in beta_rows], baselines)]
+            [beta_figure([[r[0], r[1], r[2], r[3]] for r in beta_rows], baselines, f"beta_sweep_{setting}")]
             if len(beta_rows) > 1
             else []
         ),
+        level=2,
     )
     report.add(
         "Where the blame goes",
@@ -257,40 +342,77 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
         "tokens before the first error (states shared with the chosen response), of the injected tokens, "
         "and of the correct tokens after the first error (states that only rejected responses reach).",
         doc.Table(["β", *BLAME_COLUMNS], blame_rows),
+        level=2,
     )
-    rows = []
-    for i in range(min(args.heatmap_pairs, len(eval_pairs))):
-        p = tokenized[i]
-        prompt = eval_pairs[i].prompt.removeprefix("<bos>")
-        rows.append(dict(label=f"{prompt} chosen", tokens=_toks(tok, p.chosen_ids), rewards=best["r_cho"][i]))
-        rows.append(
-            dict(
-                label=f"{prompt} rejected",
-                tokens=_toks(tok, p.rejected_ids),
-                rewards=best["r_rej"][i],
-                errors=errors[i],
-            )
-        )
-    codes = "; ".join(f"`{k}:` {v}" for k, v in RULE_TEXT.items())
     report.add(
-        "Heatmap",
-        "Per-token implicit rewards β log π/π_ref of the first held-out pairs; red is negative, blue "
-        "positive; injected tokens are boxed. Each row is labelled with its prompt `rule:digits=` and "
-        f"the response shown. Rules: {codes}. The correct answer is the "
-        "rule applied to the digits, e.g. `r:123=` → `321`.",
-        heatmap_figure(rows, f"error_injection, DPO β={main_beta}: per-token implicit reward"),
+        "The policies' own answers",
+        f"{len(gen_prompts)} {GEN_NOTE}",
+        doc.Table(["model", "decoding", *pe.GEN_COLUMNS], gen_rows),
+        level=2,
     )
+    report.add(
+        "Chosen and rejected log-likelihood during DPO",
+        "Held-out mean summed log π(y|x) of the chosen and rejected responses at the first and last "
+        "evaluation of each DPO run, and the last implicit-reward margin.",
+        doc.Table(["β", *pe.TRAJ_COLUMNS], traj_rows),
+        pe.trajectory_figure(curves, f"loglik_{setting}", f"{setting} errors: held-out log-likelihoods"),
+        level=2,
+    )
+    if setting == "fluent" or "fluent" not in settings_of(scale):
+        rows = []
+        for i in range(min(args.heatmap_pairs, len(eval_pairs))):
+            p = tokenized[i]
+            prompt = eval_pairs[i].prompt.removeprefix("<bos>")
+            rows.append(
+                dict(label=f"{prompt} chosen", tokens=_toks(tok, p.chosen_ids), rewards=best["r_cho"][i])
+            )
+            rows.append(
+                dict(
+                    label=f"{prompt} rejected",
+                    tokens=_toks(tok, p.rejected_ids),
+                    rewards=best["r_rej"][i],
+                    errors=errors[i],
+                )
+            )
+        codes = "; ".join(f"`{k}:` {v}" for k, v in RULE_TEXT.items())
+        report.add(
+            "Heatmap",
+            "Per-token implicit rewards β log π/π_ref of the first held-out pairs; red is negative, blue "
+            "positive; injected tokens are boxed. Each row is labelled with its prompt `rule:digits=` and "
+            f"the response shown. Rules: {codes}. The correct answer is the "
+            "rule applied to the digits, e.g. `r:123=` → `321`.",
+            heatmap_figure(rows, f"error_injection ({setting}), DPO β={b}: per-token implicit reward"),
+            level=2,
+        )
+    report.run_dirs = report.run_dirs or {"sft": sft_dir, "dpo": dpo_dirs[b]}
+    return {f"{setting}/{k}": v for k, v in numbers.items()}
+
+
+def run(args: argparse.Namespace, scale: dict) -> doc.Report:
+    """One seed: every setting trained, scored and reported (also used by `dpoq demo`)."""
+    runs.require_synthetic(args.config, args.overrides, TASK, NAME)
+    report = doc.Report(
+        "Experiment 1: per-token credit assignment on the error-injection task",
+        intro=(
+            "Claim (paper §3, from Eq. 10 and Theorem 1): the per-token log-ratio β log π/π_ref is an "
+            "implicit token reward, so DPO should put low reward on exactly the tokens that make a "
+            "response worse. The paper shows this qualitatively (hand-inserted errors in TL;DR "
+            "summaries). Here the errors are injected at known positions, so we measure it: on held-out "
+            "rejected responses, how often the lowest-reward token is an injected one (top-1), and the "
+            "AUROC of −r_t as a detector of injected tokens, against the reference alone and chance. "
+            "The fluent setting decides the claim: there the reference cannot find the errors, so "
+            "whatever the implicit reward finds it learned from the preferences."
+        ),
+    )
+    for setting in settings_of(scale):
+        report.numbers |= run_setting(args, scale, setting, report)
     report.meta = cli.run_meta(args)
-    report.run_dirs = {"sft": sft_dir, "dpo": dpo_dirs[main_beta]}
     return report
 
 
-def parse_args(argv: Sequence[str], results_dir: Path | str = "experiments/results") -> argparse.Namespace:
-    parser = cli.experiment_parser(NAME, __doc__, TASK, results_dir)
+def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heatmap-pairs", type=int, default=4, help="pairs shown in the heatmap")
-    return cli.parse_experiment_args(parser, argv, NAME, TASK)
 
 
 def main(argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str) -> int:
-    args = parse_args(argv, results_dir)
-    return cli.write_report(NAME, run(args, scales["quick" if args.quick else "full"]), args.results)
+    return cli.experiment_main(sys.modules[__name__], argv, scales, results_dir)

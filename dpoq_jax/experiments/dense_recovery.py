@@ -9,12 +9,14 @@ learned per-token implicit reward r̂_t = β log π/π_ref with
   * the true reward r_t after removing the shaping (r̂_t − ΔV*_t vs r_t), and raw r̂_t vs r_t,
   * per-token ranks within each response (Spearman, averaged),
   * per-response sums (Σ r̂ + V*(s_0) vs Σ r), and chosen−rejected differences (V* cancels).
-Uses the DPO policies of experiment 2 (same workdir and scales; trained if missing).
+Uses the DPO policies of experiment 2 trained on the gold judge's own labels (same workdir and
+scales; trained if missing), with experiment 2's length-neutral gold judge.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,10 +27,27 @@ from dpoq_jax.analysis.credit import score_responses
 from dpoq_jax.analysis.metrics import pearson, spearman
 from dpoq_jax.data.synthetic import dense_optimal_values, dense_shaping, make_task
 from dpoq_jax.experiments import cli
+from dpoq_jax.experiments.search_overopt import GOLD
 from dpoq_jax.train import runs
 
 NAME = "dense_recovery"
 TASK = "dense_reward"
+CLAIM = "DPO's per-token implicit reward recovers the true dense reward up to shaping (paper §3, Eq. 10)"
+STRONG = 0.5  # a Pearson correlation above this (whole interval) counts as recovery
+
+
+def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
+    """Holds if, for every β, the 95% interval of the Pearson correlation between r̂ and r + ΔV* lies
+    above STRONG; partly if above 0 for every β; does not hold otherwise."""
+    cors = {b: n[f"beta{b}/pearson_vs_optimal_implicit"] for b in scale["betas"]}
+    text = "; ".join(f"β={b}: Pearson r̂ ~ r+ΔV* {c}" for b, c in cors.items())
+    if all(c.above(STRONG) for c in cors.values()):
+        status = "holds"
+    elif all(c.above(0) for c in cors.values()):
+        status = "partly"
+    else:
+        status = "does not hold"
+    return {"Correlations": doc.Verdict(CLAIM, status, f"{text} (recovery: above {STRONG}).")}
 
 
 def recovery_stats(
@@ -72,7 +91,8 @@ def scatter_figure(learned: np.ndarray, target: np.ndarray, beta: float) -> doc.
 
 def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     runs.require_synthetic(args.config, args.overrides, TASK, NAME)
-    task = make_task(TASK, seed=args.seed)
+    args = argparse.Namespace(**{**vars(args), "task_kwargs": GOLD})
+    task = make_task(TASK, seed=args.seed, **GOLD)
     tok = task.tokenizer
     sft_dir = runs.train_sft(args, "all", scale["sft_steps"])
     ref = runs.load_run_model(sft_dir)
@@ -82,9 +102,9 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
         "chosen": [tok.encode(p.chosen) + [tok.eos_token_id] for p in pairs],
         "rejected": [tok.encode(p.rejected) + [tok.eos_token_id] for p in pairs],
     }
-    rows, figures, pair_rows = [], [], []
+    rows, figures, numbers = [], [], {}
     for beta in scale["betas"]:
-        dpo_dir = runs.train_dpo(args, beta, scale["dpo_steps"], sft_dir)
+        dpo_dir = runs.train_dpo(args, beta, scale["dpo_steps"], sft_dir, scale.get("eval_every"))
         pol = runs.load_run_model(dpo_dir)
         V = dense_optimal_values(task, beta)
         learned, true, shaping, v0 = [], [], [], []
@@ -117,7 +137,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
             scatter_figure(np.concatenate(learned), np.concatenate(true) + np.concatenate(shaping), beta)
         )
         doc.log(f"{NAME}: β={beta}: r̂ vs r+ΔV* Pearson {st['pearson_vs_optimal_implicit']:.3f}")
-        pair_rows.append(st)
+        numbers |= {f"beta{beta}/{k}": float(v) for k, v in st.items()}
 
     report = doc.Report(
         "Experiment 4 (beyond the paper): recovering a dense token reward",
@@ -154,16 +174,10 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
         ),
         *figures,
     )
+    report.numbers = numbers
     report.meta = cli.run_meta(args)
     return report
 
 
-def parse_args(argv: Sequence[str], results_dir: Path | str = "experiments/results") -> argparse.Namespace:
-    return cli.parse_experiment_args(
-        cli.experiment_parser(NAME, __doc__, TASK, results_dir), argv, NAME, TASK
-    )
-
-
 def main(argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str) -> int:
-    args = parse_args(argv, results_dir)
-    return cli.write_report(NAME, run(args, scales["quick" if args.quick else "full"]), args.results)
+    return cli.experiment_main(sys.modules[__name__], argv, scales, results_dir)

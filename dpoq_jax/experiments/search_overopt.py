@@ -1,39 +1,51 @@
-"""Experiment 2: likelihood search on a DPO policy is reward search, and it over-optimises (paper §5.2).
+"""Experiment 2: likelihood search on a DPO policy is reward search, and it over-optimises (paper §4).
 
-On the dense_reward task (gold judge = the known summed token reward; within the data longer is
-better, beyond `gold_len_limit` letters every letter costs), SFT a reference on all responses, DPO it
-at several β, then decode held-out prompts with beam search at several widths (and plain sampling at
-temperature 1). Report the gold judge's win rate against the preferred reference response (ties
-count half; 95% Wilson interval), mean gold reward and mean length, and plot win rate and length
-against beams.
+On the dense_reward task with a length-neutral gold judge (the known summed token reward, no length
+bonus or penalty), SFT a reference on all responses, then DPO it at several β on preferences from two
+labellers: the gold judge itself (Bradley–Terry on the gold reward) and a length-biased one (gold
+reward + λ·length, the bias TL;DR labellers are said to have). Decode held-out prompts with beam
+search at several widths and by sampling (T = 1); report the gold win rate against the reference's
+own samples (ties count half), mean gold reward and mean length, for the reference and each policy.
+Does the paper's pattern (a few beams beat one, many beams give longer, worse answers) appear with
+the bias and not without? Verdicts from 95% t-intervals over seeds of per-seed differences.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from dpoq_jax.analysis import document as doc
-from dpoq_jax.analysis.metrics import wilson_interval
 from dpoq_jax.data.synthetic import make_task
 from dpoq_jax.decode.beam import best_beams
 from dpoq_jax.decode.core import strip_eos
 from dpoq_jax.decode.sampling import sample_responses
 from dpoq_jax.experiments import cli
+from dpoq_jax.experiments import policy_effects as pe
 from dpoq_jax.train import runs
 
 NAME = "search_overopt"
 TASK = "dense_reward"
 CLAIM = (
     "beam search on a DPO policy is reward search: a few beams beat one, and many beams over-optimise "
-    "(worse, longer responses) (paper §5.2)"
+    "(worse, longer responses) (paper §4)"
 )
+LENGTH_BIAS = 0.3  # λ per letter; two reference samples differ by ~6 letters, i.e. ~1.8 nats of preference
+GOLD = {"bonus": 0.0, "length_penalty": 0.0}  # a length-neutral gold judge: the summed W only
+SETTINGS = {
+    "unbiased": ("Labels from the gold judge (no length bias)", {}),
+    "biased": (
+        f"Labels with a length bias (gold + {LENGTH_BIAS}·length)",
+        {"label_length_bias": LENGTH_BIAS},
+    ),
+}
 
 
-def win_stats(gen_scores: np.ndarray, ref_scores: np.ndarray) -> dict[str, float]:
+def win_rate(gen_scores: np.ndarray, ref_scores: np.ndarray) -> float:
     """Gold-judge win rate of generations against reference responses; ties count half."""
     gen_scores, ref_scores = np.asarray(gen_scores, np.float64), np.asarray(ref_scores, np.float64)
     if gen_scores.shape != ref_scores.shape or gen_scores.size == 0:
@@ -41,12 +53,12 @@ def win_stats(gen_scores: np.ndarray, ref_scores: np.ndarray) -> dict[str, float
             f"win_stats: shapes {gen_scores.shape} and {ref_scores.shape} must match and be non-empty"
         )
     wins = float(np.sum(gen_scores > ref_scores) + 0.5 * np.sum(gen_scores == ref_scores))
-    n = gen_scores.size
-    lo, hi = wilson_interval(wins, n)
-    return {"n": n, "win_rate": wins / n, "lo": lo, "hi": hi}
+    return wins / gen_scores.size
 
 
-def curves_figure(results: dict[float, dict[str, dict]], beams: Sequence[int], ref_len: float) -> doc.Figure:
+def curves_figure(
+    results: dict[float, dict[str, dict]], beams: Sequence[int], ref_len: float, name: str, title: str
+) -> doc.Figure:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,185 +68,182 @@ def curves_figure(results: dict[float, dict[str, dict]], beams: Sequence[int], r
     for beta, per in results.items():
         xs = list(beams)
         st = [per[f"beam {b}"] for b in beams]
-        wr = np.array([s["win_rate"] for s in st])
-        err = np.array([[s["win_rate"] - s["lo"] for s in st], [s["hi"] - s["win_rate"] for s in st]])
-        line = axes[0].errorbar(xs, wr, yerr=err, marker="o", capsize=3, label=f"β={beta}")
-        color = line[0].get_color()
+        (line,) = axes[0].plot(xs, [s["win_rate"] for s in st], "o-", label=f"β={beta}")
+        color = line.get_color()
         if "sample" in per:
             axes[0].axhline(per["sample"]["win_rate"], color=color, ls=":", lw=1)
         axes[1].plot(xs, [s["gold"] for s in st], "o-", color=color, label=f"β={beta}")
         axes[2].plot(xs, [s["length"] for s in st], "o-", color=color, label=f"β={beta}")
-    axes[0].set_title("gold win rate vs preferred reference\n(95% Wilson; dotted: sampling T=1)", fontsize=9)
+    axes[0].set_title("gold win rate vs reference samples\n(dotted: sampling T=1)", fontsize=9)
     axes[1].set_title("mean gold reward", fontsize=9)
     axes[2].set_title("mean length (letters)", fontsize=9)
-    axes[2].axhline(ref_len, color="gray", ls="--", lw=1, label="preferred refs")
+    axes[2].axhline(ref_len, color="gray", ls="--", lw=1, label="reference samples")
     for ax in axes:
         ax.set_xscale("log")
         ax.minorticks_off()
         ax.set_xticks(list(beams), [str(b) for b in beams])
         ax.set_xlabel("beams")
     axes[2].legend(fontsize=7)
-    return doc.Figure("beams", doc.fig_to_png(fig), "Win rate, gold reward and length against beams")
+    fig.suptitle(title, fontsize=9)
+    return doc.Figure(name, doc.fig_to_png(fig), f"{title}: win rate, gold reward and length against beams")
 
 
-def _direction(a: float, b: float, more: str, less: str, tol: float = 1e-9) -> str:
-    return more if b > a + tol else less if b < a - tol else "unchanged"
+def pattern_checks(
+    n: dict, setting: str, betas: Sequence[float], beams: Sequence[int]
+) -> list[tuple[bool, str]]:
+    """The paper's pattern, per β, each from a 95% interval of a per-seed difference: a few beams beat
+    one (win rate at 5 beams, or the widest ≤ 5, minus 1 beam > 0); the widest search is worse than
+    5 beams (gold reward at 5 minus at the widest > 0); and longer than 1 beam (length difference > 0)."""
+    few, wide = max(b for b in beams if b <= 5), beams[-1]
+    out = []
+    for beta in betas:
+        k = f"{setting}/beta{beta}"
+        gain, drop, longer = n[f"{k}/gain_few"], n[f"{k}/drop_wide"], n[f"{k}/longer_wide"]
+        out.append((gain.above(0), f"β={beta}: {few} beams − 1 beam win rate {gain}"))
+        if wide > few:
+            out.append((drop.above(0), f"gold at {few} − at {wide} beams {drop}"))
+        out.append((longer.above(0), f"length at {wide} − at 1 beam {longer} letters"))
+    return out
 
 
-def summarise(results: dict[float, dict[str, dict]], beams: Sequence[int]) -> str:
-    """Plain statements read off the numbers (not hand-written claims)."""
-    lines = []
-    for beta, per in results.items():
-        st = {b: per[f"beam {b}"] for b in beams}
-        b0, b1 = beams[0], beams[-1]
-        best_wr = max(beams, key=lambda b: st[b]["win_rate"])
-        best_gold = max(beams, key=lambda b: st[b]["gold"])
-        sm = per["sample"]
-        length = _direction(st[b0]["length"], st[b1]["length"], "longer", "shorter")
-        lines.append(
-            f"- β={beta}: win rate {st[b0]['win_rate']:.3f} at {b0} beam(s) → "
-            f"{st[b1]['win_rate']:.3f} at {b1} (highest {st[best_wr]['win_rate']:.3f} at {best_wr}); "
-            f"mean gold reward {st[b0]['gold']:.3f} → {st[b1]['gold']:.3f} (highest at {best_gold}); "
-            f"responses get {length} with more beams ({st[b0]['length']:.1f} → {st[b1]['length']:.1f} "
-            f"letters); sampling: win rate {sm['win_rate']:.3f}, gold {sm['gold']:.3f}, "
-            f"length {sm['length']:.1f}, {100 * sm['over']:.0f}% beyond the limit."
+def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
+    """Per labeller: holds if every check of `pattern_checks` passes for every β, does not hold if
+    none does. Overall (with vs without the bias): holds if the biased labeller shows more checks
+    passing than the unbiased one and the widest beams are longer only with the bias."""
+    out, passed = {}, {}
+    settings = scale.get("settings", tuple(SETTINGS))
+    for setting in settings:
+        checks = pattern_checks(n, setting, scale["betas"], scale["beams"])
+        status, why = doc.grade(checks)
+        passed[setting] = sum(ok for ok, _ in checks), len(checks)
+        out[SETTINGS[setting][0]] = doc.Verdict(CLAIM, status, why)
+    if len(settings) == 2:
+        (pu, nu), (pb, nb) = passed["unbiased"], passed["biased"]
+        longer = {s: all(n[f"{s}/beta{b}/longer_wide"].above(0) for b in scale["betas"]) for s in settings}
+        ok = pb > pu and longer["biased"] and not longer["unbiased"]
+        some = pb > pu or (longer["biased"] and not longer["unbiased"])
+        why = (
+            f"checks of the paper's pattern passed: {pb}/{nb} with the length-biased labeller, {pu}/{nu} "
+            f"without; widest beams longer than 1 beam at every β: with bias {longer['biased']}, "
+            f"without {longer['unbiased']}"
         )
-    return "\n".join(lines)
-
-
-def verdict(results: dict[float, dict[str, dict]], beams: Sequence[int]) -> doc.Verdict:
-    """Three checks over the β values: a few beams (2..5) beat one beam in win rate; the widest search
-    is below the best width (over-optimisation; needs 3+ widths); responses get longer from one beam to
-    the widest (the paper's sign of over-optimisation). Each passes if it holds for most β."""
-    few = [b for b in beams if 1 < b <= 5]
-    gains, drops, lengths = [], [], []
-    for per in results.values():
-        wr = {b: per[f"beam {b}"]["win_rate"] for b in beams}
-        if 1 in wr and few:
-            gains.append(max(wr[b] for b in few) - wr[1])
-        if len(beams) >= 3:
-            drops.append(max(wr.values()) - wr[beams[-1]])
-        lengths.append(per[f"beam {beams[-1]}"]["length"] - per[f"beam {beams[0]}"]["length"])
-    n = len(results)
-    majority = lambda xs: sum(x > 0 for x in xs) > len(xs) / 2  # noqa: E731
-    tests = []
-    if gains:
-        tests.append(
-            (
-                majority(gains),
-                f"{sum(g > 0 for g in gains)} of {n} β: a few beams beat one "
-                f"(win-rate change {', '.join(f'{g:+.3f}' for g in gains)})",
-            )
-        )
-    if drops:
-        tests.append(
-            (
-                majority(drops),
-                f"{sum(d > 0 for d in drops)} of {n} β: {beams[-1]} beams fall below the best width "
-                f"(by {', '.join(f'{d:.3f}' for d in drops)})",
-            )
-        )
-    longer = majority(lengths)
-    change = ", ".join(f"{x:+.1f}" for x in lengths)
-    where = f"from {beams[0]} to {beams[-1]} beams in {sum((x > 0) == longer for x in lengths)} of {n} β"
-    tests.append(
-        (
-            longer,
-            f"responses get longer {where} (length change {change} letters)"
-            if longer
-            else f"responses get shorter or stay, not longer as in the paper, {where} "
-            f"(length change {change} letters)",
-        )
-    )
-    status, why = doc.grade(tests)
-    if not drops:  # over-optimisation not measured: never "holds" on a partial test
-        status = "partly" if status == "holds" else status
-        why = why[:-1] + f"; over-optimisation not measured (only {len(beams)} beam widths)."
-    return doc.Verdict(CLAIM, status, why)
+        status = "holds" if ok else "partly" if some else "does not hold"
+        claim = "the paper's over-optimisation pattern comes from the labeller's length bias"
+        out = {"With and without the length bias": doc.Verdict(claim, status, why + "."), **out}
+    return out
 
 
 def run(args: argparse.Namespace, scale: dict) -> doc.Report:
+    """One seed: SFT, DPO per labeller and β, decoding at every width; numbers for the verdicts."""
     runs.require_synthetic(args.config, args.overrides, TASK, NAME)
-    task = make_task(TASK, seed=args.seed)
+    args = argparse.Namespace(**{**vars(args), "task_kwargs": GOLD})
+    task = make_task(TASK, seed=args.seed, **GOLD)
     tok = task.tokenizer
     doc.log(f"{NAME}: SFT reference on all responses ({scale['sft_steps']} steps)")
     sft_dir = runs.train_sft(args, "all", scale["sft_steps"])
+    ref = runs.load_run_model(sft_dir)
     pairs = task.preference_examples(scale["n_prompts"], split="test")
     prompts = [tok.encode(p.prompt) for p in pairs]
-    ref_gold = np.array([p.meta["chosen_reward"] for p in pairs])
-    ref_len = float(np.mean([len(p.chosen) for p in pairs]))
     max_new = task.max_len + 1
-    results: dict[float, dict[str, dict]] = {}
-    rows, dpo_dirs = [], {}
-    for beta in scale["betas"]:
-        doc.log(f"{NAME}: DPO β={beta} ({scale['dpo_steps']} steps)")
-        dpo_dir = dpo_dirs[beta] = runs.train_dpo(args, beta, scale["dpo_steps"], sft_dir)
-        pol = runs.load_run_model(dpo_dir)
-        per: dict[str, dict] = {}
-        settings = [("sample", None)] + [(f"beam {b}", b) for b in scale["beams"]]
-        for label, b in settings:
-            if b is None:
-                outs = sample_responses(pol, prompts, max_new_tokens=max_new, seed=args.seed)
-            else:
-                outs = best_beams(pol, prompts, num_beams=b, max_new_tokens=max_new)
-            gold = np.array([task.gold_score(p.prompt, o) for p, o in zip(pairs, outs, strict=True)])
-            lens = np.array([len(strip_eos(o, tok.eos_token_id)) for o in outs])
-            length = float(lens.mean())
-            over = float(np.mean(lens > task.gold_len_limit))  # where the gold reward turns to a penalty
-            st = win_stats(gold, ref_gold) | {"gold": float(gold.mean()), "length": length, "over": over}
-            per[label] = st
-            rows.append(
-                [beta, label, st["win_rate"], f"[{st['lo']:.3f}, {st['hi']:.3f}]", st["gold"], length, over]
-            )
-            doc.log(
-                f"{NAME}: β={beta} {label}: win {st['win_rate']:.3f}, gold {st['gold']:.3f}, len {length:.1f}"
-            )
-        results[beta] = per
 
+    def decode(model, b: int | None) -> tuple[np.ndarray, np.ndarray]:
+        if b is None:
+            outs = sample_responses(model, prompts, max_new_tokens=max_new, seed=args.seed + 1)
+        else:
+            outs = best_beams(model, prompts, num_beams=b, max_new_tokens=max_new)
+        gold = np.array([task.gold_score(p.prompt, o) for p, o in zip(pairs, outs, strict=True)])
+        return gold, np.array([len(strip_eos(o, tok.eos_token_id)) for o in outs], np.float64)
+
+    # The opponent: the reference's own samples (seed args.seed, not the policies' sampling seed).
+    ref_outs = sample_responses(ref, prompts, max_new_tokens=max_new, seed=args.seed)
+    ref_gold = np.array([task.gold_score(p.prompt, o) for p, o in zip(pairs, ref_outs, strict=True)])
+    ref_len = float(np.mean([len(strip_eos(o, tok.eos_token_id)) for o in ref_outs]))
     report = doc.Report(
         "Experiment 2: beam search on DPO policies — reward search and over-optimisation",
         intro=(
-            "Claim (paper §5.2, search equals likelihood): maximising the KL-regularised reward over a "
+            "Claim (paper §4, search equals likelihood): maximising the KL-regularised reward over a "
             "sequence equals maximising its likelihood under the DPO policy, so beam search is reward "
             "search; the paper reports that 5 beams beat 1 beam by about 10–15% GPT-4 win rate, and that "
-            "more beams then make responses longer and worse (over-optimisation). Here the judge is the "
-            "task's gold reward, so the win rate is exact; the preference data reward length up to "
-            f"{task.gold_len_limit} letters (+{task.bonus}/letter) and penalise it beyond "
-            f"(−{task.length_penalty}/letter), which the data rarely shows."
+            "more beams then make responses longer and worse (over-optimisation), which it attributes to "
+            "the labellers' preference for length. Here the gold judge is the task's summed token reward "
+            "with no length term; one DPO policy learns from labels by that judge, the other from labels "
+            f"by gold + {LENGTH_BIAS}·length (a known length bias). The win rate is against the SFT "
+            f"reference's own samples on the same held-out prompts (mean gold {ref_gold.mean():.3f}, mean "
+            f"length {ref_len:.1f} letters in seed {args.seed})."
         ),
     )
-    report.add(
-        "Win rate, gold reward and length",
-        f"{len(pairs)} held-out prompts; the opponent is the preferred response of the held-out pair "
-        f"(mean gold reward {ref_gold.mean():.3f}, mean length {ref_len:.1f} letters). "
-        "Win rate counts ties as half; the interval is the 95% Wilson score interval.",
-        doc.Table(
-            [
-                "β",
-                "decoding",
-                "win rate",
-                "95% CI",
-                "mean gold reward",
-                "mean length",
-                f"share > {task.gold_len_limit} letters",
-            ],
-            rows,
-        ),
-        curves_figure(results, scale["beams"], ref_len),
-    )
-    shows = report.add("What the data show", summarise(results, scale["beams"]))
-    report.verdict = shows.verdict = verdict(results, scale["beams"])
+    ref_rows = []
+    for label, b in (("sample", None), ("greedy (1 beam)", 1)):
+        g, lens = decode(ref, b)
+        ref_rows.append(
+            ["reference (SFT)", "–", label, win_rate(g, ref_gold), float(g.mean()), float(lens.mean())]
+        )
+    for setting in scale.get("settings", tuple(SETTINGS)):
+        title, kwargs = SETTINGS[setting]
+        results: dict[float, dict[str, dict]] = {}
+        rows = list(ref_rows)
+        curves, traj_rows = {}, []
+        for beta in scale["betas"]:
+            doc.log(f"{NAME} [{setting}]: DPO β={beta} ({scale['dpo_steps']} steps)")
+            tag = "" if setting == "unbiased" else f"_{setting}"
+            dpo_dir = runs.train_dpo(
+                args, beta, scale["dpo_steps"], sft_dir, scale.get("eval_every"), task_kwargs=kwargs, tag=tag
+            )
+            if not report.run_dirs:  # the first DPO run: what `dpoq demo` suggests to try next
+                report.run_dirs = {"sft": sft_dir, "dpo": dpo_dir}
+            pol = runs.load_run_model(dpo_dir)
+            per: dict[str, dict] = {}
+            for label, b in [("sample", None)] + [(f"beam {b}", b) for b in scale["beams"]]:
+                g, lens = decode(pol, b)
+                per[label] = {
+                    "win_rate": win_rate(g, ref_gold),
+                    "gold": float(g.mean()),
+                    "length": float(lens.mean()),
+                }
+                rows.append([f"DPO β={beta}", setting, label, *per[label].values()])
+                doc.log(
+                    f"{NAME} [{setting}] β={beta} {label}: "
+                    + ", ".join(f"{k} {v:.3f}" for k, v in per[label].items())
+                )
+            results[beta] = per
+            few, wide = max(b for b in scale["beams"] if b <= 5), scale["beams"][-1]
+            k = f"{setting}/beta{beta}"
+            report.numbers |= {
+                f"{k}/gain_few": per[f"beam {few}"]["win_rate"] - per["beam 1"]["win_rate"],
+                f"{k}/drop_wide": per[f"beam {few}"]["gold"] - per[f"beam {wide}"]["gold"],
+                f"{k}/longer_wide": per[f"beam {wide}"]["length"] - per["beam 1"]["length"],
+            }
+            curves[f"β={beta}"], traj = pe.trajectory(dpo_dir)
+            traj_rows.append([beta, *traj.values()])
+        report.add(
+            title,
+            f"{len(pairs)} held-out prompts. Win rate against the reference's samples (ties count half); "
+            "mean gold reward (length-neutral judge); mean length in letters. The reference rows are the "
+            "SFT model itself (its sampled row plays against other samples of the same model).",
+            doc.Table(
+                ["model", "labels", "decoding", "gold win rate", "mean gold reward", "mean length"], rows
+            ),
+            curves_figure(results, scale["beams"], ref_len, f"beams_{setting}", title),
+        )
+        report.add(
+            "Chosen and rejected log-likelihood during DPO",
+            "Held-out mean summed log π(y|x) of the chosen and rejected responses at the first and last "
+            "evaluation of each DPO run, and the last implicit-reward margin.",
+            doc.Table(["β", *pe.TRAJ_COLUMNS], traj_rows),
+            pe.trajectory_figure(curves, f"loglik_{setting}", f"{setting} labels: held-out log-likelihoods"),
+            level=2,
+        )
+    if len(scale.get("settings", SETTINGS)) == 2:
+        report.add(
+            "With and without the length bias",
+            "The checks of each labeller's section side by side: does the paper's pattern appear with "
+            "the length bias and not without it?",
+        )
+        # the comparison section comes first: it answers the question of this experiment
+        report.sections.insert(0, report.sections.pop())
     report.meta = cli.run_meta(args)
-    report.run_dirs = {"sft": sft_dir, "dpo": dpo_dirs[scale["betas"][0]]}
     return report
 
 
-def parse_args(argv: Sequence[str], results_dir: Path | str = "experiments/results") -> argparse.Namespace:
-    return cli.parse_experiment_args(
-        cli.experiment_parser(NAME, __doc__, TASK, results_dir), argv, NAME, TASK
-    )
-
-
 def main(argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str) -> int:
-    args = parse_args(argv, results_dir)
-    return cli.write_report(NAME, run(args, scales["quick" if args.quick else "full"]), args.results)
+    return cli.experiment_main(sys.modules[__name__], argv, scales, results_dir)

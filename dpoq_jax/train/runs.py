@@ -107,8 +107,12 @@ def train_run(
     sft_responses: str | None = None,
     eval_every: int | None = None,
     overrides: Sequence[str] = (),
+    task_kwargs: dict[str, Any] | None = None,
 ) -> Path:
     """One SFT or DPO run through dpoq_jax.train.loop.train; returns its workdir.
+
+    task_kwargs: fields of the synthetic task's dataclass set on top of the config's (e.g. the fluent
+    errors of error_injection, the labeller's length bias of dense_reward).
 
     init_from: a finished run's workdir to start from (policy and frozen reference); None = the SFT
     stage's own starting point (random init for the synthetic configs, the base model at scale).
@@ -141,6 +145,9 @@ def train_run(
             ov.append(f"--config.model.path={sft.model.path}")
     spec = stage_config(config, stage)
     cfg = load_config(spec, ov)
+    if task_kwargs:  # not overrides: the config only declares the seed among the task's fields
+        with cfg.data.task_kwargs.unlocked():
+            cfg.data.task_kwargs.update(dict(task_kwargs))
     # The resolved config, not just its file name: a config file edited since is a different run.
     settings = {"config": spec, "overrides": ov, "resolved": json.loads(cfg.to_json())}
     if init_from is not None:  # a retrained starting run makes this one stale too
@@ -179,6 +186,7 @@ def train_sft(args: argparse.Namespace, responses: str, steps: int | None) -> Pa
         seed=args.seed,
         sft_responses=responses,
         overrides=args.overrides,
+        task_kwargs=getattr(args, "task_kwargs", None),
     )
 
 
@@ -188,21 +196,26 @@ def train_dpo(
     steps: int | None,
     init_from: Path | None,
     eval_every: int | None = None,
+    task_kwargs: dict[str, Any] | None = None,
+    tag: str = "",
 ) -> Path:
     """A DPO run from a finished SFT run (None: from the SFT stage's own starting point) in
-    <args.workdir>/dpo_beta<β>_<SFT run's folder name, or "random">: one naming for all experiments,
-    so those sharing a workdir share their finished runs."""
+    <args.workdir>/dpo_beta<β>_<SFT run's folder name, or "random"><tag>: one naming for all
+    experiments, so those sharing a workdir share their finished runs. task_kwargs are added to
+    args.task_kwargs for this run only (e.g. a labeller setting that the SFT data does not see)."""
     start = "random" if init_from is None else Path(init_from).name
+    kwargs = {**(getattr(args, "task_kwargs", None) or {}), **(task_kwargs or {})}
     return train_run(
         args.config,
         "dpo",
-        Path(args.workdir) / f"dpo_beta{beta}_{start}",
+        Path(args.workdir) / f"dpo_beta{beta}_{start}{tag}",
         steps=steps,
         seed=args.seed,
         beta=beta,
         init_from=init_from,
         eval_every=eval_every,
         overrides=args.overrides,
+        task_kwargs=kwargs,
     )
 
 
