@@ -15,7 +15,7 @@ from dpoq_jax.experiments.search_overopt import main
 # Smaller than the single-seed version (400/300 steps, 256 prompts) so five seeds fit on 2 shared cores.
 SCALES = {
     "full": dict(
-        sft_steps=300, dpo_steps=150, betas=(0.1, 1.0), beams=(1, 2, 5, 10, 20), n_prompts=128, eval_every=25
+        sft_steps=300, dpo_steps=150, betas=(0.1, 1.0), beams=(1, 2, 5, 10, 20), n_prompts=64, eval_every=25
     ),
     "quick": dict(sft_steps=150, dpo_steps=100, betas=(0.3,), beams=(1, 2, 5), n_prompts=64, eval_every=25),
 }

@@ -8,6 +8,8 @@ optionally TASKS (a --task choice) and `add_args(parser)`. `experiment_main` ser
 from __future__ import annotations
 
 import argparse
+import json
+import pickle
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +21,8 @@ from dpoq_jax.analysis.document import Report, Verdict, command_line, log, machi
 from dpoq_jax.train.runs import default_config, synthetic_overrides
 
 DEFAULT_SEEDS = {"full": (0, 1, 2, 3, 4), "quick": (0, 1)}
+# Options that do not change a seed's results (where they are written, how the call was typed).
+VOLATILE = ("seeds", "seed", "workdir", "results", "command", "quick")
 
 
 def seed_list(text: str) -> tuple[int, ...]:
@@ -125,14 +129,42 @@ def run_seeds(
     scale: dict,
 ) -> Report:
     """Run one experiment per seed (runs in <workdir>/seed<N>) and merge the reports (intervals,
-    verdicts from them); the wall time goes into the report's Run table."""
-    t0, reports = time.time(), []
+    verdicts from them); the wall time goes into the report's Run table.
+
+    A seed's report is kept in <workdir>/seed<N>/<report file> with its settings, and a later call
+    with the same settings reuses it (as finished training runs are reused): seeds can run as
+    separate processes (`--seeds 3`) and one `--seeds 0-4` call then merges them. Delete the file to
+    recompute a seed after changing the experiment's code.
+    """
+    t0, reports, seconds = time.time(), [], []
     for s in args.seeds:
         log(f"seed {s} ({len(reports) + 1} of {len(args.seeds)})")
         a = argparse.Namespace(**{**vars(args), "seed": s, "workdir": str(Path(args.workdir) / f"seed{s}")})
+        name = getattr(run, "__module__", "experiment").rsplit(".", 1)[-1]
+        cache = Path(a.workdir) / f"report_{name}_{getattr(a, 'task', '')}.pkl"
+        key = json.dumps(
+            {"scale": scale, "seed": s, "args": {k: v for k, v in vars(a).items() if k not in VOLATILE}},
+            sort_keys=True,
+            default=str,
+        )
+        if cache.exists():
+            saved = pickle.loads(cache.read_bytes())
+            if saved["key"] == key:
+                log(f"  reusing the finished seed {s}: {cache}")
+                reports.append(saved["report"])
+                seconds.append(saved["seconds"])
+                continue
+        t1 = time.time()
         reports.append(run(a, scale))
+        seconds.append(time.time() - t1)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_bytes(pickle.dumps({"key": key, "report": reports[-1], "seconds": seconds[-1]}))
     report = seeds_lib.merge_reports(reports, args.seeds, lambda numbers: verdicts(numbers, scale))
-    report.meta["wall time"] = f"{time.time() - t0:.0f} s for {len(args.seeds)} seed(s)"
+    if getattr(args, "command", None):
+        report.meta["command"] = args.command  # this call's, not the seed's that ran first
+    report.meta["wall time"] = f"{time.time() - t0:.0f} s for this call; per seed when it ran: " + ", ".join(
+        f"{x:.0f} s" for x in seconds
+    )
     return report
 
 
