@@ -412,6 +412,34 @@ def test_t_interval_and_merged_tables() -> None:
     assert "95% Student-t interval over seeds" in merged.intro and merged.meta["seeds"] == "0, 1"
 
 
+def test_run_seeds_merges_and_reuses_finished_seeds(tmp_path) -> None:
+    import argparse
+
+    from dpoq_jax.experiments import cli
+
+    calls = []
+
+    def run(a, scale):
+        calls.append(a.seed)
+        assert a.workdir == str(tmp_path / f"seed{a.seed}")
+        r = doc.Report("T")
+        r.add("S", "", doc.Table(["x"], [[float(a.seed)]]))
+        r.numbers = {"x": float(a.seed)}
+        return r
+
+    def verdicts(n, scale):
+        return {"S": doc.Verdict("c", "holds" if n["x"].above(-10) else "partly", str(n["x"]))}
+
+    args = argparse.Namespace(seeds=(0, 1), workdir=str(tmp_path), command="cmd --seeds 0,1", task="t")
+    rep = cli.run_seeds(run, verdicts, args, {"k": 1})
+    assert calls == [0, 1] and rep.verdict.why == "0.500 [-5.853, 6.853]" and rep.verdict.status == "holds"
+    assert rep.meta["command"] == "cmd --seeds 0,1"
+    cli.run_seeds(run, verdicts, argparse.Namespace(**{**vars(args), "seeds": (1, 2)}), {"k": 1})
+    assert calls == [0, 1, 2]  # seed 1 reused
+    cli.run_seeds(run, verdicts, args, {"k": 2})  # other settings: both seeds run again
+    assert calls == [0, 1, 2, 0, 1]
+
+
 def test_fluent_errors_and_length_biased_labels() -> None:
     from dpoq_jax.data.synthetic import EOS_ID, make_task
 
