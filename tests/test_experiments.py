@@ -397,7 +397,7 @@ def test_t_interval_and_merged_tables() -> None:
     t1 = doc.Table(["β", "name", "score"], [[0.1, "a", 1.0], [0.3, "b", 0.5]])
     t2 = doc.Table(["β", "name", "score"], [[0.1, "a", 3.0], [0.3, "b", 0.5]])
     m = seeds.merge_tables([t1, t2])
-    assert m.markdown().splitlines()[2] == "| 0.100 [0.100, 0.100] | a | 2.000 [-10.706, 14.706] |"
+    assert m.markdown().splitlines()[2] == "| 0.100 | a | 2.000 [-10.706, 14.706] |"
     with pytest.raises(ValueError, match="column 'name' differs"):
         seeds.merge_tables([t1, doc.Table(["β", "name", "score"], [[0.1, "x", 1.0], [0.3, "b", 0.5]])])
 

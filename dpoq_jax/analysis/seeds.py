@@ -69,7 +69,8 @@ def _numeric(c: object) -> bool:
 
 
 def merge_tables(tables: Sequence[doc.Table], where: str = "") -> doc.Table:
-    """Cell-wise merge of the same table from several seeds: numbers become intervals, text must agree."""
+    """Cell-wise merge of the same table from several seeds: numbers that differ become intervals;
+    cells equal in every seed (settings, text) stay as they are; text must agree."""
     first = tables[0]
     for k, t in enumerate(tables[1:], 1):
         if t.headers != first.headers or len(t.rows) != len(first.rows):
@@ -79,10 +80,10 @@ def merge_tables(tables: Sequence[doc.Table], where: str = "") -> doc.Table:
         cells = []
         for j, c in enumerate(row):
             column = [t.rows[i][j] for t in tables]
-            if all(_numeric(x) for x in column):
-                cells.append(t_interval(column))
-            elif all(x == c for x in column):
+            if all(x == c for x in column):  # a setting (β, a count) or text: the same in every seed
                 cells.append(c)
+            elif all(_numeric(x) for x in column):
+                cells.append(t_interval(column))
             else:
                 raise ValueError(f"{where}: row {i} column {first.headers[j]!r} differs between seeds")
         rows.append(cells)
