@@ -191,8 +191,8 @@ def beta_figure(rows: list[list[object]], baselines: dict[str, list[object]], na
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for ax, col, label in ((axes[0], 2, "top-1 localisation"), (axes[1], 3, "AUROC")):
         ax.plot(betas, [r[col] for r in rows], "o-", label="DPO implicit reward")
-        for (name, row), style in zip(baselines.items(), (":", "--", "-."), strict=False):
-            ax.axhline(row[col - 1], ls=style, color="gray", label=name)
+        for (label_, row), style in zip(baselines.items(), (":", "--", "-."), strict=False):
+            ax.axhline(row[col - 1], ls=style, color="gray", label=label_)
         ax.set_xscale("log")
         ax.minorticks_off()
         ax.set_xticks(betas, [str(b) for b in betas])
