@@ -333,7 +333,9 @@ def test_verdicts_are_computed_from_the_intervals() -> None:
     assert list(v) == [fluent, surprising]  # the fluent setting's verdict is the report's own
     assert credit(0.6, 0.8, 0.9)[surprising].status == "partly"  # the reference alone does better
     assert credit(0.6, 0.95, 0.7)[fluent].status == "partly"  # beats the reference, premise not met
-    assert credit(0.27, 0.6, 0.5, half=0.05)[fluent].status == "does not hold"  # interval reaches chance
+    v = credit(0.27, 0.6, 0.5, half=0.05)[fluent]  # top-1 reaches chance, AUROC above 0.5
+    assert v.status == "partly" and "top-1 not surely above chance, AUROC above 0.5" in v.why
+    assert credit(0.27, 0.52, 0.5, half=0.05)[fluent].status == "does not hold"  # neither above chance
 
     # Search, per labeller and β: 5 beams beat 1, the widest is worse than 5 and longer than 1.
     sc = {"betas": (0.1,), "beams": (1, 2, 5, 20)}

@@ -97,8 +97,9 @@ def blame_profile(rewards: Sequence[np.ndarray], errors: Sequence[Sequence[int]]
 
 def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
     """Per setting, at the main β, from 95% intervals over seeds: holds if DPO's top-1 lies above
-    chance and its pooled AUROC above the reference alone's; partly if only above chance (or the
-    fluent setting's premise, reference AUROC ≈ 0.5, fails); does not hold if not above chance."""
+    chance and its pooled AUROC above 0.5 and above the reference alone's; partly if top-1 or AUROC
+    lies above chance (or the fluent setting's premise, reference AUROC ≈ 0.5, fails); does not hold
+    if neither does."""
     out = {}
     for setting, betas in settings_of(scale).items():
         b = main_beta(betas)
@@ -109,19 +110,24 @@ def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
             n[f"{setting}/ref_auroc"],
             n[f"{setting}/chance"],
         )
-        above = top1.above(chance.mean) and auroc.above(0.5)
+        top1_above, auroc_above = top1.above(chance.mean), auroc.above(0.5)
         beats = auroc.above(ref_auroc)
         why = (
             f"at β = {b}, DPO's lowest-reward token is an injected one in {top1} of held-out responses "
             f"(chance {chance.mean:.3f}), pooled AUROC {auroc}; the reference alone: top-1 {ref_top1}, "
             f"AUROC {ref_auroc}"
         )
-        if above and beats:
+        if top1_above and auroc_above and beats:
             status, why = "holds", why + ": the implicit reward finds the errors, better than the reference"
-        elif above:
-            status, why = "partly", why + ": above chance, but not above the reference alone"
+        elif top1_above or auroc_above:
+            status = "partly"
+            why += (
+                f": top-1 {'above' if top1_above else 'not surely above'} chance, AUROC "
+                f"{'above' if auroc_above else 'not surely above'} 0.5, "
+                f"{'above' if beats else 'not above'} the reference alone's"
+            )
         else:
-            status, why = "does not hold", why + ": not above chance"
+            status, why = "does not hold", why + ": neither top-1 nor AUROC surely above chance"
         if setting == "fluent":
             premise = abs(ref_auroc.mean - 0.5) < PREMISE_BAND
             why += (
@@ -207,7 +213,7 @@ def _toks(tok, ids: Sequence[int]) -> list[str]:
 
 
 GEN_NOTE = (
-    "Held-out prompts; greedy = 1 beam, sampled = temperature 1. Gold score: share of correct tokens "
+    "held-out prompts; greedy = 1 beam, sampled = temperature 1. Gold score: share of correct tokens "
     "(EOS included); exact match: the whole answer right."
 )
 
