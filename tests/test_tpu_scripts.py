@@ -47,7 +47,7 @@ def test_setup_installs_on_all_workers():
     assert scp[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"] and "--worker=all" in scp
     assert ssh[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"] and "--worker=all" in ssh
     (command,) = [a for a in ssh if a.startswith("--command=")]
-    assert "pip install -e ~/dpoq_jax" in command and "jax[tpu]" in command
+    assert "pip install -e ~/dpoq_jax'[gcs]'" in command and "jax[tpu]" in command  # gcsfs for gs://
 
 
 def test_launch_runs_the_config_on_all_workers():
@@ -71,6 +71,15 @@ def test_launch_runs_the_config_on_all_workers():
         "/mnt/bucket/run",
         "--config.optim.lr=1e-6",
     ]
+
+
+def test_launch_takes_a_gcs_workdir_and_refuses_a_relative_one():
+    (ssh,) = dry_run("launch.sh", "--config", "c.py", "--workdir", "gs://bucket/run")
+    (command,) = [a[len("--command=") :] for a in ssh if a.startswith("--command=")]
+    assert "--workdir gs://bucket/run" in command
+    argv = ["bash", str(SCRIPTS / "launch.sh"), *COMMON, "--config", "c.py", "--workdir", "runs/x"]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    assert proc.returncode == 2 and "absolute path shared by all workers" in proc.stderr
 
 
 def test_launch_requires_config():

@@ -2,6 +2,9 @@
 # Launch `dpoq train` with a config on all workers (jax.distributed finds its peers on TPU VMs).
 #   tpu_scripts/launch.sh --name dpoq-tpu --zone us-central2-b --config FILE[:arg] --workdir DIR [--config.key=value ...] [--dry-run]
 # The run goes on in the background on every worker; its output is in ~/dpoq_train.log (see logs.sh).
+# The workdir is best a gs://bucket/path (checkpoints, metrics, exports go straight to Cloud Storage; the
+# TPU's service account needs write access to the bucket, see docs/tpu.md); a local path must be one
+# directory shared by all workers (an NFS or gcsfuse mount at the same path).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 usage() { sed -n '2,4p' "${BASH_SOURCE[0]}"; }
@@ -22,7 +25,10 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ -n "${CONFIG}" ]] || die "--config is required"
-[[ -n "${WORKDIR}" ]] || die "--workdir is required (a directory shared by all workers, e.g. a gcsfuse mount)"
+[[ -n "${WORKDIR}" ]] || die "--workdir is required (gs://bucket/path, or a directory shared by all workers)"
+if [[ "${WORKDIR}" != gs://* && "${WORKDIR}" != /* ]]; then
+  die "--workdir ${WORKDIR}: give gs://bucket/path or an absolute path shared by all workers"
+fi
 gcloud_flags
 
 train=(dpoq train --config "${CONFIG}" --workdir "${WORKDIR}" "${OVERRIDES[@]+"${OVERRIDES[@]}"}")

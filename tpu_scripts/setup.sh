@@ -21,4 +21,4 @@ TARBALL="${STAGE}/dpoq_jax.tar.gz"
 run git -C "${REPO}" archive --format=tar.gz --prefix=dpoq_jax/ -o "${TARBALL}" HEAD
 run gcloud compute tpus tpu-vm scp "${TARBALL}" "${NAME}:~/dpoq_jax.tar.gz" --worker=all "${GCLOUD_FLAGS[@]}"
 run gcloud compute tpus tpu-vm ssh "${NAME}" --worker=all "${GCLOUD_FLAGS[@]}" \
-  --command="rm -rf ~/dpoq_jax && tar xzf ~/dpoq_jax.tar.gz -C ~ && pip install -U 'jax[tpu]' && pip install -e ~/dpoq_jax"
+  --command="rm -rf ~/dpoq_jax && tar xzf ~/dpoq_jax.tar.gz -C ~ && pip install -U 'jax[tpu]' && pip install -e ~/dpoq_jax'[gcs]'"

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dpoq_jax import paths
 from dpoq_jax.data.errors import ErrorPolicy, reports_user_errors
 from dpoq_jax.data.jsonl import check_fields, iter_json_lines
 from dpoq_jax.decode.commands import (
@@ -147,7 +148,8 @@ def score_main(argv: list[str]) -> int:
     if args.synthetic:
         report.update(task=args.synthetic, split=args.split, task_seed=args.task_seed)
 
-    out = Path(args.out_dir)
+    dest = args.out_dir  # a gs:// folder is written locally, then uploaded
+    out = Path(paths.staging_dir() if paths.is_gcs(dest) else dest)
     (out / "png").mkdir(parents=True, exist_ok=True)
     rep.save_json(report, out / "scores.json")
     rep.write_html(report, out / "report.html")
@@ -159,5 +161,7 @@ def score_main(argv: list[str]) -> int:
         credit.update(beta=args.beta, split=args.split)
         (out / "credit.json").write_text(json.dumps(credit, indent=1))
         print(json.dumps(credit), file=sys.stderr)
-    print(f"dpoq score: {len(items)} items -> {out}/report.html, scores.json, png/", file=sys.stderr)
+    if str(out) != dest:
+        paths.upload_dir(str(out), dest)
+    print(f"dpoq score: {len(items)} items -> {dest}/report.html, scores.json, png/", file=sys.stderr)
     return 0

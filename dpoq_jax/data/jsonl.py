@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from dpoq_jax import paths
 from dpoq_jax.data.errors import DataError, ErrorPolicy
 from dpoq_jax.data.examples import PreferenceExample, SFTExample
 
@@ -21,7 +22,7 @@ def iter_json_lines(path: str | os.PathLike, policy: ErrorPolicy) -> Iterator[tu
     """(line number, parsed value) for each non-blank line; unreadable lines go to the policy."""
     path = str(path)
     try:
-        f = open(path, "rb")  # bytes, so that invalid UTF-8 is reported per line
+        f = paths.open(path, "rb")  # bytes, so that invalid UTF-8 is reported per line; local or gs://
     except FileNotFoundError:
         policy.handle(DataError("file does not exist", kind="missing_file", file=path))
         return
@@ -131,6 +132,6 @@ def read_sft_jsonl(path: str | os.PathLike, policy: ErrorPolicy | None = None) -
 
 def write_jsonl(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
     """Writes rows as UTF-8 JSON lines (for exporting synthetic data or fixtures)."""
-    with open(path, "w", encoding="utf-8") as f:
+    with paths.open(path, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")

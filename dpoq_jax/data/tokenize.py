@@ -20,6 +20,7 @@ import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from dpoq_jax import paths
 from dpoq_jax.data.errors import DataError, ErrorPolicy
 from dpoq_jax.data.examples import PreferenceExample, SFTExample, TokenizedPair, TokenizedSFT
 
@@ -56,13 +57,14 @@ class TokenizeStats:
 
 
 def load_hf_tokenizer(path: str | os.PathLike) -> Any:
-    """A Hugging Face tokenizer from a local directory (never downloads)."""
+    """A Hugging Face tokenizer from a directory, local or gs:// (copied locally: transformers reads
+    local files only); never downloads from the Hub."""
     from transformers import AutoTokenizer  # lazy: heavy import, not needed for synthetic data
 
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         raise DataError("tokenizer directory does not exist", kind="missing_file", file=str(path))
     try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        return AutoTokenizer.from_pretrained(paths.local_dir(str(path)), local_files_only=True)
     except (OSError, ValueError) as e:  # no/unreadable tokenizer files: name the directory
         msg = f"no usable tokenizer ({type(e).__name__}: {e})"
         raise DataError(msg, kind="bad_tokenizer", file=str(path)) from e

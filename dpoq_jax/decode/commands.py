@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dpoq_jax import paths
 from dpoq_jax.data.errors import ErrorPolicy, reports_user_errors
 from dpoq_jax.data.jsonl import check_fields, iter_json_lines
 
@@ -36,11 +35,11 @@ def load_model(path: str, dtype: str | None = None, flag: str = "--model") -> An
     from dpoq_jax.models import hf
     from dpoq_jax.models.config import ModelConfig
 
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         raise FileNotFoundError(f"{flag} {path}: not a directory")
     kw: dict[str, Any] = {} if dtype is None else {"dtype": jax.numpy.dtype(dtype)}
-    is_workdir = os.path.isdir(os.path.join(path, "checkpoints"))  # a run workdir also has a config.json
-    if not is_workdir and os.path.isfile(os.path.join(path, "config.json")):
+    is_workdir = paths.isdir(paths.join(path, "checkpoints"))  # a run workdir also has a config.json
+    if not is_workdir and paths.isfile(paths.join(path, "config.json")):
         try:
             model, _ = hf.load_hf(path, **kw)
         except KeyError as e:  # tensors missing from the safetensors files
@@ -50,8 +49,8 @@ def load_model(path: str, dtype: str | None = None, flag: str = "--model") -> An
         return model
     from dpoq_jax.train.checkpoint import DamagedCheckpoint, RunCheckpoints
 
-    ckpt_dir = os.path.join(path, "checkpoints") if is_workdir else path
-    ckpts = RunCheckpoints(os.path.abspath(ckpt_dir), every_steps=1, keep=1, async_save=False)
+    ckpt_dir = paths.join(path, "checkpoints") if is_workdir else path
+    ckpts = RunCheckpoints(paths.absolute(ckpt_dir), every_steps=1, keep=1, async_save=False)
     steps = sorted(ckpts.all_steps(), reverse=True)
     if not steps:
         raise FileNotFoundError(
@@ -95,7 +94,7 @@ def load_tokenizer(spec: str | None, model_path: str, flag: str = "--model") -> 
     from dpoq_jax.models import hf
 
     if spec is None:
-        if not os.path.isdir(model_path):
+        if not paths.isdir(model_path):
             raise FileNotFoundError(f"{flag} {model_path}: not a directory")
         spec = hf.find_tokenizer(model_path)
         if spec is None:
@@ -110,7 +109,7 @@ def load_tokenizer(spec: str | None, model_path: str, flag: str = "--model") -> 
 
         return SyntheticTokenizer()
     if not hf.has_tokenizer(spec):
-        what = "not a directory" if not os.path.isdir(spec) else "no tokenizer files there"
+        what = "not a directory" if not paths.isdir(spec) else "no tokenizer files there"
         raise FileNotFoundError(f"{flag} {spec}: {what} (expected 'synthetic' or a tokenizer directory)")
     return hf.load_tokenizer(spec)
 
@@ -123,7 +122,7 @@ def read_prompts(path: str) -> list[dict[str, Any]]:
             check_fields(rec, ("prompt",), (), file=path, line=line)
             out.append({**rec, "where": f"{path}:{line}"})
     else:
-        with open(path, encoding="utf-8") as f:
+        with paths.open(path, encoding="utf-8") as f:
             lines = [(i, t.rstrip("\n")) for i, t in enumerate(f, 1) if t.strip()]
         out = [{"prompt": t, "where": f"{path}:{i}"} for i, t in lines]
     if not out:
@@ -299,7 +298,7 @@ def generate_main(argv: list[str]) -> int:
         print(f"dpoq generate: {cut} prompts cut from the left to fit the context (--truncate-prompt)",
               file=sys.stderr)  # fmt: skip
 
-    with open(args.out, "w", encoding="utf-8") as f:
+    with paths.open(args.out, "w", encoding="utf-8") as f:  # on gs:// uploaded when it closes
         for s in range(0, len(prompts), args.batch_size):
             batch = prompts[s : s + args.batch_size]
             if len(batch) < args.batch_size and s > 0:  # keep one compiled shape: pad with copies
@@ -352,7 +351,7 @@ def generate_main(argv: list[str]) -> int:
                         o["token_rewards"] = [float(x) for x in g.rewards[b, k, :n]]
                     out["outputs"].append(o)
                 f.write(json.dumps(out, ensure_ascii=False) + "\n")
-    print(f"dpoq generate: wrote {len(prompts)} prompts ({args.mode}) to {Path(args.out)}", file=sys.stderr)
+    print(f"dpoq generate: wrote {len(prompts)} prompts ({args.mode}) to {args.out}", file=sys.stderr)
     return 0
 
 

@@ -11,7 +11,6 @@ also a checkpoints directory or a workdir (taking the latest step unless `step` 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -20,6 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
+from dpoq_jax import paths
 from dpoq_jax.models.config import ModelConfig
 from dpoq_jax.models.decoder import Decoder
 from dpoq_jax.models.sharding import Rules, logical_to_shardings
@@ -28,44 +28,43 @@ from dpoq_jax.models.sharding import Rules, logical_to_shardings
 def save_params(path: str, model_or_state: Decoder | nnx.State, cfg: ModelConfig) -> None:
     """Write the parameters (orbax, item `params`) and model_config.json under `path` (created)."""
     state = nnx.state(model_or_state, nnx.Param) if isinstance(model_or_state, nnx.Module) else model_or_state
-    path = os.path.abspath(path)
-    os.makedirs(path, exist_ok=True)
+    path = paths.absolute(path)
+    paths.makedirs(path)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, "params"), nnx.to_pure_dict(state))
+        ckptr.save(paths.join(path, "params"), nnx.to_pure_dict(state))
         ckptr.wait_until_finished()
-    with open(os.path.join(path, "model_config.json"), "w") as f:
-        json.dump(cfg.to_dict(), f, indent=2)
+    paths.write_text(paths.join(path, "model_config.json"), json.dumps(cfg.to_dict(), indent=2))
 
 
 def _is_step_dir(path: str) -> bool:
-    return os.path.isdir(os.path.join(path, "params")) and (
-        os.path.isfile(os.path.join(path, "model_config.json"))
-        or os.path.isfile(os.path.join(path, "model_config", "metadata"))
+    return paths.isdir(paths.join(path, "params")) and (
+        paths.isfile(paths.join(path, "model_config.json"))
+        or paths.isfile(paths.join(path, "model_config", "metadata"))
     )
 
 
 def resolve_params_dir(path: str, step: int | None = None) -> str:
     """The directory holding `params` + model config: `path` itself, or a step of a checkpoints
     directory / workdir (`step`, default the latest)."""
-    path = os.path.abspath(path)
+    path = paths.absolute(path)
     if step is None and _is_step_dir(path):
         return path
-    root = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    root = paths.join(path, "checkpoints") if paths.isdir(paths.join(path, "checkpoints")) else path
     steps = (
-        sorted(int(d) for d in os.listdir(root) if d.isdigit() and _is_step_dir(os.path.join(root, d)))
-        if (os.path.isdir(root))
+        sorted(int(d) for d in paths.listdir(root) if d.isdigit() and _is_step_dir(paths.join(root, d)))
+        if (paths.isdir(root))
         else []
     )
     if step is not None:
         if step not in steps:
             raise FileNotFoundError(f"{root}: no checkpoint for step {step} (steps found: {steps})")
-        return os.path.join(root, str(step))
+        return paths.join(root, str(step))
     if not steps:
         raise FileNotFoundError(
             f"{path}: not a params checkpoint (expected params/ with model_config.json, or a training "
             "checkpoints directory of <step>/params + <step>/model_config)"
         )
-    return os.path.join(root, str(steps[-1]))
+    return paths.join(root, str(steps[-1]))
 
 
 def is_params_source(path: str) -> bool:
@@ -79,9 +78,9 @@ def is_params_source(path: str) -> bool:
 
 
 def read_model_config(path: str) -> ModelConfig:
-    for f in (os.path.join(path, "model_config.json"), os.path.join(path, "model_config", "metadata")):
-        if os.path.isfile(f):
-            with open(f) as fh:
+    for f in (paths.join(path, "model_config.json"), paths.join(path, "model_config", "metadata")):
+        if paths.isfile(f):
+            with paths.open(f) as fh:
                 try:
                     return ModelConfig.from_dict(json.load(fh))
                 except (ValueError, TypeError) as e:
@@ -122,7 +121,7 @@ def load_params(
     )
     with ocp.StandardCheckpointer() as ckptr:
         try:
-            pure = ckptr.restore(os.path.join(path, "params"), target)
+            pure = ckptr.restore(paths.join(path, "params"), target)
         except (ValueError, KeyError) as e:
             raise ValueError(f"{path}/params does not match model_config ({cfg.family}): {e}") from e
     params = jax.tree.map(lambda x: x, abs_params)

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from typing import Any
 
+from dpoq_jax import paths
 from dpoq_jax.cli import Parser
 from dpoq_jax.data.errors import reports_user_errors
 
@@ -23,7 +23,7 @@ def _check_tokenizer_arg(spec: str) -> None:
     from dpoq_jax.models.hf import TOKENIZER_FILES  # noqa: PLC0415
 
     if spec != "synthetic" and not hf.has_tokenizer(spec):
-        what = "is not a directory" if not os.path.isdir(spec) else "has no tokenizer files"
+        what = "is not a directory" if not paths.isdir(spec) else "has no tokenizer files"
         raise ValueError(
             f"--tokenizer {spec}: {what} (expected 'synthetic' or a directory with one of "
             f"{', '.join(TOKENIZER_FILES[:7])})"
@@ -39,12 +39,16 @@ def _write_tokenizer(tok: Any, dst: str) -> list[str]:
     if tok == "synthetic":
         from dpoq_jax.data.synthetic import SyntheticTokenizer  # noqa: PLC0415
 
-        return SyntheticTokenizer().save_pretrained(dst)
+        local = paths.staging_dir() if paths.is_gcs(dst) else dst  # it writes local files
+        names = SyntheticTokenizer().save_pretrained(local)
+        if local != dst:
+            paths.upload_dir(local, dst)
+        return names
     copied = []
     for name in TOKENIZER_FILES:
-        f = os.path.join(tok, name)
-        if os.path.isfile(f):
-            shutil.copy2(f, os.path.join(dst, name))
+        f = paths.join(tok, name)
+        if paths.isfile(f):
+            paths.copy_file(f, paths.join(dst, name))
             copied.append(name)
     return copied
 
@@ -80,9 +84,11 @@ def _parser() -> argparse.ArgumentParser:
 @reports_user_errors("dpoq convert")
 def convert_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    if os.path.realpath(args.src) == os.path.realpath(args.dst):
+    same = (paths.absolute(args.src) == paths.absolute(args.dst) if paths.is_gcs(args.src)
+            else os.path.realpath(args.src) == os.path.realpath(args.dst))
+    if same:
         raise ValueError(f"--from and --to are the same directory ({args.src}); choose a new --to")
-    if not os.path.isdir(args.src):
+    if not paths.isdir(args.src):
         raise FileNotFoundError(f"--from {args.src}: not a directory")
     if args.tokenizer is not None:
         _check_tokenizer_arg(args.tokenizer)

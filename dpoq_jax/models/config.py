@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from dpoq_jax import paths
+
 FAMILIES = ("gpt_neox", "llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
 # config.json model_type -> our family. Mistral is the Llama shape (+ a sliding window); gemma3_text is
 # Gemma 3's text decoder (Gemma3ForCausalLM).
@@ -440,7 +442,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def read_hf_config(path: str) -> dict[str, Any]:
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
         try:
             hf = json.loads(f.read())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from dpoq_jax import paths
 from dpoq_jax.models.config import ModelConfig, config_from_hf, config_to_hf, read_hf_config
 from dpoq_jax.models.decoder import Decoder
 from dpoq_jax.models.sharding import Rules, logical_to_shardings
@@ -338,7 +339,8 @@ def load_hf(
 ) -> tuple[Decoder, ModelConfig]:
     """(Decoder, ModelConfig) from a local Hugging Face directory. With a mesh, each parameter lands
     directly in its NamedSharding (from `rules`, logical -> mesh axes). config_overrides (e.g.
-    remat="full") replace ModelConfig fields."""
+    remat="full") replace ModelConfig fields. A gs:// directory is copied to local disk first."""
+    path = paths.local_dir(path)
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{path}: no config.json (expected a local Hugging Face model directory)")
@@ -419,7 +421,7 @@ def save_hf(
 ) -> None:
     """Write config.json + model.safetensors (transformers' AutoModelForCausalLM loads them).
     dtype: storage dtype of the tensors (default: the parameters' own). Parameters must be
-    addressable from this process (single host)."""
+    addressable from this process (single host). A gs:// `path` is written locally, then uploaded."""
     state = nnx.state(model, nnx.Param) if isinstance(model, nnx.Module) else model
     pure = nnx.to_pure_dict(state)
 
@@ -434,6 +436,7 @@ def save_hf(
         return x.astype(dtype) if dtype is not None else x
 
     tensors = _export_tensors(cfg, get)
+    dest, path = path, (paths.staging_dir() if paths.is_gcs(path) else path)
     os.makedirs(path, exist_ok=True)
     write_safetensors(os.path.join(path, "model.safetensors"), tensors)
     hf_cfg = config_to_hf(cfg)
@@ -445,6 +448,8 @@ def save_hf(
         json.dump(hf_cfg, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+    if dest != path:
+        paths.upload_dir(path, dest)
 
 
 TOKENIZER_FILES = (
@@ -462,16 +467,14 @@ TOKENIZER_FILES = (
 
 def has_tokenizer(path: str) -> bool:
     """Does directory `path` hold Hugging Face tokenizer files?"""
-    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES[:7])
+    return paths.isdir(path) and any(paths.isfile(paths.join(path, f)) for f in TOKENIZER_FILES[:7])
 
 
 def run_root(path: str) -> str | None:
     """The `dpoq train` workdir that `path` is, or is the checkpoints directory or a step of; else None."""
-    here = os.path.abspath(path)
-    for cand in (here, os.path.dirname(here), os.path.dirname(os.path.dirname(here))):
-        if os.path.isdir(os.path.join(cand, "checkpoints")) and os.path.isfile(
-            os.path.join(cand, "config.json")
-        ):
+    here = paths.absolute(path)
+    for cand in (here, paths.dirname(here), paths.dirname(paths.dirname(here))):
+        if paths.isdir(paths.join(cand, "checkpoints")) and paths.isfile(paths.join(cand, "config.json")):
             return cand
     return None
 
@@ -480,17 +483,17 @@ def find_tokenizer(path: str) -> str | None:
     """The tokenizer that goes with a model directory: `path` itself or its hf/ when they hold
     tokenizer files; for a `dpoq train` run, what it trained with (as train.inputs.load_dataset
     chooses: data.tokenizer_path, else "synthetic" for synthetic data, else model.path). None: none."""
-    for cand in (path, os.path.join(path, "hf")):
+    for cand in (path, paths.join(path, "hf")):
         if has_tokenizer(cand):
             return cand
     root = run_root(path)
     if root is None:
         return None
-    if has_tokenizer(os.path.join(root, "hf")):
-        return os.path.join(root, "hf")
-    cfg_file = os.path.join(root, "config.json")
+    if has_tokenizer(paths.join(root, "hf")):
+        return paths.join(root, "hf")
+    cfg_file = paths.join(root, "config.json")
     try:
-        with open(cfg_file, "rb") as f:
+        with paths.open(cfg_file, "rb") as f:
             cfg = json.loads(f.read())
         data, model = cfg.get("data", {}), cfg.get("model", {})
         source, tok_path, model_path = data.get("source"), data.get("tokenizer_path"), model.get("path")
@@ -501,7 +504,7 @@ def find_tokenizer(path: str) -> str | None:
     named = tok_path or model_path
     if not named:
         return None
-    for cand in (named, os.path.join(named, "hf")):  # model.path may be another run's workdir
+    for cand in (named, paths.join(named, "hf")):  # model.path may be another run's workdir
         if has_tokenizer(cand):
             return cand
     raise FileNotFoundError(
@@ -511,9 +514,11 @@ def find_tokenizer(path: str) -> str | None:
 
 
 def load_tokenizer(path: str) -> Any:
-    """The Hugging Face tokenizer stored in a local directory (never downloads)."""
+    """The Hugging Face tokenizer stored in a directory, local or gs:// (copied to local disk first:
+    transformers reads local files only); never downloads from the Hub."""
     from transformers import AutoTokenizer  # noqa: PLC0415 (heavy import, only when needed)
 
+    path = paths.local_dir(path)
     if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES[:6]):
         raise FileNotFoundError(f"{path}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES[:6])})")
     return AutoTokenizer.from_pretrained(path, local_files_only=True)

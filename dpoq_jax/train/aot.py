@@ -20,6 +20,7 @@ import sys
 import time
 from typing import Any
 
+from dpoq_jax import paths
 from dpoq_jax.data.errors import reports_user_errors
 
 log = logging.getLogger(__name__)
@@ -90,13 +91,13 @@ def model_config_for(cfg: Any, model_config_path: str | None) -> Any:
     if cfg.model.init == "random":
         return ModelConfig.from_dict({**cfg.model.config.to_dict(), **over})
     if cfg.model.init == "hf":
-        path = os.path.join(cfg.model.path, "config.json")
-        if not os.path.isfile(path):
+        path = paths.join(cfg.model.path, "config.json")
+        if not paths.isfile(path):
             raise ValueError(f"config key 'model.path': no {path}; give --model-config FILE (a config.json)")
         return config_from_hf(read_hf_config(path), where=path, **over)
     from dpoq_jax.train.checkpoint import RunCheckpoints
 
-    ckpts = RunCheckpoints(os.path.join(cfg.model.path, "checkpoints"), every_steps=1, keep=1)
+    ckpts = RunCheckpoints(paths.join(cfg.model.path, "checkpoints"), every_steps=1, keep=1)
     step = ckpts.latest_step() if cfg.model.path else None
     if step is None:
         raise ValueError(
@@ -335,6 +336,5 @@ def compile_main(argv: list[str]) -> int:
         print_report(r)
         out = r.to_dict()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+        paths.write_text(args.json, json.dumps(out, indent=1))
     return 0

@@ -24,8 +24,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +34,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dpoq_jax import paths
 from dpoq_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -186,7 +185,7 @@ class RunCheckpoints:
             enable_async_checkpointing=async_save,
             create=True,
         )
-        self.directory = os.path.abspath(directory)  # orbax refuses relative paths
+        self.directory = paths.absolute(directory)  # orbax refuses relative paths; gs:// as it is
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
@@ -196,7 +195,7 @@ class RunCheckpoints:
         return list(self.manager.all_steps())
 
     def step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return paths.join(self.directory, str(step))
 
     def save(
         self,
@@ -244,8 +243,8 @@ class RunCheckpoints:
 
     def _legacy(self, step: int) -> bool:
         try:
-            with open(os.path.join(self.step_dir(step), "_CHECKPOINT_METADATA")) as f:
-                items = json.load(f)["item_handlers"]
+            meta = paths.read_text(paths.join(self.step_dir(step), "_CHECKPOINT_METADATA"))
+            items = json.loads(meta)["item_handlers"]
         except (OSError, ValueError, KeyError, TypeError):
             return False  # unreadable step metadata is damage, not age
         return isinstance(items, dict) and "params" in items and "integrity" not in items
@@ -299,19 +298,19 @@ class RunCheckpoints:
         return None
 
     def _set_aside(self, steps: list[int]) -> list[str]:
-        """Moves damaged steps to DIR.damaged/<step> (process 0); returns where each went."""
+        """Moves damaged steps to DIR.damaged/<step> (process 0); returns where each went. On gs://
+        a move is a copy of each object and then its deletion (no rename there)."""
         if not steps:
             return []
         dest = self.directory.rstrip("/") + DAMAGED_SUFFIX
         targets = []
         for s in steps:
-            target, n = os.path.join(dest, str(s)), 1
-            while os.path.exists(target):
-                target, n = os.path.join(dest, f"{s}.{n}"), n + 1
+            target, n = paths.join(dest, str(s)), 1
+            while paths.exists(target):
+                target, n = paths.join(dest, f"{s}.{n}"), n + 1
             targets.append(target)
             if jax.process_index() == 0:
-                os.makedirs(dest, exist_ok=True)
-                shutil.move(self.step_dir(s), target)
+                paths.move(self.step_dir(s), target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from dpoq_jax import paths
 from dpoq_jax.data.errors import reports_user_errors
 
 USAGE_CONFIG = "FILE[:arg]: a Python file with get_config(arg=None); --config.key=value overrides follow"
@@ -97,7 +98,7 @@ def precompute_ref_main(argv: list[str]) -> int:
     init_distributed(args.coordinator, args.num_processes, args.process_id)
     from dpoq_jax.train.precompute import precompute_reference
 
-    out = args.output or os.path.join(args.workdir, "ref_logps.jsonl")
+    out = args.output or paths.join(args.workdir, "ref_logps.jsonl")
     n = precompute_reference(cfg, out)
     print(
         f"wrote reference log-probs of {n} pairs to {out}; train with --config.reference.mode=precomputed "

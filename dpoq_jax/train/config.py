@@ -16,6 +16,8 @@ from typing import Any
 
 import ml_collections as mc
 
+from dpoq_jax import paths
+
 STAGES = ("sft", "dpo")
 
 
@@ -189,14 +191,14 @@ def validate(config: mc.ConfigDict) -> None:
         )
     for key in ("path", "eval_path"):
         path = config.data.get(key, "")
-        if path and not os.path.exists(path):
+        if path and not paths.exists(path):
             raise ConfigError(f"config key 'data.{key}': path {path!r} does not exist")
     if config.data.source in ("jsonl", "hh", "tldr") and not config.data.path:
         raise ConfigError(f"config key 'data.path' is required for data.source={config.data.source!r}")
     if config.data.source == "synthetic" and config.data.num_examples <= 0:
         raise ConfigError("config key 'data.num_examples' must be > 0 for data.source='synthetic'")
     if config.stage == "dpo" and config.reference.mode == "precomputed" and config.reference.logps_path:
-        if not os.path.exists(config.reference.logps_path):
+        if not paths.exists(config.reference.logps_path):
             raise ConfigError(
                 f"config key 'reference.logps_path': path {config.reference.logps_path!r} does not exist "
                 "(write it with `dpoq precompute-ref`)"
@@ -207,7 +209,7 @@ def validate(config: mc.ConfigDict) -> None:
                 f"config key 'model.path' is required when model.init={config.model.init!r} "
                 "(--config.model.path=DIR, or FILE:DIR for a config that takes the run as its argument)"
             )
-        if not os.path.exists(config.model.path):
+        if not paths.exists(config.model.path):
             raise ConfigError(f"config key 'model.path': path {config.model.path!r} does not exist")
     elif config.model.init != "random":
         raise ConfigError(

@@ -6,12 +6,12 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from dpoq_jax import paths
 from dpoq_jax.data import layouts
 from dpoq_jax.data.errors import DataError, ErrorPolicy
 from dpoq_jax.data.examples import PreferenceExample, SFTExample, TokenizedPair
@@ -167,7 +167,7 @@ def attach_reference(pairs: list[TokenizedPair], path: str) -> list[TokenizedPai
     """Pairs with meta["ref_chosen_logps"/"ref_rejected_logps"] from a `dpoq precompute-ref` file.
     A malformed line, or one whose log-probs do not fit its pair's token counts, is an error naming
     the file and line (a log-prob on the wrong token would train silently wrong)."""
-    if not os.path.exists(path):
+    if not paths.exists(path):
         raise ValueError(f"config key 'reference.logps_path': file {path!r} does not exist")
     table = {}
     for line, obj in iter_json_lines(path, ErrorPolicy("fail")):

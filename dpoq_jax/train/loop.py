@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dpoq_jax import losses
+from dpoq_jax import losses, paths
 from dpoq_jax.data.loader import Loader, LoaderState
 from dpoq_jax.train import inputs
 from dpoq_jax.train.checkpoint import RunCheckpoints
@@ -79,10 +78,10 @@ def model_source(cfg: Any, mesh: Any, rules: Any) -> ModelSource:
             model, _ = hf.load_hf(cfg.model.path, mesh=mesh, rules=rules, **kw, **over)
             return split_model(model)[1]
 
-        mcfg = hf.config_from_hf(hf.read_hf_config(os.path.join(cfg.model.path, "config.json")), **over)
+        mcfg = hf.config_from_hf(hf.read_hf_config(paths.join(cfg.model.path, "config.json")), **over)
         return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), **kw), mcfg, load_hf_params)
     # a previous run's workdir (e.g. the SFT stage): its newest checkpoint's params and model config
-    ckpts = RunCheckpoints(os.path.join(cfg.model.path, CHECKPOINT_SUBDIR), every_steps=1, keep=1)
+    ckpts = RunCheckpoints(paths.join(cfg.model.path, CHECKPOINT_SUBDIR), every_steps=1, keep=1)
     step = ckpts.latest_intact_params_step()
     if step is None:
         raise ValueError(f"config key 'model.path': no intact checkpoint in {cfg.model.path!r}")
@@ -320,12 +319,12 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
     """Run (or resume) training to cfg.train.num_steps.
 
     batch_hook(step, local_batch) -> local_batch lets tests alter a batch (e.g. inject a NaN)."""
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     is_main = jax.process_index() == 0
     run = setup(cfg)
     tc = cfg.train
     ckpts = RunCheckpoints(
-        os.path.join(workdir, CHECKPOINT_SUBDIR),
+        paths.join(workdir, CHECKPOINT_SUBDIR),
         every_steps=cfg.checkpoint.every_steps,
         keep=cfg.checkpoint.keep,
         async_save=cfg.checkpoint.async_save,
@@ -342,8 +341,7 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
         state, loader_state = run.new_state(), LoaderState()
         writer.truncate_after(0)  # lines of an earlier attempt that died before its first checkpoint
         if is_main:
-            with open(os.path.join(workdir, "config.json"), "w") as f:
-                f.write(cfg.to_json(indent=2))
+            paths.write_text(paths.join(workdir, "config.json"), cfg.to_json(indent=2))
     start = int(jax.device_get(state.step))
 
     micro_size = tc.batch_size // tc.micro_batches // jax.process_count()
@@ -444,7 +442,7 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
                 writer.write(tc.num_steps, ev, split="eval")
             last.update({f"eval/{k}": v for k, v in ev.items()})
         if cfg.model.hf_export:
-            export_hf(run, state, os.path.join(workdir, "hf"))
+            export_hf(run, state, paths.join(workdir, "hf"))
     finally:
         if bar is not None:
             bar.close()
@@ -454,7 +452,7 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
 
 
 def _has_final_eval(workdir: str, step: int) -> bool:
-    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    if not paths.exists(paths.join(workdir, "metrics.jsonl")):
         return False
     return any(r["step"] == step for r in read_metrics(workdir, "eval"))
 

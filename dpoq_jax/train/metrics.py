@@ -9,6 +9,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from dpoq_jax import paths
+
 log = logging.getLogger(__name__)
 
 # Dense bf16 peak FLOP/s per chip, by substring of jax's device_kind (lower case). Unknown -> None.
@@ -72,37 +74,50 @@ def _jsonable(x: Any) -> Any:
 class MetricsWriter:
     """Appends {"step", "split", metrics...} lines to WORKDIR/metrics.jsonl and scalars to TensorBoard
     (WORKDIR/tb). Only the main process writes. `truncate_after(step)` drops lines past a restored
-    checkpoint so that a resumed run's log equals an uninterrupted one."""
+    checkpoint so that a resumed run's log equals an uninterrupted one.
+
+    On gs:// (no appends there) the writer keeps the file's text and uploads it whole at every write:
+    each upload replaces the object atomically, so a reader never sees a torn line. TensorBoard
+    events go to gs:// through tensorboardX's own Cloud Storage writer (google-cloud-storage)."""
 
     def __init__(self, workdir: str, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = paths.join(workdir, "metrics.jsonl")
+        self._text: str | None = None  # gs:// only: the whole file, uploaded at each write
         self._tb = None
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            self._tb = SummaryWriter(paths.join(workdir, "tb"))
 
     def truncate_after(self, step: int) -> None:
         """Keeps the lines up to `step` (a torn last line, from a process killed mid-write, is dropped
         with a warning naming the file)."""
-        if not self.enabled or not os.path.exists(self.path):
+        if not self.enabled:
+            return
+        if not paths.exists(self.path):
+            self._text = "" if paths.is_gcs(self.path) else None
             return
         rows = _read_rows(self.path, torn_last_ok=True)
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
-        os.replace(tmp, self.path)
+        text = "".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step)
+        paths.write_text(self.path, text)
+        self._text = text if paths.is_gcs(self.path) else None
 
     def write(self, step: int, metrics: dict[str, Any], split: str = "train") -> None:
         if not self.enabled:
             return
         row = {"step": int(step), "split": split}
         row.update({k: _jsonable(v) for k, v in sorted(metrics.items())})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        if paths.is_gcs(self.path):
+            if self._text is None:  # first write without truncate_after: keep what is there
+                self._text = paths.read_text(self.path) if paths.exists(self.path) else ""
+            self._text += json.dumps(row) + "\n"
+            paths.write_text(self.path, self._text)
+        else:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
         if self._tb is not None:
             for k, v in row.items():
                 if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -116,7 +131,7 @@ class MetricsWriter:
 
 def read_metrics(workdir: str, split: str | None = None) -> list[dict[str, Any]]:
     """The rows of WORKDIR/metrics.jsonl (optionally of one split)."""
-    rows = _read_rows(os.path.join(workdir, "metrics.jsonl"), torn_last_ok=True)
+    rows = _read_rows(paths.join(workdir, "metrics.jsonl"), torn_last_ok=True)
     return [r for r in rows if split is None or r["split"] == split]
 
 
@@ -124,7 +139,7 @@ def _read_rows(path: str, *, torn_last_ok: bool) -> list[dict[str, Any]]:
     """The JSON rows of a metrics file. Appends are fsynced one line at a time, so only the last line
     can be torn (the process died mid-write): it is dropped with a warning. Any other bad line is
     damage, not a crash: a ValueError naming file and line."""
-    with open(path, "rb") as f:
+    with paths.open(path, "rb") as f:
         raw = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
     rows = []
     for k, (lineno, line) in enumerate(raw):

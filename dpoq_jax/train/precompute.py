@@ -10,12 +10,12 @@ fingerprint (so a changed tokenizer or data file is caught) and then needs no re
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
 import numpy as np
 
+from dpoq_jax import paths
 from dpoq_jax.train import inputs
 from dpoq_jax.train.loop import causal_rows, global_batch, kernel_mesh_fn, logps_chunk_positions, setup
 from dpoq_jax.train.mesh import replicated
@@ -60,10 +60,5 @@ def precompute_reference(cfg: Any, output: str) -> int:
                     }
                 )
     if pi == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-        tmp = output + ".tmp"
-        with open(tmp, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, output)
+        paths.write_text(output, "".join(json.dumps(row) + "\n" for row in rows))  # atomic, local or gs://
     return len(rows)
