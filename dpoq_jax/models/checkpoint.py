@@ -36,6 +36,15 @@ def save_params(path: str, model_or_state: Decoder | nnx.State, cfg: ModelConfig
     paths.write_text(paths.join(path, "model_config.json"), json.dumps(cfg.to_dict(), indent=2))
 
 
+def refuse_lora_step(step_dir: str) -> None:
+    """A LoRA run's step holds adapters, not a model: say so in one line instead of a shape error."""
+    if paths.isdir(paths.join(step_dir, "base")):
+        raise ValueError(
+            f"{step_dir}: a LoRA checkpoint (adapters only, the base is elsewhere); use the run's merged "
+            "export WORKDIR/hf, or resume the run itself"
+        )
+
+
 def _is_step_dir(path: str) -> bool:
     return paths.isdir(paths.join(path, "params")) and (
         paths.isfile(paths.join(path, "model_config.json"))
@@ -101,6 +110,7 @@ def load_params(
     """(Decoder, ModelConfig) from save_params' directory or a training checkpoint; with a mesh the
     parameters are restored straight into their shardings."""
     path = resolve_params_dir(path, step)
+    refuse_lora_step(path)
     cfg = read_model_config(path)
     from dpoq_jax.models.hf import abstract_decoder  # noqa: PLC0415 (hf imports this module's peers)
 

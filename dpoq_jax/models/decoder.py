@@ -24,6 +24,7 @@ import numpy as np
 from flax import nnx
 
 from dpoq_jax.models import attention as attn_lib
+from dpoq_jax.models import lora as lora_lib
 from dpoq_jax.models.attention import layout_mask as attention_mask  # noqa: F401 (public name)
 from dpoq_jax.models.config import ModelConfig
 
@@ -187,7 +188,16 @@ class Norm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype, dtype, implementation: str):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype,
+        dtype,
+        implementation: str,
+        lora: lora_lib.Maker | None = None,
+    ):
         D, H, K, F = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.dtype = dtype
         self.implementation = implementation
@@ -209,9 +219,13 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.scale = None if cfg.query_pre_attn_scalar is None else float(cfg.query_pre_attn_scalar) ** -0.5
         self.softcap, self.window = cfg.attn_softcap, cfg.sliding_window
+        lora = lora or lora_lib.Maker(None)
+        self.wq_lora, self.wk_lora = lora("q", self.wq, 1), lora("k", self.wk, 1)
+        self.wv_lora, self.wo_lora = lora("v", self.wv, 1), lora("o", self.wo, 2)
 
-    def _proj(self, x: Array, w: nnx.Param, b: nnx.Param | None) -> Array:
+    def _proj(self, x: Array, w: nnx.Param, b: nnx.Param | None, ad: lora_lib.Adapter | None) -> Array:
         y = jnp.einsum("nsd,dhf->nshf", x, w[...].astype(self.dtype))
+        y = y if ad is None else y + ad(x)
         return y if b is None else y + b[...].astype(self.dtype)
 
     def __call__(
@@ -225,9 +239,9 @@ class Attention(nnx.Module):
     ) -> tuple[Array, tuple[Array, Array] | None]:
         """local: this layer's sliding-window flag (traced, from the scan); explicit masks come with the
         window already applied, the fused paths pick the windowed kernel by lax.cond."""
-        q = self._proj(x_NSD, self.wq, self.bq)
-        k = self._proj(x_NSD, self.wk, self.bk)
-        v = self._proj(x_NSD, self.wv, self.bv)
+        q = self._proj(x_NSD, self.wq, self.bq, self.wq_lora)
+        k = self._proj(x_NSD, self.wk, self.bk, self.wk_lora)
+        v = self._proj(x_NSD, self.wv, self.bv, self.wv_lora)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -244,6 +258,8 @@ class Attention(nnx.Module):
         else:
             out = attend(None)
         y = jnp.einsum("nshf,hfd->nsd", out, self.wo[...].astype(self.dtype))
+        if self.wo_lora is not None:
+            y = y + self.wo_lora(out)
         if self.bo is not None:
             y = y + self.bo[...].astype(self.dtype)
         return y, kv
@@ -299,7 +315,9 @@ def _activation(name: str, x: Array) -> Array:
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype, dtype):
+    def __init__(
+        self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype, dtype, lora: lora_lib.Maker | None = None
+    ):
         D, M = cfg.hidden_size, cfg.intermediate_size
         self.dtype, self.activation = dtype, cfg.activation
         self.w_gate = _param(rngs, (D, M), ("embed", "mlp"), param_dtype, "normal") if cfg.gated_mlp else None
@@ -310,29 +328,42 @@ class MLP(nnx.Module):
             _param(None, (M,), ("mlp",), param_dtype, "zeros") if cfg.mlp_bias and cfg.gated_mlp else None
         )
         self.b_down = _param(None, (D,), ("embed",), param_dtype, "zeros") if cfg.mlp_bias else None
+        lora = lora or lora_lib.Maker(None)
+        self.w_gate_lora = lora("gate", self.w_gate, 1)
+        self.w_up_lora, self.w_down_lora = lora("up", self.w_up, 1), lora("down", self.w_down, 1)
 
-    def _dense(self, x: Array, w: nnx.Param, b: nnx.Param | None) -> Array:
+    def _dense(self, x: Array, w: nnx.Param, b: nnx.Param | None, ad: lora_lib.Adapter | None) -> Array:
         y = x @ w[...].astype(self.dtype)
+        y = y if ad is None else y + ad(x)
         return y if b is None else y + b[...].astype(self.dtype)
 
     def __call__(self, x: Array) -> Array:
         if self.w_gate is None:  # act(x W_up) W_down
-            h = _activation(self.activation, self._dense(x, self.w_up, self.b_up))
+            h = _activation(self.activation, self._dense(x, self.w_up, self.b_up, self.w_up_lora))
         else:  # SwiGLU: (act(x W_gate) * x W_up) W_down
-            h = _activation(self.activation, self._dense(x, self.w_gate, self.b_gate))
-            h = h * self._dense(x, self.w_up, self.b_up)
-        return self._dense(h, self.w_down, self.b_down)
+            h = _activation(self.activation, self._dense(x, self.w_gate, self.b_gate, self.w_gate_lora))
+            h = h * self._dense(x, self.w_up, self.b_up, self.w_up_lora)
+        return self._dense(h, self.w_down, self.b_down, self.w_down_lora)
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype, dtype, implementation: str):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype,
+        dtype,
+        implementation: str,
+        lora: lora_lib.Maker | None = None,
+    ):
         self.parallel = cfg.parallel_residual
         self.ln1 = Norm(cfg, param_dtype=param_dtype, dtype=dtype)
         self.attn = Attention(
-            cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, implementation=implementation
+            cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, implementation=implementation, lora=lora
         )
         self.ln2 = Norm(cfg, param_dtype=param_dtype, dtype=dtype)
-        self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+        self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, lora=lora)
         # Gemma: norms on the attention and MLP outputs too, before the residual adds
         self.ln1_post = Norm(cfg, param_dtype=param_dtype, dtype=dtype) if cfg.gemma else None
         self.ln2_post = Norm(cfg, param_dtype=param_dtype, dtype=dtype) if cfg.gemma else None
@@ -375,6 +406,7 @@ class Decoder(nnx.Module):
     dtype: compute dtype (default bfloat16 on accelerators, float32 on CPU); param_dtype: storage.
     attention: "auto" (TPU: Pallas splash; GPU in 16-bit: cuDNN where exact; else XLA) | "xla" (masked
     reference) | "cudnn" | "splash" | "splash_interpret" (the Pallas kernel interpreted, for CPU tests).
+    lora: LoRA adapters on the chosen projections (models/lora.py; nnx.LoRAParam leaves), None: none.
     """
 
     def __init__(
@@ -385,6 +417,7 @@ class Decoder(nnx.Module):
         dtype: Any = None,
         param_dtype: Any = jnp.float32,
         attention: str = "auto",
+        lora: lora_lib.LoraConfig | None = None,
     ):
         if attention not in attn_lib.IMPLEMENTATIONS:
             raise ValueError(f"attention must be one of {attn_lib.IMPLEMENTATIONS}, got {attention!r}")
@@ -397,12 +430,9 @@ class Decoder(nnx.Module):
             if cfg.learned_positions
             else None
         )
-        self.blocks = stack_blocks(
-            [
-                Block(cfg, rngs=rngs, param_dtype=param_dtype, dtype=dtype, implementation=attention)
-                for _ in range(cfg.num_layers)
-            ]
-        )
+        maker = lora_lib.Maker(lora)
+        kw = dict(param_dtype=param_dtype, dtype=dtype, implementation=attention, lora=maker)
+        self.blocks = stack_blocks([Block(cfg, rngs=rngs, **kw) for _ in range(cfg.num_layers)])
         self.final_norm = Norm(cfg, param_dtype=param_dtype, dtype=dtype)
         self.lm_head = (
             None

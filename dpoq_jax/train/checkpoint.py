@@ -8,6 +8,9 @@ Each step directory WORKDIR/checkpoints/<step>/ holds the items
   config        the run config (JSON), model_config: the model's hyper-parameters (JSON)
   integrity     per array of params and train_state: dtype and two 32-bit checksums of its bytes,
                 computed on device at save time; and a copy of the loader position (JSON)
+  base          LoRA runs only: params holds the adapters and train_state no reference; this JSON
+                points at the frozen base (model.init, path, seed) with the checksums of its arrays,
+                which a resume compares with the base it loads again (train.loop.check_base)
 Orbax writes a step into a temporary directory and renames it when every item is complete, so a save
 cut short (kill -9) leaves no step directory and `latest_step` never sees it; the integrity record
 is an item of the same step, so it exists exactly when the step does.
@@ -35,6 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dpoq_jax import paths
+from dpoq_jax.models.checkpoint import refuse_lora_step
 from dpoq_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -206,12 +210,18 @@ class RunCheckpoints:
         config: dict,
         model_config: dict,
         force: bool = False,
+        base: dict | None = None,
     ) -> bool:
         """Starts an (asynchronous) save if `step` is due (or force); returns whether it saves. The
-        checksums are computed first, on device, from the same arrays."""
+        checksums are computed first, on device, from the same arrays. base: a LoRA run's pointer to
+        its frozen base (stored instead of state.ref_params, which holds that base)."""
         if not (force or self.manager.should_save(step)):
             return False
         pure, rest = params_to_pure(state.params), state.replace(params=None)
+        extra = {}
+        if base is not None:
+            rest = rest.replace(ref_params=None)
+            extra["base"] = ocp.args.JsonSave(base)
         return self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -221,6 +231,7 @@ class RunCheckpoints:
                 config=ocp.args.JsonSave(config),
                 model_config=ocp.args.JsonSave(model_config),
                 integrity=ocp.args.JsonSave(integrity_record(pure, rest, loader)),
+                **extra,
             ),
             force=force,
         )
@@ -319,7 +330,7 @@ class RunCheckpoints:
         return targets
 
     def read_json(self, step: int, item: str) -> Any:
-        """One JSON item ("loader", "config", "model_config", "integrity") of checkpoint `step`."""
+        """One JSON item ("loader", "config", "model_config", "integrity", "base") of checkpoint `step`."""
         return getattr(
             self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})), item
         )
@@ -329,6 +340,7 @@ class RunCheckpoints:
     ) -> nnx.State:
         """Only the policy parameters of checkpoint `step` (e.g. the SFT run a DPO run starts from),
         placed in `shardings`, verified against the integrity record, then cast to `dtype` if given."""
+        refuse_lora_step(self.step_dir(step))
         record = self._integrity(step)
         target = params_to_pure(abstract_with_shardings(abstract_params, shardings))
         if record is not None:

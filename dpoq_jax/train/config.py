@@ -219,9 +219,31 @@ def validate(config: mc.ConfigDict) -> None:
         group, name = key.split(".")
         if config[group][name] not in choices:
             raise ConfigError(f"config key {key!r} must be one of {choices}, got {config[group][name]!r}")
+    _check_lora(config)
     if config.stage == "dpo" and config.reference.mode not in ("frozen", "precomputed"):
         raise ConfigError(
             f"config key 'reference.mode' must be 'frozen' or 'precomputed', got {config.reference.mode!r}"
+        )
+
+
+def _check_lora(config: mc.ConfigDict) -> None:
+    from dpoq_jax.models.lora import TARGETS
+
+    lora = config.model.lora
+    if lora.rank < 0:
+        raise ConfigError(f"config key 'model.lora.rank' must be >= 0, got {lora.rank}")
+    if lora.rank == 0:
+        return
+    bad = sorted(set(lora.targets) - set(TARGETS))
+    if bad or not lora.targets:
+        what = bad or "empty"
+        raise ConfigError(f"config key 'model.lora.targets': unknown {what} (choose from {TARGETS})")
+    if not math.isfinite(lora.alpha) or lora.alpha <= 0:
+        raise ConfigError(f"config key 'model.lora.alpha' must be a finite number > 0, got {lora.alpha}")
+    if config.stage == "dpo" and config.reference.mode != "frozen":
+        raise ConfigError(
+            "config key 'reference.mode' must be 'frozen' with LoRA (model.lora.rank > 0): the base "
+            "weights, held for the policy anyway, are the reference"
         )
 
 
@@ -250,6 +272,12 @@ def base_config() -> mc.ConfigDict:
     c.model.remat = ""  # "" keeps the model config's; "none" | "full" | "dots" (recompute blocks in backward)
     c.model.attention = "auto"  # auto (TPU splash, GPU cuDNN where exact, else XLA) | xla | cudnn | splash
     c.model.hf_export = True  # write WORKDIR/hf at the end (models.hf.save_hf)
+    # LoRA (models/lora.py): rank 0 trains every weight; rank > 0 trains only adapters on `targets`,
+    # the loaded weights stay frozen and, adapters off, are the DPO reference (reference.mode "frozen")
+    c.model.lora = mc.ConfigDict()
+    c.model.lora.rank = 0
+    c.model.lora.alpha = 16.0  # adapter scale alpha / rank (as PEFT's lora_alpha)
+    c.model.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # attention and MLP projections
 
     c.reference = mc.ConfigDict()
     c.reference.mode = "frozen"  # "frozen": copy of the initial policy; "precomputed": from the data

@@ -59,17 +59,29 @@ def _dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
+def lora_config(cfg: Any) -> Any:
+    """The run's LoraConfig (models/lora.py), or None when model.lora.rank is 0 (full fine-tuning)."""
+    from dpoq_jax.models.lora import LoraConfig
+
+    lc = cfg.model.get("lora")
+    if lc is None or lc.rank == 0:
+        return None
+    return LoraConfig(rank=lc.rank, alpha=float(lc.alpha), targets=tuple(lc.targets), seed=cfg.seed)
+
+
 def model_source(cfg: Any, mesh: Any, rules: Any) -> ModelSource:
-    """How to build the policy: random init from model.config, a Hugging Face dir, or a run's workdir."""
+    """How to build the policy: random init from model.config, a Hugging Face dir, or a run's workdir.
+    With LoRA, make_model builds base + adapters; load_params loads the base weights only."""
     from dpoq_jax.models.config import ModelConfig
     from dpoq_jax.models.decoder import Decoder
 
     kw = dict(param_dtype=_dtype(cfg.model.param_dtype), dtype=_dtype(cfg.model.dtype))
     kw["attention"] = cfg.model.attention
+    lora = lora_config(cfg)
     over = {"remat": cfg.model.remat} if cfg.model.remat else {}  # rematerialisation policy of the blocks
     if cfg.model.init == "random":
         mcfg = ModelConfig.from_dict({**cfg.model.config.to_dict(), **over})
-        return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(cfg.seed), **kw), mcfg, None)
+        return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(cfg.seed), lora=lora, **kw), mcfg, None)
     if cfg.model.init == "hf":
         from dpoq_jax.models import hf
 
@@ -79,7 +91,7 @@ def model_source(cfg: Any, mesh: Any, rules: Any) -> ModelSource:
             return split_model(model)[1]
 
         mcfg = hf.config_from_hf(hf.read_hf_config(paths.join(cfg.model.path, "config.json")), **over)
-        return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), **kw), mcfg, load_hf_params)
+        return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), lora=lora, **kw), mcfg, load_hf_params)
     # a previous run's workdir (e.g. the SFT stage): its newest checkpoint's params and model config
     ckpts = RunCheckpoints(paths.join(cfg.model.path, CHECKPOINT_SUBDIR), every_steps=1, keep=1)
     step = ckpts.latest_intact_params_step()
@@ -90,7 +102,7 @@ def model_source(cfg: Any, mesh: Any, rules: Any) -> ModelSource:
     def load_ckpt_params(abstract, shardings):
         return ckpts.restore_params(step, abstract, shardings, dtype=_dtype(cfg.model.param_dtype))
 
-    return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), **kw), mcfg, load_ckpt_params)
+    return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), lora=lora, **kw), mcfg, load_ckpt_params)
 
 
 def check_vocab(dataset: inputs.Dataset, vocab_size: int, cfg: Any) -> None:
@@ -165,8 +177,14 @@ class Run:
     shardings: TrainState
     abstract: TrainState
     loss_fn: Any
+    lora: Any = None  # LoraConfig: TrainState.params are adapters, ref_params the frozen base
 
     def new_state(self) -> TrainState:
+        if self.lora is not None:
+            adapters = init_params(self.source.make_model, self.p_shardings, adapters_only=True)
+            return create_train_state(
+                adapters, self.optimizer, self.shardings, with_ref=False, base=self.load_base()
+            )
         if self.source.load_params is None:
             params, _ = init_params(self.source.make_model, self.p_shardings)
         else:
@@ -178,6 +196,34 @@ class Run:
             with_ref=self.shardings.ref_params is not None,
             ref_dtype=_dtype(self.cfg.reference.dtype),
         )
+
+    def load_base(self) -> Any:
+        """LoRA: the frozen base weights (random init, HF dir or a run's checkpoint), sharded."""
+        from dpoq_jax.models.lora import split_adapters
+
+        if self.source.load_params is None:
+            return split_adapters(init_params(self.source.make_model, self.p_shardings)[0])[1]
+        abs_base, sh_base = split_adapters(self.abs_params)[1], split_adapters(self.p_shardings)[1]
+        return self.source.load_params(abs_base, sh_base)
+
+    def base_pointer(self, base: Any) -> dict:
+        """What a LoRA checkpoint stores instead of the base: where it comes from and its checksums."""
+        from dpoq_jax.train.checkpoint import array_checks
+
+        c = self.cfg.model
+        return {
+            "init": c.init,
+            "path": paths.absolute(c.path) if c.path else "",
+            "seed": self.cfg.seed,
+            "param_dtype": c.param_dtype,
+            "arrays": {k: [d, *sums] for k, (d, sums, _) in array_checks(nnx.to_pure_dict(base)).items()},
+        }
+
+    def checkpoint_layout(self) -> tuple[TrainState, TrainState]:
+        """(abstract state, shardings) of what a checkpoint holds: LoRA leaves the base out."""
+        if self.lora is None:
+            return self.abstract, self.shardings
+        return self.abstract.replace(ref_params=None), self.shardings.replace(ref_params=None)
 
     def batch_shardings(self, example: dict[str, np.ndarray]) -> dict[str, Any]:
         return {k: batch_sharding(self.mesh, v.ndim) for k, v in example.items()}
@@ -238,17 +284,24 @@ def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, w
     p_sh = param_shardings(abs_params, mesh, rules)
     optimizer, schedule = make_optimizer(cfg.optim, cfg.train.num_steps)
     with_ref = dpo and cfg.reference.mode == "frozen"
-    shardings = state_shardings(abs_params, p_sh, optimizer, mesh, with_ref)
-    abstract = abstract_state(abs_params, optimizer, with_ref, _dtype(cfg.reference.dtype))
+    lora = lora_config(cfg)
+    if lora is not None:  # train the adapters; the base rides in ref_params (frozen, the reference)
+        from dpoq_jax.models.lora import split_adapters
+
+        (abs_train, abs_base), (sh_train, sh_base) = split_adapters(abs_params), split_adapters(p_sh)
+    else:
+        abs_train, abs_base, sh_train, sh_base = abs_params, None, p_sh, None
+    shardings = state_shardings(abs_train, sh_train, optimizer, mesh, with_ref, sh_base)
+    abstract = abstract_state(abs_train, optimizer, with_ref, _dtype(cfg.reference.dtype), abs_base)
     chunk = logps_chunk_positions(cfg, cfg.train.batch_size // cfg.train.micro_batches)
     causal, one = causal_rows(cfg.data.layout), one_segment_rows(cfg.data.layout)
     if dpo:
         loss_cfg = losses.LossConfig(**cfg.loss.to_dict())
         loss_fn = make_dpo_loss(
-            graphdef, rest, loss_cfg, chunk_size=chunk, causal_rows=causal, one_segment_per_row=one
+            graphdef, rest, loss_cfg, chunk, causal, one, lora=lora is not None
         )
     else:
-        loss_fn = make_sft_loss(graphdef, rest, chunk_size=chunk, causal_rows=causal, one_segment_per_row=one)
+        loss_fn = make_sft_loss(graphdef, rest, chunk, causal, one, lora=lora is not None)
     return Run(
         cfg,
         mesh,
@@ -263,6 +316,7 @@ def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, w
         shardings,
         abstract,
         loss_fn,
+        lora,
     )
 
 
@@ -331,14 +385,22 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
     )
     writer = MetricsWriter(workdir, enabled=is_main)
     # the newest checkpoint that passes every check (damaged newer ones: a warning each, set aside)
-    restored = ckpts.restore_latest_intact(run.abstract, run.shardings)
+    restored = ckpts.restore_latest_intact(*run.checkpoint_layout())
+    base_pointer = None
     if restored is not None:
         latest, state, loader_dict = restored
+        if run.lora is not None:  # adapters-only checkpoint: reload the base it points at, check it
+            base = run.load_base()
+            base_pointer = ckpts.read_json(latest, "base")
+            check_base(base_pointer, run.base_pointer(base), ckpts.step_dir(latest))
+            state = state.replace(ref_params=base)
         loader_state = LoaderState.from_dict(loader_dict)
         writer.truncate_after(latest)
         log.info("resuming from %s at step %d", ckpts.directory, latest)
     else:
         state, loader_state = run.new_state(), LoaderState()
+        if run.lora is not None:
+            base_pointer = run.base_pointer(state.ref_params)
         writer.truncate_after(0)  # lines of an earlier attempt that died before its first checkpoint
         if is_main:
             paths.write_text(paths.join(workdir, "config.json"), cfg.to_json(indent=2))
@@ -434,6 +496,7 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
                     config=config_json,
                     model_config=model_json,
                     force=True,
+                    base=base_pointer,
                 )
         ckpts.wait()
         if run.dataset.eval:
@@ -449,6 +512,18 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
         ckpts.close()
         writer.close()
     return TrainResult(last, state)
+
+
+def check_base(saved: dict, now: dict, where: str) -> None:
+    """The base weights loaded for a LoRA resume must be those the checkpoint's adapters were trained on."""
+    changed = sorted(k for k in set(saved["arrays"]) | set(now["arrays"])
+                     if saved["arrays"].get(k) != now["arrays"].get(k))
+    if changed:
+        raise ValueError(
+            f"{where}: the base model ({saved['init']} {saved['path'] or 'seed ' + str(saved['seed'])}) "
+            f"differs from the one these LoRA adapters were trained on ({len(changed)} arrays, e.g. "
+            f"{changed[0]}); restore that base or start a new workdir"
+        )
 
 
 def _has_final_eval(workdir: str, step: int) -> bool:
@@ -485,12 +560,20 @@ def export_hf(run: Run, state: TrainState, path: str) -> None:
 
     from dpoq_jax.models import hf
 
-    params = state.params
+    params, adapters = state.params, None
+    if run.lora is not None:  # LoRA: the base with W + (alpha/r) A B merged in, a full checkpoint
+        from dpoq_jax.models import lora
+
+        adapters = params
+        params = jax.jit(lambda b, a: lora.merged_params(b, a, run.lora.scale))(state.ref_params, adapters)
     if jax.process_count() > 1:  # save_hf reads whole arrays: gather them first
         params = multihost_utils.process_allgather(params, tiled=True)
+        adapters = multihost_utils.process_allgather(adapters, tiled=True) if adapters is not None else None
     if jax.process_index() != 0:
         return
     tok = run.dataset.tokenizer
-    hf.save_hf(
-        params, run.source.model_config, path, tokenizer=tok if hasattr(tok, "save_pretrained") else None
-    )
+    mcfg = run.source.model_config
+    hf.save_hf(params, mcfg, path, tokenizer=tok if hasattr(tok, "save_pretrained") else None)
+    if adapters is not None and mcfg.family in lora.PEFT_FAMILIES:  # and the adapters alone, for peft
+        base = paths.absolute(run.cfg.model.path) if run.cfg.model.init == "hf" else None
+        lora.save_peft(adapters, mcfg, run.lora, path + "_adapter", base_model=base)

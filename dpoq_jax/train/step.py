@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from dpoq_jax import losses, tokenq
+from dpoq_jax.models import lora as lora_lib
 from dpoq_jax.train.state import TrainState
 
 Array = jax.Array
@@ -44,7 +45,7 @@ def _hidden_and_unembed(
     cuDNN kernel on GPU and skips building the [N, S, S] mask. one_segment_per_row: one right-padded
     segment per row ("prefix_shared"), which lets the GPU's fused path take cuDNN (models/attention.py).
     """
-    model = nnx.merge(graphdef, params, rest)
+    model = nnx.merge(graphdef, *(params if isinstance(params, tuple) else (params,)), rest)
     seg, br = (None, None) if causal_rows else (batch["segment_ids"], batch["branch_ids"])
     tokens, positions = batch["tokens"], batch["positions"]
     one = one_segment_per_row
@@ -99,6 +100,15 @@ def pair_logps(
     return out[0], out[1]
 
 
+def model_states(params: Any, ref_params: Any, lora: bool) -> tuple[tuple, tuple | None]:
+    """(parameter states of the policy, of the reference or None) for nnx.merge. LoRA: params are the
+    adapters and ref_params the frozen base; the reference is that base with the adapters zeroed,
+    which computes exactly the base model (x W + s (x A) 0 = x W)."""
+    if lora:
+        return (ref_params, params), (ref_params, lora_lib.disable(params))
+    return (params,), (None if ref_params is None else (ref_params,))
+
+
 def policy_and_ref_logps(
     graphdef: nnx.GraphDef,
     rest: Any,
@@ -108,17 +118,19 @@ def policy_and_ref_logps(
     chunk_size: int,
     causal_rows: bool = False,
     one_segment_per_row: bool = False,
+    lora: bool = False,
 ) -> tuple[Array, Array, Array, Array]:
     """(policy chosen [P,R], policy rejected [P,R], ref chosen, ref rejected). The reference comes from
-    frozen parameters (no gradient) when given, else from the batch: per-token `ref_*_logps` [P, R]
-    or per-response `ref_*_sum` [P]."""
+    frozen parameters (no gradient) when given (LoRA: the base, adapters off), else from the batch:
+    per-token `ref_*_logps` [P, R] or per-response `ref_*_sum` [P]."""
 
     def logps(p: Any) -> tuple[Array, Array]:
         return pair_logps(graphdef, rest, p, batch, chunk_size, causal_rows, one_segment_per_row)
 
-    pc, pr = logps(params)
-    if ref_params is not None:
-        rc, rr = jax.lax.stop_gradient(logps(ref_params))
+    policy, reference = model_states(params, ref_params, lora)
+    pc, pr = logps(policy)
+    if reference is not None:
+        rc, rr = jax.lax.stop_gradient(logps(reference))
     elif "ref_chosen_logps" in batch:
         rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     elif "ref_chosen_sum" in batch:
@@ -138,14 +150,15 @@ def make_dpo_loss(
     chunk_size: int = 512,
     causal_rows: bool = False,
     one_segment_per_row: bool = False,
+    lora: bool = False,
 ) -> LossFn:
     """loss_fn(params, ref_params, micro_batch) -> (loss, (weight, metrics)); weight = real pairs.
     causal_rows=True only for the "padded" layout, one_segment_per_row for "prefix_shared" (see
-    _hidden_and_unembed)."""
+    _hidden_and_unembed); lora: params are adapters on the base in ref_params (model_states)."""
 
     def loss_fn(params, ref_params, batch):
         pc, pr, rc, rr = policy_and_ref_logps(
-            graphdef, rest, params, ref_params, batch, chunk_size, causal_rows, one_segment_per_row
+            graphdef, rest, params, ref_params, batch, chunk_size, causal_rows, one_segment_per_row, lora
         )
         loss, metrics = losses.preference_loss(
             pc,
@@ -168,12 +181,13 @@ def make_sft_loss(
     chunk_size: int = 512,
     causal_rows: bool = False,
     one_segment_per_row: bool = False,
+    lora: bool = False,
 ) -> LossFn:
     """NLL of completion tokens; weight = real tokens (the loss is a per-token mean)."""
 
     def loss_fn(params, ref_params, batch):
-        del ref_params
-        h, w, b, cap = _hidden_and_unembed(graphdef, params, rest, batch, causal_rows, one_segment_per_row)
+        policy, _ = model_states(params, ref_params, lora)  # LoRA: ref_params is the base
+        h, w, b, cap = _hidden_and_unembed(graphdef, policy, rest, batch, causal_rows, one_segment_per_row)
         logps = response_logps(
             h,
             w,
