@@ -15,9 +15,11 @@ from flax import nnx
 from test_train_step import local_batches, tiny_config
 
 from dpoq_jax.models import hf, lora
+from dpoq_jax.models.checkpoint import load_params
 from dpoq_jax.models.config import ModelConfig
 from dpoq_jax.models.decoder import Decoder
 from dpoq_jax.train.checkpoint import RunCheckpoints
+from dpoq_jax.train.config import ConfigError, validate
 from dpoq_jax.train.loop import global_batch, setup, train
 
 
@@ -113,6 +115,8 @@ def test_lora_run_checkpoints_adapters_with_base_pointer_and_exports_merged_and_
     assert saved and all("_lora']" in k for k in saved if k.startswith("params"))  # adapters only
     assert not any("ref_params" in k for k in saved)  # and no base copy in train_state
     assert ckpts.read_json(4, "base")["path"] == os.path.abspath(base_dir)
+    with pytest.raises(ValueError, match="a LoRA checkpoint .* merged export"):
+        load_params(work)  # what `dpoq convert` reads: refused in one line, not a shape error
     state = result.state
     run = setup(cfg)
     graphdef, rest = run.graphdef, run.rest
@@ -153,3 +157,24 @@ def test_lora_run_checkpoints_adapters_with_base_pointer_and_exports_merged_and_
     with torch.no_grad():
         got = model_pt(torch.as_tensor(np.asarray(tok))).logits.numpy()
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "key,value,match",
+    [
+        ("model.lora.rank", -1, "model.lora.rank' must be >= 0"),
+        ("model.lora.targets", ("q", "w_qkv"), r"model.lora.targets': unknown \['w_qkv'\]"),
+        ("model.lora.alpha", 0.0, "model.lora.alpha' must be"),
+        ("reference.mode", "precomputed", "reference.mode' must be 'frozen' with LoRA"),
+    ],
+)
+def test_lora_config_errors_name_the_key(key, value, match):
+    cfg = lora_config("dpo")
+    group, *rest = key.split(".")
+    node = cfg[group]
+    for k in rest[:-1]:
+        node = node[k]
+    with node.unlocked():
+        node[rest[-1]] = value
+    with pytest.raises(ConfigError, match=match):
+        validate(cfg)

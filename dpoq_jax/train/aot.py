@@ -147,6 +147,7 @@ class CompileReport:
     flops_per_step: float  # all chips: the model FLOPs that MFU counts (train.metrics.step_flops)
     xla_flops_per_chip: float  # XLA's cost analysis; it counts a loop body (layer scan) once
     compile_s: float
+    lora_rank: int = 0  # > 0: a LoRA step (adapters train; the base is frozen and is the reference)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -160,7 +161,7 @@ def compile_step(
     from flax import nnx
 
     from dpoq_jax.models.decoder import Decoder
-    from dpoq_jax.train.loop import ModelSource, setup
+    from dpoq_jax.train.loop import ModelSource, lora_config, setup
     from dpoq_jax.train.metrics import step_flops
 
     topo, devices = topology_devices(topology, chip_config)
@@ -170,6 +171,7 @@ def compile_step(
         dtype=jax.numpy.dtype(cfg.model.dtype),
         # "auto" means the TPU's kernel here: the compile targets a TPU from a CPU host
         attention="splash" if cfg.model.attention == "auto" else cfg.model.attention,
+        lora=lora_config(cfg),
     )
     source = ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), **kw), mcfg, None)
     run = setup(cfg, devices, source=source, with_data=False)
@@ -197,7 +199,7 @@ def compile_step(
         num_layers=mcfg.num_layers,
         attn_width=mcfg.num_heads * mcfg.head_dim,
         row_len=cfg.data.seq_len,
-        tokens_ref=rows if run.shardings.ref_params is not None else 0,
+        tokens_ref=rows if cfg.stage == "dpo" and run.shardings.ref_params is not None else 0,
     )
     return CompileReport(
         topology=topo,
@@ -222,6 +224,7 @@ def compile_step(
         flops_per_step=flops,
         xla_flops_per_chip=float(cost.get("flops", 0.0)),
         compile_s=round(compile_s, 1),
+        lora_rank=cfg.model.lora.rank,
     )
 
 
@@ -267,7 +270,7 @@ def print_report(r: CompileReport) -> None:
     print(f"topology      {r.topology}: {r.chips} x {r.device_kind}, mesh {r.mesh}")
     print(
         f"step          {r.stage} layout={r.layout} attention={r.attention} reference={r.reference} "
-        f"layers={r.num_layers} "
+        f"layers={r.num_layers}{f' lora_rank={r.lora_rank}' if r.lora_rank else ''} "
         f"batch={r.batch_size} micro_batches={r.micro_batches} seq_len={r.seq_len}"
     )
     print(

@@ -433,7 +433,7 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
         num_layers=mcfg.num_layers,
         attn_width=_attn_width(mcfg),
         row_len=cfg.data.seq_len,
-        tokens_ref=row_tokens if run.shardings.ref_params is not None else 0,
+        tokens_ref=row_tokens if cfg.stage == "dpo" and run.shardings.ref_params is not None else 0,
     )
     device_kind = jax.devices()[0].device_kind
     config_json = json.loads(cfg.to_json())
