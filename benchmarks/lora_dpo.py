@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     lora, lora_s = _run("error_injection_dpo.py", common + lora_over, os.path.join(a.workdir, "dpo_lora"))
     keys = ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss")
     res = {
-        "task": "error_injection (synthetic), tiny Llama (2 layers, D=64), DPO beta=0.1, 200 steps x 32 pairs",
+        "task": "error_injection (synthetic), tiny Llama (2 layers, D=64), DPO beta=0.1, 200 x 32 pairs",
         "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, jax {jax.__version__}",
-        "command": "python benchmarks/lora_dpo.py --workdir DIR " + " ".join(lora_over).replace("--config.", "#"),
+        "command": f"python benchmarks/lora_dpo.py --workdir DIR --rank {a.rank} --alpha {a.alpha} "
+        f"--lora-lr {a.lora_lr}",
         "lora": {"rank": a.rank, "alpha": a.alpha, "lr": a.lora_lr, "targets": "q,k,v,o,gate,up,down"},
         "full": {k: full[k] for k in keys} | {"wall_s": round(full_s, 1)},
         "lora_run": {k: lora[k] for k in keys} | {"wall_s": round(lora_s, 1)},

@@ -97,6 +97,7 @@ def _last_keys(state):
     return [p[-1] for p, _ in nnx.to_flat_state(state)]
 
 
+@pytest.mark.slow
 def test_lora_run_checkpoints_adapters_with_base_pointer_and_exports_merged_and_peft(tmp_path):
     """A LoRA-DPO run from a Hugging Face base: checkpoints hold adapters plus a pointer to the base
     (a changed base is refused on resume), the merged export computes the adapted model, and so does
