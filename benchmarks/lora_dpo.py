@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0)
-    ap.add_argument("--lora-lr", type=float, default=1e-2)
+    ap.add_argument("--lora-lr", type=float, default=1e-3)
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "lora_dpo.json"))
     a = ap.parse_args(argv)
     sft = os.path.join(a.workdir, "sft")
