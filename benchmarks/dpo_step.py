@@ -205,7 +205,6 @@ def build_step(setup: Setup, case: Case, *, model_seed: int | None = None):
     from flax import nnx
 
     from dpoq_jax import losses, models
-    from dpoq_jax.train import loop as loop_lib
     from dpoq_jax.train import mesh as mesh_lib
     from dpoq_jax.train import state as state_lib
     from dpoq_jax.train import step as step_lib
@@ -219,7 +218,7 @@ def build_step(setup: Setup, case: Case, *, model_seed: int | None = None):
         return models.Decoder(cfg, rngs=nnx.Rngs(seed), attention=setup.attention, **dtypes)
 
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
-    graphdef, abs_params, _ = state_lib.abstract_model(make_model)
+    graphdef, abs_params, _ = models.abstract_split(make_model)
     p_sh = state_lib.param_shardings(abs_params, mesh, mesh_lib.DEFAULT_RULES)
     params, rest = state_lib.init_params(make_model, p_sh)
     # torch.optim.AdamW's defaults, no clipping: the same update as the torch step.
@@ -229,18 +228,11 @@ def build_step(setup: Setup, case: Case, *, model_seed: int | None = None):
     sh = state_lib.state_shardings(abs_params, p_sh, optimizer, mesh, with_ref)
     state = state_lib.create_train_state(params, optimizer, sh, with_ref=with_ref, ref_dtype=ref_dtype)
     loss_config = losses.LossConfig(beta=setup.beta)
-    causal = loop_lib.causal_rows(case.layout)  # the attention path training takes
+    fwd = step_lib.Forward.for_layout(case.layout, setup.chunk_size)  # the attention path training takes
     if case.logps == "lean":
-        loss_fn = step_lib.make_dpo_loss(
-            graphdef,
-            rest,
-            loss_config,
-            chunk_size=setup.chunk_size,
-            causal_rows=causal,
-            one_segment_per_row=loop_lib.one_segment_rows(case.layout),
-        )
+        loss_fn = step_lib.make_dpo_loss(graphdef, rest, loss_config, fwd)
     else:
-        loss_fn = _full_logps_loss(graphdef, rest, loss_config, causal)
+        loss_fn = _full_logps_loss(graphdef, rest, loss_config, fwd.causal_rows)
     train_step = step_lib.make_train_step(loss_fn, optimizer, optax.constant_schedule(setup.lr))
     return jax.jit(train_step, donate_argnums=0), state, graphdef, rest, mesh
 
@@ -262,7 +254,8 @@ def add_precomputed_reference(np_batch, params, graphdef, rest, setup: Setup) ->
 
     from dpoq_jax.train import step as step_lib
 
-    fn = jax.jit(lambda p, b: step_lib.pair_logps(graphdef, rest, p, b, setup.chunk_size))
+    fwd = step_lib.Forward(chunk_size=setup.chunk_size)
+    fn = jax.jit(lambda p, b: step_lib.pair_logps(graphdef, rest, p, b, fwd))
     rc, rr = fn(params, {k: jax.numpy.asarray(v) for k, v in np_batch.items()})
     np_batch["ref_chosen_logps"] = np.asarray(rc, np.float32)
     np_batch["ref_rejected_logps"] = np.asarray(rr, np.float32)

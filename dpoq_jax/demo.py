@@ -70,8 +70,8 @@ SEEDS = {"demo": (0, 1, 2), "quick": (0,)}
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    from dpoq_jax.cli import Parser
     from dpoq_jax.experiments.cli import seed_list
+    from dpoq_jax.parser import Parser
 
     p = Parser(prog="dpoq demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/demo", help="output folder")
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from dpoq_jax.analysis import document as doc
     from dpoq_jax.experiments import cli, credit_assignment, implicit_rewards, search_overopt
-    from dpoq_jax.train.runs import default_config
+    from dpoq_jax.experiments.runs import default_config
 
     scale = SCALES["quick" if args.quick else "demo"]
     out = Path(args.out)

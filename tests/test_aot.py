@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from dpoq_jax.train.aot import compile_main
+from dpoq_jax.commands.compile import compile_main
 
 TINY = {
     "family": "gpt_neox",

@@ -12,7 +12,7 @@ import pytest
 from dpoq_jax.models import attention as A
 from dpoq_jax.train import inputs
 from dpoq_jax.train.config import synthetic_config
-from dpoq_jax.train.loop import causal_rows, logps_chunk_positions, one_segment_rows, setup
+from dpoq_jax.train.setup import forward_for, setup
 from dpoq_jax.train.step import accumulate_grads, pair_logps
 
 
@@ -163,9 +163,7 @@ def test_step_on_every_layout_with_the_fused_kernel_equals_padded(stage):
         logps = None
         if stage == "dpo":
             micro = {k: v[0] for k, v in batch.items()}
-            chunk = logps_chunk_positions(cfg, 4)
-            rows = (causal_rows(layout), one_segment_rows(layout))
-            logps = pair_logps(run.graphdef, run.rest, state.params, micro, chunk, *rows)
+            logps = pair_logps(run.graphdef, run.rest, state.params, micro, forward_for(cfg, 4))
         out[layout] = (grads, metrics, logps)
     grads0, metrics0, logps0 = out["padded"]
     assert float(metrics0["loss"]) > 0

@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a top-level directory, not part 
 from benchmarks import dpo_step, shapes, torch_reference  # noqa: E402
 from dpoq_jax import losses, models  # noqa: E402
 from dpoq_jax.data import layouts  # noqa: E402
+from dpoq_jax.models.decoder import split_params  # noqa: E402
 from dpoq_jax.train import state as state_lib  # noqa: E402
 from dpoq_jax.train import step as step_lib  # noqa: E402
 
@@ -82,19 +83,18 @@ def test_every_layout_gives_padded_logps_loss_and_gradients():
     def make_model(seed):
         return lambda: models.Decoder(cfg, rngs=nnx.Rngs(seed), param_dtype=jnp.float32, dtype=jnp.float32)
 
-    graphdef, params, rest = state_lib.split_model(make_model(0)())
-    _, ref_params, _ = state_lib.split_model(make_model(1)())  # a different reference: loss != log 2
+    graphdef, params, rest = split_params(make_model(0)())
+    _, ref_params, _ = split_params(make_model(1)())  # a different reference: loss != log 2
     optimizer = optax.sgd(1.0)  # new params = params - gradient
     pairs = _small_pairs()
     results = {}
     # "padded_causal": the padded rows through plain causal attention (no mask), as training runs them
     for case in ("padded", "padded_causal", "prefix_shared", "packed"):
         layout, causal = case.removesuffix("_causal"), case.endswith("_causal")
-        loss_fn = step_lib.make_dpo_loss(
-            graphdef, rest, losses.LossConfig(beta=0.5), chunk_size=16, causal_rows=causal
-        )
+        fwd = step_lib.Forward(chunk_size=16, causal_rows=causal)
+        loss_fn = step_lib.make_dpo_loss(graphdef, rest, losses.LossConfig(beta=0.5), fwd)
         train_step = jax.jit(step_lib.make_train_step(loss_fn, optimizer, optax.constant_schedule(1.0)))
-        logps_fn = jax.jit(lambda p, b, c=causal: step_lib.pair_logps(graphdef, rest, p, b, 16, c))
+        logps_fn = jax.jit(lambda p, b, f=fwd: step_lib.pair_logps(graphdef, rest, p, b, f))
         b = _batch(layout, pairs)
         zero = jnp.zeros((), jnp.int32)
         st = state_lib.TrainState(

@@ -26,7 +26,9 @@ from flax import nnx
 from dpoq_jax import cli
 from dpoq_jax.data.synthetic import SyntheticTokenizer, make_task
 from dpoq_jax.models import ModelConfig
-from dpoq_jax.models.hf import SafetensorsDir, abstract_decoder, save_hf, write_safetensors
+from dpoq_jax.models.decoder import Decoder, abstract_split
+from dpoq_jax.models.hf import SafetensorsDir, save_hf, write_safetensors
+from dpoq_jax.train.load import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 CONTEXT = 16
@@ -91,7 +93,7 @@ def model_dir(tmp_path_factory) -> Path:
     """A random tiny decoder with CONTEXT positions, saved as a Hugging Face directory with the synthetic
     tokenizer's files (parameters drawn with numpy on an abstract model: no eager init cost)."""
     d = tmp_path_factory.mktemp("model")
-    graphdef, abstract, rest = abstract_decoder(CFG, dtype=jnp.float32)
+    graphdef, abstract, rest = abstract_split(lambda: Decoder(CFG, rngs=nnx.Rngs(0), dtype=jnp.float32))
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype), abstract)
     save_hf(nnx.merge(graphdef, params, rest), CFG, str(d))
@@ -134,7 +136,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
 @pytest.mark.parametrize("name", sorted(cli.COMMANDS))
 def test_every_option_has_help_and_default(name):
     parser = _parsers()[name]
-    assert issubclass(parser.formatter_class, cli.HelpFormatter), name
+    assert issubclass(parser.formatter_class, parser.HelpFormatter), name
     formatter = parser.formatter_class(prog=parser.prog)
     options = [a for a in parser._actions if a.option_strings and a.help is not argparse.SUPPRESS]
     assert len(options) >= 3
@@ -465,7 +467,6 @@ def test_synthetic_tokenizer_files_encode_and_decode_the_same(tmp_path):
 def test_convert_a_real_train_run(tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from dpoq_jax.models import checkpoint, hf
 
     run_dir = tmp_path / "sft"
     rc, err = run(
@@ -493,8 +494,10 @@ def test_convert_a_real_train_run(tmp_path, capsys):
     rc, err = run_subprocess(["convert", "--from", str(run_dir), "--to", str(out)], tmp_path)
     assert rc == 0, err
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(out))
-    exported, cfg = hf.load_hf(str(out))
-    restored, cfg2 = checkpoint.load_params(str(run_dir))
+    exported = load_model(str(out))
+    cfg = exported.cfg
+    restored = load_model(str(run_dir))
+    cfg2 = restored.cfg
     assert cfg == cfg2
     jax.tree.map(
         np.testing.assert_array_equal, nnx.state(exported, nnx.Param), nnx.state(restored, nnx.Param)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from dpoq_jax.train.commands import train_main
+from dpoq_jax.commands.train import train_main
 from dpoq_jax.train.config import ConfigError, apply_override, base_config, load_config, load_config_file
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"

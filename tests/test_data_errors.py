@@ -186,7 +186,7 @@ def corpus_file(tmp_path, case):
 
 @pytest.mark.parametrize("case", CORPUS, ids=[c[0] for c in CORPUS])
 def test_corpus_fail_one_line_naming_file_line_key(tmp_path, word_tokenizer, case):
-    from dpoq_jax.train.commands import train_main
+    from dpoq_jax.commands.train import train_main
 
     _, stage, _, _, pos, _, key, fragment = case
     path = corpus_file(tmp_path, case)
@@ -238,7 +238,7 @@ def _hh_with_bom(tmp_path):
 
 
 def test_vocab_smaller_than_tokenizer_refused_before_training(tmp_path, word_tokenizer):
-    from dpoq_jax.train.commands import train_main
+    from dpoq_jax.commands.train import train_main
 
     path = tmp_path / "ok.jsonl"
     path.write_bytes(PAIR * 2)

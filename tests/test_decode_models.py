@@ -12,15 +12,16 @@ import pytest
 from flax import nnx
 
 from dpoq_jax.analysis import report as rep
-from dpoq_jax.analysis.commands import score_main
+from dpoq_jax.commands.generate import generate_main
+from dpoq_jax.commands.score import score_main
 from dpoq_jax.data.synthetic import SyntheticTokenizer
 from dpoq_jax.decode.beam import BeamConfig, beam_search
-from dpoq_jax.decode.commands import generate_main
 from dpoq_jax.decode.core import full_rows, pack_prompts
 from dpoq_jax.decode.guided import reward_guided_search
 from dpoq_jax.decode.sampling import SampleConfig, generate
 from dpoq_jax.models import Decoder, ModelConfig
-from dpoq_jax.models.hf import abstract_decoder, save_hf
+from dpoq_jax.models.decoder import abstract_split
+from dpoq_jax.models.hf import save_hf
 
 EOS, PAD = 2, 0
 CFG = ModelConfig(
@@ -49,7 +50,7 @@ def make_decoders() -> tuple[Decoder, Decoder]:
     Parameters come from numpy on an abstract model: eager random initialisation costs ~15 s on CPU.
     Weights N(0, 0.4) give peaked next-token distributions (no near-ties between beams).
     """
-    graphdef, abstract, rest = abstract_decoder(CFG, dtype=jnp.float32)
+    graphdef, abstract, rest = abstract_split(lambda: Decoder(CFG, rngs=nnx.Rngs(0), dtype=jnp.float32))
     rng = np.random.default_rng(0)
     init = lambda x: jnp.asarray(rng.normal(0, 0.4, x.shape) if x.ndim > 1 else np.ones(x.shape), x.dtype)  # noqa: E731
     pol = nnx.merge(graphdef, jax.tree.map(init, abstract), rest)
@@ -231,7 +232,7 @@ def test_generate_and_score_commands(decoders, tmp_path):
 
 def test_cli_dispatch_and_model_errors(tmp_path, capsys):
     from dpoq_jax import cli
-    from dpoq_jax.decode.commands import load_model
+    from dpoq_jax.train.load import load_model
 
     for name in ("generate", "score"):
         with pytest.raises(SystemExit) as e:

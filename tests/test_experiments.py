@@ -16,7 +16,7 @@ from dpoq_jax.analysis import document as doc
 from dpoq_jax.analysis import metrics
 from dpoq_jax.analysis.credit import response_logits
 from dpoq_jax.data.synthetic import dense_optimal_values, dense_shaping
-from dpoq_jax.train import runs
+from dpoq_jax.experiments import runs
 
 
 def kl_ref_policy_np(policy_logits_BTV: np.ndarray, ref_logits_BTV: np.ndarray) -> np.ndarray:

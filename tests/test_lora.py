@@ -15,12 +15,13 @@ from flax import nnx
 from test_train_step import local_batches, tiny_config
 
 from dpoq_jax.models import hf, lora
-from dpoq_jax.models.checkpoint import load_params
 from dpoq_jax.models.config import ModelConfig
 from dpoq_jax.models.decoder import Decoder
 from dpoq_jax.train.checkpoint import RunCheckpoints
 from dpoq_jax.train.config import ConfigError, validate
-from dpoq_jax.train.loop import global_batch, setup, train
+from dpoq_jax.train.load import load_model
+from dpoq_jax.train.loop import train
+from dpoq_jax.train.setup import global_batch, setup
 
 
 def lora_config(stage="dpo", rank=4, **mesh):
@@ -116,8 +117,6 @@ def test_lora_run_checkpoints_adapters_with_base_pointer_and_exports_merged_and_
     assert saved and all("_lora']" in k for k in saved if k.startswith("params"))  # adapters only
     assert not any("ref_params" in k for k in saved)  # and no base copy in train_state
     assert ckpts.read_json(4, "base")["path"] == os.path.abspath(base_dir)
-    with pytest.raises(ValueError, match="a LoRA checkpoint .* merged export"):
-        load_params(work)  # what `dpoq convert` reads: refused in one line, not a shape error
     state = result.state
     run = setup(cfg)
     graphdef, rest = run.graphdef, run.rest
@@ -126,8 +125,12 @@ def test_lora_run_checkpoints_adapters_with_base_pointer_and_exports_merged_and_
     off = lora.disable(state.params)
     base_logits = np.asarray(nnx.merge(graphdef, state.ref_params, off, rest)(tok, pos))
     assert np.max(np.abs(adapted - base_logits)) > 1e-4  # the adapters learned something
-    merged, _ = hf.load_hf(os.path.join(work, "hf"))
+    merged = load_model(os.path.join(work, "hf"))
     np.testing.assert_allclose(np.asarray(merged(tok, pos)), adapted, atol=1e-5, rtol=0)
+    # the run folder itself (what `dpoq generate/score/convert` read): its base loaded again from the
+    # pointer, checked, the adapters merged in: the same model as the export
+    from_run = load_model(work)
+    np.testing.assert_allclose(np.asarray(from_run(tok, pos)), adapted, atol=1e-5, rtol=0)
 
     # resume (two more steps) reloads the base and checks it against the pointer
     with cfg.unlocked():

@@ -14,9 +14,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from dpoq_jax.models import Decoder, ModelConfig, attention_mask, checkpoint, config_from_hf, config_to_hf, hf
-from dpoq_jax.models.commands import convert_main
+from dpoq_jax.commands.convert import convert_main
+from dpoq_jax.models import Decoder, ModelConfig, attention_mask, config_from_hf, config_to_hf, hf
 from dpoq_jax.models.sharding import spec_for
+from dpoq_jax.train.load import load_model
 
 V, S = 64, 16
 LLAMA = ModelConfig(
@@ -327,16 +328,18 @@ def test_checkpoint_and_convert_round_trip(tmp_path):
     _tiny_tokenizer(src)
     assert convert_main(["--from", src, "--to", ck]) == 0
     assert os.path.isfile(os.path.join(ck, "model_config.json")) and os.path.isdir(os.path.join(ck, "params"))
-    restored, cfg = checkpoint.load_params(ck)
+    restored = load_model(ck)
+    cfg = restored.cfg
     assert cfg == NEOX
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param), nnx.state(restored, nnx.Param))
     mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
-    sharded, _ = checkpoint.load_params(ck, mesh=mesh, rules={"embed": "fsdp", "mlp": "tensor"})
+    sharded = load_model(ck, mesh=mesh, rules={"embed": "fsdp", "mlp": "tensor"})
     # stacked layers [L, D, M]: the layer axis stays whole
     assert sharded.blocks.mlp.w_up[...].sharding.spec == P(None, "fsdp", "tensor")
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param), nnx.state(sharded, nnx.Param))
     assert convert_main(["--from", ck, "--to", back]) == 0
-    again, cfg2 = hf.load_hf(back)
+    again = load_model(back)
+    cfg2 = again.cfg
     assert cfg2 == NEOX
     jax.tree.map(np.testing.assert_array_equal, nnx.state(model, nnx.Param), nnx.state(again, nnx.Param))
     before_self_convert = sorted(os.listdir(back))
@@ -365,14 +368,14 @@ def test_train_checkpoint_layout_and_bf16_export(tmp_path):
     mgr.close()
     out = str(tmp_path / "hf")
     assert convert_main(["--from", str(tmp_path / "run"), "--to", out, "--dtype", "bfloat16"]) == 0
-    loaded, _ = hf.load_hf(out)
+    loaded = load_model(out)
     want = nnx.state(models[7], nnx.Param)
     jax.tree.map(
         lambda x, y: np.testing.assert_allclose(x, y, atol=2e-2, rtol=1e-2),
         want,
         nnx.state(loaded, nnx.Param),
     )
-    m3, _ = checkpoint.load_params(str(tmp_path / "run"), step=3)
+    m3 = load_model(str(tmp_path / "run"), step=3)
     jax.tree.map(np.testing.assert_array_equal, nnx.state(models[3], nnx.Param), nnx.state(m3, nnx.Param))
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["torch_dtype"] == "bfloat16"

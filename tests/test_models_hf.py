@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 from flax import nnx  # noqa: E402
 
 from dpoq_jax.models import hf  # noqa: E402
+from dpoq_jax.train.load import load_model  # noqa: E402
 
 V = 128
 TOL = 1e-4
@@ -167,7 +168,8 @@ def _torch_logits(m, ids, mask=None, pos=None) -> np.ndarray:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_logits_match_transformers(torch_models, family):
     m, d = torch_models[family]
-    model, cfg = hf.load_hf(d)
+    model = load_model(d)
+    cfg = model.cfg
     assert cfg.family == _OUR_FAMILY.get(family, "llama")
     ids, mask, pos = _padded_batch()
     # Plain causal rows (no segment ids).
@@ -183,7 +185,8 @@ def test_logits_match_transformers(torch_models, family):
 @pytest.mark.parametrize("family", ["neox_sequential", "llama3_gqa", "qwen2", "gpt2"])
 def test_export_loads_in_transformers(torch_models, family, tmp_path):
     m, d = torch_models[family]
-    model, cfg = hf.load_hf(d)
+    model = load_model(d)
+    cfg = model.cfg
     hf.save_hf(model, cfg, str(tmp_path))
     back = transformers.AutoModelForCausalLM.from_pretrained(
         str(tmp_path), attn_implementation="eager"
@@ -194,14 +197,14 @@ def test_export_loads_in_transformers(torch_models, family, tmp_path):
         _torch_logits(back, ids, mask, pos)[real], _torch_logits(m, ids, mask, pos)[real], atol=TOL, rtol=0
     )
     # And our loader reads the export back to the same config.
-    _, cfg2 = hf.load_hf(str(tmp_path))
+    cfg2 = load_model(str(tmp_path)).cfg
     assert cfg2 == cfg
 
 
 @pytest.mark.parametrize("family", NEW)
 def test_convert_both_ways_loads_in_transformers(torch_models, family, tmp_path):
     """`dpoq convert` HF -> orbax -> HF, then AutoModelForCausalLM: the original logits and config."""
-    from dpoq_jax.models.commands import convert_main
+    from dpoq_jax.commands.convert import convert_main
 
     m, d = torch_models[family]
     ck, back = str(tmp_path / "ck"), str(tmp_path / "back")
@@ -217,14 +220,14 @@ def test_convert_both_ways_loads_in_transformers(torch_models, family, tmp_path)
         atol=TOL,
         rtol=0,
     )
-    assert hf.load_hf(back)[1] == hf.load_hf(d)[1]
+    assert load_model(back).cfg == load_model(d).cfg
 
 
 @pytest.mark.parametrize("family", ["neox_parallel", "llama3_gqa", "gpt2", *NEW])
 def test_kv_cache_decoding_equals_full_forward(torch_models, family):
     """Left-padded prefill, then one token at a time; every step's logits equal the full forward."""
     _, d = torch_models[family]
-    model, _ = hf.load_hf(d)
+    model = load_model(d)
     rng = np.random.RandomState(2)
     B, T0, steps = 2, 5, 4
     prompt = rng.randint(0, V, (B, T0))
@@ -257,7 +260,7 @@ def test_kv_cache_decoding_equals_full_forward(torch_models, family):
 def test_kv_cache_right_padded_prompts(torch_models):
     """Right padding: rows continue at their own positions while sharing the write index."""
     m, d = torch_models["llama3_gqa"]
-    model, _ = hf.load_hf(d)
+    model = load_model(d)
     rng = np.random.RandomState(3)
     prompt = rng.randint(0, V, (2, 6))
     mask = np.array([[1] * 6, [1] * 4 + [0] * 2], np.int32)
@@ -277,8 +280,8 @@ def test_sharded_load_matches(torch_models):
     auto = (jax.sharding.AxisType.Auto,) * 2
     mesh = jax.make_mesh((2, 4), ("fsdp", "tensor"), axis_types=auto, devices=jax.devices()[:8])
     rules = {"embed": "fsdp", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor", "vocab": "tensor"}
-    sharded, _ = hf.load_hf(d, mesh=mesh, rules=rules)
-    plain, _ = hf.load_hf(d)
+    sharded = load_model(d, mesh=mesh, rules=rules)
+    plain = load_model(d)
     wq = sharded.blocks.attn.wq[...]  # stacked layers [L, D, H, F]: the layer axis stays whole
     assert wq.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     assert wq.addressable_shards[0].data.shape == (wq.shape[0], 16, 1, 8)
@@ -294,15 +297,17 @@ def test_load_hf_config_overrides(torch_models):
     import dataclasses
 
     _, d = torch_models["qwen2"]
-    plain, cfg = hf.load_hf(d)
-    model, cfg2 = hf.load_hf(d, norm_eps=1e-2, rope_theta=123.0, remat="full")
+    plain = load_model(d)
+    cfg = plain.cfg
+    model = load_model(d, norm_eps=1e-2, rope_theta=123.0, remat="full")
+    cfg2 = model.cfg
     assert cfg2 == dataclasses.replace(cfg, norm_eps=1e-2, rope_theta=123.0, remat="full")
     assert (cfg.norm_eps, cfg.rope_theta) != (1e-2, 123.0)
     ids = jnp.asarray([[1, 5, 9, 2, 7, 3]])
     pos = jnp.arange(6)[None]
     assert not np.allclose(np.asarray(model(ids, pos)), np.asarray(plain(ids, pos)), atol=1e-4)
     with pytest.raises(TypeError, match="no_such_field"):
-        hf.load_hf(d, no_such_field=1)
+        load_model(d, no_such_field=1)
 
 
 def test_clear_errors(torch_models, tmp_path):
@@ -312,23 +317,23 @@ def test_clear_errors(torch_models, tmp_path):
     cfg = json.load(open(os.path.join(d, "config.json")))
     (bad / "config.json").write_text(json.dumps({**cfg, "model_type": "mamba"}))
     with pytest.raises(ValueError, match="unsupported model_type 'mamba'"):
-        hf.load_hf(str(bad))
+        load_model(str(bad))
     # Missing tensor: drop one layer's weights from the file.
     st = hf.SafetensorsDir(d)
     tensors = {n: np.asarray(st.get(n)) for n in st.where if "layers.1.mlp.up_proj" not in n}
     (bad / "config.json").write_text(json.dumps(cfg))
     hf.write_safetensors(str(bad / "model.safetensors"), tensors)
-    with pytest.raises(KeyError, match=r"model.layers.1.mlp.up_proj.weight"):
-        hf.load_hf(str(bad))
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight"):
+        load_model(str(bad))
     # Shape mismatch: config says a wider MLP than the tensors hold.
     (bad / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
     hf.write_safetensors(str(bad / "model.safetensors"), {n: np.asarray(st.get(n)) for n in st.where})
     with pytest.raises(
         ValueError, match=r"model.safetensors: tensor 'model.layers.0.mlp.(gate|up|down)_proj.weight'"
     ):
-        hf.load_hf(str(bad))
+        load_model(str(bad))
     with pytest.raises(FileNotFoundError, match="no config.json"):
-        hf.load_hf(str(tmp_path))
+        load_model(str(tmp_path))
 
 
 def test_sharded_safetensors_directory(torch_models, tmp_path):
@@ -337,9 +342,9 @@ def test_sharded_safetensors_directory(torch_models, tmp_path):
     m.save_pretrained(str(tmp_path), max_shard_size="20KB")
     assert os.path.isfile(tmp_path / "model.safetensors.index.json")
     assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 2
-    sharded, _ = hf.load_hf(str(tmp_path))
-    single, _ = hf.load_hf(d)
+    sharded = load_model(str(tmp_path))
+    single = load_model(d)
     jax.tree.map(np.testing.assert_array_equal, nnx.state(single, nnx.Param), nnx.state(sharded, nnx.Param))
     os.remove(tmp_path / sorted(f for f in os.listdir(tmp_path) if f.endswith(".safetensors"))[0])
     with pytest.raises(FileNotFoundError, match="model.safetensors.index.json: lists files that are missing"):
-        hf.load_hf(str(tmp_path))
+        load_model(str(tmp_path))

@@ -15,9 +15,10 @@ import pytest
 from test_train_step import tiny_config
 
 from dpoq_jax.train.checkpoint import RunCheckpoints
-from dpoq_jax.train.loop import TIMING_KEYS, NonFiniteError, setup, train
+from dpoq_jax.train.loop import TIMING_KEYS, NonFiniteError, train
 from dpoq_jax.train.metrics import read_metrics
 from dpoq_jax.train.precompute import precompute_reference
+from dpoq_jax.train.setup import setup
 
 
 def loop_config(stage: str, steps: int = 6):
@@ -321,7 +322,7 @@ def test_commands_reading_a_run_skip_a_damaged_newest_step(tmp_path, finished_ru
     intact one is used (nothing moved: these commands only read); none intact: one clear line."""
     from flax import nnx
 
-    from dpoq_jax.decode.commands import load_model
+    from dpoq_jax.train.load import load_model
 
     def params_of(model):
         return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]

@@ -11,9 +11,9 @@ from flax import nnx
 
 from dpoq_jax.train import inputs
 from dpoq_jax.train.config import ConfigError, base_config, synthetic_config
-from dpoq_jax.train.loop import global_batch, logps_chunk_positions, setup
 from dpoq_jax.train.mesh import DEFAULT_RULES, make_mesh, mesh_shape, rules_from_config
 from dpoq_jax.train.optim import make_optimizer, make_schedule
+from dpoq_jax.train.setup import forward_for, global_batch, setup
 from dpoq_jax.train.step import accumulate_grads
 
 TINY_MODEL = {
@@ -66,9 +66,9 @@ def test_logps_chunk_counts_time_steps():
     the loop scales it by the responses of one micro-batch (it used to pass 32 positions = 1 step)."""
     c = tiny_config("dpo")
     c.train.logps_chunk = 32
-    assert logps_chunk_positions(c, 16) == 32 * 16
+    assert forward_for(c, 16).chunk_size == 32 * 16
     c.train.logps_chunk = 0
-    assert logps_chunk_positions(c, 16) == 16  # at least one step per chunk
+    assert forward_for(c, 16).chunk_size == 16  # at least one step per chunk
 
 
 def test_mesh_shape_and_rules():

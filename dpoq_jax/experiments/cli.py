@@ -18,7 +18,7 @@ from typing import Any
 
 from dpoq_jax.analysis import seeds as seeds_lib
 from dpoq_jax.analysis.document import Report, Verdict, command_line, log, machine_info
-from dpoq_jax.train.runs import default_config, synthetic_overrides
+from dpoq_jax.experiments.runs import default_config
 
 DEFAULT_SEEDS = {"full": (0, 1, 2, 3, 4), "quick": (0, 1)}
 # Options that do not change a seed's results (where they are written, how the call was typed).
@@ -50,7 +50,7 @@ def experiment_parser(
     """The options every experiment takes; its runs go to runs/experiments/<task>, shared by the
     experiments on the same task, so a finished run with the same settings (e.g. the SFT reference)
     is trained once."""
-    from dpoq_jax.cli import Parser  # one-line usage errors, defaults in --help, as every dpoq command
+    from dpoq_jax.parser import Parser  # one-line usage errors, defaults in --help, as every dpoq command
 
     parser = Parser(
         prog=f"python -m experiments.{name}", description=doc.split("\n\n")[0], parents=list(parents)
@@ -94,10 +94,11 @@ def check_overrides(rest: Sequence[str], parser: Any) -> list[str]:
 def parse_experiment_args(
     parser: argparse.ArgumentParser, argv: Sequence[str], name: str, task: str
 ) -> argparse.Namespace:
-    """Parse argv; adds args.overrides (the task's needed settings, then the user's config overrides)
-    and args.command (the command line that reproduces the run)."""
+    """Parse argv; adds args.overrides (the user's config overrides) and args.command (the command
+    line that reproduces the run)."""
+    del task
     args, rest = parser.parse_known_args(list(argv))
-    args.overrides = synthetic_overrides(task, args.config) + check_overrides(rest, parser)
+    args.overrides = check_overrides(rest, parser)
     args.command = command_line(f"python -m experiments.{name}", argv)
     return args
 

@@ -28,9 +28,9 @@ from dpoq_jax.analysis.credit import score_responses
 from dpoq_jax.analysis.metrics import credit_assignment_score
 from dpoq_jax.data.synthetic import RULES, make_task
 from dpoq_jax.data.tokenize import TokenizeConfig, tokenize_pair
-from dpoq_jax.experiments import cli
+from dpoq_jax.experiments import cli, runs
 from dpoq_jax.experiments import policy_effects as pe
-from dpoq_jax.train import runs
+from dpoq_jax.train.load import load_model
 
 NAME = "credit_assignment"
 TASK = "error_injection"
@@ -230,7 +230,7 @@ def run_setting(args: argparse.Namespace, scale: dict, setting: str, report: doc
         f"{NAME} [{setting}]: SFT reference ({scale['sft_steps']} steps) in {Path(a.workdir) / 'sft_chosen'}"
     )
     sft_dir = runs.train_sft(a, "chosen", scale["sft_steps"])
-    ref = runs.load_run_model(sft_dir)
+    ref = load_model(str(sft_dir))
     eval_pairs = task.preference_examples(scale["n_eval"], split="test")
     tokenized = [tokenize_pair(e, tok, TokenizeConfig()) for e in eval_pairs]
     errors = [e.meta["error_positions"] for e in eval_pairs]
@@ -253,7 +253,7 @@ def run_setting(args: argparse.Namespace, scale: dict, setting: str, report: doc
         dpo_dir = dpo_dirs[beta] = runs.train_dpo(
             a, beta, scale["dpo_steps"], sft_dir, eval_every=scale["eval_every"]
         )
-        pol = runs.load_run_model(dpo_dir)
+        pol = load_model(str(dpo_dir))
         s_rej = score_responses(pol, ref, prompts, rejected, beta)
         s_cho = score_responses(pol, ref, prompts, chosen, beta)
         if not baselines:  # the reference is the same for every β

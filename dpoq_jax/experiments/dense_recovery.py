@@ -26,9 +26,9 @@ from dpoq_jax.analysis import document as doc
 from dpoq_jax.analysis.credit import score_responses
 from dpoq_jax.analysis.metrics import pearson, spearman
 from dpoq_jax.data.synthetic import dense_optimal_values, dense_shaping, make_task
-from dpoq_jax.experiments import cli
+from dpoq_jax.experiments import cli, runs
 from dpoq_jax.experiments.search_overopt import GOLD
-from dpoq_jax.train import runs
+from dpoq_jax.train.load import load_model
 
 NAME = "dense_recovery"
 TASK = "dense_reward"
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     task = make_task(TASK, seed=args.seed, **GOLD)
     tok = task.tokenizer
     sft_dir = runs.train_sft(args, "all", scale["sft_steps"])
-    ref = runs.load_run_model(sft_dir)
+    ref = load_model(str(sft_dir))
     pairs = task.preference_examples(scale["n_eval"], split="test")
     prompts = [tok.encode(p.prompt) for p in pairs]
     responses = {
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     rows, figures, numbers = [], [], {}
     for beta in scale["betas"]:
         dpo_dir = runs.train_dpo(args, beta, scale["dpo_steps"], sft_dir, scale.get("eval_every"))
-        pol = runs.load_run_model(dpo_dir)
+        pol = load_model(str(dpo_dir))
         V = dense_optimal_values(task, beta)
         learned, true, shaping, v0 = [], [], [], []
         sums = {}

@@ -22,10 +22,11 @@ from dpoq_jax.analysis.credit import response_logits
 from dpoq_jax.analysis.metrics import section54_summary
 from dpoq_jax.data.synthetic import make_task
 from dpoq_jax.decode.sampling import sample_responses
-from dpoq_jax.experiments import cli
+from dpoq_jax.experiments import cli, runs
 from dpoq_jax.experiments import policy_effects as pe
-from dpoq_jax.train import runs
+from dpoq_jax.train.load import load_model
 from dpoq_jax.train.metrics import eval_curve
+from dpoq_jax.train.setup import initial_policy
 
 NAME = "implicit_rewards"
 TASK, TASKS = "error_injection", ("error_injection", "dense_reward")
@@ -145,15 +146,15 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     )
     for name, d in run_dirs.items():
         doc.log(f"{NAME}: §5 check for {RUN_LABELS[name]}")
-        ref = runs.load_run_model(sft_dir) if name == "sft_ref" else runs.load_run_model(d, which="initial")
-        pol = runs.load_run_model(d)
+        ref = load_model(str(sft_dir)) if name == "sft_ref" else initial_policy(d)
+        pol = load_model(str(d))
         s = checks[name] = section54_check(pol, ref, prompts, beta, max_new, args.seed)
         report_numbers[f"{name}/z"] = (s["mc_mean"] - s["exact_mean"]) / max(s["diff_se"], 1e-12)
         if args.config == runs.default_config(args.task):  # a gold judge: how good are its own answers?
             task = make_task(args.task, seed=args.seed)
             texts = [task.tokenizer.decode(p) for p in prompts[: scale["n_gen"]]]
             if not gen_rows:
-                ref_q = pe.generation_quality(runs.load_run_model(sft_dir), task, texts, max_new, args.seed)
+                ref_q = pe.generation_quality(load_model(str(sft_dir)), task, texts, max_new, args.seed)
                 gen_rows += pe.generation_rows("reference SFT'd on chosen", ref_q)
             gen_rows += pe.generation_rows(
                 f"DPO {RUN_LABELS[name]}", pe.generation_quality(pol, task, texts, max_new, args.seed)

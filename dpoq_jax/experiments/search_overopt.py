@@ -24,9 +24,9 @@ from dpoq_jax.data.synthetic import make_task
 from dpoq_jax.decode.beam import best_beams
 from dpoq_jax.decode.core import strip_eos
 from dpoq_jax.decode.sampling import sample_responses
-from dpoq_jax.experiments import cli
+from dpoq_jax.experiments import cli, runs
 from dpoq_jax.experiments import policy_effects as pe
-from dpoq_jax.train import runs
+from dpoq_jax.train.load import load_model
 
 NAME = "search_overopt"
 TASK = "dense_reward"
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     tok = task.tokenizer
     doc.log(f"{NAME}: SFT reference on all responses ({scale['sft_steps']} steps)")
     sft_dir = runs.train_sft(args, "all", scale["sft_steps"])
-    ref = runs.load_run_model(sft_dir)
+    ref = load_model(str(sft_dir))
     pairs = task.preference_examples(scale["n_prompts"], split="test")
     prompts = [tok.encode(p.prompt) for p in pairs]
     max_new = task.max_len + 1
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
             )
             if not report.run_dirs:  # the first DPO run: what `dpoq demo` suggests to try next
                 report.run_dirs = {"sft": sft_dir, "dpo": dpo_dir}
-            pol = runs.load_run_model(dpo_dir)
+            pol = load_model(str(dpo_dir))
             per: dict[str, dict] = {}
             for label, b in [("sample", None)] + [(f"beam {b}", b) for b in scale["beams"]]:
                 g, lens = decode(pol, b)

@@ -2,6 +2,21 @@
 Face checkpoints in and out (see docs/models.md)."""
 
 from dpoq_jax.models.config import ModelConfig, config_from_hf, config_to_hf
-from dpoq_jax.models.decoder import Decoder, attention_mask, default_dtype
+from dpoq_jax.models.decoder import (
+    Decoder,
+    abstract_split,
+    attention_mask,
+    default_dtype,
+    split_params,
+)
 
-__all__ = ["Decoder", "ModelConfig", "attention_mask", "config_from_hf", "config_to_hf", "default_dtype"]
+__all__ = [
+    "Decoder",
+    "ModelConfig",
+    "abstract_split",
+    "attention_mask",
+    "config_from_hf",
+    "config_to_hf",
+    "default_dtype",
+    "split_params",
+]

@@ -4,8 +4,8 @@ save_params(PATH, ...) writes
   PATH/params/             orbax StandardCheckpointer item: the nnx.Param state as a plain nested dict
   PATH/model_config.json   ModelConfig.to_dict()
 Training runs store the same `params` item beside a JSON item `model_config` in each step directory
-(WORKDIR/checkpoints/<step>/params, .../<step>/model_config/metadata); load_params reads both, and
-also a checkpoints directory or a workdir (taking the latest step unless `step` is given).
+(WORKDIR/checkpoints/<step>/params, .../<step>/model_config/metadata); runs are read through
+train/load.py (integrity checks, LoRA), which uses this module for the params layout.
 """
 
 from __future__ import annotations
@@ -14,15 +14,12 @@ import json
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
 
 from dpoq_jax import paths
 from dpoq_jax.models.config import ModelConfig
 from dpoq_jax.models.decoder import Decoder
-from dpoq_jax.models.sharding import Rules, logical_to_shardings
 
 
 def save_params(path: str, model_or_state: Decoder | nnx.State, cfg: ModelConfig) -> None:
@@ -97,33 +94,11 @@ def read_model_config(path: str) -> ModelConfig:
     raise FileNotFoundError(f"{path}: no model_config.json or model_config/metadata")
 
 
-def load_params(
-    path: str,
-    *,
-    step: int | None = None,
-    mesh: Mesh | None = None,
-    rules: Rules | None = None,
-    dtype: Any = None,
-    param_dtype: Any = jnp.float32,
-    attention: str = "auto",
-) -> tuple[Decoder, ModelConfig]:
-    """(Decoder, ModelConfig) from save_params' directory or a training checkpoint; with a mesh the
-    parameters are restored straight into their shardings."""
-    path = resolve_params_dir(path, step)
+def read_params(path: str, cfg: ModelConfig, abs_params: nnx.State, shardings: Any) -> nnx.State:
+    """The parameters of save_params' directory (or a step directory holding `params`) in the layout of
+    `abs_params` (the abstract parameters of Decoder(cfg)), restored straight into `shardings` (a pure
+    dict of shardings). Build models with `dpoq_jax.train.load.load_model`, which calls this."""
     refuse_lora_step(path)
-    cfg = read_model_config(path)
-    from dpoq_jax.models.hf import abstract_decoder  # noqa: PLC0415 (hf imports this module's peers)
-
-    graphdef, abs_params, rest = abstract_decoder(
-        cfg, dtype=dtype, param_dtype=param_dtype, attention=attention
-    )
-    if mesh is not None:
-        from dpoq_jax.train.mesh import DEFAULT_RULES  # noqa: PLC0415
-
-        shardings = nnx.to_pure_dict(logical_to_shardings(abs_params, mesh, rules or DEFAULT_RULES))
-    else:
-        dev = SingleDeviceSharding(jax.devices()[0])
-        shardings = jax.tree.map(lambda _: dev, nnx.to_pure_dict(abs_params))
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         nnx.to_pure_dict(abs_params),
@@ -136,4 +111,4 @@ def load_params(
             raise ValueError(f"{path}/params does not match model_config ({cfg.family}): {e}") from e
     params = jax.tree.map(lambda x: x, abs_params)
     nnx.replace_by_pure_dict(params, pure)
-    return nnx.merge(graphdef, params, rest), cfg
+    return params

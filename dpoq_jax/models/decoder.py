@@ -587,3 +587,15 @@ class Decoder(nnx.Module):
         x, (ks, vs) = jax.lax.scan(body, x, (state, cache["k"], cache["v"], local_L))
         logits = self._logits(self.final_norm(x))
         return logits, {"k": ks, "v": vs, **out}
+
+
+def split_params(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """graphdef, parameters, everything else (buffers such as rotary tables)."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def abstract_split(make_model: Any) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """split_params of `make_model()` as ShapeDtypeStructs (with their logical axis metadata):
+    shapes and shardings are derived from it, and nothing is allocated."""
+    with nnx.use_eager_sharding(False):
+        return split_params(nnx.eval_shape(make_model))

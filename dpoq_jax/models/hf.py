@@ -18,12 +18,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh
 
 from dpoq_jax import paths
-from dpoq_jax.models.config import ModelConfig, config_from_hf, config_to_hf, read_hf_config
+from dpoq_jax.models import lora as lora_lib
+from dpoq_jax.models.config import ModelConfig, config_to_hf
 from dpoq_jax.models.decoder import Decoder
-from dpoq_jax.models.sharding import Rules, logical_to_shardings
 
 log = logging.getLogger(__name__)
 
@@ -320,40 +319,13 @@ def _resolve_name(st: SafetensorsDir, name: str) -> str:
     return name
 
 
-def abstract_decoder(cfg: ModelConfig, **kwargs: Any) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """graphdef, abstract parameters and abstract rest of Decoder(cfg) (nothing allocated)."""
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), **kwargs))
-    return nnx.split(abstract, nnx.Param, ...)
-
-
-def load_hf(
-    path: str,
-    *,
-    mesh: Mesh | None = None,
-    rules: Rules | None = None,
-    dtype: Any = None,
-    param_dtype: Any = jnp.float32,
-    attention: str = "auto",
-    **config_overrides: Any,
-) -> tuple[Decoder, ModelConfig]:
-    """(Decoder, ModelConfig) from a local Hugging Face directory. With a mesh, each parameter lands
-    directly in its NamedSharding (from `rules`, logical -> mesh axes). config_overrides (e.g.
-    remat="full") replace ModelConfig fields. A gs:// directory is copied to local disk first."""
+def read_params(path: str, cfg: ModelConfig, abs_params: nnx.State, shardings: Any = None) -> nnx.State:
+    """The parameters of a local Hugging Face directory in the layout (and dtypes) of `abs_params`, the
+    abstract parameters of Decoder(cfg). With `shardings` (a pure dict of NamedShardings) each one lands
+    directly in its sharding, cut on the host tensor by tensor. A gs:// directory is copied to local
+    disk first. Build models with `dpoq_jax.train.load.load_model`, which calls this."""
     path = paths.local_dir(path)
-    cfg_path = os.path.join(path, "config.json")
-    if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{path}: no config.json (expected a local Hugging Face model directory)")
-    cfg = config_from_hf(read_hf_config(cfg_path), where=cfg_path, **config_overrides)  # overrides win
     st = SafetensorsDir(path)
-    graphdef, abs_params, rest = abstract_decoder(
-        cfg, dtype=dtype, param_dtype=param_dtype, attention=attention
-    )
-    shardings = None
-    if mesh is not None:
-        from dpoq_jax.train.mesh import DEFAULT_RULES  # noqa: PLC0415 (rules default lives with the mesh)
-
-        shardings = nnx.to_pure_dict(logical_to_shardings(abs_params, mesh, rules or DEFAULT_RULES))
     specs = _import_map(cfg)
     pure = nnx.to_pure_dict(abs_params)
     used: set[str] = set()
@@ -406,7 +378,7 @@ def load_hf(
         log.warning("%s: %d tensors not used by the model, e.g. %s", path, len(unused), unused[:5])
     params = jax.tree.map(lambda x: x, abs_params)
     nnx.replace_by_pure_dict(params, jax.tree_util.tree_unflatten(treedef, values))
-    return nnx.merge(graphdef, params, rest), cfg
+    return params
 
 
 def _place(arr: np.ndarray, dtype: Any, sharding: Any) -> jax.Array:
@@ -450,6 +422,42 @@ def save_hf(
         tokenizer.save_pretrained(path)
     if dest != path:
         paths.upload_dir(path, dest)
+
+
+def save_peft(
+    adapters: nnx.State,
+    model_cfg: ModelConfig,
+    cfg: lora_lib.LoraConfig,
+    path: str,
+    base_model: str | None = None,
+) -> None:
+    """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) that
+    `peft.PeftModel.from_pretrained(base, path)` loads onto the HF export of the base model."""
+    if model_cfg.family not in lora_lib.PEFT_FAMILIES:
+        raise ValueError(
+            f"PEFT export: family {model_cfg.family!r} fuses its projections (supported: "
+            f"{lora_lib.PEFT_FAMILIES}); use the merged export"
+        )
+    tensors = lora_lib.peft_tensors(adapters, cfg)
+    targets = sorted({k.split(".")[-3] for k in tensors})
+    os.makedirs(path, exist_ok=True)
+    write_safetensors(os.path.join(path, "adapter_model.safetensors"), tensors)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": cfg.rank,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+    }
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
 
 
 TOKENIZER_FILES = (

@@ -172,38 +172,3 @@ def peft_tensors(adapters: nnx.State, cfg: LoraConfig) -> dict[str, np.ndarray]:
             out[f"{name}.lora_A.weight"] = np.ascontiguousarray(a[i].reshape(-1, r).T)
             out[f"{name}.lora_B.weight"] = np.ascontiguousarray(b[i].reshape(r, -1).T)
     return out
-
-
-def save_peft(
-    adapters: nnx.State, model_cfg: Any, cfg: LoraConfig, path: str, base_model: str | None = None
-) -> None:
-    """A PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors) that
-    `peft.PeftModel.from_pretrained(base, path)` loads onto the HF export of the base model."""
-    import json
-    import os
-
-    from dpoq_jax.models.hf import write_safetensors
-
-    if model_cfg.family not in PEFT_FAMILIES:
-        raise ValueError(f"PEFT export: family {model_cfg.family!r} fuses its projections (supported: "
-                         f"{PEFT_FAMILIES}); use the merged export")
-    tensors = peft_tensors(adapters, cfg)
-    targets = sorted({k.split(".")[-3] for k in tensors})
-    os.makedirs(path, exist_ok=True)
-    write_safetensors(os.path.join(path, "adapter_model.safetensors"), tensors)
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": cfg.rank,
-        "lora_alpha": cfg.alpha,
-        "lora_dropout": 0.0,
-        "target_modules": targets,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "use_rslora": False,
-        "use_dora": False,
-        "inference_mode": True,
-    }
-    with open(os.path.join(path, "adapter_config.json"), "w") as f:
-        json.dump(config, f, indent=2)

@@ -1,4 +1,4 @@
-"""Logical axis names on parameters -> NamedShardings on a mesh."""
+"""Logical axis names on parameters -> NamedShardings on a mesh, and the default logical -> mesh rules."""
 
 from __future__ import annotations
 
@@ -11,6 +11,23 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 Rules = Mapping[str, Any] | Sequence[tuple[str, Any]]
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical axis -> mesh axis (or tuple of axes, or None = replicated). FSDP shards the model width,
+# tensor parallelism the heads, MLP hidden and vocabulary; layers (scan axis) stay whole. A run's
+# config may replace them (`sharding.rules`, train/mesh.py).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+)
 
 
 def logical_names(variable: nnx.Variable) -> tuple[str | None, ...] | None:

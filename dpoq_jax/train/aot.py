@@ -12,16 +12,11 @@ the run fits before anyone pays for a TPU.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
-import sys
 import time
 from typing import Any
-
-from dpoq_jax import paths
-from dpoq_jax.data.errors import reports_user_errors
 
 log = logging.getLogger(__name__)
 
@@ -90,20 +85,12 @@ def model_config_for(cfg: Any, model_config_path: str | None) -> Any:
         return ModelConfig.from_dict({**d, **over})
     if cfg.model.init == "random":
         return ModelConfig.from_dict({**cfg.model.config.to_dict(), **over})
-    if cfg.model.init == "hf":
-        path = paths.join(cfg.model.path, "config.json")
-        if not paths.isfile(path):
-            raise ValueError(f"config key 'model.path': no {path}; give --model-config FILE (a config.json)")
-        return config_from_hf(read_hf_config(path), where=path, **over)
-    from dpoq_jax.train.checkpoint import RunCheckpoints
+    from dpoq_jax.train.load import locate
 
-    ckpts = RunCheckpoints(paths.join(cfg.model.path, "checkpoints"), every_steps=1, keep=1)
-    step = ckpts.latest_step() if cfg.model.path else None
-    if step is None:
-        raise ValueError(
-            f"config key 'model.path': no checkpoint in {cfg.model.path!r}; give --model-config FILE"
-        )
-    return ModelConfig.from_dict({**ckpts.read_json(step, "model_config"), **over})
+    try:
+        return locate(cfg.model.path, flag="config key 'model.path':", **over).config
+    except FileNotFoundError as e:
+        raise ValueError(f"{e}; give --model-config FILE (a config.json)") from None
 
 
 def abstract_batch(cfg: Any, shardings_of: Any) -> dict[str, Any]:
@@ -161,8 +148,8 @@ def compile_step(
     from flax import nnx
 
     from dpoq_jax.models.decoder import Decoder
-    from dpoq_jax.train.loop import ModelSource, lora_config, setup
     from dpoq_jax.train.metrics import step_flops
+    from dpoq_jax.train.setup import ModelSource, lora_config, setup
 
     topo, devices = topology_devices(topology, chip_config)
     mcfg = model_config_for(cfg, model_config_path)
@@ -250,94 +237,17 @@ def search_batch(
     while per_shard <= limit:
         r = compile_step(_with_micro_size(cfg, per_shard, shards), topology, model_config_path, chip_config)
         tried.append(dict(r.to_dict(), per_shard_micro_batch=per_shard))
-        print(_line(r, per_shard), flush=True)
+        print(report_line(r, per_shard), flush=True)
         if not r.fits:
             break
         per_shard *= 2
     return tried
 
 
-def _line(r: CompileReport, per_shard: int | None = None) -> str:
+def report_line(r: CompileReport, per_shard: int | None = None) -> str:
     fits = {True: "fits", False: "DOES NOT FIT", None: "HBM unknown"}[r.fits]
     extra = f" per-shard micro-batch {per_shard}" if per_shard is not None else ""
     return (
         f"{r.topology} ({r.chips} x {r.device_kind}) mesh {r.mesh}{extra}: peak {r.peak_gib:.2f} GiB "
         f"of {r.hbm_gib} GiB per chip ({fits}); compile {r.compile_s:.1f} s"
     )
-
-
-def print_report(r: CompileReport) -> None:
-    print(f"topology      {r.topology}: {r.chips} x {r.device_kind}, mesh {r.mesh}")
-    print(
-        f"step          {r.stage} layout={r.layout} attention={r.attention} reference={r.reference} "
-        f"layers={r.num_layers}{f' lora_rank={r.lora_rank}' if r.lora_rank else ''} "
-        f"batch={r.batch_size} micro_batches={r.micro_batches} seq_len={r.seq_len}"
-    )
-    print(
-        f"per chip      arguments {r.argument_gib:.3f} GiB, outputs {r.output_gib:.3f} GiB "
-        f"(aliased {r.alias_gib:.3f}), temporaries {r.temp_gib:.3f} GiB"
-    )
-    fits = {True: "fits", False: "DOES NOT FIT", None: "unknown chip HBM"}[r.fits]
-    print(f"peak          {r.peak_gib:.3f} GiB of {r.hbm_gib} GiB HBM: {fits}")
-    xla = r.xla_flops_per_chip
-    print(f"flops/step    {r.flops_per_step:.4g} (model FLOPs, all chips; XLA per chip: {xla:.4g})")
-    print(f"compile       {r.compile_s:.1f} s")
-
-
-@reports_user_errors("dpoq compile")
-def compile_main(argv: list[str]) -> int:
-    """dpoq compile --config FILE[:arg] --topology T [--model-config F] [--json OUT] [--search-batch]"""
-    from dpoq_jax.cli import Parser
-
-    p = Parser(
-        prog="dpoq compile",
-        description="Compile the config's train step ahead of time for a TPU topology (on any host, "
-        "nothing allocated) and report per-chip memory, fit, FLOPs and compile time",
-    )
-    p.add_argument(
-        "--config",
-        required=True,
-        help="FILE[:arg]: a Python file with get_config(arg=None); --config.key=value overrides follow",
-    )
-    p.add_argument("--topology", required=True, help=f"e.g. v5e:2x4, v4:2x2x1 or one of {sorted(ALIASES)}")
-    p.add_argument(
-        "--model-config",
-        default=None,
-        help="config.json of the model shape (None: the config's own model)",
-    )
-    p.add_argument("--chip-config", default=None, help="libtpu chip config (None: megacore on v4)")
-    p.add_argument("--json", default=None, help="also write the report(s) here as JSON (None: print only)")
-    p.add_argument(
-        "--search-batch",
-        action="store_true",
-        help="compile with 1, 2, 4, ... examples per batch shard and micro-batch until one does not fit",
-    )
-    p.add_argument(
-        "--max-batch", type=int, default=256, help="--search-batch stops after this per-shard size"
-    )
-    args, overrides = p.parse_known_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    from dpoq_jax.train.config import ConfigError, load_config
-
-    # the step's shapes come from the data config's layout and lengths; no data file is read
-    # (and with --model-config, no model file either)
-    placeholders = ["--config.data.path=."] + (["--config.model.path=."] if args.model_config else [])
-    overrides = [*placeholders, *overrides]
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        raise SystemExit(f"config error: {e}") from None
-    try:
-        import libtpu  # noqa: F401
-    except ImportError:
-        print("dpoq compile: needs libtpu: pip install 'dpoq_jax[tpu]'", file=sys.stderr)
-        return 2
-    if args.search_batch:
-        out: Any = search_batch(cfg, args.topology, args.model_config, args.chip_config, args.max_batch)
-    else:
-        r = compile_step(cfg, args.topology, args.model_config, args.chip_config)
-        print_report(r)
-        out = r.to_dict()
-    if args.json:
-        paths.write_text(args.json, json.dumps(out, indent=1))
-    return 0

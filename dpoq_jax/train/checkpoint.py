@@ -10,7 +10,7 @@ Each step directory WORKDIR/checkpoints/<step>/ holds the items
                 computed on device at save time; and a copy of the loader position (JSON)
   base          LoRA runs only: params holds the adapters and train_state no reference; this JSON
                 points at the frozen base (model.init, path, seed) with the checksums of its arrays,
-                which a resume compares with the base it loads again (train.loop.check_base)
+                which a resume compares with the base it loads again (check_base)
 Orbax writes a step into a temporary directory and renames it when every item is complete, so a save
 cut short (kill -9) leaves no step directory and `latest_step` never sees it; the integrity record
 is an item of the same step, so it exists exactly when the step does.
@@ -252,6 +252,11 @@ class RunCheckpoints:
             raise DamagedCheckpoint("the integrity record is malformed")
         return record
 
+    def integrity_record(self, step: int) -> dict | None:
+        """The step's integrity record (None: written before records existed); DamagedCheckpoint if it
+        is missing or malformed."""
+        return self._integrity(step)
+
     def _legacy(self, step: int) -> bool:
         try:
             meta = paths.read_text(paths.join(self.step_dir(step), "_CHECKPOINT_METADATA"))
@@ -385,3 +390,20 @@ class RunCheckpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def base_checksums(base: Any) -> dict[str, list]:
+    """A LoRA run's record of its frozen base: per array, dtype and checksums (checked on resume and load)."""
+    return {k: [d, *sums] for k, (d, sums, _) in array_checks(nnx.to_pure_dict(base)).items()}
+
+
+def check_base(saved: dict, now: dict, where: str) -> None:
+    """The base weights loaded for a LoRA resume must be those the checkpoint's adapters were trained on."""
+    changed = sorted(k for k in set(saved["arrays"]) | set(now["arrays"])
+                     if saved["arrays"].get(k) != now["arrays"].get(k))
+    if changed:
+        raise ValueError(
+            f"{where}: the base model ({saved['init']} {saved['path'] or 'seed ' + str(saved['seed'])}) "
+            f"differs from the one these LoRA adapters were trained on ({len(changed)} arrays, e.g. "
+            f"{changed[0]}); restore that base or start a new workdir"
+        )

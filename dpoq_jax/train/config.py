@@ -17,6 +17,10 @@ from typing import Any
 import ml_collections as mc
 
 from dpoq_jax import paths
+from dpoq_jax.data.layouts import LAYOUTS
+from dpoq_jax.data.sources import SOURCES
+from dpoq_jax.data.synthetic import DenseRewardTask
+from dpoq_jax.losses import LOSS_TYPES
 
 STAGES = ("sft", "dpo")
 
@@ -131,15 +135,15 @@ def parse_overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
 
 # Keys with a fixed set of values: a typo must fail here, not silently pick a default later.
 _CHOICES = {
-    "data.source": ("synthetic", "jsonl", "hh", "tldr"),
+    "data.source": SOURCES,
     "data.sft_responses": ("chosen", "all"),
-    "data.layout": ("padded", "prefix_shared", "packed"),
+    "data.layout": LAYOUTS,
     "model.attention": ("auto", "xla", "cudnn", "splash", "splash_interpret"),
     "data.overflow": ("error", "drop"),
     "data.on_error": ("fail", "skip"),
     "optim.name": ("rmsprop", "adamw"),
     "optim.schedule": ("constant", "linear", "cosine"),
-    "loss.loss_type": ("sigmoid", "cdpo", "ipo", "hinge", "robust"),
+    "loss.loss_type": LOSS_TYPES,
 }
 
 
@@ -247,13 +251,39 @@ def _check_lora(config: mc.ConfigDict) -> None:
         )
 
 
-def load_config(spec: str, overrides: Sequence[str] = ()) -> mc.ConfigDict:
-    """Load `FILE[:arg]`, apply `--config.key=value` overrides, validate; returns a locked ConfigDict."""
+def load_config(
+    spec: str,
+    overrides: Sequence[str] = (),
+    *,
+    first: dict[str, Any] | None = None,
+    last: dict[str, Any] | None = None,
+) -> mc.ConfigDict:
+    """Load `FILE[:arg]`, set the values of `first` (dotted keys), apply the `--config.key=value`
+    overrides, set those of `last`, validate; returns a locked ConfigDict. Values set by a program go
+    through `first`/`last` as values, never through text that is parsed back."""
     config = load_config_file(spec)
+    for key, value in (first or {}).items():
+        set_value(config, key, value)
     for key, value in parse_overrides(overrides):
         apply_override(config, key, value)
+    for key, value in (last or {}).items():
+        set_value(config, key, value)
     validate(config)
     return config
+
+
+def set_value(config: mc.ConfigDict, key: str, value: Any) -> None:
+    """config[key] = value for a dotted key that the config has (ConfigError naming it otherwise)."""
+    *groups, name = key.split(".")
+    node = config
+    for g in groups:
+        if g not in node:
+            raise ConfigError(f"unknown config key {key!r}")
+        node = node[g]
+    if name not in node:
+        raise ConfigError(f"unknown config key {key!r}")
+    with node.unlocked(), node.ignore_type():
+        node[name] = value
 
 
 def base_config() -> mc.ConfigDict:
@@ -389,8 +419,10 @@ def synthetic_config(task: str, stage: str, sft_workdir: str = "") -> mc.ConfigD
     c.data.sft_responses = "chosen" if task == "error_injection" else "all"
     if task == "dense_reward":
         c.data.on_error = "skip"  # two reference samples can coincide: such pairs carry no preference
-        c.data.response_len = 34  # up to 32 letters + EOS: no truncated responses
-        c.data.seq_len = 40
+        # responses run to max_len letters + EOS (with one to spare): none is truncated, since the
+        # experiments on this task are about response lengths
+        c.data.response_len = DenseRewardTask.max_len + 2
+        c.data.seq_len = c.data.response_len + 8
     c.model.config = mc.ConfigDict(TINY_LLAMA)
     c.optim.name = "adamw"
     c.optim.clip_norm = 10.0

@@ -1,4 +1,4 @@
-"""The training run: config -> mesh, data, sharded state -> jitted steps, eval, checkpoints, metrics.
+"""The training loop: a Run (train/setup.py) -> jitted steps, eval, checkpoints, metrics, HF export.
 
 `train(config, workdir)` resumes from the newest complete checkpoint in WORKDIR/checkpoints if there
 is one (same config assumed), so rerunning the same command after a crash continues the run and
@@ -15,32 +15,21 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from dpoq_jax import losses, paths
+from dpoq_jax import paths
 from dpoq_jax.data.loader import Loader, LoaderState
+from dpoq_jax.models import lora
+from dpoq_jax.models.hf import save_hf, save_peft
 from dpoq_jax.train import inputs
-from dpoq_jax.train.checkpoint import RunCheckpoints
-from dpoq_jax.train.mesh import BATCH_AXES, batch_sharding, make_mesh, replicated, rules_from_config
+from dpoq_jax.train.checkpoint import RunCheckpoints, check_base
+from dpoq_jax.train.load import CHECKPOINT_SUBDIR
 from dpoq_jax.train.metrics import MetricsWriter, mfu, read_metrics, step_flops
-from dpoq_jax.train.optim import make_optimizer
-from dpoq_jax.train.state import (
-    TrainState,
-    abstract_model,
-    abstract_state,
-    create_train_state,
-    init_params,
-    param_shardings,
-    split_model,
-    state_shardings,
-)
-from dpoq_jax.train.step import make_dpo_loss, make_eval_step, make_sft_loss, make_train_step
+from dpoq_jax.train.setup import Run, global_batch, setup
+from dpoq_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_SUBDIR = "checkpoints"
 TIMING_KEYS = ("pairs_per_s", "tokens_per_s", "mfu", "step_time_s")
 
 
@@ -48,276 +37,8 @@ class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row; the last good checkpoint is left as it was."""
 
 
-@dataclasses.dataclass
-class ModelSource:
-    make_model: Callable[[], nnx.Module]  # builds the (random-init) module; used abstractly for shapes
-    model_config: Any
-    load_params: Callable[[Any, Any], Any] | None  # (abstract params, shardings) -> sharded params
-
-
-def _dtype(name: str) -> Any:
-    return jnp.dtype(name)
-
-
-def lora_config(cfg: Any) -> Any:
-    """The run's LoraConfig (models/lora.py), or None when model.lora.rank is 0 (full fine-tuning)."""
-    from dpoq_jax.models.lora import LoraConfig
-
-    lc = cfg.model.get("lora")
-    if lc is None or lc.rank == 0:
-        return None
-    return LoraConfig(rank=lc.rank, alpha=float(lc.alpha), targets=tuple(lc.targets), seed=cfg.seed)
-
-
-def model_source(cfg: Any, mesh: Any, rules: Any) -> ModelSource:
-    """How to build the policy: random init from model.config, a Hugging Face dir, or a run's workdir.
-    With LoRA, make_model builds base + adapters; load_params loads the base weights only."""
-    from dpoq_jax.models.config import ModelConfig
-    from dpoq_jax.models.decoder import Decoder
-
-    kw = dict(param_dtype=_dtype(cfg.model.param_dtype), dtype=_dtype(cfg.model.dtype))
-    kw["attention"] = cfg.model.attention
-    lora = lora_config(cfg)
-    over = {"remat": cfg.model.remat} if cfg.model.remat else {}  # rematerialisation policy of the blocks
-    if cfg.model.init == "random":
-        mcfg = ModelConfig.from_dict({**cfg.model.config.to_dict(), **over})
-        return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(cfg.seed), lora=lora, **kw), mcfg, None)
-    if cfg.model.init == "hf":
-        from dpoq_jax.models import hf
-
-        def load_hf_params(abstract, shardings):
-            del abstract, shardings  # load_hf places each tensor in its sharding from the same rules
-            model, _ = hf.load_hf(cfg.model.path, mesh=mesh, rules=rules, **kw, **over)
-            return split_model(model)[1]
-
-        mcfg = hf.config_from_hf(hf.read_hf_config(paths.join(cfg.model.path, "config.json")), **over)
-        return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), lora=lora, **kw), mcfg, load_hf_params)
-    # a previous run's workdir (e.g. the SFT stage): its newest checkpoint's params and model config
-    ckpts = RunCheckpoints(paths.join(cfg.model.path, CHECKPOINT_SUBDIR), every_steps=1, keep=1)
-    step = ckpts.latest_intact_params_step()
-    if step is None:
-        raise ValueError(f"config key 'model.path': no intact checkpoint in {cfg.model.path!r}")
-    mcfg = ModelConfig.from_dict({**ckpts.read_json(step, "model_config"), **over})
-
-    def load_ckpt_params(abstract, shardings):
-        return ckpts.restore_params(step, abstract, shardings, dtype=_dtype(cfg.model.param_dtype))
-
-    return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(0), lora=lora, **kw), mcfg, load_ckpt_params)
-
-
-def check_vocab(dataset: inputs.Dataset, vocab_size: int, cfg: Any) -> None:
-    """The model must have a row for every token id the tokenizer can produce (an id past the
-    embedding reads NaN and trains garbage): refused before the first step."""
-    tok = dataset.tokenizer
-    n_tok = len(tok) if hasattr(tok, "__len__") else int(tok.vocab_size)
-    top = max((max(ids) for ex in dataset.train + dataset.eval for ids in _token_ids(ex) if ids), default=-1)
-    if n_tok > vocab_size or top >= vocab_size:
-        where = cfg.data.tokenizer_path or cfg.model.path or f"the {cfg.data.source} tokenizer"
-        raise ValueError(
-            f"model vocab_size={vocab_size} is smaller than the tokenizer's vocabulary ({n_tok} tokens, "
-            f"largest id in the data {top}; tokenizer: {where}); set model.config.vocab_size >= {n_tok}"
-        )
-
-
-def _token_ids(ex: Any) -> list[list[int]]:
-    return [getattr(ex, k) for k in ("prompt_ids", "chosen_ids", "rejected_ids", "completion_ids")
-            if hasattr(ex, k)]
-
-
 def _attn_width(mcfg: Any) -> int:
     return int(mcfg.num_heads * mcfg.head_dim)
-
-
-def causal_rows(layout: str) -> bool:
-    """The "padded" layout holds one right-padded sequence per row: plain causal attention is exact
-    there (and lets the model take the cuDNN kernel on GPU)."""
-    return layout == "padded"
-
-
-def one_segment_rows(layout: str) -> bool:
-    """"prefix_shared" rows hold one right-padded pair (or SFT sequence) each: on GPU the fused layout
-    attention can then take cuDNN's causal kernel (models/attention.py)."""
-    return layout == "prefix_shared"
-
-
-def logps_chunk_positions(cfg: Any, rows: int) -> int:
-    """train.logps_chunk counts time steps per chunk; the lean log-probs count positions (responses x
-    steps), so scale by the responses per forward (pairs or sequences of one micro-batch, global)."""
-    return max(1, cfg.train.logps_chunk) * max(1, rows)
-
-
-def global_batch(local_M: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
-    """Global arrays [M, global batch, ...] from this process's micro-stacked local batch. Flat row
-    indices are shifted so that they index this process's rows of the global batch."""
-    pc, pi = jax.process_count(), jax.process_index()
-    N, S = local_M["tokens"].shape[1:3]
-    out = {}
-    for k, v in local_M.items():
-        if k.endswith("_pred_idx"):
-            v = v + pi * N * S
-        shape = (v.shape[0], v.shape[1] * pc) + v.shape[2:]
-        out[k] = jax.make_array_from_process_local_data(shardings[k], v, shape)
-    return out
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything `train` and `precompute_ref` build from a config (exposed for tests and tools)."""
-
-    cfg: Any
-    mesh: Any
-    dataset: inputs.Dataset | None
-    source: ModelSource
-    graphdef: Any
-    rest: Any
-    abs_params: Any
-    p_shardings: Any
-    optimizer: Any
-    schedule: Any
-    shardings: TrainState
-    abstract: TrainState
-    loss_fn: Any
-    lora: Any = None  # LoraConfig: TrainState.params are adapters, ref_params the frozen base
-
-    def new_state(self) -> TrainState:
-        if self.lora is not None:
-            adapters = init_params(self.source.make_model, self.p_shardings, adapters_only=True)
-            return create_train_state(
-                adapters, self.optimizer, self.shardings, with_ref=False, base=self.load_base()
-            )
-        if self.source.load_params is None:
-            params, _ = init_params(self.source.make_model, self.p_shardings)
-        else:
-            params = self.source.load_params(self.abs_params, self.p_shardings)
-        return create_train_state(
-            params,
-            self.optimizer,
-            self.shardings,
-            with_ref=self.shardings.ref_params is not None,
-            ref_dtype=_dtype(self.cfg.reference.dtype),
-        )
-
-    def load_base(self) -> Any:
-        """LoRA: the frozen base weights (random init, HF dir or a run's checkpoint), sharded."""
-        from dpoq_jax.models.lora import split_adapters
-
-        if self.source.load_params is None:
-            return split_adapters(init_params(self.source.make_model, self.p_shardings)[0])[1]
-        abs_base, sh_base = split_adapters(self.abs_params)[1], split_adapters(self.p_shardings)[1]
-        return self.source.load_params(abs_base, sh_base)
-
-    def base_pointer(self, base: Any) -> dict:
-        """What a LoRA checkpoint stores instead of the base: where it comes from and its checksums."""
-        from dpoq_jax.train.checkpoint import array_checks
-
-        c = self.cfg.model
-        return {
-            "init": c.init,
-            "path": paths.absolute(c.path) if c.path else "",
-            "seed": self.cfg.seed,
-            "param_dtype": c.param_dtype,
-            "arrays": {k: [d, *sums] for k, (d, sums, _) in array_checks(nnx.to_pure_dict(base)).items()},
-        }
-
-    def checkpoint_layout(self) -> tuple[TrainState, TrainState]:
-        """(abstract state, shardings) of what a checkpoint holds: LoRA leaves the base out."""
-        if self.lora is None:
-            return self.abstract, self.shardings
-        return self.abstract.replace(ref_params=None), self.shardings.replace(ref_params=None)
-
-    def batch_shardings(self, example: dict[str, np.ndarray]) -> dict[str, Any]:
-        return {k: batch_sharding(self.mesh, v.ndim) for k, v in example.items()}
-
-    def compile(self, b_sh: dict[str, Any]) -> tuple[Callable, Callable]:
-        """(train step, eval step), each jitted once with explicit shardings; the step donates the state."""
-        rep = replicated(self.mesh)
-        step_fn = jax.jit(
-            self._on_mesh(make_train_step(self.loss_fn, self.optimizer, self.schedule)),
-            in_shardings=(self.shardings, b_sh),
-            out_shardings=(self.shardings, rep),
-            donate_argnums=0,
-        )
-        eval_fn = jax.jit(
-            self._on_mesh(_weighted(make_eval_step(self.loss_fn), self.cfg.stage)),
-            in_shardings=(self.shardings, b_sh),
-            out_shardings=rep,
-        )
-        return step_fn, eval_fn
-
-    def _on_mesh(self, fn: Callable) -> Callable:
-        return kernel_mesh_fn(fn, self.mesh)
-
-
-def kernel_mesh_fn(fn: Callable, mesh: Any) -> Callable:
-    """fn traced with the mesh the fused attention kernels are shard_mapped over (models/attention.py)."""
-    from dpoq_jax.models.attention import kernel_mesh
-
-    def traced(*args):
-        with kernel_mesh(mesh, BATCH_AXES, "tensor"):
-            return fn(*args)
-
-    return traced
-
-
-def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, with_data: bool = True) -> Run:
-    """Mesh, data, model source, shardings and loss of a config (`devices`: default all).
-
-    with_data=False skips reading data (Run.dataset is None) and `source` replaces the config's model
-    source: `dpoq compile` builds the step this way from shapes alone, for devices it does not have."""
-    mesh = make_mesh(cfg.mesh, devices)
-    rules = rules_from_config(cfg.sharding.rules)
-    dataset = inputs.load_dataset(cfg) if with_data else None
-    dpo = cfg.stage == "dpo"
-    if dpo and cfg.reference.mode == "precomputed" and with_data:
-        if not cfg.reference.logps_path:
-            raise ValueError(
-                "config key 'reference.logps_path' is required when reference.mode='precomputed'"
-            )
-        dataset.train = inputs.attach_reference(dataset.train, cfg.reference.logps_path)
-        dataset.eval = inputs.attach_reference(dataset.eval, cfg.reference.logps_path)
-    source = source or model_source(cfg, mesh, rules)
-    if with_data:
-        check_vocab(dataset, source.model_config.vocab_size, cfg)
-    graphdef, abs_params, rest = abstract_model(source.make_model)
-    if jax.tree.leaves(rest):  # non-parameter variables: small, built once, replicated, closed over
-        rest = jax.jit(lambda: split_model(source.make_model())[2], out_shardings=replicated(mesh))()
-    p_sh = param_shardings(abs_params, mesh, rules)
-    optimizer, schedule = make_optimizer(cfg.optim, cfg.train.num_steps)
-    with_ref = dpo and cfg.reference.mode == "frozen"
-    lora = lora_config(cfg)
-    if lora is not None:  # train the adapters; the base rides in ref_params (frozen, the reference)
-        from dpoq_jax.models.lora import split_adapters
-
-        (abs_train, abs_base), (sh_train, sh_base) = split_adapters(abs_params), split_adapters(p_sh)
-    else:
-        abs_train, abs_base, sh_train, sh_base = abs_params, None, p_sh, None
-    shardings = state_shardings(abs_train, sh_train, optimizer, mesh, with_ref, sh_base)
-    abstract = abstract_state(abs_train, optimizer, with_ref, _dtype(cfg.reference.dtype), abs_base)
-    chunk = logps_chunk_positions(cfg, cfg.train.batch_size // cfg.train.micro_batches)
-    causal, one = causal_rows(cfg.data.layout), one_segment_rows(cfg.data.layout)
-    if dpo:
-        loss_cfg = losses.LossConfig(**cfg.loss.to_dict())
-        loss_fn = make_dpo_loss(
-            graphdef, rest, loss_cfg, chunk, causal, one, lora=lora is not None
-        )
-    else:
-        loss_fn = make_sft_loss(graphdef, rest, chunk, causal, one, lora=lora is not None)
-    return Run(
-        cfg,
-        mesh,
-        dataset,
-        source,
-        graphdef,
-        rest,
-        abs_params,
-        p_sh,
-        optimizer,
-        schedule,
-        shardings,
-        abstract,
-        loss_fn,
-        lora,
-    )
 
 
 def _count_params(abs_params: Any) -> int:
@@ -514,18 +235,6 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
     return TrainResult(last, state)
 
 
-def check_base(saved: dict, now: dict, where: str) -> None:
-    """The base weights loaded for a LoRA resume must be those the checkpoint's adapters were trained on."""
-    changed = sorted(k for k in set(saved["arrays"]) | set(now["arrays"])
-                     if saved["arrays"].get(k) != now["arrays"].get(k))
-    if changed:
-        raise ValueError(
-            f"{where}: the base model ({saved['init']} {saved['path'] or 'seed ' + str(saved['seed'])}) "
-            f"differs from the one these LoRA adapters were trained on ({len(changed)} arrays, e.g. "
-            f"{changed[0]}); restore that base or start a new workdir"
-        )
-
-
 def _has_final_eval(workdir: str, step: int) -> bool:
     if not paths.exists(paths.join(workdir, "metrics.jsonl")):
         return False
@@ -542,28 +251,13 @@ def _bar_extras(m: dict[str, float]) -> dict[str, str]:
     return out
 
 
-def _weighted(eval_step: Callable, stage: str) -> Callable:
-    """Eval metrics plus their weight (real pairs, or real tokens for SFT) for averaging over batches."""
-
-    def fn(state, batch):
-        m = eval_step(state, batch)
-        w = jnp.sum(batch["pair_mask"]) if stage == "dpo" else m["tokens"]
-        return dict(m, weight=w)
-
-    return fn
-
-
 def export_hf(run: Run, state: TrainState, path: str) -> None:
     """Writes the policy as a Hugging Face directory (config.json + safetensors, plus the tokenizer
     when it is a Hugging Face one) from process 0."""
     from jax.experimental import multihost_utils
 
-    from dpoq_jax.models import hf
-
     params, adapters = state.params, None
     if run.lora is not None:  # LoRA: the base with W + (alpha/r) A B merged in, a full checkpoint
-        from dpoq_jax.models import lora
-
         adapters = params
         params = jax.jit(lambda b, a: lora.merged_params(b, a, run.lora.scale))(state.ref_params, adapters)
     if jax.process_count() > 1:  # save_hf reads whole arrays: gather them first
@@ -573,7 +267,7 @@ def export_hf(run: Run, state: TrainState, path: str) -> None:
         return
     tok = run.dataset.tokenizer
     mcfg = run.source.model_config
-    hf.save_hf(params, mcfg, path, tokenizer=tok if hasattr(tok, "save_pretrained") else None)
+    save_hf(params, mcfg, path, tokenizer=tok if hasattr(tok, "save_pretrained") else None)
     if adapters is not None and mcfg.family in lora.PEFT_FAMILIES:  # and the adapters alone, for peft
         base = paths.absolute(run.cfg.model.path) if run.cfg.model.init == "hf" else None
-        lora.save_peft(adapters, mcfg, run.lora, path + "_adapter", base_model=base)
+        save_peft(adapters, mcfg, run.lora, path + "_adapter", base_model=base)

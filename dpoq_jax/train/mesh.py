@@ -1,7 +1,8 @@
-"""Device mesh (data, fsdp, tensor) and the default logical-axis -> mesh-axis rules.
+"""Device mesh (data, fsdp, tensor) and the run config's logical-axis -> mesh-axis rules.
 
-Parameters carry logical axis names (CONTRACTS §3); the rules below (overridable in the config as
-`sharding.rules`) map them to mesh axes. Batches are split over data x fsdp along their batch axis.
+Parameters carry logical axis names (CONTRACTS §3); rules (models/sharding.DEFAULT_RULES, overridable
+in the config as `sharding.rules`) map them to mesh axes. Batches are split over data x fsdp along
+their batch axis.
 """
 
 from __future__ import annotations
@@ -15,21 +16,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
-
-# logical axis -> mesh axis (or tuple of axes, or None = replicated). FSDP shards the model width,
-# tensor parallelism the heads, MLP hidden and vocabulary; layers (scan axis) stay whole.
-DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", BATCH_AXES),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("vocab", "tensor"),
-    ("head_dim", None),
-    ("layers", None),
-)
+from dpoq_jax.models.sharding import BATCH_AXES, DEFAULT_RULES, MESH_AXES  # noqa: F401 (re-exported)
 
 
 def mesh_shape(requested: dict[str, int] | Any, num_devices: int) -> tuple[int, int, int]:

@@ -17,8 +17,8 @@ import numpy as np
 
 from dpoq_jax import paths
 from dpoq_jax.train import inputs
-from dpoq_jax.train.loop import causal_rows, global_batch, kernel_mesh_fn, logps_chunk_positions, setup
 from dpoq_jax.train.mesh import replicated
+from dpoq_jax.train.setup import forward_for, global_batch, kernel_mesh_fn, setup
 from dpoq_jax.train.step import pair_logps
 
 
@@ -35,8 +35,7 @@ def precompute_reference(cfg: Any, output: str) -> int:
 
     def fn(params, batch):
         micro = jax.tree.map(lambda x: x[0], batch)
-        chunk = logps_chunk_positions(cfg, G)
-        return pair_logps(run.graphdef, run.rest, params, micro, chunk, causal_rows(cfg.data.layout))
+        return pair_logps(run.graphdef, run.rest, params, micro, forward_for(cfg, G))
 
     shardings = dict(in_shardings=(run.shardings.params, b_sh), out_shardings=(rep, rep))
     logps_fn = jax.jit(kernel_mesh_fn(fn, run.mesh), **shardings)  # fused attention kernels: on the mesh

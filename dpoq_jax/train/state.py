@@ -11,6 +11,8 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
+from dpoq_jax.models.decoder import split_params
+from dpoq_jax.models.sharding import logical_to_shardings
 from dpoq_jax.train.mesh import replicated
 
 
@@ -32,25 +34,12 @@ class TrainState:
     nonfinite_streak: jax.Array
 
 
-def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """graphdef, parameters, everything else (buffers such as rotary tables)."""
-    return nnx.split(model, nnx.Param, ...)
-
-
 def param_shardings(abs_params: nnx.State, mesh: Mesh, rules: Any) -> Any:
     """NamedShardings for the parameters from their logical axis metadata, with the tree structure of
     `abs_params` (so they pair leaf for leaf with params, gradients and optimizer moments)."""
-    from dpoq_jax.models.sharding import logical_to_shardings
-
     shardings = logical_to_shardings(abs_params, mesh, rules)
     leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     return jax.tree.unflatten(jax.tree.structure(abs_params), leaves)
-
-
-def abstract_model(make_model: Callable[[], nnx.Module]) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-    """graphdef, abstract params and abstract rest of `make_model()` without allocating anything."""
-    with nnx.use_eager_sharding(False):
-        return split_model(nnx.eval_shape(make_model))
 
 
 def init_params(
@@ -61,7 +50,7 @@ def init_params(
 
     def init():
         with nnx.use_eager_sharding(False):
-            _, params, rest = split_model(make_model())
+            _, params, rest = split_params(make_model())
         if adapters_only:
             return nnx.split_state(params, nnx.LoRAParam, ...)[0]
         return params, rest

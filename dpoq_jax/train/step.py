@@ -10,6 +10,7 @@ No ml_collections / tensorflow import here: this module runs on the GPU machine 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -29,26 +30,39 @@ LossFn = Callable[[Any, Any, Batch], tuple[Array, tuple[Array, dict[str, Array]]
 ROW_KEYS = ("tokens", "positions", "segment_ids", "branch_ids")
 
 
-def _hidden_and_unembed(
-    graphdef: nnx.GraphDef,
-    params: Any,
-    rest: Any,
-    batch: Batch,
-    causal_rows: bool = False,
-    one_segment_per_row: bool = False,
-):
-    """Forward the layout rows -> flat hidden [N*S, D], unembedding [D, V], bias [V] or None and the
-    final-logit soft-cap (Gemma 2) or None.
+@dataclasses.dataclass(frozen=True)
+class Forward:
+    """How the rows of a layout batch go through the model; built once from the run config
+    (train/setup.forward_for) and passed whole to every loss and log-prob function.
 
-    causal_rows: each row is one right-padded sequence ("padded" layout), so plain causal attention
-    gives every real token exactly what the segment mask would; without a mask the model can use the
-    cuDNN kernel on GPU and skips building the [N, S, S] mask. one_segment_per_row: one right-padded
-    segment per row ("prefix_shared"), which lets the GPU's fused path take cuDNN (models/attention.py).
+    chunk_size: response positions per chunk of the lean log-probs (tokenq.lean_token_logps).
+    causal_rows: each row is one right-padded sequence (the "padded" layout), so plain causal
+      attention gives every real token exactly what the segment mask would; the model then builds no
+      [N, S, S] mask and can take the cuDNN kernel on GPU.
+    one_segment_per_row: one right-padded segment per row ("prefix_shared"), which lets the GPU's
+      fused layout attention take cuDNN (models/attention.py).
+    lora: params are LoRA adapters on the frozen base held in ref_params (model_states).
     """
+
+    chunk_size: int = 512
+    causal_rows: bool = False
+    one_segment_per_row: bool = False
+    lora: bool = False
+
+    @classmethod
+    def for_layout(cls, layout: str, chunk_size: int = 512, lora: bool = False) -> Forward:
+        """"padded" rows hold one right-padded sequence each, "prefix_shared" rows one right-padded
+        pair (or SFT sequence) each; "packed" rows several segments (the full layout mask)."""
+        return cls(chunk_size, layout == "padded", layout == "prefix_shared", lora)
+
+
+def _hidden_and_unembed(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch, fwd: Forward):
+    """Forward the layout rows -> flat hidden [N*S, D], unembedding [D, V], bias [V] or None and the
+    final-logit soft-cap (Gemma 2) or None."""
     model = nnx.merge(graphdef, *(params if isinstance(params, tuple) else (params,)), rest)
-    seg, br = (None, None) if causal_rows else (batch["segment_ids"], batch["branch_ids"])
+    seg, br = (None, None) if fwd.causal_rows else (batch["segment_ids"], batch["branch_ids"])
     tokens, positions = batch["tokens"], batch["positions"]
-    one = one_segment_per_row
+    one = fwd.one_segment_per_row
     hidden_NSD = model(tokens, positions, seg, br, return_hidden=True, one_segment_per_row=one)
     unembed_DV, bias_V = model.unembedding()
     N, S, D = hidden_NSD.shape
@@ -73,31 +87,23 @@ def response_logps(
 
 
 def pair_logps(
-    graphdef: nnx.GraphDef,
-    rest: Any,
-    params: Any,
-    batch: Batch,
-    chunk_size: int,
-    causal_rows: bool = False,
-    one_segment_per_row: bool = False,
+    graphdef: nnx.GraphDef, rest: Any, params: Any, batch: Batch, fwd: Forward
 ) -> tuple[Array, Array]:
     """Per-token log-probs [P, R] of the chosen and rejected responses of a layout batch."""
-    h, w, b, cap = _hidden_and_unembed(graphdef, params, rest, batch, causal_rows, one_segment_per_row)
-    out = []
-    for side in ("chosen", "rejected"):
-        out.append(
-            response_logps(
-                h,
-                w,
-                b,
-                batch[f"{side}_pred_idx"],
-                batch[f"{side}_targets"],
-                batch[f"{side}_mask"],
-                chunk_size,
-                cap,
-            )
+    h, w, b, cap = _hidden_and_unembed(graphdef, params, rest, batch, fwd)
+    return tuple(
+        response_logps(
+            h,
+            w,
+            b,
+            batch[f"{side}_pred_idx"],
+            batch[f"{side}_targets"],
+            batch[f"{side}_mask"],
+            fwd.chunk_size,
+            cap,
         )
-    return out[0], out[1]
+        for side in ("chosen", "rejected")
+    )
 
 
 def model_states(params: Any, ref_params: Any, lora: bool) -> tuple[tuple, tuple | None]:
@@ -110,27 +116,15 @@ def model_states(params: Any, ref_params: Any, lora: bool) -> tuple[tuple, tuple
 
 
 def policy_and_ref_logps(
-    graphdef: nnx.GraphDef,
-    rest: Any,
-    params: Any,
-    ref_params: Any | None,
-    batch: Batch,
-    chunk_size: int,
-    causal_rows: bool = False,
-    one_segment_per_row: bool = False,
-    lora: bool = False,
+    graphdef: nnx.GraphDef, rest: Any, params: Any, ref_params: Any | None, batch: Batch, fwd: Forward
 ) -> tuple[Array, Array, Array, Array]:
     """(policy chosen [P,R], policy rejected [P,R], ref chosen, ref rejected). The reference comes from
     frozen parameters (no gradient) when given (LoRA: the base, adapters off), else from the batch:
     per-token `ref_*_logps` [P, R] or per-response `ref_*_sum` [P]."""
-
-    def logps(p: Any) -> tuple[Array, Array]:
-        return pair_logps(graphdef, rest, p, batch, chunk_size, causal_rows, one_segment_per_row)
-
-    policy, reference = model_states(params, ref_params, lora)
-    pc, pr = logps(policy)
+    policy, reference = model_states(params, ref_params, fwd.lora)
+    pc, pr = pair_logps(graphdef, rest, policy, batch, fwd)
     if reference is not None:
-        rc, rr = jax.lax.stop_gradient(logps(reference))
+        rc, rr = jax.lax.stop_gradient(pair_logps(graphdef, rest, reference, batch, fwd))
     elif "ref_chosen_logps" in batch:
         rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     elif "ref_chosen_sum" in batch:
@@ -144,22 +138,12 @@ def policy_and_ref_logps(
 
 
 def make_dpo_loss(
-    graphdef: nnx.GraphDef,
-    rest: Any,
-    loss_config: losses.LossConfig,
-    chunk_size: int = 512,
-    causal_rows: bool = False,
-    one_segment_per_row: bool = False,
-    lora: bool = False,
+    graphdef: nnx.GraphDef, rest: Any, loss_config: losses.LossConfig, fwd: Forward = Forward()
 ) -> LossFn:
-    """loss_fn(params, ref_params, micro_batch) -> (loss, (weight, metrics)); weight = real pairs.
-    causal_rows=True only for the "padded" layout, one_segment_per_row for "prefix_shared" (see
-    _hidden_and_unembed); lora: params are adapters on the base in ref_params (model_states)."""
+    """loss_fn(params, ref_params, micro_batch) -> (loss, (weight, metrics)); weight = real pairs."""
 
     def loss_fn(params, ref_params, batch):
-        pc, pr, rc, rr = policy_and_ref_logps(
-            graphdef, rest, params, ref_params, batch, chunk_size, causal_rows, one_segment_per_row, lora
-        )
+        pc, pr, rc, rr = policy_and_ref_logps(graphdef, rest, params, ref_params, batch, fwd)
         loss, metrics = losses.preference_loss(
             pc,
             pr,
@@ -175,19 +159,12 @@ def make_dpo_loss(
     return loss_fn
 
 
-def make_sft_loss(
-    graphdef: nnx.GraphDef,
-    rest: Any,
-    chunk_size: int = 512,
-    causal_rows: bool = False,
-    one_segment_per_row: bool = False,
-    lora: bool = False,
-) -> LossFn:
+def make_sft_loss(graphdef: nnx.GraphDef, rest: Any, fwd: Forward = Forward()) -> LossFn:
     """NLL of completion tokens; weight = real tokens (the loss is a per-token mean)."""
 
     def loss_fn(params, ref_params, batch):
-        policy, _ = model_states(params, ref_params, lora)  # LoRA: ref_params is the base
-        h, w, b, cap = _hidden_and_unembed(graphdef, policy, rest, batch, causal_rows, one_segment_per_row)
+        policy, _ = model_states(params, ref_params, fwd.lora)  # LoRA: ref_params is the base
+        h, w, b, cap = _hidden_and_unembed(graphdef, policy, rest, batch, fwd)
         logps = response_logps(
             h,
             w,
@@ -195,7 +172,7 @@ def make_sft_loss(
             batch["completion_pred_idx"],
             batch["completion_targets"],
             batch["completion_mask"],
-            chunk_size,
+            fwd.chunk_size,
             cap,
         )
         loss, metrics = losses.sft_loss(logps, batch["completion_mask"], pair_mask_B=batch["example_mask"])

@@ -33,25 +33,6 @@ def at_scale(args: Any, task: str) -> bool:
     return args.config != default_config(task)
 
 
-def synthetic_overrides(task: str, config: str) -> list[str]:
-    """Settings the experiments need on top of the tiny default configs.
-
-    dense_reward responses run to max_len letters + EOS (33 tokens); the default response_len (12)
-    would truncate the long responses whose length the experiment is about. Two reference samples of
-    a pair can be identical (short responses): such pairs carry no preference and are skipped.
-    """
-    if config != default_config(task) or task != "dense_reward":
-        return []
-    from dpoq_jax.data.synthetic import make_task
-
-    R = make_task(task).max_len + 2
-    return [
-        f"--config.data.response_len={R}",
-        f"--config.data.seq_len={R + 8}",
-        "--config.data.on_error=skip",
-    ]
-
-
 def stage_config(config: str, stage: str) -> str:
     """The config spec of one stage: PREFIX_<stage>.py[:arg] if it exists (config = PREFIX[:arg]),
     else FILE.py:<stage> (one file whose get_config(arg) takes the stage)."""
@@ -123,33 +104,33 @@ def train_run(
     from dpoq_jax.train.loop import train
 
     workdir = Path(workdir).resolve()  # orbax wants absolute checkpoint paths
-    ov = [f"--config.stage={stage}", f"--config.seed={seed}"]
+    # the experiment's settings as values (the user's --config overrides come after them) ...
+    first: dict[str, Any] = {"stage": stage, "seed": seed, "train.progress_bar": False,
+                             "checkpoint.async_save": False}
     if steps is not None:  # None: the config's own num_steps (e.g. one epoch at scale)
-        ov.append(f"--config.train.num_steps={steps}")
-    if peek_config(config, stage, overrides).data.source == "synthetic":
-        ov.append(f"--config.data.task_kwargs.seed={seed}")  # the task's data seed follows --seed too
-    ov += ["--config.train.progress_bar=False", "--config.checkpoint.async_save=False"]
+        first["train.num_steps"] = steps
     if beta is not None:
-        ov.append(f"--config.loss.beta={beta}")
+        first["loss.beta"] = beta
     if sft_responses is not None:
-        ov.append(f"--config.data.sft_responses={sft_responses}")
+        first["data.sft_responses"] = sft_responses
     if eval_every is not None:
-        ov.append(f"--config.train.eval_every={eval_every}")
-    ov += list(overrides)  # the user's; the starting point below is the experiment's, so it comes last
+        first["train.eval_every"] = eval_every
+    # ... and its starting point, which comes last
+    last: dict[str, Any] = {}
     if init_from is not None:
-        ov += ["--config.model.init=checkpoint", f"--config.model.path={init_from}"]
+        last = {"model.init": "checkpoint", "model.path": str(init_from)}
     elif stage == "dpo":  # no SFT: start from what the SFT stage starts from (random init, or a base model)
         sft = peek_config(config, "sft", overrides)
-        ov.append(f"--config.model.init={sft.model.init}")
-        if sft.model.path:
-            ov.append(f"--config.model.path={sft.model.path}")
+        last = {"model.init": sft.model.init, **({"model.path": sft.model.path} if sft.model.path else {})}
     spec = stage_config(config, stage)
-    cfg = load_config(spec, ov)
-    if task_kwargs:  # not overrides: the config only declares the seed among the task's fields
+    cfg = load_config(spec, overrides, first=first, last=last)
+    if cfg.data.source == "synthetic" or task_kwargs:  # not overrides: the config declares only the seed
         with cfg.data.task_kwargs.unlocked():
-            cfg.data.task_kwargs.update(dict(task_kwargs))
+            if cfg.data.source == "synthetic":
+                cfg.data.task_kwargs.seed = seed  # the task's data seed follows --seed too
+            cfg.data.task_kwargs.update(dict(task_kwargs or {}))
     # The resolved config, not just its file name: a config file edited since is a different run.
-    settings = {"config": spec, "overrides": ov, "resolved": json.loads(cfg.to_json())}
+    settings = {"config": spec, "overrides": list(overrides), "resolved": json.loads(cfg.to_json())}
     if init_from is not None:  # a retrained starting run makes this one stale too
         init_marker = Path(init_from) / "experiment_run.json"
         settings["init_from"] = json.loads(init_marker.read_text()) if init_marker.exists() else None
@@ -217,32 +198,6 @@ def train_dpo(
         overrides=args.overrides,
         task_kwargs=kwargs,
     )
-
-
-def load_run_model(workdir: Path | str, which: str = "policy") -> Any:
-    """A finished run's final policy (its Hugging Face export) or, for which="initial", the policy it
-    started from (= its frozen reference): rebuilt from the run's config.json."""
-    from dpoq_jax.models import hf
-
-    workdir = Path(workdir)
-    if which == "policy":
-        model, _ = hf.load_hf(str(workdir / "hf"))
-        return model
-    if which != "initial":
-        raise ValueError(f"load_run_model: which must be 'policy' or 'initial', got {which!r}")
-    import ml_collections as mc
-
-    cfg = mc.ConfigDict(json.loads((workdir / "config.json").read_text()))
-    if cfg.model.init == "checkpoint":
-        return load_run_model(cfg.model.path)
-    if cfg.model.init == "hf":
-        model, _ = hf.load_hf(cfg.model.path)
-        return model
-    from dpoq_jax.train.loop import model_source
-
-    if cfg.model.init != "random":
-        raise ValueError(f"{workdir}/config.json: unknown model.init {cfg.model.init!r}")
-    return model_source(cfg, None, None).make_model()  # mesh/rules are unused for random init
 
 
 def heldout_prompts(

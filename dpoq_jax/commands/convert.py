@@ -1,8 +1,9 @@
 """`dpoq convert --from SRC --to DST`: Hugging Face directory <-> params-only orbax checkpoint.
 
-The direction follows the source: a `dpoq train` run folder (it has checkpoints/), a checkpoints
-directory or save_params' layout is exported to a Hugging Face directory; a directory with a
-Hugging Face config.json + *.safetensors is imported to an orbax checkpoint. The tokenizer goes
+The direction follows the source (read by dpoq_jax.train.load): a `dpoq train` run folder (it has
+checkpoints/; a LoRA run's adapters are merged into their base), a checkpoints directory, a step or
+save_params' layout is exported to a Hugging Face directory; a Hugging Face directory (config.json +
+*.safetensors, a run's own hf/ export included) is imported to an orbax checkpoint. The tokenizer goes
 along: --tokenizer when given, else the source's own tokenizer files, else (export of a run) the
 tokenizer the run trained with, the synthetic one included.
 """
@@ -14,8 +15,8 @@ import os
 from typing import Any
 
 from dpoq_jax import paths
-from dpoq_jax.cli import Parser
 from dpoq_jax.data.errors import reports_user_errors
+from dpoq_jax.parser import Parser
 
 
 def _check_tokenizer_arg(spec: str) -> None:
@@ -96,23 +97,19 @@ def convert_main(argv: list[str]) -> int:
     import jax.numpy as jnp  # noqa: PLC0415 (keep `--help` fast)
 
     from dpoq_jax.models import checkpoint, hf  # noqa: PLC0415
+    from dpoq_jax.train.load import load_model, locate  # noqa: PLC0415
 
     dtype = jnp.dtype(args.dtype)
-    if hf.run_root(args.src) is not None or checkpoint.is_params_source(args.src):
-        model, cfg = checkpoint.load_params(args.src, step=args.step, param_dtype=dtype)
-        tok = args.tokenizer or hf.find_tokenizer(args.src)
+    files = locate(args.src, step=args.step, flag="--from")
+    model = load_model(files, param_dtype=dtype, flag="--from")
+    cfg = model.cfg
+    if files.kind == "hf":
+        checkpoint.save_params(args.dst, model, cfg)
+        kind = "Hugging Face -> orbax"
+    else:  # a params checkpoint or a run (a LoRA run's adapters merged into their base)
         hf.save_hf(model, cfg, args.dst)
         kind = "orbax -> Hugging Face"
-    else:
-        if args.step is not None:
-            raise ValueError(f"--step {args.step}: {args.src} is a Hugging Face directory, not a run")
-        try:
-            model, cfg = hf.load_hf(args.src, param_dtype=dtype)
-        except KeyError as e:  # tensors missing from the safetensors files
-            raise ValueError(e.args[0]) from None
-        checkpoint.save_params(args.dst, model, cfg)
-        tok = args.tokenizer or hf.find_tokenizer(args.src)
-        kind = "Hugging Face -> orbax"
+    tok = args.tokenizer or hf.find_tokenizer(args.src)
     copied = _write_tokenizer(tok, args.dst)
     print(
         f"{kind}: {cfg.family}, {cfg.num_layers} layers, width {cfg.hidden_size} -> {args.dst}"

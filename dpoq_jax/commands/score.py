@@ -1,6 +1,6 @@
 r"""`dpoq score`: per-token implicit rewards of given responses -> JSON, HTML report, PNG heatmaps.
 
-    dpoq score --policy DPO_DIR --reference SFT_DIR --pairs pairs.jsonl --beta 0.1 --out-dir report/
+    dpoq score --policy DPO_DIR --reference SFT_DIR --pairs pairs.jsonl --out-dir report/
     dpoq score --policy DPO_WORKDIR --reference SFT_WORKDIR --tokenizer synthetic \
         --synthetic error_injection --n 64 --out-dir report/      # + credit-assignment metrics
 
@@ -18,16 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from dpoq_jax import paths
-from dpoq_jax.data.errors import ErrorPolicy, reports_user_errors
-from dpoq_jax.data.jsonl import check_fields, iter_json_lines
-from dpoq_jax.decode.commands import (
+from dpoq_jax.commands.inputs import (
+    BETA_HELP,
     add_input_args,
     context_length,
     encode_all,
-    load_model,
     load_tokenizer,
+    resolve_beta,
     synthetic_records,
 )
+from dpoq_jax.data.errors import ErrorPolicy, reports_user_errors
+from dpoq_jax.data.jsonl import check_fields, iter_json_lines
+from dpoq_jax.train.load import load_model
 
 
 def read_pairs(path: str) -> list[dict[str, Any]]:
@@ -48,7 +50,7 @@ def token_strings(tok: Any, ids: list[int]) -> list[str]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from dpoq_jax.cli import Parser
+    from dpoq_jax.parser import Parser
 
     p = Parser(prog="dpoq score", description=__doc__)
     p.add_argument("--policy", required=True, help="HF directory or `dpoq train` run folder")
@@ -59,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         help="'synthetic' or a tokenizer directory (None: the policy's own, or what its run trained with)",
     )
     add_input_args(p, "--pairs", ".jsonl with prompt + response, or prompt + chosen + rejected", "pairs", 32)
-    p.add_argument("--beta", type=float, default=0.1, help="beta of the implicit reward beta*log(pi/pi_ref)")
+    p.add_argument("--beta", type=float, default=None, help=BETA_HELP)
     p.add_argument("--with-qv", action="store_true", help="also write Q(s_t,a_t) and V(s_t)")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to each response")
     p.add_argument(
@@ -100,6 +102,7 @@ def fit_responses(
 @reports_user_errors("dpoq score")
 def score_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    args.beta = resolve_beta(args.beta, args.policy)
     from dpoq_jax.analysis import report as rep
     from dpoq_jax.analysis.credit import score_responses
     from dpoq_jax.analysis.metrics import credit_assignment_score
@@ -121,8 +124,8 @@ def score_main(argv: list[str]) -> int:
             responses.append(ids + eos)
             names.append(f"{r['where']}, key {k!r}")
             owner.append((i, k))
-    policy = load_model(args.policy, args.dtype, "--policy")
-    reference = load_model(args.reference, args.dtype, "--reference")
+    policy = load_model(args.policy, dtype=args.dtype, flag="--policy")
+    reference = load_model(args.reference, dtype=args.dtype, flag="--reference")
     context = context_length(policy, reference)
     cut = fit_responses(prompts, responses, names, context, args.truncate)
     if cut:

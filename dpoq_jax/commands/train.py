@@ -14,7 +14,7 @@ USAGE_CONFIG = "FILE[:arg]: a Python file with get_config(arg=None); --config.ke
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    from dpoq_jax.cli import Parser
+    from dpoq_jax.parser import Parser
 
     p = Parser(prog=prog, description=description)
     p.add_argument("--config", required=True, help=USAGE_CONFIG)
