@@ -24,6 +24,7 @@ import pytest
 from flax import nnx
 
 from dpoq_jax import cli
+from dpoq_jax import parser as dpoq_parser
 from dpoq_jax.data.synthetic import SyntheticTokenizer, make_task
 from dpoq_jax.models import ModelConfig
 from dpoq_jax.models.decoder import Decoder, abstract_split
@@ -136,7 +137,7 @@ def _parsers() -> dict[str, argparse.ArgumentParser]:
 @pytest.mark.parametrize("name", sorted(cli.COMMANDS))
 def test_every_option_has_help_and_default(name):
     parser = _parsers()[name]
-    assert issubclass(parser.formatter_class, parser.HelpFormatter), name
+    assert issubclass(parser.formatter_class, dpoq_parser.HelpFormatter), name
     formatter = parser.formatter_class(prog=parser.prog)
     options = [a for a in parser._actions if a.option_strings and a.help is not argparse.SUPPRESS]
     assert len(options) >= 3
@@ -178,6 +179,8 @@ def test_score_bogus_split_is_one_line_listing_the_splits(tmp_path):
     rc, err = run_subprocess(
         [
             "score",
+            "--beta",
+            "0.1",
             "--policy",
             "p",
             "--reference",
@@ -215,13 +218,15 @@ def test_unknown_option_and_missing_required(capsys):
 
 def test_score_names_the_missing_model_flag(tmp_path, model_dir, capsys):
     base = ["--synthetic", "error_injection", "--out-dir", str(tmp_path / "r")]
-    rc, err = run(["score", "--policy", str(tmp_path / "nope"), "--reference", str(model_dir), *base], capsys)
+    rc, err = run(["score", "--beta", "0.1", "--policy", str(tmp_path / "nope"), "--reference", str(model_dir), *base], capsys)
     assert_one_error(rc, err, r"^dpoq score: error: --policy .*nope: not a directory$")
-    rc, err = run(["score", "--policy", str(model_dir), "--reference", str(tmp_path / "nope"), *base], capsys)
+    rc, err = run(["score", "--beta", "0.1", "--policy", str(model_dir), "--reference", str(tmp_path / "nope"), *base], capsys)
     assert_one_error(rc, err, r"^dpoq score: error: --reference .*nope: not a directory$")
     rc, err = run(
         [
             "score",
+            "--beta",
+            "0.1",
             "--policy",
             str(model_dir),
             "--reference",
@@ -243,7 +248,7 @@ def test_empty_prompt_names_file_and_line(tmp_path, model_dir, capsys):
     )
     m = str(model_dir)
     rc, err = run(
-        ["score", "--policy", m, "--reference", m, "--pairs", str(pairs), "--out-dir", str(tmp_path / "r")],
+        ["score", "--beta", "0.1", "--policy", m, "--reference", m, "--pairs", str(pairs), "--out-dir", str(tmp_path / "r")],
         capsys,
     )
     assert_one_error(rc, err, r"^dpoq score: error: .*pairs.jsonl:2, key 'prompt': the prompt is empty")
@@ -261,7 +266,7 @@ def test_score_refuses_sequences_longer_than_the_context(tmp_path, model_dir, ca
         {"prompt": "<bos>c:1=", "response": long},
     )
     m = str(model_dir)
-    argv = ["score", "--policy", m, "--reference", m, "--pairs", str(pairs), "--out-dir", str(tmp_path / "r")]
+    argv = ["score", "--beta", "0.1", "--policy", m, "--reference", m, "--pairs", str(pairs), "--out-dir", str(tmp_path / "r")]
     rc, err = run(argv, capsys)
     assert_one_error(
         rc,
@@ -384,6 +389,8 @@ def test_convert_damaged_hf_directory_is_one_line(tmp_path, model_dir, damage, p
         rc, err = run(
             [
                 "score",
+                "--beta",
+                "0.1",
                 "--policy",
                 str(bad),
                 "--tokenizer",
@@ -483,6 +490,7 @@ def test_convert_a_real_train_run(tmp_path, capsys):
             "--config.data.num_examples=64",
             "--config.data.num_eval=8",
             "--config.model.hf_export=false",
+            "--config.loss.beta=0.37",  # read back by `dpoq score` below when --beta is not given
         ],
         capsys,
     )
@@ -531,6 +539,8 @@ def test_convert_a_real_train_run(tmp_path, capsys):
     rc, err = run(
         [
             "score",
+            "--beta",
+            "0.1",
             "--policy",
             str(out),
             "--reference",
@@ -548,6 +558,14 @@ def test_convert_a_real_train_run(tmp_path, capsys):
     report = json.loads((tmp_path / "score" / "scores.json").read_text())
     credit = json.loads((tmp_path / "score" / "credit.json").read_text())
     assert report["split"] == credit["split"] == "test"
+    # without --beta: the policy's own run says which β it trained with; an HF folder cannot say
+    args = ["--synthetic", "error_injection", "--n", "4", "--out-dir", str(tmp_path / "score_run")]
+    rc, err = run(["score", "--policy", str(run_dir), "--reference", str(out), *args], capsys)
+    assert rc == 0, err
+    by_run = json.loads((tmp_path / "score_run" / "scores.json").read_text())
+    assert by_run["beta"] == 0.37
+    rc, err = run(["score", "--policy", str(out), "--reference", str(run_dir), *args], capsys)
+    assert_one_error(rc, err, r"^dpoq score: error: --policy .*export: not a `dpoq train` run, .*pass --beta$")
 
     # `tensorboard --logdir WORKDIR` reads the run's event files (tensorboard is in the test extra)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

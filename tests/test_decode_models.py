@@ -116,6 +116,8 @@ def test_generate_and_score_commands(decoders, tmp_path):
     out = tmp_path / "gen.jsonl"
     rc = generate_main(
         [
+            "--beta",
+            "0.1",
             "--model",
             str(tmp_path / "pol"),
             "--reference",
@@ -185,6 +187,8 @@ def test_generate_and_score_commands(decoders, tmp_path):
 
     rc = score_main(
         [
+            "--beta",
+            "0.1",
             "--policy",
             str(tmp_path / "pol"),
             "--reference",
@@ -216,6 +220,8 @@ def test_generate_and_score_commands(decoders, tmp_path):
     with pytest.raises(SystemExit, match=r"dpoq score: error: .*pairs.jsonl:2: key 'rejected': missing key"):
         score_main(
             [
+                "--beta",
+                "0.1",
                 "--policy",
                 str(tmp_path / "pol"),
                 "--reference",

@@ -88,7 +88,6 @@ def generate_main(argv: list[str]) -> int:
 
     if args.mode == "guided" and not args.reference:
         raise SystemExit("dpoq generate: --mode guided needs --reference")
-    rw = {"beta": resolve_beta(args.beta, args.model, "--model")} if args.reference else {}  # rewards
     recs = (
         read_prompts(args.prompts)
         if args.prompts
@@ -100,6 +99,7 @@ def generate_main(argv: list[str]) -> int:
     prompts = encode_all(tok, [r["prompt"] for r in recs], [r["where"] for r in recs], nonempty=True)
     model = load_model(args.model, dtype=args.dtype)
     ref = load_model(args.reference, dtype=args.dtype, flag="--reference") if args.reference else None
+    rw = {"beta": resolve_beta(args.beta, args.model, "--model")} if ref is not None else {}  # rewards
     context = context_length(model, ref)
     capped = args.max_new_tokens is None and default_new_tokens(prompts, context) < DEFAULT_NEW_TOKENS
     if args.max_new_tokens is None:

@@ -102,7 +102,6 @@ def fit_responses(
 @reports_user_errors("dpoq score")
 def score_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    args.beta = resolve_beta(args.beta, args.policy)
     from dpoq_jax.analysis import report as rep
     from dpoq_jax.analysis.credit import score_responses
     from dpoq_jax.analysis.metrics import credit_assignment_score
@@ -126,6 +125,7 @@ def score_main(argv: list[str]) -> int:
             owner.append((i, k))
     policy = load_model(args.policy, dtype=args.dtype, flag="--policy")
     reference = load_model(args.reference, dtype=args.dtype, flag="--reference")
+    args.beta = resolve_beta(args.beta, args.policy)
     context = context_length(policy, reference)
     cut = fit_responses(prompts, responses, names, context, args.truncate)
     if cut:

@@ -33,15 +33,6 @@ def save_params(path: str, model_or_state: Decoder | nnx.State, cfg: ModelConfig
     paths.write_text(paths.join(path, "model_config.json"), json.dumps(cfg.to_dict(), indent=2))
 
 
-def refuse_lora_step(step_dir: str) -> None:
-    """A LoRA run's step holds adapters, not a model: say so in one line instead of a shape error."""
-    if paths.isdir(paths.join(step_dir, "base")):
-        raise ValueError(
-            f"{step_dir}: a LoRA checkpoint (adapters only, the base is elsewhere); use the run's merged "
-            "export WORKDIR/hf, or resume the run itself"
-        )
-
-
 def _is_step_dir(path: str) -> bool:
     return paths.isdir(paths.join(path, "params")) and (
         paths.isfile(paths.join(path, "model_config.json"))
@@ -98,7 +89,6 @@ def read_params(path: str, cfg: ModelConfig, abs_params: nnx.State, shardings: A
     """The parameters of save_params' directory (or a step directory holding `params`) in the layout of
     `abs_params` (the abstract parameters of Decoder(cfg)), restored straight into `shardings` (a pure
     dict of shardings). Build models with `dpoq_jax.train.load.load_model`, which calls this."""
-    refuse_lora_step(path)
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
         nnx.to_pure_dict(abs_params),

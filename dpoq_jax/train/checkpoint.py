@@ -38,7 +38,6 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dpoq_jax import paths
-from dpoq_jax.models.checkpoint import refuse_lora_step
 from dpoq_jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -345,7 +344,6 @@ class RunCheckpoints:
     ) -> nnx.State:
         """Only the policy parameters of checkpoint `step` (e.g. the SFT run a DPO run starts from),
         placed in `shardings`, verified against the integrity record, then cast to `dtype` if given."""
-        refuse_lora_step(self.step_dir(step))
         record = self._integrity(step)
         target = params_to_pure(abstract_with_shardings(abstract_params, shardings))
         if record is not None:

@@ -92,8 +92,8 @@ def locate(path: str, *, step: int | None = None, flag: str = "--model", **overr
             found = params_ckpt.resolve_params_dir(path, step)
         except FileNotFoundError:
             raise FileNotFoundError(
-                f"{flag} {path}: no config.json (not a Hugging Face directory), and neither a params "
-                "checkpoint (params/ + model_config.json) nor a `dpoq train` run folder (checkpoints/)"
+                f"{flag} {path}: neither a Hugging Face directory (no config.json) nor a params checkpoint "
+                "(params/ + model_config.json) nor a `dpoq train` run folder (checkpoints/)"
             ) from None
         cfg = params_ckpt.read_model_config(found)
         return ModelFiles("params", found, dataclasses.replace(cfg, **overrides) if overrides else cfg)
@@ -110,7 +110,7 @@ def _locate_run(path: str, ckpt_dir: str, step: int | None, flag: str, overrides
         if step is not None:
             if step not in steps:
                 raise FileNotFoundError(
-                    f"{flag} {path}: no checkpoint for step {step} (steps: {sorted(steps)})"
+                    f"{flag} {path}: no checkpoint for step {step} (steps found: {sorted(steps)})"
                 )
             steps = [step]
         if not steps:
@@ -163,13 +163,17 @@ def read_params(
     (a pure dict of shardings like `shardings_for`'s). A LoRA run's adapters come merged in."""
     try:
         if files.kind == "hf":
-            return hf.read_params(files.path, files.config, abs_params, shardings)
+            try:
+                return hf.read_params(files.path, files.config, abs_params, shardings)
+            except (OSError, ValueError) as e:  # a damaged or foreign file: name the option
+                raise type(e)(f"{flag} {files.path}: {e}") from None
         if files.kind == "params":
             return params_ckpt.read_params(files.path, files.config, abs_params, shardings)
         return _read_run_params(files, abs_params, shardings, flag)
     except (KeyError, DamagedCheckpoint) as e:  # tensors missing from the files; a damaged step
         msg = str(e.args[0])
-        raise ValueError(f"{flag} {msg}" if msg.startswith(files.path) else f"{flag} {files.path}: {msg}") from None
+        where = "" if msg.startswith(files.path) else f"{files.path}: "
+        raise ValueError(f"{flag} {where}{msg}") from None
 
 
 def _cast(pure: Any, abs_params: nnx.State) -> Any:
