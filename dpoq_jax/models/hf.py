@@ -134,17 +134,21 @@ def _damage(full: str, err: Exception) -> ValueError:
     return ValueError(f"{full}: not a safetensors file ({err})")
 
 
-def _write_file(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
-    """One safetensors file at `path`, written in place (callers write to a temporary name)."""
-    arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+def _check_storable(where: str, tensors: dict[str, np.ndarray]) -> None:
+    """A clear error before anything is written: the library's would not say which tensor."""
     known: set[np.dtype] = set()
-    for name, a in arrays.items():  # the library's error would not say which tensor
+    for name, a in tensors.items():
         if a.dtype not in known:
             try:
                 safetensors.numpy.save({"t": np.zeros(0, a.dtype)})
             except Exception:  # noqa: BLE001 - SafetensorError, or numpy's for object arrays
-                raise ValueError(f"{path}: cannot store tensor {name!r} of dtype {a.dtype}") from None
+                raise ValueError(f"{where}: cannot store tensor {name!r} of dtype {a.dtype}") from None
             known.add(a.dtype)
+
+
+def _write_file(path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """One safetensors file at `path`, written in place (callers write to a temporary name)."""
+    arrays = {n: np.require(a, requirements="C") for n, a in tensors.items()}  # keeps 0-d arrays 0-d
     safetensors.numpy.save_file(arrays, path, metadata=metadata or {"format": "pt"})
 
 
@@ -152,6 +156,7 @@ def write_safetensors(
     path: str, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
 ) -> None:
     """One safetensors file, written under a temporary name and renamed into place (never half a file)."""
+    _check_storable(path, tensors)
     tmp = f"{path}.tmp"
     try:
         _write_file(tmp, tensors, metadata)
@@ -203,6 +208,7 @@ def save_safetensors_dir(
     one does not name are removed: a failed write leaves the earlier export as it was. Returns the
     file names written."""
     plan = shard_plan(tensors, max_shard_size)
+    _check_storable(path, tensors)
     gcs = paths.is_gcs(path)
     work = paths.staging_dir() if gcs else path
     os.makedirs(work, exist_ok=True)
