@@ -181,6 +181,7 @@ def test_reexport_removes_stale_shards_and_keeps_other_files(tmp_path):
     d = tmp_path / "hf"
     d.mkdir()
     (d / "README.md").write_text("mine")
+    (d / "model-00002-of-00007.safetensors.tmp").write_bytes(b"\0" * 64)  # an export killed mid-write
 
     def weights() -> list[str]:
         return sorted(f for f in os.listdir(d) if f != "README.md")

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes  # noqa: F401 - registers numpy's "bfloat16", which safetensors' numpy reader asks for
 import numpy as np
 import safetensors
 import safetensors.numpy
@@ -49,7 +50,8 @@ _IGNORED_SUFFIXES = (
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 MAX_SHARD_SIZE = "50GB"  # transformers' save_pretrained default (5.x)
-_SHARD = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")  # file names an export may leave
+# Names of the files an export writes (or, ending in .tmp, left behind when killed while writing).
+_EXPORT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors(\.index\.json)?(\.tmp)?")
 # Tensor types read as numpy arrays for a model (complex and 8-bit floats are not).
 _READABLE = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL"}
 
@@ -83,7 +85,7 @@ class SafetensorsDir:
                 self._open[full] = handle = safetensors.safe_open(full, framework="numpy")
             except safetensors.SafetensorError as e:
                 raise _damage(full, e) from None
-            for name in handle.offset_keys():
+            for name in handle.keys():
                 if name in self.where:
                     raise ValueError(f"{full}: tensor {name!r} is also in {self.where[name][0]}")
                 part = handle.get_slice(name)
@@ -233,7 +235,7 @@ def save_safetensors_dir(
         raise
     for f in files:  # the index last
         _publish(staged[f], paths.join(path, f))
-    stale = [f for f in paths.listdir(path) if (_SHARD.fullmatch(f) or f == INDEX) and f not in files]
+    stale = [f for f in paths.listdir(path) if _EXPORT_FILE.fullmatch(f) and f not in files]
     for f in sorted(stale, key=lambda f: f != INDEX):  # an old index first: it names the old shards
         _unlink(paths.join(path, f))
     return files
