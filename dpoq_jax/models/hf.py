@@ -58,7 +58,8 @@ _READABLE = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL
 
 class SafetensorsDir:
     """Every tensor of a directory's *.safetensors files (those the index names, if there is one), by
-    name. Files stay memory-mapped; get() copies out one tensor. A gs:// directory is copied locally first."""
+    name. get() memory-maps the tensor's file and copies out that one tensor. A gs:// directory is copied
+    to local disk first."""
 
     def __init__(self, path: str):
         self.path = path
@@ -77,19 +78,18 @@ class SafetensorsDir:
             files = sorted(f for f in os.listdir(local) if f.endswith(".safetensors"))
         if not files:
             raise FileNotFoundError(f"{path}: no *.safetensors files (PyTorch .bin checkpoints are not read)")
-        self._open: dict[str, Any] = {}
         self.where: dict[str, tuple[str, str, list[int]]] = {}  # name -> (file, dtype code, shape)
         for f in files:
             full = os.path.join(local, f)
             try:
-                self._open[full] = handle = safetensors.safe_open(full, framework="numpy")
+                with safetensors.safe_open(full, framework="numpy") as handle:
+                    for name in handle.keys():
+                        if name in self.where:
+                            raise ValueError(f"{full}: tensor {name!r} is also in {self.where[name][0]}")
+                        part = handle.get_slice(name)
+                        self.where[name] = (full, part.get_dtype(), part.get_shape())
             except safetensors.SafetensorError as e:
                 raise _damage(full, e) from None
-            for name in handle.keys():
-                if name in self.where:
-                    raise ValueError(f"{full}: tensor {name!r} is also in {self.where[name][0]}")
-                part = handle.get_slice(name)
-                self.where[name] = (full, part.get_dtype(), part.get_shape())
 
     def __contains__(self, name: str) -> bool:
         return name in self.where
@@ -103,7 +103,10 @@ class SafetensorsDir:
         full, dtype, _ = self.where[name]
         if dtype not in _READABLE:
             raise ValueError(f"{full}: tensor {name!r} has unsupported dtype {dtype}")
-        return self._open[full].get_tensor(name)
+        # A mapping per call, dropped on return: the pages read stay in the page cache, not in this
+        # process (a mapping kept open would count every tensor read so far in its resident memory).
+        with safetensors.safe_open(full, framework="numpy") as handle:
+            return handle.get_tensor(name)
 
 
 def _damage(full: str, err: Exception) -> ValueError:
