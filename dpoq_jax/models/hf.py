@@ -548,7 +548,8 @@ def save_hf(
         return x.astype(dtype) if dtype is not None else x
 
     tensors = _export_tensors(cfg, get)
-    parse_size(max_shard_size)  # a bad size fails before anything is written
+    parse_size(max_shard_size)  # a bad size or dtype fails before anything is written
+    _check_storable(path, tensors)
     hf_cfg = config_to_hf(cfg)
     some = next(iter(tensors.values()))
     hf_cfg["torch_dtype"] = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
