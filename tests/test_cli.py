@@ -217,10 +217,10 @@ def test_unknown_option_and_missing_required(capsys):
 
 
 def test_score_names_the_missing_model_flag(tmp_path, model_dir, capsys):
-    base = ["--synthetic", "error_injection", "--out-dir", str(tmp_path / "r")]
-    rc, err = run(["score", "--beta", "0.1", "--policy", str(tmp_path / "nope"), "--reference", str(model_dir), *base], capsys)
+    base = ["--beta", "0.1", "--synthetic", "error_injection", "--out-dir", str(tmp_path / "r")]
+    rc, err = run(["score", "--policy", str(tmp_path / "nope"), "--reference", str(model_dir), *base], capsys)
     assert_one_error(rc, err, r"^dpoq score: error: --policy .*nope: not a directory$")
-    rc, err = run(["score", "--beta", "0.1", "--policy", str(model_dir), "--reference", str(tmp_path / "nope"), *base], capsys)
+    rc, err = run(["score", "--policy", str(model_dir), "--reference", str(tmp_path / "nope"), *base], capsys)
     assert_one_error(rc, err, r"^dpoq score: error: --reference .*nope: not a directory$")
     rc, err = run(
         [
@@ -248,7 +248,8 @@ def test_empty_prompt_names_file_and_line(tmp_path, model_dir, capsys):
     )
     m = str(model_dir)
     rc, err = run(
-        ["score", "--beta", "0.1", "--policy", m, "--reference", m, "--pairs", str(pairs), "--out-dir", str(tmp_path / "r")],
+        ["score", "--beta", "0.1", "--policy", m, "--reference", m, "--pairs", str(pairs),
+         "--out-dir", str(tmp_path / "r")],
         capsys,
     )
     assert_one_error(rc, err, r"^dpoq score: error: .*pairs.jsonl:2, key 'prompt': the prompt is empty")
@@ -266,7 +267,8 @@ def test_score_refuses_sequences_longer_than_the_context(tmp_path, model_dir, ca
         {"prompt": "<bos>c:1=", "response": long},
     )
     m = str(model_dir)
-    argv = ["score", "--beta", "0.1", "--policy", m, "--reference", m, "--pairs", str(pairs), "--out-dir", str(tmp_path / "r")]
+    argv = ["score", "--beta", "0.1", "--policy", m, "--reference", m, "--pairs", str(pairs),
+            "--out-dir", str(tmp_path / "r")]
     rc, err = run(argv, capsys)
     assert_one_error(
         rc,
@@ -565,7 +567,7 @@ def test_convert_a_real_train_run(tmp_path, capsys):
     by_run = json.loads((tmp_path / "score_run" / "scores.json").read_text())
     assert by_run["beta"] == 0.37
     rc, err = run(["score", "--policy", str(out), "--reference", str(run_dir), *args], capsys)
-    assert_one_error(rc, err, r"^dpoq score: error: --policy .*export: not a `dpoq train` run, .*pass --beta$")
+    assert_one_error(rc, err, r"^dpoq score: error: --policy .*export: not a `dpoq train` run.*pass --beta$")
 
     # `tensorboard --logdir WORKDIR` reads the run's event files (tensorboard is in the test extra)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
