@@ -28,7 +28,8 @@ from dpoq_jax import parser as dpoq_parser
 from dpoq_jax.data.synthetic import SyntheticTokenizer, make_task
 from dpoq_jax.models import ModelConfig
 from dpoq_jax.models.decoder import Decoder, abstract_split
-from dpoq_jax.models.hf import SafetensorsDir, save_hf, write_safetensors
+from dpoq_jax.models.hf import save_hf
+from dpoq_jax.models.safetensors_dir import SafetensorsDir, write_safetensors
 from dpoq_jax.train.load import load_model
 
 REPO = Path(__file__).resolve().parents[1]

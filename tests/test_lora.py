@@ -15,6 +15,7 @@ from flax import nnx
 from test_train_step import local_batches, tiny_config
 
 from dpoq_jax.models import hf, lora
+from dpoq_jax.models import safetensors_dir as stdir
 from dpoq_jax.models.config import ModelConfig
 from dpoq_jax.models.decoder import Decoder
 from dpoq_jax.train.checkpoint import RunCheckpoints
@@ -138,11 +139,11 @@ def test_lora_run_checkpoints_adapters_with_base_pointer_and_exports_merged_and_
     resumed = train(cfg, work)
     assert int(resumed.state.step) == 6
     # a base that changed since the adapters were trained is refused, in one line naming the step
-    st = hf.SafetensorsDir(base_dir)
+    st = stdir.SafetensorsDir(base_dir)
     tensors = {k: np.array(st.get(k)) for k in st.where}  # copies: the file is rewritten below
     del st
     tensors["model.norm.weight"] = tensors["model.norm.weight"] + 1.0
-    hf.write_safetensors(os.path.join(base_dir, "model.safetensors"), tensors)
+    stdir.write_safetensors(os.path.join(base_dir, "model.safetensors"), tensors)
     with cfg.unlocked():
         cfg.train.num_steps = 8
     with pytest.raises(ValueError, match=r"checkpoints/6: the base model .* differs"):
@@ -152,7 +153,7 @@ def test_lora_run_checkpoints_adapters_with_base_pointer_and_exports_merged_and_
     torch = pytest.importorskip("torch")
     from transformers import AutoModelForCausalLM
 
-    hf.write_safetensors(os.path.join(base_dir, "model.safetensors"), {
+    stdir.write_safetensors(os.path.join(base_dir, "model.safetensors"), {
         **tensors, "model.norm.weight": tensors["model.norm.weight"] - 1.0})
     base_pt = AutoModelForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
     model_pt = peft.PeftModel.from_pretrained(base_pt, os.path.join(work, "hf_adapter")).eval()

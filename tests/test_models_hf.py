@@ -17,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 from flax import nnx  # noqa: E402
 
 from dpoq_jax.models import hf  # noqa: E402
+from dpoq_jax.models import safetensors_dir as stdir  # noqa: E402
 from dpoq_jax.train.load import load_model  # noqa: E402
 
 V = 128
@@ -319,15 +320,15 @@ def test_clear_errors(torch_models, tmp_path):
     with pytest.raises(ValueError, match="unsupported model_type 'mamba'"):
         load_model(str(bad))
     # Missing tensor: drop one layer's weights from the file.
-    st = hf.SafetensorsDir(d)
+    st = stdir.SafetensorsDir(d)
     tensors = {n: np.asarray(st.get(n)) for n in st.where if "layers.1.mlp.up_proj" not in n}
     (bad / "config.json").write_text(json.dumps(cfg))
-    hf.write_safetensors(str(bad / "model.safetensors"), tensors)
+    stdir.write_safetensors(str(bad / "model.safetensors"), tensors)
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.weight"):
         load_model(str(bad))
     # Shape mismatch: config says a wider MLP than the tensors hold.
     (bad / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 96}))
-    hf.write_safetensors(str(bad / "model.safetensors"), {n: np.asarray(st.get(n)) for n in st.where})
+    stdir.write_safetensors(str(bad / "model.safetensors"), {n: np.asarray(st.get(n)) for n in st.where})
     with pytest.raises(
         ValueError, match=r"model.safetensors: tensor 'model.layers.0.mlp.(gate|up|down)_proj.weight'"
     ):

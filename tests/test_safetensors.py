@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 from dpoq_jax.models import hf
+from dpoq_jax.models import safetensors_dir as stdir
 from dpoq_jax.models.config import ModelConfig
 from dpoq_jax.models.decoder import Decoder
 from dpoq_jax.train.load import load_model
@@ -57,9 +58,9 @@ def _tensors() -> dict[str, np.ndarray]:
 
 def test_round_trip_is_exact_and_torch_reads_and_writes_the_same_bytes(tmp_path):
     tensors = _tensors()
-    hf.write_safetensors(str(tmp_path / "a.safetensors"), tensors)
+    stdir.write_safetensors(str(tmp_path / "a.safetensors"), tensors)
     assert os.listdir(tmp_path) == ["a.safetensors"]  # the temporary name is gone
-    st = hf.SafetensorsDir(str(tmp_path))
+    st = stdir.SafetensorsDir(str(tmp_path))
     assert set(st.where) == set(tensors)
     for name, want in tensors.items():
         got = st.get(name)
@@ -79,7 +80,7 @@ def test_round_trip_is_exact_and_torch_reads_and_writes_the_same_bytes(tmp_path)
     d = tmp_path / "torch"
     d.mkdir()
     save_file(src, str(d / "model.safetensors"), metadata={"format": "pt"})
-    ours = hf.SafetensorsDir(str(d))
+    ours = stdir.SafetensorsDir(str(d))
     assert ours.get("w").dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(ours.get("w").view(np.int16), src["w"].view(torch.int16).numpy())
     np.testing.assert_array_equal(ours.get("b"), src["b"].numpy())
@@ -87,17 +88,17 @@ def test_round_trip_is_exact_and_torch_reads_and_writes_the_same_bytes(tmp_path)
 
 def test_shard_plan_follows_transformers_rule():
     t = {n: np.zeros(k, np.uint8) for n, k in [("a", 4), ("b", 4), ("c", 3), ("big", 20), ("d", 1)]}
-    assert hf.shard_plan(t, 100) == {"model.safetensors": list(t)}
-    assert hf.shard_plan(t, 8) == {
+    assert stdir.shard_plan(t, 100) == {"model.safetensors": list(t)}
+    assert stdir.shard_plan(t, 8) == {
         "model-00001-of-00004.safetensors": ["a", "b"],
         "model-00002-of-00004.safetensors": ["c"],
         "model-00003-of-00004.safetensors": ["big"],  # larger than the limit: alone
         "model-00004-of-00004.safetensors": ["d"],
     }
-    assert hf.parse_size("20KB") == 20_000 and hf.parse_size("1.5GB") == 1_500_000_000
-    assert hf.MAX_SHARD_SIZE == "50GB"  # transformers 5.x save_pretrained's default
+    assert stdir.parse_size("20KB") == 20_000 and stdir.parse_size("1.5GB") == 1_500_000_000
+    assert stdir.MAX_SHARD_SIZE == "50GB"  # transformers 5.x save_pretrained's default
     with pytest.raises(ValueError, match=r"max_shard_size '5 GiB': expected bytes or a size like '5GB'"):
-        hf.parse_size("5 GiB")
+        stdir.parse_size("5 GiB")
 
 
 def _params(model) -> list[np.ndarray]:
@@ -119,12 +120,12 @@ def test_sharded_export_loads_in_transformers_and_ours(tmp_path):
     assert n > 3 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
     assert sorted(os.listdir(many)) == ["config.json", *files, "model.safetensors.index.json"]
     # the index: every tensor once, in the file that holds it; total_size = the tensors' bytes
-    full = hf.SafetensorsDir(str(one))
+    full = stdir.SafetensorsDir(str(one))
     index = json.loads((many / "model.safetensors.index.json").read_text())
     assert set(index) == {"metadata", "weight_map"}
     assert index["metadata"]["total_size"] == sum(full.get(n).nbytes for n in full.where)
     assert set(index["weight_map"]) == set(full.where)
-    sharded = hf.SafetensorsDir(str(many))
+    sharded = stdir.SafetensorsDir(str(many))
     for name in full.where:
         assert os.path.basename(sharded.file_of(name)) == index["weight_map"][name]
         np.testing.assert_array_equal(sharded.get(name), full.get(name))
@@ -153,7 +154,7 @@ def test_sharded_export_loads_in_transformers_and_ours(tmp_path):
     np.testing.assert_allclose(logits[0], ours, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("before", [SMALL, hf.MAX_SHARD_SIZE])
+@pytest.mark.parametrize("before", [SMALL, stdir.MAX_SHARD_SIZE])
 def test_a_failed_export_leaves_the_previous_one(tmp_path, monkeypatch, before):
     """The file writer raises on the 2nd shard: the folder is byte for byte the earlier export."""
     old, new = Decoder(CFG, rngs=nnx.Rngs(0)), Decoder(CFG, rngs=nnx.Rngs(1))
@@ -212,19 +213,19 @@ def test_reexport_removes_stale_shards_and_keeps_other_files(tmp_path):
 
 def test_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"x.safetensors: cannot store tensor 'q' of dtype int4"):
-        hf.write_safetensors(
+        stdir.write_safetensors(
             str(tmp_path / "x.safetensors"), {"ok": np.ones(2), "q": np.ones(2, ml_dtypes.int4)}
         )
     assert os.listdir(tmp_path) == []
     a = np.ones(3, np.float32)
-    hf.write_safetensors(str(tmp_path / "a.safetensors"), {"w": a, "c": a.astype(np.complex64)})
+    stdir.write_safetensors(str(tmp_path / "a.safetensors"), {"w": a, "c": a.astype(np.complex64)})
     with pytest.raises(ValueError, match=r"a.safetensors: tensor 'c' has unsupported dtype C64"):
-        hf.SafetensorsDir(str(tmp_path)).get("c")
+        stdir.SafetensorsDir(str(tmp_path)).get("c")
     with pytest.raises(KeyError, match=r"tensor 'nope' is missing from the safetensors files"):
-        hf.SafetensorsDir(str(tmp_path)).get("nope")
-    hf.write_safetensors(str(tmp_path / "b.safetensors"), {"w": a})  # no index: two files, one name
+        stdir.SafetensorsDir(str(tmp_path)).get("nope")
+    stdir.write_safetensors(str(tmp_path / "b.safetensors"), {"w": a})  # no index: two files, one name
     with pytest.raises(ValueError, match=r"b.safetensors: tensor 'w' is also in .*a.safetensors"):
-        hf.SafetensorsDir(str(tmp_path))
+        stdir.SafetensorsDir(str(tmp_path))
     with pytest.raises(ValueError, match="max_shard_size"):  # before anything is written
         hf.save_hf(Decoder(CFG, rngs=nnx.Rngs(0)), CFG, str(tmp_path / "out"), max_shard_size="big")
     assert not (tmp_path / "out").exists()

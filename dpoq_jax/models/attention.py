@@ -16,6 +16,7 @@ reference and the CPU default.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 
 import jax
@@ -29,6 +30,34 @@ IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash", "splash_interpret")
 # call runs per device inside a shard_map over rows (batch axes) and heads. The train step sets the
 # mesh while it is traced (`kernel_mesh`); the model itself stays mesh-free.
 _KERNEL_MESH: list[tuple] = []
+
+
+@dataclasses.dataclass(frozen=True)
+class Mask:
+    """Who attends whom in one forward, one of three kinds:
+    - plain causal rows: every field None (the fused path, no mask built);
+    - a layout: `segment_ids` [N, S] (and `branch_ids`), run by the fused layout attention, which
+      applies a sliding window itself (`one_segment_per_row`: rows of one right-padded segment);
+    - dense: an explicit boolean [N, 1, S, T] mask (the XLA reference and decoding), with `windowed`
+      the same mask under the sliding window for the layers that slide (None: no layer slides).
+    Closed over inside the layer scan, never a traced argument: a plain frozen dataclass."""
+
+    segment_ids: Array | None = None
+    branch_ids: Array | None = None
+    one_segment_per_row: bool = True
+    dense: Array | None = None
+    windowed: Array | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.dense is None
+
+    def for_layer(self, local: Array) -> Mask:
+        """This layer's mask (local: its traced sliding-window flag): the dense kind picks `windowed`."""
+        if self.windowed is None:
+            return self
+        return dataclasses.replace(self, dense=jnp.where(local, self.windowed, self.dense), windowed=None)
+
 
 
 @contextlib.contextmanager

@@ -232,13 +232,13 @@ class Attention(nnx.Module):
         self,
         x_NSD: Array,
         rope: tuple[Array, Array] | None,
-        mask: Array | None,
+        mask: attn_lib.Mask,
         kv: tuple[Array, Array] | None = None,
         index: Array | None = None,
         local: Array | None = None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
-        """local: this layer's sliding-window flag (traced, from the scan); explicit masks come with the
-        window already applied, the fused paths pick the windowed kernel by lax.cond."""
+        """local: this layer's sliding-window flag (traced, from the scan); a dense mask comes with the
+        window already applied (Mask.for_layer), the fused paths pick the windowed kernel by lax.cond."""
         q = self._proj(x_NSD, self.wq, self.bq, self.wq_lora)
         k = self._proj(x_NSD, self.wk, self.bk, self.wk_lora)
         v = self._proj(x_NSD, self.wv, self.bv, self.wv_lora)
@@ -253,7 +253,7 @@ class Attention(nnx.Module):
             k, v = k.astype(self.dtype), v.astype(self.dtype)
         impl = resolve_attention(self.implementation, self.dtype, self.softcap)
         attend = functools.partial(_attend, q, k, v, mask, impl, self.scale, self.softcap)
-        if self.window is not None and local is not None and (mask is None or isinstance(mask, tuple)):
+        if self.window is not None and local is not None and mask.fused:
             out = jax.lax.cond(local, lambda: attend(self.window), lambda: attend(None))
         else:
             out = attend(None)
@@ -269,20 +269,21 @@ def _attend(
     q: Array,
     k: Array,
     v: Array,
-    layout: Any,
+    mask: attn_lib.Mask,
     implementation: str,
     scale: float | None = None,
     softcap: float | None = None,
     window: int | None = None,
 ) -> Array:
-    """layout None: plain causal rows; an array: an explicit boolean mask (XLA; decoding and the
-    "xla" reference; any sliding window already in it); a tuple (segment_ids, branch_ids,
-    one_segment_per_row): the fused layout attention of models/attention.py with `implementation`
-    (already resolved, never "auto"), `window` slots back at most when given."""
-    if isinstance(layout, tuple) or layout is None:
-        seg, br, one = (None, None, True) if layout is None else layout
-        return attn_lib.layout_attention(q, k, v, seg, br, implementation, one, scale, softcap, window)
-    return attn_lib.dense_attention(q, k, v, layout, scale, softcap)
+    """The dense kind: explicit mask (XLA; decoding and the "xla" reference; any sliding window already
+    in it). Otherwise the fused layout attention of models/attention.py with `implementation` (already
+    resolved, never "auto"), `window` slots back at most when given."""
+    if mask.fused:
+        return attn_lib.layout_attention(
+            q, k, v, mask.segment_ids, mask.branch_ids, implementation, mask.one_segment_per_row,
+            scale, softcap, window,
+        )
+    return attn_lib.dense_attention(q, k, v, mask.dense, scale, softcap)
 
 
 def resolve_attention(implementation: str, dtype: Any, softcap: float | None = None) -> str:
@@ -458,15 +459,13 @@ class Decoder(nnx.Module):
             return x, rope
         return x, (rope, rope_cos_sin(positions, rope_inv_freq(self.cfg, local=True)))
 
-    def _layer_inputs(self, rope: Any, mask: Any) -> Any:
+    def _layer_inputs(self, rope: Any, mask: attn_lib.Mask) -> Any:
         """fn(local) -> (rope, mask) of one layer inside the scan (local: its traced sliding flag)."""
         two_ropes = self.cfg.local_rope_theta is not None
-        two_masks = isinstance(mask, tuple) and len(mask) == 2  # explicit (full, windowed) masks
 
         def pick(local):
             r = jax.tree.map(lambda g, l: jnp.where(local, l, g), *rope) if two_ropes else rope
-            m = jnp.where(local, mask[1], mask[0]) if two_masks else mask
-            return r, m
+            return r, mask.for_layer(local)
 
         return pick
 
@@ -520,15 +519,15 @@ class Decoder(nnx.Module):
         if segment_ids is None and impl == "xla" and (windowed or cfg.attn_softcap is not None):
             segment_ids = jnp.ones(tokens.shape, jnp.int32)  # the explicit-mask path below
         if segment_ids is None:
-            mask = None
+            mask = attn_lib.Mask()  # plain causal rows
         elif impl == "xla" or (impl == "cudnn" and not one_segment_per_row):
             # the reference (and GPU rows of several segments, which cuDNN here cannot take): one
-            # explicit [N, 1, S, S] mask shared by all layers; (full, windowed) when layers slide
-            mask = attention_mask(segment_ids, branch_ids)
-            if windowed:
-                mask = (mask, mask & attn_lib.window_mask(positions, positions, cfg.sliding_window))
+            # explicit [N, 1, S, S] mask shared by all layers, and its windowed twin when layers slide
+            dense = attention_mask(segment_ids, branch_ids)
+            win = dense & attn_lib.window_mask(positions, positions, cfg.sliding_window) if windowed else None
+            mask = attn_lib.Mask(dense=dense, windowed=win)
         else:
-            mask = (segment_ids, branch_ids, one_segment_per_row)
+            mask = attn_lib.Mask(segment_ids, branch_ids, one_segment_per_row)
         x, rope = self._embed(tokens, positions)
         x = self._run_blocks(x, rope, mask)
         x = self.final_norm(x)
@@ -568,12 +567,14 @@ class Decoder(nnx.Module):
         k_slot = jnp.arange(S)
         mask = valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])
         mask |= k_slot[None, None, :] == q_slot[None, :, None]  # no empty softmax row for padding
-        mask = mask[:, None]
+        dense = mask[:, None]
         out = {"valid": valid, "index": index + T}
-        if "pos" in cache:  # (full, windowed) masks; the window counts positions, not slots
+        win = None
+        if "pos" in cache:  # and its windowed twin; the window counts positions, not slots
             k_pos = jax.lax.dynamic_update_slice(cache["pos"], positions_BT.astype(jnp.int32), (0, index))
             out["pos"] = k_pos
-            mask = (mask, mask & attn_lib.window_mask(positions_BT, k_pos, self.cfg.sliding_window))
+            win = dense & attn_lib.window_mask(positions_BT, k_pos, self.cfg.sliding_window)
+        mask = attn_lib.Mask(dense=dense, windowed=win)
         x, rope = self._embed(tokens_BT, positions_BT)
         graphdef, state = nnx.split(self.blocks)
         pick = self._layer_inputs(rope, mask)
