@@ -1,0 +1,181 @@
+"""Chat-format data (data/chat.py): TRL 1.16's token ids, the row formats, and every bad-input error."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+
+from dpoq_jax.data import chat, jsonl
+from dpoq_jax.data.errors import DataError, ErrorPolicy
+from dpoq_jax.data.examples import PreferenceExample, SFTExample
+from dpoq_jax.data.tokenize import TokenizeConfig, TokenizeStats, tokenize_all, tokenize_pair, tokenize_sft
+
+FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+TOK_DIR = os.path.join(FIX, "chat_tokenizer")
+
+
+def m(role, content):
+    return {"role": role, "content": content}
+
+
+@pytest.fixture(scope="module")
+def trl_fixture():
+    with open(os.path.join(FIX, "trl_chat_ids.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture()
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(TOK_DIR, local_files_only=True)
+
+
+BIG = TokenizeConfig(max_prompt_tokens=10_000, max_response_tokens=10_000)
+
+
+def test_ids_equal_trl(trl_fixture, tok, caplog):
+    """Every row x template of tests/fixtures/make_chat_fixture.py (TRL's DPOTrainer preprocessing):
+    the same prompt, chosen and rejected ids, including the template whose prompt diverges."""
+    chat._warned = False
+    n_div = 0
+    for case in trl_fixture["cases"]:
+        tok.chat_template = trl_fixture["templates"][case["template"]]
+        row = trl_fixture["rows"][case["row_index"]]
+        ex = jsonl.preference_from_row(row, file="fixture", line=case["row_index"] + 1)
+        stats = TokenizeStats()
+        with caplog.at_level(logging.WARNING, logger="dpoq_jax.data.chat"):
+            t = tokenize_pair(ex, tok, BIG, stats)
+        got = {"prompt_ids": t.prompt_ids, "chosen_ids": t.chosen_ids, "rejected_ids": t.rejected_ids}
+        assert got == {k: case[k] for k in got}, (case["template"], case["row_index"])
+        n_div += stats.chat_divergences
+    assert n_div == 4  # the "think" template, on every row
+    warnings = [r for r in caplog.records if "not a prefix" in r.getMessage()]
+    assert len(warnings) == 1 and "<think>" in warnings[0].getMessage()
+
+
+def test_chatml_response_ends_with_end_of_turn(tok):
+    ex = jsonl.preference_from_row(
+        {"prompt": [m("user", "Hi")], "chosen": [m("assistant", "Hello.")], "rejected": [m("assistant", "Go.")]},
+        file="f", line=1)
+    t = tokenize_pair(ex, tok, BIG)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.decode(t.prompt_ids).endswith("<|im_start|>assistant\n")
+    assert tok.decode(t.chosen_ids) == "Hello.<|im_end|>\n"  # ChatML writes a newline after the end of turn
+    assert im_end in t.chosen_ids and im_end in t.rejected_ids
+
+
+def test_divergence_error_switch(trl_fixture, tok):
+    tok.chat_template = trl_fixture["templates"]["think"]
+    ex = jsonl.preference_from_row(trl_fixture["rows"][0], file="data.jsonl", line=3)
+    cfg = TokenizeConfig(chat_divergence="error")
+    with pytest.raises(DataError, match=r"data\.jsonl:3: .*not a prefix") as e:
+        tokenize_pair(ex, tok, cfg)
+    assert e.value.kind == "template_divergence"
+    pol = ErrorPolicy("skip")
+    out, _ = tokenize_all([ex, ex], tok, cfg, pol)
+    assert out == [] and pol.counts["template_divergence"] == 2
+
+
+def test_truncation_keeps_prompt_end_and_response_start(tok):
+    row = {"prompt": trl_rows()[1]["prompt"], "chosen": [m("assistant", "Yes, it is blue.")],
+           "rejected": [m("assistant", "No, the sky is green.")]}
+    ex = jsonl.preference_from_row(row, file="f", line=1)
+    full = tokenize_pair(ex, tok, BIG)
+    cut = tokenize_pair(ex, tok, TokenizeConfig(max_prompt_tokens=5, max_response_tokens=3))
+    assert cut.prompt_ids == full.prompt_ids[-5:]
+    assert cut.chosen_ids == full.chosen_ids[:3]  # no EOS added: the template's end of turn is cut
+    with pytest.raises(DataError, match="response_len|max_response_tokens"):
+        tokenize_pair(ex, tok, TokenizeConfig(max_response_tokens=3, truncate_responses=False))
+
+
+def trl_rows():
+    with open(os.path.join(FIX, "trl_chat_ids.json")) as f:
+        return json.load(f)["rows"]
+
+
+def test_sft_rows(tok):
+    conv = [m("system", "S."), m("user", "Q1"), m("assistant", "A1"), m("user", "Q2"), m("assistant", "A2")]
+    a = jsonl.sft_from_row({"messages": conv, "id": 7}, file="f", line=1)
+    assert a.prompt == conv[:-1] and a.completion == conv[-1:] and a.meta["id"] == 7
+    b = jsonl.sft_from_row({"prompt": conv[:-1], "completion": conv[-1:]}, file="f", line=2)
+    ta, tb = tokenize_sft(a, tok, BIG), tokenize_sft(b, tok, BIG)
+    assert (ta.prompt_ids, ta.completion_ids) == (tb.prompt_ids, tb.completion_ids)
+    whole = tok.apply_chat_template(conv, tokenize=True, return_dict=True)["input_ids"]
+    assert ta.prompt_ids + ta.completion_ids == list(whole)
+    assert tok.decode(ta.completion_ids) == "A2<|im_end|>\n"
+
+
+def test_implicit_prompt_is_common_prefix():
+    c = [m("user", "a"), m("assistant", "b"), m("user", "c"), m("assistant", "d")]
+    r = [m("user", "a"), m("assistant", "b"), m("user", "c"), m("assistant", "e")]
+    p, cc, rr = chat.split_preference({"chosen": c, "rejected": r}, file="f", line=1)
+    assert p == c[:3] and cc == c[3:] and rr == r[3:]
+    # responses that differ in an earlier turn: the prompt stops there (TRL's extract_prompt)
+    r2 = [m("user", "a"), m("assistant", "x"), m("user", "c"), m("assistant", "e")]
+    p, cc, rr = chat.split_preference({"chosen": c, "rejected": r2}, file="f", line=1)
+    assert p == c[:1] and cc == c[1:]
+
+
+def test_standard_rows_unchanged():
+    ex = jsonl.preference_from_row({"prompt": "P", "chosen": " a", "rejected": " b", "x": 1}, file="f", line=1)
+    assert ex == PreferenceExample("P", " a", " b", {"x": 1, "source": "f", "line": 1})
+    assert jsonl.sft_from_row({"prompt": "P", "completion": " a"}, file="f", line=2) == SFTExample(
+        "P", " a", {"source": "f", "line": 2})
+
+
+U, A = m("user", "q"), m("assistant", "a")
+BAD_ROWS = [
+    ({"prompt": [{"content": "q"}], "chosen": [A], "rejected": [m("assistant", "b")]}, "bad_message",
+     r"key 'prompt': message 0: no 'role'"),
+    ({"prompt": [{"role": "user"}], "chosen": [A], "rejected": [m("assistant", "b")]}, "bad_message",
+     r"message 0: no 'content'"),
+    ({"prompt": [m("wizard", "q")], "chosen": [A], "rejected": [m("assistant", "b")]}, "unknown_role",
+     r"unknown role 'wizard'"),
+    ({"prompt": [U], "chosen": [A, m("user", "more?")], "rejected": [m("assistant", "b")]},
+     "last_not_assistant", r"key 'chosen': .*must end with the assistant's message, ends with 'user'"),
+    ({"chosen": [U, A], "rejected": [m("user", "other"), m("assistant", "b")]}, "no_shared_prompt",
+     "share no prompt"),
+    ({"prompt": [U], "chosen": [A], "rejected": [A]}, "identical_responses", "identical"),
+    ({"prompt": [U], "chosen": "a", "rejected": [A]}, "not_messages", "expected a list of messages"),
+    ({"prompt": [U], "chosen": [], "rejected": [A]}, "empty_messages", "no messages"),
+]
+
+
+@pytest.mark.parametrize("row,kind,msg", BAD_ROWS)
+def test_bad_rows_name_file_line_key(tmp_path, row, kind, msg):
+    p = tmp_path / "d.jsonl"
+    good = {"prompt": [U], "chosen": [A], "rejected": [m("assistant", "b")]}
+    p.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(DataError, match=msg) as e:
+        jsonl.read_preference_jsonl(p)
+    assert e.value.kind == kind and str(e.value).startswith(f"{p}:2: ")
+    pol = ErrorPolicy("skip")
+    assert len(jsonl.read_preference_jsonl(p, pol)) == 1 and pol.counts == {kind: 1}
+
+
+def test_template_that_raises_and_empty_response(tok, tmp_path):
+    tok.chat_template = "{% for x in messages %}{{ raise_exception('no ' + x['role']) }}{% endfor %}"
+    ex = jsonl.preference_from_row({"prompt": [U], "chosen": [A], "rejected": [m("assistant", "b")]},
+                                   file="d.jsonl", line=4)
+    with pytest.raises(DataError, match=r"d\.jsonl:4: key 'prompt': the chat template raised .*no user") as e:
+        tokenize_pair(ex, tok, BIG)
+    assert e.value.kind == "template_error"
+    tok.chat_template = "{% for x in messages %}{% if x['role'] != 'assistant' %}{{ x['content'] }}{% endif %}" \
+                        "{% endfor %}"  # drops the assistant's words: nothing after the prompt
+    with pytest.raises(DataError, match=r"d\.jsonl:4: key 'chosen': empty response after the chat template"):
+        tokenize_pair(ex, tok, BIG)
+    pol = ErrorPolicy("skip")
+    out, _ = tokenize_all([ex], tok, BIG, pol)
+    assert out == [] and pol.counts == {"empty_response": 1}
+
+
+def test_tokenizer_without_template(tok):
+    tok.chat_template = None
+    ex = jsonl.preference_from_row({"prompt": [U], "chosen": [A], "rejected": [m("assistant", "b")]},
+                                   file="f", line=1)
+    with pytest.raises(ValueError, match="needs a chat template"):
+        tokenize_pair(ex, tok, BIG)
