@@ -179,3 +179,52 @@ def test_tokenizer_without_template(tok):
                                    file="f", line=1)
     with pytest.raises(ValueError, match="needs a chat template"):
         tokenize_pair(ex, tok, BIG)
+
+
+# --- Hugging Face `datasets` input (parquet, arrow, save_to_disk folders) -----------------------------
+
+def _rows():
+    rows = trl_rows()
+    return [rows[0], rows[2], {"prompt": "Plain text prompt:", "chosen": " yes", "rejected": " no"}]
+
+
+def test_parquet_rows_equal_jsonl_rows(tmp_path, tok):
+    pytest.importorskip("datasets")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dpoq_jax.data.sources import load_examples
+
+    conv = _rows()[:2]  # one table holds one format (a column is either strings or messages)
+    pq.write_table(pa.Table.from_pylist(conv), tmp_path / "d.parquet")
+    jsonl.write_jsonl(tmp_path / "d.jsonl", conv)
+    a, pa_pol = load_examples({"source": "datasets", "path": str(tmp_path / "d.parquet")})
+    b, _ = load_examples({"source": "jsonl", "path": str(tmp_path / "d.jsonl")})
+    assert pa_pol.n_ok == 2
+    assert [(e.prompt, e.chosen, e.rejected) for e in a] == [(e.prompt, e.chosen, e.rejected) for e in b]
+    ta, _ = tokenize_all(a, tok, BIG)
+    tb, _ = tokenize_all(b, tok, BIG)
+    assert [(t.prompt_ids, t.chosen_ids) for t in ta] == [(t.prompt_ids, t.chosen_ids) for t in tb]
+
+
+def test_datasets_folder_splits_sft_and_bad_row(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from dpoq_jax.data.sources import load_examples
+
+    conv = [m("user", "q"), m("assistant", "a")]
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_list([{"messages": conv}, {"messages": conv + [m("user", "x")]}]),
+        "test": datasets.Dataset.from_list([{"messages": conv}]),
+    })
+    dd.save_to_disk(str(tmp_path / "ds"))
+    cfg = {"source": "datasets", "path": str(tmp_path / "ds"), "split": "test"}
+    out, _ = load_examples(cfg, "sft")
+    assert len(out) == 1 and out[0].prompt == conv[:1] and out[0].completion == conv[1:]
+    with pytest.raises(DataError, match=rf"{tmp_path / 'ds'}:2: key 'messages': .*ends with 'user'"):
+        load_examples({**cfg, "split": "train"}, "sft")
+    out, pol = load_examples({**cfg, "split": "train", "on_error": "skip"}, "sft")
+    assert len(out) == 1 and pol.counts == {"last_not_assistant": 1}
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        load_examples({**cfg, "split": "dev"}, "sft")
+    with pytest.raises(FileNotFoundError, match="no dataset there"):
+        load_examples({"source": "datasets", "path": str(tmp_path / "nothing_here")})
