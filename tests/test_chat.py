@@ -59,8 +59,8 @@ def test_ids_equal_trl(trl_fixture, tok, caplog):
 
 def test_chatml_response_ends_with_end_of_turn(tok):
     ex = jsonl.preference_from_row(
-        {"prompt": [m("user", "Hi")], "chosen": [m("assistant", "Hello.")], "rejected": [m("assistant", "Go.")]},
-        file="f", line=1)
+        {"prompt": [m("user", "Hi")], "chosen": [m("assistant", "Hello.")],
+         "rejected": [m("assistant", "Go.")]}, file="f", line=1)
     t = tokenize_pair(ex, tok, BIG)
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert tok.decode(t.prompt_ids).endswith("<|im_start|>assistant\n")
@@ -121,7 +121,8 @@ def test_implicit_prompt_is_common_prefix():
 
 
 def test_standard_rows_unchanged():
-    ex = jsonl.preference_from_row({"prompt": "P", "chosen": " a", "rejected": " b", "x": 1}, file="f", line=1)
+    row = {"prompt": "P", "chosen": " a", "rejected": " b", "x": 1}
+    ex = jsonl.preference_from_row(row, file="f", line=1)
     assert ex == PreferenceExample("P", " a", " b", {"x": 1, "source": "f", "line": 1})
     assert jsonl.sft_from_row({"prompt": "P", "completion": " a"}, file="f", line=2) == SFTExample(
         "P", " a", {"source": "f", "line": 2})
@@ -164,8 +165,8 @@ def test_template_that_raises_and_empty_response(tok, tmp_path):
     with pytest.raises(DataError, match=r"d\.jsonl:4: key 'prompt': the chat template raised .*no user") as e:
         tokenize_pair(ex, tok, BIG)
     assert e.value.kind == "template_error"
-    tok.chat_template = "{% for x in messages %}{% if x['role'] != 'assistant' %}{{ x['content'] }}{% endif %}" \
-                        "{% endfor %}"  # drops the assistant's words: nothing after the prompt
+    tok.chat_template = ("{% for x in messages %}{% if x['role'] != 'assistant' %}{{ x['content'] }}"
+                         "{% endif %}{% endfor %}")  # drops the assistant's words: nothing after the prompt
     with pytest.raises(DataError, match=r"d\.jsonl:4: key 'chosen': empty response after the chat template"):
         tokenize_pair(ex, tok, BIG)
     pol = ErrorPolicy("skip")

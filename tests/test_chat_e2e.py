@@ -16,12 +16,13 @@ HERE = os.path.dirname(__file__)
 CONFIG = os.path.join(HERE, "..", "experiments", "configs", "chat_dpo.py")
 TEMPLATE = (  # ChatML, as SmolLM2-Instruct writes it
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "'<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 TINY = ["--config.data.seq_len=64", "--config.data.max_prompt_tokens=40", "--config.data.response_len=20",
         "--config.train.batch_size=8", "--config.train.num_steps=2", "--config.train.eval_every=0",
-        "--config.train.log_every=1", "--config.checkpoint.every_steps=2", "--config.train.progress_bar=False",
-        "--config.optim.lr=1e-3", "--config.optim.warmup_steps=0"]
+        "--config.train.log_every=1", "--config.checkpoint.every_steps=2",
+        "--config.train.progress_bar=False", "--config.optim.lr=1e-3", "--config.optim.warmup_steps=0"]
 
 
 def m(role, content):
@@ -78,8 +79,9 @@ def test_bring_your_own_chat_model(tmp_path, monkeypatch):
     assert dpoq(["train", "--config", f"{CONFIG}:{model}", "--workdir", full,
                  f"--config.data.path={prefs}", *TINY]) == 0
     lora = str(tmp_path / "run_lora")
-    assert dpoq(["train", "--config", f"{CONFIG}:{model}", "--workdir", lora, "--config.data.source=datasets",
-                 f"--config.data.path={tmp_path / 'prefs.parquet'}", "--config.model.lora.rank=4", *TINY]) == 0
+    assert dpoq(["train", "--config", f"{CONFIG}:{model}", "--workdir", lora,
+                 "--config.data.source=datasets", f"--config.data.path={tmp_path / 'prefs.parquet'}",
+                 "--config.model.lora.rank=4", *TINY]) == 0
     assert os.path.isfile(os.path.join(lora, "hf", "config.json"))  # LoRA runs export merged weights
 
     # export the full run (its tokenizer, chat template included, goes along)

@@ -126,7 +126,8 @@ def score_main(argv: list[str]) -> int:
     for i, r in enumerate(recs):
         keys = ("chosen", "rejected") if "chosen" in r and "rejected" in r else ("response",)
         if isinstance(r["prompt"], list):  # chat: the template's tokens, end of turn included, no EOS
-            p_ids, chat_ids, _ = chat.tokenize_chat(tok, r["prompt"], [(k, r[k]) for k in keys], file=r["where"])
+            p_ids, chat_ids, _ = chat.tokenize_chat(tok, r["prompt"], [(k, r[k]) for k in keys],
+                                                    file=r["where"])
         else:
             (p_ids,) = encode_all(tok, [r["prompt"]], [f"{r['where']}, key 'prompt'"], nonempty=True)
         for j, k in enumerate(keys):

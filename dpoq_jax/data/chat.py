@@ -181,7 +181,8 @@ def _diverged(tok: Any, prompt_ids: list[int], n: int, divergence: str, file: st
     msg = (f"the rendered prompt is not a prefix of the rendered conversation: the response starts where "
            f"they diverge and {tail!r} (the end of the prompt) is left out of the sequence")
     if divergence == "error":
-        raise DataError(msg + " (data.chat_divergence='error')", kind="template_divergence", file=file, line=line)
+        raise DataError(msg + " (data.chat_divergence='error')", kind="template_divergence", file=file,
+                        line=line)
     if not _warned:
         _warned = True
         where = f"{file}:{line}: " if file is not None else ""

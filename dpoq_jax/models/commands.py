@@ -3,9 +3,9 @@
 The direction follows the source: a `dpoq train` run folder (it has checkpoints/), a checkpoints
 directory or save_params' layout is exported to a Hugging Face directory; a directory with a
 Hugging Face config.json + *.safetensors is imported to an orbax checkpoint; a GGUF file (*.gguf,
-llama.cpp's format) becomes a Hugging Face directory (models/gguf.py; needs the `chat` extra). The tokenizer goes
-along: --tokenizer when given, else the source's own tokenizer files, else (export of a run) the
-tokenizer the run trained with, the synthetic one included.
+llama.cpp's format) becomes a Hugging Face directory (models/gguf.py; needs the `chat` extra). The
+tokenizer goes along: --tokenizer when given, else the source's own tokenizer files, else (export of a
+run) the tokenizer the run trained with, the synthetic one included.
 """
 
 from __future__ import annotations

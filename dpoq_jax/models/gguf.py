@@ -107,7 +107,8 @@ def load_gguf_torch(src: str) -> tuple[Any, Any]:
 
 def convert_gguf(src: str, dst: str, *, dtype: str = "float32") -> None:
     """Write the model and tokenizer of GGUF file `src` as a Hugging Face folder `dst` (safetensors in
-    `dtype`, float32 by default, config.json without quantization_config, tokenizer files with the chat template).
+    `dtype`, float32 by default, config.json without quantization_config, tokenizer files with the chat
+    template).
 
     Errors (one line): not a GGUF file, an architecture dpoq_jax has no decoder for, no `gguf` package.
     `src` must be a local file (transformers reads GGUF from local disk); `dst` may be gs://.
