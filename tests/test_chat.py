@@ -57,6 +57,16 @@ def test_ids_equal_trl(trl_fixture, tok, caplog):
     assert len(warnings) == 1 and "<think>" in warnings[0].getMessage()
 
 
+def test_sft_ids_equal_trl(trl_fixture, tok):
+    """Prompt-completion SFT rows: TRL's SFTTrainer preprocessing (prompt = the label-masked part)."""
+    chat._warned = True  # the divergence warning is tested above
+    for case in trl_fixture["sft_cases"]:
+        tok.chat_template = trl_fixture["templates"][case["template"]]
+        ex = jsonl.sft_from_row(trl_fixture["sft_rows"][case["row_index"]], file="f", line=1)
+        t = tokenize_sft(ex, tok, BIG)
+        assert (t.prompt_ids, t.completion_ids) == (case["prompt_ids"], case["completion_ids"]), case
+
+
 def test_chatml_response_ends_with_end_of_turn(tok):
     ex = jsonl.preference_from_row(
         {"prompt": [m("user", "Hi")], "chosen": [m("assistant", "Hello.")],
