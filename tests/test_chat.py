@@ -239,3 +239,27 @@ def test_datasets_folder_splits_sft_and_bad_row(tmp_path):
         load_examples({**cfg, "split": "dev"}, "sft")
     with pytest.raises(FileNotFoundError, match="no dataset there"):
         load_examples({"source": "datasets", "path": str(tmp_path / "nothing_here")})
+
+
+def test_generate_and_score_inputs_take_chat_rows(tmp_path, tok):
+    from dpoq_jax.analysis.commands import read_pairs
+    from dpoq_jax.decode.commands import encode_all, read_prompts
+
+    p = tmp_path / "prompts.jsonl"
+    p.write_text(json.dumps({"prompt": [U]}) + "\n" + json.dumps({"messages": [m("system", "s"), U]}) + "\n"
+                 + json.dumps({"prompt": "plain"}) + "\n")
+    recs = read_prompts(str(p))
+    assert recs[1]["prompt"] == [m("system", "s"), U] and recs[2]["prompt"] == "plain"
+    ids = encode_all(tok, [r["prompt"] for r in recs], [r["where"] for r in recs])
+    assert tok.decode(ids[0]).endswith("q<|im_end|>\n<|im_start|>assistant\n")
+    p.write_text(json.dumps({"prompt": [U]}) + "\n" + json.dumps({"prompt": [m("bot", "x")]}) + "\n")
+    with pytest.raises(DataError, match=rf"{p}:2: key 'prompt': message 0: unknown role 'bot'"):
+        read_prompts(str(p))
+    q = tmp_path / "pairs.jsonl"
+    q.write_text(json.dumps({"chosen": [U, A], "rejected": [U, m("assistant", "b")]}) + "\n"
+                 + json.dumps({"prompt": [U], "response": [A]}) + "\n")
+    pairs = read_pairs(str(q))
+    assert pairs[0]["prompt"] == [U] and pairs[0]["chosen"] == [A] and pairs[1]["response"] == [A]
+    q.write_text(json.dumps({"chosen": [U, A], "rejected": [m("user", "z"), A]}) + "\n")
+    with pytest.raises(DataError, match=rf"{q}:1: .*share no prompt"):
+        read_pairs(str(q))
