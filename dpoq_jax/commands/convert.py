@@ -3,9 +3,10 @@
 The direction follows the source (read by dpoq_jax.train.load): a `dpoq train` run folder (it has
 checkpoints/; a LoRA run's adapters are merged into their base), a checkpoints directory, a step or
 save_params' layout is exported to a Hugging Face directory; a Hugging Face directory (config.json +
-*.safetensors, a run's own hf/ export included) is imported to an orbax checkpoint. The tokenizer goes
-along: --tokenizer when given, else the source's own tokenizer files, else (export of a run) the
-tokenizer the run trained with, the synthetic one included.
+*.safetensors, a run's own hf/ export included) is imported to an orbax checkpoint; a GGUF file
+(*.gguf, llama.cpp's format) becomes a Hugging Face directory (models/gguf.py; needs the `chat`
+extra). The tokenizer goes along: --tokenizer when given, else the source's own tokenizer files, else
+(export of a run) the tokenizer the run trained with, the synthetic one included.
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ def _parser() -> argparse.ArgumentParser:
         "--from",
         dest="src",
         required=True,
-        help="a `dpoq train` run folder, its checkpoints/ directory, a save_params directory, or a "
-        "Hugging Face directory (config.json + *.safetensors)",
+        help="a `dpoq train` run folder, its checkpoints/ directory, a save_params directory, a "
+        "Hugging Face directory (config.json + *.safetensors), or a .gguf file (-> Hugging Face directory)",
     )
     ap.add_argument("--to", dest="dst", required=True, help="output directory (created; not the source)")
     ap.add_argument(
@@ -89,6 +90,8 @@ def convert_main(argv: list[str]) -> int:
             else os.path.realpath(args.src) == os.path.realpath(args.dst))
     if same:
         raise ValueError(f"--from and --to are the same directory ({args.src}); choose a new --to")
+    if args.src.lower().endswith(".gguf"):
+        return _convert_gguf(args)
     if not paths.isdir(args.src):
         raise FileNotFoundError(f"--from {args.src}: not a directory")
     if args.tokenizer is not None:
@@ -115,4 +118,18 @@ def convert_main(argv: list[str]) -> int:
         f"{kind}: {cfg.family}, {cfg.num_layers} layers, width {cfg.hidden_size} -> {args.dst}"
         + (f" (tokenizer: {', '.join(copied)})" if copied else " (no tokenizer)")
     )
+    return 0
+
+
+def _convert_gguf(args: argparse.Namespace) -> int:
+    from dpoq_jax.models import gguf  # noqa: PLC0415
+
+    for flag, value in (("--step", args.step), ("--tokenizer", args.tokenizer)):
+        if value is not None:
+            raise ValueError(f"{flag}: not used with a GGUF --from (the file holds its model and tokenizer)")
+    try:
+        gguf.convert_gguf(args.src, args.dst, dtype=args.dtype)
+    except ImportError as e:  # the gguf package is missing: one line, not a traceback
+        raise SystemExit(f"dpoq convert: error: {e}") from None
+    print(f"GGUF -> Hugging Face: {args.src} -> {args.dst} ({args.dtype}; tokenizer with its chat template)")
     return 0

@@ -47,7 +47,8 @@ def _parser():
         default=None,
         help="'synthetic' or a tokenizer directory (None: the model's own, or what its run trained with)",
     )
-    add_input_args(p, "--prompts", ".jsonl with a 'prompt' key per line, or a text file, one per line",
+    add_input_args(p, "--prompts", ".jsonl with a 'prompt' key per line (a string, or chat messages: "
+                   "rendered with the chat template), or a text file, one per line",
                    "prompts", 16)  # fmt: skip
     p.add_argument("--mode", choices=["greedy", "sample", "beam", "guided"], default="greedy",
                    help="greedy, sampling, beam search or reward-guided search")  # fmt: skip

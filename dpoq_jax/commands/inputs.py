@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dpoq_jax import paths
+from dpoq_jax.data import chat
 from dpoq_jax.data.errors import ErrorPolicy
 from dpoq_jax.data.jsonl import check_fields, iter_json_lines
 
@@ -45,11 +46,17 @@ def load_tokenizer(spec: str | None, model_path: str, flag: str = "--model") -> 
 
 
 def read_prompts(path: str) -> list[dict[str, Any]]:
-    """Prompts from .jsonl ({"prompt": ..., other keys kept as meta}) or text (one per non-empty line)."""
+    """Prompts from .jsonl ({"prompt": ..., other keys kept as meta}) or text (one per non-empty line).
+    A chat prompt is a list of messages under "prompt" (or "messages"); it is rendered with the chat
+    template and the generation prompt (data/chat.py)."""
     if path.endswith((".jsonl", ".json")):
         out = []
         for line, rec in iter_json_lines(path, ErrorPolicy("fail")):
-            check_fields(rec, ("prompt",), (), file=path, line=line)
+            if chat.is_conversational(rec):
+                key = "prompt" if "prompt" in rec else "messages"
+                rec = {**rec, "prompt": chat.check_messages(rec[key], file=path, line=line, key=key)}
+            else:
+                check_fields(rec, ("prompt",), (), file=path, line=line)
             out.append({**rec, "where": f"{path}:{line}"})
     else:
         with paths.open(path, encoding="utf-8") as f:
@@ -77,12 +84,15 @@ def synthetic_records(task: str, n: int, split: str, seed: int) -> list[dict[str
 
 
 def encode_all(
-    tok: Any, texts: Sequence[str], where: Sequence[str], *, nonempty: bool = False
+    tok: Any, texts: Sequence[str | list], where: Sequence[str], *, nonempty: bool = False
 ) -> list[list[int]]:
     """Token ids of each text; an error (a character the tokenizer refuses, or with `nonempty` no token
     at all) names its `where` (file:line and key)."""
     out = []
     for text, w in zip(texts, where, strict=True):
+        if isinstance(text, list):  # chat messages: the template's rendering, ready for the reply
+            out.append(chat.render_ids(tok, text, add_generation_prompt=True, file=w))
+            continue
         try:
             ids = list(tok.encode(text, add_special_tokens=False))
         except Exception as e:  # noqa: BLE001 - HF tokenizers raise plain Exception; name the input

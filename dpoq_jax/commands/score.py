@@ -4,7 +4,9 @@ r"""`dpoq score`: per-token implicit rewards of given responses -> JSON, HTML re
     dpoq score --policy DPO_WORKDIR --reference SFT_WORKDIR --tokenizer synthetic \
         --synthetic error_injection --n 64 --out-dir report/      # + credit-assignment metrics
 
-pairs.jsonl: one object a line with "prompt" and either "response", or "chosen" and "rejected".
+pairs.jsonl: one object a line with "prompt" and either "response", or "chosen" and "rejected"; as
+strings, or as chat messages (TRL's formats, implicit prompt included: data/chat.py), tokenised with the
+chat template as training does.
 Writes OUT/scores.json, OUT/report.html, OUT/png/item_<i>.png (the first --max-png items) and, for
 the error-injection task, OUT/credit.json (top-1 and AUROC of the injected-error localisation).
 """
@@ -27,6 +29,7 @@ from dpoq_jax.commands.inputs import (
     resolve_beta,
     synthetic_records,
 )
+from dpoq_jax.data import chat
 from dpoq_jax.data.errors import ErrorPolicy, reports_user_errors
 from dpoq_jax.data.jsonl import check_fields, iter_json_lines
 from dpoq_jax.train.load import load_model
@@ -38,7 +41,15 @@ def read_pairs(path: str) -> list[dict[str, Any]]:
     for line, rec in iter_json_lines(path, ErrorPolicy("fail")):
         pair = isinstance(rec, dict) and "response" not in rec
         responses = ("chosen", "rejected") if pair else ("response",)
-        check_fields(rec, ("prompt", *responses), responses, file=path, line=line)
+        if chat.is_conversational(rec):  # messages (TRL's formats), scored as training tokenises them
+            if pair:
+                p, c, r = chat.split_preference(rec, file=path, line=line)
+                rec = {**rec, "prompt": p, "chosen": c, "rejected": r}
+            else:
+                rec = {**rec, **{k: chat.check_messages(rec.get(k), file=path, line=line, key=k)
+                                 for k in ("prompt", "response")}}
+        else:
+            check_fields(rec, ("prompt", *responses), responses, file=path, line=line)
         out.append({**rec, "where": f"{path}:{line}"})
     if not out:
         raise ValueError(f"{path}: no pairs")
@@ -116,11 +127,19 @@ def score_main(argv: list[str]) -> int:
     prompts, responses, names, owner = [], [], [], []
     for i, r in enumerate(recs):
         keys = ("chosen", "rejected") if "chosen" in r and "rejected" in r else ("response",)
-        (p_ids,) = encode_all(tok, [r["prompt"]], [f"{r['where']}, key 'prompt'"], nonempty=True)
-        for k in keys:
-            (ids,) = encode_all(tok, [r[k]], [f"{r['where']}, key {k!r}"])
+        if isinstance(r["prompt"], list):  # chat: the template's tokens, end of turn included, no EOS
+            p_ids, chat_ids, _ = chat.tokenize_chat(tok, r["prompt"], [(k, r[k]) for k in keys],
+                                                    file=r["where"])
+        else:
+            (p_ids,) = encode_all(tok, [r["prompt"]], [f"{r['where']}, key 'prompt'"], nonempty=True)
+        for j, k in enumerate(keys):
+            if isinstance(r["prompt"], list):
+                ids = chat_ids[j]
+            else:
+                (ids,) = encode_all(tok, [r[k]], [f"{r['where']}, key {k!r}"])
+                ids = ids + eos
             prompts.append(p_ids)
-            responses.append(ids + eos)
+            responses.append(ids)
             names.append(f"{r['where']}, key {k!r}")
             owner.append((i, k))
     policy = load_model(args.policy, dtype=args.dtype, flag="--policy")
@@ -142,8 +161,9 @@ def score_main(argv: list[str]) -> int:
         names=names,
         batch_size=args.batch_size,
     )
-    items: list[dict[str, Any]] = [
-        {"prompt": r["prompt"], "meta": r.get("meta", {}), "responses": {}} for r in recs
+    items: list[dict[str, Any]] = [  # a chat prompt is shown as the template renders it
+        {"prompt": r["prompt"] if isinstance(r["prompt"], str) else chat.render_prompt_text(tok, r["prompt"]),
+         "meta": r.get("meta", {}), "responses": {}} for r in recs
     ]
     for (i, k), s in zip(owner, scores, strict=True):
         items[i]["responses"][k] = s.to_dict(token_strings(tok, s.ids))

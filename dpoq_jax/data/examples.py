@@ -8,20 +8,21 @@ from typing import Any
 
 @dataclasses.dataclass
 class PreferenceExample:
-    """One preference pair as text: the chosen and rejected responses follow `prompt` directly."""
+    """One preference pair as text: the chosen and rejected responses follow `prompt` directly. In the
+    chat format (data/chat.py) the three are lists of {"role", "content"} messages instead."""
 
-    prompt: str
-    chosen: str
-    rejected: str
+    prompt: str | list[dict[str, Any]]
+    chosen: str | list[dict[str, Any]]
+    rejected: str | list[dict[str, Any]]
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
 class SFTExample:
-    """One supervised example: `completion` follows `prompt` directly."""
+    """One supervised example: `completion` follows `prompt` directly (or, chat format, message lists)."""
 
-    prompt: str
-    completion: str
+    prompt: str | list[dict[str, Any]]
+    completion: str | list[dict[str, Any]]
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 

@@ -1,5 +1,8 @@
 """JSON Lines sources: {"prompt", "chosen", "rejected"} pairs and {"prompt", "completion"} SFT rows.
 
+Rows are either standard (strings, below) or conversational (lists of {"role", "content"} messages, TRL's
+formats, implicit prompt and {"messages"} SFT rows included; see data/chat.py).
+
 The full text of a response is prompt + response, joined as given (no separator is added), so a
 response usually starts with a space or newline. Every bad line becomes a DataError naming the file,
 line and key; the ErrorPolicy decides between failing and skipping (with counts). A UTF-8 byte-order
@@ -14,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from dpoq_jax import paths
+from dpoq_jax.data import chat
 from dpoq_jax.data.errors import DataError, ErrorPolicy
 from dpoq_jax.data.examples import PreferenceExample, SFTExample
 
@@ -92,40 +96,61 @@ def check_pair(prompt: str, chosen: str, rejected: str, *, file: str, line: int 
                         file=file, line=line, key="rejected")
 
 
+def preference_from_row(obj: Any, *, file: str, line: int | None) -> PreferenceExample:
+    """One preference row, standard (strings) or conversational (messages; data/chat.py), as an example;
+    a bad row is a DataError naming file, line and key. Other keys go to meta."""
+    if chat.is_conversational(obj):
+        prompt, chosen, rejected = chat.split_preference(obj, file=file, line=line)
+        used: tuple[str, ...] = ("prompt", "chosen", "rejected")
+    else:
+        f = check_fields(obj, ("prompt", "chosen", "rejected"), ("chosen", "rejected"), file=file, line=line)
+        check_pair(f["prompt"], f["chosen"], f["rejected"], file=file, line=line)
+        prompt, chosen, rejected, used = f["prompt"], f["chosen"], f["rejected"], tuple(f)
+    meta = {k: v for k, v in obj.items() if k not in used}
+    meta.update(source=file, line=line)
+    return PreferenceExample(prompt, chosen, rejected, meta)
+
+
+def sft_from_row(obj: Any, *, file: str, line: int | None) -> SFTExample:
+    """One SFT row: {"prompt", "completion"} strings, or conversational ({"messages"} or prompt/completion
+    message lists)."""
+    if chat.is_conversational(obj):
+        prompt, completion = chat.split_sft(obj, file=file, line=line)
+        used: tuple[str, ...] = ("prompt", "completion", "messages")
+    else:
+        f = check_fields(obj, ("prompt", "completion"), ("completion",), file=file, line=line)
+        prompt, completion, used = f["prompt"], f["completion"], tuple(f)
+    meta = {k: v for k, v in obj.items() if k not in used}
+    meta.update(source=file, line=line)
+    return SFTExample(prompt, completion, meta)
+
+
 def read_preference_jsonl(
     path: str | os.PathLike, policy: ErrorPolicy | None = None
 ) -> list[PreferenceExample]:
-    """Reads {"prompt", "chosen", "rejected"} lines (other keys go to meta)."""
+    """Reads {"prompt", "chosen", "rejected"} lines, strings or messages (other keys go to meta)."""
     policy = policy or ErrorPolicy("fail")
     out = []
     for lineno, obj in iter_json_lines(path, policy):
         try:
-            f = check_fields(obj, ("prompt", "chosen", "rejected"), ("chosen", "rejected"),
-                             file=str(path), line=lineno)
-            check_pair(f["prompt"], f["chosen"], f["rejected"], file=str(path), line=lineno)
+            out.append(preference_from_row(obj, file=str(path), line=lineno))
         except DataError as e:
             policy.handle(e)
             continue
-        meta = {k: v for k, v in obj.items() if k not in f}
-        meta.update(source=str(path), line=lineno)
-        out.append(PreferenceExample(f["prompt"], f["chosen"], f["rejected"], meta))
         policy.n_ok += 1
     return out
 
 
 def read_sft_jsonl(path: str | os.PathLike, policy: ErrorPolicy | None = None) -> list[SFTExample]:
-    """Reads {"prompt", "completion"} lines (other keys go to meta)."""
+    """Reads {"prompt", "completion"} or {"messages"} lines (other keys go to meta)."""
     policy = policy or ErrorPolicy("fail")
     out = []
     for lineno, obj in iter_json_lines(path, policy):
         try:
-            f = check_fields(obj, ("prompt", "completion"), ("completion",), file=str(path), line=lineno)
+            out.append(sft_from_row(obj, file=str(path), line=lineno))
         except DataError as e:
             policy.handle(e)
             continue
-        meta = {k: v for k, v in obj.items() if k not in f}
-        meta.update(source=str(path), line=lineno)
-        out.append(SFTExample(f["prompt"], f["completion"], meta))
         policy.n_ok += 1
     return out
 

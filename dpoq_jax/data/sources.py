@@ -1,10 +1,11 @@
-"""One entry point from a config to examples: jsonl | tldr | hh | synthetic.
+"""One entry point from a config to examples: jsonl | datasets | tldr | hh | synthetic.
 
 Config keys (a dict or ml_collections ConfigDict; see docs/data.md):
-  source: "jsonl" | "tldr" | "hh" | "synthetic"
-  path: file (jsonl, hh) or manual directory (tldr)
+  source: "jsonl" | "datasets" | "tldr" | "hh" | "synthetic"
+  path: file (jsonl, hh) or manual directory (tldr); datasets: a .parquet / .arrow / .json / .jsonl file,
+      a folder written by `Dataset.save_to_disk`, or a Hub dataset name (read from the local cache)
+  split: "train" | "validation" | "test"   (tldr, synthetic; datasets: the split of a folder or Hub name)
   data_dir: where the tfds build of TL;DR goes (tldr only)
-  split: "train" | "validation" | "test"   (tldr, synthetic)
   task, task_kwargs, num_examples: synthetic task name, its dataclass fields, examples to draw
       (0 or unset: 1000)
   on_error: "fail" | "skip"
@@ -22,7 +23,8 @@ from dpoq_jax.data.examples import PreferenceExample, SFTExample
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("jsonl", "tldr", "hh", "synthetic")
+SOURCES = ("jsonl", "datasets", "tldr", "hh", "synthetic")
+DATASETS_PIN = "datasets==5.2.0"
 
 
 def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
@@ -44,13 +46,15 @@ def load_examples(cfg: Mapping[str, Any], kind: str = "preference"
     policy = ErrorPolicy(_get(cfg, "on_error", "fail"))
     split = _get(cfg, "split", "train")
     path = _get(cfg, "path")
-    if source in ("jsonl", "hh", "tldr") and path is None:
+    if source in ("jsonl", "datasets", "hh", "tldr") and path is None:
         raise ValueError(f"data source {source!r} needs a path")
     if source == "jsonl":
         from dpoq_jax.data import jsonl
 
         out = (jsonl.read_preference_jsonl(path, policy) if kind == "preference"
                else jsonl.read_sft_jsonl(path, policy))
+    elif source == "datasets":
+        out = read_hf_dataset(path, split, kind, policy, sft_responses=_get(cfg, "sft_responses", "chosen"))
     elif source == "hh":
         from dpoq_jax.data import hh
 
@@ -78,6 +82,67 @@ def load_examples(cfg: Mapping[str, Any], kind: str = "preference"
     # read counts; the examples used are counted again after tokenisation (train.inputs)
     policy.log_summary(f"{source} {kind} data read", level=logging.DEBUG)
     return out, policy
+
+
+def _open_hf_dataset(path: str, split: str) -> Any:
+    """A `datasets.Dataset` from a data file, a save_to_disk folder or a (cached) Hub name."""
+    try:
+        import datasets  # noqa: PLC0415 (optional: the `chat` extra)
+    except ImportError:
+        raise ImportError(f"data.source='datasets' needs the datasets package: pip install 'dpoq_jax[chat]' "
+                          f"(or pip install {DATASETS_PIN})") from None
+    import os  # noqa: PLC0415
+
+    builders = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if os.path.isfile(path):
+            if ext not in builders:
+                raise ValueError(f"{path}: unknown data file type {ext!r} (expected one of "
+                                 f"{', '.join(builders)})")
+            return datasets.load_dataset(builders[ext], data_files=path, split="train")
+        if os.path.isdir(path) and (os.path.isfile(os.path.join(path, "dataset_info.json"))
+                                    or os.path.isfile(os.path.join(path, "dataset_dict.json"))):
+            ds = datasets.load_from_disk(path)
+        else:  # a folder of data files, or a Hub name: datasets finds it (offline: only what is cached)
+            ds = datasets.load_dataset(path)
+    except (FileNotFoundError, ConnectionError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise FileNotFoundError(f"{path}: no dataset there, nor in the Hugging Face cache "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise ValueError(f"{path}: no split {split!r} (it has {', '.join(ds)})")
+        ds = ds[split]
+    return ds
+
+
+def read_hf_dataset(path: str, split: str, kind: str, policy: ErrorPolicy, *, sft_responses: str = "chosen"
+                    ) -> list[PreferenceExample] | list[SFTExample]:
+    """Rows of a Hugging Face dataset in the JSONL row formats (standard or conversational; data/jsonl.py),
+    read whole into memory (no streaming: a dataset larger than memory does not fit). A bad row is named
+    as `path:N` with N its row number counted from 1. For kind "sft", preference rows give their chosen
+    (sft_responses "chosen") or both responses ("all")."""
+    from dpoq_jax.data.errors import DataError  # noqa: PLC0415
+    from dpoq_jax.data.jsonl import preference_from_row, sft_from_row  # noqa: PLC0415
+
+    ds = _open_hf_dataset(str(path), split)
+    pairs = kind == "preference" or ("chosen" in ds.column_names and "completion" not in ds.column_names
+                                     and "messages" not in ds.column_names)
+    out: list = []
+    for i, row in enumerate(ds, 1):
+        try:
+            ex = (preference_from_row if pairs else sft_from_row)(row, file=str(path), line=i)
+        except DataError as e:
+            policy.handle(e)
+            continue
+        if pairs and kind == "sft":
+            out.append(SFTExample(ex.prompt, ex.chosen, dict(ex.meta)))
+            if sft_responses == "all":
+                out.append(SFTExample(ex.prompt, ex.rejected, dict(ex.meta)))
+        else:
+            out.append(ex)
+        policy.n_ok += 1
+    return out
 
 
 def load_tokenizer(cfg: Mapping[str, Any]) -> Any:

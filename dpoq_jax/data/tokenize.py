@@ -11,6 +11,12 @@ that `add_bos` puts first and that truncation keeps), a response
 keeps its START (the first `max_response_tokens - 1` tokens, then EOS, so EOS counts in the limit).
 With `truncate_prompt=False` (or `truncate_responses=False`) an over-long example is a DataError
 (kind "prompt_too_long" / "response_too_long") that the ErrorPolicy fails on or skips.
+
+Conversational examples (prompt and responses are lists of messages, data/chat.py) are rendered with the
+tokenizer's chat template as TRL 1.16 does: no BOS or EOS is added (the template writes its own special
+tokens and end-of-turn), the same truncation limits apply (a response cut short loses its end-of-turn),
+and `chat_divergence` says what a template whose prompt is not a prefix of the conversation does
+("warn" once, or "error": a DataError of kind "template_divergence").
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from dpoq_jax import paths
+from dpoq_jax.data import chat
 from dpoq_jax.data.errors import DataError, ErrorPolicy
 from dpoq_jax.data.examples import PreferenceExample, SFTExample, TokenizedPair, TokenizedSFT
 
@@ -43,6 +50,7 @@ class TokenizeConfig:
     add_bos: bool = False  # prepend tokenizer.bos_token_id to the prompt
     add_eos: bool = True
     check_boundary: bool = True  # also encode prompt + response jointly and count mismatches
+    chat_divergence: str = "warn"  # conversational data: "warn" (once) or "error" (data/chat.py)
 
 
 @dataclasses.dataclass
@@ -51,6 +59,7 @@ class TokenizeStats:
     prompt_truncated: int = 0
     response_truncated: int = 0
     boundary_mismatches: int = 0
+    chat_divergences: int = 0  # conversational examples whose rendered prompt is not a prefix
 
     def summary(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -108,7 +117,12 @@ def _response_ids(tok: Tokenizer, prompt: str, raw_prompt_ids: list[int], text: 
     mismatch = cfg.check_boundary and encode(tok, prompt + text) != raw_prompt_ids + ids
     if not ids:
         raise DataError("response has no tokens", kind="empty_response", key=key, **_where(meta))
-    limit = cfg.max_response_tokens - (1 if cfg.add_eos else 0)
+    return _fit_response(tok, ids, key, cfg, meta, stats, cfg.add_eos), mismatch
+
+
+def _fit_response(tok: Tokenizer, ids: list[int], key: str, cfg: TokenizeConfig, meta: dict,
+                  stats: TokenizeStats, add_eos: bool) -> list[int]:
+    limit = cfg.max_response_tokens - (1 if add_eos else 0)
     if len(ids) > limit:
         if not cfg.truncate_responses:
             raise DataError(f"response has {len(ids)} tokens > {limit} (max_response_tokens="
@@ -116,18 +130,35 @@ def _response_ids(tok: Tokenizer, prompt: str, raw_prompt_ids: list[int], text: 
                             **_where(meta))
         ids = ids[:limit]  # keep the start
         stats.response_truncated += 1
-    if cfg.add_eos:
+    if add_eos:
         ids = ids + [tok.eos_token_id]
-    return ids, mismatch
+    return ids
+
+
+def _chat_ids(ex: PreferenceExample | SFTExample, keys: tuple[str, ...], tok: Tokenizer, cfg: TokenizeConfig,
+              stats: TokenizeStats) -> tuple[list[int], list[list[int]], bool]:
+    """Prompt and response ids of a conversational example (chat template), truncated like text."""
+    where = _where(ex.meta)
+    p_raw, responses, diverged = chat.tokenize_chat(
+        tok, ex.prompt, [(k, getattr(ex, k)) for k in keys], divergence=cfg.chat_divergence, **where)
+    stats.chat_divergences += int(diverged)
+    p = _prompt_ids(tok, p_raw, dataclasses.replace(cfg, add_bos=False), ex.meta, stats)
+    rs = [_fit_response(tok, ids, k, cfg, ex.meta, stats, add_eos=False)
+          for k, ids in zip(keys, responses, strict=True)]
+    return p, rs, diverged
 
 
 def tokenize_pair(ex: PreferenceExample, tok: Tokenizer, cfg: TokenizeConfig,
                   stats: TokenizeStats | None = None) -> TokenizedPair:
     stats = stats if stats is not None else TokenizeStats()
-    raw = encode(tok, ex.prompt)
-    p = _prompt_ids(tok, raw, cfg, ex.meta, stats)
-    c, mc = _response_ids(tok, ex.prompt, raw, ex.chosen, "chosen", cfg, ex.meta, stats)
-    r, mr = _response_ids(tok, ex.prompt, raw, ex.rejected, "rejected", cfg, ex.meta, stats)
+    if chat.is_chat_example(ex):
+        p, (c, r), _ = _chat_ids(ex, ("chosen", "rejected"), tok, cfg, stats)
+        mc = mr = False  # one rendering of the whole conversation: no boundary to mismatch
+    else:
+        raw = encode(tok, ex.prompt)
+        p = _prompt_ids(tok, raw, cfg, ex.meta, stats)
+        c, mc = _response_ids(tok, ex.prompt, raw, ex.chosen, "chosen", cfg, ex.meta, stats)
+        r, mr = _response_ids(tok, ex.prompt, raw, ex.rejected, "rejected", cfg, ex.meta, stats)
     if c == r:
         raise DataError("chosen and rejected have identical tokens", kind="identical_responses",
                         key="rejected", **_where(ex.meta))
@@ -142,9 +173,13 @@ def tokenize_pair(ex: PreferenceExample, tok: Tokenizer, cfg: TokenizeConfig,
 def tokenize_sft(ex: SFTExample, tok: Tokenizer, cfg: TokenizeConfig,
                  stats: TokenizeStats | None = None) -> TokenizedSFT:
     stats = stats if stats is not None else TokenizeStats()
-    raw = encode(tok, ex.prompt)
-    p = _prompt_ids(tok, raw, cfg, ex.meta, stats)
-    c, m = _response_ids(tok, ex.prompt, raw, ex.completion, "completion", cfg, ex.meta, stats)
+    if chat.is_chat_example(ex):
+        p, (c,), _ = _chat_ids(ex, ("completion",), tok, cfg, stats)
+        m = False
+    else:
+        raw = encode(tok, ex.prompt)
+        p = _prompt_ids(tok, raw, cfg, ex.meta, stats)
+        c, m = _response_ids(tok, ex.prompt, raw, ex.completion, "completion", cfg, ex.meta, stats)
     stats.n += 1
     meta = dict(ex.meta)
     if m:

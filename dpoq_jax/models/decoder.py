@@ -69,7 +69,7 @@ def _param(
     rngs: nnx.Rngs | None, shape: tuple[int, ...], names: tuple[str | None, ...], dtype, init: str
 ) -> nnx.Param:
     """A parameter with logical axis names. eager_sharding=False: the model can be built without a mesh;
-    placement on a mesh comes from `sharding.logical_to_shardings` (jit out_shardings or load_hf)."""
+    placement on a mesh comes from `sharding.logical_to_shardings` (jit out_shardings, or load_model)."""
     if init == "normal":
         value = _normal(rngs.params(), shape, dtype)
     else:  # numpy constants: no per-shape compilation when built eagerly

@@ -136,6 +136,7 @@ def parse_overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
 # Keys with a fixed set of values: a typo must fail here, not silently pick a default later.
 _CHOICES = {
     "data.source": SOURCES,
+    "data.chat_divergence": ("warn", "error"),
     "data.sft_responses": ("chosen", "all"),
     "data.layout": LAYOUTS,
     "model.attention": ("auto", "xla", "cudnn", "splash", "splash_interpret"),
@@ -195,9 +196,9 @@ def validate(config: mc.ConfigDict) -> None:
         )
     for key in ("path", "eval_path"):
         path = config.data.get(key, "")
-        if path and not paths.exists(path):
+        if path and not paths.exists(path) and config.data.source != "datasets":  # datasets: Hub names too
             raise ConfigError(f"config key 'data.{key}': path {path!r} does not exist")
-    if config.data.source in ("jsonl", "hh", "tldr") and not config.data.path:
+    if config.data.source in ("jsonl", "datasets", "hh", "tldr") and not config.data.path:
         raise ConfigError(f"config key 'data.path' is required for data.source={config.data.source!r}")
     if config.data.source == "synthetic" and config.data.num_examples <= 0:
         raise ConfigError("config key 'data.num_examples' must be > 0 for data.source='synthetic'")
@@ -315,10 +316,10 @@ def base_config() -> mc.ConfigDict:
     c.reference.logps_path = ""  # precomputed: file written by `dpoq precompute-ref`
 
     c.data = mc.ConfigDict()  # keys of data.sources.load_examples, plus the held-out split and layout
-    c.data.source = "synthetic"  # synthetic | jsonl | hh | tldr
-    c.data.path = ""  # jsonl/hh file or tldr manual dir
+    c.data.source = "synthetic"  # synthetic | jsonl | datasets | hh | tldr
+    c.data.path = ""  # jsonl/hh file, tldr manual dir; datasets: parquet/arrow/json file, folder or Hub name
     c.data.data_dir = ""  # tldr: where the tfds dataset is prepared
-    c.data.eval_path = ""  # jsonl/hh: held-out file ("" = no periodic eval)
+    c.data.eval_path = ""  # jsonl/hh/datasets: held-out file ("" = no periodic eval)
     c.data.eval_split = "validation"  # tldr and synthetic: held-out split
     c.data.task = "error_injection"  # synthetic: error_injection | dense_reward
     c.data.task_kwargs = mc.ConfigDict({"seed": 0})  # synthetic: fields of the task dataclass
@@ -336,6 +337,7 @@ def base_config() -> mc.ConfigDict:
     c.data.num_rows = 0  # packed layout: rows per micro-batch (0: one per pair)
     c.data.overflow = "error"  # "error" or "drop" pairs that do not fit their rows
     c.data.on_error = "fail"  # bad examples: "fail" or "skip"
+    c.data.chat_divergence = "warn"  # chat template whose prompt is not a prefix: "warn" once or "error"
     c.data.shuffle = True
 
     c.loss = mc.ConfigDict()  # losses.LossConfig

@@ -56,10 +56,11 @@ def _source_cfg(cfg: Any, split: str) -> dict[str, Any] | None:
         "tokenizer_path": d.tokenizer_path or None,
     }
     if split == "eval":
-        if d.source in ("jsonl", "hh"):
+        if d.source in ("jsonl", "hh", "datasets"):
             if not d.eval_path:
                 return None
             src["path"] = d.eval_path
+            src["split"] = d.eval_split if d.source == "datasets" else "train"
         else:  # tldr and synthetic tasks have their own held-out split
             src["split"] = d.eval_split
         src["num_examples"] = d.num_eval
@@ -76,7 +77,7 @@ def _raw_examples(cfg: Any, split: str) -> tuple[list, Any]:
         # an SFT file has "completion"; a preference file is used via its pairs. Only the first JSON
         # object decides; the read itself reports every bad line (file:line: key) under on_error.
         first = first_record(src["path"]) if cfg.data.source == "jsonl" else None
-        if not (first and "completion" in first):
+        if not (first and ("completion" in first or "messages" in first)):
             pairs, policy = load_examples(src, "preference")
             return _to_sft(pairs, cfg.data.sft_responses), policy
     return load_examples(src, kind)
@@ -94,6 +95,7 @@ def load_dataset(cfg: Any) -> Dataset:
         truncate_prompt=cfg.data.truncate_prompt,
         truncate_responses=cfg.data.truncate_responses,
         add_bos=cfg.data.add_bos,
+        chat_divergence=cfg.data.get("chat_divergence", "warn"),
     )
     out, stats = {}, {}
     for split in ("train", "eval"):
