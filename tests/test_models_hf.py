@@ -10,13 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
+from flax import nnx
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from flax import nnx  # noqa: E402
-
-from dpoq_jax.models import hf  # noqa: E402
+from dpoq_jax.models import hf
 
 V = 128
 TOL = 1e-4
