@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,8 @@ from dpoq_jax.analysis import metrics
 from dpoq_jax.analysis.credit import response_logits
 from dpoq_jax.data.synthetic import dense_optimal_values, dense_shaping
 from dpoq_jax.train import runs
+
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"  # any cwd
 
 
 def kl_ref_policy_np(policy_logits_BTV: np.ndarray, ref_logits_BTV: np.ndarray) -> np.ndarray:
@@ -210,10 +213,10 @@ def test_stage_config_and_diff_keys(tmp_path) -> None:
     # The packaged default and the repository's re-exports resolve to the same config values.
     packaged = runs.stage_config(runs.default_config("error_injection"), "sft")
     assert packaged.endswith("dpoq_jax/configs/error_injection_sft.py")
-    clone = runs.stage_config("experiments/configs/error_injection", "sft")  # repo-relative fixture
-    assert clone == "experiments/configs/error_injection_sft.py"
+    clone = runs.stage_config(f"{CONFIGS}/error_injection", "sft")  # the repository's re-exports
+    assert clone == f"{CONFIGS}/error_injection_sft.py"
     assert runs.peek_config(clone, "sft").to_dict() == runs.peek_config(packaged, "sft").to_dict()
-    assert runs.stage_config("experiments/configs/error_injection:x", "dpo").endswith(
+    assert runs.stage_config(f"{CONFIGS}/error_injection:x", "dpo").endswith(
         "error_injection_dpo.py:x"
     )
     one = tmp_path / "one.py"
@@ -245,8 +248,9 @@ def test_experiment_args(tmp_path) -> None:
     assert a.config == runs.default_config("dense_reward")
     assert a.results == str(tmp_path / "implicit_rewards_dense_reward.md")
     for bad in (["--stray"], ["--seeds", "1,1"], ["--seeds", "x"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as e:
             cli.parse_args(search_overopt, bad, tmp_path)
+        assert e.value.code == 2, (bad, e.value.code)  # argparse's usage error, not a clean exit
 
 
 def test_thin_scripts_write_into_experiments_results() -> None:
