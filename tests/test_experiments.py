@@ -253,6 +253,26 @@ def test_experiment_args(tmp_path) -> None:
         assert e.value.code == 2, (bad, e.value.code)  # argparse's usage error, not a clean exit
 
 
+def test_reports_name_configs_without_machine_paths(tmp_path, monkeypatch) -> None:
+    """The "config" row of a report: a packaged config as its package resource, one under the working
+    directory relative to it, any other as given; the committed reports hold no absolute path."""
+    from dpoq_jax.experiments import cli, credit_assignment
+
+    a = cli.parse_args(credit_assignment, ["--seeds", "0"], tmp_path)
+    a.seed = 0
+    assert cli.run_meta(a)["config"] == "dpoq_jax/configs/error_injection"
+    monkeypatch.chdir(tmp_path)
+    assert cli.config_label(f"{tmp_path}/mine/task:x") == "mine/task:x"
+    assert cli.config_label("/elsewhere/task_dpo.py") == "/elsewhere/task_dpo.py"
+    rows = [
+        (md.name, line)
+        for md in sorted((CONFIGS.parent / "results").glob("*.md"))
+        for line in md.read_text().splitlines()
+        if line.startswith("| config |")
+    ]
+    assert rows and all(not line.split("|")[2].strip().startswith("/") for _, line in rows), rows
+
+
 def test_thin_scripts_write_into_experiments_results() -> None:
     """`python -m experiments.<name>` is the package's experiment with the script's results folder."""
     import os
