@@ -69,7 +69,7 @@ def test_resume_after_crash_is_bitwise_exact(tmp_path, finished_run):
     assert rows_without_timing(work) == rows_without_timing(str(full_work))
     rows = read_metrics(work)
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
-    assert [r["step"] for r in rows if r["split"] == "eval"] == [3]
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [3, 4]  # every 3 steps and the last
     with open(os.path.join(work, "config.json")) as f:
         assert json.load(f)["stage"] == "sft"
     assert os.listdir(os.path.join(work, "tb"))  # TensorBoard event file
