@@ -223,12 +223,29 @@ def test_error_injection_credit_end_to_end():
     exs = task.preference_examples(6, "validation")
     pol, ref = TabularLM.random(tok.vocab_size, seed=2), TabularLM.random(tok.vocab_size, seed=3)
     got = error_injection_credit(pol, ref, exs, tok, beta=0.2)
-    prompts = [tok.encode(e.prompt) for e in exs]
-    rejected = [tok.encode(e.rejected) + [tok.eos_token_id] for e in exs]
-    rewards = [s.rewards for s in score_responses(pol, ref, prompts, rejected, 0.2)]
-    want = credit_assignment_score(rewards, [e.meta["error_positions"] for e in exs])
-    assert got["n_responses"] == 6 and got["top1"] == want["top1"]
-    assert got["auroc_pooled"] == pytest.approx(want["auroc_pooled"])
+    # Independent reference, from the tables in numpy: the logits for token p are table[x[p-2], x[p-1]]
+    # (token -1 is 0, the empty cache); r = β (log π − log π_ref) of each rejected token (EOS appended).
+    tp, tr = np.asarray(pol.table[...], np.float64), np.asarray(ref.table[...], np.float64)
+
+    def logp(table, x, p):
+        row = table[x[p - 2] if p >= 2 else 0, x[p - 1]]
+        return row[x[p]] - np.log(np.exp(row - row.max()).sum()) - row.max()
+
+    hits, pos_scores, neg_scores = [], [], []
+    rejected = []
+    for e in exs:
+        prompt, resp = tok.encode(e.prompt), tok.encode(e.rejected) + [tok.eos_token_id]
+        rejected.append(resp)
+        x = prompt + resp
+        r = [0.2 * (logp(tp, x, len(prompt) + i) - logp(tr, x, len(prompt) + i)) for i in range(len(resp))]
+        errs = set(e.meta["error_positions"])
+        hits.append(float(int(np.argmin(r)) in errs))
+        pos_scores += [-r[i] for i in errs]
+        neg_scores += [-r[i] for i in range(len(r)) if i not in errs]
+    pairs = [(a > b) + 0.5 * (a == b) for a in pos_scores for b in neg_scores]  # Mann–Whitney by counting
+    assert got["n_responses"] == 6 and got["top1"] == pytest.approx(np.mean(hits))
+    assert got["auroc_pooled"] == pytest.approx(np.mean(pairs)) and got["beta"] == 0.2
+    assert 0 < got["auroc_pooled"] < 1  # random tables: neither perfect nor empty, so the check can fail
     # the gold judge agrees with the injected positions the metric uses
     for e, r in zip(exs, rejected, strict=True):
         assert list(np.flatnonzero(task.gold_token_rewards(e.prompt, r) < 0)) == e.meta["error_positions"]

@@ -4,10 +4,13 @@ extra; no TPU needed). Checks the reported fields against what they must be for 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from dpoq_jax.commands.compile import compile_main
+
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"  # any cwd
 
 TINY = {
     "family": "gpt_neox",
@@ -38,7 +41,7 @@ def test_compile_tiny_step_for_v5e_2x2(tmp_path, capsys, config, layout, referen
     out = tmp_path / "report.json"
     args = [
         "--config",
-        f"experiments/configs/{config}",
+        str(CONFIGS / config),
         "--topology",
         "v5e:2x2",
         "--model-config",
@@ -69,14 +72,14 @@ def test_compile_tiny_step_for_v5e_2x2(tmp_path, capsys, config, layout, referen
 
 def test_bad_topology_is_one_clear_line(tmp_path):
     with pytest.raises(SystemExit, match="--topology 'v9:1x1'"):
-        compile_main(["--config", "experiments/configs/error_injection_sft.py", "--topology", "v9:1x1"])
+        compile_main(["--config", str(CONFIGS / "error_injection_sft.py"), "--topology", "v9:1x1"])
 
 
 def test_search_batch_doubles_the_per_shard_micro_batch(tmp_path):
     model = tmp_path / "model_config.json"
     model.write_text(json.dumps(TINY))
     out = tmp_path / "search.json"
-    args = ["--config", "experiments/configs/error_injection_sft.py", "--topology", "v5e:2x2",
+    args = ["--config", str(CONFIGS / "error_injection_sft.py"), "--topology", "v5e:2x2",
             "--model-config", str(model), "--json", str(out), "--search-batch", "--max-batch", "2",
             "--config.train.micro_batches=2"]  # fmt: skip
     assert compile_main(args) == 0

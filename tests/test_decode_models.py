@@ -211,7 +211,39 @@ def test_generate_and_score_commands(decoders, tmp_path):
     assert len(report["items"]) == 4 and set(report["items"][0]["responses"]) == {"chosen", "rejected"}
     assert {"q", "v", "rewards"} <= set(report["items"][0]["responses"]["chosen"])
     credit = json.loads((tmp_path / "rep" / "credit.json").read_text())
-    assert 0.0 <= credit["top1"] <= 1.0 and credit["n_responses"] == 4
+    # Independent values: a plain uncached forward of each model over prompt + response, log_softmax,
+    # r_t = β (log π − log π_ref) with the default β = 0.1 (swapped models would flip the sign).
+    tok = SyntheticTokenizer()
+    want = {}
+    for i, item in enumerate(report["items"]):
+        for k, resp in item["responses"].items():
+            prompt = tok.encode(item["prompt"])
+            row = np.asarray([prompt + resp["ids"]], np.int32)
+            span = slice(len(prompt) - 1, len(prompt) - 1 + len(resp["ids"]))
+            lp, lr = uncached_logps(pol, row)[0, span], uncached_logps(ref, row)[0, span]
+            np.testing.assert_allclose(resp["logps"], lp, atol=2e-4)
+            np.testing.assert_allclose(resp["ref_logps"], lr, atol=2e-4)
+            want[i, k] = 0.1 * (lp - lr)
+            np.testing.assert_allclose(resp["rewards"], want[i, k], atol=2e-5)
+            assert np.abs(want[i, k]).max() > 1e-2  # the two models differ: the check can tell them apart
+    assert report["beta"] == 0.1 and credit["n_responses"] == 4 and credit["beta"] == 0.1
+    hits = [
+        float(int(np.argmin(want[i, "rejected"])) in it["meta"]["error_positions"])
+        for i, it in enumerate(report["items"])
+    ]
+    assert credit["top1"] == pytest.approx(np.mean(hits))
+    # --beta scales every reward (same items: the task seed is the same).
+    rc = score_main(
+        ["--policy", str(tmp_path / "pol"), "--reference", str(tmp_path / "ref"), "--tokenizer", "synthetic",
+         "--synthetic", "error_injection", "--n", "4", "--beta", "0.3", "--max-png", "0",
+         "--out-dir", str(tmp_path / "rep3")]
+    )  # fmt: skip
+    assert rc == 0
+    report3 = rep.load_json(tmp_path / "rep3" / "scores.json")
+    assert report3["beta"] == 0.3
+    for i, item in enumerate(report3["items"]):
+        for k, resp in item["responses"].items():
+            np.testing.assert_allclose(resp["rewards"], 3 * want[i, k], atol=6e-5)
     assert sorted(p.name for p in (tmp_path / "rep" / "png").iterdir()) == ["item_0.png", "item_1.png"]
     assert "</html>" in (tmp_path / "rep" / "report.html").read_text()
 

@@ -11,8 +11,10 @@ import os
 import re
 import shlex
 import shutil
+import site
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -61,8 +63,16 @@ def installed_demo(tmp_path_factory) -> dict:
     )
     (wheel,) = wheels.glob("dpoq_jax-*.whl")
     venv = root / "venv"
-    _run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], root, env)
+    _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], root, env)
     py, dpoq = venv / "bin" / "python", venv / "bin" / "dpoq"
+    # The dependencies are this interpreter's, whether it is a system python or a virtualenv's (a
+    # --system-site-packages venv made from a virtualenv would see the base interpreter's packages
+    # instead): a .pth file puts this interpreter's site-packages after the venv's own, so the wheel
+    # installed into the venv is the dpoq_jax that imports. pip comes from there too.
+    inner = Path(_run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], root,
+                      env).stdout.strip())  # fmt: skip
+    outer = dict.fromkeys([*site.getsitepackages(), *(sysconfig.get_path(k) for k in ("purelib", "platlib"))])
+    (inner / "outer_site_packages.pth").write_text("".join(f"{d}\n" for d in outer if Path(d).is_dir()))
     _run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "-q", str(wheel)], root, env)
     work = root / "user"  # a user's folder: no repository anywhere above it
     work.mkdir()

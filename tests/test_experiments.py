@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,8 @@ from dpoq_jax.analysis import metrics
 from dpoq_jax.analysis.credit import response_logits
 from dpoq_jax.data.synthetic import dense_optimal_values, dense_shaping
 from dpoq_jax.experiments import runs
+
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"  # any cwd
 
 
 def kl_ref_policy_np(policy_logits_BTV: np.ndarray, ref_logits_BTV: np.ndarray) -> np.ndarray:
@@ -210,10 +213,10 @@ def test_stage_config_and_diff_keys(tmp_path) -> None:
     # The packaged default and the repository's re-exports resolve to the same config values.
     packaged = runs.stage_config(runs.default_config("error_injection"), "sft")
     assert packaged.endswith("dpoq_jax/configs/error_injection_sft.py")
-    clone = runs.stage_config("experiments/configs/error_injection", "sft")  # repo-relative fixture
-    assert clone == "experiments/configs/error_injection_sft.py"
+    clone = runs.stage_config(f"{CONFIGS}/error_injection", "sft")  # the repository's re-exports
+    assert clone == f"{CONFIGS}/error_injection_sft.py"
     assert runs.peek_config(clone, "sft").to_dict() == runs.peek_config(packaged, "sft").to_dict()
-    assert runs.stage_config("experiments/configs/error_injection:x", "dpo").endswith(
+    assert runs.stage_config(f"{CONFIGS}/error_injection:x", "dpo").endswith(
         "error_injection_dpo.py:x"
     )
     one = tmp_path / "one.py"
@@ -245,8 +248,29 @@ def test_experiment_args(tmp_path) -> None:
     assert a.config == runs.default_config("dense_reward")
     assert a.results == str(tmp_path / "implicit_rewards_dense_reward.md")
     for bad in (["--stray"], ["--seeds", "1,1"], ["--seeds", "x"]):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit) as e:
             cli.parse_args(search_overopt, bad, tmp_path)
+        assert e.value.code == 2, (bad, e.value.code)  # argparse's usage error, not a clean exit
+
+
+def test_reports_name_configs_without_machine_paths(tmp_path, monkeypatch) -> None:
+    """The "config" row of a report: a packaged config as its package resource, one under the working
+    directory relative to it, any other as given; the committed reports hold no absolute path."""
+    from dpoq_jax.experiments import cli, credit_assignment
+
+    a = cli.parse_args(credit_assignment, ["--seeds", "0"], tmp_path)
+    a.seed = 0
+    assert cli.run_meta(a)["config"] == "dpoq_jax/configs/error_injection"
+    monkeypatch.chdir(tmp_path)
+    assert cli.config_label(f"{tmp_path}/mine/task:x") == "mine/task:x"
+    assert cli.config_label("/elsewhere/task_dpo.py") == "/elsewhere/task_dpo.py"
+    rows = [
+        (md.name, line)
+        for md in sorted((CONFIGS.parent / "results").glob("*.md"))
+        for line in md.read_text().splitlines()
+        if line.startswith("| config |")
+    ]
+    assert rows and all(not line.split("|")[2].strip().startswith("/") for _, line in rows), rows
 
 
 def test_thin_scripts_write_into_experiments_results() -> None:
@@ -392,7 +416,7 @@ def test_t_interval_and_merged_tables() -> None:
     )
     assert str(it) == "3.000 [1.037, 4.963]" and it.above(1.0) and not it.above(1.04)
     assert seeds.t_interval([2.0, float("nan")]) == seeds.Interval(2.0, 2.0, 2.0, 1)  # NaN dropped
-    scipy_stats = pytest.importorskip("scipy.stats")
+    import scipy.stats as scipy_stats
     for df, t in seeds.T975.items():
         assert t == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=1e-3)
 

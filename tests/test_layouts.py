@@ -189,11 +189,11 @@ def test_gather_flat():
 
 def test_layouts_give_same_token_logps_on_a_model():
     """padded, prefix_shared and packed give the padded layout's per-token log-probs and gradients."""
-    decoder = pytest.importorskip("dpoq_jax.models.decoder")  # the model part is written separately
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
+    from dpoq_jax.models import decoder
     from dpoq_jax.models.config import ModelConfig
 
     V = 50

@@ -193,7 +193,10 @@ def test_dtype_policy_and_unembedding():
     assert model.embed[...].dtype == jnp.float32  # parameters stay float32
     f32 = _model(LLAMA)
     logits32, hidden32, w = _logits_hidden(f32, tokens, pos)
-    np.testing.assert_allclose(logits, logits32, atol=0.15)
+    # Measured: max |bf16 − f32| logit error 0.015 on these tokens (0.014–0.023 over token seeds 1–5,
+    # logits of magnitude ~1.7); 0.05 is ~3x that. Above 1e-3: the bf16 path really computes in bf16.
+    err = float(np.abs(np.asarray(logits) - np.asarray(logits32)).max())
+    assert 1e-3 < err < 0.05, err
     assert f32.unembedding()[1] is None and w.shape == (32, V)
     np.testing.assert_allclose(hidden32 @ w, logits32, atol=1e-5)
 

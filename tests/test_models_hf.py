@@ -10,15 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
+from flax import nnx
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-from flax import nnx  # noqa: E402
-
-from dpoq_jax.models import hf  # noqa: E402
-from dpoq_jax.models import safetensors_dir as stdir  # noqa: E402
-from dpoq_jax.train.load import load_model  # noqa: E402
+from dpoq_jax.models import hf
+from dpoq_jax.models import safetensors_dir as stdir
+from dpoq_jax.train.load import load_model
 
 V = 128
 TOL = 1e-4

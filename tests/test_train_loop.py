@@ -45,31 +45,32 @@ class Crash(Exception):
     pass
 
 
-def test_resume_after_crash_is_bitwise_exact(tmp_path):
-    cfg = loop_config("sft")
-    full = train(cfg, str(tmp_path / "full"))
+def test_resume_after_crash_is_bitwise_exact(tmp_path, finished_run):
+    """Crashed at step 4 (after the checkpoint of step 2 and the eval of step 3), resumed: the same
+    parameters and metrics as the uninterrupted run (the module's finished run, same config)."""
+    cfg, full_work, full_params, _ = finished_run
 
-    def crash_at_5(step, batch):
-        if step == 4:  # after the checkpoint of step 4 and the eval of step 3
+    def crash_at_4(step, batch):
+        if step == 3:  # the batch of step 4
             raise Crash
         return batch
 
     work = str(tmp_path / "crashed")
     with pytest.raises(Crash):
-        train(cfg, work, batch_hook=crash_at_5)
+        train(cfg, work, batch_hook=crash_at_4)
     ckpt_dir = os.path.join(work, "checkpoints")
-    assert RunCheckpoints(ckpt_dir, every_steps=1, keep=3).all_steps() == [2, 4]
+    assert RunCheckpoints(ckpt_dir, every_steps=1, keep=3).all_steps() == [2]
     # a save cut short leaves only orbax's temporary directory: it must be ignored
-    os.makedirs(os.path.join(ckpt_dir, "6.orbax-checkpoint-tmp-1234567", "params"))
-    assert max(read_metrics(work), key=lambda r: r["step"])["step"] == 4
-    resumed = train(cfg, work)
+    os.makedirs(os.path.join(ckpt_dir, "4.orbax-checkpoint-tmp-1234567", "params"))
+    assert max(read_metrics(work), key=lambda r: r["step"])["step"] == 3
+    resumed = train(cfg, work)  # from step 2: steps 3 (and its eval) run again, their rows replaced
 
-    for a, b in zip(params_np(full.state), params_np(resumed.state), strict=True):
+    for a, b in zip(full_params, params_np(resumed.state), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert rows_without_timing(work) == rows_without_timing(str(tmp_path / "full"))
+    assert rows_without_timing(work) == rows_without_timing(str(full_work))
     rows = read_metrics(work)
-    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
-    assert [r["step"] for r in rows if r["split"] == "eval"] == [3, 6]
+    assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows if r["split"] == "eval"] == [3, 4]  # every 3 steps and the last
     with open(os.path.join(work, "config.json")) as f:
         assert json.load(f)["stage"] == "sft"
     assert os.listdir(os.path.join(work, "tb"))  # TensorBoard event file

@@ -178,9 +178,22 @@ def experiment_main(
     return write_report(module.NAME, run_seeds(module.run, module.verdicts, args, scale), args.results)
 
 
+def config_label(config: str) -> str:
+    """How a report names a config (PATH[:arg]): a packaged one as its package resource
+    (dpoq_jax/configs/NAME), one under the working directory relative to it, any other as given.
+    No absolute path of the machine that ran it."""
+    base, sep, arg = config.partition(":")
+    where = Path(base).resolve()
+    for root, prefix in ((Path(__file__).resolve().parents[1], Path("dpoq_jax")), (Path.cwd(), Path())):
+        if where.is_relative_to(root):
+            return f"{(prefix / where.relative_to(root)).as_posix()}{sep}{arg}"
+    return config
+
+
 def run_meta(args: argparse.Namespace) -> dict[str, str]:
     """The "Run" table of an experiment's report: how to reproduce it, and where it ran."""
-    return {"command": args.command, "seed": str(args.seed), "config": args.config, **machine_info()}
+    return {"command": args.command, "seed": str(args.seed), "config": config_label(args.config),
+            **machine_info()}  # fmt: skip
 
 
 def write_report(name: str, report: Report, md_path: Path | str) -> int:
