@@ -61,7 +61,6 @@ def _rows(n: int) -> list[dict]:
 
 @pytest.mark.slow
 def test_bring_your_own_chat_model(tmp_path, monkeypatch):
-    pytest.importorskip("datasets")
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -100,11 +99,13 @@ def test_bring_your_own_chat_model(tmp_path, monkeypatch):
     assert len(out) == 2 and out[0]["prompt"] == [m("user", "What color is the sky?")]
     assert all(o["outputs"][0]["length"] >= 1 for o in out)
 
-    # token-reward report of the trained policy against the start model, on the training pairs
+    # token-reward report of the trained (LoRA) policy against the start model, on the training pairs:
+    # the run folder itself (adapters merged into their base) with the run's own β
     report = tmp_path / "report"
-    assert dpoq(["score", "--policy", export, "--reference", model, "--pairs", str(prefs),
+    assert dpoq(["score", "--policy", lora, "--reference", model, "--pairs", str(prefs),
                  "--out-dir", str(report), "--max-png", "1"]) == 0
     scores = json.loads((report / "scores.json").read_text())
+    assert scores["beta"] == json.loads(open(os.path.join(lora, "config.json")).read())["loss"]["beta"]
     item = scores["items"][1]  # an implicit-prompt row
     assert item["prompt"].endswith("<|im_start|>assistant\n") and "Be kind." in item["prompt"]
     assert "".join(item["responses"]["chosen"]["tokens"]) == "It is blue.<|im_end|>\n"  # end of turn, no EOS
