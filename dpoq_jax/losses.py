@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from dpoq_jax import tokenq
 
 Array = jax.Array
+_f32 = tokenq._f32  # at least float32; float64 stays float64 (for float64 references)
 # TRL 1.16 DPOTrainer's loss types, in its order, then ours.
 TRL_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -32,13 +33,23 @@ LOSS_TYPES = TRL_LOSS_TYPES + ("cdpo",) + REFERENCE_FREE_TYPES
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # Only losses of the chosen−rejected score difference admit an f-divergence (TRL's rule: the β log Z(x)
 # of the f-DPO reparameterisation cancels only there).
-F_DIVERGENCE_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft", "cdpo")
+F_DIVERGENCE_TYPES = (
+    "sigmoid",
+    "sigmoid_norm",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "robust",
+    "discopop",
+    "sft",
+    "cdpo",
+)
 _SORTING_TYPES = ("aot", "aot_unpaired")
 _NO_REFERENCE = REFERENCE_FREE_TYPES + ("sft",)
 
 
 def parse_types(loss_type: str | Sequence[str]) -> tuple[str, ...]:
-    """"sigmoid" or "sigmoid,bco_pair,sft" or a sequence of names -> tuple of names."""
+    """ "sigmoid" or "sigmoid,bco_pair,sft" or a sequence of names -> tuple of names."""
     if isinstance(loss_type, str):
         return tuple(t.strip() for t in loss_type.split(",") if t.strip())
     return tuple(loss_type)
@@ -72,29 +83,40 @@ class LossConfig:
         types = self.types
         bad = [t for t in types if t not in LOSS_TYPES]
         if bad or not types:
-            raise ValueError(f"LossConfig.loss_type={self.loss_type!r}: unknown {bad or 'empty'}; expected names of {LOSS_TYPES}")
+            raise ValueError(
+                f"LossConfig.loss_type={self.loss_type!r}: unknown {bad or 'empty'}; "
+                f"expected names of {LOSS_TYPES}"
+            )
         if self.loss_weights and len(self.loss_weights) != len(types):
             raise ValueError(
-                f"LossConfig.loss_weights has {len(self.loss_weights)} weights for {len(types)} loss types {types}"
+                f"LossConfig.loss_weights has {len(self.loss_weights)} weights for {len(types)} "
+                f"loss types {types}"
             )
         if not self.beta > 0:
             raise ValueError(f"LossConfig.beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"LossConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if "exo_pair" in types and self.label_smoothing <= 0:
-            raise ValueError("LossConfig.label_smoothing must be > 0 for loss_type 'exo_pair' (EXO suggests 1e-3)")
+            raise ValueError(
+                "LossConfig.label_smoothing must be > 0 for loss_type 'exo_pair' (EXO suggests 1e-3)"
+            )
         if self.sft_weight < 0:
             raise ValueError(f"LossConfig.sft_weight must be >= 0, got {self.sft_weight}")
         if not 0.0 <= self.ld_alpha <= 1.0:
             raise ValueError(f"LossConfig.ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.f_divergence_type not in F_DIVERGENCES:
-            raise ValueError(f"LossConfig.f_divergence_type={self.f_divergence_type!r}; expected one of {F_DIVERGENCES}")
+            raise ValueError(
+                f"LossConfig.f_divergence_type={self.f_divergence_type!r}; expected one of {F_DIVERGENCES}"
+            )
         if self.f_divergence_type != "reverse_kl" and not set(types) <= set(F_DIVERGENCE_TYPES):
             raise ValueError(
-                f"LossConfig.f_divergence_type={self.f_divergence_type!r} works only with {F_DIVERGENCE_TYPES}, got {types}"
+                f"LossConfig.f_divergence_type={self.f_divergence_type!r} works only with "
+                f"{F_DIVERGENCE_TYPES}, got {types}"
             )
         if self.use_weighting and set(types) & set(_SORTING_TYPES):
-            raise ValueError("LossConfig.use_weighting does not combine with 'aot'/'aot_unpaired' (they sort pairs)")
+            raise ValueError(
+                "LossConfig.use_weighting does not combine with 'aot'/'aot_unpaired' (they sort pairs)"
+            )
         if self.discopop_tau <= 0:
             raise ValueError(f"LossConfig.discopop_tau must be > 0, got {self.discopop_tau}")
 
@@ -130,9 +152,9 @@ def _global_min(x: Array, axis_name: str | None) -> Array:
 
 def _ref_sum(ref: Array, w_BT: Array, name: str) -> Array:
     if ref.ndim == 2:
-        return tokenq.masked_sum(ref.astype(jnp.float32), w_BT)
+        return tokenq.masked_sum(_f32(ref), w_BT)
     if ref.ndim == 1:
-        return ref.astype(jnp.float32)
+        return _f32(ref)
     raise ValueError(
         f"preference_loss: {name} must be per-token [B, T] or per-response sums [B], got {ref.shape}"
     )
@@ -169,7 +191,7 @@ def f_divergence_scores(logratio_B: Array, kind: str, alpha_coef: float = 0.5) -
 def wpo_weights(logps_BT: Array, log_sum_sq_BT: Array, mask_BT: Array) -> Array:
     """WPO weight of a response, exp(mean_t [log π(y_t) − log Σ_v π(v)²]) (no gradient) -> [B]."""
     m_BT = mask_BT.astype(jnp.float32)
-    aligned_BT = jax.lax.stop_gradient((logps_BT.astype(jnp.float32) - log_sum_sq_BT.astype(jnp.float32)) * m_BT)
+    aligned_BT = jax.lax.stop_gradient((_f32(logps_BT) - _f32(log_sum_sq_BT)) * m_BT)
     return jnp.exp(jnp.sum(aligned_BT, -1) / jnp.maximum(jnp.sum(m_BT, -1), 1.0))
 
 
@@ -186,7 +208,7 @@ def _sorted_real(x_B: Array, real_B: Array) -> Array:
 
 
 def pair_losses(h_B: Array, config: LossConfig) -> Array:
-    """Per-pair loss of the (β-free) log-ratio margin h for the margin-only types (one type, no f-divergence)."""
+    """Per-pair loss of the (β-free) log-ratio margin h; one margin-only type, no f-divergence."""
     (t,) = config.types
     return _margin_loss(t, h_B, config)
 
@@ -261,21 +283,27 @@ def preference_loss(
     if config.ld_alpha < 1.0 and has_ref and (ref_chosen.ndim != 2 or ref_rejected.ndim != 2):
         raise ValueError("preference_loss: ld_alpha < 1 needs per-token reference log-probs [B, T], got sums")
     if config.use_weighting and (chosen_log_sum_sq_BT is None or rejected_log_sum_sq_BT is None):
-        raise ValueError("preference_loss: use_weighting needs chosen_log_sum_sq_BT and rejected_log_sum_sq_BT")
+        raise ValueError(
+            "preference_loss: use_weighting needs chosen_log_sum_sq_BT and rejected_log_sum_sq_BT"
+        )
     if axis_name is not None and set(types) & set(_SORTING_TYPES):
-        raise ValueError("preference_loss: aot/aot_unpaired sort the whole batch; not under shard_map (axis_name)")
+        raise ValueError(
+            "preference_loss: aot/aot_unpaired sort the whole batch; not under shard_map (axis_name)"
+        )
     cm_BT = chosen_mask_BT.astype(jnp.float32)
     rm_BT = rejected_mask_BT.astype(jnp.float32)
     B = policy_chosen_BT.shape[0]
     pm_B = jnp.ones((B,), jnp.float32) if pair_mask_B is None else pair_mask_B.astype(jnp.float32)
-    pol_c_BT = policy_chosen_BT.astype(jnp.float32)
-    pol_r_BT = policy_rejected_BT.astype(jnp.float32)
+    pol_c_BT = _f32(policy_chosen_BT)
+    pol_r_BT = _f32(policy_rejected_BT)
     n_c_B = jnp.maximum(jnp.sum(cm_BT, -1), 1.0)
     n_r_B = jnp.maximum(jnp.sum(rm_BT, -1), 1.0)
     mean = lambda x_B: _global_mean(x_B, pm_B, axis_name)  # noqa: E731
 
     # LD-DPO: token weights (1 over the shared length, α after); with α = 1 they are the masks.
-    wc_BT, wr_BT = (cm_BT, rm_BT) if config.ld_alpha == 1.0 else ld_token_weights(cm_BT, rm_BT, config.ld_alpha)
+    wc_BT, wr_BT = (
+        (cm_BT, rm_BT) if config.ld_alpha == 1.0 else ld_token_weights(cm_BT, rm_BT, config.ld_alpha)
+    )
     pc_B = tokenq.masked_sum(pol_c_BT, wc_BT)
     pr_B = tokenq.masked_sum(pol_r_BT, wr_BT)
     metrics: dict[str, Array] = {}
@@ -289,7 +317,9 @@ def preference_loss(
 
     pair_w_B = jnp.ones((B,), jnp.float32)
     if config.use_weighting:
-        pair_w_B = wpo_weights(pol_c_BT, chosen_log_sum_sq_BT, cm_BT) * wpo_weights(pol_r_BT, rejected_log_sum_sq_BT, rm_BT)
+        pair_w_B = wpo_weights(pol_c_BT, chosen_log_sum_sq_BT, cm_BT) * wpo_weights(
+            pol_r_BT, rejected_log_sum_sq_BT, rm_BT
+        )
     nll = _token_mean(-pol_c_BT, cm_BT, pm_B, axis_name)
 
     loss = jnp.float32(0.0)
@@ -411,7 +441,10 @@ def outcome_loss(
     names), rewards/accuracies the share with sign(r) agreeing with the label.
     """
     if policy_BT.ndim != 2 or mask_BT.shape != policy_BT.shape:
-        raise ValueError(f"outcome_loss: policy_BT and mask_BT must be [B, T] alike, got {policy_BT.shape}, {mask_BT.shape}")
+        raise ValueError(
+            f"outcome_loss: policy_BT and mask_BT must be [B, T] alike, got {policy_BT.shape}, "
+            f"{mask_BT.shape}"
+        )
     if label_B.shape != policy_BT.shape[:1]:
         raise ValueError(f"outcome_loss: label_B has shape {label_B.shape}, expected ({policy_BT.shape[0]},)")
     if not beta > 0:
@@ -420,7 +453,7 @@ def outcome_loss(
     B = policy_BT.shape[0]
     em_B = jnp.ones((B,), jnp.float32) if example_mask_B is None else example_mask_B.astype(jnp.float32)
     l_B = label_B.astype(jnp.float32)
-    r_B = beta * (tokenq.masked_sum(policy_BT.astype(jnp.float32), m_BT) - _ref_sum(ref, m_BT, "ref"))
+    r_B = beta * (tokenq.masked_sum(_f32(policy_BT), m_BT) - _ref_sum(ref, m_BT, "ref"))
     per_B = -(l_B * jax.nn.log_sigmoid(r_B) + (1 - l_B) * jax.nn.log_sigmoid(-r_B))
     loss = _global_mean(per_B, em_B, axis_name)
     good_B = (l_B > 0.5).astype(jnp.float32)
@@ -446,6 +479,6 @@ def sft_loss(
     m_BT = mask_BT.astype(jnp.float32)
     B = logps_BT.shape[0]
     pm_B = jnp.ones((B,), jnp.float32) if pair_mask_B is None else pair_mask_B.astype(jnp.float32)
-    nll = _token_mean(-logps_BT.astype(jnp.float32), m_BT, pm_B, axis_name)
+    nll = _token_mean(-_f32(logps_BT), m_BT, pm_B, axis_name)
     tokens = _psum(jnp.sum(m_BT * pm_B[:, None]), axis_name)
     return nll, {"loss": nll, "nll": nll, "tokens": tokens}

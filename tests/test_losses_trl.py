@@ -37,7 +37,10 @@ def _ours(cfg: losses.LossConfig, pair_mask=None, pad: int = 0):
                               "chosen_mask_PR", "rejected_mask_PR", "policy_log_sum_sq_probs_chosen_PR",
                               "policy_log_sum_sq_probs_rejected_PR")}  # fmt: skip
     if pad:  # dummy pairs appended (garbage values, pair_mask 0) must not change anything
-        a = {k: jnp.concatenate([v, jnp.full((pad, v.shape[1]), -3.0 if "mask" not in k else 1.0)]) for k, v in a.items()}
+        a = {
+            k: jnp.concatenate([v, jnp.full((pad, v.shape[1]), -3.0 if "mask" not in k else 1.0)])
+            for k, v in a.items()
+        }
     fn = jax.jit(lambda a, pm: losses.preference_loss(
         a["policy_chosen_PR"], a["policy_rejected_PR"], a["ref_chosen_PR"], a["ref_rejected_PR"],
         a["chosen_mask_PR"], a["rejected_mask_PR"], config=cfg, pair_mask_B=pm,
@@ -57,7 +60,9 @@ def test_fixture_is_trl_1_16_with_distinct_reference():
     assert np.abs(pc - rc).max() > 0.5  # policy != reference: pairwise losses are not constants
     types = {t for c in DATA["cases"] for t in c["config"]["loss_type"]}
     assert types == set(losses.TRL_LOSS_TYPES)  # every TRL loss type is pinned
-    assert {c["config"].get("f_divergence_type", "reverse_kl") for c in DATA["cases"]} == set(losses.F_DIVERGENCES)
+    assert {c["config"].get("f_divergence_type", "reverse_kl") for c in DATA["cases"]} == set(
+        losses.F_DIVERGENCES
+    )
 
 
 @pytest.mark.parametrize("case", DATA["cases"], ids=lambda c: json.dumps(c["config"], separators=(",", ":")))
