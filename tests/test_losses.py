@@ -503,3 +503,58 @@ def test_train_config_mixture_and_reference_free_load():
         _SFT_CONFIG, ["--config.stage=dpo", "--config.loss.loss_type=simpo", "--config.loss.beta=2.0"]
     )
     assert not LossConfig(**c.loss.to_dict()).needs_reference
+
+
+# ---------------------------------------------------------------------------------------------
+# Train-step wiring: reference-free objectives hold and run no reference; WPO gets log Σ p²
+
+
+def _first_step_reference(run, batch_M, cfg, lsq=False):
+    """The loss of the first step, from the model's full logits (an independent path to the lean one)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    state = run.new_state()
+    b = {k: jnp.asarray(v[0]) for k, v in batch_M.items()}
+    model = nnx.merge(run.graphdef, state.params, run.rest)
+    logits_XV = model(b["tokens"], b["positions"], b["segment_ids"], b["branch_ids"])
+    logits_XV = logits_XV.reshape(-1, logits_XV.shape[-1])
+    out = {}
+    for side in ("chosen", "rejected"):
+        lg = logits_XV[b[f"{side}_pred_idx"]]
+        out[side] = tokenq.token_logps(lg, b[f"{side}_targets"], b[f"{side}_mask"])
+        out[side + "_lsq"] = tokenq.log_sum_sq_probs(lg) * b[f"{side}_mask"] if lsq else None
+    ref = (out["chosen"], out["rejected"]) if cfg.needs_reference else (None, None)  # ref = initial policy
+    return losses.preference_loss(
+        out["chosen"], out["rejected"], *ref, b["chosen_mask"], b["rejected_mask"], config=cfg,
+        pair_mask_B=b["pair_mask"], chosen_log_sum_sq_BT=out["chosen_lsq"],
+        rejected_log_sum_sq_BT=out["rejected_lsq"],
+    )[0]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        dict(loss_type="simpo", beta=2.0),
+        dict(loss_type="orpo"),
+        dict(loss_type="sigmoid", use_weighting=True),
+    ],
+    ids=lambda d: d["loss_type"] + ("+wpo" if d.get("use_weighting") else ""),
+)
+def test_train_step_wiring(loss):
+    from test_train_step import local_batches, run_steps, tiny_config
+
+    from dpoq_jax.train.loop import setup
+
+    c = tiny_config("dpo")
+    c.loss.update(loss)
+    run = setup(c, devices=jax.devices()[:1])
+    cfg = LossConfig(**c.loss.to_dict())
+    assert (run.shardings.ref_params is None) == (not cfg.needs_reference)
+    assert (run.new_state().ref_params is None) == (not cfg.needs_reference)
+    batches = local_batches(run, 3)
+    state, step_losses = run_steps(run, batches)
+    assert np.isfinite(step_losses).all() and len(set(step_losses.tolist())) == 3
+    assert int(state.skipped) == 0
+    want = _first_step_reference(run, batches[0], cfg, lsq=cfg.use_weighting)
+    np.testing.assert_allclose(step_losses[0], want, rtol=2e-5)

@@ -283,7 +283,9 @@ def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, w
         rest = jax.jit(lambda: split_model(source.make_model())[2], out_shardings=replicated(mesh))()
     p_sh = param_shardings(abs_params, mesh, rules)
     optimizer, schedule = make_optimizer(cfg.optim, cfg.train.num_steps)
-    with_ref = dpo and cfg.reference.mode == "frozen"
+    loss_cfg = losses.LossConfig(**cfg.loss.to_dict()) if dpo else None
+    # a reference-free objective (SimPO, ORPO) holds no reference parameters and runs no reference forward
+    with_ref = dpo and cfg.reference.mode == "frozen" and loss_cfg.needs_reference
     lora = lora_config(cfg)
     if lora is not None:  # train the adapters; the base rides in ref_params (frozen, the reference)
         from dpoq_jax.models.lora import split_adapters
@@ -296,7 +298,6 @@ def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, w
     chunk = logps_chunk_positions(cfg, cfg.train.batch_size // cfg.train.micro_batches)
     causal, one = causal_rows(cfg.data.layout), one_segment_rows(cfg.data.layout)
     if dpo:
-        loss_cfg = losses.LossConfig(**cfg.loss.to_dict())
         loss_fn = make_dpo_loss(
             graphdef, rest, loss_cfg, chunk, causal, one, lora=lora is not None
         )

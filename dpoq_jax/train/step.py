@@ -80,10 +80,12 @@ def pair_logps(
     chunk_size: int,
     causal_rows: bool = False,
     one_segment_per_row: bool = False,
-) -> tuple[Array, Array]:
-    """Per-token log-probs [P, R] of the chosen and rejected responses of a layout batch."""
+    log_sum_sq: bool = False,
+) -> tuple[Array, ...]:
+    """Per-token log-probs [P, R] of the chosen and rejected responses of a layout batch; with
+    log_sum_sq also their log Σ_v π(v)² [P, R] (WPO's weights; no gradient), from the same forward."""
     h, w, b, cap = _hidden_and_unembed(graphdef, params, rest, batch, causal_rows, one_segment_per_row)
-    out = []
+    out, extra = [], []
     for side in ("chosen", "rejected"):
         out.append(
             response_logps(
@@ -97,7 +99,14 @@ def pair_logps(
                 cap,
             )
         )
-    return out[0], out[1]
+        if log_sum_sq:
+            h_PRD = jnp.take(h, batch[f"{side}_pred_idx"], axis=0)
+            extra.append(
+                tokenq.lean_log_sum_sq_probs(
+                    h_PRD, w, batch[f"{side}_mask"], bias_V=b, chunk_size=chunk_size, softcap=cap
+                )
+            )
+    return (out[0], out[1], *extra)
 
 
 def model_states(params: Any, ref_params: Any, lora: bool) -> tuple[tuple, tuple | None]:
@@ -119,16 +128,18 @@ def policy_and_ref_logps(
     causal_rows: bool = False,
     one_segment_per_row: bool = False,
     lora: bool = False,
-) -> tuple[Array, Array, Array, Array]:
+    policy_forward: bool = True,
+) -> tuple[Array | None, Array | None, Array, Array]:
     """(policy chosen [P,R], policy rejected [P,R], ref chosen, ref rejected). The reference comes from
     frozen parameters (no gradient) when given (LoRA: the base, adapters off), else from the batch:
-    per-token `ref_*_logps` [P, R] or per-response `ref_*_sum` [P]."""
+    per-token `ref_*_logps` [P, R] or per-response `ref_*_sum` [P]. policy_forward=False: the
+    reference only (policy entries None)."""
 
     def logps(p: Any) -> tuple[Array, Array]:
         return pair_logps(graphdef, rest, p, batch, chunk_size, causal_rows, one_segment_per_row)
 
     policy, reference = model_states(params, ref_params, lora)
-    pc, pr = logps(policy)
+    pc, pr = logps(policy) if policy_forward else (None, None)
     if reference is not None:
         rc, rr = jax.lax.stop_gradient(logps(reference))
     elif "ref_chosen_logps" in batch:
@@ -157,9 +168,22 @@ def make_dpo_loss(
     _hidden_and_unembed); lora: params are adapters on the base in ref_params (model_states)."""
 
     def loss_fn(params, ref_params, batch):
-        pc, pr, rc, rr = policy_and_ref_logps(
-            graphdef, rest, params, ref_params, batch, chunk_size, causal_rows, one_segment_per_row, lora
-        )
+        lsq = (None, None)
+        if loss_config.needs_reference and not loss_config.use_weighting:
+            pc, pr, rc, rr = policy_and_ref_logps(
+                graphdef, rest, params, ref_params, batch, chunk_size, causal_rows, one_segment_per_row, lora
+            )
+        else:  # the policy's forward alone (WPO: with log Σ p²); a reference-free loss stops there
+            policy, _ = model_states(params, ref_params, lora)
+            rows = (chunk_size, causal_rows, one_segment_per_row)
+            pc, pr, *lsq = pair_logps(
+                graphdef, rest, policy, batch, *rows, log_sum_sq=loss_config.use_weighting
+            )
+            rc = rr = None
+            if loss_config.needs_reference:
+                _, _, rc, rr = policy_and_ref_logps(
+                    graphdef, rest, params, ref_params, batch, *rows, lora, policy_forward=False
+                )
         loss, metrics = losses.preference_loss(
             pc,
             pr,
@@ -169,6 +193,8 @@ def make_dpo_loss(
             batch["rejected_mask"],
             config=loss_config,
             pair_mask_B=batch["pair_mask"],
+            chosen_log_sum_sq_BT=lsq[0] if lsq else None,
+            rejected_log_sum_sq_BT=lsq[1] if lsq else None,
         )
         return loss, (jnp.sum(batch["pair_mask"]), metrics)
 
