@@ -536,10 +536,10 @@ def _first_step_reference(run, batch_M, cfg, lsq=False):
     "loss",
     [
         dict(loss_type="simpo", beta=2.0),
-        dict(loss_type="orpo"),
-        dict(loss_type="sigmoid", use_weighting=True),
+        pytest.param(dict(loss_type="orpo"), marks=pytest.mark.slow),
+        pytest.param(dict(loss_type="sigmoid", use_weighting=True), marks=pytest.mark.slow),
     ],
-    ids=lambda d: d["loss_type"] + ("+wpo" if d.get("use_weighting") else ""),
+    ids=["simpo", "orpo", "sigmoid+wpo"],
 )
 def test_train_step_wiring(loss):
     from test_train_step import local_batches, run_steps, tiny_config
