@@ -37,44 +37,65 @@ PAIRS = [
     ([3, 4], [60, 61, 62, 2], [33, 34, 35, 36, 2]),
 ]
 
-CASES: list[dict] = (
-    [{"loss_type": [t]} for t in ("sigmoid", "hinge", "ipo", "nca_pair", "robust", "bco_pair", "sppo_hard",
-                                 "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
-                                 "sigmoid_norm")]
-    + [
-        {"loss_type": ["exo_pair"], "label_smoothing": 1e-3},
-        {"loss_type": ["robust"], "label_smoothing": 0.2},
-        {"loss_type": ["aot"], "label_smoothing": 0.1},
-        {"loss_type": ["aot_unpaired"], "label_smoothing": 0.1},
-        {"loss_type": ["discopop"], "discopop_tau": 0.3},
-        # the MPO recipe: a weighted mixture
-        {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
-        {"loss_type": ["sigmoid_norm", "hinge"], "loss_weights": [0.5, 2.0]},
-        {"loss_type": ["sigmoid"], "ld_alpha": 0.5},
-        {"loss_type": ["sigmoid"], "ld_alpha": 0.0},
-        {"loss_type": ["ipo"], "ld_alpha": 0.3},
-        {"loss_type": ["sigmoid_norm"], "ld_alpha": 0.7},
-        {"loss_type": ["sigmoid"], "use_weighting": True},
-        {"loss_type": ["bco_pair"], "use_weighting": True},
-        {"loss_type": ["sigmoid", "sppo_hard"], "loss_weights": [1.0, 0.5], "use_weighting": True},
-        {"loss_type": ["sigmoid"], "f_divergence_type": "forward_kl"},
-        {"loss_type": ["sigmoid"], "f_divergence_type": "js_divergence"},
-        {"loss_type": ["sigmoid"], "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.5},
-        {"loss_type": ["hinge"], "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
-        {"loss_type": ["sigmoid_norm"], "f_divergence_type": "js_divergence"},
-        {"loss_type": ["ipo"], "f_divergence_type": "forward_kl"},
-        {"loss_type": ["sigmoid"], "f_divergence_type": "forward_kl", "ld_alpha": 0.5, "use_weighting": True},
-    ]
+CASES: list[dict] = [
+    {"loss_type": [t]}
+    for t in (
+        "sigmoid",
+        "hinge",
+        "ipo",
+        "nca_pair",
+        "robust",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_unpaired",
+        "apo_zero",
+        "apo_down",
+        "discopop",
+        "sft",
+        "sigmoid_norm",
+    )
+] + [
+    {"loss_type": ["exo_pair"], "label_smoothing": 1e-3},
+    {"loss_type": ["robust"], "label_smoothing": 0.2},
+    {"loss_type": ["aot"], "label_smoothing": 0.1},
+    {"loss_type": ["aot_unpaired"], "label_smoothing": 0.1},
+    {"loss_type": ["discopop"], "discopop_tau": 0.3},
+    # the MPO recipe: a weighted mixture
+    {"loss_type": ["sigmoid", "bco_pair", "sft"], "loss_weights": [0.8, 0.2, 1.0]},
+    {"loss_type": ["sigmoid_norm", "hinge"], "loss_weights": [0.5, 2.0]},
+    {"loss_type": ["sigmoid"], "ld_alpha": 0.5},
+    {"loss_type": ["sigmoid"], "ld_alpha": 0.0},
+    {"loss_type": ["ipo"], "ld_alpha": 0.3},
+    {"loss_type": ["sigmoid_norm"], "ld_alpha": 0.7},
+    {"loss_type": ["sigmoid"], "use_weighting": True},
+    {"loss_type": ["bco_pair"], "use_weighting": True},
+    {"loss_type": ["sigmoid", "sppo_hard"], "loss_weights": [1.0, 0.5], "use_weighting": True},
+    {"loss_type": ["sigmoid"], "f_divergence_type": "forward_kl"},
+    {"loss_type": ["sigmoid"], "f_divergence_type": "js_divergence"},
+    {"loss_type": ["sigmoid"], "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.5},
+    {"loss_type": ["hinge"], "f_divergence_type": "alpha_divergence", "f_alpha_divergence_coef": 0.3},
+    {"loss_type": ["sigmoid_norm"], "f_divergence_type": "js_divergence"},
+    {"loss_type": ["ipo"], "f_divergence_type": "forward_kl"},
+    {"loss_type": ["sigmoid"], "f_divergence_type": "forward_kl", "ld_alpha": 0.5, "use_weighting": True},
+]
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
 )
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
-           "logps/rejected")
 
 
 def tokenizer() -> transformers.PreTrainedTokenizerFast:
     vocab = {f"t{i}": i for i in range(V)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="t1"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="t0", eos_token="t2", unk_token="t1")
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="t0", eos_token="t2", unk_token="t1"
+    )
 
 
 def models_pair() -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -108,7 +129,9 @@ def main() -> None:
     examples = [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r} for p, c, r in PAIRS]
     # The trainer wants a text dataset to build; the loss runs on `examples` through its collator.
     text = lambda ids: " ".join(f"t{i}" for i in ids)  # noqa: E731
-    dataset = Dataset.from_list([{"prompt": text(p), "chosen": text(c), "rejected": text(r)} for p, c, r in PAIRS])
+    dataset = Dataset.from_list(
+        [{"prompt": text(p), "chosen": text(c), "rejected": text(r)} for p, c, r in PAIRS]
+    )
     P = len(PAIRS)
     R = max(max(len(c), len(r)) for _, c, r in PAIRS)
     cases_out = []
