@@ -7,6 +7,8 @@ A case is LAYOUT/REFERENCE/LOGPS:
   layout     padded | prefix_shared | packed   (dpoq_jax.data.layouts)
   reference  frozen_fp32 | frozen_bf16 (frozen reference parameters, forward in the step)
              | precomputed (per-token reference log-probs in the batch, computed once beforehand)
+             | none (SimPO, reference-free: no reference parameters, no reference forward; not in
+               `--cases all`, e.g. --interleave --cases padded/frozen_fp32/lean,padded/none/lean)
   logps      lean (dpoq_jax.train.step: hidden states gathered at response positions, chunked
              unembedding, no B×T×V array) | full (logits at every row position, float32
              log-softmax over all of them: what a straightforward implementation does)
@@ -38,6 +40,7 @@ from benchmarks import shapes
 
 LAYOUTS = ("padded", "prefix_shared", "packed")
 REFERENCES = ("frozen_fp32", "frozen_bf16", "precomputed")
+REFERENCE_FREE = "none"  # a reference-free objective (SimPO) in place of sigmoid DPO
 LOGPS = ("lean", "full")
 # What each option costs, one change at a time from padded/frozen_fp32/lean, then every layout with
 # the cheapest reference.
@@ -68,10 +71,11 @@ class Case:
     @classmethod
     def parse(cls, text: str) -> Case:
         parts = text.split("/")
-        if len(parts) != 3 or parts[0] not in LAYOUTS or parts[1] not in REFERENCES or parts[2] not in LOGPS:
+        refs = REFERENCES + (REFERENCE_FREE,)
+        if len(parts) != 3 or parts[0] not in LAYOUTS or parts[1] not in refs or parts[2] not in LOGPS:
             raise ValueError(
                 f"benchmarks/dpo_step.py: bad case {text!r}; expected LAYOUT/REFERENCE/LOGPS with "
-                f"LAYOUT in {LAYOUTS}, REFERENCE in {REFERENCES}, LOGPS in {LOGPS}"
+                f"LAYOUT in {LAYOUTS}, REFERENCE in {refs}, LOGPS in {LOGPS}"
             )
         return cls(*parts)
 
@@ -147,7 +151,7 @@ def step_flops(shape: str, case: Case | None, batch_shape: dict[str, tuple[int, 
     P, R = batch_shape["chosen_targets"]
     full = case is None or case.logps == "full"
     fwd = shapes.forward_flops(shape, N, S, unembedded=None if full else 2 * P * R)
-    passes = 3 + (case is None or case.reference != "precomputed")
+    passes = 3 + (case is None or case.reference not in ("precomputed", REFERENCE_FREE))
     return passes * fwd
 
 
@@ -184,7 +188,9 @@ def _full_logps_loss(graphdef, rest, loss_config, causal_rows: bool):
 
     def loss_fn(params, ref_params, batch):
         pc, pr = logps(params, batch)
-        if ref_params is not None:
+        if not loss_config.needs_reference:
+            rc = rr = None
+        elif ref_params is not None:
             rc, rr = jax.lax.stop_gradient(logps(ref_params, batch))
         else:
             rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -223,11 +229,15 @@ def build_step(setup: Setup, case: Case, *, model_seed: int | None = None):
     params, rest = state_lib.init_params(make_model, p_sh)
     # torch.optim.AdamW's defaults, no clipping: the same update as the torch step.
     optimizer = optax.adamw(setup.lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
-    with_ref = case.reference != "precomputed"
+    with_ref = case.reference not in ("precomputed", REFERENCE_FREE)
     ref_dtype = jnp.bfloat16 if case.reference == "frozen_bf16" else jnp.float32
     sh = state_lib.state_shardings(abs_params, p_sh, optimizer, mesh, with_ref)
     state = state_lib.create_train_state(params, optimizer, sh, with_ref=with_ref, ref_dtype=ref_dtype)
-    loss_config = losses.LossConfig(beta=setup.beta)
+    # SimPO at its usual β = 2: the same work per step whatever β is
+    free = case.reference == REFERENCE_FREE
+    loss_config = losses.LossConfig(
+        beta=2.0 if free else setup.beta, loss_type="simpo" if free else "sigmoid"
+    )
     fwd = step_lib.Forward.for_layout(case.layout, setup.chunk_size)  # the attention path training takes
     if case.logps == "lean":
         loss_fn = step_lib.make_dpo_loss(graphdef, rest, loss_config, fwd)

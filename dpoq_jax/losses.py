@@ -1,14 +1,20 @@
-"""DPO-family preference losses and the SFT term, with TRL-named metrics (pure array functions).
+"""DPO-family, reference-free and outcome-label losses, with TRL-named metrics (pure array functions).
 
 Inputs are per-token log-probs [B, T] of the chosen and rejected responses (0 where masked), so
 per-token implicit rewards come for free. Means are over real pairs of the *global* batch: under
 jax.jit with sharded inputs an ordinary mean already is; under shard_map/pmap pass `axis_name` and
 the sums are psum-ed over that axis.
+
+Loss types carry TRL 1.16 DPOTrainer's names and definitions (`loss_type`, `loss_weights`,
+`ld_alpha`, `use_weighting`, `f_divergence_type`), plus `cdpo` (ours), and the reference-free
+`simpo` and `orpo`. docs/losses.md has the table: formula, what each needs, and the test.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,30 +22,116 @@ import jax.numpy as jnp
 from dpoq_jax import tokenq
 
 Array = jax.Array
-LOSS_TYPES = ("sigmoid", "cdpo", "ipo", "hinge", "robust")
+_f32 = tokenq._f32  # at least float32; float64 stays float64 (for float64 references)
+# TRL 1.16 DPOTrainer's loss types, in its order, then ours.
+TRL_LOSS_TYPES = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
+)  # fmt: skip
+REFERENCE_FREE_TYPES = ("simpo", "orpo")
+LOSS_TYPES = TRL_LOSS_TYPES + ("cdpo",) + REFERENCE_FREE_TYPES
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# Only losses of the chosen−rejected score difference admit an f-divergence (TRL's rule: the β log Z(x)
+# of the f-DPO reparameterisation cancels only there).
+F_DIVERGENCE_TYPES = (
+    "sigmoid",
+    "sigmoid_norm",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "robust",
+    "discopop",
+    "sft",
+    "cdpo",
+)
+_SORTING_TYPES = ("aot", "aot_unpaired")
+_NO_REFERENCE = REFERENCE_FREE_TYPES + ("sft",)
+
+
+def parse_types(loss_type: str | Sequence[str]) -> tuple[str, ...]:
+    """ "sigmoid" or "sigmoid,bco_pair,sft" or a sequence of names -> tuple of names."""
+    if isinstance(loss_type, str):
+        return tuple(t.strip() for t in loss_type.split(",") if t.strip())
+    return tuple(loss_type)
 
 
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
-    """beta: KL strength β. loss_type: one of LOSS_TYPES. label_smoothing: ε of cdpo/robust.
-    ipo_average: IPO on per-token averaged log-ratios (as in TRL) instead of summed ones.
-    sft_weight: weight of the NLL (mean over chosen tokens) added to the loss."""
+    """beta: β (ORPO: its λ, as TRL's ORPOConfig.beta). loss_type: one name of LOSS_TYPES, or several
+    (comma string or sequence) summed with `loss_weights` (default all 1; TRL's MPO mixtures).
+    label_smoothing: ε of cdpo/robust/exo_pair/aot*. ipo_average: IPO (and sigmoid_norm-like) on
+    per-token averaged scores as TRL does. sft_weight: NLL (mean over chosen tokens) added on top.
+    ld_alpha: LD-DPO's α, response tokens past the shorter response's length count α (1 = off).
+    use_weighting: WPO pair weights (needs the policy's per-token log Σ_v p_v²).
+    f_divergence_type / f_alpha_divergence_coef: TRL's f-DPO scores. discopop_tau: DiscoPOP's τ.
+    simpo_gamma: SimPO's target margin γ."""
 
     beta: float = 0.1
-    loss_type: str = "sigmoid"
+    loss_type: str | tuple[str, ...] = "sigmoid"
+    loss_weights: tuple[float, ...] = ()
     label_smoothing: float = 0.0
     ipo_average: bool = True
     sft_weight: float = 0.0
+    ld_alpha: float = 1.0
+    use_weighting: bool = False
+    f_divergence_type: str = "reverse_kl"
+    f_alpha_divergence_coef: float = 0.5
+    discopop_tau: float = 0.05
+    simpo_gamma: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"LossConfig.loss_type={self.loss_type!r}; expected one of {LOSS_TYPES}")
+        types = self.types
+        bad = [t for t in types if t not in LOSS_TYPES]
+        if bad or not types:
+            raise ValueError(
+                f"LossConfig.loss_type={self.loss_type!r}: unknown {bad or 'empty'}; "
+                f"expected names of {LOSS_TYPES}"
+            )
+        if self.loss_weights and len(self.loss_weights) != len(types):
+            raise ValueError(
+                f"LossConfig.loss_weights has {len(self.loss_weights)} weights for {len(types)} "
+                f"loss types {types}"
+            )
         if not self.beta > 0:
             raise ValueError(f"LossConfig.beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"LossConfig.label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if "exo_pair" in types and self.label_smoothing <= 0:
+            raise ValueError(
+                "LossConfig.label_smoothing must be > 0 for loss_type 'exo_pair' (EXO suggests 1e-3)"
+            )
         if self.sft_weight < 0:
             raise ValueError(f"LossConfig.sft_weight must be >= 0, got {self.sft_weight}")
+        if not 0.0 <= self.ld_alpha <= 1.0:
+            raise ValueError(f"LossConfig.ld_alpha must be in [0, 1], got {self.ld_alpha}")
+        if self.f_divergence_type not in F_DIVERGENCES:
+            raise ValueError(
+                f"LossConfig.f_divergence_type={self.f_divergence_type!r}; expected one of {F_DIVERGENCES}"
+            )
+        if self.f_divergence_type != "reverse_kl" and not set(types) <= set(F_DIVERGENCE_TYPES):
+            raise ValueError(
+                f"LossConfig.f_divergence_type={self.f_divergence_type!r} works only with "
+                f"{F_DIVERGENCE_TYPES}, got {types}"
+            )
+        if self.use_weighting and set(types) & set(_SORTING_TYPES):
+            raise ValueError(
+                "LossConfig.use_weighting does not combine with 'aot'/'aot_unpaired' (they sort pairs)"
+            )
+        if self.discopop_tau <= 0:
+            raise ValueError(f"LossConfig.discopop_tau must be > 0, got {self.discopop_tau}")
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        return parse_types(self.loss_type)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return tuple(self.loss_weights) or (1.0,) * len(self.types)
+
+    @property
+    def needs_reference(self) -> bool:
+        """False when every loss type is reference-free (simpo, orpo, sft): no reference forward at all."""
+        return not set(self.types) <= set(_NO_REFERENCE)
 
 
 def _psum(x: Array, axis_name: str | None) -> Array:
@@ -58,50 +150,118 @@ def _global_min(x: Array, axis_name: str | None) -> Array:
     return m if axis_name is None else jax.lax.pmin(m, axis_name)
 
 
-def _ref_sum(ref: Array, mask_BT: Array, name: str) -> Array:
+def _ref_sum(ref: Array, w_BT: Array, name: str) -> Array:
     if ref.ndim == 2:
-        return tokenq.masked_sum(ref.astype(jnp.float32), mask_BT)
+        return tokenq.masked_sum(_f32(ref), w_BT)
     if ref.ndim == 1:
-        return ref.astype(jnp.float32)
+        return _f32(ref)
     raise ValueError(
         f"preference_loss: {name} must be per-token [B, T] or per-response sums [B], got {ref.shape}"
     )
 
 
+def ld_token_weights(chosen_mask_BT: Array, rejected_mask_BT: Array, alpha: float) -> tuple[Array, Array]:
+    """LD-DPO token weights: w_t = 1 for the first min(|y_w|, |y_l|) response tokens, α after, 0 masked."""
+    cm_BT, rm_BT = chosen_mask_BT.astype(jnp.float32), rejected_mask_BT.astype(jnp.float32)
+    shared_B = jnp.minimum(jnp.sum(cm_BT, -1), jnp.sum(rm_BT, -1))[:, None]
+    out = []
+    for m_BT in (cm_BT, rm_BT):
+        pos_BT = jnp.cumsum(m_BT, -1)  # 1-based index among the response's real tokens
+        out.append(jnp.where(pos_BT <= shared_B, 1.0, alpha) * m_BT)
+    return out[0], out[1]
+
+
+def f_divergence_scores(logratio_B: Array, kind: str, alpha_coef: float = 0.5) -> Array:
+    """f'(π/π_ref) of f-DPO at log-ratio u: reverse_kl u; forward_kl 1 − e^{−u}; js_divergence
+    log 2 + log σ(u); alpha_divergence (e^{(α−1)u} − 1)/(α−1) (exponent clamped at 80)."""
+    if kind == "reverse_kl":
+        return logratio_B
+    if kind == "forward_kl":
+        return 1.0 - jnp.exp(-logratio_B)
+    if kind == "js_divergence":
+        return math.log(2.0) + jax.nn.log_sigmoid(logratio_B)
+    if kind == "alpha_divergence":
+        if abs(alpha_coef - 1.0) < 1e-6:  # the α → 1 limit is log t
+            return logratio_B
+        t_B = jnp.minimum((alpha_coef - 1.0) * logratio_B, 80.0)
+        return (jnp.exp(t_B) - 1.0) / (alpha_coef - 1.0)
+    raise ValueError(f"unknown f_divergence_type {kind!r}")
+
+
+def wpo_weights(logps_BT: Array, log_sum_sq_BT: Array, mask_BT: Array) -> Array:
+    """WPO weight of a response, exp(mean_t [log π(y_t) − log Σ_v π(v)²]) (no gradient) -> [B]."""
+    m_BT = mask_BT.astype(jnp.float32)
+    aligned_BT = jax.lax.stop_gradient((_f32(logps_BT) - _f32(log_sum_sq_BT)) * m_BT)
+    return jnp.exp(jnp.sum(aligned_BT, -1) / jnp.maximum(jnp.sum(m_BT, -1), 1.0))
+
+
+def _log1mexp(x: Array) -> Array:
+    """log(1 − e^x) for x < 0, accurate at both ends."""
+    return jnp.where(x > -math.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def _sorted_real(x_B: Array, real_B: Array) -> Array:
+    """Values of real entries sorted ascending and moved to the front (the rest: 0)."""
+    n = jnp.sum(real_B)
+    s_B = jnp.sort(jnp.where(real_B, x_B, jnp.inf))
+    return jnp.where(jnp.arange(x_B.shape[0]) < n, s_B, 0.0)
+
+
 def pair_losses(h_B: Array, config: LossConfig) -> Array:
-    """Per-pair loss of the (β-free) log-ratio margin h = (log π/π_ref)(chosen) − (log π/π_ref)(rejected)."""
+    """Per-pair loss of the (β-free) log-ratio margin h; one margin-only type, no f-divergence."""
+    (t,) = config.types
+    return _margin_loss(t, h_B, config)
+
+
+def _margin_loss(t: str, d_B: Array, config: LossConfig) -> Array:
+    """Loss of a score margin d (chosen − rejected), the types that see only d."""
     beta, eps = config.beta, config.label_smoothing
-    z = beta * h_B
-    if config.loss_type == "sigmoid":
+    z = beta * d_B
+    if t == "sigmoid" or t == "sigmoid_norm":  # sigmoid_norm: d of per-token averaged scores
         return -jax.nn.log_sigmoid(z)
-    if config.loss_type == "cdpo":  # labels flipped with probability ε
+    if t == "cdpo":  # labels flipped with probability ε
         return -(1 - eps) * jax.nn.log_sigmoid(z) - eps * jax.nn.log_sigmoid(-z)
-    if config.loss_type == "robust":  # unbiased under label noise ε (Chowdhury et al. 2024)
+    if t == "robust":  # unbiased under label noise ε (Chowdhury et al. 2024)
         return (-(1 - eps) * jax.nn.log_sigmoid(z) + eps * jax.nn.log_sigmoid(-z)) / (1 - 2 * eps)
-    if config.loss_type == "hinge":
+    if t == "hinge":
         return jax.nn.relu(1.0 - z)
-    if config.loss_type == "ipo":
-        return (h_B - 1.0 / (2.0 * beta)) ** 2
-    raise ValueError(f"unknown loss_type {config.loss_type!r}")
+    if t == "ipo":
+        return (d_B - 1.0 / (2.0 * beta)) ** 2
+    if t == "exo_pair":  # KL(softmax(βd) ‖ [1−ε, ε]) over {chosen, rejected}
+        return jax.nn.sigmoid(z) * (jax.nn.log_sigmoid(z) - math.log1p(-eps)) + jax.nn.sigmoid(-z) * (
+            jax.nn.log_sigmoid(-z) - math.log(eps)
+        )
+    if t == "discopop":  # logistic/exponential blend, mixed by σ(βd/τ)
+        mix = jax.nn.sigmoid(z / config.discopop_tau)
+        return -jax.nn.log_sigmoid(z) * (1 - mix) + jnp.exp(-z) * mix
+    raise ValueError(f"unknown margin loss_type {t!r}")
+
+
+def _smoothed_sigmoid(z: Array, eps: float) -> Array:
+    return -jax.nn.log_sigmoid(z) * (1 - eps) - jax.nn.log_sigmoid(-z) * eps
 
 
 def preference_loss(
     policy_chosen_BT: Array,
     policy_rejected_BT: Array,
-    ref_chosen: Array,
-    ref_rejected: Array,
+    ref_chosen: Array | None,
+    ref_rejected: Array | None,
     chosen_mask_BT: Array,
     rejected_mask_BT: Array,
     *,
     config: LossConfig,
     pair_mask_B: Array | None = None,
     axis_name: str | None = None,
+    chosen_log_sum_sq_BT: Array | None = None,
+    rejected_log_sum_sq_BT: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """DPO-family loss over a batch of pairs -> (scalar loss, metrics).
+    """Σ_k w_k · mean over pairs of loss_k -> (scalar loss, metrics).
 
-    policy_*_BT: per-token policy log-probs; ref_*: per-token reference log-probs [B, T] or their
-    per-response sums [B]. pair_mask_B: 1 for real pairs, 0 for dummy ones (non-negative weights
-    also work: the loss is the weighted mean). Token-level metrics need per-token refs.
+    policy_*_BT: per-token policy log-probs; ref_*: per-token reference log-probs [B, T], their
+    per-response sums [B] (not with ld_alpha < 1), or None for reference-free types. pair_mask_B: 1 for
+    real pairs, 0 for dummy ones (non-negative weights also work, except for aot*: real = > 0).
+    *_log_sum_sq_BT: the policy's log Σ_v π(v|s_t)² (tokenq.lean_log_sum_sq_probs), for use_weighting.
+    Token-level metrics need per-token refs. aot/aot_unpaired sort within the (micro-)batch.
     """
     if policy_chosen_BT.ndim != 2 or policy_rejected_BT.ndim != 2:
         raise ValueError(
@@ -116,29 +276,103 @@ def preference_loss(
             raise ValueError(
                 f"preference_loss: {name}_mask_BT has shape {m.shape}, policy log-probs {x.shape}"
             )
+    types, beta, eps = config.types, config.beta, config.label_smoothing
+    has_ref = ref_chosen is not None and ref_rejected is not None
+    if config.needs_reference and not has_ref:
+        raise ValueError(f"preference_loss: loss_type {types} needs reference log-probs, got None")
+    if config.ld_alpha < 1.0 and has_ref and (ref_chosen.ndim != 2 or ref_rejected.ndim != 2):
+        raise ValueError("preference_loss: ld_alpha < 1 needs per-token reference log-probs [B, T], got sums")
+    if config.use_weighting and (chosen_log_sum_sq_BT is None or rejected_log_sum_sq_BT is None):
+        raise ValueError(
+            "preference_loss: use_weighting needs chosen_log_sum_sq_BT and rejected_log_sum_sq_BT"
+        )
+    if axis_name is not None and set(types) & set(_SORTING_TYPES):
+        raise ValueError(
+            "preference_loss: aot/aot_unpaired sort the whole batch; not under shard_map (axis_name)"
+        )
     cm_BT = chosen_mask_BT.astype(jnp.float32)
     rm_BT = rejected_mask_BT.astype(jnp.float32)
     B = policy_chosen_BT.shape[0]
     pm_B = jnp.ones((B,), jnp.float32) if pair_mask_B is None else pair_mask_B.astype(jnp.float32)
-    beta = config.beta
-
-    pc_B = tokenq.masked_sum(policy_chosen_BT.astype(jnp.float32), cm_BT)
-    pr_B = tokenq.masked_sum(policy_rejected_BT.astype(jnp.float32), rm_BT)
-    rc_B = _ref_sum(ref_chosen, cm_BT, "ref_chosen")
-    rr_B = _ref_sum(ref_rejected, rm_BT, "ref_rejected")
+    pol_c_BT = _f32(policy_chosen_BT)
+    pol_r_BT = _f32(policy_rejected_BT)
     n_c_B = jnp.maximum(jnp.sum(cm_BT, -1), 1.0)
     n_r_B = jnp.maximum(jnp.sum(rm_BT, -1), 1.0)
-
-    if config.loss_type == "ipo" and config.ipo_average:
-        h_B = (pc_B - rc_B) / n_c_B - (pr_B - rr_B) / n_r_B
-    else:
-        h_B = (pc_B - rc_B) - (pr_B - rr_B)
-    loss = _global_mean(pair_losses(h_B, config), pm_B, axis_name)
-
-    reward_c_B = beta * (pc_B - rc_B)
-    reward_r_B = beta * (pr_B - rr_B)
     mean = lambda x_B: _global_mean(x_B, pm_B, axis_name)  # noqa: E731
-    metrics = {
+
+    # LD-DPO: token weights (1 over the shared length, α after); with α = 1 they are the masks.
+    wc_BT, wr_BT = (
+        (cm_BT, rm_BT) if config.ld_alpha == 1.0 else ld_token_weights(cm_BT, rm_BT, config.ld_alpha)
+    )
+    pc_B = tokenq.masked_sum(pol_c_BT, wc_BT)
+    pr_B = tokenq.masked_sum(pol_r_BT, wr_BT)
+    metrics: dict[str, Array] = {}
+    if has_ref:
+        rc_B = _ref_sum(ref_chosen, wc_BT, "ref_chosen")
+        rr_B = _ref_sum(ref_rejected, wr_BT, "ref_rejected")
+        lr_c_B, lr_r_B = pc_B - rc_B, pr_B - rr_B  # log π/π_ref of each response
+        sc_B = f_divergence_scores(lr_c_B, config.f_divergence_type, config.f_alpha_divergence_coef)
+        sr_B = f_divergence_scores(lr_r_B, config.f_divergence_type, config.f_alpha_divergence_coef)
+    avg_c_B, avg_r_B = tokenq.masked_sum(pol_c_BT, cm_BT) / n_c_B, tokenq.masked_sum(pol_r_BT, rm_BT) / n_r_B
+
+    pair_w_B = jnp.ones((B,), jnp.float32)
+    if config.use_weighting:
+        pair_w_B = wpo_weights(pol_c_BT, chosen_log_sum_sq_BT, cm_BT) * wpo_weights(
+            pol_r_BT, rejected_log_sum_sq_BT, rm_BT
+        )
+    nll = _token_mean(-pol_c_BT, cm_BT, pm_B, axis_name)
+
+    loss = jnp.float32(0.0)
+    for t, w in zip(types, config.weights, strict=True):
+        if t in ("sigmoid", "cdpo", "robust", "hinge", "discopop", "exo_pair"):
+            per_B = _margin_loss(t, sc_B - sr_B, config)
+        elif t in ("ipo", "sigmoid_norm"):
+            avg = t == "sigmoid_norm" or config.ipo_average
+            d_B = sc_B / n_c_B - sr_B / n_r_B if avg else sc_B - sr_B
+            per_B = _margin_loss(t, d_B, config)
+        elif t == "nca_pair":
+            zc, zr = beta * lr_c_B, beta * lr_r_B
+            per_B = -jax.nn.log_sigmoid(zc) - 0.5 * jax.nn.log_sigmoid(-zc) - 0.5 * jax.nn.log_sigmoid(-zr)
+        elif t == "bco_pair":
+            per_B = -jax.nn.log_sigmoid(beta * lr_c_B) - jax.nn.log_sigmoid(-beta * lr_r_B)
+        elif t == "sppo_hard":
+            per_B = (lr_c_B - 0.5 / beta) ** 2 + (lr_r_B + 0.5 / beta) ** 2
+        elif t == "apo_zero":
+            per_B = 1 - jax.nn.sigmoid(beta * lr_c_B) + jax.nn.sigmoid(beta * lr_r_B)
+        elif t == "apo_down":
+            per_B = jax.nn.sigmoid(beta * lr_c_B) + 1 - jax.nn.sigmoid(beta * (lr_c_B - lr_r_B))
+        elif t in _SORTING_TYPES:  # AOT: sorted policy vs sorted reference quantiles over the batch
+            real_B = pm_B > 0
+            if t == "aot":
+                d_B = _sorted_real(pc_B - pr_B, real_B) - _sorted_real(rc_B - rr_B, real_B)
+            else:
+                d_B = _sorted_real(lr_c_B, real_B) - _sorted_real(lr_r_B, real_B)
+            per_B = _smoothed_sigmoid(beta * d_B, eps)
+            n_real = jnp.sum(real_B)
+            sorted_w_B = (jnp.arange(B) < n_real).astype(jnp.float32)
+            loss = loss + w * _global_mean(per_B, sorted_w_B, axis_name)
+            continue
+        elif t == "sft":  # NLL per chosen token, the same for every pair
+            per_B = jnp.broadcast_to(nll, (B,))
+        elif t == "simpo":  # length-normalised, reference-free, target margin γ
+            per_B = -jax.nn.log_sigmoid(beta * (avg_c_B - avg_r_B) - config.simpo_gamma)
+        elif t == "orpo":  # NLL + β·(−log σ(log odds ratio)); the NLL is added once below
+            per_B = -beta * _orpo_log_sigmoid(avg_c_B, avg_r_B, pm_B)
+        else:
+            raise ValueError(f"unknown loss_type {t!r}")
+        loss = loss + w * mean(per_B * pair_w_B)
+        if t == "orpo":
+            loss = loss + w * nll
+            lo_B = _orpo_log_odds(avg_c_B, avg_r_B, pm_B)
+            metrics["log_odds_ratio"] = mean(jax.nn.log_sigmoid(lo_B))
+            metrics["log_odds_chosen"] = mean(lo_B)
+            metrics["nll_loss"] = nll
+
+    if has_ref:
+        reward_c_B, reward_r_B = beta * lr_c_B, beta * lr_r_B
+    else:  # SimPO's (and TRL ORPO's) reward: β × the mean per-token log-prob
+        reward_c_B, reward_r_B = beta * avg_c_B, beta * avg_r_B
+    metrics.update({
         "rewards/chosen": mean(reward_c_B),
         "rewards/rejected": mean(reward_r_B),
         "rewards/margins": mean(reward_c_B - reward_r_B),
@@ -147,16 +381,17 @@ def preference_loss(
         "logps/rejected": mean(pr_B),
         # Mean per-token log-prob of the response tokens. Not TRL's `logits/*` (the mean raw logit over
         # the vocabulary), which the loss never sees and so is not reported.
-        "logps_mean/chosen": mean(pc_B / n_c_B),
-        "logps_mean/rejected": mean(pr_B / n_r_B),
-    }
+        "logps_mean/chosen": mean(avg_c_B),
+        "logps_mean/rejected": mean(avg_r_B),
+    })  # fmt: skip
+    if config.use_weighting:
+        metrics["wpo/weight"] = mean(pair_w_B)
     if config.sft_weight > 0:
-        nll = _token_mean(-policy_chosen_BT.astype(jnp.float32), cm_BT, pm_B, axis_name)
         metrics["sft/nll"] = nll
         loss = loss + config.sft_weight * nll
     metrics["loss"] = loss
 
-    if ref_chosen.ndim == 2 and ref_rejected.ndim == 2:
+    if has_ref and ref_chosen.ndim == 2 and ref_rejected.ndim == 2:
         for name, logps_BT, ref_BT, m_BT in (
             ("chosen", policy_chosen_BT, ref_chosen, cm_BT),
             ("rejected", policy_rejected_BT, ref_rejected, rm_BT),
@@ -168,12 +403,67 @@ def preference_loss(
     return loss, metrics
 
 
+def _orpo_log_odds(avg_c_B: Array, avg_r_B: Array, pm_B: Array) -> Array:
+    """log odds(y_w) − log odds(y_l), odds(y) = P/(1 − P), log P = mean per-token log-prob."""
+    # dummy pairs (and the impossible P = 1) would give log 0; keep them finite
+    safe = lambda a_B: jnp.minimum(jnp.where(pm_B > 0, a_B, -1.0), -1e-6)  # noqa: E731
+    a_c, a_r = safe(avg_c_B), safe(avg_r_B)
+    return (a_c - a_r) - (_log1mexp(a_c) - _log1mexp(a_r))
+
+
+def _orpo_log_sigmoid(avg_c_B: Array, avg_r_B: Array, pm_B: Array) -> Array:
+    return jax.nn.log_sigmoid(_orpo_log_odds(avg_c_B, avg_r_B, pm_B))
+
+
 def _token_mean(x_BT: Array, mask_BT: Array, pm_B: Array, axis_name: str | None) -> Array:
     """Mean over all real tokens of real pairs in the global batch."""
     w_BT = mask_BT * pm_B[:, None]
     num = _psum(jnp.sum(x_BT * w_BT), axis_name)
     den = _psum(jnp.sum(w_BT), axis_name)
     return num / jnp.maximum(den, 1e-12)
+
+
+def outcome_loss(
+    policy_BT: Array,
+    ref: Array,
+    mask_BT: Array,
+    label_B: Array,
+    *,
+    beta: float,
+    example_mask_B: Array | None = None,
+    axis_name: str | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """Unpaired outcome-label cross-entropy (Yuan et al. 2024): −[l log σ(r) + (1−l) log σ(−r)],
+    r = β Σ_t log π/π_ref, mean over real examples -> (loss, metrics).
+
+    label_B in [0, 1] (1 good, 0 bad; soft labels allowed); ref per-token [B, T] or sums [B].
+    Metrics: rewards/chosen and rewards/rejected are the mean r of good and of bad responses (KTO's
+    names), rewards/accuracies the share with sign(r) agreeing with the label.
+    """
+    if policy_BT.ndim != 2 or mask_BT.shape != policy_BT.shape:
+        raise ValueError(
+            f"outcome_loss: policy_BT and mask_BT must be [B, T] alike, got {policy_BT.shape}, "
+            f"{mask_BT.shape}"
+        )
+    if label_B.shape != policy_BT.shape[:1]:
+        raise ValueError(f"outcome_loss: label_B has shape {label_B.shape}, expected ({policy_BT.shape[0]},)")
+    if not beta > 0:
+        raise ValueError(f"outcome_loss: beta must be > 0, got {beta}")
+    m_BT = mask_BT.astype(jnp.float32)
+    B = policy_BT.shape[0]
+    em_B = jnp.ones((B,), jnp.float32) if example_mask_B is None else example_mask_B.astype(jnp.float32)
+    l_B = label_B.astype(jnp.float32)
+    r_B = beta * (tokenq.masked_sum(_f32(policy_BT), m_BT) - _ref_sum(ref, m_BT, "ref"))
+    per_B = -(l_B * jax.nn.log_sigmoid(r_B) + (1 - l_B) * jax.nn.log_sigmoid(-r_B))
+    loss = _global_mean(per_B, em_B, axis_name)
+    good_B = (l_B > 0.5).astype(jnp.float32)
+    metrics = {
+        "loss": loss,
+        "rewards/chosen": _global_mean(r_B, em_B * good_B, axis_name),
+        "rewards/rejected": _global_mean(r_B, em_B * (1 - good_B), axis_name),
+        "rewards/accuracies": _global_mean(((r_B > 0) == (l_B > 0.5)).astype(jnp.float32), em_B, axis_name),
+    }
+    return loss, metrics
 
 
 def sft_loss(
@@ -189,6 +479,6 @@ def sft_loss(
     m_BT = mask_BT.astype(jnp.float32)
     B = logps_BT.shape[0]
     pm_B = jnp.ones((B,), jnp.float32) if pair_mask_B is None else pair_mask_B.astype(jnp.float32)
-    nll = _token_mean(-logps_BT.astype(jnp.float32), m_BT, pm_B, axis_name)
+    nll = _token_mean(-_f32(logps_BT), m_BT, pm_B, axis_name)
     tokens = _psum(jnp.sum(m_BT * pm_B[:, None]), axis_name)
     return nll, {"loss": nll, "nll": nll, "tokens": tokens}

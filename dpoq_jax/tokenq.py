@@ -151,3 +151,48 @@ def expected_ref_reward(logits_BTV: Array, ref_logits_BTV: Array, beta: float) -
     logp_BTV = jax.nn.log_softmax(_f32(logits_BTV), axis=-1)
     ref_logp_BTV = jax.nn.log_softmax(_f32(ref_logits_BTV), axis=-1)
     return beta * jnp.sum(jnp.exp(ref_logp_BTV) * (logp_BTV - ref_logp_BTV), axis=-1)
+
+
+def log_sum_sq_probs(logits_BTV: Array) -> Array:
+    """log Σ_v π(v|s_t)² = logsumexp(2·logits) − 2·logsumexp(logits) -> [B, T] (WPO's alignment term)."""
+    logits_BTV = _f32(logits_BTV)
+    return jax.nn.logsumexp(2.0 * logits_BTV, axis=-1) - 2.0 * jax.nn.logsumexp(logits_BTV, axis=-1)
+
+
+def lean_log_sum_sq_probs(
+    hidden_BTD: Array,
+    unembed_DV: Array,
+    mask_BT: Array | None = None,
+    *,
+    bias_V: Array | None = None,
+    chunk_size: int = 256,
+    softcap: float | None = None,
+) -> Array:
+    """log_sum_sq_probs(hidden @ unembed + bias) chunked over time like lean_token_logps (peak extra
+    memory O(chunk_size · V)), without gradient (WPO's weights are constants); 0 where masked."""
+    B, T, D = hidden_BTD.shape
+    if unembed_DV.ndim != 2 or unembed_DV.shape[0] != D:
+        raise ValueError(
+            f"lean_log_sum_sq_probs: unembed_DV has shape {unembed_DV.shape}, expected ({D}, V) "
+            f"to match hidden_BTD {hidden_BTD.shape}"
+        )
+    if chunk_size <= 0:
+        raise ValueError(f"lean_log_sum_sq_probs: chunk_size must be positive, got {chunk_size}")
+    hidden_BTD, unembed_DV = jax.lax.stop_gradient(hidden_BTD), jax.lax.stop_gradient(unembed_DV)
+    bias_V = None if bias_V is None else jax.lax.stop_gradient(bias_V)
+    c = min(max(1, chunk_size // B), T)
+    k = -(-T // c)
+    h_KBCD = jnp.pad(hidden_BTD, ((0, 0), (0, k * c - T), (0, 0))).reshape(B, k, c, D).swapaxes(0, 1)
+    acc = jnp.promote_types(jnp.result_type(hidden_BTD, unembed_DV), jnp.float32)
+
+    def body(carry: None, h_BCD: Array) -> tuple[None, Array]:
+        logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, unembed_DV, preferred_element_type=acc)
+        if bias_V is not None:
+            logits_BCV = logits_BCV + bias_V.astype(acc)
+        if softcap is not None:
+            logits_BCV = softcap * jnp.tanh(logits_BCV / softcap)
+        return carry, log_sum_sq_probs(logits_BCV)
+
+    _, out_KBC = jax.lax.scan(body, None, h_KBCD)
+    out_BT = out_KBC.swapaxes(0, 1).reshape(B, k * c)[:, :T]
+    return out_BT * _ones_like_bt(out_BT, mask_BT)

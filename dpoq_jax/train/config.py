@@ -16,11 +16,10 @@ from typing import Any
 
 import ml_collections as mc
 
-from dpoq_jax import paths
+from dpoq_jax import losses, paths
 from dpoq_jax.data.layouts import LAYOUTS
 from dpoq_jax.data.sources import SOURCES
 from dpoq_jax.data.synthetic import DenseRewardTask
-from dpoq_jax.losses import LOSS_TYPES
 
 STAGES = ("sft", "dpo")
 
@@ -144,7 +143,7 @@ _CHOICES = {
     "data.on_error": ("fail", "skip"),
     "optim.name": ("rmsprop", "adamw"),
     "optim.schedule": ("constant", "linear", "cosine"),
-    "loss.loss_type": LOSS_TYPES,
+    "loss.f_divergence_type": losses.F_DIVERGENCES,
 }
 
 
@@ -225,9 +224,40 @@ def validate(config: mc.ConfigDict) -> None:
         if config[group][name] not in choices:
             raise ConfigError(f"config key {key!r} must be one of {choices}, got {config[group][name]!r}")
     _check_lora(config)
+    _check_loss(config)
     if config.stage == "dpo" and config.reference.mode not in ("frozen", "precomputed"):
         raise ConfigError(
             f"config key 'reference.mode' must be 'frozen' or 'precomputed', got {config.reference.mode!r}"
+        )
+
+
+def _check_loss(config: mc.ConfigDict) -> None:
+    """loss.loss_type names (a comma list for a weighted mixture), loss.loss_weights, loss.ld_alpha, and
+    no precomputed reference for a reference-free objective; then the loss's own checks."""
+
+    loss = config.loss
+    types = losses.parse_types(loss.loss_type)
+    bad = [t for t in types if t not in losses.LOSS_TYPES]
+    if bad or not types:
+        raise ConfigError(
+            f"config key 'loss.loss_type' must be one of {losses.LOSS_TYPES} (a comma list for a "
+            f"mixture), got {loss.loss_type!r}: unknown {bad or 'empty'}"
+        )
+    if loss.loss_weights and len(loss.loss_weights) != len(types):
+        raise ConfigError(
+            f"config key 'loss.loss_weights' has {len(loss.loss_weights)} weights for the "
+            f"{len(types)} types of loss.loss_type={loss.loss_type!r}"
+        )
+    if not 0.0 <= loss.ld_alpha <= 1.0:
+        raise ConfigError(f"config key 'loss.ld_alpha' must be in [0, 1], got {loss.ld_alpha}")
+    try:
+        loss_cfg = losses.LossConfig(**loss.to_dict())
+    except ValueError as e:
+        raise ConfigError(f"config group 'loss': {e}") from None
+    if config.stage == "dpo" and not loss_cfg.needs_reference and config.reference.mode == "precomputed":
+        raise ConfigError(
+            f"config key 'reference.mode': loss.loss_type={loss.loss_type!r} is reference-free; "
+            "'precomputed' reference log-probs would be unused (use 'frozen': no reference is held)"
         )
 
 
@@ -342,10 +372,17 @@ def base_config() -> mc.ConfigDict:
 
     c.loss = mc.ConfigDict()  # losses.LossConfig
     c.loss.beta = 0.1
-    c.loss.loss_type = "sigmoid"
+    c.loss.loss_type = "sigmoid"  # losses.LOSS_TYPES (TRL's names); "sigmoid,bco_pair,sft": a mixture
+    c.loss.loss_weights = ()  # one per loss type (default: all 1), e.g. --config.loss.loss_weights=0.8,0.2,1
     c.loss.label_smoothing = 0.0
     c.loss.ipo_average = True
     c.loss.sft_weight = 0.0
+    c.loss.ld_alpha = 1.0  # LD-DPO: weight of response tokens past the shorter response's length
+    c.loss.use_weighting = False  # WPO pair weights (the step computes log Σ p² per token)
+    c.loss.f_divergence_type = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence
+    c.loss.f_alpha_divergence_coef = 0.5
+    c.loss.discopop_tau = 0.05
+    c.loss.simpo_gamma = 0.5  # SimPO's target margin γ
 
     c.optim = mc.ConfigDict()
     c.optim.name = "rmsprop"  # rmsprop | adamw

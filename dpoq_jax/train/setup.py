@@ -248,7 +248,9 @@ def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, w
         rest = jax.jit(lambda: split_params(source.make_model())[2], out_shardings=replicated(mesh))()
     p_sh = param_shardings(abs_params, mesh, rules)
     optimizer, schedule = make_optimizer(cfg.optim, cfg.train.num_steps)
-    with_ref = dpo and cfg.reference.mode == "frozen"
+    loss_cfg = losses.LossConfig(**cfg.loss.to_dict()) if dpo else None
+    # a reference-free objective (SimPO, ORPO) holds no reference parameters and runs no reference forward
+    with_ref = dpo and cfg.reference.mode == "frozen" and loss_cfg.needs_reference
     lora = lora_config(cfg)
     if lora is not None:  # train the adapters; the base rides in ref_params (frozen, the reference)
         (abs_train, abs_base), (sh_train, sh_base) = split_adapters(abs_params), split_adapters(p_sh)
@@ -258,7 +260,7 @@ def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, w
     abstract = abstract_state(abs_train, optimizer, with_ref, _dtype(cfg.reference.dtype), abs_base)
     fwd = forward_for(cfg, cfg.train.batch_size // cfg.train.micro_batches)
     if dpo:
-        loss_fn = make_dpo_loss(graphdef, rest, losses.LossConfig(**cfg.loss.to_dict()), fwd)
+        loss_fn = make_dpo_loss(graphdef, rest, loss_cfg, fwd)
     else:
         loss_fn = make_sft_loss(graphdef, rest, fwd)
     return Run(cfg, mesh, dataset, source, graphdef, rest, abs_params, p_sh, optimizer, schedule, shardings,

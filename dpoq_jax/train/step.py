@@ -87,23 +87,21 @@ def response_logps(
 
 
 def pair_logps(
-    graphdef: nnx.GraphDef, rest: Any, params: Any, batch: Batch, fwd: Forward
-) -> tuple[Array, Array]:
-    """Per-token log-probs [P, R] of the chosen and rejected responses of a layout batch."""
+    graphdef: nnx.GraphDef, rest: Any, params: Any, batch: Batch, fwd: Forward, log_sum_sq: bool = False
+) -> tuple[Array, ...]:
+    """Per-token log-probs [P, R] of the chosen and rejected responses of a layout batch; with
+    log_sum_sq also their log Σ_v π(v)² [P, R] (WPO's weights; no gradient), from the same forward."""
     h, w, b, cap = _hidden_and_unembed(graphdef, params, rest, batch, fwd)
-    return tuple(
-        response_logps(
-            h,
-            w,
-            b,
-            batch[f"{side}_pred_idx"],
-            batch[f"{side}_targets"],
-            batch[f"{side}_mask"],
-            fwd.chunk_size,
-            cap,
-        )
-        for side in ("chosen", "rejected")
-    )
+    out, extra = [], []
+    for side in ("chosen", "rejected"):
+        idx, mask = batch[f"{side}_pred_idx"], batch[f"{side}_mask"]
+        out.append(response_logps(h, w, b, idx, batch[f"{side}_targets"], mask, fwd.chunk_size, cap))
+        if log_sum_sq:
+            h_PRD = jnp.take(h, idx, axis=0)
+            extra.append(
+                tokenq.lean_log_sum_sq_probs(h_PRD, w, mask, bias_V=b, chunk_size=fwd.chunk_size, softcap=cap)
+            )
+    return (out[0], out[1], *extra)
 
 
 def model_states(params: Any, ref_params: Any, lora: bool) -> tuple[tuple, tuple | None]:
@@ -115,35 +113,38 @@ def model_states(params: Any, ref_params: Any, lora: bool) -> tuple[tuple, tuple
     return (params,), (None if ref_params is None else (ref_params,))
 
 
-def policy_and_ref_logps(
+def reference_logps(
     graphdef: nnx.GraphDef, rest: Any, params: Any, ref_params: Any | None, batch: Batch, fwd: Forward
-) -> tuple[Array, Array, Array, Array]:
-    """(policy chosen [P,R], policy rejected [P,R], ref chosen, ref rejected). The reference comes from
-    frozen parameters (no gradient) when given (LoRA: the base, adapters off), else from the batch:
-    per-token `ref_*_logps` [P, R] or per-response `ref_*_sum` [P]."""
-    policy, reference = model_states(params, ref_params, fwd.lora)
-    pc, pr = pair_logps(graphdef, rest, policy, batch, fwd)
+) -> tuple[Array, Array]:
+    """(ref chosen, ref rejected): from frozen parameters (no gradient) when given (LoRA: the base,
+    adapters off), else from the batch: per-token `ref_*_logps` [P, R] or per-response `ref_*_sum` [P]."""
+    _, reference = model_states(params, ref_params, fwd.lora)
     if reference is not None:
-        rc, rr = jax.lax.stop_gradient(pair_logps(graphdef, rest, reference, batch, fwd))
-    elif "ref_chosen_logps" in batch:
-        rc, rr = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    elif "ref_chosen_sum" in batch:
-        rc, rr = batch["ref_chosen_sum"], batch["ref_rejected_sum"]
-    else:
-        raise ValueError(
-            "DPO step: no reference. Give frozen reference parameters or precomputed "
-            "ref_chosen_logps/ref_rejected_logps (or ref_*_sum) in the batch (`dpoq precompute-ref`)."
-        )
-    return pc, pr, rc, rr
+        return jax.lax.stop_gradient(pair_logps(graphdef, rest, reference, batch, fwd))
+    if "ref_chosen_logps" in batch:
+        return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    if "ref_chosen_sum" in batch:
+        return batch["ref_chosen_sum"], batch["ref_rejected_sum"]
+    raise ValueError(
+        "DPO step: no reference. Give frozen reference parameters or precomputed "
+        "ref_chosen_logps/ref_rejected_logps (or ref_*_sum) in the batch (`dpoq precompute-ref`)."
+    )
 
 
 def make_dpo_loss(
     graphdef: nnx.GraphDef, rest: Any, loss_config: losses.LossConfig, fwd: Forward = Forward()
 ) -> LossFn:
-    """loss_fn(params, ref_params, micro_batch) -> (loss, (weight, metrics)); weight = real pairs."""
+    """loss_fn(params, ref_params, micro_batch) -> (loss, (weight, metrics)); weight = real pairs.
+    A reference-free objective (SimPO, ORPO) runs the policy forward only; WPO's weights (log Σ p²)
+    come from that same forward."""
 
     def loss_fn(params, ref_params, batch):
-        pc, pr, rc, rr = policy_and_ref_logps(graphdef, rest, params, ref_params, batch, fwd)
+        policy, _ = model_states(params, ref_params, fwd.lora)
+        weighting = loss_config.use_weighting
+        pc, pr, *lsq = pair_logps(graphdef, rest, policy, batch, fwd, log_sum_sq=weighting)
+        rc, rr = (None, None)
+        if loss_config.needs_reference:
+            rc, rr = reference_logps(graphdef, rest, params, ref_params, batch, fwd)
         loss, metrics = losses.preference_loss(
             pc,
             pr,
@@ -153,6 +154,8 @@ def make_dpo_loss(
             batch["rejected_mask"],
             config=loss_config,
             pair_mask_B=batch["pair_mask"],
+            chosen_log_sum_sq_BT=lsq[0] if lsq else None,
+            rejected_log_sum_sq_BT=lsq[1] if lsq else None,
         )
         return loss, (jnp.sum(batch["pair_mask"]), metrics)
 
