@@ -104,7 +104,7 @@ def test_splash_window_softcap_scale_equal_position_masked_reference():
 def test_local_window_size_is_the_position_window_and_cudnn_skips_softcap():
     """jax.nn's local_window_size=(window - 1, 0), which the cuDNN call passes (run here on XLA, the same
     arguments; no GPU in CI), is transformers' window; soft-capped models never take cuDNN."""
-    from dpoq_jax.models.decoder import resolve_attention
+    from dpoq_jax.models.layers import resolve_attention
 
     rng = np.random.default_rng(3)
     q, k, v = (jnp.asarray(rng.normal(size=(2, 16, 2, 8)), jnp.float32) for _ in range(3))

@@ -387,7 +387,7 @@ def test_train_checkpoint_layout_and_bf16_export(tmp_path):
 def test_eager_init_equals_direct_draw():
     """Eager construction draws small parameters through shared power-of-two buckets (fast on CPU);
     the values must be bitwise those of the direct draw that jit / eval_shape construction makes."""
-    from dpoq_jax.models.decoder import _INIT_STD, _normal
+    from dpoq_jax.models.layers import _INIT_STD, _normal
 
     key = jax.random.key(3)
     for shape, dtype in (((V, 32), jnp.float32), ((32, 4, 8), jnp.bfloat16), ((5,), jnp.float32)):
