@@ -48,14 +48,13 @@ class ModelFiles:
     config: ModelConfig
     step: int | None = None  # "run": the step to read
     lora: dict | None = None  # "run" of a LoRA policy: {"config": run config's model.lora, "base": pointer}
+    older: tuple[int, ...] = ()  # "run" without a step asked: older steps to fall back to, newest first
 
 
 def _run_checkpoints(path: str) -> str | None:
     """The checkpoints directory that `path` (a run folder, its checkpoints/ or a step of it) belongs to."""
     path = paths.absolute(path)
-    if paths.isdir(paths.join(path, CHECKPOINT_SUBDIR)) and not paths.isfile(
-        paths.join(path, "model.safetensors")
-    ):
+    if paths.isdir(paths.join(path, CHECKPOINT_SUBDIR)):
         return paths.join(path, CHECKPOINT_SUBDIR)
     name = paths.basename(path.rstrip("/"))
     if name == CHECKPOINT_SUBDIR and paths.isdir(path):
@@ -116,7 +115,7 @@ def _locate_run(path: str, ckpt_dir: str, step: int | None, flag: str, overrides
         if not steps:
             raise FileNotFoundError(f"{flag} {path}: no complete checkpoint under {ckpt_dir}")
         damaged = []
-        for s in steps:  # the newest step whose records read; its arrays are verified when loaded
+        for i, s in enumerate(steps):  # the newest step whose records read (its arrays: read_params)
             try:
                 ckpts.integrity_record(s)
                 cfg = ModelConfig.from_dict({**ckpts.read_json(s, "model_config"), **overrides})
@@ -133,7 +132,7 @@ def _locate_run(path: str, ckpt_dir: str, step: int | None, flag: str, overrides
                 continue
             for why in damaged:
                 log.warning("%s %s: checkpoint %s; using step %d", flag, path, why, s)
-            return ModelFiles("run", ckpt_dir, cfg, s, lora)
+            return ModelFiles("run", ckpt_dir, cfg, s, lora, tuple(steps[i + 1 :]))
         raise ValueError(f"{flag} {path}: no intact checkpoint under {ckpt_dir} (newest, {damaged[0]})")
     finally:
         ckpts.close()
@@ -170,7 +169,7 @@ def read_params(
         if files.kind == "params":
             return params_ckpt.read_params(files.path, files.config, abs_params, shardings)
         return _read_run_params(files, abs_params, shardings, flag)
-    except (KeyError, DamagedCheckpoint) as e:  # tensors missing from the files; a damaged step
+    except KeyError as e:  # tensors missing from the files
         msg = str(e.args[0])
         where = "" if msg.startswith(files.path) else f"{files.path}: "
         raise ValueError(f"{flag} {where}{msg}") from None
@@ -182,26 +181,44 @@ def _cast(pure: Any, abs_params: nnx.State) -> Any:
 
 
 def _read_run_params(files: ModelFiles, abs_params: nnx.State, shardings: Any, flag: str) -> nnx.State:
+    """The step's parameters, verified against its checksums; a damaged step is named in a warning and
+    the next older one read instead (unless the step was asked for). Nothing is moved."""
     ckpts = RunCheckpoints(files.path, every_steps=1, keep=1, async_save=False)
+    damaged = []
     try:
-        if files.lora is None:
-            params = ckpts.restore_params(files.step, abs_params, shardings_tree(abs_params, shardings))
-            return _state(_cast(nnx.to_pure_dict(params), abs_params), abs_params)
-        lc = lora_lib.LoraConfig(
-            rank=int(files.lora["config"]["rank"]),
-            alpha=float(files.lora["config"]["alpha"]),
-            targets=tuple(files.lora["config"]["targets"]),
-            seed=int(files.lora["base"]["seed"]),
-        )
-        base = _lora_base(files, lc, flag)
-        _, abs_lora, _ = abstract_split(lambda: Decoder(files.config, rngs=nnx.Rngs(0), lora=lc))
-        abs_adapters = lora_lib.split_adapters(abs_lora)[0]
-        dev = SingleDeviceSharding(jax.devices()[0])
-        adapters = ckpts.restore_params(files.step, abs_adapters, jax.tree.map(lambda _: dev, abs_adapters))
-        merged = jax.jit(lambda b, a: lora_lib.merged_params(b, a, lc.scale))(base, adapters)
-        return _place(_cast(nnx.to_pure_dict(merged), abs_params), abs_params, shardings)
+        for step in (files.step, *files.older):
+            try:
+                params = _read_run_step(ckpts, step, files, abs_params, shardings, flag)
+            except DamagedCheckpoint as e:
+                damaged.append(f"step {step}: {e}")
+                continue
+            for why in damaged:
+                log.warning("%s %s: checkpoint %s; using step %d", flag, files.path, why, step)
+            return params
     finally:
         ckpts.close()
+    raise ValueError(f"{flag} {files.path}: no intact checkpoint under {files.path} (newest, {damaged[0]})")
+
+
+def _read_run_step(
+    ckpts: RunCheckpoints, step: int, files: ModelFiles, abs_params: nnx.State, shardings: Any, flag: str
+) -> nnx.State:
+    if files.lora is None:
+        params = ckpts.restore_params(step, abs_params, shardings_tree(abs_params, shardings))
+        return _state(_cast(nnx.to_pure_dict(params), abs_params), abs_params)
+    lc = lora_lib.LoraConfig(
+        rank=int(files.lora["config"]["rank"]),
+        alpha=float(files.lora["config"]["alpha"]),
+        targets=tuple(files.lora["config"]["targets"]),
+        seed=int(files.lora["base"]["seed"]),
+    )
+    base = _lora_base(files, lc, flag)
+    _, abs_lora, _ = abstract_split(lambda: Decoder(files.config, rngs=nnx.Rngs(0), lora=lc))
+    abs_adapters = lora_lib.split_adapters(abs_lora)[0]
+    dev = SingleDeviceSharding(jax.devices()[0])
+    adapters = ckpts.restore_params(step, abs_adapters, jax.tree.map(lambda _: dev, abs_adapters))
+    merged = jax.jit(lambda b, a: lora_lib.merged_params(b, a, lc.scale))(base, adapters)
+    return _place(_cast(nnx.to_pure_dict(merged), abs_params), abs_params, shardings)
 
 
 def _place(pure: dict, abs_params: nnx.State, shardings: Any) -> nnx.State:
