@@ -100,6 +100,24 @@ def _last_keys(state):
 
 
 @pytest.mark.slow
+def test_lora_run_folder_from_a_random_base_loads_merged(tmp_path):
+    """`load_model(WORKDIR)` of a LoRA run whose base was a random init: the base is initialised again
+    from the run's seed, checked against the checksums stored with the adapters, and the adapters
+    merged in: the same logits as the run's own merged export."""
+    cfg = lora_config("sft", data=-1, fsdp=1, tensor=1)
+    cfg.train.num_steps = cfg.checkpoint.every_steps = 2
+    cfg.train.eval_every, cfg.train.progress_bar = 0, False
+    work = str(tmp_path / "run")
+    train(cfg, work)
+    mcfg = ModelConfig.from_dict(cfg.model.config.to_dict())
+    tok, pos = _tokens(mcfg, seed=2)
+    exported = np.asarray(load_model(os.path.join(work, "hf"))(tok, pos))
+    np.testing.assert_allclose(np.asarray(load_model(work)(tok, pos)), exported, atol=1e-5, rtol=0)
+    base_only = np.asarray(Decoder(mcfg, rngs=nnx.Rngs(cfg.seed))(tok, pos))
+    assert np.max(np.abs(exported - base_only)) > 1e-4  # the adapters changed the model
+
+
+@pytest.mark.slow
 def test_lora_run_checkpoints_adapters_with_base_pointer_and_exports_merged_and_peft(tmp_path):
     """A LoRA-DPO run from a Hugging Face base: checkpoints hold adapters plus a pointer to the base
     (a changed base is refused on resume), the merged export computes the adapted model, and so does
