@@ -16,7 +16,7 @@ from dpoq_jax import tokenq
 from dpoq_jax.analysis import document as doc
 from dpoq_jax.analysis import metrics
 from dpoq_jax.analysis.credit import response_logits
-from dpoq_jax.data.synthetic import dense_optimal_values, dense_shaping
+from dpoq_jax.data.synthetic import dense_optimal_values, dense_shaping, make_task
 from dpoq_jax.experiments import runs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"  # any cwd
@@ -232,8 +232,9 @@ def test_experiment_args(tmp_path) -> None:
 
     a = cli.parse_args(search_overopt, ["--seeds", "1,3", "--config.train.lr=0.1"], tmp_path)
     assert a.workdir == "runs/experiments/dense_reward" and a.seeds == (1, 3)
-    assert a.overrides[-1] == "--config.train.lr=0.1"
-    assert "--config.data.on_error=skip" in a.overrides  # dense_reward's own settings come first
+    assert a.overrides == ["--config.train.lr=0.1"]  # the user's; the task's own settings are in its config
+    cfg = runs.peek_config(a.config, "dpo")
+    assert cfg.data.on_error == "skip" and cfg.data.response_len == make_task("dense_reward").max_len + 2
     assert a.command == "python -m experiments.search_overopt --seeds 1,3 --config.train.lr=0.1"
     assert a.results == str(tmp_path / "search_overopt.md")
     a = cli.parse_args(credit_assignment, ["--heatmap-pairs", "2"], tmp_path)
@@ -467,7 +468,7 @@ def test_run_seeds_merges_and_reuses_finished_seeds(tmp_path) -> None:
 
 
 def test_fluent_errors_and_length_biased_labels() -> None:
-    from dpoq_jax.data.synthetic import EOS_ID, make_task
+    from dpoq_jax.data.synthetic import EOS_ID
 
     plain = make_task("error_injection", seed=3).preference_examples(200)
     fluent_task = make_task("error_injection", seed=3, error_shift=5, sft_noise=0.5)
