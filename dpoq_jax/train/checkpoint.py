@@ -382,6 +382,15 @@ class RunCheckpoints:
                 log.warning("checkpoint %s is damaged, not used: %s", self.step_dir(step), e)
         return None
 
+    def committed_steps(self) -> list[int]:
+        """The steps whose directories are complete on disk, oldest first (read from the directory,
+        not the manager's memory: a save that failed or is still running has no step directory)."""
+        try:
+            names = paths.listdir(self.directory)
+        except OSError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit())
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
