@@ -148,6 +148,39 @@ def _quiet(name: str) -> Iterator[None]:
         logger.disabled = old
 
 
+def _closed_loop_error(exc_type: type, exc: BaseException, tb: Any) -> bool:
+    """RuntimeError("Event loop is closed") raised in asyncio's call_soon_threadsafe: a tensorstore
+    future finishing after the checkpoint library closed the event loop of a failed read or write."""
+    if exc_type is not RuntimeError or str(exc) != "Event loop is closed":
+        return False
+    while tb is not None and tb.tb_next is not None:
+        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name in ("call_soon_threadsafe", "_check_closed")
+
+
+class _QuietClosedLoops:
+    """While a RunCheckpoints is open: sys.excepthook drops the "Event loop is closed" tracebacks that
+    tensorstore's threads print (through PyErr_Print) after a failed restore or save, dozens of them
+    between the one-line report of the failure and the rest of the run. Anything else goes on to
+    the previous hook."""
+
+    def __init__(self) -> None:
+        import sys
+
+        self._sys, self._prev = sys, sys.excepthook
+        sys.excepthook = self
+
+    def __call__(self, exc_type: type, exc: BaseException, tb: Any) -> None:
+        if not _closed_loop_error(exc_type, exc, tb):
+            self._prev(exc_type, exc, tb)
+
+    def close(self) -> None:
+        if self._sys.excepthook is self:
+            self._sys.excepthook = self._prev
+
+
 def _one_line(e: BaseException, limit: int = 200) -> str:
     text = " ".join(str(e).split()).split(" See full TensorStore details")[0] or type(e).__name__
     return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
@@ -187,9 +220,11 @@ class RunCheckpoints:
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=True,  # a save cut short (kill -9, disk full) left its temporary dir
         )
         self.directory = paths.absolute(directory)  # orbax refuses relative paths; gs:// as it is
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self._quiet_loops = _QuietClosedLoops()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -395,8 +430,11 @@ class RunCheckpoints:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.manager.wait_until_finished()
+            self.manager.close()
+        finally:
+            self._quiet_loops.close()  # (a thread finishing later goes to the default hook)
 
 
 def base_checksums(base: Any) -> dict[str, list]:

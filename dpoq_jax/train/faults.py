@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -39,6 +40,7 @@ EXIT_WRITE_FAILED = 74
 EXIT_PREEMPTED = 75
 EXIT_PEER_LOST = 76
 
+_WRITE_TEXTS = ("No space left", "File too large", "Read-only file system", "Permission denied", "Disk quota")
 WRITE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EIO)
 
 
@@ -115,11 +117,39 @@ def is_write_error(e: BaseException) -> bool:
         if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
             return True
         text = str(e)
-        if any(s in text for s in ("No space left", "File too large", "Read-only file system",
-                                   "Permission denied", "Disk quota")):
+        if any(s in text for s in _WRITE_TEXTS):
             return True
         e, seen = (e.__cause__ or e.__context__), seen + 1
     return False
+
+
+_TS_WRITE = re.compile(r'Failed writing: "([^"]+)": (?:[^\[]*?: )?([^:\[]+?) \[os_error_code=.?(\d+)')
+
+
+def write_error_text(e: BaseException) -> str:
+    """The short reason of a failed write: "File too large (errno 27): PATH" out of tensorstore's
+    long message, or the OSError's own text."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return f"{e.strerror} (errno {e.errno}): {e.filename or ''}".rstrip(": ")
+        m = _TS_WRITE.search(str(e))
+        if m:
+            return f"{m.group(2).strip()} (errno {m.group(3)}): {m.group(1)}"
+        e = e.__cause__ or e.__context__
+    return ""
+
+
+class DropWriteErrors(logging.Filter):
+    """On the checkpoint library's logger (absl): drops the ERROR records and tracebacks its writer
+    threads log for a failed write; the run reports that failure itself, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            return not is_write_error(exc)
+        return not any(s in record.getMessage() for s in _WRITE_TEXTS)
 
 
 def short(e: BaseException, limit: int = 240) -> str:

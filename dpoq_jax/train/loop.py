@@ -169,7 +169,7 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
     last: dict[str, float] = {}
 
     def save(done: int) -> None:
-        with _writes(ckpts, "checkpoint", ckpts.step_dir(done)):
+        with _writes(ckpts, "checkpoint", f"of step {done} (or an earlier asynchronous one)"):
             ckpts.save(
                 done,
                 state,
@@ -181,6 +181,9 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
             )
 
     stop = faults.StopSignals()
+    quiet = faults.DropWriteErrors()
+    for name in ("absl", "asyncio"):  # the checkpoint library's threads log a failed write at length
+        logging.getLogger(name).addFilter(quiet)
     try:
         stop.__enter__()
         for step in range(start, tc.num_steps):
@@ -233,7 +236,7 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
                 save(done)
             if faults.agree_stop(stop.requested):  # the same step on every process
                 _stop_after(done, saved, save, ckpts, stop.signame or "a signal on another process")
-        with _writes(ckpts, "checkpoint", ckpts.directory):
+        with _writes(ckpts, "checkpoint", f"of step {tc.num_steps}"):
             ckpts.wait()
         stop.__exit__()  # the final eval and export: signals act as usual again (the checkpoint is in)
         if run.dataset.eval:
@@ -246,6 +249,7 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
             export_hf(run, state, paths.join(workdir, "hf"))
     finally:
         stop.__exit__()
+        logging.getLogger("absl").removeFilter(quiet)  # (asyncio's stays: its futures report at exit)
         if bar is not None:
             bar.close()
         _close_quietly(ckpts, writer)
@@ -260,7 +264,7 @@ def _stop_after(done: int, saved: bool, save: Callable[[int], None], ckpts: RunC
     one), committed, then Preempted (`dpoq train` exits with faults.EXIT_PREEMPTED)."""
     if not saved:
         save(done)
-    with _writes(ckpts, "checkpoint", ckpts.step_dir(done)):
+    with _writes(ckpts, "checkpoint", f"of step {done}"):
         ckpts.wait()
     log.info("stopped by %s after step %d (checkpoint committed)", signame, done)
     raise faults.Preempted(done, signame, ckpts.directory)
@@ -277,8 +281,9 @@ def _writes(ckpts: RunCheckpoints, what: str, where: str) -> Iterator[None]:
             raise
         intact = ckpts.committed_steps()
         resume = f"step {intact[-1]} in {ckpts.directory}" if intact else "none (a rerun starts over)"
+        why = faults.write_error_text(e) or faults.short(e, 160)
         raise faults.WriteFailed(
-            f"writing the {what} {where} failed ({faults.short(e, 160)}); last intact checkpoint: {resume}; "
+            f"writing the {what} {where} failed ({why}); last intact checkpoint: {resume}; "
             f"free space or fix permissions, then rerun the same command to resume"
         ) from None
 
