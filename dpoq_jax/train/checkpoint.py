@@ -161,24 +161,25 @@ def _closed_loop_error(exc_type: type, exc: BaseException, tb: Any) -> bool:
 
 
 class _QuietClosedLoops:
-    """While a RunCheckpoints is open: sys.excepthook drops the "Event loop is closed" tracebacks that
-    tensorstore's threads print (through PyErr_Print) after a failed restore or save, dozens of them
-    between the one-line report of the failure and the rest of the run. Anything else goes on to
-    the previous hook."""
+    """sys.unraisablehook that drops the "Event loop is closed" tracebacks that tensorstore's threads
+    report (as unraisable exceptions, without a header line) after a failed restore or save: dozens
+    of them, during and after the checkpoint library's close, between the one-line report of the
+    failure and the rest of the run. Installed once per process by the first RunCheckpoints and kept
+    (the threads may finish at exit); anything else goes on to the previous hook."""
 
-    def __init__(self) -> None:
+    def __init__(self, prev: Any) -> None:
+        self._prev = prev
+
+    def __call__(self, unraisable: Any) -> None:
+        if not _closed_loop_error(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback):
+            self._prev(unraisable)
+
+    @classmethod
+    def install(cls) -> None:
         import sys
 
-        self._sys, self._prev = sys, sys.excepthook
-        sys.excepthook = self
-
-    def __call__(self, exc_type: type, exc: BaseException, tb: Any) -> None:
-        if not _closed_loop_error(exc_type, exc, tb):
-            self._prev(exc_type, exc, tb)
-
-    def close(self) -> None:
-        if self._sys.excepthook is self:
-            self._sys.excepthook = self._prev
+        if not isinstance(sys.unraisablehook, cls):
+            sys.unraisablehook = cls(sys.unraisablehook)
 
 
 def _one_line(e: BaseException, limit: int = 200) -> str:
@@ -224,7 +225,7 @@ class RunCheckpoints:
         )
         self.directory = paths.absolute(directory)  # orbax refuses relative paths; gs:// as it is
         self.manager = ocp.CheckpointManager(self.directory, options=options)
-        self._quiet_loops = _QuietClosedLoops()
+        _QuietClosedLoops.install()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -430,11 +431,8 @@ class RunCheckpoints:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
-        try:
-            self.manager.wait_until_finished()
-            self.manager.close()
-        finally:
-            self._quiet_loops.close()  # (a thread finishing later goes to the default hook)
+        self.manager.wait_until_finished()
+        self.manager.close()
 
 
 def base_checksums(base: Any) -> dict[str, list]:

@@ -1,0 +1,150 @@
+"""Faults around a run, for real, in subprocesses: a checkpoint or metrics write that fails with
+EFBIG (RLIMIT_FSIZE lowered on the running process with prlimit) ends the run with one line and exit
+status 74, leaves the previous checkpoint usable and a rerun ends equal to an undisturbed run; a
+process of a two-process run killed with -9 makes the survivor stop within train.peer_timeout_s with
+one line naming it (exit status 76), and relaunching both finishes the run exactly."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dpoq_jax.train.faults import EXIT_PEER_LOST, EXIT_WRITE_FAILED
+from dpoq_jax.train.loop import TIMING_KEYS
+from dpoq_jax.train.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "experiments" / "configs"
+TINY = [
+    "--config.model.config.hidden_size=32",
+    "--config.model.config.num_layers=1",
+    "--config.model.config.intermediate_size=64",
+    "--config.model.config.head_dim=8",
+    "--config.model.config.rotary_dim=8",
+    "--config.data.num_examples=512",
+    "--config.data.num_eval=32",
+    "--config.train.batch_size=8",
+    "--config.train.progress_bar=false",
+    "--config.train.log_every=1",
+]
+ARGS = [*TINY, "--config.train.num_steps=32", "--config.checkpoint.every_steps=8", "--config.train.eval_every=10"]
+
+
+def _ignore_sigxfsz() -> None:  # the write then fails with EFBIG instead of killing the process
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def dpoq_train(config: str, workdir: Path, *args: str, devices: int = 2) -> subprocess.Popen:
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "dpoq_jax.cli", "train", "--config", str(CONFIGS / config),
+           "--workdir", str(workdir), *args]
+    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_ignore_sigxfsz)
+
+
+def finish(proc: subprocess.Popen, rc: int = 0, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == rc, out[-3000:]
+    return out
+
+
+def rows(workdir: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(str(workdir))]
+
+
+def wait_for(cond, proc: subprocess.Popen, timeout: float = 240) -> None:
+    end = time.time() + timeout
+    while not cond():
+        assert proc.poll() is None and time.time() < end, "the run ended first"
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    ref = tmp_path_factory.mktemp("ref")
+    finish(dpoq_train("error_injection_sft.py", ref, *ARGS))
+    return ref
+
+
+@pytest.mark.parametrize("limit, what", [(40_000, "checkpoint"), (1, "metrics row")])
+def test_failed_write_keeps_the_previous_checkpoint_and_resumes(tmp_path, reference, limit, what):
+    """limit 40 kB: metrics and TensorBoard files stay below it, the next checkpoint's data files
+    do not; 1 byte: the next metrics append fails."""
+    work = tmp_path / "run"
+    proc = dpoq_train("error_injection_sft.py", work, *ARGS)
+    wait_for(lambda: (work / "checkpoints" / "8").is_dir(), proc)
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    out = finish(proc, EXIT_WRITE_FAILED)
+    lines = [ln for ln in out.splitlines() if not ln.startswith("INFO ")]
+    assert len(lines) == 1, out[-3000:]  # one line: no traceback, no thread's error log
+    assert lines[0].startswith(f"dpoq train: writing the {what}") and "(errno 27)" in lines[0], lines[0]
+    assert f"last intact checkpoint: step 8 in {work / 'checkpoints'}" in lines[0]
+    assert sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == [8]
+
+    out = finish(dpoq_train("error_injection_sft.py", work, *ARGS))
+    assert "resuming from" in out and "at step 8" in out
+    assert rows(work) == rows(reference)
+    assert (work / "hf" / "model.safetensors").read_bytes() == (reference / "hf" / "model.safetensors").read_bytes()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ARGS2 = [
+    *TINY,
+    "--config.model.init=random",
+    "--config.model.path=",
+    "--config.train.num_steps=400",
+    "--config.train.eval_every=0",
+    "--config.checkpoint.every_steps=4",
+    "--config.train.peer_timeout_s=20",
+]
+
+
+def two_processes(workdir: Path, *args: str) -> list[subprocess.Popen]:
+    port = free_port()
+    return [
+        dpoq_train("error_injection_dpo.py", workdir, *args, "--coordinator", f"127.0.0.1:{port}",
+                   "--num-processes", "2", "--process-id", str(i), devices=1)
+        for i in (0, 1)
+    ]
+
+
+@pytest.mark.parametrize("victim", [1, 0])
+def test_dead_peer_ends_the_survivor_in_bounded_time_and_both_resume(tmp_path, victim):
+    short = [a for a in ARGS2 if "num_steps" not in a] + ["--config.train.num_steps=12"]
+    work = tmp_path / "run"
+    procs = two_processes(work, *ARGS2)
+    wait_for(lambda: (work / "checkpoints" / "4").is_dir(), procs[0])
+    procs[victim].send_signal(signal.SIGKILL)
+    killed = time.time()
+    out = finish(procs[1 - victim], EXIT_PEER_LOST, timeout=120)
+    assert time.time() - killed < 20 + 15  # train.peer_timeout_s plus a margin for this loaded machine
+    procs[victim].wait()
+    lost = [ln for ln in out.splitlines() if ln.startswith("dpoq train: lost")]
+    who = "process 0 (the coordinator)" if victim == 0 else "process 1"
+    assert len(lost) == 1 and f"lost {who} of 2" in lost[0], out[-3000:]
+    assert "Traceback" not in out and "Check failure" not in out, out[-3000:]
+
+    # relaunch both with the run's end moved closer: it resumes from the last checkpoint and ends
+    # like an undisturbed two-process run of the same length
+    for p in two_processes(work, *short):
+        finish(p)
+    for p in two_processes(tmp_path / "ref", *short):
+        finish(p)
+    assert rows(work)[-1]["step"] == 12
+    assert rows(work) == rows(tmp_path / "ref")
