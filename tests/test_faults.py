@@ -21,7 +21,7 @@ from dpoq_jax.train.faults import EXIT_PEER_LOST, EXIT_WRITE_FAILED
 from dpoq_jax.train.loop import TIMING_KEYS
 from dpoq_jax.train.metrics import read_metrics
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
@@ -77,6 +77,7 @@ def reference(tmp_path_factory) -> Path:
     return ref
 
 
+@slow
 @pytest.mark.parametrize("limit, what", [(40_000, "checkpoint"), (1, "metrics row")])
 def test_failed_write_keeps_the_previous_checkpoint_and_resumes(tmp_path, reference, limit, what):
     """limit 40 kB: metrics and TensorBoard files stay below it, the next checkpoint's data files
@@ -124,6 +125,7 @@ def two_processes(workdir: Path, *args: str) -> list[subprocess.Popen]:
     ]
 
 
+@slow
 @pytest.mark.parametrize("victim", [1, 0])
 def test_dead_peer_ends_the_survivor_in_bounded_time_and_both_resume(tmp_path, victim):
     short = [a for a in ARGS2 if "num_steps" not in a] + ["--config.train.num_steps=12"]
@@ -148,3 +150,50 @@ def test_dead_peer_ends_the_survivor_in_bounded_time_and_both_resume(tmp_path, v
         finish(p)
     assert rows(work)[-1]["step"] == 12
     assert rows(work) == rows(tmp_path / "ref")
+
+
+@slow
+def test_convert_takes_a_runs_own_hf_export(tmp_path, reference):
+    """`dpoq convert --from WORKDIR/hf` is the Hugging Face folder it is, not the run folder above it."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "dpoq_jax.cli", "convert", "--from", str(reference / "hf"),
+                           "--to", str(out)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "not a params checkpoint" not in proc.stderr
+    from dpoq_jax.train.load import locate
+
+    assert locate(str(reference / "hf")).kind == "hf" and locate(str(out)).kind in ("params", "hf")
+
+
+# ---- hostile-user findings that need no training run ---------------------------------------------
+
+
+def test_a_duplicated_key_is_a_bad_line(tmp_path):
+    from dpoq_jax.data.errors import DataError, ErrorPolicy
+    from dpoq_jax.data.jsonl import read_preference_jsonl
+
+    good = b'{"prompt": "ab=", "chosen": "1", "rejected": "2"}\n'
+    dup = b'{"prompt": "ab=", "chosen": "1", "rejected": "2", "chosen": "3"}\n'
+    nested = b'{"prompt": "ab=", "chosen": "1", "rejected": "2", "meta": {"a": 1, "a": 2}}\n'
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(good + dup + nested + good)
+    with pytest.raises(DataError) as info:
+        read_preference_jsonl(path, ErrorPolicy("fail"))
+    assert (info.value.kind, info.value.line, info.value.key) == ("duplicate_key", 2, "chosen")
+    assert str(info.value).startswith(f"{path}:2: key 'chosen': duplicated key")
+    policy = ErrorPolicy("skip")
+    assert [e.meta["line"] for e in read_preference_jsonl(path, policy)] == [1, 4]
+    assert policy.summary()["by_kind"] == {"duplicate_key": 2}
+
+
+def test_a_tokenizer_folder_without_tokenizer_files_says_so(tmp_path):
+    from dpoq_jax.data.errors import DataError
+    from dpoq_jax.data.tokenize import load_hf_tokenizer
+
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # a model folder, no tokenizer
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
+    with pytest.raises(DataError) as info:
+        load_hf_tokenizer(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path}: no tokenizer files in this directory (none of tokenizer.json")
+    assert "sentencepiece" not in str(info.value).replace("sentencepiece.bpe.model", "")
