@@ -30,22 +30,21 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 def init_distributed(
     coordinator: str | None, num_processes: int | None, process_id: int | None, peer_timeout_s: float = 100
 ) -> None:
-    """jax.distributed: explicit flags (CPU/GPU clusters), or auto-detected on a Cloud TPU VM. Its own
-    heartbeat timeout is set past peer_timeout_s (faults.PeerWatch reports a lost peer first, in one
-    line; the service's timeout is the backstop)."""
+    """jax.distributed: explicit flags (CPU/GPU clusters), or auto-detected on a Cloud TPU VM; a lost
+    process ends the others within about peer_timeout_s, with one line (train/faults.py)."""
     import jax
 
-    heartbeat = int(peer_timeout_s) + 30
+    from dpoq_jax.train import faults
 
     if coordinator is not None:
         if num_processes is None or process_id is None:
             raise SystemExit("--coordinator needs --num-processes and --process-id")
         if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU all-reduce across processes
-        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
-                                   heartbeat_timeout_seconds=heartbeat)
+        faults.initialize_distributed(peer_timeout_s, coordinator_address=coordinator,
+                                      num_processes=num_processes, process_id=process_id)
     elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
-        jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+        faults.initialize_distributed(peer_timeout_s)
 
 
 def _logging(verbose: bool) -> None:
