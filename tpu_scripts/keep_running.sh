@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Keep a run going on spot or queued TPU capacity: train in the foreground on all workers; on exit 75
-#   (preempted: checkpoint committed) or 76 (a peer was lost) relaunch; when the VM is gone (preempted,
-#   deleted) recreate it (create.sh, setup.sh) and relaunch; stop on 0 (the run is done) or any other exit.
+# Keep a run going on spot or queued TPU capacity: dpoq train in the foreground on all workers; exit 75
+#   (preempted), 76 (a peer lost) or 134 (jax aborted: process 0 lost): relaunch; VM gone: recreate it
+#   (create.sh, setup.sh) and relaunch; 0 (done) or any other exit status on a running VM: stop.
 #   tpu_scripts/keep_running.sh --name dpoq-tpu --zone us-central2-b --type v4-32 [--spot|--queued] [--version V] [--max-restarts N] [--wait S] --config FILE[:arg] --workdir gs://bucket/run [--config.key=value ...] [--dry-run]
 # The workdir must outlive the VM: a gs:// path (a disk on the VM goes with it). --dry-run prints one
 # round: the state query, the commands that recreate the VM, and the training command.
@@ -14,6 +14,7 @@ parse_common "$@"
 
 EXIT_PREEMPTED=75  # dpoq_jax/train/faults.py
 EXIT_PEER_LOST=76
+EXIT_ABORTED=134  # SIGABRT: jax's client aborts a process whose coordinator (process 0) died
 TYPE="v4-8"
 VERSION=""
 CAPACITY=()
@@ -99,7 +100,8 @@ while true; do
     say "the run is done (${WORKDIR})"
     exit 0
   fi
-  if [[ "${rc}" -ne "${EXIT_PREEMPTED}" && "${rc}" -ne "${EXIT_PEER_LOST}" && "$(vm_state)" == READY ]]; then
+  if [[ "${rc}" -ne "${EXIT_PREEMPTED}" && "${rc}" -ne "${EXIT_PEER_LOST}" && "${rc}" -ne "${EXIT_ABORTED}" \
+        && "$(vm_state)" == READY ]]; then
     say "dpoq train failed with exit status ${rc} on a running VM: not relaunching (see logs.sh)"
     exit "${rc}"
   fi

@@ -247,52 +247,12 @@ def exit_now(line: str) -> None:
 
 
 def initialize_distributed(peer_timeout_s: float, **kwargs: Any) -> None:
-    """jax.distributed.initialize(**kwargs) with the service's heartbeat timeout past peer_timeout_s
-    and an error callback on its client: when the coordination service reports a dead task or stops
-    answering (process 0 gone), this process ends with one line naming the lost process and
-    EXIT_PEER_LOST, instead of the client's default abort (a page of C++ log, exit by SIGABRT).
-    The callback goes in through jaxlib's get_distributed_runtime_client(missed_heartbeat_callback=),
-    which jax.distributed.initialize does not expose."""
+    """jax.distributed.initialize(**kwargs) with the service's heartbeat timeout 30 s past
+    peer_timeout_s: PeerWatch reports a lost peer first, in one line; the service is the backstop.
+    (When process 0 dies, the coordination service goes with it and jax's client in every other
+    process aborts at once with its own log: jaxlib's client takes an error callback,
+    missed_heartbeat_callback, but cannot call a Python one with its status (std::bad_cast), so
+    that case ends by SIGABRT, exit status 134, within a second.)"""
     import jax
-    from jax._src import distributed
 
-    real = distributed._jax
-
-    class _WithCallback:
-        def __getattr__(self, name: str) -> Any:
-            return getattr(real, name)
-
-        @staticmethod
-        def get_distributed_runtime_client(*args: Any, **kw: Any) -> Any:
-            kw.setdefault("missed_heartbeat_callback", _service_error(peer_timeout_s))
-            return real.get_distributed_runtime_client(*args, **kw)
-
-    distributed._jax = _WithCallback()
-    try:
-        jax.distributed.initialize(heartbeat_timeout_seconds=int(peer_timeout_s) + 30, **kwargs)
-    finally:
-        distributed._jax = real
-
-
-_TASKS = re.compile(r"Task (\d+) heartbeat timeout|stopped sending heartbeats\):\s*([\d,\s]+)")
-
-
-def _service_error(peer_timeout_s: float):
-    def callback(status: Any, *rest: Any) -> None:
-        import jax
-
-        text = str(status)
-        found = _TASKS.search(text)
-        if found:
-            gone = sorted({int(t) for t in re.findall(r"\d+", found.group(1) or found.group(2))})
-            who = ", ".join(f"process {p}" for p in gone)
-        elif "leader" in text or "coordination service" in text.lower():
-            who = "process 0 (the coordinator)"
-        else:
-            who = "a process"
-        n, pid = jax.process_count(), jax.process_index()
-        exit_now(f"dpoq train: lost {who} of {n} (the coordination service: {short(text, 100)}; "
-                 f"train.peer_timeout_s={peer_timeout_s:g}); process {pid} stops too (exit status "
-                 f"{EXIT_PEER_LOST}); relaunch all processes to resume from the last checkpoint")
-
-    return callback
+    jax.distributed.initialize(heartbeat_timeout_seconds=int(peer_timeout_s) + 30, **kwargs)
