@@ -58,10 +58,16 @@ def soak(workdir: str, steps: int, checkpoint_every: int, eval_every: int, keep:
     from dpoq_jax.train.config import load_config
     from dpoq_jax.train.loop import train
 
-    cfg = load_config(str(CONFIGS / "error_injection_sft.py"), [
-        *TINY, f"--config.train.num_steps={steps}", f"--config.checkpoint.every_steps={checkpoint_every}",
-        f"--config.checkpoint.keep={keep}", f"--config.train.eval_every={eval_every}",
-    ])
+    cfg = load_config(
+        str(CONFIGS / "error_injection_sft.py"),
+        [
+            *TINY,
+            f"--config.train.num_steps={steps}",
+            f"--config.checkpoint.every_steps={checkpoint_every}",
+            f"--config.checkpoint.keep={keep}",
+            f"--config.train.eval_every={eval_every}",
+        ],
+    )
     ckpt_dir = pathlib.Path(workdir) / "checkpoints"
     s: dict[str, list] = {"step": [], "t": [], "rss": [], "fds": [], "ckpt_step": [], "ckpts": []}
 
@@ -108,24 +114,36 @@ def analyze(s: dict[str, Any], warmup: float = 0.2) -> dict[str, Any]:
         "steps": n,
         "warmup_steps": int(k),
         "wall_s": round(s["wall_s"], 1),
-        "rss_mb": {"start": round(float(rss_mb[k]), 1), "end": round(float(rss_mb[-1]), 1),
-                   "max": round(float(rss_mb.max()), 1),
-                   "slope_mb_per_1k_steps": round(slope_per_1k(rss_mb[k:], x), 3)},
-        "step_time_ms": {"median": round(float(np.median(st[k:])), 3),
-                         "median_first_half": round(float(np.median(st[k:k + half])), 3),
-                         "median_second_half": round(float(np.median(st[k + half:])), 3),
-                         "slope_ms_per_1k_steps": round(slope_per_1k(st[k:], steps[k:len(st)]), 4)},
-        "wall_per_step_ms": {"median": round(float(np.median(wall[k:]) * 1000), 3),
-                             "slope_ms_per_1k_steps": round(slope_per_1k(wall[k:] * 1000, x[1:]), 4)},
-        "open_fds": {"after_warmup": int(fds[k]), "max_after_warmup": int(fds[k:].max()),
-                     "end": int(fds[-1]), "first_half_max": int(fds[k:k + half].max()),
-                     "second_half_max": int(fds[k + half:].max())},
+        "rss_mb": {
+            "start": round(float(rss_mb[k]), 1),
+            "end": round(float(rss_mb[-1]), 1),
+            "max": round(float(rss_mb.max()), 1),
+            "slope_mb_per_1k_steps": round(slope_per_1k(rss_mb[k:], x), 3),
+        },
+        "step_time_ms": {
+            "median": round(float(np.median(st[k:])), 3),
+            "median_first_half": round(float(np.median(st[k : k + half])), 3),
+            "median_second_half": round(float(np.median(st[k + half :])), 3),
+            "slope_ms_per_1k_steps": round(slope_per_1k(st[k:], steps[k : len(st)]), 4),
+        },
+        "wall_per_step_ms": {
+            "median": round(float(np.median(wall[k:]) * 1000), 3),
+            "slope_ms_per_1k_steps": round(slope_per_1k(wall[k:] * 1000, x[1:]), 4),
+        },
+        "open_fds": {
+            "after_warmup": int(fds[k]),
+            "max_after_warmup": int(fds[k:].max()),
+            "end": int(fds[-1]),
+            "first_half_max": int(fds[k : k + half].max()),
+            "second_half_max": int(fds[k + half :].max()),
+        },
         "checkpoints": {"max_seen": int(max(s["ckpts"], default=0)), "final": int(s["ckpts_final"])},
     }
 
 
-def check(report: dict[str, Any], keep: int, *, rss_slope_mb: float, fd_growth: int,
-          step_time_ratio: float = 1.5) -> list[str]:
+def check(
+    report: dict[str, Any], keep: int, *, rss_slope_mb: float, fd_growth: int, step_time_ratio: float = 1.5
+) -> list[str]:
     """What is not flat (empty: all flat)."""
     bad = []
     a = report
@@ -151,12 +169,19 @@ def plot(s: dict[str, Any], report: dict[str, Any], path: pathlib.Path) -> None:
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     steps = np.asarray(s["step"])
     ax[0].plot(steps, np.asarray(s["rss"]) / 2**20, lw=0.8)
-    ax[0].set(title=f"RSS (slope {report['rss_mb']['slope_mb_per_1k_steps']} MB / 1k steps)", xlabel="step",
-              ylabel="MB")
+    ax[0].set(
+        title=f"RSS (slope {report['rss_mb']['slope_mb_per_1k_steps']} MB / 1k steps)",
+        xlabel="step",
+        ylabel="MB",
+    )
     st = np.asarray(s["step_time_s"]) * 1000
     ax[1].plot(np.arange(1, len(st) + 1), st, lw=0.5, alpha=0.6)
-    ax[1].set(title=f"step time (slope {report['step_time_ms']['slope_ms_per_1k_steps']} ms / 1k steps)",
-              xlabel="step", ylabel="ms", ylim=(0, float(np.percentile(st, 99)) * 1.5))
+    ax[1].set(
+        title=f"step time (slope {report['step_time_ms']['slope_ms_per_1k_steps']} ms / 1k steps)",
+        xlabel="step",
+        ylabel="ms",
+        ylim=(0, float(np.percentile(st, 99)) * 1.5),
+    )
     ax[2].plot(steps, s["fds"], label="open fds")
     ax[2].step(s["ckpt_step"], s["ckpts"], where="post", label="checkpoints on disk")
     ax[2].set(title="descriptors and checkpoints", xlabel="step")
@@ -172,11 +197,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--keep", type=int, default=3)
     ap.add_argument("--workdir", default=None, help="(None: a temporary directory, removed after)")
-    ap.add_argument("--out", default=str(RESULTS / "soak_cpu.json"), help="JSON report; the PNG goes beside it")
+    ap.add_argument(
+        "--out", default=str(RESULTS / "soak_cpu.json"), help="JSON report; the PNG goes beside it"
+    )
     ap.add_argument("--rss-slope-mb", type=float, default=20.0, help="limit: MB per 1000 steps")
     ap.add_argument("--fd-growth", type=int, default=4, help="limit: more descriptors in the second half")
-    ap.add_argument("--step-time-ratio", type=float, default=1.5,
-                    help="limit: median step time of the second half / the first half")
+    ap.add_argument(
+        "--step-time-ratio",
+        type=float,
+        default=1.5,
+        help="limit: median step time of the second half / the first half",
+    )
     a = ap.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,13 +216,14 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "what": "tiny Llama (1 layer, D=32), error_injection SFT, batch 8; metrics + TensorBoard every step, "
-                f"checkpoint every {a.checkpoint_every} steps (async, keep {a.keep}), eval every {a.eval_every}",
-        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, jax {jax.__version__} (shared, loaded)",
+        f"checkpoint every {a.checkpoint_every} steps (async, keep {a.keep}), eval every {a.eval_every}",
+        "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores, jax {jax.__version__} (shared)",
         "command": "python benchmarks/soak.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         **analyze(s),
     }
-    report["not_flat"] = check(report, a.keep, rss_slope_mb=a.rss_slope_mb, fd_growth=a.fd_growth,
-                               step_time_ratio=a.step_time_ratio)
+    report["not_flat"] = check(
+        report, a.keep, rss_slope_mb=a.rss_slope_mb, fd_growth=a.fd_growth, step_time_ratio=a.step_time_ratio
+    )
     out = pathlib.Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")

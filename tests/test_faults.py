@@ -38,7 +38,12 @@ TINY = [
     "--config.train.progress_bar=false",
     "--config.train.log_every=1",
 ]
-ARGS = [*TINY, "--config.train.num_steps=32", "--config.checkpoint.every_steps=8", "--config.train.eval_every=10"]
+ARGS = [
+    *TINY,
+    "--config.train.num_steps=32",
+    "--config.checkpoint.every_steps=8",
+    "--config.train.eval_every=10",
+]
 
 
 def _ignore_sigxfsz() -> None:  # the write then fails with EFBIG instead of killing the process
@@ -46,12 +51,32 @@ def _ignore_sigxfsz() -> None:  # the write then fails with EFBIG instead of kil
 
 
 def dpoq_train(config: str, workdir: Path, *args: str, devices: int = 2) -> subprocess.Popen:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "dpoq_jax.cli", "train", "--config", str(CONFIGS / config),
-           "--workdir", str(workdir), *args]
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=_ignore_sigxfsz)
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(REPO),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpoq_jax.cli",
+        "train",
+        "--config",
+        str(CONFIGS / config),
+        "--workdir",
+        str(workdir),
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_ignore_sigxfsz,
+    )
 
 
 def finish(proc: subprocess.Popen, rc: int = 0, timeout: float = 300) -> str:
@@ -98,7 +123,9 @@ def test_failed_write_keeps_the_previous_checkpoint_and_resumes(tmp_path, refere
     out = finish(dpoq_train("error_injection_sft.py", work, *ARGS))
     assert "resuming from" in out and "at step 8" in out
     assert rows(work) == rows(reference)
-    assert (work / "hf" / "model.safetensors").read_bytes() == (reference / "hf" / "model.safetensors").read_bytes()
+    assert (work / "hf" / "model.safetensors").read_bytes() == (
+        reference / "hf" / "model.safetensors"
+    ).read_bytes()
 
 
 def free_port() -> int:
@@ -121,8 +148,18 @@ ARGS2 = [
 def two_processes(workdir: Path, *args: str) -> list[subprocess.Popen]:
     port = free_port()
     return [
-        dpoq_train("error_injection_dpo.py", workdir, *args, "--coordinator", f"127.0.0.1:{port}",
-                   "--num-processes", "2", "--process-id", str(i), devices=1)
+        dpoq_train(
+            "error_injection_dpo.py",
+            workdir,
+            *args,
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+            devices=1,
+        )
         for i in (0, 1)
     ]
 
@@ -166,8 +203,14 @@ def test_convert_takes_a_runs_own_hf_export(tmp_path, reference):
     """`dpoq convert --from WORKDIR/hf` is the Hugging Face folder it is, not the run folder above it."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, "-m", "dpoq_jax.cli", "convert", "--from", str(reference / "hf"),
-                           "--to", str(out)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dpoq_jax.cli", "convert", "--from", str(reference / "hf"), "--to", str(out)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "not a params checkpoint" not in proc.stderr
     from dpoq_jax.train.load import locate
@@ -204,7 +247,9 @@ def test_a_tokenizer_folder_without_tokenizer_files_says_so(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
     with pytest.raises(DataError) as info:
         load_hf_tokenizer(tmp_path)
-    assert str(info.value).startswith(f"{tmp_path}: no tokenizer files in this directory (none of tokenizer.json")
+    assert str(info.value).startswith(
+        f"{tmp_path}: no tokenizer files in this directory (none of tokenizer.json"
+    )
     assert "sentencepiece" not in str(info.value).replace("sentencepiece.bpe.model", "")
 
 
@@ -222,4 +267,8 @@ def test_a_cut_ocdbt_manifest_is_one_warning_not_dozens_of_tracebacks(tmp_path, 
     out = finish(dpoq_train("error_injection_sft.py", work, *ARGS))
     assert "Traceback" not in out and "Event loop is closed" not in out, out[-3000:]
     warnings = [ln for ln in out.splitlines() if ln.startswith("WARNING")]
-    assert len(warnings) == 1 and "checkpoints/32 is damaged" in warnings[0] and "resuming from step 24" in warnings[0]
+    assert (
+        len(warnings) == 1
+        and "checkpoints/32 is damaged" in warnings[0]
+        and "resuming from step 24" in warnings[0]
+    )

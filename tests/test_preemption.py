@@ -39,11 +39,26 @@ TINY = [
 
 
 def dpoq_train(config: str, workdir: Path, *args: str, devices: int = 2) -> subprocess.Popen:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "dpoq_jax.cli", "train", "--config", str(CONFIGS / config),
-           "--workdir", str(workdir), *args]
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(REPO),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpoq_jax.cli",
+        "train",
+        "--config",
+        str(CONFIGS / config),
+        "--workdir",
+        str(workdir),
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def finish(proc: subprocess.Popen, rc: int = 0, timeout: float = 300) -> str:
@@ -111,8 +126,11 @@ def test_sigterm_three_times_then_resume_bitwise(tmp_path):
         return ckpt.is_dir() and any("tmp" in p.name for p in ckpt.iterdir()) and len(rows(work)) > 14
 
     stopped = []
-    for ready, sig in ((train_rows_after(work, 3), signal.SIGTERM), (saving, signal.SIGTERM),
-                       (train_rows_after(work, 27), signal.SIGINT)):
+    for ready, sig in (
+        (train_rows_after(work, 3), signal.SIGTERM),
+        (saving, signal.SIGTERM),
+        (train_rows_after(work, 27), signal.SIGINT),
+    ):
         proc = dpoq_train("error_injection_sft.py", work, *ARGS)
         assert signal_when([proc], ready, sig), "the run ended before the signal"
         out = finish(proc, EXIT_PREEMPTED)
@@ -121,7 +139,9 @@ def test_sigterm_three_times_then_resume_bitwise(tmp_path):
     finish(dpoq_train("error_injection_sft.py", work, *ARGS))
 
     assert rows(work) == ref
-    assert (work / "hf" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "hf" / "model.safetensors").read_bytes()
+    assert (work / "hf" / "model.safetensors").read_bytes() == (
+        tmp_path / "ref" / "hf" / "model.safetensors"
+    ).read_bytes()
     assert len(steps_on_disk(work)) <= 3  # checkpoint.keep holds with the extra preemption steps
 
 
@@ -134,8 +154,18 @@ def free_port() -> int:
 def two_processes(workdir: Path, *args: str) -> list[subprocess.Popen]:
     port = free_port()
     return [
-        dpoq_train("error_injection_dpo.py", workdir, *args, "--coordinator", f"127.0.0.1:{port}",
-                   "--num-processes", "2", "--process-id", str(i), devices=1)
+        dpoq_train(
+            "error_injection_dpo.py",
+            workdir,
+            *args,
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+            devices=1,
+        )
         for i in (1, 0)  # procs[0] is process 1: the one that gets the signal
     ]
 
@@ -166,4 +196,6 @@ def test_two_processes_sigterm_one_both_stop_at_the_same_step(tmp_path):
     for p in two_processes(work, *ARGS2):
         finish(p)
     assert rows(work) == ref
-    assert (work / "hf" / "model.safetensors").read_bytes() == (tmp_path / "ref" / "hf" / "model.safetensors").read_bytes()
+    assert (work / "hf" / "model.safetensors").read_bytes() == (
+        tmp_path / "ref" / "hf" / "model.safetensors"
+    ).read_bytes()

@@ -130,7 +130,8 @@ def test_keep_running_dry_run_prints_one_round():
         "--config.optim.lr=1e-6",
     )
     assert describe[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "my-tpu"]
-    assert delete[4] == "delete" and create[4] == "create" and "--spot" in create and "--accelerator-type=v4-32" in create
+    assert delete[4] == "delete" and create[4] == "create"
+    assert "--spot" in create and "--accelerator-type=v4-32" in create
     assert archive[:2] == ["git", "-C"] and scp[4] == "scp" and "pip install" in setup[-1]
     assert train[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"] and "--worker=all" in train
     (command,) = [a[len("--command="):] for a in train if a.startswith("--command=")]
@@ -167,8 +168,8 @@ def keep_running_with(tmp_path, rcs: list[int]) -> tuple[int, list[str]]:
     (tmp_path / "state").write_text("READY\n")
     (tmp_path / "rcs").write_text("".join(f"{r}\n" for r in rcs))
     env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", FAKE=str(tmp_path))
-    argv = ["bash", str(SCRIPTS / "keep_running.sh"), "--name", "my-tpu", "--zone", "z", "--spot", "--wait", "0",
-            "--config", "c.py", "--workdir", "gs://b/run"]
+    argv = ["bash", str(SCRIPTS / "keep_running.sh"), "--name", "my-tpu", "--zone", "z", "--spot",
+            "--wait", "0", "--config", "c.py", "--workdir", "gs://b/run"]
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
     calls = (tmp_path / "calls").read_text().splitlines()
     return proc.returncode, [c.split()[3] + (" train" if "dpoq train" in c else "") for c in calls]

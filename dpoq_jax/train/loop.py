@@ -259,7 +259,9 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
 # ---- stopping on a signal, failed writes (train/faults.py) ---------------------------------------
 
 
-def _stop_after(done: int, saved: bool, save: Callable[[int], None], ckpts: RunCheckpoints, signame: str) -> None:
+def _stop_after(
+    done: int, saved: bool, save: Callable[[int], None], ckpts: RunCheckpoints, signame: str
+) -> None:
     """Every process agreed to stop after step `done`: its checkpoint (unless this step just saved
     one), committed, then Preempted (`dpoq train` exits with faults.EXIT_PREEMPTED)."""
     if not saved:
