@@ -20,7 +20,7 @@ from dpoq_jax.train.faults import EXIT_PREEMPTED
 from dpoq_jax.train.loop import TIMING_KEYS
 from dpoq_jax.train.metrics import read_metrics
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "experiments" / "configs"
@@ -116,6 +116,7 @@ ARGS = [
 ]
 
 
+@slow
 def test_sigterm_three_times_then_resume_bitwise(tmp_path):
     finish(dpoq_train("error_injection_sft.py", tmp_path / "ref", *ARGS))
     ref = rows(tmp_path / "ref")
@@ -181,6 +182,7 @@ ARGS2 = [
 ]
 
 
+@slow
 def test_two_processes_sigterm_one_both_stop_at_the_same_step(tmp_path):
     ref_procs = two_processes(tmp_path / "ref", *ARGS2)
     for p in ref_procs:
@@ -199,3 +201,17 @@ def test_two_processes_sigterm_one_both_stop_at_the_same_step(tmp_path):
     assert (work / "hf" / "model.safetensors").read_bytes() == (
         tmp_path / "ref" / "hf" / "model.safetensors"
     ).read_bytes()
+
+
+def test_stop_signals_flag_the_first_signal_and_restore_the_handlers():
+    from dpoq_jax.train.faults import StopSignals, agree_stop
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        assert not stop.requested and not agree_stop(stop.requested)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signame == "SIGTERM" and agree_stop(stop.requested)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM: still finishing the step
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -91,8 +91,8 @@ class StopSignals:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
+        for s, old in self._old.items():  # (None: a handler installed outside Python, not restorable)
+            signal.signal(s, old if old is not None else signal.SIG_DFL)
         self._old.clear()
 
 
