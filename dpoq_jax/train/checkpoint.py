@@ -213,7 +213,17 @@ def check_loader(loader: Any, record: dict | None) -> None:
 class RunCheckpoints:
     """Checkpoint manager for one workdir's run."""
 
-    def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        every_steps: int,
+        keep: int,
+        async_save: bool = True,
+        cleanup_tmp: bool = False,
+    ):
+        """cleanup_tmp: remove the temporary directories of saves that never finished (kill -9, disk
+        full); only for the run that writes here (a reader could delete a save in progress)."""
         if every_steps < 1 or keep < 1:
             raise ValueError(f"checkpoint every_steps and keep must be >= 1, got {every_steps}, {keep}")
         options = ocp.CheckpointManagerOptions(
@@ -221,7 +231,7 @@ class RunCheckpoints:
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
-            cleanup_tmp_directories=True,  # a save cut short (kill -9, disk full) left its temporary dir
+            cleanup_tmp_directories=cleanup_tmp,
         )
         self.directory = paths.absolute(directory)  # orbax refuses relative paths; gs:// as it is
         self.manager = ocp.CheckpointManager(self.directory, options=options)

@@ -104,6 +104,7 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
         every_steps=cfg.checkpoint.every_steps,
         keep=cfg.checkpoint.keep,
         async_save=cfg.checkpoint.async_save,
+        cleanup_tmp=True,  # a save cut short (kill -9, a full disk) left its temporary directory
     )
     writer = MetricsWriter(workdir, enabled=is_main)
     # the newest checkpoint that passes every check (damaged newer ones: a warning each, set aside)
