@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import subprocess
@@ -122,3 +123,69 @@ def test_shellcheck_clean():
     scripts = sorted(str(p) for p in SCRIPTS.glob("*.sh"))
     proc = subprocess.run([shellcheck, "-x", *scripts], capture_output=True, text=True, cwd=SCRIPTS.parent)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_keep_running_dry_run_prints_one_round():
+    describe, delete, create, archive, scp, setup, train = dry_run(
+        "keep_running.sh", "--type", "v4-32", "--spot", "--config", "c.py", "--workdir", "gs://b/run",
+        "--config.optim.lr=1e-6",
+    )
+    assert describe[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "my-tpu"]
+    assert delete[4] == "delete" and create[4] == "create"
+    assert "--spot" in create and "--accelerator-type=v4-32" in create
+    assert archive[:2] == ["git", "-C"] and scp[4] == "scp" and "pip install" in setup[-1]
+    assert train[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "my-tpu"] and "--worker=all" in train
+    (command,) = [a[len("--command="):] for a in train if a.startswith("--command=")]
+    assert "nohup" not in command  # in the foreground: its exit status decides what happens next
+    assert shlex.split(command.split("&&", 1)[1].split(">>", 1)[0]) == [
+        "dpoq", "train", "--config", "c.py", "--workdir", "gs://b/run", "--config.optim.lr=1e-6"]
+
+
+def test_keep_running_refuses_a_local_workdir():
+    argv = ["bash", str(SCRIPTS / "keep_running.sh"), *COMMON, "--config", "c.py", "--workdir", "/data/run"]
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    assert proc.returncode == 2 and "outlive a preempted VM" in proc.stderr
+
+
+FAKE_GCLOUD = r"""#!/usr/bin/env bash
+# a stand-in for gcloud: the VM's state in $FAKE/state, dpoq train's exit statuses in $FAKE/rcs
+echo "$*" >> "$FAKE/calls"
+case "$*" in
+  *" describe "*) s="$(cat "$FAKE/state")"; [[ "$s" == MISSING ]] && exit 1; echo "$s" ;;
+  *" delete "*) echo MISSING > "$FAKE/state" ;;
+  *" create "*) echo READY > "$FAKE/state" ;;
+  *"dpoq train"*) rc="$(head -n 1 "$FAKE/rcs")"; sed -i 1d "$FAKE/rcs"
+                  [[ "$rc" == 255 ]] && echo PREEMPTED > "$FAKE/state"; exit "$rc" ;;
+esac
+exit 0
+"""
+
+
+def keep_running_with(tmp_path, rcs: list[int]) -> tuple[int, list[str]]:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "gcloud").write_text(FAKE_GCLOUD)
+    (bindir / "gcloud").chmod(0o755)
+    (tmp_path / "state").write_text("READY\n")
+    (tmp_path / "rcs").write_text("".join(f"{r}\n" for r in rcs))
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}", FAKE=str(tmp_path))
+    argv = ["bash", str(SCRIPTS / "keep_running.sh"), "--name", "my-tpu", "--zone", "z", "--spot",
+            "--wait", "0", "--config", "c.py", "--workdir", "gs://b/run"]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    return proc.returncode, [c.split()[3] + (" train" if "dpoq train" in c else "") for c in calls]
+
+
+def test_keep_running_relaunches_until_done(tmp_path):
+    """75 (preempted) and 76 (a peer lost): relaunch; 255 with the VM preempted: recreate, set up and
+    relaunch; 0: done."""
+    rc, calls = keep_running_with(tmp_path, [75, 76, 255, 0])
+    assert rc == 0
+    assert calls == ["describe", "ssh train", "describe", "ssh train", "describe", "ssh train",
+                     "describe",  # after 255: the VM is PREEMPTED, so not a failure of the run
+                     "describe", "delete", "create", "describe", "scp", "ssh", "ssh train"]
+
+
+def test_keep_running_stops_on_a_real_failure(tmp_path):
+    rc, calls = keep_running_with(tmp_path, [75, 1, 0])
+    assert rc == 1 and calls == ["describe", "ssh train", "describe", "ssh train", "describe"]

@@ -27,18 +27,24 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
-def init_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """jax.distributed: explicit flags (CPU/GPU clusters), or auto-detected on a Cloud TPU VM."""
+def init_distributed(
+    coordinator: str | None, num_processes: int | None, process_id: int | None, peer_timeout_s: float = 100
+) -> None:
+    """jax.distributed: explicit flags (CPU/GPU clusters), or auto-detected on a Cloud TPU VM; a lost
+    process ends the others within about peer_timeout_s, with one line (train/faults.py)."""
     import jax
+
+    from dpoq_jax.train import faults
 
     if coordinator is not None:
         if num_processes is None or process_id is None:
             raise SystemExit("--coordinator needs --num-processes and --process-id")
         if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
             jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU all-reduce across processes
-        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+        faults.initialize_distributed(peer_timeout_s, coordinator_address=coordinator,
+                                      num_processes=num_processes, process_id=process_id)
     elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):
-        jax.distributed.initialize()
+        faults.initialize_distributed(peer_timeout_s)
 
 
 def _logging(verbose: bool) -> None:
@@ -69,18 +75,45 @@ def train_main(argv: list[str]) -> int:
     args, overrides = p.parse_known_args(argv)
     _logging(args.verbose)
     cfg = _load(args, overrides)
-    init_distributed(args.coordinator, args.num_processes, args.process_id)
+    init_distributed(args.coordinator, args.num_processes, args.process_id, cfg.train.peer_timeout_s)
+    from dpoq_jax.train import faults
     from dpoq_jax.train.loop import NonFiniteError, train
 
+    watch = _peer_watch(cfg.train.peer_timeout_s)
     try:
         last = train(cfg, args.workdir).metrics
     except NonFiniteError as e:
         print(f"dpoq train: {e}", file=sys.stderr)
         return 1
+    except faults.Preempted as e:
+        print(f"dpoq train: {e}", file=sys.stderr)
+        return faults.EXIT_PREEMPTED
+    except faults.WriteFailed as e:
+        print(f"dpoq train: {e}", file=sys.stderr)
+        return faults.EXIT_WRITE_FAILED
+    except Exception as e:
+        line = watch.explain(e) if watch is not None else None
+        if line is not None:  # a collective failed because a peer is gone: one line, no shutdown wait
+            faults.exit_now(line)
+        raise
+    finally:
+        if watch is not None:
+            watch.stop()
     keys = ("loss", "rewards/accuracies", "rewards/margins", "eval/loss", "eval/rewards/accuracies")
     shown = {k: round(last[k], 4) for k in keys if isinstance(last.get(k), float)}
     print(f"done: {args.workdir} {shown}")
     return 0
+
+
+def _peer_watch(timeout_s: float):
+    """faults.PeerWatch in a multi-process run (None in one process)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return None
+    from dpoq_jax.train import faults
+
+    return faults.PeerWatch(timeout_s).start()
 
 
 @reports_user_errors("dpoq precompute-ref")

@@ -46,10 +46,33 @@ def iter_json_lines(path: str | os.PathLike, policy: ErrorPolicy) -> Iterator[tu
             if not text.strip():
                 continue
             try:
-                yield lineno, json.loads(text)
+                obj = json.loads(text, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as e:
                 policy.handle(DataError(f"malformed JSON: {e.msg} (column {e.colno})",
                                         kind="malformed_json", file=path, line=lineno))
+                continue
+            except _DuplicateKey as e:
+                policy.handle(DataError("duplicated key: the record is ambiguous", kind="duplicate_key",
+                                        file=path, line=lineno, key=e.key))
+                continue
+            yield lineno, obj
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object_pairs_hook: an object that names a key twice is refused (json.loads would keep
+    the last value without a word)."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
 
 
 def check_text(text: str, *, file: str, line: int | None, key: str) -> None:

@@ -65,6 +65,11 @@ class TokenizeStats:
         return dataclasses.asdict(self)
 
 
+# Files a Hugging Face tokenizer can be built from (tokenizer_config.json alone names a class, no vocabulary).
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+               "sentencepiece.bpe.model", "merges.txt")
+
+
 def load_hf_tokenizer(path: str | os.PathLike) -> Any:
     """A Hugging Face tokenizer from a directory, local or gs:// (copied locally: transformers reads
     local files only); never downloads from the Hub."""
@@ -72,6 +77,9 @@ def load_hf_tokenizer(path: str | os.PathLike) -> Any:
 
     if not paths.isdir(path):
         raise DataError("tokenizer directory does not exist", kind="missing_file", file=str(path))
+    if not any(paths.isfile(paths.join(str(path), f)) for f in VOCAB_FILES):
+        raise DataError(f"no tokenizer files in this directory (none of {', '.join(VOCAB_FILES)}); "
+                        "give a Hugging Face tokenizer directory", kind="bad_tokenizer", file=str(path))
     try:
         return AutoTokenizer.from_pretrained(paths.local_dir(str(path)), local_files_only=True)
     except (OSError, ValueError) as e:  # no/unreadable tokenizer files: name the directory

@@ -148,6 +148,40 @@ def _quiet(name: str) -> Iterator[None]:
         logger.disabled = old
 
 
+def _closed_loop_error(exc_type: type, exc: BaseException, tb: Any) -> bool:
+    """RuntimeError("Event loop is closed") raised in asyncio's call_soon_threadsafe: a tensorstore
+    future finishing after the checkpoint library closed the event loop of a failed read or write."""
+    if exc_type is not RuntimeError or str(exc) != "Event loop is closed":
+        return False
+    while tb is not None and tb.tb_next is not None:
+        if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+            return True
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name in ("call_soon_threadsafe", "_check_closed")
+
+
+class _QuietClosedLoops:
+    """sys.unraisablehook that drops the "Event loop is closed" tracebacks that tensorstore's threads
+    report (as unraisable exceptions, without a header line) after a failed restore or save: dozens
+    of them, during and after the checkpoint library's close, between the one-line report of the
+    failure and the rest of the run. Installed once per process by the first RunCheckpoints and kept
+    (the threads may finish at exit); anything else goes on to the previous hook."""
+
+    def __init__(self, prev: Any) -> None:
+        self._prev = prev
+
+    def __call__(self, unraisable: Any) -> None:
+        if not _closed_loop_error(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback):
+            self._prev(unraisable)
+
+    @classmethod
+    def install(cls) -> None:
+        import sys
+
+        if not isinstance(sys.unraisablehook, cls):
+            sys.unraisablehook = cls(sys.unraisablehook)
+
+
 def _one_line(e: BaseException, limit: int = 200) -> str:
     text = " ".join(str(e).split()).split(" See full TensorStore details")[0] or type(e).__name__
     return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
@@ -179,7 +213,17 @@ def check_loader(loader: Any, record: dict | None) -> None:
 class RunCheckpoints:
     """Checkpoint manager for one workdir's run."""
 
-    def __init__(self, directory: str, *, every_steps: int, keep: int, async_save: bool = True):
+    def __init__(
+        self,
+        directory: str,
+        *,
+        every_steps: int,
+        keep: int,
+        async_save: bool = True,
+        cleanup_tmp: bool = False,
+    ):
+        """cleanup_tmp: remove the temporary directories of saves that never finished (kill -9, disk
+        full); only for the run that writes here (a reader could delete a save in progress)."""
         if every_steps < 1 or keep < 1:
             raise ValueError(f"checkpoint every_steps and keep must be >= 1, got {every_steps}, {keep}")
         options = ocp.CheckpointManagerOptions(
@@ -187,9 +231,11 @@ class RunCheckpoints:
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
             create=True,
+            cleanup_tmp_directories=cleanup_tmp,
         )
         self.directory = paths.absolute(directory)  # orbax refuses relative paths; gs:// as it is
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        _QuietClosedLoops.install()
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -381,6 +427,15 @@ class RunCheckpoints:
             except DamagedCheckpoint as e:
                 log.warning("checkpoint %s is damaged, not used: %s", self.step_dir(step), e)
         return None
+
+    def committed_steps(self) -> list[int]:
+        """The steps whose directories are complete on disk, oldest first (read from the directory,
+        not the manager's memory: a save that failed or is still running has no step directory)."""
+        try:
+            names = paths.listdir(self.directory)
+        except OSError:
+            return []
+        return sorted(int(n) for n in names if n.isdigit())
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -151,6 +151,7 @@ _CHOICES = {
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
 # Counts that divide or schedule something: 0 would divide by zero or (keep=0) delete every checkpoint.
 _POSITIVE = ("train.batch_size", "train.micro_batches", "train.num_steps", "train.log_every",
+             "train.peer_timeout_s",
              "train.max_consecutive_nonfinite", "checkpoint.every_steps", "checkpoint.keep")
 _NON_NEGATIVE = ("train.eval_every", "train.eval_batches", "train.logps_chunk", "optim.warmup_steps",
                  "optim.lr", "optim.weight_decay", "optim.end_factor", "optim.eps",
@@ -407,6 +408,7 @@ def base_config() -> mc.ConfigDict:
     c.train.max_consecutive_nonfinite = 5
     c.train.logps_chunk = 32  # time steps per chunk of the lean log-probs
     c.train.progress_bar = True
+    c.train.peer_timeout_s = 120  # multi-process: a process silent this long is lost; the others stop
 
     c.checkpoint = mc.ConfigDict()
     c.checkpoint.every_steps = 100

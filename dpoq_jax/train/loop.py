@@ -7,11 +7,12 @@ ends with exactly the parameters and metrics of an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -21,7 +22,7 @@ from dpoq_jax import paths
 from dpoq_jax.data.loader import Loader, LoaderState
 from dpoq_jax.models import lora
 from dpoq_jax.models.hf import save_hf, save_peft
-from dpoq_jax.train import inputs
+from dpoq_jax.train import faults, inputs
 from dpoq_jax.train.checkpoint import RunCheckpoints, check_base
 from dpoq_jax.train.load import CHECKPOINT_SUBDIR
 from dpoq_jax.train.metrics import MetricsWriter, mfu, read_metrics, step_flops
@@ -103,6 +104,7 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
         every_steps=cfg.checkpoint.every_steps,
         keep=cfg.checkpoint.keep,
         async_save=cfg.checkpoint.async_save,
+        cleanup_tmp=True,  # a save cut short (kill -9, a full disk) left its temporary directory
     )
     writer = MetricsWriter(workdir, enabled=is_main)
     # the newest checkpoint that passes every check (damaged newer ones: a warning each, set aside)
@@ -166,7 +168,25 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
 
         bar = tqdm(total=tc.num_steps, initial=start, desc=cfg.stage, dynamic_ncols=True)
     last: dict[str, float] = {}
+
+    def save(done: int) -> None:
+        with _writes(ckpts, "checkpoint", f"of step {done} (or an earlier asynchronous one)"):
+            ckpts.save(
+                done,
+                state,
+                loader=loader.state.to_dict(),
+                config=config_json,
+                model_config=model_json,
+                force=True,
+                base=base_pointer,
+            )
+
+    stop = faults.StopSignals()
+    quiet = faults.DropWriteErrors()
+    for name in ("absl", "asyncio"):  # the checkpoint library's threads log a failed write at length
+        logging.getLogger(name).addFilter(quiet)
     try:
+        stop.__enter__()
         for step in range(start, tc.num_steps):
             t0 = time.perf_counter()
             idx = loader.next_indices()
@@ -203,36 +223,83 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
                         f"were skipped; last good checkpoint: step {ckpts.latest_step()} in {ckpts.directory}"
                     )
             if done % tc.log_every == 0 or done == tc.num_steps:
-                writer.write(done, m)
+                with _writes(ckpts, "metrics row of step", f"{done} to {writer.path}"):
+                    writer.write(done, m)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", **_bar_extras(m))
             if tc.eval_every and done % tc.eval_every == 0 and done != tc.num_steps and run.dataset.eval:
-                writer.write(done, evaluate(run, state, eval_fn, make_batch, b_sh), split="eval")
-            if done % cfg.checkpoint.every_steps == 0 or done == tc.num_steps:
-                ckpts.save(
-                    done,
-                    state,
-                    loader=loader.state.to_dict(),
-                    config=config_json,
-                    model_config=model_json,
-                    force=True,
-                    base=base_pointer,
-                )
-        ckpts.wait()
+                ev = evaluate(run, state, eval_fn, make_batch, b_sh)
+                with _writes(ckpts, "eval row of step", f"{done} to {writer.path}"):
+                    writer.write(done, ev, split="eval")
+            saved = done % cfg.checkpoint.every_steps == 0 or done == tc.num_steps
+            if saved:
+                save(done)
+            if faults.agree_stop(stop.requested):  # the same step on every process
+                _stop_after(done, saved, save, ckpts, stop.signame or "a signal on another process")
+        with _writes(ckpts, "checkpoint", f"of step {tc.num_steps}"):
+            ckpts.wait()
+        stop.__exit__()  # the final eval and export: signals act as usual again (the checkpoint is in)
         if run.dataset.eval:
             ev = evaluate(run, state, eval_fn, make_batch, b_sh)
             if start < tc.num_steps or not _has_final_eval(workdir, tc.num_steps):
-                writer.write(tc.num_steps, ev, split="eval")
+                with _writes(ckpts, "final eval row to", writer.path):
+                    writer.write(tc.num_steps, ev, split="eval")
             last.update({f"eval/{k}": v for k, v in ev.items()})
         if cfg.model.hf_export:
             export_hf(run, state, paths.join(workdir, "hf"))
     finally:
+        stop.__exit__()
+        logging.getLogger("absl").removeFilter(quiet)  # (asyncio's stays: its futures report at exit)
         if bar is not None:
             bar.close()
-        ckpts.close()
-        writer.close()
+        _close_quietly(ckpts, writer)
     return TrainResult(last, state)
+
+
+# ---- stopping on a signal, failed writes (train/faults.py) ---------------------------------------
+
+
+def _stop_after(
+    done: int, saved: bool, save: Callable[[int], None], ckpts: RunCheckpoints, signame: str
+) -> None:
+    """Every process agreed to stop after step `done`: its checkpoint (unless this step just saved
+    one), committed, then Preempted (`dpoq train` exits with faults.EXIT_PREEMPTED)."""
+    if not saved:
+        save(done)
+    with _writes(ckpts, "checkpoint", f"of step {done}"):
+        ckpts.wait()
+    log.info("stopped by %s after step %d (checkpoint committed)", signame, done)
+    raise faults.Preempted(done, signame, ckpts.directory)
+
+
+@contextlib.contextmanager
+def _writes(ckpts: RunCheckpoints, what: str, where: str) -> Iterator[None]:
+    """A failed write (disk full, file too large, read-only) -> faults.WriteFailed in one line that
+    names the newest committed checkpoint (the one a rerun resumes from)."""
+    try:
+        yield
+    except Exception as e:  # noqa: BLE001 - orbax wraps the OSError of its writer threads
+        if isinstance(e, faults.WriteFailed) or not faults.is_write_error(e):
+            raise
+        intact = ckpts.committed_steps()
+        resume = f"step {intact[-1]} in {ckpts.directory}" if intact else "none (a rerun starts over)"
+        why = faults.write_error_text(e) or faults.short(e, 160)
+        raise faults.WriteFailed(
+            f"writing the {what} {where} failed ({why}); last intact checkpoint: {resume}; "
+            f"free space or fix permissions, then rerun the same command to resume"
+        ) from None
+
+
+def _close_quietly(ckpts: RunCheckpoints, writer: MetricsWriter) -> None:
+    """Closes both even when a write failed (the error already raised is the one reported)."""
+    for close in (ckpts.close, writer.close):
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001
+            if not faults.is_write_error(e):
+                raise
+            log.debug("closing after a failed write: %s", faults.short(e))
 
 
 def _has_final_eval(workdir: str, step: int) -> bool:

@@ -125,8 +125,29 @@ class MetricsWriter:
             self._tb.flush()
 
     def close(self) -> None:
-        if self._tb is not None:
+        if self._tb is None:
+            return
+        try:
             self._tb.close()
+        except OSError:  # a full disk: stop its writer threads, so that exit does not retry and print
+            self._abandon_tensorboard()
+            raise
+        self._tb = None
+
+    def _abandon_tensorboard(self) -> None:
+        """Marks tensorboardX's event writers closed after a failed write: its worker thread stopped,
+        no retry from its atexit hook (which would print the same OSError again at exit)."""
+        tb, self._tb = self._tb, None
+        all_writers = getattr(tb, "all_writers", None)
+        for fw in list(all_writers.values()) if all_writers else [getattr(tb, "file_writer", None)]:
+            ew = getattr(fw, "event_writer", None)
+            if ew is None or getattr(ew, "_closed", True):
+                continue
+            try:
+                ew._worker.stop()
+            except Exception:  # noqa: BLE001 - its thread may have died on the same error
+                pass
+            ew._closed = True
 
 
 def read_metrics(workdir: str, split: str | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,217 @@
+"""Preemption (SIGTERM / SIGINT) of `dpoq train` in subprocesses: every process stops after the same
+step with a committed checkpoint of it and exit status 75; rerunning resumes bit for bit (metrics
+rows, final parameters, HF export equal to an uninterrupted run). One process, stopped three times
+(once during an asynchronous save), and a real two-process jax.distributed (gloo) run where only one
+process gets the signal."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dpoq_jax.train.faults import EXIT_PREEMPTED
+from dpoq_jax.train.loop import TIMING_KEYS
+from dpoq_jax.train.metrics import read_metrics
+
+slow = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "experiments" / "configs"
+TINY = [
+    "--config.model.config.hidden_size=32",
+    "--config.model.config.num_layers=1",
+    "--config.model.config.intermediate_size=64",
+    "--config.model.config.head_dim=8",
+    "--config.model.config.rotary_dim=8",
+    "--config.data.num_examples=512",
+    "--config.data.num_eval=32",
+    "--config.train.batch_size=8",
+    "--config.train.progress_bar=false",
+    "--config.train.log_every=1",
+]
+
+
+def dpoq_train(config: str, workdir: Path, *args: str, devices: int = 2) -> subprocess.Popen:
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=str(REPO),
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "dpoq_jax.cli",
+        "train",
+        "--config",
+        str(CONFIGS / config),
+        "--workdir",
+        str(workdir),
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def finish(proc: subprocess.Popen, rc: int = 0, timeout: float = 300) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == rc, out[-3000:]
+    return out
+
+
+def rows(workdir: Path) -> list[dict]:
+    if not (workdir / "metrics.jsonl").exists():
+        return []
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(str(workdir))]
+
+
+def steps_on_disk(workdir: Path) -> list[int]:
+    ckpt = workdir / "checkpoints"
+    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+
+
+def signal_when(procs: list[subprocess.Popen], ready, sig=signal.SIGTERM, timeout: float = 240) -> bool:
+    """Sends `sig` to procs[0] as soon as ready() holds (polled every 2 ms); False if it ended first."""
+    end = time.time() + timeout
+    while time.time() < end and procs[0].poll() is None:
+        if ready():
+            procs[0].send_signal(sig)
+            return True
+        time.sleep(0.002)
+    return False
+
+
+def train_rows_after(workdir: Path, n: int):
+    path = workdir / "metrics.jsonl"
+    return lambda: path.exists() and path.read_text().count('"split": "train"') >= n
+
+
+def check_stopped(out: str, workdir: Path, ref: list[dict], signame: str = "SIGTERM") -> int:
+    """The run stopped after the step of its newest train row, with a checkpoint of exactly that step,
+    and everything it wrote so far equals the uninterrupted run's start."""
+    assert f"stopped by {signame} after step" in out, out[-2000:]
+    got = rows(workdir)
+    last = max(r["step"] for r in got if r["split"] == "train")
+    assert steps_on_disk(workdir)[-1] == last  # nothing after the agreed step lost, nothing more run
+    assert got == ref[: len(got)]
+    assert not any("tmp" in p.name for p in (workdir / "checkpoints").iterdir())  # the save committed
+    return last
+
+
+ARGS = [
+    *TINY,
+    "--config.train.num_steps=40",
+    "--config.checkpoint.every_steps=8",
+    "--config.checkpoint.keep=3",
+    "--config.train.eval_every=10",
+    "--config.checkpoint.async_save=true",
+]
+
+
+@slow
+def test_sigterm_three_times_then_resume_bitwise(tmp_path):
+    finish(dpoq_train("error_injection_sft.py", tmp_path / "ref", *ARGS))
+    ref = rows(tmp_path / "ref")
+    work = tmp_path / "spot"
+
+    def saving() -> bool:  # an asynchronous save in flight (orbax's temporary step directory)
+        ckpt = work / "checkpoints"
+        return ckpt.is_dir() and any("tmp" in p.name for p in ckpt.iterdir()) and len(rows(work)) > 14
+
+    stopped = []
+    for ready, sig in (
+        (train_rows_after(work, 3), signal.SIGTERM),
+        (saving, signal.SIGTERM),
+        (train_rows_after(work, 27), signal.SIGINT),
+    ):
+        proc = dpoq_train("error_injection_sft.py", work, *ARGS)
+        assert signal_when([proc], ready, sig), "the run ended before the signal"
+        out = finish(proc, EXIT_PREEMPTED)
+        stopped.append(check_stopped(out, work, ref, signal.Signals(sig).name))
+    assert stopped == sorted(stopped) and stopped[-1] < 40, stopped
+    finish(dpoq_train("error_injection_sft.py", work, *ARGS))
+
+    assert rows(work) == ref
+    assert (work / "hf" / "model.safetensors").read_bytes() == (
+        tmp_path / "ref" / "hf" / "model.safetensors"
+    ).read_bytes()
+    assert len(steps_on_disk(work)) <= 3  # checkpoint.keep holds with the extra preemption steps
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_processes(workdir: Path, *args: str) -> list[subprocess.Popen]:
+    port = free_port()
+    return [
+        dpoq_train(
+            "error_injection_dpo.py",
+            workdir,
+            *args,
+            "--coordinator",
+            f"127.0.0.1:{port}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            str(i),
+            devices=1,
+        )
+        for i in (1, 0)  # procs[0] is process 1: the one that gets the signal
+    ]
+
+
+ARGS2 = [
+    *TINY,
+    "--config.model.init=random",
+    "--config.model.path=",
+    "--config.train.num_steps=24",
+    "--config.train.eval_every=6",
+    "--config.train.eval_batches=2",
+    "--config.checkpoint.every_steps=10",
+]
+
+
+@slow
+def test_two_processes_sigterm_one_both_stop_at_the_same_step(tmp_path):
+    ref_procs = two_processes(tmp_path / "ref", *ARGS2)
+    for p in ref_procs:
+        finish(p)
+    ref = rows(tmp_path / "ref")
+    work = tmp_path / "spot"
+    procs = two_processes(work, *ARGS2)
+    assert signal_when(procs, train_rows_after(work, 5)), "the run ended before the signal"
+    outs = [finish(p, EXIT_PREEMPTED) for p in procs]
+    assert "SIGTERM received" in outs[0] and "SIGTERM received" not in outs[1]
+    assert "stopped by a signal on another process" in outs[1] or "stopped by SIGTERM" in outs[1]
+    check_stopped(outs[0], work, ref)
+    for p in two_processes(work, *ARGS2):
+        finish(p)
+    assert rows(work) == ref
+    assert (work / "hf" / "model.safetensors").read_bytes() == (
+        tmp_path / "ref" / "hf" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_stop_signals_flag_the_first_signal_and_restore_the_handlers():
+    from dpoq_jax.train.faults import StopSignals, agree_stop
+
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        assert not stop.requested and not agree_stop(stop.requested)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signame == "SIGTERM" and agree_stop(stop.requested)
+        os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM: still finishing the step
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: at once
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) == before
