@@ -189,9 +189,9 @@ def _tagged(stdout: str, tag: str) -> Any:
     return None
 
 
-def run_check(name: str, pythons: dict, workdir: pathlib.Path, timeout: float) -> dict:
+def run_check(name: str, pythons: dict, workdir: pathlib.Path, timeout: float, cases=()) -> dict:
     t0 = time.perf_counter()
-    p = subprocess.run(worker_cmd(name, pythons, workdir, "check"), capture_output=True, text=True,
+    p = subprocess.run(worker_cmd(name, pythons, workdir, "check") + list(cases), capture_output=True, text=True,
                        env=worker_env(name), timeout=timeout, cwd=HERE.parent)  # fmt: skip
     out = _tagged(p.stdout, "CHECK")
     if p.returncode != 0 or out is None:
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         checks, agree = {}, {}
         if not args.no_check:
-            checks["dpoq"] = run_check("dpoq", pythons, workdir, args.timeout)
+            checks["dpoq"] = run_check("dpoq", pythons, workdir, args.timeout, cases)
             for name in peers:
                 checks[name] = run_check(name, pythons, workdir, args.timeout)
             agree = agreement(checks)
