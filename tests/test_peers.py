@@ -64,7 +64,7 @@ def test_agreement_flags_a_difference():
     a = {"logps_chosen": [-10.0, -20.0], "logps_rejected": [-5.0, -6.0], "loss": 0.7}
     b = dict(a, logps_chosen=[-10.0, -20.01])
     rows = peers.agreement({"dpoq": {"padded": a}, "trl": b})
-    assert rows["dpoq padded vs trl"]["logps_chosen"] == pytest.approx(0.01 / 20)
+    assert rows["dpoq padded vs trl"]["logps_chosen"] == pytest.approx(0.01 / 20.01)
     assert rows["dpoq padded vs trl"]["loss"] == 0.0
 
 
