@@ -17,11 +17,14 @@ import sys
 from dpoq_jax.train.metrics import peak_flops
 
 STEP_TIMES_S = (2.0, 5.0, 10.0)
+# bf16 peak per chip where train.metrics.peak_flops has no entry for libtpu's device_kind
+# (a v5p reports "TPU v5"); public Cloud TPU figures.
+PEAK_BY_KIND = {"TPU v5": 459e12, "TPU v4": 275e12}
 
 
 def summarise(name: str, r: dict) -> dict:
     chips = r["chips"]
-    peak = peak_flops(r["device_kind"])
+    peak = PEAK_BY_KIND.get(r["device_kind"]) or peak_flops(r["device_kind"])
     per_chip_micro = r["batch_size"] // r["micro_batches"] // chips
     row = {
         "name": name, "topology": r["topology"], "device_kind": r["device_kind"], "chips": chips,
