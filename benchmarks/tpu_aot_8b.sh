@@ -12,7 +12,9 @@ TMP="$(mktemp -d)"
 trap 'rm -rf "${TMP}"' EXIT
 RUNS="${RUNS:-v5p32_full v5p:2x2x4 --config.train.batch_size=32
 v5p32_full_b128 v5p:2x2x4 --config.train.batch_size=128
+v5p32_lora v5p:2x2x4 --config.train.batch_size=32 --config.model.lora.rank=16
 v5e64_full v5e:8x8 --config.train.batch_size=128
+v5e64_full_b512 v5e:8x8 --config.train.batch_size=512
 v5e64_lora v5e:8x8 --config.train.batch_size=128 --config.model.lora.rank=16
 v4_64_full v4:2x4x4 --config.train.batch_size=64
 v4_64_lora v4:2x4x4 --config.train.batch_size=64 --config.model.lora.rank=16}"
