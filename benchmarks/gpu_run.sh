@@ -43,6 +43,13 @@ python3 -m benchmarks.dpo_step --shapes pythia-2.8b --pairs 4 --append --no-torc
   --cases prefix_shared/frozen_bf16/lean \
   --steps 5 --warmup 2 --time-budget 1 --case-timeout 85 "$@" | tee -a "$log"
 
+# 3. dpoq vs TRL vs Tunix (benchmarks/peers.py) in bfloat16. The device machine reaches no package
+# registry, so the peers' virtualenvs exist there only when carried (DPOQ_PEERS_VENVS); without them
+# the dpoq cases alone run. Not run yet (no GPU lent); a failure here keeps the results above.
+if [ -n "${DPOQ_PEERS_VENVS:-}" ]; then PEERS_ARG=trl,tunix; else PEERS_ARG=none; fi
+timeout 300 bash benchmarks/peers.sh --dtype bfloat16 --peers "${PEERS_ARG}" --steps 5 --warmup 2 \
+  | tee -a "$log" || echo "peers.sh failed or timed out (see above)" | tee -a "$log"
+
 if [ -n "${OUT:-}" ]; then
   cp benchmarks/results/*.json benchmarks/results/*.png "$log" "$OUT"/ 2>/dev/null || true
 fi

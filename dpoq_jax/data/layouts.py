@@ -99,6 +99,33 @@ def rows_needed(pairs: Sequence[TokenizedPair], seq_len: int) -> int:
     return max(len(pairs), 1)
 
 
+def needed_len(item: TokenizedPair | TokenizedSFT, layout: str) -> int:
+    """Row tokens one example needs in `layout` (a pair: per row when padded, in total otherwise)."""
+    if isinstance(item, TokenizedSFT):
+        return len(item.prompt_ids) + len(item.completion_ids)
+    return group_len(item, layout)
+
+
+def bucket_for(
+    items: Sequence[TokenizedPair | TokenizedSFT | None],
+    layout: str,
+    buckets: Sequence[int],
+    num_rows: int | None = None,
+) -> int:
+    """The smallest row length in `buckets` that holds every real item of one step (packed: all of
+    them in `num_rows` rows, first-fit-decreasing). None entries (dummies) need nothing. When even
+    the largest bucket is too short, the largest: the batch then fails or drops as data.overflow says."""
+    lengths = [needed_len(x, layout) for x in items if x is not None]
+    ordered = sorted(int(b) for b in buckets)
+    for b in ordered:
+        if layout == "packed" and num_rows is not None:
+            if all(x is not None for x in first_fit_decreasing(lengths, num_rows, b)):
+                return b
+        elif all(n <= b for n in lengths):
+            return b
+    return ordered[-1]
+
+
 def _num_rows(layout: str, P: int, num_rows: int | None) -> int:
     if layout == "padded":
         return 2 * P

@@ -226,6 +226,9 @@ def validate(config: mc.ConfigDict) -> None:
             raise ConfigError(f"config key {key!r} must be one of {choices}, got {config[group][name]!r}")
     _check_lora(config)
     _check_loss(config)
+    buckets = tuple(config.data.get("buckets", ()) or ())
+    if any(not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in buckets):
+        raise ConfigError(f"config key 'data.buckets' must list row lengths > 0, got {buckets!r}")
     if config.stage == "dpo" and config.reference.mode not in ("frozen", "precomputed"):
         raise ConfigError(
             f"config key 'reference.mode' must be 'frozen' or 'precomputed', got {config.reference.mode!r}"
@@ -360,6 +363,9 @@ def base_config() -> mc.ConfigDict:
     c.data.sft_responses = "chosen"  # SFT stage on preference data: "chosen" or "all" responses
     c.data.layout = "padded"  # padded | prefix_shared | packed
     c.data.seq_len = 64  # S: tokens per row
+    # row-length buckets, e.g. (128, 256, 512): each step's rows padded to the smallest bucket that
+    # holds its examples (one compiled shape per bucket used); () = always data.seq_len
+    c.data.buckets = ()
     c.data.response_len = 16  # R: tokens per response (EOS included)
     c.data.max_prompt_tokens = 48
     c.data.truncate_prompt = True  # False: a longer prompt is bad input (data.on_error: fail or skip)

@@ -115,25 +115,55 @@ def load_dataset(cfg: Any) -> Dataset:
     return Dataset(out["train"], out["eval"], tok, stats)
 
 
+@dataclasses.dataclass(frozen=True)
+class Bucketed:
+    """A micro-batch function whose row length is the smallest of `buckets` holding the step's
+    examples (data.buckets): a few compiled shapes instead of one long row for every batch."""
+
+    make: Callable[..., dict[str, np.ndarray]]  # layouts.preference_batch / sft_batch, partially applied
+    buckets: tuple[int, ...]
+    layout: str
+    num_rows: int | None
+
+    def seq_len_for(self, items: Sequence[Any]) -> int:
+        return layouts.bucket_for(items, self.layout, self.buckets, self.num_rows)
+
+    def __call__(self, items: list, seq_len: int | None = None) -> dict[str, np.ndarray]:
+        return self.make(items, seq_len=seq_len or self.seq_len_for(items))
+
+
 def micro_batch_fn(cfg: Any, micro_size: int) -> Callable[[list], dict[str, np.ndarray]]:
-    """list of (tokenized example | None) of length micro_size -> one layout batch (numpy)."""
+    """list of (tokenized example | None) of length micro_size -> one layout batch (numpy).
+    With data.buckets, a `Bucketed` function (row length chosen per step, see `stack_micro`)."""
     d = cfg.data
     kw = dict(seq_len=d.seq_len, response_len=d.response_len, overflow=d.overflow)
     if d.layout == "packed":
         kw["num_rows"] = d.num_rows or micro_size
     if cfg.stage == "sft":
-        return functools.partial(layouts.sft_batch, layout=d.layout, batch_size=micro_size, **kw)
-    return functools.partial(layouts.preference_batch, layout=d.layout, num_pairs=micro_size, **kw)
+        make = functools.partial(layouts.sft_batch, layout=d.layout, batch_size=micro_size, **kw)
+    else:
+        make = functools.partial(layouts.preference_batch, layout=d.layout, num_pairs=micro_size, **kw)
+    buckets = tuple(d.get("buckets", ()) or ())
+    if not buckets:
+        return make
+    return Bucketed(make, buckets, d.layout, kw.get("num_rows"))
 
 
 def stack_micro(
     items: Sequence[Any], make_batch: Callable[[list], dict], micro_batches: int
 ) -> dict[str, np.ndarray]:
-    """This process's examples of one step (None = dummy) -> arrays with a leading micro axis [M, ...]."""
+    """This process's examples of one step (None = dummy) -> arrays with a leading micro axis [M, ...].
+    A `Bucketed` make_batch pads every micro-batch of the step to one bucket (the step's shape)."""
     if len(items) % micro_batches:
         raise ValueError(f"{len(items)} local examples do not split into {micro_batches} micro-batches")
     k = len(items) // micro_batches
-    parts = [make_batch(list(items[m * k : (m + 1) * k])) for m in range(micro_batches)]
+    kw = {}
+    if isinstance(make_batch, Bucketed):
+        # one bucket for the whole step; packed: each micro-batch's own rows must fit it
+        kw["seq_len"] = max(
+            make_batch.seq_len_for(list(items[m * k : (m + 1) * k])) for m in range(micro_batches)
+        )
+    parts = [make_batch(list(items[m * k : (m + 1) * k]), **kw) for m in range(micro_batches)]
     return {key: np.stack([p[key] for p in parts]) for key in parts[0]}
 
 

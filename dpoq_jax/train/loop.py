@@ -155,7 +155,7 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
         row_tokens,
         num_layers=mcfg.num_layers,
         attn_width=_attn_width(mcfg),
-        row_len=cfg.data.seq_len,
+        row_len=example["tokens"].shape[-1],  # data.buckets: the first example's bucket
         tokens_ref=row_tokens if cfg.stage == "dpo" and run.shardings.ref_params is not None else 0,
     )
     device_kind = jax.devices()[0].device_kind

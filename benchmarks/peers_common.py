@@ -1,0 +1,31 @@
+"""What benchmarks/peers.py and its workers share (standard library only: the peers' workers run it
+in their own virtualenvs, where dpoq_jax is not installed)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+
+def emit(tag: str, obj) -> None:
+    """One result line for the parent: TAG {json}."""
+    print(f"{tag} {json.dumps(obj)}", flush=True)
+
+
+def read_batch(workdir: pathlib.Path) -> dict:
+    """batch.json: pairs (prompt_ids, chosen_ids, rejected_ids), beta, lr, row_len, response_len,
+    buckets, dtype, vocab_size, eos/pad ids."""
+    return json.loads((pathlib.Path(workdir) / "batch.json").read_text())
+
+
+def serve(tag_ready: dict, step, done) -> None:
+    """The bench protocol: READY, then one STEP per "step" line on stdin, DONE at "quit"."""
+    emit("READY", tag_ready)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "step":
+            emit("STEP", {"s": step()})
+        elif cmd == "quit":
+            break
+    emit("DONE", done())
