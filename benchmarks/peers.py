@@ -80,8 +80,9 @@ def write_random_llama(path: pathlib.Path, shape: str, seed: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(**LLAMA_SHAPES[shape], rms_norm_eps=1e-5, rope_theta=1_000_000.0, tie_word_embeddings=False,
-                      max_position_embeddings=4096, bos_token_id=2, eos_token_id=0, pad_token_id=1)  # fmt: skip
+    cfg = LlamaConfig(**LLAMA_SHAPES[shape], rms_norm_eps=1e-5, rope_theta=1_000_000.0,
+                      tie_word_embeddings=False, max_position_embeddings=4096, bos_token_id=2,
+                      eos_token_id=0, pad_token_id=1)  # fmt: skip
     model = LlamaForCausalLM(cfg).float()
     model.save_pretrained(path, safe_serialization=True)
     return json.loads((path / "config.json").read_text())
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
         if name not in PEERS:
             raise SystemExit(f"benchmarks/peers.py: unknown peer {name!r}; choose from {sorted(PEERS)}")
     cases = [c for c in args.cases.split(",") if c]
-    started = datetime.datetime.now(datetime.timezone.utc)
+    started = datetime.datetime.now(datetime.UTC)
     tmp = None
     if args.workdir:
         workdir = pathlib.Path(args.workdir)

@@ -14,7 +14,6 @@ full-logits loss of benchmarks/dpo_step.py) in train.step.make_train_step, optax
 
 from __future__ import annotations
 
-import json
 import pathlib
 import resource
 import sys
