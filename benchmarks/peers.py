@@ -122,8 +122,10 @@ def write_inputs(workdir: pathlib.Path, args) -> dict:
     pairs = shapes.synthetic_pairs(args.pairs, hf["vocab_size"], args.seed, dist=dist)
     step = 16 if dist.row_len <= 64 else 64
     spec = {
-        "pairs": [{"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids}
-                  for p in pairs],  # fmt: skip
+        "pairs": [
+            {"prompt_ids": p.prompt_ids, "chosen_ids": p.chosen_ids, "rejected_ids": p.rejected_ids}
+            for p in pairs
+        ],  # fmt: skip
         "beta": args.beta,
         "lr": args.lr,
         "row_len": dist.row_len,
@@ -160,7 +162,9 @@ def ensure_venv(root: pathlib.Path, name: str) -> pathlib.Path:
     return py
 
 
-def worker_cmd(name: str, pythons: dict, workdir: pathlib.Path, mode: str, case: str | None = None) -> list[str]:
+def worker_cmd(
+    name: str, pythons: dict, workdir: pathlib.Path, mode: str, case: str | None = None
+) -> list[str]:
     if name == "dpoq":
         cmd = [sys.executable, "-m", "benchmarks.peers_dpoq", str(workdir), mode]
     else:
@@ -196,7 +200,9 @@ def run_check(name: str, pythons: dict, workdir: pathlib.Path, timeout: float, c
                        env=worker_env(name), timeout=timeout, cwd=HERE.parent)  # fmt: skip
     out = _tagged(p.stdout, "CHECK")
     if p.returncode != 0 or out is None:
-        raise SystemExit(f"benchmarks/peers.py: the {name} check failed (exit {p.returncode}):\n{p.stderr[-4000:]}")
+        raise SystemExit(
+            f"benchmarks/peers.py: the {name} check failed (exit {p.returncode}):\n{p.stderr[-4000:]}"
+        )
     log(f"{name} check done in {time.perf_counter() - t0:.0f} s")
     return out
 
@@ -248,7 +254,10 @@ def agreement(checks: dict[str, dict]) -> dict:
     def diff(a: dict, b: dict) -> dict:
         out = {}
         for key in ("logps_chosen", "logps_rejected", "loss"):
-            x, y = np.atleast_1d(np.asarray(a[key], np.float64)), np.atleast_1d(np.asarray(b[key], np.float64))
+            x, y = (
+                np.atleast_1d(np.asarray(a[key], np.float64)),
+                np.atleast_1d(np.asarray(b[key], np.float64)),
+            )
             out[key] = float(np.max(np.abs(x - y) / np.maximum(1.0, np.abs(y))))
             out[key + "_abs"] = float(np.max(np.abs(x - y)))
         return out
@@ -286,7 +295,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ref-noise", type=float, default=0.5, help="reference = policy + this x std noise")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--venvs", default=os.environ.get("DPOQ_PEERS_VENVS", str(pathlib.Path.home() / ".cache/dpoq_peers")))
+    p.add_argument(
+        "--venvs", default=os.environ.get("DPOQ_PEERS_VENVS", str(pathlib.Path.home() / ".cache/dpoq_peers"))
+    )
     p.add_argument("--workdir", default="", help="where the model and batch files go (default: a temp dir)")
     p.add_argument("--out", default="", help="results JSON (default benchmarks/results/peers_<device>.json)")
     p.add_argument("--no-check", action="store_true", help="skip the agreement check (not for results)")
@@ -312,7 +323,9 @@ def machine() -> dict:
     except OSError:
         pass
     if _has_gpu():
-        q = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True)
+        q = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        )
         info["gpu"] = q.stdout.strip()
     return info
 
@@ -366,7 +379,10 @@ def main(argv: list[str] | None = None) -> dict:
                 if r >= args.warmup:
                     w.times.append(t)
             load.append(os.getloadavg()[0])
-            log(f"round {r + 1}/{args.warmup + args.steps}: " + " ".join(f"{w.times[-1]:.2f}" if w.times else "-" for w in workers))
+            log(
+                f"round {r + 1}/{args.warmup + args.steps}: "
+                + " ".join(f"{w.times[-1]:.2f}" if w.times else "-" for w in workers)
+            )
         results = []
         for w in workers:
             done = w.finish()
@@ -406,7 +422,11 @@ def main(argv: list[str] | None = None) -> dict:
             "tolerance": TOL,
             "results": results,
         }  # fmt: skip
-        path = pathlib.Path(args.out) if args.out else RESULTS_DIR / f"peers_{'gpu' if _has_gpu() else 'cpu'}.json"
+        path = (
+            pathlib.Path(args.out)
+            if args.out
+            else RESULTS_DIR / f"peers_{'gpu' if _has_gpu() else 'cpu'}.json"
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out, indent=1))
         try:

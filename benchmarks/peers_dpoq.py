@@ -116,7 +116,9 @@ class DpoqCase:
         from dpoq_jax.train import step as step_lib
 
         b = {k: jnp.asarray(v) for k, v in self.np_batch.items()}
-        pc, pr = jax.jit(lambda p: step_lib.pair_logps(self.graphdef, self.rest, p, b, self.fwd))(self.state.params)
+        pc, pr = jax.jit(lambda p: step_lib.pair_logps(self.graphdef, self.rest, p, b, self.fwd))(
+            self.state.params
+        )
         loss, _ = jax.jit(self.loss_fn)(self.state.params, self.state.ref_params, b)
         return {
             "logps_chosen": np.asarray(jnp.sum(pc * b["chosen_mask"], -1), np.float64).tolist(),

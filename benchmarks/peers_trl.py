@@ -122,7 +122,9 @@ def bench(workdir: pathlib.Path, spec: dict) -> None:
         def on_train_begin(self, args, state, control, **kw):
             versions = {"trl": trl.__version__, "torch": torch.__version__,
                         "transformers": transformers.__version__}  # fmt: skip
-            emit("READY", {"case": "TRL DPOTrainer", "versions": versions, "threads": torch.get_num_threads()})
+            emit(
+                "READY", {"case": "TRL DPOTrainer", "versions": versions, "threads": torch.get_num_threads()}
+            )
             self._wait(control)
 
         def on_step_begin(self, args, state, control, **kw):

@@ -88,7 +88,9 @@ def build(workdir: pathlib.Path, spec: dict, tmp: str):
         max_steps=100_000,
         beta=spec["beta"],
         max_inflight_computations=1,
-        metrics_logging_options=metrics_logger.MetricsLoggerOptions(log_dir=tmp, flush_every_n_steps=1_000_000),
+        metrics_logging_options=metrics_logger.MetricsLoggerOptions(
+            log_dir=tmp, flush_every_n_steps=1_000_000
+        ),
         pbar_description=None,
     )
     opt = optax.adamw(spec["lr"], b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)

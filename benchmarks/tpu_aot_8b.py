@@ -52,10 +52,15 @@ def largest_fit(rows: list[dict]) -> dict:
         rs = sorted(rs, key=lambda r: r["per_chip_micro_batch"])
         key = f"{topo} lora{rank}" if rank else f"{topo} full"
         fitting = [r["per_chip_micro_batch"] for r in rs if r["fits"]]
-        entry = {"compiled_sizes": [r["per_chip_micro_batch"] for r in rs], "largest_compiled_fit": max(fitting, default=None)}
+        entry = {
+            "compiled_sizes": [r["per_chip_micro_batch"] for r in rs],
+            "largest_compiled_fit": max(fitting, default=None),
+        }
         if len(rs) >= 2 and rs[-1]["per_chip_micro_batch"] != rs[0]["per_chip_micro_batch"]:
             a, b = rs[0], rs[-1]
-            slope = (b["peak_gib_per_chip"] - a["peak_gib_per_chip"]) / (b["per_chip_micro_batch"] - a["per_chip_micro_batch"])
+            slope = (b["peak_gib_per_chip"] - a["peak_gib_per_chip"]) / (
+                b["per_chip_micro_batch"] - a["per_chip_micro_batch"]
+            )
             base = a["peak_gib_per_chip"] - slope * a["per_chip_micro_batch"]
             n = 1
             while base + slope * 2 * n <= a["hbm_gib"] * 0.95:
@@ -68,9 +73,13 @@ def largest_fit(rows: list[dict]) -> dict:
 
 def main(argv: list[str]) -> None:
     src, out = argv
-    rows = [summarise(os.path.basename(p)[:-5], json.load(open(p))) for p in sorted(glob.glob(f"{src}/*.json"))]
+    rows = [
+        summarise(os.path.basename(p)[:-5], json.load(open(p))) for p in sorted(glob.glob(f"{src}/*.json"))
+    ]
     rows = [r for rep in rows for r in (rep if isinstance(rep, list) else [rep])]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
     doc = {"command": "bash benchmarks/tpu_aot_8b.sh", "commit": commit, "model": "benchmarks/llama3-8b.json",
            "config": "experiments/configs/tldr_pythia2p8b_dpo.py (prefix_shared rows of 768, bf16 compute, f32 "
                      "params, remat full, frozen bf16 reference, RMSprop, fsdp over all chips)",
