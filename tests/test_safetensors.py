@@ -161,7 +161,7 @@ def test_a_failed_export_leaves_the_previous_one(tmp_path, monkeypatch, before):
     d = tmp_path / "hf"
     hf.save_hf(old, CFG, str(d), max_shard_size=before)
     snapshot = _listing(d)
-    real, calls = hf._write_file, []
+    real, calls = stdir._write_file, []
 
     def failing(path, tensors, metadata=None):
         calls.append(path)
@@ -171,7 +171,7 @@ def test_a_failed_export_leaves_the_previous_one(tmp_path, monkeypatch, before):
             raise OSError("No space left on device")
         real(path, tensors, metadata)
 
-    monkeypatch.setattr(hf, "_write_file", failing)
+    monkeypatch.setattr(stdir, "_write_file", failing)
     with pytest.raises(OSError, match="No space left"):
         hf.save_hf(new, CFG, str(d), max_shard_size=SMALL)
     assert all(p.endswith(".tmp") for p in calls)  # never written under a final name
