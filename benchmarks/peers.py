@@ -11,8 +11,8 @@ What it does, in order:
    noise added to every weight: a reference that differs, so the loss checks something; with
    policy = reference every DPO loss is log 2) and WORKDIR/batch.json (TL;DR-like pairs of token
    ids, benchmarks/shapes.py; beta 0.1, lr, row lengths, buckets);
-2. creates (once) the peers' virtualenvs under --venvs (default ~/.cache/dpoq_peers, env
-   DPOQ_PEERS_VENVS): trl==1.16.0 with torch==2.13.0 (CPU wheel from the local wheel folder when
+2. creates (once) the peers' virtualenvs under --venvs (default runs/peers_venvs in the working
+   directory, or env DPOQ_PEERS_VENVS): trl==1.16.0 with torch==2.13.0 (CPU wheel from the local wheel folder when
    pip finds one), google-tunix==0.1.7 with the jax it needs; never the project's environment;
 3. agreement: each framework's worker (benchmarks/peers_{dpoq,trl,tunix}.py, own process) computes
    the summed log-probs of every chosen and rejected response under the policy and the DPO loss
@@ -296,7 +296,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--venvs", default=os.environ.get("DPOQ_PEERS_VENVS", str(pathlib.Path.home() / ".cache/dpoq_peers"))
+        "--venvs", default=os.environ.get("DPOQ_PEERS_VENVS", "runs/peers_venvs")
     )
     p.add_argument("--workdir", default="", help="where the model and batch files go (default: a temp dir)")
     p.add_argument("--out", default="", help="results JSON (default benchmarks/results/peers_<device>.json)")

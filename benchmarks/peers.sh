@@ -3,7 +3,7 @@
 #   bash benchmarks/peers.sh                  # CPU: float32, small random Llama, 4 TL;DR-like pairs (~15 min on 2 cores)
 #   bash benchmarks/peers.sh --dtype bfloat16 # GPU (benchmarks/gpu_run.sh calls it so): not measured yet
 # Extra arguments go to benchmarks/peers.py (e.g. --model smollm2 --model-dir DIR).
-# The peers' virtualenvs are created once under ${DPOQ_PEERS_VENVS:-~/.cache/dpoq_peers} (needs PyPI).
+# The peers' virtualenvs are created once under ${DPOQ_PEERS_VENVS:-runs/peers_venvs} (needs PyPI).
 # Results: benchmarks/results/peers_{cpu,gpu}.json and .png, copied to $OUT when set.
 set -euo pipefail
 cd "$(dirname "$0")/.."
