@@ -56,8 +56,9 @@ def test_dpoq_part(tmp_path, monkeypatch):
     assert names == ["dpoq padded", "dpoq prefix_shared/bucketed"]
     for r in res["results"]:
         assert len(r["step_times_s"]) == 2 and r["pairs_per_s"] > 0 and r["peak_rss_bytes"] > 0
-    # bucketed rows are the smallest bucket that holds the pairs, shorter than the fixed row length
-    assert res["results"][1]["rows"][1] < spec["row_len"]
+    # bucketed prefix-shared rows: the smallest bucket that holds each pair's prompt + chosen + rejected
+    need = max(len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in spec["pairs"])
+    assert res["results"][1]["rows"][1] == min(b for b in spec["buckets"] if b >= need) <= spec["row_len"]
 
 
 def test_agreement_flags_a_difference():
