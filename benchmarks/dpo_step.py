@@ -265,7 +265,7 @@ def add_precomputed_reference(np_batch, params, graphdef, rest, setup: Setup) ->
     from dpoq_jax.train import step as step_lib
 
     fwd = step_lib.Forward(chunk_size=setup.chunk_size)
-    fn = jax.jit(lambda p, b: step_lib.pair_logps(graphdef, rest, p, b, fwd))
+    fn = jax.jit(lambda p, b: step_lib.layout_logps(graphdef, rest, p, b, fwd))
     rc, rr = fn(params, {k: jax.numpy.asarray(v) for k, v in np_batch.items()})
     np_batch["ref_chosen_logps"] = np.asarray(rc, np.float32)
     np_batch["ref_rejected_logps"] = np.asarray(rr, np.float32)

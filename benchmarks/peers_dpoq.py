@@ -75,7 +75,7 @@ class DpoqCase:
         self.np_batch = layout_batch(spec, case)
         self.precomputed = "precomputed" in opts
         if self.precomputed:  # what `dpoq precompute-ref` stores: per-token reference log-probs
-            fn = jax.jit(lambda p, b: step_lib.pair_logps(self.graphdef, self.rest, p, b, self.fwd))
+            fn = jax.jit(lambda p, b: step_lib.layout_logps(self.graphdef, self.rest, p, b, self.fwd))
             rc, rr = fn(ref_params, {k: jnp.asarray(v) for k, v in self.np_batch.items()})
             self.np_batch["ref_chosen_logps"] = np.asarray(rc, np.float32)
             self.np_batch["ref_rejected_logps"] = np.asarray(rr, np.float32)
@@ -116,7 +116,7 @@ class DpoqCase:
         from dpoq_jax.train import step as step_lib
 
         b = {k: jnp.asarray(v) for k, v in self.np_batch.items()}
-        pc, pr = jax.jit(lambda p: step_lib.pair_logps(self.graphdef, self.rest, p, b, self.fwd))(
+        pc, pr = jax.jit(lambda p: step_lib.layout_logps(self.graphdef, self.rest, p, b, self.fwd))(
             self.state.params
         )
         loss, _ = jax.jit(self.loss_fn)(self.state.params, self.state.ref_params, b)

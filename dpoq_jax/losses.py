@@ -29,7 +29,11 @@ TRL_LOSS_TYPES = (
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )  # fmt: skip
 REFERENCE_FREE_TYPES = ("simpo", "orpo")
-LOSS_TYPES = TRL_LOSS_TYPES + ("cdpo",) + REFERENCE_FREE_TYPES
+# Losses of single responses with outcome labels ({"prompt", "completion", "label"} rows, or pairs
+# unpaired into a good and a bad response): Yuan et al. 2024's cross-entropy, and TRL 1.16
+# KTOTrainer's `apo_zero_unpaired`. They are used alone, never in a mixture with pairwise types.
+UNPAIRED_TYPES = ("outcome_ce", "apo_zero_unpaired")
+LOSS_TYPES = TRL_LOSS_TYPES + ("cdpo",) + REFERENCE_FREE_TYPES + UNPAIRED_TYPES
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # Only losses of the chosen−rejected score difference admit an f-divergence (TRL's rule: the β log Z(x)
 # of the f-DPO reparameterisation cancels only there).
@@ -64,7 +68,8 @@ class LossConfig:
     ld_alpha: LD-DPO's α, response tokens past the shorter response's length count α (1 = off).
     use_weighting: WPO pair weights (needs the policy's per-token log Σ_v p_v²).
     f_divergence_type / f_alpha_divergence_coef: TRL's f-DPO scores. discopop_tau: DiscoPOP's τ.
-    simpo_gamma: SimPO's target margin γ."""
+    simpo_gamma: SimPO's target margin γ. desirable_weight / undesirable_weight: KTO's λ_D / λ_U, the
+    weights of good and bad responses in the unpaired losses (UNPAIRED_TYPES)."""
 
     beta: float = 0.1
     loss_type: str | tuple[str, ...] = "sigmoid"
@@ -78,6 +83,8 @@ class LossConfig:
     f_alpha_divergence_coef: float = 0.5
     discopop_tau: float = 0.05
     simpo_gamma: float = 0.5
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
 
     def __post_init__(self) -> None:
         types = self.types
@@ -119,6 +126,25 @@ class LossConfig:
             )
         if self.discopop_tau <= 0:
             raise ValueError(f"LossConfig.discopop_tau must be > 0, got {self.discopop_tau}")
+        if self.desirable_weight < 0 or self.undesirable_weight < 0:
+            raise ValueError("LossConfig.desirable_weight and undesirable_weight must be >= 0, got "
+                             f"{self.desirable_weight}, {self.undesirable_weight}")
+        if set(types) & set(UNPAIRED_TYPES):
+            self._check_unpaired(types)
+
+    def _check_unpaired(self, types: tuple[str, ...]) -> None:
+        """An unpaired type stands alone: the pairwise options have no meaning for single responses."""
+        if len(types) > 1:
+            raise ValueError(
+                f"LossConfig.loss_type={self.loss_type!r}: {UNPAIRED_TYPES} train on single labelled "
+                "responses and do not mix with other types"
+            )
+        pairwise = {"ld_alpha": self.ld_alpha != 1.0, "use_weighting": self.use_weighting,
+                    "sft_weight": self.sft_weight != 0.0, "label_smoothing": self.label_smoothing != 0.0,
+                    "f_divergence_type": self.f_divergence_type != "reverse_kl"}  # fmt: skip
+        bad = [k for k, on in pairwise.items() if on]
+        if bad:
+            raise ValueError(f"LossConfig.{bad[0]} is a pairwise option; loss_type {types[0]!r} has no pairs")
 
     @property
     def types(self) -> tuple[str, ...]:
@@ -127,6 +153,11 @@ class LossConfig:
     @property
     def weights(self) -> tuple[float, ...]:
         return tuple(self.loss_weights) or (1.0,) * len(self.types)
+
+    @property
+    def unpaired(self) -> bool:
+        """True for the outcome-label losses: the data are single responses with labels."""
+        return self.types[0] in UNPAIRED_TYPES
 
     @property
     def needs_reference(self) -> bool:
@@ -277,6 +308,8 @@ def preference_loss(
                 f"preference_loss: {name}_mask_BT has shape {m.shape}, policy log-probs {x.shape}"
             )
     types, beta, eps = config.types, config.beta, config.label_smoothing
+    if config.unpaired:
+        raise ValueError(f"preference_loss: loss_type {types[0]!r} is unpaired; use losses.outcome_loss")
     has_ref = ref_chosen is not None and ref_rejected is not None
     if config.needs_reference and not has_ref:
         raise ValueError(f"preference_loss: loss_type {types} needs reference log-probs, got None")
@@ -430,15 +463,22 @@ def outcome_loss(
     label_B: Array,
     *,
     beta: float,
+    loss_type: str = "outcome_ce",
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
     example_mask_B: Array | None = None,
     axis_name: str | None = None,
 ) -> tuple[Array, dict[str, Array]]:
-    """Unpaired outcome-label cross-entropy (Yuan et al. 2024): −[l log σ(r) + (1−l) log σ(−r)],
-    r = β Σ_t log π/π_ref, mean over real examples -> (loss, metrics).
+    """Loss of single responses with outcome labels, r = β Σ_t log π/π_ref, mean over real examples
+    -> (loss, metrics). With l the label, λ_D / λ_U the desirable / undesirable weights:
+
+      outcome_ce (Yuan et al. 2024):        −[λ_D l log σ(r) + λ_U (1−l) log σ(−r)]
+      apo_zero_unpaired (TRL KTOTrainer):   λ_D l (1 − σ(r)) + λ_U (1−l) σ(r)
 
     label_B in [0, 1] (1 good, 0 bad; soft labels allowed); ref per-token [B, T] or sums [B].
-    Metrics: rewards/chosen and rewards/rejected are the mean r of good and of bad responses (KTO's
-    names), rewards/accuracies the share with sign(r) agreeing with the label.
+    Metrics (KTO's names): rewards/chosen and rewards/rejected are the mean r of good (l > 1/2) and of
+    bad responses, logps/* their mean Σ log π, rewards/accuracies the share whose sign of r agrees with
+    the label; token_rewards/* as for pairs when ref is per token.
     """
     if policy_BT.ndim != 2 or mask_BT.shape != policy_BT.shape:
         raise ValueError(
@@ -449,20 +489,32 @@ def outcome_loss(
         raise ValueError(f"outcome_loss: label_B has shape {label_B.shape}, expected ({policy_BT.shape[0]},)")
     if not beta > 0:
         raise ValueError(f"outcome_loss: beta must be > 0, got {beta}")
+    if loss_type not in UNPAIRED_TYPES:
+        raise ValueError(f"outcome_loss: loss_type must be one of {UNPAIRED_TYPES}, got {loss_type!r}")
     m_BT = mask_BT.astype(jnp.float32)
     B = policy_BT.shape[0]
     em_B = jnp.ones((B,), jnp.float32) if example_mask_B is None else example_mask_B.astype(jnp.float32)
     l_B = label_B.astype(jnp.float32)
-    r_B = beta * (tokenq.masked_sum(_f32(policy_BT), m_BT) - _ref_sum(ref, m_BT, "ref"))
-    per_B = -(l_B * jax.nn.log_sigmoid(r_B) + (1 - l_B) * jax.nn.log_sigmoid(-r_B))
+    logp_B = tokenq.masked_sum(_f32(policy_BT), m_BT)
+    r_B = beta * (logp_B - _ref_sum(ref, m_BT, "ref"))
+    good_w_B, bad_w_B = desirable_weight * l_B, undesirable_weight * (1 - l_B)
+    if loss_type == "outcome_ce":
+        per_B = -(good_w_B * jax.nn.log_sigmoid(r_B) + bad_w_B * jax.nn.log_sigmoid(-r_B))
+    else:
+        per_B = good_w_B * (1 - jax.nn.sigmoid(r_B)) + bad_w_B * jax.nn.sigmoid(r_B)
     loss = _global_mean(per_B, em_B, axis_name)
     good_B = (l_B > 0.5).astype(jnp.float32)
-    metrics = {
-        "loss": loss,
-        "rewards/chosen": _global_mean(r_B, em_B * good_B, axis_name),
-        "rewards/rejected": _global_mean(r_B, em_B * (1 - good_B), axis_name),
-        "rewards/accuracies": _global_mean(((r_B > 0) == (l_B > 0.5)).astype(jnp.float32), em_B, axis_name),
-    }
+    metrics = {"loss": loss}
+    for name, w_B in (("chosen", em_B * good_B), ("rejected", em_B * (1 - good_B))):
+        metrics[f"rewards/{name}"] = _global_mean(r_B, w_B, axis_name)
+        metrics[f"logps/{name}"] = _global_mean(logp_B, w_B, axis_name)
+    metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
+    agree_B = ((r_B > 0) == (l_B > 0.5)).astype(jnp.float32)
+    metrics["rewards/accuracies"] = _global_mean(agree_B, em_B, axis_name)
+    if ref.ndim == 2:
+        r_BT = tokenq.implicit_rewards(policy_BT, ref, m_BT, beta)
+        for name, w_B in (("chosen", em_B * good_B), ("rejected", em_B * (1 - good_B))):
+            metrics[f"token_rewards/{name}_mean"] = _token_mean(r_BT, m_BT, w_B, axis_name)
     return loss, metrics
 
 

@@ -13,7 +13,7 @@ from dpoq_jax.models import attention as A
 from dpoq_jax.train import inputs
 from dpoq_jax.train.config import synthetic_config
 from dpoq_jax.train.setup import forward_for, setup
-from dpoq_jax.train.step import accumulate_grads, pair_logps
+from dpoq_jax.train.step import accumulate_grads, layout_logps
 
 
 def _rows(branches: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -163,7 +163,7 @@ def test_step_on_every_layout_with_the_fused_kernel_equals_padded(stage):
         logps = None
         if stage == "dpo":
             micro = {k: v[0] for k, v in batch.items()}
-            logps = pair_logps(run.graphdef, run.rest, state.params, micro, forward_for(cfg, 4))
+            logps = layout_logps(run.graphdef, run.rest, state.params, micro, forward_for(cfg, 4))
         out[layout] = (grads, metrics, logps)
     grads0, metrics0, logps0 = out["padded"]
     assert float(metrics0["loss"]) > 0

@@ -94,7 +94,7 @@ def test_every_layout_gives_padded_logps_loss_and_gradients():
         fwd = step_lib.Forward(chunk_size=16, causal_rows=causal)
         loss_fn = step_lib.make_dpo_loss(graphdef, rest, losses.LossConfig(beta=0.5), fwd)
         train_step = jax.jit(step_lib.make_train_step(loss_fn, optimizer, optax.constant_schedule(1.0)))
-        logps_fn = jax.jit(lambda p, b, f=fwd: step_lib.pair_logps(graphdef, rest, p, b, f))
+        logps_fn = jax.jit(lambda p, b, f=fwd: step_lib.layout_logps(graphdef, rest, p, b, f))
         b = _batch(layout, pairs)
         zero = jnp.zeros((), jnp.int32)
         st = state_lib.TrainState(

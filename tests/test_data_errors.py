@@ -1,5 +1,6 @@
 """Every bad input of issue 4 item 4: a DataError naming file, line and key; or skipped and counted."""
 
+import numpy as np
 import pytest
 
 from dpoq_jax.data.errors import DataError, ErrorPolicy
@@ -122,6 +123,7 @@ REPO_CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "expe
 PAIR = b'{"prompt": "a b", "chosen": " c", "rejected": " d"}\n'
 SFT = b'{"prompt": "a b", "completion": " c"}\n'
 BOM = b"\xef\xbb\xbf"
+LABELLED = b'{"prompt": "a b", "completion": " c", "label": true}\n'
 # (id, stage, good line, bad line, bad line's position (1 or 2), kind, key, message fragment)
 CORPUS = [
     ("malformed_json", "dpo", PAIR, b'{"prompt": "a", \n', 2, "malformed_json", None, "malformed JSON"),
@@ -142,6 +144,14 @@ CORPUS = [
      "invalid_unicode", "chosen", "lone surrogate"),
     ("empty_prompt", "dpo", PAIR, b'{"prompt": "", "chosen": " c", "rejected": " d"}\n', 2, "empty_prompt",
      "prompt", "prompt has no tokens"),
+    ("outcome_label_string", "outcome", LABELLED, b'{"prompt": "a", "completion": " c", "label": "yes"}\n',
+     2, "bad_label", "label", "expected true/false or a number in [0, 1], got 'yes'"),
+    ("outcome_label_range", "outcome", LABELLED, b'{"prompt": "a", "completion": " c", "label": 1.5}\n',
+     2, "bad_label", "label", "got 1.5"),
+    ("outcome_label_missing", "outcome", LABELLED, b'{"prompt": "a", "completion": " c"}\n', 1,
+     "missing_key", "label", "missing key"),
+    ("outcome_empty_completion", "outcome", LABELLED, b'{"prompt": "a", "completion": "", "label": 0}\n',
+     2, "empty_response", "completion", "empty response"),
     ("sft_first_not_object", "sft", PAIR, b"7\n", 1, "not_object", None, "got int"),
     ("sft_first_malformed", "sft", PAIR, b'{"prompt": \n', 1, "malformed_json", None, "malformed JSON"),
     ("sft_first_invalid_utf8", "sft", PAIR, b'{"prompt": "\xfe"}\n', 1, "invalid_utf8", None,
@@ -170,7 +180,10 @@ def word_tokenizer(tmp_path_factory):
 
 
 def train_argv(stage, data, tok, workdir, *extra):
-    cfg = REPO_CONFIGS / ("error_injection_dpo.py" if stage == "dpo" else "error_injection_sft.py")
+    """`dpoq train` arguments; stage "outcome" is DPO with the unpaired loss on labelled responses."""
+    cfg = REPO_CONFIGS / ("error_injection_sft.py" if stage == "sft" else "error_injection_dpo.py")
+    if stage == "outcome":
+        extra = ("--config.loss.loss_type=outcome_ce", *extra)
     return ["--config", str(cfg), "--workdir", str(workdir), "--config.model.init=random",
             "--config.model.path=", "--config.data.source=jsonl", f"--config.data.path={data}",
             f"--config.data.tokenizer_path={tok}", "--config.data.num_eval=0",
@@ -304,10 +317,10 @@ def _ref_file(tmp_path, edit=None):
     import json
 
     from dpoq_jax.data.examples import TokenizedPair
-    from dpoq_jax.train.inputs import pair_fingerprint
+    from dpoq_jax.train.inputs import fingerprint
 
     pairs = [TokenizedPair([1, 2], [3, 4, 0], [5, 0]), TokenizedPair([1], [6, 0], [7, 8, 9, 0])]
-    rows = [{"fingerprint": pair_fingerprint(p), "split": "train",
+    rows = [{"fingerprint": fingerprint(p), "split": "train",
              "ref_chosen_logps": [-1.0] * len(p.chosen_ids),
              "ref_rejected_logps": [-2.0] * len(p.rejected_ids)} for p in pairs]  # fmt: skip
     lines = [json.dumps(r) for r in rows]
@@ -350,3 +363,21 @@ def test_precomputed_reference_file_attaches_per_token_logps(tmp_path):
     out = attach_reference(pairs, path)
     assert [p.meta["ref_chosen_logps"] for p in out] == [[-1.0] * 3, [-1.0] * 2]
     assert [p.meta["ref_rejected_logps"] for p in out] == [[-2.0] * 2, [-2.0] * 4]
+
+
+def test_labelled_rows_train_end_to_end(tmp_path, word_tokenizer):
+    """{"prompt", "completion", "label"} rows through `dpoq train` (unpaired loss, packed rows)."""
+    from dpoq_jax.commands.train import train_main
+    from dpoq_jax.train.metrics import read_metrics
+
+    path = tmp_path / "labels.jsonl"
+    path.write_bytes(LABELLED + b'{"prompt": "a", "completion": " d c", "label": 0}\n' * 2 + LABELLED)
+    tiny = ["--config.model.config.hidden_size=32", "--config.model.config.num_layers=1",
+            "--config.model.config.intermediate_size=64", "--config.model.config.head_dim=8",
+            "--config.model.config.rotary_dim=8", "--config.train.batch_size=8", "--config.train.num_steps=3",
+            "--config.train.log_every=1", "--config.data.layout=packed", "--config.data.num_rows=8"]
+    assert train_main(train_argv("outcome", path, word_tokenizer, tmp_path / "w", *tiny)) == 0
+    rows = read_metrics(str(tmp_path / "w"), "train")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert abs(rows[0]["loss"] - np.log(2.0)) < 1e-5  # π = π_ref at the first step
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["rewards/margins"] > 0

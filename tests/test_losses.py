@@ -272,6 +272,16 @@ def _np_outcome(p, r, m, label, beta):
     return -(label * _np_log_sigmoid(rew) + (1 - label) * _np_log_sigmoid(-rew)).mean()
 
 
+def _np_apo_zero_unpaired(p, r, m, label, beta, wd=1.0, wu=1.0, em=None):
+    """TRL 1.16 KTOTrainer, loss_type apo_zero_unpaired: good 1 − σ(βu), bad σ(βu), weighted by
+    desirable/undesirable_weight, mean over the responses."""
+    p, r, m, label = _f64(p, r, m, label)
+    em = np.ones(len(label)) if em is None else np.asarray(em, np.float64)
+    sig = 1 / (1 + np.exp(-beta * ((p - r) * m).sum(1)))
+    per = wd * label * (1 - sig) + wu * (1 - label) * sig
+    return (per * em).sum() / em.sum()
+
+
 def _np_sigmoid_norm(pc, pr, rc, rr, cm, rm, pm, beta, alpha=1.0):
     """TRL's sigmoid_norm with LD-DPO: token weights 1 up to min(|y_w|,|y_l|), α after; scores divided
     by the unweighted lengths."""
@@ -290,6 +300,30 @@ def _np_sigmoid_ld(pc, pr, rc, rr, cm, rm, pm, beta, alpha):
     wr = np.where(np.cumsum(rm, 1) <= shared, 1.0, alpha) * rm
     d = ((pc - rc) * wc).sum(1) - ((pr - rr) * wr).sum(1)
     return (-_np_log_sigmoid(beta * d) * pm).sum() / pm.sum()
+
+
+def test_unpaired_losses_float64_with_weights_and_dummies():
+    pc, _, rc, _, cm, _, pm = _batch(11)
+    label = (np.arange(B) % 3 == 0).astype(np.float32)
+    kw = dict(beta=0.4, desirable_weight=1.5, undesirable_weight=0.5, example_mask_B=pm)
+    loss, met = losses.outcome_loss(pc, rc, cm, label, loss_type="apo_zero_unpaired", **kw)
+    np.testing.assert_allclose(loss, _np_apo_zero_unpaired(pc, rc, cm, label, 0.4, 1.5, 0.5, pm), rtol=1e-6)
+    loss, met = losses.outcome_loss(pc, rc, cm, label, **kw)  # outcome_ce, weighted
+    p, r, m, lab = _f64(pc, rc, cm, label)
+    rew = 0.4 * ((p - r) * m).sum(1)
+    per = -(1.5 * lab * _np_log_sigmoid(rew) + 0.5 * (1 - lab) * _np_log_sigmoid(-rew))
+    np.testing.assert_allclose(loss, (per * pm).sum() / pm.sum(), rtol=1e-6)
+    good, bad = pm * (lab > 0.5), pm * (lab <= 0.5)
+    np.testing.assert_allclose(met["rewards/chosen"], (rew * good).sum() / good.sum(), rtol=1e-5)
+    np.testing.assert_allclose(met["logps/rejected"], ((p * m).sum(1) * bad).sum() / bad.sum(), rtol=1e-5)
+    np.testing.assert_allclose(met["rewards/margins"], met["rewards/chosen"] - met["rewards/rejected"])
+    tok = 0.4 * (p - r) * m * good[:, None]
+    np.testing.assert_allclose(met["token_rewards/chosen_mean"], tok.sum() / (m * good[:, None]).sum(),
+                               rtol=1e-5)  # fmt: skip
+    with pytest.raises(ValueError, match="is unpaired; use losses.outcome_loss"):
+        losses.preference_loss(pc, pc, rc, rc, cm, cm, config=LossConfig(loss_type="outcome_ce"))
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        losses.outcome_loss(pc, rc, cm, label, beta=0.1, loss_type="sigmoid")
 
 
 def test_simpo_and_orpo_match_float64_formulas_without_reference():
@@ -449,6 +483,10 @@ def test_lean_log_sum_sq_probs_equals_dense_float64():
         (dict(loss_type="bco_pair", f_divergence_type="js_divergence"), "f_divergence_type"),
         (dict(f_divergence_type="kl"), "f_divergence_type"),
         (dict(loss_type="aot", use_weighting=True), "use_weighting"),
+        (dict(loss_type="outcome_ce,sigmoid"), "do not mix"),
+        (dict(loss_type="apo_zero_unpaired", ld_alpha=0.5), "ld_alpha is a pairwise option"),
+        (dict(loss_type="outcome_ce", sft_weight=0.1), "sft_weight is a pairwise option"),
+        (dict(loss_type="outcome_ce", desirable_weight=-1.0), "desirable_weight"),
     ],
 )
 def test_bad_loss_config_one_clear_line(kwargs, match):
@@ -481,6 +519,7 @@ _SFT_CONFIG = str(
         ),
         (["--config.loss.loss_type=exo_pair"], r"^config group 'loss': .*exo_pair"),
         (["--config.loss.f_divergence_type=kl"], r"^config key 'loss.f_divergence_type' must be one of"),
+        (["--config.loss.loss_type=outcome_ce,sft"], r"^config group 'loss': .*do not mix with other types"),
     ],
 )
 def test_bad_train_config_one_clear_line(overrides, match):

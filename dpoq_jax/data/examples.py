@@ -43,3 +43,28 @@ class TokenizedSFT:
     prompt_ids: list[int]
     completion_ids: list[int]
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class OutcomeExample(SFTExample):
+    """One response with an outcome label (1 good, 0 bad; soft labels in between), for the unpaired
+    losses (losses.UNPAIRED_TYPES); tokenised and laid out like an SFT example."""
+
+    label: float = 1.0
+
+
+@dataclasses.dataclass
+class TokenizedOutcome(TokenizedSFT):
+    """Token ids of an OutcomeExample and its label."""
+
+    label: float = 1.0
+
+
+def unpair(pairs: list[PreferenceExample]) -> list[OutcomeExample]:
+    """Each pair as two labelled responses, the chosen one good (1) and the rejected one bad (0), as
+    TRL's unpair_preference_dataset does; meta records which side each came from."""
+    out = []
+    for p in pairs:
+        out.append(OutcomeExample(p.prompt, p.chosen, dict(p.meta, side="chosen"), label=1.0))
+        out.append(OutcomeExample(p.prompt, p.rejected, dict(p.meta, side="rejected"), label=0.0))
+    return out

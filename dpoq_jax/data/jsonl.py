@@ -1,4 +1,5 @@
-"""JSON Lines sources: {"prompt", "chosen", "rejected"} pairs and {"prompt", "completion"} SFT rows.
+"""JSON Lines sources: {"prompt", "chosen", "rejected"} pairs, {"prompt", "completion"} SFT rows and
+{"prompt", "completion", "label"} outcome rows (label true/false or a number in [0, 1]; TRL's KTO format).
 
 Rows are either standard (strings, below) or conversational (lists of {"role", "content"} messages, TRL's
 formats, implicit prompt and {"messages"} SFT rows included; see data/chat.py).
@@ -19,7 +20,7 @@ from typing import Any
 from dpoq_jax import paths
 from dpoq_jax.data import chat
 from dpoq_jax.data.errors import DataError, ErrorPolicy
-from dpoq_jax.data.examples import PreferenceExample, SFTExample
+from dpoq_jax.data.examples import OutcomeExample, PreferenceExample, SFTExample
 
 
 def iter_json_lines(path: str | os.PathLike, policy: ErrorPolicy) -> Iterator[tuple[int, Any]]:
@@ -148,34 +149,52 @@ def sft_from_row(obj: Any, *, file: str, line: int | None) -> SFTExample:
     return SFTExample(prompt, completion, meta)
 
 
+def outcome_from_row(obj: Any, *, file: str, line: int | None) -> OutcomeExample:
+    """One outcome row: an SFT row (strings or messages) with a "label": true/false, or a number in
+    [0, 1] (1 good, 0 bad)."""
+    ex = sft_from_row(obj, file=file, line=line)
+    if "label" not in obj:
+        raise DataError("missing key", kind="missing_key", file=file, line=line, key="label")
+    label = obj["label"]
+    if isinstance(label, bool):
+        label = float(label)
+    elif not isinstance(label, int | float) or not 0.0 <= label <= 1.0:  # NaN fails the range too
+        raise DataError(f"expected true/false or a number in [0, 1], got {label!r}", kind="bad_label",
+                        file=file, line=line, key="label")
+    meta = {k: v for k, v in ex.meta.items() if k != "label"}
+    return OutcomeExample(ex.prompt, ex.completion, meta, label=float(label))
+
+
+def read_jsonl(path: str | os.PathLike, from_row: Any, policy: ErrorPolicy | None = None) -> list:
+    """Examples of every line through `from_row` (preference_from_row, sft_from_row, outcome_from_row);
+    a bad line goes to the policy (default: fail) as a DataError naming file, line and key."""
+    policy = policy or ErrorPolicy("fail")
+    out = []
+    for lineno, obj in iter_json_lines(path, policy):
+        try:
+            out.append(from_row(obj, file=str(path), line=lineno))
+        except DataError as e:
+            policy.handle(e)
+            continue
+        policy.n_ok += 1
+    return out
+
+
 def read_preference_jsonl(
     path: str | os.PathLike, policy: ErrorPolicy | None = None
 ) -> list[PreferenceExample]:
     """Reads {"prompt", "chosen", "rejected"} lines, strings or messages (other keys go to meta)."""
-    policy = policy or ErrorPolicy("fail")
-    out = []
-    for lineno, obj in iter_json_lines(path, policy):
-        try:
-            out.append(preference_from_row(obj, file=str(path), line=lineno))
-        except DataError as e:
-            policy.handle(e)
-            continue
-        policy.n_ok += 1
-    return out
+    return read_jsonl(path, preference_from_row, policy)
 
 
 def read_sft_jsonl(path: str | os.PathLike, policy: ErrorPolicy | None = None) -> list[SFTExample]:
     """Reads {"prompt", "completion"} or {"messages"} lines (other keys go to meta)."""
-    policy = policy or ErrorPolicy("fail")
-    out = []
-    for lineno, obj in iter_json_lines(path, policy):
-        try:
-            out.append(sft_from_row(obj, file=str(path), line=lineno))
-        except DataError as e:
-            policy.handle(e)
-            continue
-        policy.n_ok += 1
-    return out
+    return read_jsonl(path, sft_from_row, policy)
+
+
+def read_outcome_jsonl(path: str | os.PathLike, policy: ErrorPolicy | None = None) -> list[OutcomeExample]:
+    """Reads {"prompt", "completion", "label"} lines (or {"messages", "label"}; other keys go to meta)."""
+    return read_jsonl(path, outcome_from_row, policy)
 
 
 def write_jsonl(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:

@@ -9,6 +9,9 @@ serves every batch. The loss never sees rows: it gathers per-response values thr
   response's positions continue from the prompt's end, like the chosen one's.
 * "packed": prefix-shared groups packed first-fit-decreasing into N rows, told apart by segment ids.
 
+SFT examples and labelled single responses (`outcome_batch`) take one sequence per row ("padded",
+"prefix_shared") or are packed.
+
 Attention rule (all layouts): token i sees token j iff j <= i, segment_ids equal and non-zero, and
 branch_ids[j] == 0 or branch_ids[j] == branch_ids[i].
 """
@@ -20,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from dpoq_jax.data.examples import TokenizedPair, TokenizedSFT
+from dpoq_jax.data.examples import TokenizedOutcome, TokenizedPair, TokenizedSFT
 
 LAYOUTS = ("padded", "prefix_shared", "packed")
 OVERFLOW_CHOICES = ("error", "drop")
@@ -222,13 +225,20 @@ def preference_batch(
 
 
 def _copy_reference(
-    out: dict[str, np.ndarray], pairs: Sequence[TokenizedPair | None], P: int, R: int
+    out: dict[str, np.ndarray],
+    items: Sequence[Any],
+    P: int,
+    R: int,
+    sides: tuple[str, ...] = ("chosen", "rejected"),
+    mask_key: str = "pair_mask",
 ) -> None:
-    real = [(i, p) for i, p in enumerate(pairs) if p is not None and out["pair_mask"][i] > 0]
+    """meta "ref_{side}_logps" (per token) or "ref_{side}_sum" -> batch arrays, when every real item
+    has them."""
+    real = [(i, p) for i, p in enumerate(items) if p is not None and out[mask_key][i] > 0]
     if not real:
         return
     for kind, shape in (("logps", (P, R)), ("sum", (P,))):
-        keys = [f"ref_chosen_{kind}", f"ref_rejected_{kind}"]
+        keys = [f"ref_{side}_{kind}" for side in sides]
         if all(k in p.meta for _, p in real for k in keys):
             for k in keys:
                 arr = np.zeros(shape, np.float32)
@@ -301,6 +311,29 @@ def sft_batch(
     out.update(rows.arrays())
     if stats is not None:
         stats["n_dropped"] = stats.get("n_dropped", 0) + n_dropped
+    return out
+
+
+def outcome_batch(
+    examples: Sequence[TokenizedOutcome | None],
+    layout: str,
+    *,
+    seq_len: int,
+    response_len: int,
+    batch_size: int | None = None,
+    num_rows: int | None = None,
+    overflow: str = "error",
+    stats: dict[str, int] | None = None,
+) -> dict[str, np.ndarray]:
+    """Labelled single responses (unpaired losses): the `sft_batch` arrays of each response, `label` [B],
+    and `ref_completion_logps` [B, R] (or `ref_completion_sum` [B]) when every real example's meta has
+    them (`dpoq precompute-ref`)."""
+    out = sft_batch(examples, layout, seq_len=seq_len, response_len=response_len, batch_size=batch_size,
+                    num_rows=num_rows, overflow=overflow, stats=stats)  # fmt: skip
+    B = out["example_mask"].shape[0]
+    out["label"] = np.array([0.0 if e is None else e.label for e in examples] + [0.0] * (B - len(examples)),
+                            np.float32)  # fmt: skip
+    _copy_reference(out, examples, B, response_len, sides=("completion",), mask_key="example_mask")
     return out
 
 

@@ -10,6 +10,10 @@ Config keys (a dict or ml_collections ConfigDict; see docs/data.md):
       (0 or unset: 1000)
   on_error: "fail" | "skip"
   sft_responses: "chosen" | "all"   (synthetic dense_reward SFT data)
+
+Kinds: "preference" (pairs), "sft" (prompt + completion), "outcome" (prompt + completion + label, for
+the unpaired losses): a jsonl file or dataset whose rows have "label" is read as such; any other
+source's pairs are unpaired into a good (chosen) and a bad (rejected) response (examples.unpair).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from dpoq_jax.data.errors import ErrorPolicy
-from dpoq_jax.data.examples import PreferenceExample, SFTExample
+from dpoq_jax.data.examples import OutcomeExample, PreferenceExample, SFTExample, unpair
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +39,14 @@ def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
     return default if v is None else v
 
 
+KINDS = ("preference", "sft", "outcome")
+
+
 def load_examples(cfg: Mapping[str, Any], kind: str = "preference"
-                  ) -> tuple[list[PreferenceExample] | list[SFTExample], ErrorPolicy]:
-    """Examples of `kind` ("preference" or "sft") and the error policy with its skip counts."""
-    if kind not in ("preference", "sft"):
-        raise ValueError(f"kind must be 'preference' or 'sft', got {kind!r}")
+                  ) -> tuple[list[PreferenceExample] | list[SFTExample] | list[OutcomeExample], ErrorPolicy]:
+    """Examples of `kind` (KINDS) and the error policy with its skip counts."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     source = _get(cfg, "source")
     if source not in SOURCES:
         raise ValueError(f"data source must be one of {SOURCES}, got {source!r}")
@@ -48,11 +55,15 @@ def load_examples(cfg: Mapping[str, Any], kind: str = "preference"
     path = _get(cfg, "path")
     if source in ("jsonl", "datasets", "hh", "tldr") and path is None:
         raise ValueError(f"data source {source!r} needs a path")
+    if kind == "outcome" and source != "datasets" and not _outcome_rows(source, path):
+        pairs, policy = load_examples(cfg, "preference")
+        return unpair(pairs), policy
     if source == "jsonl":
         from dpoq_jax.data import jsonl
 
-        out = (jsonl.read_preference_jsonl(path, policy) if kind == "preference"
-               else jsonl.read_sft_jsonl(path, policy))
+        from_row = {"preference": jsonl.preference_from_row, "sft": jsonl.sft_from_row,
+                    "outcome": jsonl.outcome_from_row}[kind]
+        out = jsonl.read_jsonl(path, from_row, policy)
     elif source == "datasets":
         out = read_hf_dataset(path, split, kind, policy, sft_responses=_get(cfg, "sft_responses", "chosen"))
     elif source == "hh":
@@ -82,6 +93,18 @@ def load_examples(cfg: Mapping[str, Any], kind: str = "preference"
     # read counts; the examples used are counted again after tokenisation (train.inputs)
     policy.log_summary(f"{source} {kind} data read", level=logging.DEBUG)
     return out, policy
+
+
+def _outcome_rows(source: str, path: str | None) -> bool:
+    """Is this a jsonl file of single responses (to be read as outcome rows, each with its "label")
+    rather than of pairs? Its first JSON object decides; the read itself then reports every bad line
+    (a missing label included) under the error policy."""
+    if source != "jsonl":
+        return False
+    from dpoq_jax.data.jsonl import first_record  # noqa: PLC0415
+
+    first = first_record(path) or {}
+    return any(k in first for k in ("label", "completion", "messages"))
 
 
 def _open_hf_dataset(path: str, split: str) -> Any:
@@ -121,24 +144,33 @@ def read_hf_dataset(path: str, split: str, kind: str, policy: ErrorPolicy, *, sf
     """Rows of a Hugging Face dataset in the JSONL row formats (standard or conversational; data/jsonl.py),
     read whole into memory (no streaming: a dataset larger than memory does not fit). A bad row is named
     as `path:N` with N its row number counted from 1. For kind "sft", preference rows give their chosen
-    (sft_responses "chosen") or both responses ("all")."""
+    (sft_responses "chosen") or both responses ("all"); for kind "outcome", rows with a "label" column
+    are outcome rows and preference rows are unpaired."""
     from dpoq_jax.data.errors import DataError  # noqa: PLC0415
-    from dpoq_jax.data.jsonl import preference_from_row, sft_from_row  # noqa: PLC0415
+    from dpoq_jax.data.jsonl import outcome_from_row, preference_from_row, sft_from_row  # noqa: PLC0415
 
     ds = _open_hf_dataset(str(path), split)
-    pairs = kind == "preference" or ("chosen" in ds.column_names and "completion" not in ds.column_names
-                                     and "messages" not in ds.column_names)
+    cols = ds.column_names
+    pair_rows = "chosen" in cols and "completion" not in cols and "messages" not in cols
+    if kind == "outcome" and not pair_rows:
+        from_row = outcome_from_row  # a row without "label" is an error naming it
+    elif kind == "preference" or pair_rows:
+        from_row = preference_from_row
+    else:
+        from_row = sft_from_row
     out: list = []
     for i, row in enumerate(ds, 1):
         try:
-            ex = (preference_from_row if pairs else sft_from_row)(row, file=str(path), line=i)
+            ex = from_row(row, file=str(path), line=i)
         except DataError as e:
             policy.handle(e)
             continue
-        if pairs and kind == "sft":
+        if from_row is preference_from_row and kind == "sft":
             out.append(SFTExample(ex.prompt, ex.chosen, dict(ex.meta)))
             if sft_responses == "all":
                 out.append(SFTExample(ex.prompt, ex.rejected, dict(ex.meta)))
+        elif from_row is preference_from_row and kind == "outcome":
+            out.extend(unpair([ex]))
         else:
             out.append(ex)
         policy.n_ok += 1

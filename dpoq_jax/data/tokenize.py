@@ -29,7 +29,14 @@ from typing import Any, Protocol
 from dpoq_jax import paths
 from dpoq_jax.data import chat
 from dpoq_jax.data.errors import DataError, ErrorPolicy
-from dpoq_jax.data.examples import PreferenceExample, SFTExample, TokenizedPair, TokenizedSFT
+from dpoq_jax.data.examples import (
+    OutcomeExample,
+    PreferenceExample,
+    SFTExample,
+    TokenizedOutcome,
+    TokenizedPair,
+    TokenizedSFT,
+)
 
 
 class Tokenizer(Protocol):
@@ -193,6 +200,8 @@ def tokenize_sft(ex: SFTExample, tok: Tokenizer, cfg: TokenizeConfig,
     if m:
         stats.boundary_mismatches += 1
         meta["boundary_mismatch"] = True
+    if isinstance(ex, OutcomeExample):  # a labelled response (unpaired losses)
+        return TokenizedOutcome(p, c, meta, label=ex.label)
     return TokenizedSFT(p, c, meta)
 
 

@@ -379,7 +379,8 @@ def base_config() -> mc.ConfigDict:
 
     c.loss = mc.ConfigDict()  # losses.LossConfig
     c.loss.beta = 0.1
-    c.loss.loss_type = "sigmoid"  # losses.LOSS_TYPES (TRL's names); "sigmoid,bco_pair,sft": a mixture
+    c.loss.loss_type = "sigmoid"  # losses.LOSS_TYPES (TRL's names); "sigmoid,bco_pair,sft": a mixture;
+    # outcome_ce / apo_zero_unpaired: unpaired, on {"prompt", "completion", "label"} rows (or pairs unpaired)
     c.loss.loss_weights = ()  # one per loss type (default: all 1), e.g. --config.loss.loss_weights=0.8,0.2,1
     c.loss.label_smoothing = 0.0
     c.loss.ipo_average = True
@@ -390,6 +391,9 @@ def base_config() -> mc.ConfigDict:
     c.loss.f_alpha_divergence_coef = 0.5
     c.loss.discopop_tau = 0.05
     c.loss.simpo_gamma = 0.5  # SimPO's target margin γ
+    # unpaired losses (loss_type outcome_ce | apo_zero_unpaired, data: labelled responses): KTO's λ_D, λ_U
+    c.loss.desirable_weight = 1.0
+    c.loss.undesirable_weight = 1.0
 
     c.optim = mc.ConfigDict()
     c.optim.name = "rmsprop"  # rmsprop | adamw

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from dpoq_jax import paths
+from dpoq_jax import losses, paths
 from dpoq_jax.data import layouts
 from dpoq_jax.data.errors import DataError, ErrorPolicy
-from dpoq_jax.data.examples import PreferenceExample, SFTExample, TokenizedPair
+from dpoq_jax.data.examples import PreferenceExample, SFTExample, TokenizedOutcome, TokenizedPair
 from dpoq_jax.data.jsonl import first_record, iter_json_lines
 from dpoq_jax.data.sources import load_examples, load_tokenizer
 from dpoq_jax.data.tokenize import TokenizeConfig, tokenize_all
@@ -67,12 +67,23 @@ def _source_cfg(cfg: Any, split: str) -> dict[str, Any] | None:
     return src
 
 
+def unpaired(cfg: Any) -> bool:
+    """A DPO-stage run with an unpaired outcome-label loss (losses.UNPAIRED_TYPES): labelled responses."""
+    types = losses.parse_types(cfg.loss.loss_type)
+    return cfg.stage == "dpo" and bool(types) and types[0] in losses.UNPAIRED_TYPES
+
+
+def example_kind(cfg: Any) -> str:
+    """What the run trains on: "sft" examples, "outcome" (labelled responses) or "preference" pairs."""
+    return "sft" if cfg.stage == "sft" else "outcome" if unpaired(cfg) else "preference"
+
+
 def _raw_examples(cfg: Any, split: str) -> tuple[list, Any]:
     """Untokenized examples of `split` for the config's stage, and the error policy with its counts."""
     src = _source_cfg(cfg, split)
     if src is None:
         return [], ErrorPolicy(cfg.data.on_error)
-    kind = "sft" if cfg.stage == "sft" else "preference"
+    kind = example_kind(cfg)
     if kind == "sft" and cfg.data.source in ("jsonl", "hh", "tldr"):
         # an SFT file has "completion"; a preference file is used via its pairs. Only the first JSON
         # object decides; the read itself reports every bad line (file:line: key) under on_error.
@@ -139,8 +150,9 @@ def micro_batch_fn(cfg: Any, micro_size: int) -> Callable[[list], dict[str, np.n
     kw = dict(seq_len=d.seq_len, response_len=d.response_len, overflow=d.overflow)
     if d.layout == "packed":
         kw["num_rows"] = d.num_rows or micro_size
-    if cfg.stage == "sft":
-        make = functools.partial(layouts.sft_batch, layout=d.layout, batch_size=micro_size, **kw)
+    if cfg.stage == "sft" or unpaired(cfg):
+        fn = layouts.outcome_batch if unpaired(cfg) else layouts.sft_batch
+        make = functools.partial(fn, layout=d.layout, batch_size=micro_size, **kw)
     else:
         make = functools.partial(layouts.preference_batch, layout=d.layout, num_pairs=micro_size, **kw)
     buckets = tuple(d.get("buckets", ()) or ())
@@ -170,22 +182,36 @@ def stack_micro(
 # ---- precomputed reference log-probs, stored beside the data -------------------------------------
 
 
-def pair_fingerprint(pair: TokenizedPair) -> str:
-    """Hash of a pair's token ids: a stored reference log-prob must belong to exactly these tokens."""
+def fingerprint(item: TokenizedPair | TokenizedOutcome) -> str:
+    """Hash of a pair's (or a labelled response's) token ids: a stored reference log-prob must belong
+    to exactly these tokens."""
     h = hashlib.sha1()
-    for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+    for _, ids in _token_parts(item):
         h.update(np.asarray(ids, np.int64).tobytes())
         h.update(b"|")
     return h.hexdigest()[:16]
 
 
+def _token_parts(item: TokenizedPair | TokenizedOutcome) -> list[tuple[str, list[int]]]:
+    if isinstance(item, TokenizedOutcome):
+        return [("prompt", item.prompt_ids), ("completion", item.completion_ids)]
+    return [("prompt", item.prompt_ids), ("chosen", item.chosen_ids), ("rejected", item.rejected_ids)]
+
+
+def reference_sides(item: TokenizedPair | TokenizedOutcome) -> list[tuple[str, list[int]]]:
+    """(side, response ids) whose reference log-probs a precomputed file holds: chosen and rejected of a
+    pair, completion of a labelled response."""
+    return _token_parts(item)[1:]
+
+
 def _reference_row(obj: Any, path: str, line: int) -> dict:
-    """One line of a `dpoq precompute-ref` file, checked: fingerprint and two lists of finite floats."""
+    """One line of a `dpoq precompute-ref` file, checked: fingerprint and lists of finite floats."""
     if not isinstance(obj, dict):
         raise DataError(f"expected a JSON object, got {type(obj).__name__}", file=path, line=line)
     if not isinstance(obj.get("fingerprint"), str):
         raise DataError("missing or not a string", file=path, line=line, key="fingerprint")
-    for k in ("ref_chosen_logps", "ref_rejected_logps"):
+    keys = [k for k in obj if k.startswith("ref_") and k.endswith("_logps")]
+    for k in keys or ["ref_chosen_logps"]:
         v = obj.get(k)
         ok = isinstance(v, list) and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
         if not ok:
@@ -195,9 +221,9 @@ def _reference_row(obj: Any, path: str, line: int) -> dict:
     return {**obj, "line": line}
 
 
-def attach_reference(pairs: list[TokenizedPair], path: str) -> list[TokenizedPair]:
-    """Pairs with meta["ref_chosen_logps"/"ref_rejected_logps"] from a `dpoq precompute-ref` file.
-    A malformed line, or one whose log-probs do not fit its pair's token counts, is an error naming
+def attach_reference(items: list, path: str) -> list:
+    """Pairs (or labelled responses) with meta["ref_<side>_logps"] from a `dpoq precompute-ref` file.
+    A malformed line, or one whose log-probs do not fit its example's token counts, is an error naming
     the file and line (a log-prob on the wrong token would train silently wrong)."""
     if not paths.exists(path):
         raise ValueError(f"config key 'reference.logps_path': file {path!r} does not exist")
@@ -206,20 +232,24 @@ def attach_reference(pairs: list[TokenizedPair], path: str) -> list[TokenizedPai
         row = _reference_row(obj, path, line)
         table[row["fingerprint"]] = row
     out = []
-    for i, p in enumerate(pairs):
-        row = table.get(pair_fingerprint(p))
+    for i, p in enumerate(items):
+        row = table.get(fingerprint(p))
         if row is None:
+            what = "labelled response" if isinstance(p, TokenizedOutcome) else "pair"
             raise ValueError(
-                f"{path}: no reference log-probs for pair {i} "
+                f"{path}: no reference log-probs for {what} {i} "
                 f"({p.meta.get('source', '')}:{p.meta.get('line', '')}); "
                 "rerun `dpoq precompute-ref` with this data config"
             )
-        for k, ids in (("ref_chosen_logps", p.chosen_ids), ("ref_rejected_logps", p.rejected_ids)):
+        meta = dict(p.meta)
+        for side, ids in reference_sides(p):
+            k = f"ref_{side}_logps"
+            if k not in row:
+                raise DataError("missing: the file was written for other data", file=path,
+                                line=row["line"], key=k)  # fmt: skip
             if len(row[k]) != len(ids):
                 raise DataError(f"{len(row[k])} log-probs for a response of {len(ids)} tokens", file=path,
                                 line=row["line"], key=k)  # fmt: skip
-        meta = dict(
-            p.meta, ref_chosen_logps=row["ref_chosen_logps"], ref_rejected_logps=row["ref_rejected_logps"]
-        )
+            meta[k] = row[k]
         out.append(dataclasses.replace(p, meta=meta))
     return out

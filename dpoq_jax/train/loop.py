@@ -206,7 +206,7 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
                 tokens_per_s=real_tokens / dt,
                 mfu=mfu(flops, dt, jax.device_count(), device_kind),
             )
-            if cfg.stage == "dpo":
+            if "pair_mask" in local:
                 m["pairs_per_s"] = float(np.sum(local["pair_mask"])) * jax.process_count() / dt
             last = m
             if not m["finite"]:

@@ -33,7 +33,14 @@ from dpoq_jax.train.state import (
     param_shardings,
     state_shardings,
 )
-from dpoq_jax.train.step import Forward, make_dpo_loss, make_eval_step, make_sft_loss, make_train_step
+from dpoq_jax.train.step import (
+    Forward,
+    make_dpo_loss,
+    make_eval_step,
+    make_outcome_loss,
+    make_sft_loss,
+    make_train_step,
+)
 
 
 @dataclasses.dataclass
@@ -214,11 +221,15 @@ def kernel_mesh_fn(fn: Callable, mesh: Any) -> Callable:
 
 
 def _weighted(eval_step: Callable, stage: str) -> Callable:
-    """Eval metrics plus their weight (real pairs, or real tokens for SFT) for averaging over batches."""
+    """Eval metrics plus their weight (real pairs or labelled responses, or real tokens for SFT) for
+    averaging over batches."""
 
     def fn(state, batch):
         m = eval_step(state, batch)
-        w = jnp.sum(batch["pair_mask"]) if stage == "dpo" else m["tokens"]
+        if stage == "sft":
+            w = m["tokens"]
+        else:
+            w = jnp.sum(batch["pair_mask"] if "pair_mask" in batch else batch["example_mask"])
         return dict(m, weight=w)
 
     return fn
@@ -260,7 +271,8 @@ def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, w
     abstract = abstract_state(abs_train, optimizer, with_ref, _dtype(cfg.reference.dtype), abs_base)
     fwd = forward_for(cfg, cfg.train.batch_size // cfg.train.micro_batches)
     if dpo:
-        loss_fn = make_dpo_loss(graphdef, rest, loss_cfg, fwd)
+        make_loss = make_outcome_loss if loss_cfg.unpaired else make_dpo_loss
+        loss_fn = make_loss(graphdef, rest, loss_cfg, fwd)
     else:
         loss_fn = make_sft_loss(graphdef, rest, fwd)
     return Run(cfg, mesh, dataset, source, graphdef, rest, abs_params, p_sh, optimizer, schedule, shardings,

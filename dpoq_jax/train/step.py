@@ -86,14 +86,25 @@ def response_logps(
     )
 
 
-def pair_logps(
-    graphdef: nnx.GraphDef, rest: Any, params: Any, batch: Batch, fwd: Forward, log_sum_sq: bool = False
+PAIR = ("chosen", "rejected")
+SINGLE = ("completion",)  # SFT examples and labelled responses
+
+
+def layout_logps(
+    graphdef: nnx.GraphDef,
+    rest: Any,
+    params: Any,
+    batch: Batch,
+    fwd: Forward,
+    log_sum_sq: bool = False,
+    sides: tuple[str, ...] = PAIR,
 ) -> tuple[Array, ...]:
-    """Per-token log-probs [P, R] of the chosen and rejected responses of a layout batch; with
-    log_sum_sq also their log Σ_v π(v)² [P, R] (WPO's weights; no gradient), from the same forward."""
+    """Per-token log-probs [P, R] of the responses of a layout batch (`sides`: the chosen and rejected of
+    pairs, or SINGLE: the one completion of an SFT or outcome batch); with log_sum_sq also their
+    log Σ_v π(v)² [P, R] (WPO's weights; no gradient), from the same forward."""
     h, w, b, cap = _hidden_and_unembed(graphdef, params, rest, batch, fwd)
     out, extra = [], []
-    for side in ("chosen", "rejected"):
+    for side in sides:
         idx, mask = batch[f"{side}_pred_idx"], batch[f"{side}_mask"]
         out.append(response_logps(h, w, b, idx, batch[f"{side}_targets"], mask, fwd.chunk_size, cap))
         if log_sum_sq:
@@ -101,7 +112,7 @@ def pair_logps(
             extra.append(
                 tokenq.lean_log_sum_sq_probs(h_PRD, w, mask, bias_V=b, chunk_size=fwd.chunk_size, softcap=cap)
             )
-    return (out[0], out[1], *extra)
+    return (*out, *extra)
 
 
 def model_states(params: Any, ref_params: Any, lora: bool) -> tuple[tuple, tuple | None]:
@@ -114,20 +125,26 @@ def model_states(params: Any, ref_params: Any, lora: bool) -> tuple[tuple, tuple
 
 
 def reference_logps(
-    graphdef: nnx.GraphDef, rest: Any, params: Any, ref_params: Any | None, batch: Batch, fwd: Forward
-) -> tuple[Array, Array]:
-    """(ref chosen, ref rejected): from frozen parameters (no gradient) when given (LoRA: the base,
-    adapters off), else from the batch: per-token `ref_*_logps` [P, R] or per-response `ref_*_sum` [P]."""
+    graphdef: nnx.GraphDef,
+    rest: Any,
+    params: Any,
+    ref_params: Any | None,
+    batch: Batch,
+    fwd: Forward,
+    sides: tuple[str, ...] = PAIR,
+) -> tuple[Array, ...]:
+    """The reference's log-probs of each side: from frozen parameters (no gradient) when given (LoRA: the
+    base, adapters off), else from the batch: per-token `ref_<side>_logps` [P, R] or per-response
+    `ref_<side>_sum` [P]."""
     _, reference = model_states(params, ref_params, fwd.lora)
     if reference is not None:
-        return jax.lax.stop_gradient(pair_logps(graphdef, rest, reference, batch, fwd))
-    if "ref_chosen_logps" in batch:
-        return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    if "ref_chosen_sum" in batch:
-        return batch["ref_chosen_sum"], batch["ref_rejected_sum"]
+        return jax.lax.stop_gradient(layout_logps(graphdef, rest, reference, batch, fwd, sides=sides))
+    for kind in ("logps", "sum"):
+        if all(f"ref_{side}_{kind}" in batch for side in sides):
+            return tuple(batch[f"ref_{side}_{kind}"] for side in sides)
     raise ValueError(
         "DPO step: no reference. Give frozen reference parameters or precomputed "
-        "ref_chosen_logps/ref_rejected_logps (or ref_*_sum) in the batch (`dpoq precompute-ref`)."
+        f"ref_<side>_logps (or ref_<side>_sum) for {sides} in the batch (`dpoq precompute-ref`)."
     )
 
 
@@ -141,7 +158,7 @@ def make_dpo_loss(
     def loss_fn(params, ref_params, batch):
         policy, _ = model_states(params, ref_params, fwd.lora)
         weighting = loss_config.use_weighting
-        pc, pr, *lsq = pair_logps(graphdef, rest, policy, batch, fwd, log_sum_sq=weighting)
+        pc, pr, *lsq = layout_logps(graphdef, rest, policy, batch, fwd, log_sum_sq=weighting)
         rc, rr = (None, None)
         if loss_config.needs_reference:
             rc, rr = reference_logps(graphdef, rest, params, ref_params, batch, fwd)
@@ -162,22 +179,39 @@ def make_dpo_loss(
     return loss_fn
 
 
+def make_outcome_loss(
+    graphdef: nnx.GraphDef, rest: Any, loss_config: losses.LossConfig, fwd: Forward = Forward()
+) -> LossFn:
+    """Unpaired outcome-label loss (losses.outcome_loss) on an `outcome_batch`: one policy and one
+    reference forward of each labelled response; weight = real responses."""
+    (loss_type,) = loss_config.types
+
+    def loss_fn(params, ref_params, batch):
+        policy, _ = model_states(params, ref_params, fwd.lora)
+        (logps,) = layout_logps(graphdef, rest, policy, batch, fwd, sides=SINGLE)
+        (ref,) = reference_logps(graphdef, rest, params, ref_params, batch, fwd, sides=SINGLE)
+        loss, metrics = losses.outcome_loss(
+            logps,
+            ref,
+            batch["completion_mask"],
+            batch["label"],
+            beta=loss_config.beta,
+            loss_type=loss_type,
+            desirable_weight=loss_config.desirable_weight,
+            undesirable_weight=loss_config.undesirable_weight,
+            example_mask_B=batch["example_mask"],
+        )
+        return loss, (jnp.sum(batch["example_mask"]), metrics)
+
+    return loss_fn
+
+
 def make_sft_loss(graphdef: nnx.GraphDef, rest: Any, fwd: Forward = Forward()) -> LossFn:
     """NLL of completion tokens; weight = real tokens (the loss is a per-token mean)."""
 
     def loss_fn(params, ref_params, batch):
         policy, _ = model_states(params, ref_params, fwd.lora)  # LoRA: ref_params is the base
-        h, w, b, cap = _hidden_and_unembed(graphdef, policy, rest, batch, fwd)
-        logps = response_logps(
-            h,
-            w,
-            b,
-            batch["completion_pred_idx"],
-            batch["completion_targets"],
-            batch["completion_mask"],
-            fwd.chunk_size,
-            cap,
-        )
+        (logps,) = layout_logps(graphdef, rest, policy, batch, fwd, sides=SINGLE)
         loss, metrics = losses.sft_loss(logps, batch["completion_mask"], pair_mask_B=batch["example_mask"])
         return loss, (metrics["tokens"], metrics)
 
