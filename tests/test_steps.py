@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 from test_cli import assert_one_error, model_dir, run, save_tiny_model, write_jsonl  # noqa: F401
@@ -42,6 +43,10 @@ def test_step_rewards_and_every_aggregation_hand_solved():
     np.testing.assert_array_equal(  # the sum of steps is the outcome reward, Σ of the masked token rewards
         np.asarray(steps.aggregate(r_BK, m_BK, "sum")), (REWARDS_BT * MASK_BT).sum(-1)
     )
+    with jax.enable_x64(True):  # float64 in, float64 out: the mean pinned to the last bit
+        r64_BK, m64_BK = steps.step_rewards(REWARDS_BT.astype(np.float64), STEP_IDS_BT, 4)
+        mean = np.asarray(steps.aggregate(r64_BK, m64_BK, "mean"))
+        assert mean.dtype == np.float64 and mean.tolist() == EXPECTED["mean"]
     with pytest.raises(ValueError, match="how must be one of"):
         steps.aggregate(r_BK, m_BK, "max")
     # a response without any step scores 0 under every aggregation
