@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "compile the train step ahead of time for a TPU topology",
     ),
     "score": ("dpoq_jax.commands.score:score_main", "per-token implicit rewards and HTML/PNG reports"),
+    "rerank": ("dpoq_jax.commands.rerank:rerank_main", "best-of-N by implicit process rewards or a vote"),
 }
 
 

@@ -94,9 +94,13 @@ def assert_one_error(rc: int, err: str, pattern: str) -> str:
 def model_dir(tmp_path_factory) -> Path:
     """A random tiny decoder with CONTEXT positions, saved as a Hugging Face directory with the synthetic
     tokenizer's files (parameters drawn with numpy on an abstract model: no eager init cost)."""
-    d = tmp_path_factory.mktemp("model")
+    return save_tiny_model(tmp_path_factory.mktemp("model"), seed=0)
+
+
+def save_tiny_model(d: Path, seed: int) -> Path:
+    """The random tiny decoder of `model_dir` (parameters from numpy's `seed`) saved in folder `d`."""
     graphdef, abstract, rest = abstract_split(lambda: Decoder(CFG, rngs=nnx.Rngs(0), dtype=jnp.float32))
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     params = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype), abstract)
     save_hf(nnx.merge(graphdef, params, rest), CFG, str(d))
     SyntheticTokenizer().save_pretrained(str(d))

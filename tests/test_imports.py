@@ -16,7 +16,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dpoq_jax"
 # A module may import modules of its own layer or of lower layers only. A top-level module is named by
 # its file (dpoq_jax/paths.py -> "paths"), a subpackage by its folder (dpoq_jax/models/* -> "models").
 LAYERS: list[set[str]] = [
-    {"__init__", "paths", "parser", "tokenq", "losses"},  # the core: functions of arrays, paths, argv
+    # the core: functions of arrays, paths, argv
+    {"__init__", "paths", "parser", "tokenq", "steps", "losses"},
     {"models"},  # the decoder, its configs and checkpoint formats (HF, params), sharding rules, LoRA
     {"data"},  # sources, tokenization, layouts, loader, synthetic tasks
     {"decode"},  # sampling, beam search, reward-guided search (any model with init_cache/decode)

@@ -4,8 +4,10 @@ Report structure (also the JSON file):
     {"beta": float, "items": [{"prompt": str, "meta": {...},
                                "responses": {NAME: {"tokens": [str], "ids": [int], "logps": [...],
                                                     "ref_logps": [...], "rewards": [...],
-                                                    "q": [...]?, "v": [...]?}}}]}
+                                                    "q": [...]?, "v": [...]?, "steps": {...}?}}}]}
 NAME is "chosen"/"rejected" for pairs (shown side by side) or "response" for single responses.
+"steps" (`dpoq score --steps`, analysis/steps.py): {"spec", "ranges": [[start, stop]], "texts",
+"rewards", "min", "sum", "last", "mean"}; the page boxes each step and shows its reward.
 """
 
 from __future__ import annotations
@@ -107,6 +109,8 @@ body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px
           line-height: 2.1; }
 .tok { padding: 1px 2px; margin-right: 2px; border-radius: 2px; }
 .err { outline: 2px solid #000; outline-offset: 1px; }
+.step { border: 1px solid #777; border-radius: 4px; padding: 3px 1px; margin-right: 3px; }
+.step sup { font-size: 0.65em; color: #333; padding: 0 2px; }
 .legend span { display: inline-block; width: 3.2em; text-align: center; font-size: 0.8em; }
 .index { display: flex; flex-wrap: wrap; gap: 3px; margin: 0.5em 0 1em; }
 .index a { display: inline-block; min-width: 2.4em; text-align: center; font-size: 0.75em;
@@ -143,7 +147,22 @@ def _tokens_html(r: dict[str, Any], scale: float, marked: set[int]) -> str:
             f'<span class="{cls}" style="background:rgb{rgb};color:{_text_on(rgb)}" '
             f'title="{html.escape(tip)}">{html.escape(tok)}</span>'
         )
-    return "".join(spans)
+    steps = r.get("steps")
+    if not steps:
+        return "".join(spans)
+    out = []  # each step boxed, its reward (Σ of its token rewards) after it
+    for k, ((a, b), rew) in enumerate(zip(steps["ranges"], steps["rewards"], strict=True)):
+        tip = html.escape(f"step {k}: tokens {a}–{b - 1}, step reward {_fmt(rew)}")
+        out.append(f'<span class="step" title="{tip}">{"".join(spans[a:b])}<sup>{_fmt(rew)}</sup></span>')
+    return "".join(out)
+
+
+def _steps_text(r: dict[str, Any]) -> str:
+    """The step aggregations of a response for its heading ("" without steps)."""
+    s = r.get("steps")
+    if not s:
+        return ""
+    return f"; {len(s['ranges'])} steps, " + ", ".join(f"{k} {_fmt(s[k])}" for k in ("min", "last", "mean"))
 
 
 def _meta_text(meta: dict[str, Any]) -> str:
@@ -243,7 +262,8 @@ def render_html(report: dict[str, Any], title: str = "Per-token implicit rewards
             parts.append('<div class="pair">')
             for name, r in item["responses"].items():
                 total = sum(r["rewards"])
-                parts.append(f'<div class="col"><h3>{html.escape(name)} (Σ reward {_fmt(total)})</h3>')
+                head = f"{name} (Σ reward {_fmt(total)}{_steps_text(r)})"
+                parts.append(f'<div class="col"><h3>{html.escape(head)}</h3>')
                 parts.append(f'<div class="tokens">{_tokens_html(r, scale, _marked(item, name))}</div></div>')
             parts.append("</div></div>")
         parts.append("</details>")

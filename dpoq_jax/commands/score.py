@@ -7,6 +7,8 @@ r"""`dpoq score`: per-token implicit rewards of given responses -> JSON, HTML re
 pairs.jsonl: one object a line with "prompt" and either "response", or "chosen" and "rejected"; as
 strings, or as chat messages (TRL's formats, implicit prompt included: data/chat.py), tokenised with the
 chat template as training does.
+With --steps SPEC ("newline", a literal delimiter, or re:PATTERN) each response also gets its steps
+(token ranges, texts) and implicit process rewards (each step's Σ r_t) with their min/sum/last/mean.
 Writes OUT/scores.json, OUT/report.html, OUT/png/item_<i>.png (the first --max-png items) and, for
 the error-injection task, OUT/credit.json (top-1 and AUROC of the injected-error localisation).
 """
@@ -56,6 +58,13 @@ def read_pairs(path: str) -> list[dict[str, Any]]:
     return out
 
 
+STEPS_HELP = (
+    "cut each response into steps for implicit process rewards: 'newline' (a run of newlines ends a "
+    "step), re:PATTERN (each match of the regular expression ends one) or a literal delimiter; a step "
+    "is the tokens whose text ends in it, its reward their summed reward"
+)
+
+
 def token_strings(tok: Any, ids: list[int]) -> list[str]:
     return [tok.decode([i]) for i in ids]
 
@@ -64,6 +73,17 @@ def _parser() -> argparse.ArgumentParser:
     from dpoq_jax.parser import Parser
 
     p = Parser(prog="dpoq score", description=__doc__)
+    add_model_args(p)
+    add_input_args(p, "--pairs", ".jsonl with prompt + response, or prompt + chosen + rejected", "pairs", 32)
+    p.add_argument("--with-qv", action="store_true", help="also write Q(s_t,a_t) and V(s_t)")
+    p.add_argument("--steps", default=None, help=STEPS_HELP + " (None: no steps)")
+    p.add_argument("--max-png", type=int, default=20, help="heatmaps written, for the first items")
+    p.add_argument("--out-dir", required=True, help="report folder (created)")
+    return p
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The options of scoring responses under a policy and a reference (`score`, `rerank`)."""
     p.add_argument("--policy", required=True, help="HF directory or `dpoq train` run folder")
     p.add_argument("--reference", required=True, help="HF directory or `dpoq train` run folder")
     p.add_argument(
@@ -71,9 +91,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="'synthetic' or a tokenizer directory (None: the policy's own, or what its run trained with)",
     )
-    add_input_args(p, "--pairs", ".jsonl with prompt + response, or prompt + chosen + rejected", "pairs", 32)
     p.add_argument("--beta", type=float, default=None, help=BETA_HELP)
-    p.add_argument("--with-qv", action="store_true", help="also write Q(s_t,a_t) and V(s_t)")
     p.add_argument("--no-eos", action="store_true", help="do not append EOS to each response")
     p.add_argument(
         "--truncate",
@@ -81,10 +99,40 @@ def _parser() -> argparse.ArgumentParser:
         help="cut responses to fit the models' context (otherwise a longer prompt + response is an error)",
     )
     p.add_argument("--dtype", default=None, help="compute dtype, e.g. bfloat16 (None: the models')")
-    p.add_argument("--max-png", type=int, default=20, help="heatmaps written, for the first items")
     p.add_argument("--batch-size", type=int, default=32, help="responses scored at a time")
-    p.add_argument("--out-dir", required=True, help="report folder (created)")
-    return p
+
+
+def score_all(
+    args: argparse.Namespace,
+    tok: Any,
+    prompts: list[list[int]],
+    responses: list[list[int]],
+    names: list[str],
+    prog: str,
+) -> list[Any]:
+    """Load --policy and --reference, fit the responses to their context, resolve args.beta in place,
+    and score every (prompt, response): [TokenScores]."""
+    from dpoq_jax.analysis.credit import score_responses
+
+    policy = load_model(args.policy, dtype=args.dtype, flag="--policy")
+    reference = load_model(args.reference, dtype=args.dtype, flag="--reference")
+    args.beta = resolve_beta(args.beta, args.policy)
+    context = context_length(policy, reference)
+    cut = fit_responses(prompts, responses, names, context, args.truncate)
+    if cut:
+        print(f"{prog}: {cut} responses cut to the context of {context} positions (--truncate)",
+              file=sys.stderr)  # fmt: skip
+    return score_responses(
+        policy,
+        reference,
+        prompts,
+        responses,
+        args.beta,
+        with_qv=getattr(args, "with_qv", False),
+        pad_id=tok.pad_token_id or 0,
+        names=names,
+        batch_size=args.batch_size,
+    )
 
 
 def fit_responses(
@@ -114,9 +162,10 @@ def fit_responses(
 def score_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from dpoq_jax.analysis import report as rep
-    from dpoq_jax.analysis.credit import score_responses
+    from dpoq_jax.analysis import steps as st
     from dpoq_jax.analysis.metrics import credit_assignment_score
 
+    pattern = st.parse_spec(args.steps) if args.steps is not None else None
     recs = (
         read_pairs(args.pairs)
         if args.pairs
@@ -142,31 +191,18 @@ def score_main(argv: list[str]) -> int:
             responses.append(ids)
             names.append(f"{r['where']}, key {k!r}")
             owner.append((i, k))
-    policy = load_model(args.policy, dtype=args.dtype, flag="--policy")
-    reference = load_model(args.reference, dtype=args.dtype, flag="--reference")
-    args.beta = resolve_beta(args.beta, args.policy)
-    context = context_length(policy, reference)
-    cut = fit_responses(prompts, responses, names, context, args.truncate)
-    if cut:
-        print(f"dpoq score: {cut} responses cut to the context of {context} positions (--truncate)",
-              file=sys.stderr)  # fmt: skip
-    scores = score_responses(
-        policy,
-        reference,
-        prompts,
-        responses,
-        args.beta,
-        with_qv=args.with_qv,
-        pad_id=tok.pad_token_id or 0,
-        names=names,
-        batch_size=args.batch_size,
-    )
+    scores = score_all(args, tok, prompts, responses, names, "dpoq score")
     items: list[dict[str, Any]] = [  # a chat prompt is shown as the template renders it
         {"prompt": r["prompt"] if isinstance(r["prompt"], str) else chat.render_prompt_text(tok, r["prompt"]),
          "meta": r.get("meta", {}), "responses": {}} for r in recs
     ]
     for (i, k), s in zip(owner, scores, strict=True):
         items[i]["responses"][k] = s.to_dict(token_strings(tok, s.ids))
+    if pattern is not None:
+        segs = [st.segment(tok, s.ids, pattern) for s in scores]
+        st.check_cut(segs, args.steps, args.pairs or f"synthetic {args.synthetic} {args.split}")
+        for (i, k), v in zip(owner, st.step_values(scores, segs), strict=True):
+            items[i]["responses"][k]["steps"] = {"spec": args.steps, **v}
     report = {"beta": args.beta, "policy": args.policy, "reference": args.reference, "items": items}
     if args.synthetic:
         report.update(task=args.synthetic, split=args.split, task_seed=args.task_seed)
