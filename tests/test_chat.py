@@ -119,6 +119,16 @@ def test_sft_rows(tok):
     assert tok.decode(ta.completion_ids) == "A2<|im_end|>\n"
 
 
+def test_labelled_chat_rows_tokenise_like_sft_rows_and_keep_the_label(tok):
+    """TRL's KTO conversational format: {"prompt": [...], "completion": [...], "label": bool}."""
+    conv = [m("user", "Q1"), m("assistant", "A1")]
+    row = {"prompt": conv[:1], "completion": conv[1:], "label": False}
+    ex = jsonl.outcome_from_row(row, file="f", line=1)
+    t = tokenize_sft(ex, tok, BIG)
+    sft = tokenize_sft(jsonl.sft_from_row({"messages": conv}, file="f", line=1), tok, BIG)
+    assert (t.prompt_ids, t.completion_ids, t.label) == (sft.prompt_ids, sft.completion_ids, 0.0)
+
+
 def test_implicit_prompt_is_common_prefix():
     c = [m("user", "a"), m("assistant", "b"), m("user", "c"), m("assistant", "d")]
     r = [m("user", "a"), m("assistant", "b"), m("user", "c"), m("assistant", "e")]
@@ -239,6 +249,27 @@ def test_datasets_folder_splits_sft_and_bad_row(tmp_path):
         load_examples({**cfg, "split": "dev"}, "sft")
     with pytest.raises(FileNotFoundError, match="no dataset there"):
         load_examples({"source": "datasets", "path": str(tmp_path / "nothing_here")})
+
+
+def test_datasets_labelled_rows_and_unpaired_pairs(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from dpoq_jax.data.examples import OutcomeExample
+    from dpoq_jax.data.sources import load_examples
+
+    labelled = datasets.Dataset.from_list([{"prompt": "a", "completion": " b", "label": True},
+                                           {"prompt": "a", "completion": " c", "label": False}])
+    labelled.to_parquet(str(tmp_path / "kto.parquet"))
+    out, _ = load_examples({"source": "datasets", "path": str(tmp_path / "kto.parquet")}, "outcome")
+    assert [(type(e), e.completion, e.label) for e in out] == [(OutcomeExample, " b", 1.0),
+                                                               (OutcomeExample, " c", 0.0)]  # fmt: skip
+    pairs = datasets.Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}])
+    pairs.to_parquet(str(tmp_path / "dpo.parquet"))
+    out, _ = load_examples({"source": "datasets", "path": str(tmp_path / "dpo.parquet")}, "outcome")
+    assert [(e.completion, e.label) for e in out] == [(" b", 1.0), (" c", 0.0)]
+    sft = datasets.Dataset.from_list([{"prompt": "a", "completion": " b"}])
+    sft.to_parquet(str(tmp_path / "sft.parquet"))
+    with pytest.raises(DataError, match=r"sft.parquet:1: key 'label': missing key"):
+        load_examples({"source": "datasets", "path": str(tmp_path / "sft.parquet")}, "outcome")
 
 
 def test_generate_and_score_inputs_take_chat_rows(tmp_path, tok):
