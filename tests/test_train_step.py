@@ -179,3 +179,14 @@ def test_remat_under_micro_batch_scan_equals_no_remat(remat):
         )
     for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[remat]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_one_clear_line():
+    c = tiny_config("dpo", data=-1)  # the tests' 8 CPU devices on the data axis
+    c.train.batch_size = 4
+    with pytest.raises(ValueError, match=r"^config key 'train.batch_size': 4 examples per micro-batch .* "
+                       r"do not split over the 8 data-parallel devices"):  # fmt: skip
+        setup(c)
+    c.train.batch_size, c.data.layout, c.data.num_rows = 8, "packed", 4
+    with pytest.raises(ValueError, match=r"^config key 'data.num_rows': 4 packed rows do not split"):
+        setup(c)

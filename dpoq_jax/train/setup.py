@@ -235,12 +235,31 @@ def _weighted(eval_step: Callable, stage: str) -> Callable:
     return fn
 
 
+def check_batch_split(cfg: Any, mesh: Any) -> None:
+    """Every array of a micro-batch is split over the data-parallel devices (mesh axes data × fsdp):
+    its examples (and packed rows) must divide evenly, or the first step fails deep inside JAX."""
+    shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    micro = cfg.train.batch_size // cfg.train.micro_batches
+    if micro % shards:
+        raise ValueError(
+            f"config key 'train.batch_size': {micro} examples per micro-batch (batch_size "
+            f"{cfg.train.batch_size} / micro_batches {cfg.train.micro_batches}) do not split over the {shards} "
+            f"data-parallel devices (mesh data x fsdp); use a multiple of {shards}"
+        )
+    if cfg.data.layout == "packed" and cfg.data.num_rows and cfg.data.num_rows % shards:
+        raise ValueError(
+            f"config key 'data.num_rows': {cfg.data.num_rows} packed rows do not split over the {shards} "
+            "data-parallel devices (mesh data x fsdp)"
+        )
+
+
 def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, with_data: bool = True) -> Run:
     """Mesh, data, model source, shardings and loss of a config (`devices`: default all).
 
     with_data=False skips reading data (Run.dataset is None) and `source` replaces the config's model
     source: `dpoq compile` builds the step this way from shapes alone, for devices it does not have."""
     mesh = make_mesh(cfg.mesh, devices)
+    check_batch_split(cfg, mesh)
     rules = rules_from_config(cfg.sharding.rules)
     dataset = inputs.load_dataset(cfg) if with_data else None
     dpo = cfg.stage == "dpo"
