@@ -8,11 +8,11 @@ from dpoq_jax.train.config import synthetic_config
 
 
 def chain_config(stage: str, sft_workdir: str = ""):
-    """synthetic_config with rows long enough for six steps ("a3=8|" each; prompt ≤ 16 tokens)."""
+    """synthetic_config with rows long enough for six steps ("1a3=8|" each, prompt 7 tokens)."""
     c = synthetic_config("arithmetic_chain", stage, sft_workdir=sft_workdir)
     c.data.sft_responses = "chosen"
-    c.data.max_prompt_tokens = 16
-    c.data.response_len = 32  # 6 steps × 5 tokens − 1 + EOS = 30, one to spare
+    c.data.max_prompt_tokens = 12  # "<bos>5a3:6=" is 7
+    c.data.response_len = 38  # 6 steps × 6 tokens, the last without "|", + EOS = 36, two to spare
     c.data.seq_len = 48
     return c
 

@@ -32,19 +32,20 @@ dense_reward
   that extrapolates "longer is better" over-optimises.
 
 arithmetic_chain
-  prompt "<bos>{v0}:{op}{x}{op}{x}...=" (a start digit, then 3-6 operations, op a = add, s = subtract,
-  mod 10). The solution writes one step per operation, "{op}{x}={value}", steps joined by "|" (the
-  step delimiter, step spec "|"), e.g. "<bos>5:a3s8a1=" -> "a3=8|s8=0|a1=1"; the last step's value is the
-  final answer. Both operations are bijections mod 10, so an error at step k (a wrong value) makes every
-  later value, each consistently computed from the previous one, and the final answer wrong. SFT data
-  has errors at known rates: a "hard" step (one that wraps around: v + x >= 10 or v - x < 0) gets the
-  fluent wrong value (correct + 1) mod 10 with probability hard_error_rate, any other step a random
-  wrong value with probability error_rate; later steps continue from the wrong value. With
-  hard_error_rate > 0.5 the reference's likeliest value at a hard step is the wrong one, so neither its
-  likelihood nor a majority vote finds the right answer reliably; only outcome labels can teach that.
-  `check_solution` parses a response step by step: the first erroneous step (a step whose value is not
-  its operation applied to the previous step's value, or that is malformed, or missing/extra) and the
-  final answer.
+  prompt "<bos>{v0}{op}{x}:{n}=" (a start digit v0, an operation op x applied n = 3..6 times, op a = add,
+  s = subtract, mod 10). The solution writes one step per application, "{k}{op}{x}={value}" (k = 1..n),
+  steps joined by "|" (the step delimiter, step spec "|"), e.g. "<bos>5a3:3=" -> "1a3=8|2a3=1|3a3=4"; the
+  last step's value is the final answer. Each step uses the previous step's value; both operations are
+  bijections mod 10, so an error at step k (a wrong value) makes every later value, each consistently
+  computed from the previous one, and the final answer wrong. SFT data has errors at known rates: a
+  "hard" step (one that wraps around: v + x >= 10 or v - x < 0) gets the fluent wrong value
+  (correct + 1) mod 10 with probability hard_error_rate, any other step a random wrong value with
+  probability error_rate; later steps continue from the wrong value. With hard_error_rate > 0.5 the
+  reference's likeliest value at a hard step is the wrong one, so neither its likelihood nor a majority
+  vote finds the right answer reliably; only outcome labels can teach that. `check_solution` parses a
+  response step by step: the first erroneous step (a step whose value is not the true one: wrong,
+  malformed, missing or extra) and the final answer. (Everything a step needs sits at fixed places: the
+  operation in the prompt, the previous value one step back, so a 2-layer decoder learns it.)
 """
 
 from __future__ import annotations
@@ -376,7 +377,7 @@ class DenseRewardTask:
 
 CHAIN_OPS = {"a": "add", "s": "subtract"}
 STEP_DELIMITER = "|"  # the step spec of dpoq_jax.analysis.steps for this task
-_STEP_RE = re.compile(r"^([as])([0-9])=([0-9])\|?$")
+_STEP_RE = re.compile(r"^([1-9])([as])([0-9])=([0-9])\|?$")
 
 
 def _chain_apply(op: str, value: int, x: int) -> int:
@@ -395,10 +396,11 @@ def split_steps(text: str) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class ChainCheck:
-    """A solution checked step by step. first_error: index of the first erroneous step (None: none);
-    step_errors: per written step, whether it is wrong given the previous written value (local error);
-    answer: the final answer (the last step's value; None if the steps are malformed or their number is
-    wrong); correct: the answer equals the true one."""
+    """A solution checked step by step. first_error: index of the first step whose value is not the true
+    one, or that is malformed, extra, or the last of too few (None: no error); step_errors: per written
+    step, whether it is wrong given the previous written value (a local error); answer: the final answer
+    (the last step's value; None if that step is malformed or the number of steps is wrong); correct:
+    the answer equals the true one (as a final-answer label, it can be right despite a wrong step)."""
 
     first_error: int | None
     step_errors: list[bool]
@@ -409,18 +411,17 @@ class ChainCheck:
 
 @dataclasses.dataclass(frozen=True)
 class ArithmeticChainTask:
-    """A chain of mod-10 additions and subtractions, one step per line ("|"), errors at known rates."""
+    """A chain of mod-10 additions or subtractions, one step per line ("|"), errors at known rates."""
 
     seed: int = 0
     min_steps: int = 3
     max_steps: int = 6
     error_rate: float = 0.05  # SFT data: a non-wrapping step gets a random wrong value
     hard_error_rate: float = 0.6  # SFT data: a wrapping step gets (correct + 1) mod 10
-    n_errors: tuple[int, ...] = (1,)  # preference_examples: injected errors in the rejected solution
 
     def __post_init__(self):
-        if not 1 <= self.min_steps <= self.max_steps:
-            raise ValueError(f"need 1 <= min_steps <= max_steps, got {self.min_steps}, {self.max_steps}")
+        if not 1 <= self.min_steps <= self.max_steps <= 9:
+            raise ValueError(f"need 1 <= min_steps <= max_steps <= 9, got {self.min_steps}, {self.max_steps}")
         for name in ("error_rate", "hard_error_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
@@ -431,60 +432,57 @@ class ArithmeticChainTask:
 
     @property
     def max_response_tokens(self) -> int:
-        """Tokens of the longest correct solution, EOS included."""
-        return 5 * self.max_steps - 1 + 1
+        """Tokens of the longest correct solution, EOS included (6 a step, no "|" after the last)."""
+        return 6 * self.max_steps
 
-    def _problem(self, rng: np.random.Generator) -> tuple[int, list[tuple[str, int]]]:
-        n = int(rng.integers(self.min_steps, self.max_steps + 1))
-        v0 = int(rng.integers(0, 10))
-        ops = [("as"[int(rng.integers(2))], int(rng.integers(0, 10))) for _ in range(n)]
-        return v0, ops
+    def _problem(self, rng: np.random.Generator) -> tuple[int, str, int, int]:
+        v0, op, x = int(rng.integers(0, 10)), "as"[int(rng.integers(2))], int(rng.integers(0, 10))
+        return v0, op, x, int(rng.integers(self.min_steps, self.max_steps + 1))
 
     @staticmethod
-    def prompt_text(v0: int, ops: Sequence[tuple[str, int]]) -> str:
-        return f"<bos>{v0}:" + "".join(f"{op}{x}" for op, x in ops) + "="
+    def prompt_text(v0: int, op: str, x: int, n: int) -> str:
+        return f"<bos>{v0}{op}{x}:{n}="
 
     @staticmethod
-    def parse_prompt(prompt: str) -> tuple[int, list[tuple[str, int]]]:
-        m = re.fullmatch(r"(?:<bos>)?([0-9]):((?:[as][0-9])+)=", prompt)
+    def parse_prompt(prompt: str) -> tuple[int, str, int, int]:
+        m = re.fullmatch(r"(?:<bos>)?([0-9])([as])([0-9]):([1-9])=", prompt)
         if not m:
             raise ValueError(f"not an arithmetic_chain prompt: {prompt!r}")
-        body = m.group(2)
-        return int(m.group(1)), [(body[i], int(body[i + 1])) for i in range(0, len(body), 2)]
+        return int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
 
     @staticmethod
-    def values(v0: int, ops: Sequence[tuple[str, int]]) -> list[int]:
-        """The correct value after each step."""
+    def values(v0: int, op: str, x: int, n: int) -> list[int]:
+        """The true value after each step."""
         out, v = [], v0
-        for op, x in ops:
+        for _ in range(n):
             v = _chain_apply(op, v, x)
             out.append(v)
         return out
 
     @staticmethod
-    def solution_text(ops: Sequence[tuple[str, int]], values: Sequence[int]) -> str:
-        return STEP_DELIMITER.join(f"{op}{x}={v}" for (op, x), v in zip(ops, values, strict=True))
+    def solution_text(op: str, x: int, values: Sequence[int]) -> str:
+        return STEP_DELIMITER.join(f"{k + 1}{op}{x}={v}" for k, v in enumerate(values))
 
-    def with_error(self, v0: int, ops: Sequence[tuple[str, int]], k: int, wrong: int) -> list[int]:
-        """Values of a solution whose step k gets the value `wrong` (≠ the correct one), every later
-        step computed correctly from it (so the final answer is wrong too)."""
-        vals = self.values(v0, ops)
+    def with_error(self, v0: int, op: str, x: int, n: int, k: int, wrong: int) -> list[int]:
+        """Values of a solution whose step k gets the value `wrong` (≠ the true one), every later step
+        computed correctly from it (so the final answer is wrong too)."""
+        vals = self.values(v0, op, x, n)
         if wrong == vals[k]:
-            raise ValueError(f"step {k}: {wrong} is the correct value")
+            raise ValueError(f"step {k}: {wrong} is the true value")
         out, v = vals[:k] + [wrong], wrong
-        for op, x in ops[k + 1 :]:
+        for _ in range(k + 1, n):
             v = _chain_apply(op, v, x)
             out.append(v)
         return out
 
-    def noisy_values(self, v0: int, ops: Sequence[tuple[str, int]], rng: np.random.Generator
+    def noisy_values(self, v0: int, op: str, x: int, n: int, rng: np.random.Generator
                      ) -> tuple[list[int], list[int]]:
-        """(values, indices of the erroneous steps) as the SFT data writes them: each step errs with
+        """(values, indices of the locally wrong steps) as the SFT data writes them: each step errs with
         its rate (hard_error_rate at a wrapping step, else error_rate), given the value written before."""
         out, errs, v = [], [], v0
-        for k, (op, x) in enumerate(ops):
+        for k in range(n):
             right = _chain_apply(op, v, x)
-            u, d = rng.random(), int(rng.integers(1, 10))  # both drawn always: same data across rates
+            u, d = rng.random(), int(rng.integers(1, 10))  # both drawn always: same problems at any rate
             if _chain_hard(op, v, x):
                 new = (right + 1) % 10 if u < self.hard_error_rate else right
             else:
@@ -496,31 +494,32 @@ class ArithmeticChainTask:
         return out, errs
 
     def sft_examples(self, n: int, split: str = "train") -> list[SFTExample]:
-        """Solutions with errors at the known rates (meta: error_steps, first_error, correct)."""
+        """Solutions with errors at the known rates (meta: error_steps, hard_steps, first_error, correct)."""
         rng = _split_seed(self.seed, split)
         out = []
         for i in range(n):
-            v0, ops = self._problem(rng)
-            vals, errs = self.noisy_values(v0, ops, rng)
-            final_ok = vals[-1] == self.values(v0, ops)[-1]
+            v0, op, x, k = self._problem(rng)
+            vals, errs = self.noisy_values(v0, op, x, k, rng)
+            prev = [v0, *vals[:-1]]
+            hard = [j for j in range(k) if _chain_hard(op, prev[j], x)]
             out.append(SFTExample(
-                self.prompt_text(v0, ops), self.solution_text(ops, vals),
+                self.prompt_text(v0, op, x, k), self.solution_text(op, x, vals),
                 {"task": "arithmetic_chain", "split": split, "index": i, "error_steps": errs,
-                 "first_error": errs[0] if errs else None, "correct": final_ok}))
+                 "hard_steps": hard, "first_error": errs[0] if errs else None,
+                 "correct": vals[-1] == self.values(v0, op, x, k)[-1]}))
         return out
 
     def preference_examples(self, n: int, split: str = "train") -> list[PreferenceExample]:
-        """Correct solution vs the same with an error injected at a random step (step labels known)."""
+        """The true solution vs the same with an error at a random step k (meta: first_error = k)."""
         rng = _split_seed(self.seed, split)
         out = []
         for i in range(n):
-            v0, ops = self._problem(rng)
-            k = int(rng.integers(len(ops)))
-            right = self.values(v0, ops)
-            wrong = (right[k] + int(rng.integers(1, 10))) % 10
-            rej = self.with_error(v0, ops, k, wrong)
+            v0, op, x, m = self._problem(rng)
+            k = int(rng.integers(m))
+            right = self.values(v0, op, x, m)
+            rej = self.with_error(v0, op, x, m, k, (right[k] + int(rng.integers(1, 10))) % 10)
             out.append(PreferenceExample(
-                self.prompt_text(v0, ops), self.solution_text(ops, right), self.solution_text(ops, rej),
+                self.prompt_text(v0, op, x, m), self.solution_text(op, x, right), self.solution_text(op, x, rej),
                 {"task": "arithmetic_chain", "split": split, "index": i, "first_error": k}))
         return out
 
@@ -529,31 +528,25 @@ class ArithmeticChainTask:
         return [e.prompt for e in self.preference_examples(n, split)]
 
     def check_steps(self, prompt: str, steps: Sequence[str]) -> ChainCheck:
-        """Check written steps (texts as `split_steps` gives them; a trailing "<eos>" is ignored)."""
-        v0, ops = self.parse_prompt(prompt)
-        truth = self.values(v0, ops)
-        step_errors, first, v, answer = [], None, v0, None
+        """Check written steps (texts as `split_steps` gives them; a "<eos>" in them is ignored)."""
+        v0, op, x, n = self.parse_prompt(prompt)
+        truth = self.values(v0, op, x, n)
+        step_errors, first, v = [], None, v0
         for k, text in enumerate(steps):
             m = _STEP_RE.match(text.replace("<eos>", ""))
-            if k >= len(ops) or not m or (m.group(1), int(m.group(2))) != ops[k]:
-                bad = True
-                value = None
-            else:
-                value = int(m.group(3))
-                bad = v is None or value != _chain_apply(ops[k][0], v, ops[k][1])
-            step_errors.append(bad)
+            ok = m is not None and k < n and (int(m.group(1)), m.group(2), int(m.group(3))) == (k + 1, op, x)
+            value = int(m.group(4)) if ok else None
+            step_errors.append(value is None or v is None or value != _chain_apply(op, v, x))
             if first is None and (value is None or value != truth[k]):
                 first = k
             v = value
-        if len(steps) == len(ops) and v is not None:
-            answer = v
-        elif first is None:  # too few steps, all right: the last written step claims a wrong answer
+        answer = v if len(steps) == n else None
+        if first is None and answer is None:  # too few steps, all right: the last one is a wrong answer
             first = max(len(steps) - 1, 0)
-        correct = answer is not None and answer == truth[-1]
-        return ChainCheck(first, step_errors, answer, correct, len(ops))
+        return ChainCheck(first, step_errors, answer, answer is not None and answer == truth[-1], n)
 
     def check_solution(self, prompt: str, text: str) -> ChainCheck:
-        """Check a solution text (the response, EOS stripped or as "<eos>")."""
+        """Check a solution text (the response, EOS stripped or written as "<eos>")."""
         return self.check_steps(prompt, split_steps(text.replace("<eos>", "")))
 
     def gold_score(self, prompt: str, response_ids: Sequence[int]) -> float:
