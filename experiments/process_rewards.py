@@ -5,7 +5,7 @@ experiments/results/process_rewards.md (tables with bootstrap intervals over see
 paired differences, verdicts). Training runs go to runs/experiments/arithmetic_chain/seed<N>; a rerun
 reuses them.
 
-    python -m experiments.process_rewards                    # full, seeds 0-4 (≈ 1 h a seed on 2 CPU cores)
+    python -m experiments.process_rewards                    # full, seeds 0-4 (≈ 15 min a seed on 2 idle CPU cores)
     python -m experiments.process_rewards --sweep --seeds 0  # the lr/steps sweep, one seed, first
     python -m experiments.process_rewards --dpo-lr 3e-4 --dpo-steps 600 --ce-lr 1e-3 --ce-steps 300
     python -m experiments.process_rewards --quick            # a smoke run (2 seeds)
@@ -22,17 +22,17 @@ from dpoq_jax.experiments.process_rewards import main
 # held-out prompts × candidates; ns: best-of-N sizes, bon_repeats draws of N per prompt; n_boot: bootstrap.
 SCALES = {
     "full": dict(
-        sft_steps=2000,
-        n_train_prompts=2048,
+        sft_steps=6000,
+        n_train_prompts=4160,  # the 520 training problems, 8 times each
         n_train_cands=16,
         pairs_per_prompt=4,
         beta=0.1,
-        dpo=dict(lr=3e-4, steps=600),
-        ce=dict(lr=3e-4, steps=600),
-        sweep=((1e-4, 600), (3e-4, 300), (3e-4, 600), (1e-3, 600), (3e-4, 1200)),
-        n_val_prompts=128,
+        dpo=dict(lr=3e-4, steps=2000),
+        ce=dict(lr=3e-4, steps=2000),
+        sweep=((1e-4, 2000), (3e-4, 700), (3e-4, 2000), (1e-3, 700), (1e-3, 2000)),
+        n_val_prompts=80,  # every validation problem
         n_val_cands=16,
-        n_test_prompts=256,
+        n_test_prompts=200,  # every test problem
         n_test_cands=64,
         ns=(1, 4, 16, 64),
         bon_repeats=16,
@@ -40,14 +40,14 @@ SCALES = {
     ),
     "quick": dict(
         sft_steps=600,
-        n_train_prompts=256,
+        n_train_prompts=520,
         n_train_cands=8,
         pairs_per_prompt=2,
         beta=0.1,
-        dpo=dict(lr=3e-4, steps=100),
-        ce=dict(lr=3e-4, steps=100),
-        sweep=((3e-4, 50), (1e-3, 100)),
-        n_val_prompts=32,
+        dpo=dict(lr=3e-4, steps=200),
+        ce=dict(lr=3e-4, steps=200),
+        sweep=((3e-4, 100), (1e-3, 200)),
+        n_val_prompts=40,
         n_val_cands=8,
         n_test_prompts=64,
         n_test_cands=64,

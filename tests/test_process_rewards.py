@@ -92,6 +92,17 @@ def test_sft_error_rates_are_the_ones_asked() -> None:
     assert all(task.check_solution(e.prompt, e.completion).correct for e in clean)
 
 
+def test_held_out_problems_are_never_trained_on() -> None:
+    task = ArithmeticChainTask(seed=2)
+    sizes = {k: len(task.problems(k)) for k in ("train", "validation", "test")}
+    assert sizes == {"train": 520, "validation": 80, "test": 200}
+    train = {e.prompt for e in task.sft_examples(3000)} | set(task.prompts(1000, "train"))
+    test, val = set(task.prompts(200, "test")), set(task.prompts(80, "validation"))
+    assert len(test) == 200 and len(val) == 80 and not (train & test) and not (train & val) and not (test & val)
+    assert {e.prompt for e in task.preference_examples(300, "test")} <= test
+    assert task.problems("test") != ArithmeticChainTask(seed=3).problems("test")  # the split follows the seed
+
+
 def test_task_is_registered_and_fits_its_config() -> None:
     from dpoq_jax.configs.arithmetic_chain_sft import get_config
     from dpoq_jax.data.sources import load_examples
@@ -142,16 +153,17 @@ def test_weighted_auroc_matches_auroc_and_ranks() -> None:
 
 @pytest.mark.slow
 def test_process_rewards_tiny_end_to_end(tmp_path) -> None:
-    """SFT (150 steps) -> sample and label -> DPO and outcome-CE PRMs (3 steps) -> held-out step rewards,
+    """SFT (120 steps, batch 16) -> sample and label -> DPO and outcome-CE PRMs (3 steps) -> held-out step rewards,
     localisation, best-of-N, intervals and verdicts; every table in the results file (≈ 60 s)."""
     from dpoq_jax.experiments import process_rewards as pr
 
-    scale = dict(sft_steps=150, n_train_prompts=16, n_train_cands=8, pairs_per_prompt=2, beta=0.1,
+    scale = dict(sft_steps=120, n_train_prompts=16, n_train_cands=8, pairs_per_prompt=2, beta=0.1,
                  dpo=dict(lr=1e-3, steps=3), ce=dict(lr=1e-3, steps=3), sweep=((1e-3, 3),),
                  n_val_prompts=4, n_val_cands=4, n_test_prompts=6, n_test_cands=16, ns=(1, 4, 16, 64),
                  bon_repeats=2, n_boot=50)  # fmt: skip
     md = tmp_path / "process_rewards.md"
-    argv = ["--quick", "--seeds", "0", "--workdir", str(tmp_path / "w"), "--results", str(md), "--sweep"]
+    argv = ["--quick", "--seeds", "0", "--workdir", str(tmp_path / "w"), "--results", str(md), "--sweep",
+            "--config.train.batch_size=16"]
     assert pr.main(argv, {"quick": scale}, tmp_path) == 0
     text = md.read_text()
     for title in pr.SECTION.values():

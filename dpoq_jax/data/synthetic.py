@@ -45,7 +45,8 @@ arithmetic_chain
   vote finds the right answer reliably; only outcome labels can teach that. `check_solution` parses a
   response step by step: the first erroneous step (a step whose value is not the true one: wrong,
   malformed, missing or extra) and the final answer. (Everything a step needs sits at fixed places: the
-  operation in the prompt, the previous value one step back, so a 2-layer decoder learns it.)
+  operation in the prompt, the previous value one step back, so a 2-layer decoder learns it.) The
+  10 x 2 x 10 x 4 = 800 problems are split by problem (seeded): 65% train, 10% validation, 25% test.
 """
 
 from __future__ import annotations
@@ -394,6 +395,20 @@ def split_steps(text: str) -> list[str]:
     return [m for m in re.findall(r"[^|]*\|?", text) if m]
 
 
+CHAIN_SPLITS = {"train": 0.65, "validation": 0.10, "test": 0.25}
+
+
+@functools.lru_cache(maxsize=16)
+def _chain_problems(seed: int, min_steps: int, max_steps: int) -> dict[str, list[tuple[int, str, int, int]]]:
+    every = [(v0, op, x, n) for v0 in range(10) for op in "as" for x in range(10)
+             for n in range(min_steps, max_steps + 1)]  # fmt: skip
+    order = np.random.default_rng([seed, 2525]).permutation(len(every))
+    a = round(CHAIN_SPLITS["train"] * len(every))
+    b = a + round(CHAIN_SPLITS["validation"] * len(every))
+    cut = {"train": order[:a], "validation": order[a:b], "test": order[b:]}
+    return {k: [every[int(i)] for i in v] for k, v in cut.items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class ChainCheck:
     """A solution checked step by step. first_error: index of the first step whose value is not the true
@@ -435,9 +450,14 @@ class ArithmeticChainTask:
         """Tokens of the longest correct solution, EOS included (6 a step, no "|" after the last)."""
         return 6 * self.max_steps
 
-    def _problem(self, rng: np.random.Generator) -> tuple[int, str, int, int]:
-        v0, op, x = int(rng.integers(0, 10)), "as"[int(rng.integers(2))], int(rng.integers(0, 10))
-        return v0, op, x, int(rng.integers(self.min_steps, self.max_steps + 1))
+    def problems(self, split: str) -> list[tuple[int, str, int, int]]:
+        """The distinct problems (v0, op, x, n) of a split: all of them shuffled by the seed and cut
+        65% / 10% / 25% into train / validation / test, so held-out problems are never trained on."""
+        return _chain_problems(self.seed, self.min_steps, self.max_steps)[split]
+
+    def _problem(self, rng: np.random.Generator, split: str) -> tuple[int, str, int, int]:
+        pool = self.problems(split)
+        return pool[int(rng.integers(len(pool)))]
 
     @staticmethod
     def prompt_text(v0: int, op: str, x: int, n: int) -> str:
@@ -498,7 +518,7 @@ class ArithmeticChainTask:
         rng = _split_seed(self.seed, split)
         out = []
         for i in range(n):
-            v0, op, x, k = self._problem(rng)
+            v0, op, x, k = self._problem(rng, split)
             vals, errs = self.noisy_values(v0, op, x, k, rng)
             prev = [v0, *vals[:-1]]
             hard = [j for j in range(k) if _chain_hard(op, prev[j], x)]
@@ -514,7 +534,7 @@ class ArithmeticChainTask:
         rng = _split_seed(self.seed, split)
         out = []
         for i in range(n):
-            v0, op, x, m = self._problem(rng)
+            v0, op, x, m = self._problem(rng, split)
             k = int(rng.integers(m))
             right = self.values(v0, op, x, m)
             rej = self.with_error(v0, op, x, m, k, (right[k] + int(rng.integers(1, 10))) % 10)
@@ -524,8 +544,10 @@ class ArithmeticChainTask:
         return out
 
     def prompts(self, n: int, split: str = "test") -> list[str]:
-        """The prompts of `preference_examples(n, split)` (the same problems)."""
-        return [e.prompt for e in self.preference_examples(n, split)]
+        """n prompts of a split: its distinct problems in their shuffled order, repeated in turn when n
+        is larger than their number (train 520, validation 80, test 200 with 3-6 steps)."""
+        pool = self.problems(split)
+        return [self.prompt_text(*pool[i % len(pool)]) for i in range(n)]
 
     def check_steps(self, prompt: str, steps: Sequence[str]) -> ChainCheck:
         """Check written steps (texts as `split_steps` gives them; a "<eos>" in them is ignored)."""
