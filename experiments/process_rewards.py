@@ -5,7 +5,7 @@ experiments/results/process_rewards.md (tables with bootstrap intervals over see
 paired differences, verdicts). Training runs go to runs/experiments/arithmetic_chain/seed<N>; a rerun
 reuses them.
 
-    python -m experiments.process_rewards                    # full, seeds 0-4 (≈ 15 min a seed on 2 idle CPU cores)
+    python -m experiments.process_rewards                    # full, seeds 0-4 (≈ 13 min a seed, 2 CPU cores)
     python -m experiments.process_rewards --sweep --seeds 0  # the lr/steps sweep, one seed, first
     python -m experiments.process_rewards --dpo-lr 3e-4 --dpo-steps 600 --ce-lr 1e-3 --ce-steps 300
     python -m experiments.process_rewards --quick            # a smoke run (2 seeds)

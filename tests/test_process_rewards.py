@@ -98,7 +98,9 @@ def test_held_out_problems_are_never_trained_on() -> None:
     assert sizes == {"train": 520, "validation": 80, "test": 200}
     train = {e.prompt for e in task.sft_examples(3000)} | set(task.prompts(1000, "train"))
     test, val = set(task.prompts(200, "test")), set(task.prompts(80, "validation"))
-    assert len(test) == 200 and len(val) == 80 and not (train & test) and not (train & val) and not (test & val)
+    assert (
+        len(test) == 200 and len(val) == 80 and not (train & test) and not (train & val) and not (test & val)
+    )
     assert {e.prompt for e in task.preference_examples(300, "test")} <= test
     assert task.problems("test") != ArithmeticChainTask(seed=3).problems("test")  # the split follows the seed
 
@@ -125,7 +127,11 @@ def test_bootstrap_interval_of_a_proportion_near_wilson_and_inside_its_range() -
     assert (lo, hi) == pytest.approx((0.21894885, 0.39584855), abs=1e-6)
     x = [np.r_[np.ones(30), np.zeros(70)]]
     iv = seeds.bootstrap_interval(seeds.weighted_mean_stat(x), [100], n_boot=4000, seed=1)
-    assert iv.mean == pytest.approx(0.3) and iv.lo == pytest.approx(lo, abs=0.02) and iv.hi == pytest.approx(hi, abs=0.02)
+    assert (
+        iv.mean == pytest.approx(0.3)
+        and iv.lo == pytest.approx(lo, abs=0.02)
+        and iv.hi == pytest.approx(hi, abs=0.02)
+    )
     # bounded: all successes stay at 1, never above
     ones = seeds.bootstrap_interval(seeds.weighted_mean_stat([np.ones(20), np.ones(5)]), [20, 5], n_boot=200)
     assert (ones.mean, ones.lo, ones.hi) == (1.0, 1.0, 1.0)
@@ -153,7 +159,8 @@ def test_weighted_auroc_matches_auroc_and_ranks() -> None:
 
 @pytest.mark.slow
 def test_process_rewards_tiny_end_to_end(tmp_path) -> None:
-    """SFT (120 steps, batch 16) -> sample and label -> DPO and outcome-CE PRMs (3 steps) -> held-out step rewards,
+    """SFT (120 steps, batch 16) -> sample and label -> DPO and outcome-CE PRMs (3 steps) -> held-out step
+    rewards,
     localisation, best-of-N, intervals and verdicts; every table in the results file (≈ 60 s)."""
     from dpoq_jax.experiments import process_rewards as pr
 
@@ -162,14 +169,24 @@ def test_process_rewards_tiny_end_to_end(tmp_path) -> None:
                  n_val_prompts=4, n_val_cands=4, n_test_prompts=6, n_test_cands=16, ns=(1, 4, 16, 64),
                  bon_repeats=2, n_boot=50)  # fmt: skip
     md = tmp_path / "process_rewards.md"
-    argv = ["--quick", "--seeds", "0", "--workdir", str(tmp_path / "w"), "--results", str(md), "--sweep",
-            "--config.train.batch_size=16"]
+    argv = [
+        "--quick",
+        "--seeds",
+        "0",
+        "--workdir",
+        str(tmp_path / "w"),
+        "--results",
+        str(md),
+        "--sweep",
+        "--config.train.batch_size=16",
+    ]
     assert pr.main(argv, {"quick": scale}, tmp_path) == 0
     text = md.read_text()
     for title in pr.SECTION.values():
         assert title in text, title
     for needle in ("| step scorer | AUROC | first-error acc.", "| selector | N = 1 | N = 4 | N = 16 |",
-                   "| comparison | N | difference |", "| PRM | lr | steps |", "threshold (tuned on validation)",
+                   "| comparison | N | difference |", "| PRM | lr | steps |",
+                   "threshold (tuned on validation)",
                    "dpo:min", "ce:vote", "reference likelihood", "majority vote", "oracle (any correct)",
                    "**Verdict: ", "two-level bootstrap"):  # fmt: skip
         assert needle in text, needle

@@ -539,7 +539,8 @@ class ArithmeticChainTask:
             right = self.values(v0, op, x, m)
             rej = self.with_error(v0, op, x, m, k, (right[k] + int(rng.integers(1, 10))) % 10)
             out.append(PreferenceExample(
-                self.prompt_text(v0, op, x, m), self.solution_text(op, x, right), self.solution_text(op, x, rej),
+                self.prompt_text(v0, op, x, m), self.solution_text(op, x, right),
+                self.solution_text(op, x, rej),
                 {"task": "arithmetic_chain", "split": split, "index": i, "first_error": k}))
         return out
 

@@ -65,8 +65,9 @@ RAW_FILE = "process_rewards_raw.pkl"
 # ------------------------------------------------------------------------------------------ data
 
 
-def sample_candidates(model: Any, prompts: Sequence[str], n: int, seed: int, max_new: int,
-                      chunk: int = 1024) -> list[list[list[int]]]:
+def sample_candidates(
+    model: Any, prompts: Sequence[str], n: int, seed: int, max_new: int, chunk: int = 1024
+) -> list[list[list[int]]]:
     """n reference samples per prompt (temperature 1), in fixed-size chunks (one compiled shape)."""
     tok = SyntheticTokenizer()
     flat = [tok.encode(p) for p in prompts for _ in range(n)]
@@ -82,8 +83,13 @@ def text_of(ids: Sequence[int]) -> str:
     return SyntheticTokenizer().decode(strip_eos(ids, SyntheticTokenizer.eos_token_id))
 
 
-def training_rows(task: Any, prompts: Sequence[str], cands: Sequence[Sequence[Sequence[int]]],
-                  pairs_per_prompt: int, seed: int) -> tuple[list[dict], list[dict], dict[str, float]]:
+def training_rows(
+    task: Any,
+    prompts: Sequence[str],
+    cands: Sequence[Sequence[Sequence[int]]],
+    pairs_per_prompt: int,
+    seed: int,
+) -> tuple[list[dict], list[dict], dict[str, float]]:
     """(DPO pair rows, outcome rows, stats) from final-answer labels only. Candidates whose text holds a
     special token or is empty are left out (they cannot be written as text rows)."""
     rng = np.random.default_rng([seed, 25])
@@ -100,7 +106,7 @@ def training_rows(task: Any, prompts: Sequence[str], cands: Sequence[Sequence[Se
             n_ok, n_all = n_ok + ok, n_all + 1
         rng.shuffle(good)
         rng.shuffle(bad)
-        for g, b in list(zip(good, bad))[:pairs_per_prompt]:
+        for g, b in list(zip(good, bad, strict=False))[:pairs_per_prompt]:
             pairs.append({"prompt": p, "chosen": g, "rejected": b})
     stats = {"candidates": n_all, "correct share": n_ok / max(n_all, 1), "pairs": len(pairs),
              "prompts with a pair": len({r["prompt"] for r in pairs}) / max(len(prompts), 1)}  # fmt: skip
@@ -129,8 +135,14 @@ def tokenizer_dir(workdir: Path) -> Path:
 # ------------------------------------------------------------------------------------ evaluation
 
 
-def evaluate(task: Any, prompts: Sequence[str], cands: Sequence[Sequence[Sequence[int]]],
-             policies: dict[str, Any], ref: Any, beta: float) -> dict[str, Any]:
+def evaluate(
+    task: Any,
+    prompts: Sequence[str],
+    cands: Sequence[Sequence[Sequence[int]]],
+    policies: dict[str, Any],
+    ref: Any,
+    beta: float,
+) -> dict[str, Any]:
     """Per-candidate and per-step facts and scores of every candidate (numpy, per split).
 
     Candidates: prompt index, correct, answer, first error (−1: none), aggregated scores of each policy
@@ -148,7 +160,8 @@ def evaluate(task: Any, prompts: Sequence[str], cands: Sequence[Sequence[Sequenc
         if segs is None:
             segs = [st.segment(tok, s.ids, pattern) for s in scores]
             out["ref_loglik"] = np.array([float(np.sum(s.ref_logps, dtype=np.float64)) for s in scores])
-            ref_steps = [[float(np.sum(s.ref_logps[a:b])) for a, b in g.ranges] for s, g in zip(scores, segs)]
+            ref_steps = [[float(np.sum(s.ref_logps[a:b])) for a, b in g.ranges]
+                         for s, g in zip(scores, segs, strict=True)]
         vals = st.step_values(scores, segs)
         for how in AGGREGATES:
             out[f"{m}:{how}"] = np.array([v[how] for v in vals])
@@ -178,8 +191,9 @@ def evaluate(task: Any, prompts: Sequence[str], cands: Sequence[Sequence[Sequenc
     return out
 
 
-def best_of_n(ev: dict[str, Any], n_prompts: int, ns: Sequence[int], repeats: int, seed: int
-              ) -> dict[str, dict[int, np.ndarray]]:
+def best_of_n(
+    ev: dict[str, Any], n_prompts: int, ns: Sequence[int], repeats: int, seed: int
+) -> dict[str, dict[int, np.ndarray]]:
     """{selector: {N: per-prompt accuracy}}: N of a prompt's candidates drawn `repeats` times (all of them
     once when N is their number), the same subsets for every selector (paired comparisons)."""
     rng = np.random.default_rng([seed, 64])
@@ -246,7 +260,9 @@ def sweep_row(ev: dict[str, Any], m: str, n_prompts: int, seed: int) -> list[flo
     from dpoq_jax.analysis.metrics import auroc
 
     out_auc = auroc(ev[f"{m}:sum"], ev["correct"]) if 0 < ev["correct"].mean() < 1 else float("nan")
-    step_auc = auroc(ev["step_score"][m], ev["step_label"]) if 0 < ev["step_label"].mean() < 1 else float("nan")
+    step_auc = (
+        auroc(ev["step_score"][m], ev["step_label"]) if 0 < ev["step_label"].mean() < 1 else float("nan")
+    )
     bon = best_of_n(ev, n_prompts, (16,), 4, seed)[f"{m}:min"][16].mean()
     return [float(out_auc), float(step_auc), float(bon)]
 
@@ -254,9 +270,19 @@ def sweep_row(ev: dict[str, Any], m: str, n_prompts: int, seed: int) -> list[flo
 # ------------------------------------------------------------------------------------------ one seed
 
 
-def train_prm(args: argparse.Namespace, m: str, data: Path, tok_dir: Path, sft_dir: Path, lr: float,
-              steps: int, beta: float, tag: str = "") -> Path:
-    extra = [f"--config.data.source=jsonl", f"--config.data.path={data}", f"--config.data.tokenizer_path={tok_dir}",
+def train_prm(
+    args: argparse.Namespace,
+    m: str,
+    data: Path,
+    tok_dir: Path,
+    sft_dir: Path,
+    lr: float,
+    steps: int,
+    beta: float,
+    tag: str = "",
+) -> Path:
+    extra = ["--config.data.source=jsonl", f"--config.data.path={data}",
+             f"--config.data.tokenizer_path={tok_dir}",
              "--config.data.num_examples=0", f"--config.optim.lr={lr}"]  # fmt: skip
     if m == "ce":
         extra.append("--config.loss.loss_type=outcome_ce")
@@ -284,8 +310,10 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     pairs, rows, stats = training_rows(task, train_prompts, cands, scale["pairs_per_prompt"], args.seed)
     data_dir, tok_dir = workdir / "data", tokenizer_dir(workdir)
     if not pairs or not any(r["label"] for r in rows):
-        raise RuntimeError(f"{NAME}: no (correct, incorrect) pair among the reference's {stats['candidates']} "
-                           "training samples: train the reference longer (sft_steps) or sample more")
+        raise RuntimeError(
+            f"{NAME}: no (correct, incorrect) pair among the reference's {stats['candidates']} "
+            "training samples: train the reference longer (sft_steps) or sample more"
+        )
     files = {"dpo": write_rows(data_dir, "pairs", pairs), "ce": write_rows(data_dir, "outcome", rows)}
     beta = scale["beta"]
     hp = {m: (getattr(args, f"{m}_lr", None) or scale[m]["lr"], getattr(args, f"{m}_steps", None)
@@ -321,8 +349,10 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
            "n_prompts": len(test_prompts)}  # fmt: skip
     (workdir / RAW_FILE).write_bytes(pickle.dumps(raw))
     ref_err = float(np.mean(ev["first_error"] >= 0))
-    doc.log(f"{NAME}: seed {args.seed} done in {time.time() - t0:.0f} s; held-out reference samples "
-            f"correct {ev['correct'].mean():.3f}, with a step error {ref_err:.3f}")
+    doc.log(
+        f"{NAME}: seed {args.seed} done in {time.time() - t0:.0f} s; held-out reference samples "
+        f"correct {ev['correct'].mean():.3f}, with a step error {ref_err:.3f}"
+    )
     report = doc.Report("Implicit process rewards from outcome labels (issue #25)", intro=INTRO)
     for key, title in SECTION.items():
         if key == "sweep" and not sweep:
@@ -355,7 +385,8 @@ SECTION_TEXT = {
     ),
     "sweep": (
         "Each PRM retrained at each (lr, steps) and evaluated on the validation candidates: outcome AUROC "
-        "(candidate summed reward vs its final answer being right), step AUROC, best-of-16 accuracy with min. "
+        "(candidate summed reward vs its final answer being right), step AUROC, best-of-16 accuracy with "
+        "min. "
         "The main runs use the (lr, steps) of the setup; the rule to choose them is in docs/experiments.md."
     ),
     "loc": (
@@ -456,8 +487,14 @@ def build_tables(report: doc.Report, raws: Sequence[dict], n_boot: int) -> dict[
                   [["final answer correct", ref_ok], ["with a step error", ref_err]]),
     ]  # fmt: skip
     if raws[0]["sweep"]:
-        merged = seeds_lib.merge_tables([doc.Table(["PRM", "lr", "steps", "outcome AUROC", "step AUROC",
-                                                     "best-of-16 (min)"], r["sweep"]) for r in raws])
+        merged = seeds_lib.merge_tables(
+            [
+                doc.Table(
+                    ["PRM", "lr", "steps", "outcome AUROC", "step AUROC", "best-of-16 (min)"], r["sweep"]
+                )
+                for r in raws
+            ]
+        )
         sections[SECTION["sweep"]].items.append(merged)
     loc_rows = []
     for k, name in LOCALISERS.items():
@@ -510,8 +547,18 @@ def claim_verdicts(n: dict[str, seeds_lib.Interval], ns: Sequence[int]) -> dict[
     checks = []
     for m in MODELS:
         auc, diff = n[f"auroc/{m}"], n[f"auroc_diff/{m}"]
-        checks.append((auc.above(0.5), f"{MODELS[m]}: step AUROC {auc} {'above' if auc.above(0.5) else 'not surely above'} 0.5"))
-        checks.append((diff.above(0.0), f"minus the reference's {diff} {'above' if diff.above(0.0) else 'not surely above'} 0"))
+        checks.append(
+            (
+                auc.above(0.5),
+                f"{MODELS[m]}: step AUROC {auc} {'above' if auc.above(0.5) else 'not surely above'} 0.5",
+            )
+        )
+        checks.append(
+            (
+                diff.above(0.0),
+                f"minus the reference's {diff} {'above' if diff.above(0.0) else 'not surely above'} 0",
+            )
+        )
     status, why = doc.grade(checks)
     if not any(ok for ok, _ in checks[::2]):  # no AUROC surely above chance
         status = "does not hold"
@@ -537,8 +584,10 @@ def main_with(args: argparse.Namespace, scale: dict) -> int:
     raws = [pickle.loads((Path(args.workdir) / f"seed{s}" / RAW_FILE).read_bytes()) for s in args.seeds]
     numbers = build_tables(report, raws, scale.get("n_boot", 1000))
     report.intro = report.intro.replace(seeds_lib.INTERVAL_KIND, seeds_lib.BOOTSTRAP_KIND)
-    report.intro += (f"\n\nTable intervals: {seeds_lib.BOOTSTRAP_KIND}, over seeds {', '.join(map(str, args.seeds))} "
-                     f"and {raws[0]['n_prompts']} held-out prompts each; setup counts: t-intervals over seeds.")  # fmt: skip
+    report.intro += (
+        f"\n\nTable intervals: {seeds_lib.BOOTSTRAP_KIND}, over seeds {', '.join(map(str, args.seeds))} "
+        f"and {raws[0]['n_prompts']} held-out prompts each; setup counts: t-intervals over seeds."
+    )
     sections = {s.title: s for s in report.sections}
     found = claim_verdicts(numbers, raws[0]["ns"])
     for title, v in found.items():
@@ -550,11 +599,16 @@ def main_with(args: argparse.Namespace, scale: dict) -> int:
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sweep", action="store_true",
-                        help="also train each PRM at every (lr, steps) of the scale's sweep and report them on "
+                        help="also train each PRM at every (lr, steps) of the scale's sweep and report them "
+                        "on "
                         "validation prompts")  # fmt: skip
     for m in MODELS:
-        parser.add_argument(f"--{m}-lr", type=float, default=None, help=f"{MODELS[m]} learning rate (None: the scale's)")
-        parser.add_argument(f"--{m}-steps", type=int, default=None, help=f"{MODELS[m]} steps (None: the scale's)")
+        parser.add_argument(
+            f"--{m}-lr", type=float, default=None, help=f"{MODELS[m]} learning rate (None: the scale's)"
+        )
+        parser.add_argument(
+            f"--{m}-steps", type=int, default=None, help=f"{MODELS[m]} steps (None: the scale's)"
+        )
 
 
 def main(argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str) -> int:
