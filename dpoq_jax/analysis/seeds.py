@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
@@ -134,3 +135,64 @@ def merge_reports(
     out.meta["seeds"] = ", ".join(map(str, seeds))
     out.meta.pop("seed", None)
     return out
+
+
+BOOTSTRAP_KIND = (
+    "95% percentile interval of a two-level bootstrap (seeds resampled with replacement, then each drawn "
+    "seed's items), which stays inside the metric's range"
+)
+
+
+def bootstrap_interval(
+    stat: Callable[[int, np.ndarray], np.ndarray],
+    n_items: Sequence[int],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Interval:
+    """Mean over seeds of a per-seed statistic of weighted items, and its two-level bootstrap interval.
+
+    stat(s, W_KI) -> [K]: seed s's statistic under K rows of item weights (multiplicities) over its
+    n_items[s] items (prompts); all-ones weights give the point estimate. Each bootstrap draw resamples
+    the seeds with replacement, then every drawn seed's items (multinomial counts), and averages the
+    seeds' statistics; the interval is the (1 − level)/2 and (1 + level)/2 percentiles of the draws.
+    A statistic bounded in [0, 1] (accuracy, AUROC) keeps its interval in [0, 1]; a paired difference
+    is a statistic of its own (both arms under the same weights). `Interval.n` is the number of items
+    over all seeds (so one seed still shows its item interval). NaN draws (e.g. no positive item) drop.
+    """
+    S = len(n_items)
+    if S == 0 or min(n_items) < 1:
+        raise ValueError(f"bootstrap_interval: need seeds with items, got {list(n_items)}")
+    with warnings.catch_warnings():  # a seed without positives (say) is NaN and left out, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        point = float(np.nanmean([stat(s, np.ones((1, n)))[0] for s, n in enumerate(n_items)]))
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(S, size=(n_boot, S)) if S > 1 else np.zeros((n_boot, 1), np.int64)
+    vals = np.empty(picks.shape, np.float64)
+    for s, n in enumerate(n_items):
+        rows, cols = np.nonzero(picks == s)
+        if rows.size:
+            W = rng.multinomial(n, np.full(n, 1.0 / n), size=rows.size).astype(np.float64)
+            vals[rows, cols] = np.asarray(stat(s, W), np.float64)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        draws = np.nanmean(vals, axis=1)
+    draws = draws[np.isfinite(draws)]
+    if draws.size == 0 or not math.isfinite(point):
+        return Interval(point, float("nan"), float("nan"), int(sum(n_items)))
+    lo, hi = np.percentile(draws, [50 * (1 - level), 50 * (1 + level)])
+    return Interval(point, float(lo), float(hi), int(sum(n_items)))
+
+
+def weighted_mean_stat(values: Sequence[np.ndarray]) -> Callable[[int, np.ndarray], np.ndarray]:
+    """stat for `bootstrap_interval`: seed s's weighted mean of its per-item values (NaN items skipped)."""
+    xs = [np.asarray(v, np.float64) for v in values]
+
+    def stat(s: int, W: np.ndarray) -> np.ndarray:
+        x = xs[s]
+        ok = np.isfinite(x)
+        with np.errstate(all="ignore"):
+            return (W[:, ok] @ x[ok]) / W[:, ok].sum(axis=1)
+
+    return stat

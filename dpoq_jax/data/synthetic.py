@@ -30,6 +30,23 @@ dense_reward
   max W) the reference reaches 16 letters in about 4% of samples, so within the data longer is
   better (+bonus a letter), while the best achievable gold reward falls beyond 16 letters: a policy
   that extrapolates "longer is better" over-optimises.
+
+arithmetic_chain
+  prompt "<bos>{v0}{op}{x}:{n}=" (a start digit v0, an operation op x applied n = 3..6 times, op a = add,
+  s = subtract, mod 10). The solution writes one step per application, "{k}{op}{x}={value}" (k = 1..n),
+  steps joined by "|" (the step delimiter, step spec "|"), e.g. "<bos>5a3:3=" -> "1a3=8|2a3=1|3a3=4"; the
+  last step's value is the final answer. Each step uses the previous step's value; both operations are
+  bijections mod 10, so an error at step k (a wrong value) makes every later value, each consistently
+  computed from the previous one, and the final answer wrong. SFT data has errors at known rates: a
+  "hard" step (one that wraps around: v + x >= 10 or v - x < 0) gets the fluent wrong value
+  (correct + 1) mod 10 with probability hard_error_rate, any other step a random wrong value with
+  probability error_rate; later steps continue from the wrong value. With hard_error_rate > 0.5 the
+  reference's likeliest value at a hard step is the wrong one, so neither its likelihood nor a majority
+  vote finds the right answer reliably; only outcome labels can teach that. `check_solution` parses a
+  response step by step: the first erroneous step (a step whose value is not the true one: wrong,
+  malformed, missing or extra) and the final answer. (Everything a step needs sits at fixed places: the
+  operation in the prompt, the previous value one step back, so a 2-layer decoder learns it.) The
+  10 x 2 x 10 x 4 = 800 problems are split by problem (seeded): 65% train, 10% validation, 25% test.
 """
 
 from __future__ import annotations
@@ -38,6 +55,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -355,10 +373,216 @@ class DenseRewardTask:
         return out
 
 
-TASKS = {"error_injection": ErrorInjectionTask, "dense_reward": DenseRewardTask}
+# --------------------------------------------------------------------------------------------
+# arithmetic chain (implicit process rewards: steps whose correctness is known exactly)
+
+CHAIN_OPS = {"a": "add", "s": "subtract"}
+STEP_DELIMITER = "|"  # the step spec of dpoq_jax.analysis.steps for this task
+_STEP_RE = re.compile(r"^([1-9])([as])([0-9])=([0-9])\|?$")
 
 
-def make_task(name: str, **kwargs) -> ErrorInjectionTask | DenseRewardTask:
+def _chain_apply(op: str, value: int, x: int) -> int:
+    return (value + x) % 10 if op == "a" else (value - x) % 10
+
+
+def _chain_hard(op: str, value: int, x: int) -> bool:
+    """A step that wraps around mod 10 (a carry or a borrow): where the reference errs most."""
+    return value + x >= 10 if op == "a" else value - x < 0
+
+
+def split_steps(text: str) -> list[str]:
+    """The steps of a solution text, each with the "|" that ends it (as analysis.steps cuts "|")."""
+    return [m for m in re.findall(r"[^|]*\|?", text) if m]
+
+
+CHAIN_SPLITS = {"train": 0.65, "validation": 0.10, "test": 0.25}
+
+
+@functools.lru_cache(maxsize=16)
+def _chain_problems(seed: int, min_steps: int, max_steps: int) -> dict[str, list[tuple[int, str, int, int]]]:
+    every = [(v0, op, x, n) for v0 in range(10) for op in "as" for x in range(10)
+             for n in range(min_steps, max_steps + 1)]  # fmt: skip
+    order = np.random.default_rng([seed, 2525]).permutation(len(every))
+    a = round(CHAIN_SPLITS["train"] * len(every))
+    b = a + round(CHAIN_SPLITS["validation"] * len(every))
+    cut = {"train": order[:a], "validation": order[a:b], "test": order[b:]}
+    return {k: [every[int(i)] for i in v] for k, v in cut.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainCheck:
+    """A solution checked step by step. first_error: index of the first step whose value is not the true
+    one, or that is malformed, extra, or the last of too few (None: no error); step_errors: per written
+    step, whether it is wrong given the previous written value (a local error); answer: the final answer
+    (the last step's value; None if that step is malformed or the number of steps is wrong); correct:
+    the answer equals the true one (as a final-answer label, it can be right despite a wrong step)."""
+
+    first_error: int | None
+    step_errors: list[bool]
+    answer: int | None
+    correct: bool
+    n_steps: int  # steps the problem needs
+
+
+@dataclasses.dataclass(frozen=True)
+class ArithmeticChainTask:
+    """A chain of mod-10 additions or subtractions, one step per line ("|"), errors at known rates."""
+
+    seed: int = 0
+    min_steps: int = 3
+    max_steps: int = 6
+    error_rate: float = 0.05  # SFT data: a non-wrapping step gets a random wrong value
+    hard_error_rate: float = 0.6  # SFT data: a wrapping step gets (correct + 1) mod 10
+
+    def __post_init__(self):
+        if not 1 <= self.min_steps <= self.max_steps <= 9:
+            raise ValueError(f"need 1 <= min_steps <= max_steps <= 9, got {self.min_steps}, {self.max_steps}")
+        for name in ("error_rate", "hard_error_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+
+    @property
+    def tokenizer(self) -> SyntheticTokenizer:
+        return SyntheticTokenizer()
+
+    @property
+    def max_response_tokens(self) -> int:
+        """Tokens of the longest correct solution, EOS included (6 a step, no "|" after the last)."""
+        return 6 * self.max_steps
+
+    def problems(self, split: str) -> list[tuple[int, str, int, int]]:
+        """The distinct problems (v0, op, x, n) of a split: all of them shuffled by the seed and cut
+        65% / 10% / 25% into train / validation / test, so held-out problems are never trained on."""
+        return _chain_problems(self.seed, self.min_steps, self.max_steps)[split]
+
+    def _problem(self, rng: np.random.Generator, split: str) -> tuple[int, str, int, int]:
+        pool = self.problems(split)
+        return pool[int(rng.integers(len(pool)))]
+
+    @staticmethod
+    def prompt_text(v0: int, op: str, x: int, n: int) -> str:
+        return f"<bos>{v0}{op}{x}:{n}="
+
+    @staticmethod
+    def parse_prompt(prompt: str) -> tuple[int, str, int, int]:
+        m = re.fullmatch(r"(?:<bos>)?([0-9])([as])([0-9]):([1-9])=", prompt)
+        if not m:
+            raise ValueError(f"not an arithmetic_chain prompt: {prompt!r}")
+        return int(m.group(1)), m.group(2), int(m.group(3)), int(m.group(4))
+
+    @staticmethod
+    def values(v0: int, op: str, x: int, n: int) -> list[int]:
+        """The true value after each step."""
+        out, v = [], v0
+        for _ in range(n):
+            v = _chain_apply(op, v, x)
+            out.append(v)
+        return out
+
+    @staticmethod
+    def solution_text(op: str, x: int, values: Sequence[int]) -> str:
+        return STEP_DELIMITER.join(f"{k + 1}{op}{x}={v}" for k, v in enumerate(values))
+
+    def with_error(self, v0: int, op: str, x: int, n: int, k: int, wrong: int) -> list[int]:
+        """Values of a solution whose step k gets the value `wrong` (≠ the true one), every later step
+        computed correctly from it (so the final answer is wrong too)."""
+        vals = self.values(v0, op, x, n)
+        if wrong == vals[k]:
+            raise ValueError(f"step {k}: {wrong} is the true value")
+        out, v = vals[:k] + [wrong], wrong
+        for _ in range(k + 1, n):
+            v = _chain_apply(op, v, x)
+            out.append(v)
+        return out
+
+    def noisy_values(self, v0: int, op: str, x: int, n: int, rng: np.random.Generator
+                     ) -> tuple[list[int], list[int]]:
+        """(values, indices of the locally wrong steps) as the SFT data writes them: each step errs with
+        its rate (hard_error_rate at a wrapping step, else error_rate), given the value written before."""
+        out, errs, v = [], [], v0
+        for k in range(n):
+            right = _chain_apply(op, v, x)
+            u, d = rng.random(), int(rng.integers(1, 10))  # both drawn always: same problems at any rate
+            if _chain_hard(op, v, x):
+                new = (right + 1) % 10 if u < self.hard_error_rate else right
+            else:
+                new = (right + d) % 10 if u < self.error_rate else right
+            if new != right:
+                errs.append(k)
+            out.append(new)
+            v = new
+        return out, errs
+
+    def sft_examples(self, n: int, split: str = "train") -> list[SFTExample]:
+        """Solutions with errors at the known rates (meta: error_steps, hard_steps, first_error, correct)."""
+        rng = _split_seed(self.seed, split)
+        out = []
+        for i in range(n):
+            v0, op, x, k = self._problem(rng, split)
+            vals, errs = self.noisy_values(v0, op, x, k, rng)
+            prev = [v0, *vals[:-1]]
+            hard = [j for j in range(k) if _chain_hard(op, prev[j], x)]
+            out.append(SFTExample(
+                self.prompt_text(v0, op, x, k), self.solution_text(op, x, vals),
+                {"task": "arithmetic_chain", "split": split, "index": i, "error_steps": errs,
+                 "hard_steps": hard, "first_error": errs[0] if errs else None,
+                 "correct": vals[-1] == self.values(v0, op, x, k)[-1]}))
+        return out
+
+    def preference_examples(self, n: int, split: str = "train") -> list[PreferenceExample]:
+        """The true solution vs the same with an error at a random step k (meta: first_error = k)."""
+        rng = _split_seed(self.seed, split)
+        out = []
+        for i in range(n):
+            v0, op, x, m = self._problem(rng, split)
+            k = int(rng.integers(m))
+            right = self.values(v0, op, x, m)
+            rej = self.with_error(v0, op, x, m, k, (right[k] + int(rng.integers(1, 10))) % 10)
+            out.append(PreferenceExample(
+                self.prompt_text(v0, op, x, m), self.solution_text(op, x, right),
+                self.solution_text(op, x, rej),
+                {"task": "arithmetic_chain", "split": split, "index": i, "first_error": k}))
+        return out
+
+    def prompts(self, n: int, split: str = "test") -> list[str]:
+        """n prompts of a split: its distinct problems in their shuffled order, repeated in turn when n
+        is larger than their number (train 520, validation 80, test 200 with 3-6 steps)."""
+        pool = self.problems(split)
+        return [self.prompt_text(*pool[i % len(pool)]) for i in range(n)]
+
+    def check_steps(self, prompt: str, steps: Sequence[str]) -> ChainCheck:
+        """Check written steps (texts as `split_steps` gives them; a "<eos>" in them is ignored)."""
+        v0, op, x, n = self.parse_prompt(prompt)
+        truth = self.values(v0, op, x, n)
+        step_errors, first, v = [], None, v0
+        for k, text in enumerate(steps):
+            m = _STEP_RE.match(text.replace("<eos>", ""))
+            ok = m is not None and k < n and (int(m.group(1)), m.group(2), int(m.group(3))) == (k + 1, op, x)
+            value = int(m.group(4)) if ok else None
+            step_errors.append(value is None or v is None or value != _chain_apply(op, v, x))
+            if first is None and (value is None or value != truth[k]):
+                first = k
+            v = value
+        answer = v if len(steps) == n else None
+        if first is None and answer is None:  # too few steps, all right: the last one is a wrong answer
+            first = max(len(steps) - 1, 0)
+        return ChainCheck(first, step_errors, answer, answer is not None and answer == truth[-1], n)
+
+    def check_solution(self, prompt: str, text: str) -> ChainCheck:
+        """Check a solution text (the response, EOS stripped or written as "<eos>")."""
+        return self.check_steps(prompt, split_steps(text.replace("<eos>", "")))
+
+    def gold_score(self, prompt: str, response_ids: Sequence[int]) -> float:
+        """1.0 if the final answer is right, else 0.0."""
+        text = SyntheticTokenizer().decode(_strip_eos(response_ids))
+        return float(self.check_solution(prompt, text).correct)
+
+
+TASKS = {"error_injection": ErrorInjectionTask, "dense_reward": DenseRewardTask,
+         "arithmetic_chain": ArithmeticChainTask}
+
+
+def make_task(name: str, **kwargs) -> ErrorInjectionTask | DenseRewardTask | ArithmeticChainTask:
     if name not in TASKS:
         raise ValueError(f"unknown synthetic task {name!r}; choose one of {sorted(TASKS)}")
     return TASKS[name](**kwargs)
