@@ -243,8 +243,8 @@ def check_batch_split(cfg: Any, mesh: Any) -> None:
     if micro % shards:
         raise ValueError(
             f"config key 'train.batch_size': {micro} examples per micro-batch (batch_size "
-            f"{cfg.train.batch_size} / micro_batches {cfg.train.micro_batches}) do not split over the {shards} "
-            f"data-parallel devices (mesh data x fsdp); use a multiple of {shards}"
+            f"{cfg.train.batch_size} / micro_batches {cfg.train.micro_batches}) do not split over the "
+            f"{shards} data-parallel devices (mesh data x fsdp); use a multiple of {shards}"
         )
     if cfg.data.layout == "packed" and cfg.data.num_rows and cfg.data.num_rows % shards:
         raise ValueError(
