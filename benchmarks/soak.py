@@ -136,6 +136,9 @@ def analyze(s: dict[str, Any], warmup: float = 0.2) -> dict[str, Any]:
             "end": int(fds[-1]),
             "first_half_max": int(fds[k : k + half].max()),
             "second_half_max": int(fds[k + half :].max()),
+            # the floor: descriptors held between the checkpoint threads' transient opens (a leak raises it)
+            "first_half_min": int(fds[k : k + half].min()),
+            "second_half_min": int(fds[k + half :].min()),
         },
         "checkpoints": {"max_seen": int(max(s["ckpts"], default=0)), "final": int(s["ckpts_final"])},
     }
@@ -149,7 +152,9 @@ def check(
     a = report
     if a["rss_mb"]["slope_mb_per_1k_steps"] > rss_slope_mb:
         bad.append(f"RSS grows {a['rss_mb']['slope_mb_per_1k_steps']} MB per 1000 steps (> {rss_slope_mb})")
-    if a["open_fds"]["second_half_max"] > a["open_fds"]["first_half_max"] + fd_growth:
+    # the floor, not the peak: an asynchronous save holds a few files open for a moment, so peaks of a short
+    # run vary by more than fd_growth (seen: 60 then 65 on CI, with fewer held at the end than after warm-up)
+    if a["open_fds"]["second_half_min"] > a["open_fds"]["first_half_min"] + fd_growth:
         bad.append(f"open descriptors grow: {a['open_fds']}")
     # an asynchronous save commits the new step before the oldest is deleted: keep + 1 for a moment
     if a["checkpoints"]["max_seen"] > keep + 1 or a["checkpoints"]["final"] != keep:
