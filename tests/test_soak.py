@@ -19,7 +19,8 @@ from benchmarks import soak  # noqa: E402
 def test_checks_flag_what_is_not_flat():
     flat = {
         "rss_mb": {"slope_mb_per_1k_steps": 1.0},
-        "open_fds": {"first_half_min": 30, "second_half_min": 31, "first_half_max": 36, "second_half_max": 44},
+        "open_fds": {"first_half_min": 30, "second_half_min": 31,
+                     "first_half_max": 36, "second_half_max": 44},  # a peak alone moves: flat
         "checkpoints": {"max_seen": 4, "final": 3},
         "step_time_ms": {"median_first_half": 6.0, "median_second_half": 7.0},
     }
@@ -27,7 +28,8 @@ def test_checks_flag_what_is_not_flat():
     leaky = {
         **flat,
         "rss_mb": {"slope_mb_per_1k_steps": 500.0},
-        "open_fds": {"first_half_min": 30, "second_half_min": 90, "first_half_max": 36, "second_half_max": 96},
+        "open_fds": {"first_half_min": 30, "second_half_min": 90,
+                     "first_half_max": 36, "second_half_max": 96},
     }
     assert len(soak.check(leaky, 3, rss_slope_mb=20, fd_growth=4)) == 2
     assert soak.check({**flat, "checkpoints": {"max_seen": 9, "final": 9}}, 3, rss_slope_mb=20, fd_growth=4)
