@@ -26,6 +26,10 @@ import numpy as np
 from dpoq_jax.data.examples import TokenizedOutcome, TokenizedPair, TokenizedSFT
 
 LAYOUTS = ("padded", "prefix_shared", "packed")
+# Responses of a batch, named in its keys (`{side}_pred_idx`, `{side}_targets`, `{side}_mask`): the two
+# of a preference batch, the one of an SFT or outcome batch.
+PAIR_SIDES = ("chosen", "rejected")
+SINGLE_SIDES = ("completion",)
 OVERFLOW_CHOICES = ("error", "drop")
 
 
@@ -229,7 +233,7 @@ def _copy_reference(
     items: Sequence[Any],
     P: int,
     R: int,
-    sides: tuple[str, ...] = ("chosen", "rejected"),
+    sides: tuple[str, ...] = PAIR_SIDES,
     mask_key: str = "pair_mask",
 ) -> None:
     """meta "ref_{side}_logps" (per token) or "ref_{side}_sum" -> batch arrays, when every real item
@@ -333,7 +337,7 @@ def outcome_batch(
     B = out["example_mask"].shape[0]
     out["label"] = np.array([0.0 if e is None else e.label for e in examples] + [0.0] * (B - len(examples)),
                             np.float32)  # fmt: skip
-    _copy_reference(out, examples, B, response_len, sides=("completion",), mask_key="example_mask")
+    _copy_reference(out, examples, B, response_len, sides=SINGLE_SIDES, mask_key="example_mask")
     return out
 
 

@@ -104,7 +104,7 @@ def abstract_batch(cfg: Any, shardings_of: Any) -> dict[str, Any]:
     micro = tc.batch_size // tc.micro_batches
     example = inputs.stack_micro([None] * tc.batch_size, inputs.micro_batch_fn(cfg, micro), tc.micro_batches)
     if cfg.stage == "dpo" and cfg.reference.mode == "precomputed":
-        for side in ("completion",) if inputs.unpaired(cfg) else ("chosen", "rejected"):
+        for side in inputs.response_sides(cfg):
             example[f"ref_{side}_logps"] = np.zeros_like(example[f"{side}_mask"])
     sh = shardings_of(example)
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in example.items()}

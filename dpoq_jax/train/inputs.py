@@ -78,6 +78,12 @@ def example_kind(cfg: Any) -> str:
     return "sft" if cfg.stage == "sft" else "outcome" if unpaired(cfg) else "preference"
 
 
+def response_sides(cfg: Any) -> tuple[str, ...]:
+    """The responses of the run's DPO-stage batches: chosen and rejected, or the completion of a
+    labelled response (what reference log-probs are computed and stored for)."""
+    return layouts.SINGLE_SIDES if unpaired(cfg) else layouts.PAIR_SIDES
+
+
 def _raw_examples(cfg: Any, split: str) -> tuple[list, Any]:
     """Untokenized examples of `split` for the config's stage, and the error policy with its counts."""
     src = _source_cfg(cfg, split)
@@ -150,11 +156,9 @@ def micro_batch_fn(cfg: Any, micro_size: int) -> Callable[[list], dict[str, np.n
     kw = dict(seq_len=d.seq_len, response_len=d.response_len, overflow=d.overflow)
     if d.layout == "packed":
         kw["num_rows"] = d.num_rows or micro_size
-    if cfg.stage == "sft" or unpaired(cfg):
-        fn = layouts.outcome_batch if unpaired(cfg) else layouts.sft_batch
-        make = functools.partial(fn, layout=d.layout, batch_size=micro_size, **kw)
-    else:
-        make = functools.partial(layouts.preference_batch, layout=d.layout, num_pairs=micro_size, **kw)
+    fn, size = {"sft": (layouts.sft_batch, "batch_size"), "outcome": (layouts.outcome_batch, "batch_size"),
+                "preference": (layouts.preference_batch, "num_pairs")}[example_kind(cfg)]  # fmt: skip
+    make = functools.partial(fn, layout=d.layout, **{size: micro_size}, **kw)
     buckets = tuple(d.get("buckets", ()) or ())
     if not buckets:
         return make

@@ -20,7 +20,7 @@ from dpoq_jax import paths
 from dpoq_jax.train import inputs
 from dpoq_jax.train.mesh import replicated
 from dpoq_jax.train.setup import forward_for, global_batch, kernel_mesh_fn, setup
-from dpoq_jax.train.step import PAIR, SINGLE, layout_logps
+from dpoq_jax.train.step import layout_logps
 
 
 def precompute_reference(cfg: Any, output: str) -> int:
@@ -35,7 +35,7 @@ def precompute_reference(cfg: Any, output: str) -> int:
     b_sh = run.batch_shardings(example)
     rep = replicated(run.mesh)
 
-    sides = SINGLE if inputs.unpaired(cfg) else PAIR
+    sides = inputs.response_sides(cfg)
 
     def fn(params, batch):
         micro = jax.tree.map(lambda x: x[0], batch)

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from dpoq_jax import losses, tokenq
+from dpoq_jax.data import layouts
 from dpoq_jax.models import lora as lora_lib
 from dpoq_jax.train.state import TrainState
 
@@ -86,8 +87,7 @@ def response_logps(
     )
 
 
-PAIR = ("chosen", "rejected")
-SINGLE = ("completion",)  # SFT examples and labelled responses
+PAIR, SINGLE = layouts.PAIR_SIDES, layouts.SINGLE_SIDES  # a preference batch's responses; an SFT/outcome one
 
 
 def layout_logps(
