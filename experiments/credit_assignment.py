@@ -6,6 +6,7 @@ verdicts). Training runs go to runs/experiments/error_injection/seed<N>; a rerun
 
     python -m experiments.credit_assignment                  # full, seeds 0-4 (see the results' Run table)
     python -m experiments.credit_assignment --seeds 0-9      # more seeds
+    python -m experiments.credit_assignment --sweep --seeds 0  # the DPO lr/steps sweep (run first)
     python -m experiments.credit_assignment --quick          # a smoke run (2 seeds)
     python -m experiments.credit_assignment --config experiments/configs/tldr_pythia2p8b ...  # at scale
 """
@@ -15,25 +16,31 @@ from pathlib import Path
 
 from dpoq_jax.experiments.credit_assignment import main
 
-# dpo_steps per β; settings: β values per setting (fluent errors: the sweep; surprising errors: the
-# β = 0.1 run that experiment 3 shares); n_eval held-out pairs scored; n_gen prompts generated.
-# Smaller than the single-seed version (600/400 steps) so five seeds fit on 2 shared CPU cores.
+# dpo_lr / dpo_steps: the DPO regime of every β, chosen by the sweep (`--sweep --seeds 0`, validation
+# prompts, rule in docs/experiments.md §1); settings: β values per setting (fluent errors: the β sweep;
+# surprising errors: the β = 0.1 run that experiment 3 shares); n_eval held-out pairs scored; n_gen
+# prompts generated; sweep: the (lr, steps) grid.
+SWEEP = tuple((lr, steps) for lr in (3e-5, 1e-4, 3e-4, 1e-3) for steps in (50, 100, 200, 400))
 SCALES = {
     "full": dict(
         sft_steps=400,
+        dpo_lr=None,
         dpo_steps=200,
         settings={"fluent": (0.03, 0.1, 0.3), "surprising": (0.1,)},
         n_eval=512,
         n_gen=256,
         eval_every=25,
+        sweep=SWEEP,
     ),
     "quick": dict(
         sft_steps=150,
+        dpo_lr=None,
         dpo_steps=100,
         settings={"fluent": (0.1,), "surprising": (0.1,)},
         n_eval=64,
         n_gen=32,
         eval_every=25,
+        sweep=((3e-4, 50), (1e-3, 100)),
     ),
 }
 

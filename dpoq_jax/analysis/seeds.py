@@ -25,6 +25,10 @@ T975 = {
     28: 2.048, 29: 2.045, 30: 2.042,
 }  # fmt: skip
 INTERVAL_KIND = "95% Student-t interval over seeds (df = seeds − 1)"
+BOOTSTRAP_KIND = (
+    "95% percentile interval of a two-level bootstrap (seeds resampled with replacement, then each drawn "
+    "seed's items), which stays inside the metric's range"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +69,82 @@ def t_interval(values: Sequence[float]) -> Interval:
     return Interval(m, m - half, m + half, int(x.size))
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class Items:
+    """One seed's statistic of its items (held-out prompts or responses), kept whole so that
+    `merge_reports` gives it a two-level bootstrap interval over seeds and items (`bootstrap_interval`):
+    an accuracy, a win rate or an AUROC keeps its interval inside [0, 1], and a paired difference
+    (`a - b`, both over the same items) gets its own interval. A table cell or a `Report.numbers`
+    value; `float(items)` is the statistic itself (all weights one).
+
+    kinds: "mean" (parts = (values,), one per item; NaN = not applicable, skipped); "auroc" (parts =
+    (scores, labels, item of each scored unit): AUROC of the pooled units, each weighted by its item's
+    multiplicity, e.g. the tokens of a response); "diff" (parts = (a, b): a − b under the same weights).
+    """
+
+    kind: str
+    parts: tuple
+    n: int
+
+    @classmethod
+    def mean(cls, values: Sequence[float]) -> Items:
+        x = np.asarray(values, np.float64).ravel()
+        if x.size == 0:
+            raise ValueError("Items.mean: no items")
+        return cls("mean", (x,), int(x.size))
+
+    @classmethod
+    def auroc(cls, scores: Sequence[Sequence[float]], labels: Sequence[Sequence[bool]]) -> Items:
+        """AUROC of `scores` detecting `labels`, pooled over items (one score/label array per item)."""
+        if len(scores) != len(labels) or not scores:
+            raise ValueError(f"Items.auroc: {len(scores)} score arrays and {len(labels)} label arrays")
+        s = np.concatenate([np.asarray(x, np.float64).ravel() for x in scores])
+        y = np.concatenate([np.asarray(x, bool).ravel() for x in labels])
+        item = np.repeat(np.arange(len(scores)), [np.size(x) for x in scores])
+        if s.shape != y.shape:
+            raise ValueError(f"Items.auroc: {s.size} scores but {y.size} labels")
+        _, rank = np.unique(s, return_inverse=True)  # equal scores share a rank: ties count one half
+        return cls("auroc", (rank.ravel(), y, item), len(scores))
+
+    def __sub__(self, other: Items) -> Items:
+        if not isinstance(other, Items) or other.n != self.n:
+            raise ValueError(f"a paired difference needs two Items over the same {self.n} items")
+        return Items("diff", (self, other), self.n)
+
+    def stat(self, W: np.ndarray) -> np.ndarray:
+        """The statistic under K rows of item weights W [K, n] -> [K]."""
+        W = np.asarray(W, np.float64)
+        with np.errstate(all="ignore"):
+            if self.kind == "mean":
+                (x,) = self.parts
+                ok = np.isfinite(x)
+                return (W[:, ok] @ x[ok]) / W[:, ok].sum(axis=1)
+            if self.kind == "auroc":
+                rank, y, item = self.parts
+                G, out = int(rank.max()) + 1, np.empty(len(W))
+                for k, w in enumerate(W):
+                    wu = w[item]
+                    pos, neg = np.bincount(rank, wu * y, G), np.bincount(rank, wu * ~y, G)
+                    tot = pos.sum() * neg.sum()
+                    out[k] = np.sum(pos * (np.cumsum(neg) - 0.5 * neg)) / tot if tot > 0 else np.nan
+                return out
+            if self.kind == "diff":
+                a, b = self.parts
+                return a.stat(W) - b.stat(W)
+        raise ValueError(f"Items: unknown kind {self.kind!r}")
+
+    def __float__(self) -> float:
+        return float(self.stat(np.ones((1, self.n)))[0])
+
+    def __str__(self) -> str:
+        return doc.fmt(float(self))
+
+
+def items_interval(per_seed: Sequence[Items], n_boot: int = 1000) -> Interval:
+    """The two-level bootstrap interval of one statistic over seeds (one Items per seed)."""
+    return bootstrap_interval(lambda s, W: per_seed[s].stat(W), [c.n for c in per_seed], n_boot=n_boot)
+
+
 def _numeric(c: object) -> bool:
     return isinstance(c, (int, float, np.integer, np.floating)) and not isinstance(c, (bool, np.bool_))
 
@@ -81,7 +161,9 @@ def merge_tables(tables: Sequence[doc.Table], where: str = "") -> doc.Table:
         cells = []
         for j, c in enumerate(row):
             column = [t.rows[i][j] for t in tables]
-            if all(x == c for x in column):  # a setting (β, a count) or text: the same in every seed
+            if all(isinstance(x, Items) for x in column):
+                cells.append(items_interval(column))
+            elif all(x == c for x in column):  # a setting (β, a count) or text: the same in every seed
                 cells.append(c)
             elif all(_numeric(x) for x in column):
                 cells.append(t_interval(column))
@@ -91,6 +173,15 @@ def merge_tables(tables: Sequence[doc.Table], where: str = "") -> doc.Table:
     return doc.Table(first.headers, rows, first.caption)
 
 
+def merge_number(per_seed: Sequence[object]) -> Interval:
+    """Items in every seed: the two-level bootstrap interval; plain numbers: the t-interval."""
+    if all(isinstance(x, Items) for x in per_seed):
+        return items_interval(per_seed)
+    if any(isinstance(x, Items) for x in per_seed):
+        raise ValueError("a number is Items in some seeds and a plain number in others")
+    return t_interval(per_seed)
+
+
 def merge_reports(
     reports: Sequence[doc.Report],
     seeds: Sequence[int],
@@ -98,16 +189,38 @@ def merge_reports(
 ) -> doc.Report:
     """One report from per-seed reports of one experiment (same sections and tables).
 
-    Tables: mean [95% t-interval]; figures and text: the first seed's (captions say which seed);
-    numbers: intervals; verdicts: `verdicts(numbers)` maps a section title to the verdict that ends it
-    (the first entry is the report's own verdict).
+    Tables: statistics of held-out items (`Items` cells: accuracies, AUROCs, win rates, paired
+    differences) get the two-level bootstrap interval over seeds and items, other numbers (training-curve
+    means, settings that vary) the 95% t-interval over seeds; figures and text: the first seed's (captions
+    say which seed); numbers: intervals the same way; verdicts: `verdicts(numbers)` maps a section title
+    to the verdict that ends it (the first entry is the report's own verdict).
     """
     first = reports[0]
-    if len(seeds) > 1:
+    has_items = any(isinstance(v, Items) for v in first.numbers.values()) or any(
+        isinstance(c, Items)
+        for sec in first.sections
+        for it in sec.items
+        if isinstance(it, doc.Table)
+        for row in it.rows
+        for c in row
+    )
+    if len(seeds) > 1 and has_items:
+        note = (
+            f"Seeds {', '.join(map(str, seeds))}: every number is the mean over the {len(seeds)} seeds, written "
+            f"mean [lo, hi]; statistics of held-out items (accuracies, AUROCs, win rates, gold scores and their "
+            f"paired differences) with the {BOOTSTRAP_KIND}; the others (training-curve values) with the "
+            f"{INTERVAL_KIND}. Verdicts are computed from these intervals; figures show the first seed."
+        )
+    elif len(seeds) > 1:
         note = (
             f"Seeds {', '.join(map(str, seeds))}: every number is the mean over the {len(seeds)} seeds and "
             f"its {INTERVAL_KIND}, written mean [lo, hi]. Verdicts are computed from these intervals; "
             "figures show the first seed."
+        )
+    elif has_items:
+        note = (
+            f"One seed ({seeds[0]}): statistics of held-out items carry their item-level bootstrap interval "
+            "(prompts resampled); other numbers are point estimates."
         )
     else:
         note = f"One seed ({seeds[0]}): point estimates, no intervals; verdicts read them as exact."
@@ -124,7 +237,7 @@ def merge_reports(
                 items.append(it)
         out.sections.append(doc.Section(sec.title, sec.text, items, sec.level))
     keys = set().union(*(r.numbers for r in reports))
-    out.numbers = {k: t_interval([r.numbers.get(k, float("nan")) for r in reports]) for k in sorted(keys)}
+    out.numbers = {k: merge_number([r.numbers.get(k, float("nan")) for r in reports]) for k in sorted(keys)}
     found = verdicts(out.numbers)
     titles = {s.title: s for s in out.sections}
     for title, v in found.items():
@@ -137,10 +250,6 @@ def merge_reports(
     return out
 
 
-BOOTSTRAP_KIND = (
-    "95% percentile interval of a two-level bootstrap (seeds resampled with replacement, then each drawn "
-    "seed's items), which stays inside the metric's range"
-)
 
 
 def bootstrap_interval(

@@ -25,7 +25,8 @@ import numpy as np
 
 from dpoq_jax.analysis import document as doc
 from dpoq_jax.analysis.credit import score_responses
-from dpoq_jax.analysis.metrics import credit_assignment_score
+from dpoq_jax.analysis.metrics import auroc, top1_hit
+from dpoq_jax.analysis.seeds import Items
 from dpoq_jax.data.synthetic import RULES, make_task
 from dpoq_jax.data.tokenize import TokenizeConfig, tokenize_pair
 from dpoq_jax.experiments import cli, runs
@@ -51,13 +52,27 @@ RULE_TEXT = {"c": "copy", "s": "sort ascending", "a": "add one to each digit, mo
 assert set(RULE_TEXT) == set(RULES), "a rule was added to data.synthetic.RULES: describe it here"
 
 
-def score_table_rows(
-    name: str, values: Sequence[np.ndarray], errors: Sequence[Sequence[int]]
-) -> list[object]:
-    """[name, top-1, pooled AUROC, per-response AUROC] of per-token values where LOW means "injected"
-    (implicit rewards; log-probs for the likelihood baselines), scored by analysis.metrics."""
-    s = credit_assignment_score(values, errors)
-    return [name, s["top1"], s["auroc_pooled"], s["auroc_mean_per_response"]]
+def score_items(values: Sequence[np.ndarray], errors: Sequence[Sequence[int]]) -> dict[str, Items]:
+    """top-1, pooled AUROC and per-response AUROC of per-token values where LOW means "injected"
+    (implicit rewards; log-probs for the likelihood baselines), per held-out response (`Items`, so the
+    merged report gives them bootstrap intervals over seeds and responses). Responses without an
+    injected token are left out, as `analysis.metrics.credit_assignment_score` does (it agrees)."""
+    keep = [i for i, e in enumerate(errors) if len(e)]
+    if not keep:
+        raise ValueError("score_items: no response has injected error positions")
+    vals = [-np.asarray(values[i], np.float64) for i in keep]
+    labels = [np.isin(np.arange(len(v)), list(errors[i])) for v, i in zip(vals, keep, strict=True)]
+    per_resp = [auroc(v, y) if 0 < y.sum() < len(y) else float("nan") for v, y in zip(vals, labels, strict=True)]
+    return {
+        "top1": Items.mean([top1_hit(values[i], errors[i]) for i in keep]),
+        "auroc": Items.auroc(vals, labels),
+        "auroc_per_response": Items.mean(per_resp),
+    }
+
+
+def score_row(name: str, items: dict[str, Items]) -> list[object]:
+    """[name, top-1, pooled AUROC, per-response AUROC] of `score_items`."""
+    return [name, items["top1"], items["auroc"], items["auroc_per_response"]]
 
 
 BLAME_COLUMNS = (
@@ -95,27 +110,36 @@ def blame_profile(rewards: Sequence[np.ndarray], errors: Sequence[Sequence[int]]
     return dict(zip(BLAME_COLUMNS, (float(v) for v in values), strict=True))
 
 
+ANSWERS_CLAIM = "DPO (the sweep's lr/steps) improves the gold score of the policy's own greedy answers"
+
+
 def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
-    """Per setting, at the main β, from 95% intervals over seeds: holds if DPO's top-1 lies above
-    chance and its pooled AUROC above 0.5 and above the reference alone's; partly if top-1 or AUROC
-    lies above chance (or the fluent setting's premise, reference AUROC ≈ 0.5, fails); does not hold
-    if neither does."""
-    out = {}
+    """The rules of docs/experiments.md §1, from the bootstrap intervals (seeds, then held-out items).
+
+    Credit assignment, per setting at the main β: holds if DPO's top-1 lies above chance, its pooled
+    AUROC above 0.5 and the paired difference AUROC(DPO) − AUROC(reference alone) above 0; partly if
+    top-1 or AUROC lies above chance (or the fluent setting's premise, reference AUROC within 0.5 ± 0.1,
+    fails); does not hold if neither does. The policies' answers, per setting at the main β: holds if
+    the paired difference of greedy gold score DPO − reference lies above 0, does not hold otherwise.
+    An lr/steps sweep alone (`--sweep`) has no verdicts."""
+    out, answers = {}, {}
+    if "sweep/choice" in n:
+        return out
     for setting, betas in settings_of(scale).items():
         b = main_beta(betas)
         k = f"{setting}/beta{b}"
-        top1, auroc = n[f"{k}/dpo_top1"], n[f"{k}/dpo_auroc"]
+        top1, auroc_ = n[f"{k}/dpo_top1"], n[f"{k}/dpo_auroc"]
         ref_top1, ref_auroc, chance = (
             n[f"{setting}/ref_top1"],
             n[f"{setting}/ref_auroc"],
             n[f"{setting}/chance"],
         )
-        top1_above, auroc_above = top1.above(chance.mean), auroc.above(0.5)
-        beats = auroc.above(ref_auroc)
+        diff = n[f"{k}/dpo_minus_ref_auroc"]
+        top1_above, auroc_above, beats = top1.above(chance.mean), auroc_.above(0.5), diff.above(0)
         why = (
             f"at β = {b}, DPO's lowest-reward token is an injected one in {top1} of held-out responses "
-            f"(chance {chance.mean:.3f}), pooled AUROC {auroc}; the reference alone: top-1 {ref_top1}, "
-            f"AUROC {ref_auroc}"
+            f"(chance {chance.mean:.3f}), pooled AUROC {auroc_}; the reference alone: top-1 {ref_top1}, "
+            f"AUROC {ref_auroc}; paired AUROC difference DPO − reference {diff}"
         )
         if top1_above and auroc_above and beats:
             status, why = "holds", why + ": the implicit reward finds the errors, better than the reference"
@@ -124,7 +148,7 @@ def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
             why += (
                 f": top-1 {'above' if top1_above else 'not surely above'} chance, AUROC "
                 f"{'above' if auroc_above else 'not surely above'} 0.5, "
-                f"{'above' if beats else 'not above'} the reference alone's"
+                f"{'above' if beats else 'not surely above'} the reference alone's"
             )
         else:
             status, why = "does not hold", why + ": neither top-1 nor AUROC surely above chance"
@@ -137,7 +161,21 @@ def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
             if not premise and status == "holds":
                 status = "partly"
         out[SETTINGS[setting][0]] = doc.Verdict(CLAIM, status, why + ".")
-    return out
+        gold = n.get(f"{k}/greedy_gold_diff")
+        if gold is not None:
+            better = gold.above(0)
+            answers[answers_title(setting)] = doc.Verdict(
+                ANSWERS_CLAIM,
+                "holds" if better else "does not hold",
+                f"at β = {b}, greedy gold score DPO − reference (paired, per prompt) {gold}"
+                + ("" if better else (" (worse)" if gold.below(0) else " (not surely above 0)"))
+                + f"; reference {n[f'{setting}/ref_greedy_gold']}.",
+            )
+    return out | answers
+
+
+def answers_title(setting: str) -> str:
+    return f"The policies' own answers ({setting} errors)"
 
 
 def settings_of(scale: dict) -> dict[str, tuple[float, ...]]:
@@ -218,6 +256,11 @@ GEN_NOTE = (
 )
 
 
+def regime(scale: dict) -> tuple[float | None, int]:
+    """(DPO lr, steps) of the experiment's runs: the scale's (the sweep's choice), lr None = the config's."""
+    return scale.get("dpo_lr"), scale["dpo_steps"]
+
+
 def run_setting(args: argparse.Namespace, scale: dict, setting: str, report: doc.Report) -> dict:
     """One setting of one seed: train, score, add its sections to `report`; returns numbers."""
     title, kwargs = SETTINGS[setting]
@@ -240,32 +283,38 @@ def run_setting(args: argparse.Namespace, scale: dict, setting: str, report: doc
     gen_prompts = [e.prompt for e in eval_pairs[: scale["n_gen"]]]
     max_new = task.max_digits + 1
     rng = np.random.default_rng(args.seed)
-    numbers: dict[str, float] = {}
+    numbers: dict[str, object] = {}
     baselines: dict[str, list[object]] = {}
     beta_rows, blame_rows, traj_rows, per_beta, dpo_dirs, curves = [], [], [], {}, {}, {}
-    gen_rows = pe.generation_rows(
-        "reference (SFT)", pe.generation_quality(ref, task, gen_prompts, max_new, args.seed)
-    )
-    numbers["ref_greedy_exact"] = gen_rows[0][3]
+    ref_q = pe.generation_quality(ref, task, gen_prompts, max_new, args.seed)
+    gen_rows, diff_rows = pe.generation_rows("reference (SFT)", ref_q), []
+    numbers["ref_greedy_exact"] = ref_q["greedy"]["exact match"]
+    numbers["ref_greedy_gold"] = ref_q["greedy"]["gold score"]
     betas = settings_of(scale)[setting]
+    lr, steps = regime(scale)
     for beta in betas:
-        doc.log(f"{NAME} [{setting}]: DPO β={beta} ({scale['dpo_steps']} steps)")
-        dpo_dir = dpo_dirs[beta] = runs.train_dpo(
-            a, beta, scale["dpo_steps"], sft_dir, eval_every=scale["eval_every"]
-        )
+        doc.log(f"{NAME} [{setting}]: DPO β={beta} ({steps} steps, lr {lr or 'of the config'})")
+        dpo_dir = dpo_dirs[beta] = runs.train_dpo(a, beta, steps, sft_dir, eval_every=scale["eval_every"], lr=lr)
         pol = load_model(str(dpo_dir))
         s_rej = score_responses(pol, ref, prompts, rejected, beta)
         s_cho = score_responses(pol, ref, prompts, chosen, beta)
         if not baselines:  # the reference is the same for every β
-            baselines[REF_NAME] = score_table_rows(REF_NAME, [s.ref_logps for s in s_rej], errors)
-            baselines[RND_NAME] = score_table_rows(RND_NAME, [rng.random(len(s.ids)) for s in s_rej], errors)
-        acc = float(np.mean([c.reward_sum > r.reward_sum for c, r in zip(s_cho, s_rej, strict=True)]))
-        dpo = score_table_rows("DPO implicit reward (−r_t)", [s.rewards for s in s_rej], errors)
-        policy_alone = score_table_rows("policy alone (−log π)", [s.logps for s in s_rej], errors)
+            ref_items = score_items([s.ref_logps for s in s_rej], errors)
+            baselines[REF_NAME] = score_row(REF_NAME, ref_items)
+            baselines[RND_NAME] = score_row(
+                RND_NAME, score_items([rng.random(len(s.ids)) for s in s_rej], errors)
+            )
+        acc = Items.mean([c.reward_sum > r.reward_sum for c, r in zip(s_cho, s_rej, strict=True)])
+        dpo_items = score_items([s.rewards for s in s_rej], errors)
+        pol_items = score_items([s.logps for s in s_rej], errors)
+        dpo, policy_alone = score_row("DPO implicit reward (−r_t)", dpo_items), score_row(
+            "policy alone (−log π)", pol_items
+        )
         beta_rows.append([beta, acc, dpo[1], dpo[2], dpo[3], policy_alone[1], policy_alone[2]])
         blame_rows.append([beta, *blame_profile([s.rewards for s in s_rej], errors).values()])
         q = pe.generation_quality(pol, task, gen_prompts, max_new, args.seed)
         gen_rows += pe.generation_rows(f"DPO β={beta}", q)
+        diff_rows += pe.difference_rows(f"DPO β={beta} − reference", q, ref_q)
         curves[f"β={beta}"], traj = pe.trajectory(dpo_dir)
         traj_rows.append([beta, *traj.values()])
         per_beta[beta] = dict(
@@ -273,24 +322,32 @@ def run_setting(args: argparse.Namespace, scale: dict, setting: str, report: doc
             r_cho=[s.rewards for s in s_cho],
             dpo=dpo,
             policy_alone=policy_alone,
-        )
+            ref_diff=score_row("DPO implicit reward − reference alone (paired)",
+                               {k: dpo_items[k] - ref_items[k] for k in dpo_items}),
+        )  # fmt: skip
         k = f"beta{beta}"
         numbers |= {
-            f"{k}/dpo_top1": dpo[1],
-            f"{k}/dpo_auroc": dpo[2],
-            f"{k}/policy_auroc": policy_alone[2],
+            f"{k}/dpo_top1": dpo_items["top1"],
+            f"{k}/dpo_auroc": dpo_items["auroc"],
+            f"{k}/dpo_minus_ref_auroc": dpo_items["auroc"] - ref_items["auroc"],
+            f"{k}/policy_auroc": pol_items["auroc"],
             f"{k}/greedy_exact": q["greedy"]["exact match"],
+            f"{k}/greedy_gold_diff": q["greedy"]["gold score"] - ref_q["greedy"]["gold score"],
+            f"{k}/sampled_gold_diff": q["sampled"]["gold score"] - ref_q["sampled"]["gold score"],
         }
-        doc.log(f"{NAME} [{setting}]: β={beta}: pref. acc {acc:.3f}, top-1 {dpo[1]:.3f}, AUROC {dpo[2]:.3f}")
+        doc.log(
+            f"{NAME} [{setting}]: β={beta}: pref. acc {acc}, top-1 {dpo[1]}, AUROC {dpo[2]}, greedy gold "
+            f"{q['greedy']['gold score']} (reference {ref_q['greedy']['gold score']})"
+        )
 
     b = main_beta(betas)
     best = per_beta[b]
     n_tok = sum(len(x) for x in rejected)
     n_err = sum(len(e) for e in errors)
-    chance = float(np.mean([len(e) / len(x) for e, x in zip(errors, rejected, strict=True)]))
+    chance = Items.mean([len(e) / len(x) for e, x in zip(errors, rejected, strict=True) if len(e)])
     numbers |= {
-        "ref_top1": baselines[REF_NAME][1],
-        "ref_auroc": baselines[REF_NAME][2],
+        "ref_top1": ref_items["top1"],
+        "ref_auroc": ref_items["auroc"],
         "chance": chance,
         "random_top1": baselines[RND_NAME][1],
     }
@@ -308,13 +365,13 @@ def run_setting(args: argparse.Namespace, scale: dict, setting: str, report: doc
     report.add(
         f"Scores at β = {b}",
         f"{len(eval_pairs)} held-out pairs, {n_tok} rejected-response tokens of which {n_err} injected "
-        f"(top-1 by chance ≈ {chance:.3f}; seed {args.seed}). Each detector flags the tokens with the lowest "
-        "value (implicit reward, or log-prob for the likelihood baselines); AUROC pooled over all tokens "
-        "and averaged per response; scored by `dpoq_jax.analysis.metrics.credit_assignment_score`. "
-        "The reference alone's AUROC tests the setting's premise.",
+        f"(top-1 by chance ≈ {float(chance):.3f}; seed {args.seed}). Each detector flags the tokens with the "
+        "lowest value (implicit reward, or log-prob for the likelihood baselines); AUROC pooled over all "
+        "tokens and averaged per response; the last row is the paired difference DPO − reference alone on "
+        "the same responses. The reference alone's AUROC tests the setting's premise.",
         doc.Table(
             ["detector", "top-1 localisation", "AUROC (pooled)", "AUROC (per response)"],
-            [best["dpo"], best["policy_alone"], *baselines.values()],
+            [best["dpo"], best["policy_alone"], *baselines.values(), best["ref_diff"]],
         ),
         level=2,
     )
@@ -351,9 +408,11 @@ def run_setting(args: argparse.Namespace, scale: dict, setting: str, report: doc
         level=2,
     )
     report.add(
-        "The policies' own answers",
-        f"{len(gen_prompts)} {GEN_NOTE}",
+        answers_title(setting),
+        f"{len(gen_prompts)} {GEN_NOTE} DPO lr {lr or 'of the config'}, {steps} steps (the sweep's choice, "
+        "docs/experiments.md). The second table: per-prompt paired differences DPO − reference.",
         doc.Table(["model", "decoding", *pe.GEN_COLUMNS], gen_rows),
+        doc.Table(["difference", "decoding", *pe.GEN_COLUMNS], diff_rows),
         level=2,
     )
     report.add(
@@ -394,9 +453,83 @@ def run_setting(args: argparse.Namespace, scale: dict, setting: str, report: doc
     return {f"{setting}/{k}": v for k, v in numbers.items()}
 
 
+SWEEP_TITLE = "DPO lr/steps sweep (validation prompts)"
+
+
+def run_sweep(args: argparse.Namespace, scale: dict) -> doc.Report:
+    """One seed's lr/steps sweep at the main β, on validation prompts (never the test ones): per setting
+    and (lr, steps) the greedy gold score of the DPO policy and its paired difference from the reference,
+    held-out preference accuracy and the AUROC of −r_t; the choice by the rule of docs/experiments.md."""
+    rows, by_regime = [], {}
+    for setting, betas in settings_of(scale).items():
+        _, kwargs = SETTINGS[setting]
+        a = argparse.Namespace(**{**vars(args), "task_kwargs": kwargs})
+        if setting != "surprising":
+            a.workdir = str(Path(args.workdir) / setting)
+        task = make_task(TASK, seed=args.seed, **kwargs)
+        sft_dir = runs.train_sft(a, "chosen", scale["sft_steps"])
+        ref = load_model(str(sft_dir))
+        pairs = task.preference_examples(scale["n_eval"], split="validation")
+        tokenized = [tokenize_pair(e, task.tokenizer, TokenizeConfig()) for e in pairs]
+        errors = [e.meta["error_positions"] for e in pairs]
+        prompts = [t.prompt_ids for t in tokenized]
+        gen_prompts = [e.prompt for e in pairs[: scale["n_gen"]]]
+        ref_q = pe.generation_quality(ref, task, gen_prompts, task.max_digits + 1, args.seed)
+        rows.append([setting, "reference", "", ref_q["greedy"]["gold score"], "", ref_q["greedy"]["exact match"],
+                     "", ""])  # fmt: skip
+        beta = main_beta(betas)
+        for lr, steps in scale["sweep"]:
+            doc.log(f"{NAME} sweep [{setting}]: DPO β={beta} lr {lr:g} {steps} steps")
+            d = runs.train_dpo(a, beta, steps, sft_dir, eval_every=scale["eval_every"], lr=lr)
+            pol = load_model(str(d))
+            s_rej = score_responses(pol, ref, prompts, [t.rejected_ids for t in tokenized], beta)
+            s_cho = score_responses(pol, ref, prompts, [t.chosen_ids for t in tokenized], beta)
+            acc = Items.mean([c.reward_sum > r.reward_sum for c, r in zip(s_cho, s_rej, strict=True)])
+            q = pe.generation_quality(pol, task, gen_prompts, task.max_digits + 1, args.seed)
+            diff = q["greedy"]["gold score"] - ref_q["greedy"]["gold score"]
+            by_regime.setdefault((lr, steps), []).append(float(diff))
+            rows.append([setting, lr, steps, q["greedy"]["gold score"], diff, q["greedy"]["exact match"], acc,
+                         score_items([s.rewards for s in s_rej], errors)["auroc"]])  # fmt: skip
+    choice = choose_regime(by_regime)
+    choice_rows = [[lr, st, float(np.mean(d)), *d] for (lr, st), d in by_regime.items()]
+    report = doc.Report(
+        "Experiment 1: the DPO lr/steps sweep",
+        intro=(
+            "Before the five seeds, one seed's sweep of the DPO learning rate and steps at β = "
+            f"{main_beta(next(iter(settings_of(scale).values())))} in both settings, scored on validation "
+            "prompts (the test prompts are the experiment's). The rule (docs/experiments.md §1, written "
+            "before the sweep ran): take the (lr, steps) with the largest mean over the settings of the "
+            "greedy gold-score difference DPO − reference; ties go to fewer steps, then the smaller lr."
+        ),
+    )
+    report.add(
+        SWEEP_TITLE,
+        f"{scale['n_gen']} validation prompts for the answers, {scale['n_eval']} validation pairs for the "
+        "preference accuracy and the AUROC of −r_t (pooled). Intervals: this seed's prompts resampled.",
+        doc.Table(["setting", "lr", "steps", "greedy gold", "DPO − reference", "greedy exact match",
+                   "pref. accuracy", "AUROC (−r_t)"], rows),  # fmt: skip
+        doc.Table(["lr", "steps", "mean difference", *(f"{s} difference" for s in settings_of(scale))],
+                  choice_rows),  # fmt: skip
+        f"**Choice by the rule: lr {choice[0]:g}, {choice[1]} steps** (mean greedy gold difference "
+        f"{np.mean(by_regime[choice]):+.3f}; "
+        + ("it improves on the reference in every setting)." if min(by_regime[choice]) > 0
+           else "no regime improves on the reference in every setting).")  # fmt: skip
+    )
+    report.numbers = {"sweep/choice": float(list(by_regime).index(choice))}
+    report.meta = cli.run_meta(args)
+    return report
+
+
+def choose_regime(by_regime: dict[tuple[float, int], list[float]]) -> tuple[float, int]:
+    """The sweep's rule: the largest mean difference; ties to fewer steps, then the smaller lr."""
+    return min(by_regime, key=lambda r: (-round(float(np.mean(by_regime[r])), 12), r[1], r[0]))
+
+
 def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     """One seed: every setting trained, scored and reported (also used by `dpoq demo`)."""
     runs.require_synthetic(args.config, args.overrides, TASK, NAME)
+    if getattr(args, "sweep", False):
+        return run_sweep(args, scale)
     report = doc.Report(
         "Experiment 1: per-token credit assignment on the error-injection task",
         intro=(
@@ -418,7 +551,18 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heatmap-pairs", type=int, default=4, help="pairs shown in the heatmap")
+    parser.add_argument(
+        "--sweep",
+        action="store_true",
+        help="instead of the experiment: the DPO lr/steps sweep of the scale on validation prompts (run it "
+        "first, with one seed; its default results file is credit_assignment_sweep.md)",
+    )
 
 
 def main(argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str) -> int:
-    return cli.experiment_main(sys.modules[__name__], argv, scales, results_dir)
+    module = sys.modules[__name__]
+    args = cli.parse_args(module, argv, results_dir)
+    if args.sweep and args.results == str(Path(results_dir) / f"{NAME}.md"):
+        args.results = str(Path(results_dir) / f"{NAME}_sweep.md")
+    scale = scales["quick" if args.quick else "full"]
+    return cli.write_report(NAME, cli.run_seeds(module.run, module.verdicts, args, scale), args.results)

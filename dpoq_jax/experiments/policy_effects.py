@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from dpoq_jax.analysis import document as doc
+from dpoq_jax.analysis.seeds import Items
 from dpoq_jax.decode.beam import best_beams
 from dpoq_jax.decode.core import strip_eos
 from dpoq_jax.decode.sampling import sample_responses
@@ -28,9 +29,11 @@ TRAJ_COLUMNS = (
 
 def generation_quality(
     model: Any, task: Any, prompts: Sequence[str], max_new: int, seed: int
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, Items]]:
     """Gold score, exact match (a response equal to the task's correct answer, where it has one; else
-    NaN) and mean length of greedy (1 beam) and sampled (T = 1) generations on `prompts`."""
+    NaN) and length of greedy (1 beam) and sampled (T = 1) generations on `prompts`, per prompt
+    (`Items`: the mean, with a bootstrap interval over seeds and prompts once merged; two models'
+    values on the same prompts subtract into a paired difference)."""
     tok = task.tokenizer
     ids = [tok.encode(p) for p in prompts]
     outs = {
@@ -41,19 +44,17 @@ def generation_quality(
     for how, gens in outs.items():
         gold = [task.gold_score(p, g) for p, g in zip(prompts, gens, strict=True)]
         if hasattr(task, "expected_ids"):
-            exact = np.mean(
-                [
-                    strip_eos(g, tok.eos_token_id) == task.expected_ids(p)[:-1]
-                    for p, g in zip(prompts, gens, strict=True)
-                ]
-            )
+            exact = [
+                float(strip_eos(g, tok.eos_token_id) == task.expected_ids(p)[:-1])
+                for p, g in zip(prompts, gens, strict=True)
+            ]
         else:
-            exact = float("nan")
+            exact = [float("nan")] * len(prompts)
         lens = [len(strip_eos(g, tok.eos_token_id)) for g in gens]
         res[how] = {
-            "gold score": float(np.mean(gold)),
-            "exact match": float(exact),
-            "length": float(np.mean(lens)),
+            "gold score": Items.mean(gold),
+            "exact match": Items.mean(exact),
+            "length": Items.mean(lens),
         }
     return res
 
@@ -61,6 +62,11 @@ def generation_quality(
 def generation_rows(label: str, q: dict[str, dict[str, float]]) -> list[list[object]]:
     """Table rows [model, decoding, gold, exact, length] of `generation_quality`'s result."""
     return [[label, how, *(q[how][c] for c in GEN_COLUMNS)] for how in ("greedy", "sampled")]
+
+
+def difference_rows(label: str, q: dict[str, dict[str, Items]], base: dict[str, dict[str, Items]]) -> list[list[object]]:
+    """Rows [label, decoding, paired differences q − base per column] (same prompts)."""
+    return [[label, how, *(q[how][c] - base[how][c] for c in GEN_COLUMNS)] for how in ("greedy", "sampled")]
 
 
 def trajectory(run_dir: Path | str) -> tuple[list[dict], dict[str, float]]:

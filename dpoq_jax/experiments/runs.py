@@ -84,6 +84,7 @@ def train_run(
     steps: int | None,
     seed: int,
     beta: float | None = None,
+    lr: float | None = None,
     init_from: Path | str | None = None,
     sft_responses: str | None = None,
     eval_every: int | None = None,
@@ -111,6 +112,8 @@ def train_run(
         first["train.num_steps"] = steps
     if beta is not None:
         first["loss.beta"] = beta
+    if lr is not None:  # None: the config's optim.lr
+        first["optim.lr"] = lr
     if sft_responses is not None:
         first["data.sft_responses"] = sft_responses
     if eval_every is not None:
@@ -179,20 +182,25 @@ def train_dpo(
     eval_every: int | None = None,
     task_kwargs: dict[str, Any] | None = None,
     tag: str = "",
+    lr: float | None = None,
 ) -> Path:
     """A DPO run from a finished SFT run (None: from the SFT stage's own starting point) in
-    <args.workdir>/dpo_beta<β>_<SFT run's folder name, or "random"><tag>: one naming for all
-    experiments, so those sharing a workdir share their finished runs. task_kwargs are added to
-    args.task_kwargs for this run only (e.g. a labeller setting that the SFT data does not see)."""
+    <args.workdir>/dpo_beta<β>_<SFT run's folder name, or "random">[_lr<lr>_steps<steps>]<tag>: one
+    naming for all experiments, so those sharing a workdir share their finished runs (an lr other than
+    the config's names the run by lr and steps, so the runs of an lr/steps sweep live side by side).
+    task_kwargs are added to args.task_kwargs for this run only (e.g. a labeller setting that the SFT
+    data does not see)."""
     start = "random" if init_from is None else Path(init_from).name
     kwargs = {**(getattr(args, "task_kwargs", None) or {}), **(task_kwargs or {})}
+    regime = "" if lr is None else f"_lr{lr:g}_steps{steps}"
     return train_run(
         args.config,
         "dpo",
-        Path(args.workdir) / f"dpo_beta{beta}_{start}{tag}",
+        Path(args.workdir) / f"dpo_beta{beta}_{start}{regime}{tag}",
         steps=steps,
         seed=args.seed,
         beta=beta,
+        lr=lr,
         init_from=init_from,
         eval_every=eval_every,
         overrides=args.overrides,
