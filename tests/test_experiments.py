@@ -340,23 +340,35 @@ def test_verdicts_are_computed_from_the_intervals() -> None:
     # chance / not above chance; the fluent setting's premise (reference AUROC ≈ 0.5) caps it at partly.
     scale = {"settings": {"fluent": (0.1,), "surprising": (0.1,)}}
 
-    def credit(top1, auroc, ref_auroc, half=0.02):
+    def credit(top1, auroc, ref_auroc, half=0.02, diff_half=0.03, gold=0.05):
         n = {}
         for s in ("fluent", "surprising"):
             n |= {
                 f"{s}/beta0.1/dpo_top1": iv(top1, half),
                 f"{s}/beta0.1/dpo_auroc": iv(auroc, half),
+                f"{s}/beta0.1/dpo_minus_ref_auroc": iv(auroc - ref_auroc, diff_half),  # paired
                 f"{s}/ref_top1": iv(0.3),
                 f"{s}/ref_auroc": iv(ref_auroc, half),
                 f"{s}/chance": iv(0.25),
+                f"{s}/beta0.1/greedy_gold_diff": iv(gold, 0.02),
+                f"{s}/ref_greedy_gold": iv(0.4, 0.05),
             }
         return credit_assignment.verdicts(n, scale)
 
     fluent, surprising = (title for title, _ in credit_assignment.SETTINGS.values())
+    answers = credit_assignment.answers_title("fluent")
     v = credit(0.6, 0.8, 0.52)
     assert v[fluent].status == "holds" and "premise met" in v[fluent].why
-    assert list(v) == [fluent, surprising]  # the fluent setting's verdict is the report's own
+    assert list(v)[:2] == [fluent, surprising]  # the fluent setting's verdict is the report's own
+    assert v[answers].status == "holds" and "0.050 [0.030, 0.070]" in v[answers].why
+    assert credit(0.6, 0.8, 0.52, gold=-0.05)[answers].status == "does not hold"
+    assert "(worse)" in credit(0.6, 0.8, 0.52, gold=-0.05)[answers].why
+    assert "not surely above 0" in credit(0.6, 0.8, 0.52, gold=0.01)[answers].why
     assert credit(0.6, 0.8, 0.9)[surprising].status == "partly"  # the reference alone does better
+    # Intervals that overlap but a paired difference surely above 0: the paired one decides.
+    assert credit(0.6, 0.62, 0.6, half=0.05, diff_half=0.01)[surprising].status == "holds"
+    assert credit(0.6, 0.7, 0.6, half=0.01, diff_half=0.2)[surprising].status == "partly"
+    assert credit_assignment.verdicts({"sweep/choice": iv(0.0)}, scale) == {}  # a sweep alone
     assert credit(0.6, 0.95, 0.7)[fluent].status == "partly"  # beats the reference, premise not met
     v = credit(0.27, 0.6, 0.5, half=0.05)[fluent]  # top-1 reaches chance, AUROC above 0.5
     assert v.status == "partly" and "top-1 not surely above chance, AUROC above 0.5" in v.why
@@ -437,6 +449,87 @@ def test_t_interval_and_merged_tables() -> None:
     merged = seeds.merge_reports(reps, (0, 1), lambda n: {"S": doc.Verdict("c", "holds", f"x {n['x']}")})
     assert merged.verdict.why == "x 2.000 [-10.706, 14.706]" and merged.sections[0].verdict is merged.verdict
     assert "95% Student-t interval over seeds" in merged.intro and merged.meta["seeds"] == "0, 1"
+
+
+def test_items_statistics_bootstrap_inside_their_range_and_pair() -> None:
+    """Items: the point value equals the plain statistic (AUROC against the rank-based Mann–Whitney of
+    analysis.metrics, ties included); merged over seeds an AUROC near 1 keeps its interval in [0, 1]
+    where the t-interval would not; a paired difference gets its own interval; Items and plain numbers
+    do not mix."""
+    from dpoq_jax.analysis import seeds
+    from dpoq_jax.analysis.metrics import auroc
+
+    rng = np.random.default_rng(0)
+    scores = [rng.integers(0, 4, size=int(rng.integers(2, 7))).astype(float) for _ in range(30)]  # ties
+    labels = [rng.random(len(x)) < 0.3 for x in scores]
+    it = seeds.Items.auroc(scores, labels)
+    assert float(it) == pytest.approx(auroc(np.concatenate(scores), np.concatenate(labels)), abs=1e-12)
+    w = rng.integers(0, 3, size=30)  # item multiplicities = the items repeated
+    rep = [i for i in range(30) for _ in range(w[i])]
+    assert it.stat(w[None].astype(float))[0] == pytest.approx(
+        auroc(np.concatenate([scores[i] for i in rep]), np.concatenate([labels[i] for i in rep])), abs=1e-12
+    )
+    m = seeds.Items.mean([1.0, float("nan"), 0.0, 1.0])
+    assert float(m) == pytest.approx(2 / 3) and m.n == 4
+    d = seeds.Items.mean([1.0, 1.0, 0.0, 1.0]) - seeds.Items.mean([0.0, 1.0, 0.0, 0.0])
+    assert float(d) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="same 4 items"):
+        _ = m - seeds.Items.mean([1.0])
+
+    # five seeds of a near-perfect detector, 40 responses each: bootstrap inside [0, 1], t-interval not
+    per_seed, values = [], []
+    for s in range(5):
+        r = np.random.default_rng(s)
+        n_bad = 0 if s else 6  # one seed with a few misses
+        sc = [np.array([1.0, 0.0, 0.0]) if i >= n_bad else np.array([0.0, 1.0, 1.0]) for i in range(40)]
+        lab = [np.array([True, False, False])] * 40
+        per_seed.append(seeds.Items.auroc(sc, lab))
+        values.append(float(per_seed[-1]))
+        del r
+    boot, t = seeds.merge_number(per_seed), seeds.t_interval(values)
+    assert 0.0 <= boot.lo <= boot.mean <= boot.hi <= 1.0 and t.hi > 1.0
+    assert boot.mean == pytest.approx(np.mean(values))
+    with pytest.raises(ValueError, match="Items in some seeds"):
+        seeds.merge_number([per_seed[0], 0.5])
+    # a paired difference that is surely positive although the two arms' intervals overlap
+    base = [rng.random(200) for _ in range(5)]
+    a = [seeds.Items.mean(b + 0.02) for b in base]
+    b = [seeds.Items.mean(x) for x in base]
+    ia, ib, idiff = seeds.merge_number(a), seeds.merge_number(b), seeds.merge_number([x - y for x, y in zip(a, b)])
+    assert ia.lo < ib.hi and idiff.lo == pytest.approx(0.02) and idiff.above(0.0)
+
+    # tables: Items cells merge by the bootstrap, one seed gives its item interval; the note says which
+    reps = []
+    for s in range(2):
+        r = doc.Report("T", "intro")
+        r.add("S", "", doc.Table(["acc"], [[seeds.Items.mean([1.0, 0.0, 1.0, 1.0, s])]]))
+        r.numbers = {"acc": seeds.Items.mean([1.0, 0.0, 1.0, 1.0, s]), "curve": float(s)}
+        reps.append(r)
+    merged = seeds.merge_reports(reps, (0, 1), lambda n: {})
+    cell = merged.sections[0].items[0].rows[0][0]
+    assert isinstance(cell, seeds.Interval) and 0 <= cell.lo <= cell.hi <= 1 and cell.mean == pytest.approx(0.7)
+    assert "two-level bootstrap" in merged.intro and "Student-t" in merged.intro
+    one = seeds.merge_reports(reps[:1], (0,), lambda n: {})
+    assert one.numbers["acc"].lo < one.numbers["acc"].mean < one.numbers["acc"].hi  # items resampled
+    assert "item-level bootstrap" in one.intro
+
+
+def test_credit_scores_per_response_agree_with_the_pooled_scorer() -> None:
+    from dpoq_jax.analysis.metrics import credit_assignment_score
+    from dpoq_jax.experiments.credit_assignment import choose_regime, score_items
+
+    rng = np.random.default_rng(1)
+    values = [rng.normal(size=int(rng.integers(3, 9))) for _ in range(50)]
+    errors = [sorted(rng.choice(len(v), size=int(rng.integers(1, 3)), replace=False).tolist()) for v in values]
+    errors[3] = []  # a response without an injected token is left out by both
+    got = {k: float(v) for k, v in score_items(values, errors).items()}
+    want = credit_assignment_score(values, errors)
+    assert got["top1"] == pytest.approx(want["top1"], abs=1e-12)
+    assert got["auroc"] == pytest.approx(want["auroc_pooled"], abs=1e-12)
+    assert got["auroc_per_response"] == pytest.approx(want["auroc_mean_per_response"], abs=1e-12)
+    # the sweep's rule: the largest mean difference; ties to fewer steps, then the smaller lr
+    assert choose_regime({(1e-3, 50): [0.1, 0.0], (1e-4, 100): [0.3, 0.2], (3e-4, 50): [-0.1, 0.3]}) == (1e-4, 100)
+    assert choose_regime({(1e-3, 100): [0.1], (1e-4, 200): [0.1], (3e-4, 100): [0.1]}) == (3e-4, 100)
 
 
 def test_run_seeds_merges_and_reuses_finished_seeds(tmp_path) -> None:
@@ -525,6 +618,9 @@ TINY = {
     "search": dict(sft_steps=4, dpo_steps=2, betas=(0.3,), beams=(1, 2), n_prompts=4, eval_every=1),
 }
 TINY["dense"] = dict(TINY["search"], n_eval=4)
+# a one-seed table cell: a statistic of items with its item-bootstrap interval, "0.500 [0.400, 0.600]"
+IV = r"[0-9.]+ \[[0-9.]+, [0-9.]+\]"
+SIV = r"-?[0-9.]+ \[-?[0-9.]+, -?[0-9.]+\]"  # signed (differences, rewards)
 VERDICT_RE = r"^\*\*Verdict: (holds|partly|does not hold)\.\*\* .+$"
 
 
@@ -551,10 +647,12 @@ def test_credit_assignment_tiny(tiny_dir) -> None:
     md = run_tiny(m, TINY["credit"], tiny_dir, "error_injection")
     fluent, surprising = (title for title, _ in m.SETTINGS.values())
     assert f"## 1. {fluent}" in md and f"## 2. {surprising}" in md
-    assert len(re.findall(VERDICT_RE, md, flags=re.M)) == 2
     for row in ("DPO implicit reward (−r_t)", "policy alone (−log π)", "reference alone (−log π_ref)"):
-        assert re.search(rf"^\| {re.escape(row)} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|$", md, flags=re.M), row
+        assert re.search(rf"^\| {re.escape(row)} \| {IV} \| {IV} \| {IV} \|$", md, flags=re.M), row
+    assert re.search(rf"^\| DPO implicit reward − reference alone \(paired\) \| {SIV} \| {SIV} \|", md, flags=re.M)
     assert md.count("| reference (SFT) | greedy |") == 2 and md.count("| DPO β=0.1 | sampled |") == 2
+    assert md.count("| DPO β=0.1 − reference | greedy |") == 2
+    assert len(re.findall(VERDICT_RE, md, flags=re.M)) == 4  # + the answers' verdict per setting
     assert "| β | chosen log-lik. first |" in md and "seeds | 0" in md
 
 
@@ -582,7 +680,7 @@ def test_search_overopt_tiny(tiny_dir) -> None:
     for labels in ("unbiased", "biased"):
         for dec in ("sample", "beam 1", "beam 2"):
             assert re.search(
-                rf"^\| DPO β=0.3 \| {labels} \| {dec} \| [0-9.]+ \| -?[0-9.]+ \| [0-9.]+ \|$", md, flags=re.M
+                rf"^\| DPO β=0.3 \| {labels} \| {dec} \| {IV} \| {SIV} \| {IV} \|$", md, flags=re.M
             ), (labels, dec)
 
 

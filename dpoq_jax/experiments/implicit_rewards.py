@@ -18,8 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from dpoq_jax.analysis import document as doc
-from dpoq_jax.analysis.credit import response_logits
+from dpoq_jax.analysis.credit import response_logits, score_responses
 from dpoq_jax.analysis.metrics import section54_summary
+from dpoq_jax.analysis.seeds import Items
+from dpoq_jax.data.errors import ErrorPolicy
+from dpoq_jax.data.tokenize import TokenizeConfig, tokenize_all
 from dpoq_jax.data.synthetic import make_task
 from dpoq_jax.decode.sampling import sample_responses
 from dpoq_jax.experiments import cli, runs
@@ -111,11 +114,23 @@ def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
     return {"The §5 identity on held-out prompts": doc.Verdict(CLAIM, status, why)}
 
 
+def heldout_accuracy(policy, ref, task, n: int, beta: float) -> Items:
+    """Preference accuracy (summed implicit reward of chosen > rejected) on n of the task's held-out
+    pairs, per pair (`Items`: a bootstrap interval inside [0, 1] once merged over seeds)."""
+    examples = task.preference_examples(n, split="test")  # two equal samples (dense_reward) carry no preference
+    pairs, _ = tokenize_all(examples, task.tokenizer, TokenizeConfig(), ErrorPolicy("skip"))
+    prompts = [p.prompt_ids for p in pairs]
+    cho = score_responses(policy, ref, prompts, [p.chosen_ids for p in pairs], beta)
+    rej = score_responses(policy, ref, prompts, [p.rejected_ids for p in pairs], beta)
+    return Items.mean([c.reward_sum > r.reward_sum for c, r in zip(cho, rej, strict=True)])
+
+
 def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     """Train (or reuse finished runs of the same settings in args.workdir), check, build the report."""
-    if runs.at_scale(args, args.task):  # the user's configs keep their own steps and eval cadence
-        scale = dict(scale, sft_steps=None, dpo_steps=None, eval_every=None)
-    beta = scale["beta"]
+    scale = {**scale, **scale.get("per_task", {}).get(args.task, {})}  # e.g. the task's DPO regime
+    if runs.at_scale(args, args.task):  # the user's configs keep their own steps, lr and eval cadence
+        scale = dict(scale, sft_steps=None, dpo_steps=None, dpo_lr=None, eval_every=None)
+    beta, lr = scale["beta"], scale.get("dpo_lr")
     steps = {k: scale[k] or "the config's" for k in ("sft_steps", "dpo_steps")}
     doc.log(f"{NAME}: SFT reference on chosen responses ({steps['sft_steps']} steps)")
     sft_dir = runs.train_sft(args, "chosen", scale["sft_steps"])  # (a): reference SFT'd on chosen
@@ -123,8 +138,10 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     # one there is reused rather than trained again.
     run_dirs = {}
     for name, init in (("sft_ref", sft_dir), ("no_sft_ref", None)):
-        doc.log(f"{NAME}: DPO run {RUN_LABELS[name]} ({steps['dpo_steps']} steps, β={beta})")
-        run_dirs[name] = runs.train_dpo(args, beta, scale["dpo_steps"], init, eval_every=scale["eval_every"])
+        doc.log(f"{NAME}: DPO run {RUN_LABELS[name]} ({steps['dpo_steps']} steps, lr {lr or 'of the config'}, β={beta})")
+        run_dirs[name] = runs.train_dpo(
+            args, beta, scale["dpo_steps"], init, eval_every=scale["eval_every"], lr=lr
+        )
     report_numbers: dict[str, float] = {}
     keys = [k for k, _ in CURVES] + ["rewards/accuracies"]
     curves = {name: eval_curve(str(d), keys) for name, d in run_dirs.items()}
@@ -133,14 +150,14 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     for name, c in curves.items():
         first, last = c[0], c[-1]
         rows.append([RUN_LABELS[name], *(x for k, _ in CURVES for x in (first[k], last[k]))])
-        rows[-1].append(last["rewards/accuracies"])
+        rows[-1].append(last["rewards/accuracies"])  # replaced below by the bootstrap-able one (synthetic)
         report_numbers[f"{name}/chosen_change"] = last["rewards/chosen"] - first["rewards/chosen"]
         report_numbers[f"{name}/margin_change"] = last["rewards/margins"] - first["rewards/margins"]
     report_numbers["a_minus_b_chosen_change"] = (
         report_numbers["sft_ref/chosen_change"] - report_numbers["no_sft_ref/chosen_change"]
     )
 
-    check_rows, checks, gen_rows = [], {}, []
+    check_rows, checks, gen_rows, diff_rows = [], {}, [], []
     prompts, max_new = runs.heldout_prompts(
         args.config, args.overrides, args.task, scale["n_check"], args.seed
     )
@@ -152,13 +169,14 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
         report_numbers[f"{name}/z"] = (s["mc_mean"] - s["exact_mean"]) / max(s["diff_se"], 1e-12)
         if args.config == runs.default_config(args.task):  # a gold judge: how good are its own answers?
             task = make_task(args.task, seed=args.seed)
+            rows[list(run_dirs).index(name)][-1] = heldout_accuracy(pol, ref, task, scale["n_check"], beta)
             texts = [task.tokenizer.decode(p) for p in prompts[: scale["n_gen"]]]
             if not gen_rows:
                 ref_q = pe.generation_quality(load_model(str(sft_dir)), task, texts, max_new, args.seed)
                 gen_rows += pe.generation_rows("reference SFT'd on chosen", ref_q)
-            gen_rows += pe.generation_rows(
-                f"DPO {RUN_LABELS[name]}", pe.generation_quality(pol, task, texts, max_new, args.seed)
-            )
+            q = pe.generation_quality(pol, task, texts, max_new, args.seed)
+            gen_rows += pe.generation_rows(f"DPO {RUN_LABELS[name]}", q)
+            diff_rows += pe.difference_rows(f"DPO {RUN_LABELS[name]} − reference", q, ref_q)
         check_rows.append(
             [
                 RUN_LABELS[name],
@@ -212,6 +230,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
             "1; gold score of the task's judge (error_injection: share of correct tokens; dense_reward: "
             "summed token reward); exact match: the whole answer right (error_injection only).",
             doc.Table(["model", "decoding", *pe.GEN_COLUMNS], gen_rows),
+            doc.Table(["difference (paired, per prompt)", "decoding", *pe.GEN_COLUMNS], diff_rows),
         )
     max_exact = max(s["exact_max"] for s in checks.values())
     report.numbers = report_numbers | {"max_exact": max_exact}

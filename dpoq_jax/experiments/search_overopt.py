@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from dpoq_jax.analysis import document as doc
+from dpoq_jax.analysis.seeds import Items
 from dpoq_jax.data.synthetic import make_task
 from dpoq_jax.decode.beam import best_beams
 from dpoq_jax.decode.core import strip_eos
@@ -48,12 +49,15 @@ SETTINGS = {
 def win_rate(gen_scores: np.ndarray, ref_scores: np.ndarray) -> float:
     """Gold-judge win rate of generations against reference responses; ties count half."""
     gen_scores, ref_scores = np.asarray(gen_scores, np.float64), np.asarray(ref_scores, np.float64)
-    if gen_scores.shape != ref_scores.shape or gen_scores.size == 0:
-        raise ValueError(
-            f"win_stats: shapes {gen_scores.shape} and {ref_scores.shape} must match and be non-empty"
-        )
-    wins = float(np.sum(gen_scores > ref_scores) + 0.5 * np.sum(gen_scores == ref_scores))
-    return wins / gen_scores.size
+    return float(np.mean(wins(gen_scores, ref_scores)))
+
+
+def wins(gen_scores: np.ndarray, ref_scores: np.ndarray) -> np.ndarray:
+    """Per prompt: 1 if the generation's gold score beats the reference response's, ½ on a tie, else 0."""
+    g, r = np.asarray(gen_scores, np.float64), np.asarray(ref_scores, np.float64)
+    if g.shape != r.shape or g.size == 0:
+        raise ValueError(f"wins: shapes {g.shape} and {r.shape} must match and be non-empty")
+    return (g > r) + 0.5 * (g == r)
 
 
 def curves_figure(
@@ -68,12 +72,12 @@ def curves_figure(
     for beta, per in results.items():
         xs = list(beams)
         st = [per[f"beam {b}"] for b in beams]
-        (line,) = axes[0].plot(xs, [s["win_rate"] for s in st], "o-", label=f"β={beta}")
+        (line,) = axes[0].plot(xs, [float(s["win_rate"]) for s in st], "o-", label=f"β={beta}")
         color = line.get_color()
         if "sample" in per:
-            axes[0].axhline(per["sample"]["win_rate"], color=color, ls=":", lw=1)
-        axes[1].plot(xs, [s["gold"] for s in st], "o-", color=color, label=f"β={beta}")
-        axes[2].plot(xs, [s["length"] for s in st], "o-", color=color, label=f"β={beta}")
+            axes[0].axhline(float(per["sample"]["win_rate"]), color=color, ls=":", lw=1)
+        axes[1].plot(xs, [float(s["gold"]) for s in st], "o-", color=color, label=f"β={beta}")
+        axes[2].plot(xs, [float(s["length"]) for s in st], "o-", color=color, label=f"β={beta}")
     axes[0].set_title("gold win rate vs reference samples\n(dotted: sampling T=1)", fontsize=9)
     axes[1].set_title("mean gold reward", fontsize=9)
     axes[2].set_title("mean length (letters)", fontsize=9)
@@ -115,6 +119,11 @@ def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
     for setting in settings:
         checks = pattern_checks(n, setting, scale["betas"], scale["beams"])
         status, why = doc.grade(checks)
+        sample_win = {b: n.get(f"{setting}/beta{b}/sample_win") for b in scale["betas"]}
+        if all(w is not None for w in sample_win.values()):  # the regime: does DPO improve on the reference?
+            why += " Regime check (not graded): DPO's samples against the reference's, win rate " + ", ".join(
+                f"{w} at β={b}" + ("" if w.above(0.5) else " (not surely above 0.5)") for b, w in sample_win.items()
+            ) + "."
         passed[setting] = sum(ok for ok, _ in checks), len(checks)
         out[SETTINGS[setting][0]] = doc.Verdict(CLAIM, status, why)
     if len(settings) == 2:
@@ -176,7 +185,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     for label, b in (("sample", None), ("greedy (1 beam)", 1)):
         g, lens = decode(ref, b)
         ref_rows.append(
-            ["reference (SFT)", "–", label, win_rate(g, ref_gold), float(g.mean()), float(lens.mean())]
+            ["reference (SFT)", "–", label, Items.mean(wins(g, ref_gold)), Items.mean(g), Items.mean(lens)]
         )
     for setting in scale.get("settings", tuple(SETTINGS)):
         title, kwargs = SETTINGS[setting]
@@ -195,15 +204,15 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
             per: dict[str, dict] = {}
             for label, b in [("sample", None)] + [(f"beam {b}", b) for b in scale["beams"]]:
                 g, lens = decode(pol, b)
-                per[label] = {
-                    "win_rate": win_rate(g, ref_gold),
-                    "gold": float(g.mean()),
-                    "length": float(lens.mean()),
+                per[label] = {  # per prompt: bootstrap intervals and paired differences once merged
+                    "win_rate": Items.mean(wins(g, ref_gold)),
+                    "gold": Items.mean(g),
+                    "length": Items.mean(lens),
                 }
                 rows.append([f"DPO β={beta}", setting, label, *per[label].values()])
                 doc.log(
                     f"{NAME} [{setting}] β={beta} {label}: "
-                    + ", ".join(f"{k} {v:.3f}" for k, v in per[label].items())
+                    + ", ".join(f"{k} {float(v):.3f}" for k, v in per[label].items())
                 )
             results[beta] = per
             few, wide = max(b for b in scale["beams"] if b <= 5), scale["beams"][-1]
@@ -212,6 +221,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
                 f"{k}/gain_few": per[f"beam {few}"]["win_rate"] - per["beam 1"]["win_rate"],
                 f"{k}/drop_wide": per[f"beam {few}"]["gold"] - per[f"beam {wide}"]["gold"],
                 f"{k}/longer_wide": per[f"beam {wide}"]["length"] - per["beam 1"]["length"],
+                f"{k}/sample_win": per["sample"]["win_rate"],
             }
             curves[f"β={beta}"], traj = pe.trajectory(dpo_dir)
             traj_rows.append([beta, *traj.values()])
