@@ -168,12 +168,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             "or does not hold. The verdicts are about these small, briefly trained models, not about "
             "the paper's 2.8B-parameter ones. "
             + (
-                f"Seeds {', '.join(map(str, args.seeds))}: each number is a mean with its 95% Student-t "
-                "interval over the seeds, written mean [lo, hi]; the verdicts are computed from these "
-                "intervals."
+                f"Seeds {', '.join(map(str, args.seeds))}: each number is a mean over the seeds, written "
+                "mean [lo, hi]: accuracies, AUROCs, win rates, gold scores and their paired differences "
+                "with a two-level bootstrap interval (seeds, then held-out prompts), training-curve values "
+                "with the Student-t interval over seeds; the verdicts are computed from these intervals."
                 if len(args.seeds) > 1
-                else f"One seed ({args.seeds[0]}): point estimates, no intervals; run with --seeds 0,1,2 "
-                "for intervals."
+                else f"One seed ({args.seeds[0]}): statistics of held-out prompts carry their item-level "
+                "bootstrap interval (prompts resampled), other numbers are point estimates; run with "
+                "--seeds 0,1,2 for intervals over seeds."
             )
             + (
                 "\n\nThis is the `--quick` scale: a smoke test of the pipeline; its numbers are too small "

@@ -16,7 +16,7 @@ from dpoq_jax.experiments.implicit_rewards import main
 # the lr/steps its sweep chose); per_task: dense_reward keeps the config's DPO lr (1e-3) for 200 steps, a
 # regime in which DPO improves its gold score over the reference (docs/experiments.md §3).
 SCALES = {
-    "full": dict(sft_steps=400, dpo_lr=None, dpo_steps=200, beta=0.1, eval_every=25, n_check=256, n_gen=256,
+    "full": dict(sft_steps=400, dpo_lr=3e-5, dpo_steps=50, beta=0.1, eval_every=25, n_check=256, n_gen=256,
                  per_task={"dense_reward": dict(dpo_lr=None, dpo_steps=200)}),
     "quick": dict(sft_steps=150, dpo_lr=None, dpo_steps=100, beta=0.1, eval_every=25, n_check=64, n_gen=32),
 }  # fmt: skip

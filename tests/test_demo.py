@@ -132,10 +132,11 @@ def test_demo_report_contents(installed_demo) -> None:
     assert all((out / f).read_bytes()[:4] == b"\x89PNG" for f in figs)
     # Tables made it into the summary: the credit-assignment rows, one row per beam width, the policies'
     # own answers. One seed (--quick): point estimates, said so.
-    assert re.search(r"\| DPO implicit reward \(−r_t\) \| [0-9.]+ \| [0-9.]+ \|", md)
-    assert re.search(r"\| DPO β=0\.3 \| biased \| beam 2 \| [0-9.]+ \| -?[0-9.]+ \| [0-9.]+ \|", md)
-    assert re.search(r"\| reference \(SFT\) \| greedy \| [0-9.]+ \| [0-9.]+ \|", md)
-    assert "| total |" in md and "One seed (0): point estimates" in md
+    iv, siv = r"[0-9.]+ \[[0-9.]+, [0-9.]+\]", r"-?[0-9.]+ \[-?[0-9.]+, -?[0-9.]+\]"  # item intervals
+    assert re.search(rf"\| DPO implicit reward \(−r_t\) \| {iv} \| {iv} \|", md)
+    assert re.search(rf"\| DPO β=0\.3 \| biased \| beam 2 \| {iv} \| {siv} \| {iv} \|", md)
+    assert re.search(rf"\| reference \(SFT\) \| greedy \| {iv} \| {iv} \|", md)
+    assert "| total |" in md and "One seed (0): statistics of held-out prompts carry" in md
     # Numbered sections, each number once; one verdict per claim section, as in the at-a-glance table.
     numbers = re.findall(r"^#{2,3} ([0-9.]+)\. ", md, flags=re.M)
     assert len(numbers) == len(set(numbers)) and numbers[:2] == ["1", "2"] and "2.1" in numbers
@@ -145,7 +146,8 @@ def test_demo_report_contents(installed_demo) -> None:
     assert [v for _, v in glance] == [v for v, _ in verdicts]
     # The beam verdict reads its numbers: the win-rate gain and the length change from 1 to 2 beams.
     assert re.search(
-        r"β=0\.3: 2 beams − 1 beam win rate -?[0-9.]+; length at 2 − at 1 beam -?[0-9.]+ letters", md
+        r"β=0\.3: 2 beams − 1 beam win rate -?[0-9.]+ \[[^]]+\]; length at 2 − at 1 beam -?[0-9.]+ \[[^]]+\] letters",
+        md,
     )
     assert "`r:` reverse" in md and "`a:` add one" in md  # the heatmap's prompt codes explained
 

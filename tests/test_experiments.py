@@ -469,6 +469,17 @@ def test_items_statistics_bootstrap_inside_their_range_and_pair() -> None:
     assert it.stat(w[None].astype(float))[0] == pytest.approx(
         auroc(np.concatenate([scores[i] for i in rep]), np.concatenate([labels[i] for i in rep])), abs=1e-12
     )
+    from dpoq_jax.analysis.metrics import pearson
+
+    xs = [rng.normal(size=int(rng.integers(1, 5))) for _ in range(12)]
+    ys = [x + rng.normal(size=x.size) for x in xs]
+    pc = seeds.Items.pearson(xs, ys, [g % 6 for g in range(12)])  # groups g and g + 6 are one item
+    assert pc.n == 6 and float(pc) == pytest.approx(pearson(np.concatenate(xs), np.concatenate(ys)), abs=1e-12)
+    w6 = np.array([2.0, 0.0, 1.0, 1.0, 3.0, 1.0])
+    rep = [g for g in range(12) for _ in range(int(w6[g % 6]))]
+    assert pc.stat(w6[None])[0] == pytest.approx(
+        pearson(np.concatenate([xs[g] for g in rep]), np.concatenate([ys[g] for g in rep])), abs=1e-12
+    )
     m = seeds.Items.mean([1.0, float("nan"), 0.0, 1.0])
     assert float(m) == pytest.approx(2 / 3) and m.n == 4
     d = seeds.Items.mean([1.0, 1.0, 0.0, 1.0]) - seeds.Items.mean([0.0, 1.0, 0.0, 0.0])
@@ -527,6 +538,13 @@ def test_credit_scores_per_response_agree_with_the_pooled_scorer() -> None:
     assert got["top1"] == pytest.approx(want["top1"], abs=1e-12)
     assert got["auroc"] == pytest.approx(want["auroc_pooled"], abs=1e-12)
     assert got["auroc_per_response"] == pytest.approx(want["auroc_mean_per_response"], abs=1e-12)
+    # the β-sweep figure takes the table's Items cells
+    from dpoq_jax.analysis.seeds import Items
+    from dpoq_jax.experiments.credit_assignment import beta_figure
+
+    cell = lambda v: Items.mean([v, v + 0.1])  # noqa: E731
+    fig = beta_figure([[b, cell(0.7), cell(0.3), cell(0.6)] for b in (0.1, 0.3)], {"ref": ["ref", cell(0.2), cell(0.5)]}, "x")
+    assert fig.png[:4] == b"\x89PNG"
     # the sweep's rule: the largest mean difference; ties to fewer steps, then the smaller lr
     assert choose_regime({(1e-3, 50): [0.1, 0.0], (1e-4, 100): [0.3, 0.2], (3e-4, 50): [-0.1, 0.3]}) == (1e-4, 100)
     assert choose_regime({(1e-3, 100): [0.1], (1e-4, 200): [0.1], (3e-4, 100): [0.1]}) == (3e-4, 100)
@@ -692,4 +710,4 @@ def test_dense_recovery_tiny(tiny_dir) -> None:
 
     md = run_tiny(m, TINY["dense"], tiny_dir, "dense_reward")
     (v,) = re.findall(VERDICT_RE, md, flags=re.M)
-    assert re.search(r"^\| 0.300 \| [0-9]+ \| (-?[0-9.]+|nan) \|", md, flags=re.M)  # 2 steps: maybe no signal
+    assert re.search(rf"^\| 0.300 \| [0-9]+ \| ({SIV}|nan) \|", md, flags=re.M)  # 2 steps: maybe no signal

@@ -79,7 +79,9 @@ class Items:
 
     kinds: "mean" (parts = (values,), one per item; NaN = not applicable, skipped); "auroc" (parts =
     (scores, labels, item of each scored unit): AUROC of the pooled units, each weighted by its item's
-    multiplicity, e.g. the tokens of a response); "diff" (parts = (a, b): a − b under the same weights).
+    multiplicity, e.g. the tokens of a response); "pearson" (parts = (x, y, item of each unit): the
+    weighted Pearson correlation of the pooled units); "diff" (parts = (a, b): a − b under the same
+    weights).
     """
 
     kind: str
@@ -106,6 +108,23 @@ class Items:
         _, rank = np.unique(s, return_inverse=True)  # equal scores share a rank: ties count one half
         return cls("auroc", (rank.ravel(), y, item), len(scores))
 
+    @classmethod
+    def pearson(
+        cls, xs: Sequence[Sequence[float]], ys: Sequence[Sequence[float]], item_of: Sequence[int] | None = None
+    ) -> Items:
+        """Pearson correlation of the pooled units (e.g. tokens) of xs and ys, one array pair per group;
+        item_of[g] is group g's item (default: each group its own item), so e.g. both responses of a
+        pair resample together."""
+        if len(xs) != len(ys) or not xs:
+            raise ValueError(f"Items.pearson: {len(xs)} x arrays and {len(ys)} y arrays")
+        x = np.concatenate([np.asarray(a, np.float64).ravel() for a in xs])
+        y = np.concatenate([np.asarray(b, np.float64).ravel() for b in ys])
+        if x.shape != y.shape:
+            raise ValueError(f"Items.pearson: {x.size} x values but {y.size} y values")
+        owner = np.arange(len(xs)) if item_of is None else np.asarray(item_of, np.int64)
+        item = np.repeat(owner, [np.size(a) for a in xs])
+        return cls("pearson", (x, y, item), int(owner.max()) + 1)
+
     def __sub__(self, other: Items) -> Items:
         if not isinstance(other, Items) or other.n != self.n:
             raise ValueError(f"a paired difference needs two Items over the same {self.n} items")
@@ -128,6 +147,13 @@ class Items:
                     tot = pos.sum() * neg.sum()
                     out[k] = np.sum(pos * (np.cumsum(neg) - 0.5 * neg)) / tot if tot > 0 else np.nan
                 return out
+            if self.kind == "pearson":
+                x, y, item = self.parts
+                wu = W[:, item]  # [K, units]
+                tot = wu.sum(axis=1, keepdims=True)
+                dx = x - (wu @ x)[:, None] / tot
+                dy = y - (wu @ y)[:, None] / tot
+                return np.sum(wu * dx * dy, 1) / np.sqrt(np.sum(wu * dx * dx, 1) * np.sum(wu * dy * dy, 1))
             if self.kind == "diff":
                 a, b = self.parts
                 return a.stat(W) - b.stat(W)

@@ -234,9 +234,9 @@ def beta_figure(rows: list[list[object]], baselines: dict[str, list[object]], na
     betas = [r[0] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for ax, col, label in ((axes[0], 2, "top-1 localisation"), (axes[1], 3, "AUROC")):
-        ax.plot(betas, [r[col] for r in rows], "o-", label="DPO implicit reward")
+        ax.plot(betas, [float(r[col]) for r in rows], "o-", label="DPO implicit reward")
         for (label_, row), style in zip(baselines.items(), (":", "--", "-."), strict=False):
-            ax.axhline(row[col - 1], ls=style, color="gray", label=label_)
+            ax.axhline(float(row[col - 1]), ls=style, color="gray", label=label_)
         ax.set_xscale("log")
         ax.minorticks_off()
         ax.set_xticks(betas, [str(b) for b in betas])
