@@ -1,0 +1,168 @@
+"""Verifiable constraints (analysis/constraints.py): checkers, exact violating characters, the mapping to
+tokens; and the verifiable-constraint experiment end to end on a tiny random chat Llama (issue #23)."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpoq_jax.analysis import constraints as cons
+
+
+def viol(name: str, text: str) -> list[str]:
+    """The violating substrings of `text`."""
+    return [text[a:b] for a, b in cons.constraint(name).violations(text)]
+
+
+def test_checkers_find_exactly_the_violating_characters() -> None:
+    assert viol("no_e", "The tree, é!") == ["e", "e", "e"]
+    assert cons.constraint("no_e").check("A cat sat on a mat; Éclat à café")  # é/É are other letters
+    assert viol("no_comma", "a, b,c; d.") == [",", ","]
+    assert viol("lowercase", "Hello World ÉTÉ é") == ["H", "W", "É", "T", "É"]
+    assert viol("no_digits", "in 2024 or ²") == ["2", "0", "2", "4", "²"]
+    assert cons.constraint("no_digits").violations("ab3") == [(2, 3)]
+    # whole word, case-insensitive: not inside "there" or "breathe", but "The," and "the's"
+    text = "The, there breathe the's THE"
+    assert cons.constraint("no_word:the").violations(text) == [(0, 3), (19, 22), (25, 28)]
+    # words are runs of non-whitespace; the violations are words N+1.. (not the spaces between)
+    text = "one  two\nwell-known, four five"
+    assert viol("max_words:3", text) == ["four", "five"]
+    assert cons.constraint("max_words:5").check(text) and not cons.constraint("max_words:4").check(text)
+    assert all(cons.constraint(n).check("") for n in ("no_e", "lowercase", "max_words:1", "no_word:a"))
+
+
+def test_bad_constraint_names_are_one_line_errors() -> None:
+    for bad in ("no_x", "max_words:0", "max_words:two", "no_word:", "no_word:two words", "no_e:1"):
+        with pytest.raises(ValueError, match="expected one of") as e:
+            cons.constraint(bad)
+        assert "\n" not in str(e.value)
+
+
+class CharTok:
+    """A tokenizer whose tokens are given strings; id 0 is the special end of turn "<|im_end|>", and a
+    token may hold part of a UTF-8 character (bytes), as byte-level BPE does."""
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces = [b"<|im_end|>", *pieces]
+        self.all_special_ids = [0]
+
+    def decode(self, ids) -> str:
+        return b"".join(self.pieces[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_tokens_of_violations_straddling_and_multibyte() -> None:
+    # "the cat" split as "th" | "e␣c" | "at": the token straddling the word boundary holds the "e"
+    tok = CharTok([b"th", b"e c", b"at", b"\n"])
+    ids = [1, 2, 3, 0, 4]  # content, then the template's "<|im_end|>\n"
+    text, spans = cons.token_spans(tok, ids)
+    assert text == "the cat<|im_end|>\n" and spans == [(0, 2), (2, 5), (5, 7), (7, 17), (17, 18)]
+    c = cons.constraint("no_e")
+    assert cons.token_violations(tok, ids, "the cat", c.violations("the cat")) == [1]
+    # a forbidden word: every token holding one of its characters, straddling ones included
+    w = cons.constraint("no_word:the")
+    assert cons.token_violations(tok, ids, "the cat", w.violations("the cat")) == [0, 1]
+    # at most one word: word 2 ("cat") starts inside the straddling token
+    m = cons.constraint("max_words:1")
+    assert cons.token_violations(tok, ids, "the cat", m.violations("the cat")) == [1, 2]
+    # tokens after the content (the template's) never violate: lowercase-only with a capital after it
+    up = cons.constraint("lowercase")
+    tok2 = CharTok([b"ok", b"X"])
+    assert cons.token_violations(tok2, [1, 0, 2], "ok", up.violations("ok")) == []
+    # "É" (2 bytes) split over two tokens: the first holds half a character (an empty span), the one
+    # that completes it takes it
+    e = "É".encode()
+    tok3 = CharTok([b"a", e[:1], e[1:] + b"t"])
+    text, spans = cons.token_spans(tok3, [1, 2, 3])
+    assert text == "aÉt" and spans == [(0, 1), (1, 1), (1, 3)]
+    assert cons.token_violations(tok3, [1, 2, 3], "aÉt", up.violations("aÉt")) == [2]
+    with pytest.raises(ValueError, match="does not start with its message content"):
+        cons.token_violations(tok, ids, "dog", [])
+
+
+def test_prompt_splits_are_disjoint_balanced_and_seeded() -> None:
+    from dpoq_jax.experiments.constraint_prefs import TOPICS, split_prompts
+
+    names = ["no_e", "lowercase"]
+    a = split_prompts(TOPICS[:10], names, 2, 3, seed=1)
+    assert (
+        a
+        == split_prompts(TOPICS[:10], names, 2, 3, seed=1)
+        != split_prompts(TOPICS[:10], names, 2, 3, seed=2)
+    )
+    assert [len(a[s]) for s in ("train", "validation", "test")] == [10, 4, 6]
+    assert not set(a["train"]) & (set(a["validation"]) | set(a["test"])) and not set(a["validation"]) & set(
+        a["test"]
+    )
+    assert sorted(n for _, n in a["test"]) == ["lowercase"] * 3 + ["no_e"] * 3
+    with pytest.raises(ValueError, match="leave none"):
+        split_prompts(TOPICS[:5], names, 2, 3, seed=0)
+
+
+TINY = dict(
+    constraints=("no_digits", "lowercase", "max_words:2"),  # a random model's answers keep and break these
+    n_topics=8,
+    n_val_topics=2,
+    n_test_topics=3,
+    n_samples=6,
+    max_new_tokens=6,
+    batch=32,
+    pairs_per_prompt=2,
+    beta=0.1,
+    batch_size=8,  # the tests run on 8 fake CPU devices
+    eval_every=1,
+    full=dict(steps=2, lr=1e-3),
+    lora=dict(steps=2, lr=1e-2, lora_rank=4),
+    n_gen_samples=2,
+    n_test_samples=6,
+)
+TINY_DATA = ["--config.data.seq_len=48", "--config.data.max_prompt_tokens=40", "--config.data.response_len=8",
+             "--config.optim.warmup_steps=0"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_experiment_end_to_end_on_a_tiny_chat_model(tmp_path, monkeypatch) -> None:
+    """The experiment's main on a tiny random Llama with a ChatML template (tests/test_chat_e2e.py's):
+    samples, pairs, both DPO runs, held-out tables, heatmap and verdicts; the same seed twice gives the
+    same numbers (the second call reuses the finished seed)."""
+    from test_chat_e2e import _model
+
+    from dpoq_jax.experiments import constraint_prefs as cp
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    model = tmp_path / "model"
+    _model(str(model))
+    results = tmp_path / "results" / "constraint_prefs.md"
+    argv = ["--model", str(model), "--seeds", "0", "--workdir", str(tmp_path / "runs"), "--results", str(results),
+            "--heatmap-pairs", "2", *TINY_DATA]  # fmt: skip
+    assert cp.main(argv, {"full": TINY, "quick": TINY}, tmp_path / "results") == 0
+    md = results.read_text()
+    for title in (
+        *cp.SECTION.values(),
+        *(cp.credit_title(m) for m in cp.MODES),
+        *(cp.help_title(m) for m in cp.MODES),
+    ):
+        assert title in md, title
+    assert md.count("**Verdict: ") == 4
+    assert "| DPO implicit reward (−r_t) |" in md and "| reference (the model) | greedy |" in md
+    figures = sorted(p.name for p in (results.parent).rglob("*.png"))
+    assert any("heatmap" in f for f in figures) and any("loglik" in f for f in figures), figures
+    rows = [ln for ln in (tmp_path / "runs" / "seed0" / "data").glob("train_*.jsonl")]
+    assert len(rows) == 1 and '"chosen": [{"role": "assistant"' in rows[0].read_text()
+
+
+def test_missing_model_and_template_are_one_line_errors(tmp_path) -> None:
+    from dpoq_jax.experiments.constraint_prefs import Chat
+
+    with pytest.raises(SystemExit, match="not a Hugging Face model folder") as e:
+        Chat(str(tmp_path / "nowhere"))
+    assert "\n" not in str(e.value)
+    import shutil
+    from pathlib import Path
+
+    folder = tmp_path / "no_template"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    for f in ("tokenizer.json", "tokenizer_config.json"):  # the chat fixture without its chat_template.jinja
+        shutil.copy(Path(__file__).parent / "fixtures" / "chat_tokenizer" / f, folder)
+    with pytest.raises(SystemExit, match="needs a chat template") as e:
+        Chat(str(folder))
+    assert "\n" not in str(e.value)
