@@ -187,7 +187,9 @@ def main_beta(betas: Sequence[float]) -> float:
     return 0.1 if 0.1 in betas else betas[0]
 
 
-def heatmap_figure(rows: list[dict], title: str) -> doc.Figure:
+def heatmap_figure(
+    rows: list[dict], title: str, xlabel: str = "response token index (boxed: injected error)"
+) -> doc.Figure:
     """Per-token implicit rewards of a few pairs: chosen and rejected lines, injected tokens boxed."""
     import matplotlib
 
@@ -219,7 +221,7 @@ def heatmap_figure(rows: list[dict], title: str) -> doc.Figure:
             ax.add_patch(Rectangle((t - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", lw=2))
     ax.set_yticks(range(len(rows)), [r["label"] for r in rows], fontsize=8, family="monospace")
     ax.set_xticks(range(R), [str(t) for t in range(R)], fontsize=7)
-    ax.set_xlabel("response token index (boxed: injected error)")
+    ax.set_xlabel(xlabel)
     fig.colorbar(im, ax=ax, label="implicit reward β log π/π_ref", shrink=0.8)
     ax.set_title(title, fontsize=10)
     return doc.Figure("heatmap", doc.fig_to_png(fig), title)

@@ -1,0 +1,581 @@
+"""Verifiable-constraint preferences on a real chat model (issue #23; paper §3 on real text).
+
+Prompts ask for two sentences about a topic under a constraint a program checks (no letter "e", no
+commas, lowercase only, no digits, without a given word, at most N words: analysis.constraints).
+Per seed:
+  1. the prompts (topics × constraints) are split, per constraint, into training, validation and test
+     prompts (held-out prompts are never trained on);
+  2. the model samples K answers per training and validation prompt through its chat template
+     (temperature 1, short answers); an answer that keeps its prompt's constraint is chosen, one that
+     breaks it rejected, and (chosen, rejected) pairs of the same prompt are written as TRL chat JSONL;
+  3. DPO from the model (policy = reference = the model): all weights, and LoRA adapters (two runs),
+     evaluated on the validation pairs during training (chosen/rejected log-likelihoods);
+  4. on the test prompts: constraint satisfaction of greedy and sampled answers of the reference and of
+     both DPO policies (paired differences per prompt), and credit assignment on real text: for one
+     rejected answer per test prompt (sampled from the reference, labelled the same way), top-1 and
+     AUROC of −r_t = −β log π/π_ref for its violating tokens (known exactly: the characters that break
+     the constraint, mapped to tokens) against the reference's −log π_ref, the policy's −log π and
+     chance; a heatmap of real answers.
+Statistics of held-out items are `Items` (bootstrap intervals over seeds and prompts once merged); the
+verdict rules are in docs/experiments.md §6, written before the runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dpoq_jax.analysis import constraints as cons
+from dpoq_jax.analysis import document as doc
+from dpoq_jax.analysis.credit import score_responses
+from dpoq_jax.analysis.seeds import Items
+from dpoq_jax.experiments import cli, runs
+from dpoq_jax.experiments import policy_effects as pe
+from dpoq_jax.experiments.credit_assignment import heatmap_figure, score_items, score_row
+
+NAME = "constraint_prefs"
+TASK = "constraint_prefs"
+CONFIG = Path(__file__).resolve().parents[2] / "experiments" / "configs" / "constraint_dpo.py"
+PROMPT = "Write two sentences about {topic}. {instruction}"
+TOPICS = (
+    "the ocean", "bread", "winter", "cats", "the moon", "coffee", "trains", "gardens", "rain",
+    "libraries", "mountains", "bicycles", "music", "the desert", "bees", "clocks", "rivers", "chess",
+    "forests", "snow", "candles", "bridges", "apples", "the wind", "islands", "owls", "soup",
+    "lighthouses", "volcanoes", "maps", "honey", "kites", "storms", "cheese", "whales", "pianos",
+    "deserts at night", "old castles", "street markets", "autumn leaves",
+)  # fmt: skip
+MODES = {"full": "DPO (full)", "lora": "DPO (LoRA)"}
+MODELS = {"ref": "reference (the model)", **MODES}
+REF_NAME, RND_NAME = "reference alone (−log π_ref)", "uniform random"
+GEN_COLUMNS = ("constraint kept", "finished (end of turn)", "words")
+SECTION = {
+    "setup": "Prompts, samples and training data",
+    "sat": "Constraint satisfaction on held-out prompts",
+    "traj": "Chosen and rejected log-likelihood during DPO",
+    "credit": "Credit assignment on held-out rejected answers",
+    "heatmap": "Heatmap",
+}
+CREDIT_CLAIM = (
+    "DPO's per-token implicit reward localises the tokens that break the constraint (credit assignment on "
+    "real text, paper §3)"
+)
+HELP_CLAIM = (
+    "DPO on the model's own constraint preferences raises the constraint satisfaction of its greedy answers"
+)
+
+
+def credit_title(mode: str) -> str:
+    return f"Credit assignment: {MODES[mode]}"
+
+
+def help_title(mode: str) -> str:
+    return f"Does {MODES[mode]} help?"
+
+
+# ------------------------------------------------------------------------------------------ prompts
+
+
+def split_prompts(
+    topics: Sequence[str], names: Sequence[str], n_val: int, n_test: int, seed: int
+) -> dict[str, list[tuple[str, str]]]:
+    """{split: [(topic, constraint name)]}: per constraint, the topics in a seeded order, the first
+    n_test to test, the next n_val to validation, the rest to training (so every split has every
+    constraint, and a held-out prompt is never a training prompt)."""
+    if n_val + n_test >= len(topics):
+        raise ValueError(
+            f"{n_val} validation + {n_test} test topics leave none of the {len(topics)} to train on"
+        )
+    out: dict[str, list[tuple[str, str]]] = {"train": [], "validation": [], "test": []}
+    for k, name in enumerate(names):
+        order = np.random.default_rng([seed, 23, k]).permutation(len(topics))
+        for i, t in enumerate(order):
+            split = "test" if i < n_test else "validation" if i < n_test + n_val else "train"
+            out[split].append((topics[int(t)], name))
+    return out
+
+
+def messages(topic: str, name: str) -> list[dict[str, str]]:
+    return [
+        {"role": "user", "content": PROMPT.format(topic=topic, instruction=cons.constraint(name).instruction)}
+    ]
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+class Chat:
+    """A chat model folder: its tokenizer (chat template), end-of-turn id and prompt ids."""
+
+    def __init__(self, folder: str) -> None:
+        from dpoq_jax.data.chat import check_template
+        from dpoq_jax.models.hf import load_tokenizer
+
+        if not (Path(folder) / "config.json").is_file():
+            raise SystemExit(
+                f"{NAME}: --model {folder!r} is not a Hugging Face model folder (no config.json)"
+            )
+        self.tok = load_tokenizer(folder)
+        try:
+            check_template(self.tok)
+        except ValueError as e:
+            raise SystemExit(f"{NAME}: --model {folder!r}: {e}") from None
+        self.eos = int(self.tok.eos_token_id)
+        self.pad = int(self.tok.pad_token_id) if self.tok.pad_token_id is not None else self.eos
+        self.special = {int(i) for i in self.tok.all_special_ids}
+
+    def prompt_ids(self, prompt: tuple[str, str]) -> list[int]:
+        from dpoq_jax.data.chat import render_ids
+
+        return render_ids(self.tok, messages(*prompt), add_generation_prompt=True)
+
+    def generate(
+        self,
+        model: Any,
+        prompts: Sequence[tuple[str, str]],
+        n: int,
+        *,
+        max_new: int,
+        seed: int,
+        temperature: float,
+        batch: int,
+    ) -> list[list[tuple[str | None, bool]]]:
+        """n answers per prompt as (text, finished): text None for an answer that is empty or holds a
+        special token before its end (it cannot be written as a message); finished = ended by the
+        end-of-turn token within max_new tokens. Fixed-size batches (the last padded with copies) keep
+        one compiled shape."""
+        from dpoq_jax.decode.core import response_lists
+        from dpoq_jax.decode.sampling import SampleConfig, generate
+
+        flat = [self.prompt_ids(p) for p in prompts for _ in range(n)]
+        cfg = SampleConfig(max_new_tokens=max_new, temperature=temperature, eos_id=self.eos, pad_id=self.pad)
+        out: list[tuple[str | None, bool]] = []
+        bs = min(batch, len(flat))
+        for i, s in enumerate(range(0, len(flat), bs)):
+            part = flat[s : s + bs]
+            g = generate(model, part + [part[0]] * (bs - len(part)), cfg, seed=seed * 1000 + i)
+            for ids in response_lists(g.tokens, g.mask)[: len(part)]:
+                finished = bool(ids) and ids[-1] == self.eos
+                body = ids[:-1] if finished else ids
+                text = self.tok.decode(body)
+                ok = body and not self.special & set(body) and text.strip()
+                out.append((text if ok else None, finished))
+        return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def response(
+        self, prompt: tuple[str, str], text: str
+    ) -> tuple[list[int], list[int], list[int], list[int]]:
+        """(prompt ids, response ids, content token indices, violating token indices) of an answer as
+        DPO trains on it (TRL's chat tokenisation: the response ends with the template's end of turn)."""
+        from dpoq_jax.data.chat import tokenize_chat
+
+        c = cons.constraint(prompt[1])
+        p_ids, (r_ids,), _ = tokenize_chat(self.tok, messages(*prompt), [("rejected", [assistant(text)])])
+        _, spans = cons.token_spans(self.tok, r_ids)
+        content = [j for j, (t, s) in enumerate(zip(r_ids, spans, strict=True))
+                   if t not in self.special and s[0] < len(text)]  # fmt: skip
+        bad = cons.token_violations(self.tok, r_ids, text, c.violations(text))
+        return p_ids, r_ids, content, bad
+
+
+def assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+def pair_rows(
+    prompts: Sequence[tuple[str, str]],
+    samples: Sequence[Sequence[tuple[str | None, bool]]],
+    per_prompt: int,
+    seed: int,
+    split: str,
+) -> tuple[list[dict], dict[str, Any]]:
+    """TRL chat rows (prompt, chosen, rejected) of up to per_prompt pairs a prompt, and counts per
+    constraint; no pair at all is a one-line error naming the counts."""
+    rng = np.random.default_rng([seed, 23, len(split)])
+    rows, counts = [], {}
+    for p, ss in zip(prompts, samples, strict=True):
+        c = cons.constraint(p[1])
+        good = [t for t, _ in ss if t is not None and c.check(t)]
+        bad = [t for t, _ in ss if t is not None and not c.check(t)]
+        k = counts.setdefault(p[1], {"prompts": 0, "samples": 0, "kept": 0, "broke": 0, "pairs": 0})
+        k["prompts"] += 1
+        k["samples"] += len(ss)
+        k["kept"] += len(good)
+        k["broke"] += len(bad)
+        rng.shuffle(good)
+        rng.shuffle(bad)
+        for g, b in list(zip(good, bad, strict=False))[:per_prompt]:
+            rows.append({"prompt": messages(*p), "chosen": [assistant(g)], "rejected": [assistant(b)]})
+            k["pairs"] += 1
+    if not rows:
+        what = "; ".join(f"{n}: {k['kept']} kept, {k['broke']} broke of {k['samples']} samples"
+                         for n, k in counts.items())  # fmt: skip
+        raise RuntimeError(
+            f"{NAME}: no (chosen, rejected) pair could be formed on the {len(prompts)} {split} prompts ({what}): "
+            "sample more answers per prompt or use other constraints"
+        )
+    return rows, counts
+
+
+def write_rows(folder: Path, stem: str, rows: list[dict]) -> Path:
+    """rows as JSON lines in folder/<stem>_<content hash>.jsonl (other rows: another file, another run)."""
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    path = folder / f"{stem}_{hashlib.sha1(text.encode()).hexdigest()[:10]}.jsonl"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ one seed
+
+
+def train_mode(args: argparse.Namespace, scale: dict, mode: str, train: Path, val: Path) -> Path:
+    """A DPO run of the model on the pairs (all weights, or LoRA adapters) in <workdir>/dpo_<mode>."""
+    m = scale[mode]
+    extra = [f"--config.model.path={Path(args.model).resolve()}", f"--config.data.path={train}",
+             f"--config.data.eval_path={val}", f"--config.model.lora.rank={m.get('lora_rank', 0)}",
+             f"--config.train.batch_size={scale['batch_size']}",
+             f"--config.reference.dtype={scale.get('ref_dtype', 'float32')}"]  # fmt: skip
+    return runs.train_run(args.config, "dpo", Path(args.workdir) / f"dpo_{mode}", steps=m["steps"], seed=args.seed,
+                          beta=scale["beta"], lr=m["lr"], eval_every=scale["eval_every"],
+                          overrides=[*extra, *args.overrides])  # fmt: skip
+
+
+def satisfaction(
+    chat: Chat, model: Any, prompts: Sequence[tuple[str, str]], scale: dict, seed: int
+) -> dict[str, dict[str, Items]]:
+    """Per test prompt: constraint kept, finished, words — of the greedy answer and the mean over
+    scale["n_gen_samples"] sampled ones (the same sampling seed for every model)."""
+    kw = dict(max_new=scale["max_new_tokens"], batch=scale["batch"])
+    outs = {
+        "greedy": chat.generate(model, prompts, 1, seed=seed, temperature=0.0, **kw),
+        "sampled": chat.generate(
+            model, prompts, scale["n_gen_samples"], seed=seed + 1, temperature=1.0, **kw
+        ),
+    }
+    res = {}
+    for how, per_prompt in outs.items():
+        cols: dict[str, list[float]] = {c: [] for c in GEN_COLUMNS}
+        for p, ss in zip(prompts, per_prompt, strict=True):
+            c = cons.constraint(p[1])
+            # an answer that cannot be written as text (empty, or a special token inside) keeps nothing
+            cols["constraint kept"].append(np.mean([t is not None and c.check(t) for t, _ in ss]))
+            cols["finished (end of turn)"].append(np.mean([f for _, f in ss]))
+            cols["words"].append(np.mean([len((t or "").split()) for t, _ in ss]))
+        res[how] = {k: Items.mean(v) for k, v in cols.items()} | {"per_prompt": cols["constraint kept"]}
+    return res
+
+
+def heldout_answers(
+    chat: Chat, ref: Any, prompts: Sequence[tuple[str, str]], scale: dict, seed: int
+) -> list[dict[str, Any]]:
+    """Per test prompt with a rejected reference answer (the first of its samples that breaks the
+    constraint): its tokens, content and violating indices, and the first chosen answer if any."""
+    samples = chat.generate(ref, prompts, scale["n_test_samples"], max_new=scale["max_new_tokens"],
+                            seed=seed, temperature=1.0, batch=scale["batch"])  # fmt: skip
+    out = []
+    for p, ss in zip(prompts, samples, strict=True):
+        c = cons.constraint(p[1])
+        texts = [t for t, _ in ss if t is not None]
+        bad = next((t for t in texts if not c.check(t)), None)
+        if bad is None:
+            continue
+        good = next((t for t in texts if c.check(t)), None)
+        item = {"prompt": p, "rejected": chat.response(p, bad), "rejected_text": bad}
+        if good is not None:
+            item |= {"chosen": chat.response(p, good), "chosen_text": good}
+        out.append(item)
+    if not out:
+        raise RuntimeError(
+            f"{NAME}: none of the reference's {scale['n_test_samples']} samples on each of the {len(prompts)} "
+            "test prompts breaks its constraint: no rejected answer to localise"
+        )
+    return out
+
+
+def content_values(values: np.ndarray, content: Sequence[int]) -> np.ndarray:
+    return np.asarray(values, np.float64)[list(content)]
+
+
+def run(args: argparse.Namespace, scale: dict) -> doc.Report:
+    """One seed: prompts, samples, pairs, the two DPO runs, and the held-out measurements."""
+    from dpoq_jax.train.load import load_model
+
+    if not args.model:
+        raise SystemExit(
+            f"{NAME}: --model is required (a Hugging Face chat model folder; docs/experiments.md §6)"
+        )
+    t0 = time.time()
+    chat = Chat(args.model)
+    workdir = Path(args.workdir)
+    names = scale["constraints"]
+    splits = split_prompts(TOPICS[: scale["n_topics"]], names, scale["n_val_topics"], scale["n_test_topics"],
+                           args.seed)  # fmt: skip
+    doc.log(
+        f"{NAME}: seed {args.seed}: {len(names)} constraints × {scale['n_topics']} topics = "
+        + ", ".join(f"{len(v)} {k}" for k, v in splits.items())
+        + f" prompts; {scale['n_samples']} samples a training/validation prompt, {scale['max_new_tokens']} new "
+        f"tokens at most; DPO {scale['full']['steps']} steps (full), {scale['lora']['steps']} (LoRA), batch "
+        f"{scale['batch_size']}"
+    )
+    ref = load_model(args.model)
+    kw = dict(max_new=scale["max_new_tokens"], temperature=1.0, batch=scale["batch"])
+    data: dict[str, Path] = {}
+    counts = {}
+    for i, split in enumerate(("train", "validation")):
+        doc.log(f"{NAME}: sampling {scale['n_samples']} answers for {len(splits[split])} {split} prompts")
+        ss = chat.generate(ref, splits[split], scale["n_samples"], seed=args.seed * 10 + i, **kw)
+        rows, counts[split] = pair_rows(splits[split], ss, scale["pairs_per_prompt"], args.seed, split)
+        data[split] = write_rows(workdir / "data", split, rows)
+    dirs, pols = {}, {}
+    for mode in MODES:
+        m = scale[mode]
+        doc.log(f"{NAME}: {MODES[mode]}: {m['steps']} steps at lr {m['lr']}, β = {scale['beta']}")
+        dirs[mode] = train_mode(args, scale, mode, data["train"], data["validation"])
+        pols[mode] = load_model(str(dirs[mode]))
+    test = splits["test"]
+    doc.log(f"{NAME}: held-out answers of {len(test)} test prompts (reference and both policies)")
+    q = {
+        k: satisfaction(chat, model, test, scale, args.seed + 100)
+        for k, model in {"ref": ref, **pols}.items()
+    }
+    items = heldout_answers(chat, ref, test, scale, args.seed + 200)
+    report = doc.Report("Verifiable-constraint preferences on a real model (issue #23)", intro=INTRO)
+    numbers: dict[str, Any] = {"ref/greedy": q["ref"]["greedy"]["constraint kept"]}
+    setup(report, scale, splits, counts, items)
+    gen_rows = [
+        [MODELS[k], how, *(q[k][how][c] for c in GEN_COLUMNS)]
+        for k in MODELS
+        for how in ("greedy", "sampled")
+    ]
+    per_c = []
+    for name in names:
+        idx = [i for i, p in enumerate(test) if p[1] == name]
+        per_c.append([name, *(Items.mean([q[k]["greedy"]["per_prompt"][i] for i in idx]) for k in MODELS)])
+    report.add(
+        SECTION["sat"],
+        f"{len(test)} test prompts; greedy = temperature 0, one answer; sampled = temperature 1, the mean over "
+        f"{scale['n_gen_samples']} answers a prompt; at most {scale['max_new_tokens']} new tokens (the text "
+        "generated is what is checked; an unfinished answer is checked as it stands). Words: "
+        "whitespace-separated runs.",
+        doc.Table(["model", "decoding", *GEN_COLUMNS], gen_rows),
+        doc.Table(["constraint (greedy answers kept)", *MODELS.values()], per_c),
+    )
+    for mode in MODES:
+        diff_rows = [[f"{MODES[mode]} − reference", how, *(q[mode][how][c] - q["ref"][how][c] for c in GEN_COLUMNS)]
+                     for how in ("greedy", "sampled")]  # fmt: skip
+        numbers[f"{mode}/greedy_diff"] = (
+            q[mode]["greedy"]["constraint kept"] - q["ref"]["greedy"]["constraint kept"]
+        )
+        numbers[f"{mode}/greedy"] = q[mode]["greedy"]["constraint kept"]
+        report.add(help_title(mode), "Paired differences per test prompt.",
+                   doc.Table(["difference", "decoding", *GEN_COLUMNS], diff_rows), level=2)  # fmt: skip
+    curves, traj_rows = {}, []
+    for mode in MODES:
+        curves[MODES[mode]], traj = pe.trajectory(dirs[mode])
+        traj_rows.append([MODES[mode], *traj.values()])
+    report.add(
+        SECTION["traj"],
+        f"Mean summed log π(y|x) of the {sum(k['pairs'] for k in counts['validation'].values())} "
+        "validation pairs (the model's own answers to the validation prompts) at the first and last evaluation "
+        "of each run, and the last implicit-reward margin.",
+        doc.Table(["run", *pe.TRAJ_COLUMNS], traj_rows),
+        pe.trajectory_figure(curves, "loglik", "validation pairs: chosen (solid) and rejected (dashed)"),
+    )
+    numbers |= credit(report, items, ref, pols, scale["beta"], args.seed)
+    report.add(
+        SECTION["heatmap"], *heatmap(chat, items, pols["full"], ref, scale["beta"], args.heatmap_pairs)
+    )
+    report.numbers = numbers
+    report.meta = cli.run_meta(args) | {"model": args.model}
+    report.run_dirs = dict(dirs)
+    doc.log(f"{NAME}: seed {args.seed} done in {time.time() - t0:.0f} s")
+    return report
+
+
+def setup(report: doc.Report, scale: dict, splits: dict, counts: dict, items: list[dict]) -> None:
+    rows = []
+    for split, per in counts.items():
+        for name, k in per.items():
+            rows.append(
+                [split, name, k["prompts"], k["samples"], k["kept"] / max(k["samples"], 1), k["pairs"]]
+            )
+    lines = "\n".join(f"- `{n}`: {cons.constraint(n).instruction}" for n in scale["constraints"])
+    report.add(
+        SECTION["setup"],
+        f"Prompts: “{PROMPT.format(topic='<topic>', instruction='<instruction>')}” as the user turn of the "
+        f"model's chat template, for {scale['n_topics']} topics × {len(scale['constraints'])} constraints; per "
+        f"constraint {scale['n_test_topics']} topics are test prompts, {scale['n_val_topics']} validation, the "
+        f"rest training. Constraints:\n\n{lines}\n\n"
+        f"{scale['n_samples']} answers sampled a prompt (temperature 1, at most {scale['max_new_tokens']} new "
+        f"tokens); up to {scale['pairs_per_prompt']} (kept, broke) pairs a prompt. DPO β = {scale['beta']}, "
+        f"batch {scale['batch_size']}: all weights {scale['full']['steps']} steps at lr {scale['full']['lr']}; "
+        f"LoRA rank {scale['lora']['lora_rank']} {scale['lora']['steps']} steps at lr {scale['lora']['lr']}. "
+        f"{len(items)} of {len(splits['test'])} test prompts have a rejected reference answer among "
+        f"{scale['n_test_samples']} samples (the credit-assignment items).",
+        doc.Table(["split", "constraint", "prompts", "samples", "share kept", "pairs"], rows),
+    )
+
+
+def credit(
+    report: doc.Report, items: list[dict], ref: Any, pols: dict[str, Any], beta: float, seed: int
+) -> dict[str, Items]:
+    """The credit-assignment sections: scores of the content tokens of each held-out rejected answer."""
+    prompts = [it["rejected"][0] for it in items]
+    resp = [it["rejected"][1] for it in items]
+    content = [it["rejected"][2] for it in items]
+    errors = [[c.index(j) for j in it["rejected"][3]] for c, it in zip(content, items, strict=True)]
+    rng = np.random.default_rng([seed, 23])
+    numbers: dict[str, Items] = {}
+    n_tok, n_err = sum(len(c) for c in content), sum(len(e) for e in errors)
+    chance = Items.mean([len(e) / len(c) for e, c in zip(errors, content, strict=True)])
+    report.add(
+        SECTION["credit"],
+        f"{len(items)} held-out rejected answers (one a test prompt), {n_tok} content tokens of which {n_err} "
+        f"violate (top-1 by chance {float(chance):.3f}). A violating token holds a character that breaks the "
+        "constraint (docs/experiments.md §6); template tokens (the end of turn) are not scored. Each detector "
+        "flags the tokens with the lowest value; the last row is the paired difference DPO − reference alone.",
+    )
+    numbers["chance"] = chance
+    for mode, pol in pols.items():
+        s = score_responses(pol, ref, prompts, resp, beta)
+        val = lambda key, s=s: [content_values(getattr(x, key), c) for x, c in zip(s, content, strict=True)]  # noqa: E731
+        dpo, pol_i = score_items(val("rewards"), errors), score_items(val("logps"), errors)
+        ref_i = score_items(val("ref_logps"), errors)
+        rnd = score_items([rng.random(len(c)) for c in content], errors)
+        numbers |= {f"{mode}/top1": dpo["top1"], f"{mode}/auroc": dpo["auroc"],
+                    f"{mode}/auroc_minus_ref": dpo["auroc"] - ref_i["auroc"],
+                    f"{mode}/policy_auroc": pol_i["auroc"], "ref/top1": ref_i["top1"], "ref/auroc": ref_i["auroc"]}  # fmt: skip
+        report.add(
+            credit_title(mode),
+            "",
+            doc.Table(
+                ["detector", "top-1 localisation", "AUROC (pooled)", "AUROC (per response)"],
+                [
+                    score_row("DPO implicit reward (−r_t)", dpo),
+                    score_row("policy alone (−log π)", pol_i),
+                    score_row(REF_NAME, ref_i),
+                    score_row(RND_NAME, rnd),
+                    ["top-1 by chance", chance, 0.5, 0.5],
+                    score_row(
+                        "DPO implicit reward − reference alone (paired)", {k: dpo[k] - ref_i[k] for k in dpo}
+                    ),
+                ],
+            ),  # fmt: skip
+            level=2,
+        )
+    return numbers
+
+
+def shown(tok: Any, ids: Sequence[int]) -> list[str]:
+    """Each token as its text, whitespace made visible (␣ space, ⏎ newline), other unprintable
+    characters escaped."""
+    out = []
+    for t in ids:
+        text = tok.decode([int(t)]).replace(" ", "␣").replace("\n", "⏎")
+        out.append("".join(c if c.isprintable() else ascii(c)[1:-1] for c in text))
+    return out
+
+
+def heatmap(chat: Chat, items: list[dict], pol: Any, ref: Any, beta: float, n: int) -> list[Any]:
+    """Text and figure: per-token implicit rewards of DPO (full) on the first held-out prompts with both
+    a chosen and a rejected reference answer; violating tokens boxed."""
+    pick = [it for it in items if "chosen" in it][:n]
+    if not pick:
+        return ["No test prompt had both a kept and a broken reference answer: no heatmap."]
+    rows, lines = [], []
+    for i, it in enumerate(pick):
+        for side in ("chosen", "rejected"):
+            p_ids, r_ids, _, bad = it[side]
+            s = score_responses(pol, ref, [p_ids], [r_ids], beta)[0]
+            rows.append(dict(label=f"{i + 1} {it['prompt'][1]} {side}", tokens=shown(chat.tok, r_ids),
+                             rewards=s.rewards, errors=bad if side == "rejected" else ()))  # fmt: skip
+        lines.append(f"{i + 1}. {messages(*it['prompt'])[0]['content']}")
+    return [
+        "Per-token implicit rewards β log π/π_ref of DPO (full) on the reference's own answers to held-out "
+        "prompts (red negative, blue positive); tokens shown as their text (␣ a space, ⏎ a newline); the "
+        "violating tokens of the rejected answers are boxed. The prompts:\n\n" + "\n".join(lines),
+        heatmap_figure(
+            rows,
+            "DPO (full): per-token implicit reward on held-out answers",
+            "response token index (boxed: violates the constraint)",
+        ),
+    ]
+
+
+INTRO = (
+    "Claims (issue #23): on a real chat model and its own answers, (1) DPO's per-token implicit reward "
+    "β log π/π_ref puts its lowest values on the tokens that break a verifiable constraint (credit "
+    "assignment, paper §3), better than the reference's own likelihood and chance; (2) DPO on these "
+    "preferences raises the share of held-out greedy answers that keep their constraint."
+)
+
+
+# ------------------------------------------------------------------------------------------ verdicts
+
+
+def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
+    """The rules of docs/experiments.md §6 (written before the runs), per training mode.
+
+    Credit assignment: holds if DPO's top-1 lies above chance (the upper end of chance's interval), its
+    pooled AUROC above 0.5 and the paired AUROC(DPO) − AUROC(reference alone) above 0; partly if top-1 or
+    AUROC lies above chance; does not hold otherwise. DPO helps: holds if the paired difference of greedy
+    constraint satisfaction DPO − reference lies above 0; does not hold otherwise."""
+    del scale
+    out, helps = {}, {}
+    for mode in MODES:
+        top1, auc, diff, chance = (
+            n[f"{mode}/top1"],
+            n[f"{mode}/auroc"],
+            n[f"{mode}/auroc_minus_ref"],
+            n["chance"],
+        )
+        t_ok, a_ok, d_ok = top1.above(chance), auc.above(0.5), diff.above(0.0)
+        why = (f"{MODES[mode]}: the lowest-reward token violates in {top1} of held-out rejected answers (chance "
+               f"{chance}), pooled AUROC {auc}; the reference alone: top-1 {n['ref/top1']}, AUROC {n['ref/auroc']}; "
+               f"paired AUROC difference DPO − reference {diff}")  # fmt: skip
+        if t_ok and a_ok and d_ok:
+            status, why = (
+                "holds",
+                why + ": the implicit reward finds the violations, better than the reference",
+            )
+        elif t_ok or a_ok:
+            status = "partly"
+            why += (f": top-1 {'above' if t_ok else 'not surely above'} chance, AUROC "
+                    f"{'above' if a_ok else 'not surely above'} 0.5, {'above' if d_ok else 'not surely above'} "
+                    "the reference alone's")  # fmt: skip
+        else:
+            status, why = "does not hold", why + ": neither top-1 nor AUROC surely above chance"
+        out[credit_title(mode)] = doc.Verdict(CREDIT_CLAIM, status, why + ".")
+        d = n[f"{mode}/greedy_diff"]
+        helps[help_title(mode)] = doc.Verdict(
+            HELP_CLAIM,
+            "holds" if d.above(0.0) else "does not hold",
+            f"greedy answers keeping their constraint: reference {n['ref/greedy']}, {MODES[mode]} "
+            f"{n[f'{mode}/greedy']}; paired difference {d}"
+            + ("" if d.above(0.0) else " (worse)" if d.below(0.0) else " (not surely above 0)")
+            + ".",
+        )
+    return out | helps
+
+
+# ------------------------------------------------------------------------------------------ command line
+
+
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.set_defaults(config=str(CONFIG))
+    parser.add_argument("--model", default="", help="the chat model: a Hugging Face folder with a chat template "
+                        "(SmolLM2-135M-Instruct: dpoq convert --from its GGUF, docs/experiments.md §6)")  # fmt: skip
+    parser.add_argument("--heatmap-pairs", type=int, default=3, help="held-out prompts shown in the heatmap")
+
+
+def main(argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str) -> int:
+    return cli.experiment_main(sys.modules[__name__], argv, scales, results_dir)
