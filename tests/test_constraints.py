@@ -74,8 +74,13 @@ def test_tokens_of_violations_straddling_and_multibyte() -> None:
     text, spans = cons.token_spans(tok3, [1, 2, 3])
     assert text == "aÉt" and spans == [(0, 1), (1, 1), (1, 3)]
     assert cons.token_violations(tok3, [1, 2, 3], "aÉt", up.violations("aÉt")) == [2]
-    with pytest.raises(ValueError, match="does not start with its message content"):
+    with pytest.raises(ValueError, match="does not contain its message content"):
         cons.token_violations(tok, ids, "dog", [])
+    # a template that renders a character before the content (the prompt's newline merged into the
+    # first token): that token still holds content, the content's spans are shifted by the offset
+    tok4 = CharTok([b"\nA", b"b", b"C", b"\n"])
+    assert cons.content_tokens(tok4, [1, 2, 3, 0, 4], "AbC") == (1, [0, 1, 2])
+    assert cons.token_violations(tok4, [1, 2, 3, 0, 4], "AbC", up.violations("AbC")) == [0, 2]
 
 
 def test_prompt_splits_are_disjoint_balanced_and_seeded() -> None:
@@ -131,8 +136,8 @@ def test_experiment_end_to_end_on_a_tiny_chat_model(tmp_path, monkeypatch) -> No
     model = tmp_path / "model"
     _model(str(model))
     results = tmp_path / "results" / "constraint_prefs.md"
-    argv = ["--model", str(model), "--seeds", "0", "--workdir", str(tmp_path / "runs"), "--results", str(results),
-            "--heatmap-pairs", "2", *TINY_DATA]  # fmt: skip
+    argv = ["--model", str(model), "--seeds", "0", "--workdir", str(tmp_path / "runs"),
+            "--results", str(results), "--heatmap-pairs", "2", *TINY_DATA]  # fmt: skip
     assert cp.main(argv, {"full": TINY, "quick": TINY}, tmp_path / "results") == 0
     md = results.read_text()
     for title in (

@@ -24,8 +24,9 @@ A token violates iff its span overlaps a violating span, so a token that straddl
 with its space, "a,b") violates when any of its characters does; a token holding only part of a
 multi-byte character has an empty span and never violates (the token that completes the character
 takes it). Template tokens are not content and never violate: a special token of the tokenizer (e.g.
-"<|im_end|>") and every token that starts at or after the end of the message content (the newline the
-chat template writes after "<|im_end|>").
+"<|im_end|>") and every token whose span lies outside the message content's characters (the newline the
+chat template writes after "<|im_end|>"; the content is found at its first occurrence in the decoded
+response, since a template may render a character before it).
 """
 
 from __future__ import annotations
@@ -108,19 +109,29 @@ def token_spans(tok: Any, ids: Sequence[int]) -> tuple[str, list[Span]]:
     return text, [(ends[j - 1] if j else 0, e) for j, e in enumerate(ends)]
 
 
-def token_violations(tok: Any, ids: Sequence[int], content: str, spans: Sequence[Span]) -> list[int]:
-    """Indices of the response tokens `ids` that hold a violating character of `content` (the message
-    text; `spans` are its violating character spans). The decoded response must start with `content`
-    (then come template tokens, e.g. "<|im_end|>\\n"); special tokens and tokens starting at or after
-    the content's end never violate."""
-    text, tspans = token_spans(tok, ids)
-    if not text.startswith(content):
+def content_tokens(tok: Any, ids: Sequence[int], content: str) -> tuple[int, list[int]]:
+    """(offset of `content` in the decoded response, indices of the content tokens). The content is
+    found at its first occurrence in decode(ids) (a chat template may render a character before it, e.g.
+    the newline of the prompt when the tokens merge); a content token is not a special token and its
+    span overlaps the content's characters. Content that is not in the decoded text is a ValueError."""
+    text, spans = token_spans(tok, ids)
+    start = text.find(content)
+    if start < 0 or not content:
         raise ValueError(
-            f"the decoded response {text[:60]!r}... does not start with its message content {content[:60]!r}"
+            f"the decoded response {text[:60]!r} does not contain its message content {content[:60]!r}"
         )
     special = {int(i) for i in getattr(tok, "all_special_ids", ())}
-    return [
-        j
-        for j, (t, s) in enumerate(zip(ids, tspans, strict=True))
-        if int(t) not in special and s[0] < len(content) and overlaps(s, spans)
-    ]
+    stop = start + len(content)
+    pairs = zip(ids, spans, strict=True)
+    keep = [j for j, (t, s) in enumerate(pairs) if int(t) not in special and s[0] < stop and start < s[1]]
+    return start, keep
+
+
+def token_violations(tok: Any, ids: Sequence[int], content: str, spans: Sequence[Span]) -> list[int]:
+    """Indices of the response tokens `ids` that hold a violating character of `content` (the message
+    text; `spans` are its violating character spans, in content coordinates): content tokens
+    (`content_tokens`) whose span overlaps a violating span. Template tokens never violate."""
+    start, keep = content_tokens(tok, ids, content)
+    _, tspans = token_spans(tok, ids)
+    moved = [(a + start, b + start) for a, b in spans]
+    return [j for j in keep if overlaps(tspans[j], moved)]

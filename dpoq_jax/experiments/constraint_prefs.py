@@ -148,7 +148,8 @@ class Chat:
         batch: int,
     ) -> list[list[tuple[str | None, bool]]]:
         """n answers per prompt as (text, finished): text None for an answer that is empty or holds a
-        special token before its end (it cannot be written as a message); finished = ended by the
+        special token before its end (it cannot be written as a message), else the decoded text stripped of
+        leading and trailing whitespace (as a chat template may render it); finished = ended by the
         end-of-turn token within max_new tokens. Fixed-size batches (the last padded with copies) keep
         one compiled shape."""
         from dpoq_jax.decode.core import response_lists
@@ -164,8 +165,8 @@ class Chat:
             for ids in response_lists(g.tokens, g.mask)[: len(part)]:
                 finished = bool(ids) and ids[-1] == self.eos
                 body = ids[:-1] if finished else ids
-                text = self.tok.decode(body)
-                ok = body and not self.special & set(body) and text.strip()
+                text = self.tok.decode(body).strip()
+                ok = body and not self.special & set(body) and text
                 out.append((text if ok else None, finished))
         return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
@@ -178,9 +179,7 @@ class Chat:
 
         c = cons.constraint(prompt[1])
         p_ids, (r_ids,), _ = tokenize_chat(self.tok, messages(*prompt), [("rejected", [assistant(text)])])
-        _, spans = cons.token_spans(self.tok, r_ids)
-        content = [j for j, (t, s) in enumerate(zip(r_ids, spans, strict=True))
-                   if t not in self.special and s[0] < len(text)]  # fmt: skip
+        _, content = cons.content_tokens(self.tok, r_ids, text)
         bad = cons.token_violations(self.tok, r_ids, text, c.violations(text))
         return p_ids, r_ids, content, bad
 
@@ -218,8 +217,8 @@ def pair_rows(
         what = "; ".join(f"{n}: {k['kept']} kept, {k['broke']} broke of {k['samples']} samples"
                          for n, k in counts.items())  # fmt: skip
         raise RuntimeError(
-            f"{NAME}: no (chosen, rejected) pair could be formed on the {len(prompts)} {split} prompts ({what}): "
-            "sample more answers per prompt or use other constraints"
+            f"{NAME}: no (chosen, rejected) pair could be formed on the {len(prompts)} {split} prompts "
+            f"({what}): sample more answers per prompt or use other constraints"
         )
     return rows, counts
 
@@ -244,8 +243,8 @@ def train_mode(args: argparse.Namespace, scale: dict, mode: str, train: Path, va
              f"--config.data.eval_path={val}", f"--config.model.lora.rank={m.get('lora_rank', 0)}",
              f"--config.train.batch_size={scale['batch_size']}",
              f"--config.reference.dtype={scale.get('ref_dtype', 'float32')}"]  # fmt: skip
-    return runs.train_run(args.config, "dpo", Path(args.workdir) / f"dpo_{mode}", steps=m["steps"], seed=args.seed,
-                          beta=scale["beta"], lr=m["lr"], eval_every=scale["eval_every"],
+    return runs.train_run(args.config, "dpo", Path(args.workdir) / f"dpo_{mode}", steps=m["steps"],
+                          seed=args.seed, beta=scale["beta"], lr=m["lr"], eval_every=scale["eval_every"],
                           overrides=[*extra, *args.overrides])  # fmt: skip
 
 
@@ -295,8 +294,8 @@ def heldout_answers(
         out.append(item)
     if not out:
         raise RuntimeError(
-            f"{NAME}: none of the reference's {scale['n_test_samples']} samples on each of the {len(prompts)} "
-            "test prompts breaks its constraint: no rejected answer to localise"
+            f"{NAME}: none of the reference's {scale['n_test_samples']} samples on each of the "
+            f"{len(prompts)} test prompts breaks its constraint: no rejected answer to localise"
         )
     return out
 
@@ -322,9 +321,9 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     doc.log(
         f"{NAME}: seed {args.seed}: {len(names)} constraints × {scale['n_topics']} topics = "
         + ", ".join(f"{len(v)} {k}" for k, v in splits.items())
-        + f" prompts; {scale['n_samples']} samples a training/validation prompt, {scale['max_new_tokens']} new "
-        f"tokens at most; DPO {scale['full']['steps']} steps (full), {scale['lora']['steps']} (LoRA), batch "
-        f"{scale['batch_size']}"
+        + f" prompts; {scale['n_samples']} samples a training/validation prompt, {scale['max_new_tokens']} "
+        f"new tokens at most; DPO {scale['full']['steps']} steps (full), {scale['lora']['steps']} (LoRA), "
+        f"batch {scale['batch_size']}"
     )
     ref = load_model(args.model)
     kw = dict(max_new=scale["max_new_tokens"], temperature=1.0, batch=scale["batch"])
@@ -362,15 +361,16 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
         per_c.append([name, *(Items.mean([q[k]["greedy"]["per_prompt"][i] for i in idx]) for k in MODELS)])
     report.add(
         SECTION["sat"],
-        f"{len(test)} test prompts; greedy = temperature 0, one answer; sampled = temperature 1, the mean over "
-        f"{scale['n_gen_samples']} answers a prompt; at most {scale['max_new_tokens']} new tokens (the text "
-        "generated is what is checked; an unfinished answer is checked as it stands). Words: "
-        "whitespace-separated runs.",
+        f"{len(test)} test prompts; greedy = temperature 0, one answer; sampled = temperature 1, the "
+        f"mean over {scale['n_gen_samples']} answers a prompt; at most {scale['max_new_tokens']} new "
+        "tokens (the text generated is what is checked; an unfinished answer is checked as it stands). "
+        "Words: whitespace-separated runs.",
         doc.Table(["model", "decoding", *GEN_COLUMNS], gen_rows),
         doc.Table(["constraint (greedy answers kept)", *MODELS.values()], per_c),
     )
     for mode in MODES:
-        diff_rows = [[f"{MODES[mode]} − reference", how, *(q[mode][how][c] - q["ref"][how][c] for c in GEN_COLUMNS)]
+        diff_rows = [[f"{MODES[mode]} − reference", how,
+                      *(q[mode][how][c] - q["ref"][how][c] for c in GEN_COLUMNS)]
                      for how in ("greedy", "sampled")]  # fmt: skip
         numbers[f"{mode}/greedy_diff"] = (
             q[mode]["greedy"]["constraint kept"] - q["ref"]["greedy"]["constraint kept"]
@@ -385,8 +385,8 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     report.add(
         SECTION["traj"],
         f"Mean summed log π(y|x) of the {sum(k['pairs'] for k in counts['validation'].values())} "
-        "validation pairs (the model's own answers to the validation prompts) at the first and last evaluation "
-        "of each run, and the last implicit-reward margin.",
+        "validation pairs (the model's own answers to the validation prompts) at the first and last "
+        "evaluation of each run, and the last implicit-reward margin.",
         doc.Table(["run", *pe.TRAJ_COLUMNS], traj_rows),
         pe.trajectory_figure(curves, "loglik", "validation pairs: chosen (solid) and rejected (dashed)"),
     )
@@ -412,13 +412,14 @@ def setup(report: doc.Report, scale: dict, splits: dict, counts: dict, items: li
     report.add(
         SECTION["setup"],
         f"Prompts: “{PROMPT.format(topic='<topic>', instruction='<instruction>')}” as the user turn of the "
-        f"model's chat template, for {scale['n_topics']} topics × {len(scale['constraints'])} constraints; per "
-        f"constraint {scale['n_test_topics']} topics are test prompts, {scale['n_val_topics']} validation, the "
-        f"rest training. Constraints:\n\n{lines}\n\n"
-        f"{scale['n_samples']} answers sampled a prompt (temperature 1, at most {scale['max_new_tokens']} new "
-        f"tokens); up to {scale['pairs_per_prompt']} (kept, broke) pairs a prompt. DPO β = {scale['beta']}, "
-        f"batch {scale['batch_size']}: all weights {scale['full']['steps']} steps at lr {scale['full']['lr']}; "
-        f"LoRA rank {scale['lora']['lora_rank']} {scale['lora']['steps']} steps at lr {scale['lora']['lr']}. "
+        f"model's chat template, for {scale['n_topics']} topics × {len(scale['constraints'])} constraints; "
+        f"per constraint {scale['n_test_topics']} topics are test prompts, {scale['n_val_topics']} "
+        f"validation, the rest training. Constraints:\n\n{lines}\n\n"
+        f"{scale['n_samples']} answers sampled a prompt (temperature 1, at most {scale['max_new_tokens']} "
+        f"new tokens); up to {scale['pairs_per_prompt']} (kept, broke) pairs a prompt. DPO β = "
+        f"{scale['beta']}, batch {scale['batch_size']}: all weights {scale['full']['steps']} steps at lr "
+        f"{scale['full']['lr']}; LoRA rank {scale['lora']['lora_rank']} {scale['lora']['steps']} steps at "
+        f"lr {scale['lora']['lr']}. "
         f"{len(items)} of {len(splits['test'])} test prompts have a rejected reference answer among "
         f"{scale['n_test_samples']} samples (the credit-assignment items).",
         doc.Table(["split", "constraint", "prompts", "samples", "share kept", "pairs"], rows),
@@ -439,10 +440,11 @@ def credit(
     chance = Items.mean([len(e) / len(c) for e, c in zip(errors, content, strict=True)])
     report.add(
         SECTION["credit"],
-        f"{len(items)} held-out rejected answers (one a test prompt), {n_tok} content tokens of which {n_err} "
-        f"violate (top-1 by chance {float(chance):.3f}). A violating token holds a character that breaks the "
-        "constraint (docs/experiments.md §6); template tokens (the end of turn) are not scored. Each detector "
-        "flags the tokens with the lowest value; the last row is the paired difference DPO − reference alone.",
+        f"{len(items)} held-out rejected answers (one a test prompt), {n_tok} content tokens of which "
+        f"{n_err} violate (top-1 by chance {float(chance):.3f}). A violating token holds a character that "
+        "breaks the constraint (docs/experiments.md §6); template tokens (the end of turn) are not scored. "
+        "Each detector flags the tokens with the lowest value; the last row is the paired difference "
+        "DPO − reference alone.",
     )
     numbers["chance"] = chance
     for mode, pol in pols.items():
@@ -453,7 +455,8 @@ def credit(
         rnd = score_items([rng.random(len(c)) for c in content], errors)
         numbers |= {f"{mode}/top1": dpo["top1"], f"{mode}/auroc": dpo["auroc"],
                     f"{mode}/auroc_minus_ref": dpo["auroc"] - ref_i["auroc"],
-                    f"{mode}/policy_auroc": pol_i["auroc"], "ref/top1": ref_i["top1"], "ref/auroc": ref_i["auroc"]}  # fmt: skip
+                    f"{mode}/policy_auroc": pol_i["auroc"],
+                    "ref/top1": ref_i["top1"], "ref/auroc": ref_i["auroc"]}  # fmt: skip
         report.add(
             credit_title(mode),
             "",
@@ -539,8 +542,10 @@ def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
             n["chance"],
         )
         t_ok, a_ok, d_ok = top1.above(chance), auc.above(0.5), diff.above(0.0)
-        why = (f"{MODES[mode]}: the lowest-reward token violates in {top1} of held-out rejected answers (chance "
-               f"{chance}), pooled AUROC {auc}; the reference alone: top-1 {n['ref/top1']}, AUROC {n['ref/auroc']}; "
+        why = (f"{MODES[mode]}: the lowest-reward token violates in {top1} of held-out rejected answers "
+               "(chance "
+               f"{chance}), pooled AUROC {auc}; the reference alone: top-1 {n['ref/top1']}, AUROC "
+               f"{n['ref/auroc']}; "
                f"paired AUROC difference DPO − reference {diff}")  # fmt: skip
         if t_ok and a_ok and d_ok:
             status, why = (
@@ -550,7 +555,8 @@ def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
         elif t_ok or a_ok:
             status = "partly"
             why += (f": top-1 {'above' if t_ok else 'not surely above'} chance, AUROC "
-                    f"{'above' if a_ok else 'not surely above'} 0.5, {'above' if d_ok else 'not surely above'} "
+                    f"{'above' if a_ok else 'not surely above'} 0.5, "
+                    f"{'above' if d_ok else 'not surely above'} "
                     "the reference alone's")  # fmt: skip
         else:
             status, why = "does not hold", why + ": neither top-1 nor AUROC surely above chance"
@@ -572,8 +578,10 @@ def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(config=str(CONFIG))
-    parser.add_argument("--model", default="", help="the chat model: a Hugging Face folder with a chat template "
-                        "(SmolLM2-135M-Instruct: dpoq convert --from its GGUF, docs/experiments.md §6)")  # fmt: skip
+    parser.add_argument("--model", default="",
+                        help="the chat model: a Hugging Face folder with a chat template "
+                        "(SmolLM2-135M-Instruct: dpoq convert --from its GGUF, docs/experiments.md "
+                        "§6)")  # fmt: skip
     parser.add_argument("--heatmap-pairs", type=int, default=3, help="held-out prompts shown in the heatmap")
 
 
