@@ -126,8 +126,9 @@ TINY_DATA = ["--config.data.seq_len=48", "--config.data.max_prompt_tokens=40", "
 @pytest.mark.slow
 def test_experiment_end_to_end_on_a_tiny_chat_model(tmp_path, monkeypatch) -> None:
     """The experiment's main on a tiny random Llama with a ChatML template (tests/test_chat_e2e.py's):
-    samples, pairs, both DPO runs, held-out tables, heatmap and verdicts; the same seed twice gives the
-    same numbers (the second call reuses the finished seed)."""
+    samples, pairs, both DPO runs, held-out tables, heatmap and verdicts. The constraints and sampling
+    sizes are ones where a random model's answers both keep and break each constraint (checked over seeds
+    0-4: every seed forms pairs)."""
     from test_chat_e2e import _model
 
     from dpoq_jax.experiments import constraint_prefs as cp
@@ -171,3 +172,23 @@ def test_missing_model_and_template_are_one_line_errors(tmp_path) -> None:
     with pytest.raises(SystemExit, match="needs a chat template") as e:
         Chat(str(folder))
     assert "\n" not in str(e.value)
+
+
+def test_verdict_rules() -> None:
+    """docs/experiments.md §6: credit assignment holds / partly / does not hold; DPO helps iff the paired
+    greedy difference lies above 0."""
+    from dpoq_jax.analysis.seeds import Interval
+    from dpoq_jax.experiments.constraint_prefs import MODES, credit_title, help_title, verdicts
+
+    iv = lambda lo, hi: Interval((lo + hi) / 2, lo, hi, 3)  # noqa: E731
+    n = {"chance": iv(0.1, 0.2), "ref/top1": iv(0.1, 0.3), "ref/auroc": iv(0.5, 0.6),
+         "ref/greedy": iv(0.2, 0.4)}  # fmt: skip
+    n |= {"full/top1": iv(0.3, 0.5), "full/auroc": iv(0.6, 0.7), "full/auroc_minus_ref": iv(0.01, 0.1),
+          "full/greedy": iv(0.3, 0.5), "full/greedy_diff": iv(0.05, 0.2)}  # fmt: skip
+    n |= {"lora/top1": iv(0.15, 0.5), "lora/auroc": iv(0.55, 0.7), "lora/auroc_minus_ref": iv(-0.1, 0.1),
+          "lora/greedy": iv(0.2, 0.4), "lora/greedy_diff": iv(-0.1, 0.1)}  # fmt: skip
+    v = verdicts(n, {})
+    assert list(v) == [*(credit_title(m) for m in MODES), *(help_title(m) for m in MODES)]
+    assert [x.status for x in v.values()] == ["holds", "partly", "holds", "does not hold"]
+    n["lora/auroc"] = iv(0.45, 0.7)
+    assert verdicts(n, {})[credit_title("lora")].status == "does not hold"
