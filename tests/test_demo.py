@@ -148,7 +148,8 @@ def test_demo_report_contents(installed_demo) -> None:
     assert [v for _, v in glance] == [v for v, why in verdicts if "greedy gold score DPO" not in why]
     # The beam verdict reads its numbers: the win-rate gain and the length change from 1 to 2 beams.
     assert re.search(
-        r"β=0\.3: 2 beams − 1 beam win rate -?[0-9.]+ \[[^]]+\]; length at 2 − at 1 beam -?[0-9.]+ \[[^]]+\] letters",
+        r"β=0\.3: 2 beams − 1 beam win rate -?[0-9.]+ \[[^]]+\]; "
+        r"length at 2 − at 1 beam -?[0-9.]+ \[[^]]+\] letters",
         md,
     )
     assert "`r:` reverse" in md and "`a:` add one" in md  # the heatmap's prompt codes explained
