@@ -141,12 +141,15 @@ def test_demo_report_contents(installed_demo) -> None:
     numbers = re.findall(r"^#{2,3} ([0-9.]+)\. ", md, flags=re.M)
     assert len(numbers) == len(set(numbers)) and numbers[:2] == ["1", "2"] and "2.1" in numbers
     verdicts = re.findall(r"^\*\*Verdict: (holds|partly|does not hold)\.\*\* (.+)$", md, flags=re.M)
-    assert len(verdicts) == 3
+    # + the credit-assignment part's sub-verdict on the policy's own answers (DPO − reference, paired)
+    answers = [v for v, why in verdicts if "greedy gold score DPO − reference (paired" in why]
+    assert len(verdicts) == 4 and len(answers) == 1
     glance = re.findall(r"^\| ([234]) \| [^|]+ \| (holds|partly|does not hold) \|$", md, flags=re.M)
-    assert [v for _, v in glance] == [v for v, _ in verdicts]
+    assert [v for _, v in glance] == [v for v, why in verdicts if "greedy gold score DPO" not in why]
     # The beam verdict reads its numbers: the win-rate gain and the length change from 1 to 2 beams.
     assert re.search(
-        r"β=0\.3: 2 beams − 1 beam win rate -?[0-9.]+ \[[^]]+\]; length at 2 − at 1 beam -?[0-9.]+ \[[^]]+\] letters",
+        r"β=0\.3: 2 beams − 1 beam win rate -?[0-9.]+ \[[^]]+\]; "
+        r"length at 2 − at 1 beam -?[0-9.]+ \[[^]]+\] letters",
         md,
     )
     assert "`r:` reverse" in md and "`a:` add one" in md  # the heatmap's prompt codes explained

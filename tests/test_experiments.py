@@ -474,7 +474,8 @@ def test_items_statistics_bootstrap_inside_their_range_and_pair() -> None:
     xs = [rng.normal(size=int(rng.integers(1, 5))) for _ in range(12)]
     ys = [x + rng.normal(size=x.size) for x in xs]
     pc = seeds.Items.pearson(xs, ys, [g % 6 for g in range(12)])  # groups g and g + 6 are one item
-    assert pc.n == 6 and float(pc) == pytest.approx(pearson(np.concatenate(xs), np.concatenate(ys)), abs=1e-12)
+    assert pc.n == 6
+    assert float(pc) == pytest.approx(pearson(np.concatenate(xs), np.concatenate(ys)), abs=1e-12)
     w6 = np.array([2.0, 0.0, 1.0, 1.0, 3.0, 1.0])
     rep = [g for g in range(12) for _ in range(int(w6[g % 6]))]
     assert pc.stat(w6[None])[0] == pytest.approx(
@@ -506,7 +507,8 @@ def test_items_statistics_bootstrap_inside_their_range_and_pair() -> None:
     base = [rng.random(200) for _ in range(5)]
     a = [seeds.Items.mean(b + 0.02) for b in base]
     b = [seeds.Items.mean(x) for x in base]
-    ia, ib, idiff = seeds.merge_number(a), seeds.merge_number(b), seeds.merge_number([x - y for x, y in zip(a, b)])
+    ia, ib = seeds.merge_number(a), seeds.merge_number(b)
+    idiff = seeds.merge_number([x - y for x, y in zip(a, b, strict=True)])
     assert ia.lo < ib.hi and idiff.lo == pytest.approx(0.02) and idiff.above(0.0)
 
     # tables: Items cells merge by the bootstrap, one seed gives its item interval; the note says which
@@ -518,7 +520,8 @@ def test_items_statistics_bootstrap_inside_their_range_and_pair() -> None:
         reps.append(r)
     merged = seeds.merge_reports(reps, (0, 1), lambda n: {})
     cell = merged.sections[0].items[0].rows[0][0]
-    assert isinstance(cell, seeds.Interval) and 0 <= cell.lo <= cell.hi <= 1 and cell.mean == pytest.approx(0.7)
+    assert isinstance(cell, seeds.Interval) and 0 <= cell.lo <= cell.hi <= 1
+    assert cell.mean == pytest.approx(0.7)
     assert "two-level bootstrap" in merged.intro and "Student-t" in merged.intro
     one = seeds.merge_reports(reps[:1], (0,), lambda n: {})
     assert one.numbers["acc"].lo < one.numbers["acc"].mean < one.numbers["acc"].hi  # items resampled
@@ -531,7 +534,9 @@ def test_credit_scores_per_response_agree_with_the_pooled_scorer() -> None:
 
     rng = np.random.default_rng(1)
     values = [rng.normal(size=int(rng.integers(3, 9))) for _ in range(50)]
-    errors = [sorted(rng.choice(len(v), size=int(rng.integers(1, 3)), replace=False).tolist()) for v in values]
+    errors = [
+        sorted(rng.choice(len(v), size=int(rng.integers(1, 3)), replace=False).tolist()) for v in values
+    ]
     errors[3] = []  # a response without an injected token is left out by both
     got = {k: float(v) for k, v in score_items(values, errors).items()}
     want = credit_assignment_score(values, errors)
@@ -543,10 +548,12 @@ def test_credit_scores_per_response_agree_with_the_pooled_scorer() -> None:
     from dpoq_jax.experiments.credit_assignment import beta_figure
 
     cell = lambda v: Items.mean([v, v + 0.1])  # noqa: E731
-    fig = beta_figure([[b, cell(0.7), cell(0.3), cell(0.6)] for b in (0.1, 0.3)], {"ref": ["ref", cell(0.2), cell(0.5)]}, "x")
+    rows = [[b, cell(0.7), cell(0.3), cell(0.6)] for b in (0.1, 0.3)]
+    fig = beta_figure(rows, {"ref": ["ref", cell(0.2), cell(0.5)]}, "x")
     assert fig.png[:4] == b"\x89PNG"
     # the sweep's rule: the largest mean difference; ties to fewer steps, then the smaller lr
-    assert choose_regime({(1e-3, 50): [0.1, 0.0], (1e-4, 100): [0.3, 0.2], (3e-4, 50): [-0.1, 0.3]}) == (1e-4, 100)
+    by = {(1e-3, 50): [0.1, 0.0], (1e-4, 100): [0.3, 0.2], (3e-4, 50): [-0.1, 0.3]}
+    assert choose_regime(by) == (1e-4, 100)
     assert choose_regime({(1e-3, 100): [0.1], (1e-4, 200): [0.1], (3e-4, 100): [0.1]}) == (3e-4, 100)
 
 
@@ -667,7 +674,8 @@ def test_credit_assignment_tiny(tiny_dir) -> None:
     assert f"## 1. {fluent}" in md and f"## 2. {surprising}" in md
     for row in ("DPO implicit reward (−r_t)", "policy alone (−log π)", "reference alone (−log π_ref)"):
         assert re.search(rf"^\| {re.escape(row)} \| {IV} \| {IV} \| {IV} \|$", md, flags=re.M), row
-    assert re.search(rf"^\| DPO implicit reward − reference alone \(paired\) \| {SIV} \| {SIV} \|", md, flags=re.M)
+    paired = re.escape("| DPO implicit reward − reference alone (paired) |")
+    assert re.search(rf"^{paired} {SIV} \| {SIV} \|", md, flags=re.M)
     assert md.count("| reference (SFT) | greedy |") == 2 and md.count("| DPO β=0.1 | sampled |") == 2
     assert md.count("| DPO β=0.1 − reference | greedy |") == 2
     assert len(re.findall(VERDICT_RE, md, flags=re.M)) == 4  # + the answers' verdict per setting

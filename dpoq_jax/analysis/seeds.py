@@ -110,7 +110,10 @@ class Items:
 
     @classmethod
     def pearson(
-        cls, xs: Sequence[Sequence[float]], ys: Sequence[Sequence[float]], item_of: Sequence[int] | None = None
+        cls,
+        xs: Sequence[Sequence[float]],
+        ys: Sequence[Sequence[float]],
+        item_of: Sequence[int] | None = None,
     ) -> Items:
         """Pearson correlation of the pooled units (e.g. tokens) of xs and ys, one array pair per group;
         item_of[g] is group g's item (default: each group its own item), so e.g. both responses of a
@@ -232,10 +235,11 @@ def merge_reports(
     )
     if len(seeds) > 1 and has_items:
         note = (
-            f"Seeds {', '.join(map(str, seeds))}: every number is the mean over the {len(seeds)} seeds, written "
-            f"mean [lo, hi]; statistics of held-out items (accuracies, AUROCs, win rates, gold scores and their "
-            f"paired differences) with the {BOOTSTRAP_KIND}; the others (training-curve values) with the "
-            f"{INTERVAL_KIND}. Verdicts are computed from these intervals; figures show the first seed."
+            f"Seeds {', '.join(map(str, seeds))}: every number is the mean over the {len(seeds)} seeds, "
+            "written mean [lo, hi]; statistics of held-out items (accuracies, AUROCs, win rates, gold scores "
+            f"and their paired differences) with the {BOOTSTRAP_KIND}; the others (training-curve "
+            f"values) with the {INTERVAL_KIND}. Verdicts are computed from these intervals; figures show "
+            "the first seed."
         )
     elif len(seeds) > 1:
         note = (

@@ -62,7 +62,9 @@ def score_items(values: Sequence[np.ndarray], errors: Sequence[Sequence[int]]) -
         raise ValueError("score_items: no response has injected error positions")
     vals = [-np.asarray(values[i], np.float64) for i in keep]
     labels = [np.isin(np.arange(len(v)), list(errors[i])) for v, i in zip(vals, keep, strict=True)]
-    per_resp = [auroc(v, y) if 0 < y.sum() < len(y) else float("nan") for v, y in zip(vals, labels, strict=True)]
+    per_resp = [
+        auroc(v, y) if 0 < y.sum() < len(y) else float("nan") for v, y in zip(vals, labels, strict=True)
+    ]
     return {
         "top1": Items.mean([top1_hit(values[i], errors[i]) for i in keep]),
         "auroc": Items.auroc(vals, labels),
@@ -296,7 +298,9 @@ def run_setting(args: argparse.Namespace, scale: dict, setting: str, report: doc
     lr, steps = regime(scale)
     for beta in betas:
         doc.log(f"{NAME} [{setting}]: DPO β={beta} ({steps} steps, lr {lr or 'of the config'})")
-        dpo_dir = dpo_dirs[beta] = runs.train_dpo(a, beta, steps, sft_dir, eval_every=scale["eval_every"], lr=lr)
+        dpo_dir = dpo_dirs[beta] = runs.train_dpo(
+            a, beta, steps, sft_dir, eval_every=scale["eval_every"], lr=lr
+        )
         pol = load_model(str(dpo_dir))
         s_rej = score_responses(pol, ref, prompts, rejected, beta)
         s_cho = score_responses(pol, ref, prompts, chosen, beta)
@@ -477,8 +481,8 @@ def run_sweep(args: argparse.Namespace, scale: dict) -> doc.Report:
         prompts = [t.prompt_ids for t in tokenized]
         gen_prompts = [e.prompt for e in pairs[: scale["n_gen"]]]
         ref_q = pe.generation_quality(ref, task, gen_prompts, task.max_digits + 1, args.seed)
-        rows.append([setting, "reference", "", ref_q["greedy"]["gold score"], "", ref_q["greedy"]["exact match"],
-                     "", ""])  # fmt: skip
+        greedy = ref_q["greedy"]
+        rows.append([setting, "reference", "", greedy["gold score"], "", greedy["exact match"], "", ""])
         beta = main_beta(betas)
         for lr, steps in scale["sweep"]:
             doc.log(f"{NAME} sweep [{setting}]: DPO β={beta} lr {lr:g} {steps} steps")

@@ -125,7 +125,8 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
         # over seeds and pairs, inside [−1, 1]
         n_pairs = len(pairs)
         optimal = [t + sh for t, sh in zip(true, shaping, strict=True)]
-        st["pearson_vs_optimal_implicit"] = Items.pearson(learned, optimal, [i % n_pairs for i in range(len(learned))])
+        pair_of = [i % n_pairs for i in range(len(learned))]  # chosen responses first, then rejected
+        st["pearson_vs_optimal_implicit"] = Items.pearson(learned, optimal, pair_of)
         rows.append(
             [
                 beta,

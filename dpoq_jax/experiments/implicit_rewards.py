@@ -22,8 +22,8 @@ from dpoq_jax.analysis.credit import response_logits, score_responses
 from dpoq_jax.analysis.metrics import section54_summary
 from dpoq_jax.analysis.seeds import Items
 from dpoq_jax.data.errors import ErrorPolicy
-from dpoq_jax.data.tokenize import TokenizeConfig, tokenize_all
 from dpoq_jax.data.synthetic import make_task
+from dpoq_jax.data.tokenize import TokenizeConfig, tokenize_all
 from dpoq_jax.decode.sampling import sample_responses
 from dpoq_jax.experiments import cli, runs
 from dpoq_jax.experiments import policy_effects as pe
@@ -117,7 +117,7 @@ def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
 def heldout_accuracy(policy, ref, task, n: int, beta: float) -> Items:
     """Preference accuracy (summed implicit reward of chosen > rejected) on n of the task's held-out
     pairs, per pair (`Items`: a bootstrap interval inside [0, 1] once merged over seeds)."""
-    examples = task.preference_examples(n, split="test")  # two equal samples (dense_reward) carry no preference
+    examples = task.preference_examples(n, split="test")  # two equal samples (dense_reward): no preference
     pairs, _ = tokenize_all(examples, task.tokenizer, TokenizeConfig(), ErrorPolicy("skip"))
     prompts = [p.prompt_ids for p in pairs]
     cho = score_responses(policy, ref, prompts, [p.chosen_ids for p in pairs], beta)
@@ -138,7 +138,10 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     # one there is reused rather than trained again.
     run_dirs = {}
     for name, init in (("sft_ref", sft_dir), ("no_sft_ref", None)):
-        doc.log(f"{NAME}: DPO run {RUN_LABELS[name]} ({steps['dpo_steps']} steps, lr {lr or 'of the config'}, β={beta})")
+        doc.log(
+            f"{NAME}: DPO run {RUN_LABELS[name]} ({steps['dpo_steps']} steps, lr {lr or 'of the config'}, "
+            f"β={beta})"
+        )
         run_dirs[name] = runs.train_dpo(
             args, beta, scale["dpo_steps"], init, eval_every=scale["eval_every"], lr=lr
         )

@@ -7,8 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from dpoq_jax.analysis import document as doc
 from dpoq_jax.analysis.seeds import Items
 from dpoq_jax.decode.beam import best_beams
@@ -64,9 +62,13 @@ def generation_rows(label: str, q: dict[str, dict[str, float]]) -> list[list[obj
     return [[label, how, *(q[how][c] for c in GEN_COLUMNS)] for how in ("greedy", "sampled")]
 
 
-def difference_rows(label: str, q: dict[str, dict[str, Items]], base: dict[str, dict[str, Items]]) -> list[list[object]]:
+def difference_rows(
+    label: str, q: dict[str, dict[str, Items]], base: dict[str, dict[str, Items]]
+) -> list[list[object]]:
     """Rows [label, decoding, paired differences q − base per column] (same prompts)."""
-    return [[label, how, *(q[how][c] - base[how][c] for c in GEN_COLUMNS)] for how in ("greedy", "sampled")]
+    return [
+        [label, how, *(q[how][c] - base[how][c] for c in GEN_COLUMNS)] for how in ("greedy", "sampled")
+    ]
 
 
 def trajectory(run_dir: Path | str) -> tuple[list[dict], dict[str, float]]:

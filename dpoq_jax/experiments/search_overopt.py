@@ -121,9 +121,11 @@ def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
         status, why = doc.grade(checks)
         sample_win = {b: n.get(f"{setting}/beta{b}/sample_win") for b in scale["betas"]}
         if all(w is not None for w in sample_win.values()):  # the regime: does DPO improve on the reference?
-            why += " Regime check (not graded): DPO's samples against the reference's, win rate " + ", ".join(
-                f"{w} at β={b}" + ("" if w.above(0.5) else " (not surely above 0.5)") for b, w in sample_win.items()
-            ) + "."
+            wins_text = ", ".join(
+                f"{w} at β={b}" + ("" if w.above(0.5) else " (not surely above 0.5)")
+                for b, w in sample_win.items()
+            )
+            why += f" Regime check (not graded): DPO's samples against the reference's, win rate {wins_text}."
         passed[setting] = sum(ok for ok, _ in checks), len(checks)
         out[SETTINGS[setting][0]] = doc.Verdict(CLAIM, status, why)
     if len(settings) == 2:
