@@ -119,7 +119,7 @@ TINY = dict(
     n_gen_samples=2,
     n_test_samples=6,
 )
-TINY_DATA = ["--config.data.seq_len=48", "--config.data.max_prompt_tokens=40", "--config.data.response_len=8",
+TINY_DATA = ["--config.data.seq_len=56", "--config.data.max_prompt_tokens=40", "--config.data.response_len=8",
              "--config.optim.warmup_steps=0"]  # fmt: skip
 
 
