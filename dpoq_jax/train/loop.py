@@ -183,6 +183,7 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
 
     stop = faults.StopSignals()
     quiet = faults.DropWriteErrors()
+    write_failed = False
     for name in ("absl", "asyncio"):  # the checkpoint library's threads log a failed write at length
         logging.getLogger(name).addFilter(quiet)
     try:
@@ -248,12 +249,21 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
             last.update({f"eval/{k}": v for k, v in ev.items()})
         if cfg.model.hf_export:
             export_hf(run, state, paths.join(workdir, "hf"))
+    except faults.WriteFailed:
+        write_failed = True
+        raise
     finally:
         stop.__exit__()
-        logging.getLogger("absl").removeFilter(quiet)  # (asyncio's stays: its futures report at exit)
         if bar is not None:
             bar.close()
-        _close_quietly(ckpts, writer)
+        try:
+            _close_quietly(ckpts, writer)
+        finally:
+            # After a failed write the filter stays: an asynchronous save still in flight fails too, and
+            # the library's writer threads log it after this returns. (asyncio's stays in any case: its
+            # futures report at exit.)
+            if not write_failed:
+                logging.getLogger("absl").removeFilter(quiet)
     return TrainResult(last, state)
 
 
