@@ -25,6 +25,8 @@ try:  # the fake Cloud Storage server of tests/test_gcs.py (it skips itself with
     from test_gcs import BUCKET, gcs  # noqa: F401 - a fixture
 except ImportError:  # pragma: no cover
     BUCKET, gcs = None, None
+from test_preemption import steps_on_disk
+
 from dpoq_jax.train.loop import TIMING_KEYS
 from dpoq_jax.train.metrics import read_metrics
 
@@ -133,7 +135,7 @@ def test_failed_write_keeps_the_previous_checkpoint_and_resumes(tmp_path, refere
     assert "(errno 27)" in lines[0], lines[0]
     # The limit lands a few milliseconds after the condition above; on a loaded machine the run may have
     # committed a later step in that window (seen once in CI): the newest intact step is read, not assumed.
-    intact = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+    intact = steps_on_disk(work)
     assert intact and intact == list(range(intact[0], intact[-1] + 1, 8)) and intact[-1] < 32, intact
     assert f"last intact checkpoint: step {intact[-1]} in {ckpts}" in lines[0]
 
