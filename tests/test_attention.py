@@ -175,3 +175,106 @@ def test_step_on_every_layout_with_the_fused_kernel_equals_padded(stage):
                 np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5, err_msg=f"{layout} log-probs")
         for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=f"{layout} gradients")
+
+
+# ---- the XLA path by query blocks (blocked_causal_attention): same numbers, no S² kept ------------
+
+
+def _unblocked(q, k, v, mask=None, scale=None, softcap=None, window=None):
+    """The XLA path as it was before query blocks: jax.nn's causal call for plain rows, the explicit
+    mask otherwise (scores and probabilities of every row kept for the backward pass)."""
+    if mask is None and softcap is None:
+        local = None if window is None else (window - 1, 0)
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, local_window_size=local, implementation="xla"
+        )
+    if mask is None:
+        S = q.shape[1]
+        mask = A.layout_mask(jnp.ones(q.shape[:2], jnp.int32))
+        if window is not None:
+            pos = jnp.broadcast_to(jnp.arange(S), q.shape[:2])
+            mask &= A.window_mask(pos, pos, window)
+    return A.dense_attention(q, k, v, mask, scale, softcap)
+
+
+@pytest.mark.parametrize(
+    "S,masked,softcap,window",
+    [(37, False, None, None), (64, False, None, 5), (50, False, 20.0, None), (45, True, None, None),
+     (45, True, 30.0, None), (16, False, None, None)],
+)  # fmt: skip
+def test_blocked_causal_attention_equals_unblocked(monkeypatch, S, masked, softcap, window):
+    """Outputs and gradients (q, k, v) of the query-block path equal the unblocked XLA path, with
+    blocks that do not divide the row, a sliding window (keys trimmed per block), soft-capping and a
+    layout mask (segments and branches)."""
+    monkeypatch.setattr(A, "QUERY_BLOCK", 8)
+    rng = np.random.default_rng(S)
+    N, H, K, F = 2, 4, 2, 8
+    q = jnp.asarray(rng.normal(size=(N, S, H, F)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(N, S, K, F)), jnp.float32) for _ in range(2))
+    w = jnp.asarray(rng.normal(size=(N, S, H, F)), jnp.float32)
+    mask = None
+    if masked:
+        seg = np.zeros((N, S), np.int32)
+        br = np.zeros((N, S), np.int32)
+        seg[0, :20], br[0, 8:14], br[0, 14:20] = 1, 1, 2
+        seg[0, 20:41], br[0, 30:35], br[0, 35:41] = 2, 1, 2
+        seg[1, :33], br[1, 10:20], br[1, 20:33] = 1, 1, 2
+        mask = A.layout_mask(jnp.asarray(seg), jnp.asarray(br))
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(w * fn(q, k, v, mask, 0.3, softcap, window))
+
+    got = A.blocked_causal_attention(q, k, v, mask, 0.3, softcap, window)
+    want = _unblocked(q, k, v, mask, 0.3, softcap, window)
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
+    g_got = jax.grad(loss(A.blocked_causal_attention), argnums=(0, 1, 2))(q, k, v)
+    g_want = jax.grad(loss(_unblocked), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(g_got, g_want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("layout", ["padded", "prefix_shared"])
+def test_dpo_step_with_query_blocks_equals_the_step_before(monkeypatch, layout):
+    """The whole DPO step on a tiny model (float32): loss and gradients with the query-block attention
+    (blocks of 8 in rows of 64) equal those of the unblocked XLA attention the step used before."""
+
+    def loss_and_grads():
+        cfg = _config("dpo", layout, "xla")
+        run = setup(cfg, devices=jax.devices()[:1])
+        state = run.new_state()
+        batch = inputs.stack_micro(run.dataset.train[:4], inputs.micro_batch_fn(cfg, 4), 1)
+        batch = {k: jnp.asarray(v) for k, v in batch.items()}
+        return jax.jit(lambda p, r, b: accumulate_grads(run.loss_fn, p, r, b))(
+            state.params, state.ref_params, batch
+        )
+
+    monkeypatch.setattr(A, "QUERY_BLOCK", 8)
+    grads, metrics = loss_and_grads()
+    monkeypatch.setattr(A, "blocked_causal_attention", _unblocked)
+    grads0, metrics0 = loss_and_grads()
+    assert float(metrics0["loss"]) > 0
+    np.testing.assert_allclose(float(metrics["loss"]), float(metrics0["loss"]), rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_query_blocks_keep_no_scores_for_the_backward_pass():
+    """XLA's compiled memory of the value and gradient of 8 attention layers under a lax.scan (as the
+    model runs its layers), N=4, H=8, S=512: the unblocked path keeps each layer's N·H·S² float32
+    scores (32 MiB a layer) for the backward pass, the blocked one only q, k, v and the outputs."""
+    N, S, H, F, L = 4, 512, 8, 16, 8
+    x = jax.ShapeDtypeStruct((N, S, H, F), jnp.float32)
+    w = jax.ShapeDtypeStruct((L, F, F), jnp.float32)
+
+    def temp_bytes(attend):
+        def layers(x, w_L):
+            body = lambda x, w: (attend(x @ w, x, x), None)  # noqa: E731
+            return jnp.sum(jax.lax.scan(body, x, w_L)[0] ** 2)
+
+        g = jax.jit(jax.grad(layers, argnums=(0, 1)))
+        return g.lower(x, w).compile().memory_analysis().temp_size_in_bytes
+
+    blocked = temp_bytes(lambda q, k, v: A.blocked_causal_attention(q, k, v))
+    unblocked = temp_bytes(lambda q, k, v: _unblocked(q, k, v))
+    assert unblocked >= L * N * H * S * S * 4  # every layer's scores
+    assert blocked < 0.25 * unblocked, (blocked, unblocked)

@@ -164,7 +164,7 @@ class Decoder(nnx.Module):
             # explicit [N, 1, S, S] mask shared by all layers, and its windowed twin when layers slide
             dense = attention_mask(segment_ids, branch_ids)
             win = dense & attn_lib.window_mask(positions, positions, cfg.sliding_window) if windowed else None
-            mask = attn_lib.Mask(dense=dense, windowed=win)
+            mask = attn_lib.Mask(dense=dense, windowed=win, causal=True)
         else:
             mask = attn_lib.Mask(segment_ids, branch_ids, one_segment_per_row)
         x, rope = self._embed(tokens, positions)

@@ -276,6 +276,8 @@ def _attend(
             q, k, v, mask.segment_ids, mask.branch_ids, implementation, mask.one_segment_per_row,
             scale, softcap, window,
         )
+    if mask.causal:  # the training forward: by query blocks, no scores kept for the backward pass
+        return attn_lib.blocked_causal_attention(q, k, v, mask.dense, scale, softcap)
     return attn_lib.dense_attention(q, k, v, mask.dense, scale, softcap)
 
 
