@@ -137,7 +137,7 @@ _CHOICES = {
     "data.source": SOURCES,
     "data.chat_divergence": ("warn", "error"),
     "data.sft_responses": ("chosen", "all"),
-    "data.layout": LAYOUTS,
+    "data.layout": ("auto", *LAYOUTS),
     "model.attention": ("auto", "xla", "cudnn", "splash", "splash_interpret"),
     "data.overflow": ("error", "drop"),
     "data.on_error": ("fail", "skip"),
@@ -229,6 +229,9 @@ def validate(config: mc.ConfigDict) -> None:
     buckets = tuple(config.data.get("buckets", ()) or ())
     if any(not isinstance(b, int) or isinstance(b, bool) or b <= 0 for b in buckets):
         raise ConfigError(f"config key 'data.buckets' must list row lengths > 0, got {buckets!r}")
+    if config.data.seq_len < 0 or config.data.get("bucket_step", 0) < 0:
+        raise ConfigError("config keys 'data.seq_len' and 'data.bucket_step' must be >= 0 (0: automatic), "
+                          f"got {config.data.seq_len} and {config.data.get('bucket_step', 0)}")
     if config.stage == "dpo" and config.reference.mode not in ("frozen", "precomputed"):
         raise ConfigError(
             f"config key 'reference.mode' must be 'frozen' or 'precomputed', got {config.reference.mode!r}"
@@ -251,6 +254,12 @@ def _check_loss(config: mc.ConfigDict) -> None:
         raise ConfigError(
             f"config key 'loss.loss_weights' has {len(loss.loss_weights)} weights for the "
             f"{len(types)} types of loss.loss_type={loss.loss_type!r}"
+        )
+    token_level = [t for t in types if t in losses.TOKEN_LEVEL_TYPES]
+    if token_level:  # their per-token inputs (KL, weights, oracle rewards) have no data path yet
+        raise ConfigError(
+            f"config key 'loss.loss_type': {token_level} are losses of arrays (losses.preference_loss) "
+            "that `dpoq train` cannot feed yet: their per-token inputs have no data path"
         )
     if not 0.0 <= loss.ld_alpha <= 1.0:
         raise ConfigError(f"config key 'loss.ld_alpha' must be in [0, 1], got {loss.ld_alpha}")
@@ -304,7 +313,35 @@ def load_config(
     for key, value in (last or {}).items():
         set_value(config, key, value)
     validate(config)
+    resolve_data_shape(config)
     return config
+
+
+def auto_layout(config: mc.ConfigDict) -> str:
+    """data.layout "auto": prefix_shared for preference pairs (the prompt once, both responses after
+    it: the fastest exact layout for pairs), padded for SFT and unpaired labelled responses."""
+    first = losses.parse_types(config.loss.loss_type)[0]
+    paired = config.stage == "dpo" and first not in losses.UNPAIRED_TYPES
+    return "prefix_shared" if paired else "padded"
+
+
+def resolve_data_shape(config: mc.ConfigDict) -> None:
+    """Turn the automatic data-shape defaults into values (idempotent; `dpoq train` and setup call it):
+    data.layout "auto" (auto_layout); data.seq_len 0 -> the row the longest allowed example needs
+    (max_prompt_tokens + response_len, one response more when prefix-shared, twice that packed);
+    data.bucket_step > 0 with no data.buckets -> buckets at every multiple of the step up to seq_len,
+    so each step's rows are as long as its longest example, rounded up to the step (dynamic padding,
+    one compiled shape per bucket used)."""
+    d = config.data
+    if d.layout == "auto":
+        set_value(config, "data.layout", auto_layout(config))
+    if d.seq_len == 0:
+        one = d.max_prompt_tokens + d.response_len
+        n = {"padded": one, "prefix_shared": one + d.response_len, "packed": 2 * (one + d.response_len)}
+        set_value(config, "data.seq_len", n[d.layout])
+    step = d.get("bucket_step", 0)
+    if step and not tuple(d.buckets or ()):
+        set_value(config, "data.buckets", tuple(range(step, d.seq_len, step)) + (d.seq_len,))
 
 
 def set_value(config: mc.ConfigDict, key: str, value: Any) -> None:
@@ -361,11 +398,16 @@ def base_config() -> mc.ConfigDict:
     c.data.num_eval = 256  # held-out examples (0 = all of a file)
     c.data.tokenizer_path = ""  # HF tokenizer dir (default: model.path); synthetic tasks bring their own
     c.data.sft_responses = "chosen"  # SFT stage on preference data: "chosen" or "all" responses
-    c.data.layout = "padded"  # padded | prefix_shared | packed
-    c.data.seq_len = 64  # S: tokens per row
+    # auto: prefix_shared for preference pairs, padded for SFT and labelled responses | padded |
+    # prefix_shared | packed (docs/training.md: which to pick)
+    c.data.layout = "auto"
+    # S: tokens per row; 0: what the longest allowed example needs in the layout (resolve_data_shape)
+    c.data.seq_len = 0
     # row-length buckets, e.g. (128, 256, 512): each step's rows padded to the smallest bucket that
-    # holds its examples (one compiled shape per bucket used); () = always data.seq_len
+    # holds its examples (one compiled shape per bucket used); () with bucket_step > 0: every multiple
+    # of bucket_step up to seq_len; () with bucket_step 0: always data.seq_len
     c.data.buckets = ()
+    c.data.bucket_step = 64
     c.data.response_len = 16  # R: tokens per response (EOS included)
     c.data.max_prompt_tokens = 48
     c.data.truncate_prompt = True  # False: a longer prompt is bad input (data.on_error: fail or skip)
@@ -468,6 +510,9 @@ def synthetic_config(task: str, stage: str, sft_workdir: str = "") -> mc.ConfigD
     c.data.response_len = 12
     c.data.max_prompt_tokens = 16
     c.data.sft_responses = "chosen" if task == "error_injection" else "all"
+    # the synthetic experiments were calibrated on fixed padded rows: their numbers stay those
+    c.data.layout = "padded"
+    c.data.bucket_step = 0
     if task == "dense_reward":
         c.data.on_error = "skip"  # two reference samples can coincide: such pairs carry no preference
         # responses run to max_len letters + EOS (with one to spare): none is truncated, since the

@@ -23,6 +23,7 @@ from dpoq_jax.models.decoder import Decoder, abstract_split, split_params
 from dpoq_jax.models.lora import LoraConfig, split_adapters
 from dpoq_jax.train import inputs, load
 from dpoq_jax.train.checkpoint import base_checksums
+from dpoq_jax.train.config import resolve_data_shape
 from dpoq_jax.train.mesh import BATCH_AXES, batch_sharding, make_mesh, replicated, rules_from_config
 from dpoq_jax.train.optim import make_optimizer
 from dpoq_jax.train.state import (
@@ -258,6 +259,7 @@ def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, w
 
     with_data=False skips reading data (Run.dataset is None) and `source` replaces the config's model
     source: `dpoq compile` builds the step this way from shapes alone, for devices it does not have."""
+    resolve_data_shape(cfg)  # a config not made by load_config may still say layout "auto", seq_len 0
     mesh = make_mesh(cfg.mesh, devices)
     check_batch_split(cfg, mesh)
     rules = rules_from_config(cfg.sharding.rules)

@@ -6,7 +6,9 @@ r"""DPO of a Hugging Face chat model on conversational preference data (docs/cha
 The argument after the colon is the model folder (model.path; its tokenizer and chat template are used).
 data.path is a JSONL file or, with --config.data.source=datasets, a parquet/arrow file, a save_to_disk
 folder or a cached Hub dataset, in TRL's formats (data/chat.py). Sizes suit a short CPU run of a
-135M-parameter model; raise data.seq_len/response_len/max_prompt_tokens for longer conversations.
+135M-parameter model; raise data.response_len/max_prompt_tokens for longer conversations. Rows are the
+defaults: prefix-shared (the prompt once, both answers after it), as long as the longest pair needs
+(data.seq_len 0) and each step's rows cut to its longest pair, rounded up to 64 tokens (data.bucket_step).
 """
 
 from dpoq_jax.train.config import base_config
@@ -18,7 +20,6 @@ def get_config(arg=None):
     c.model.init = "hf"
     c.model.path = arg or ""
     c.data.source = "jsonl"
-    c.data.seq_len = 256
     c.data.max_prompt_tokens = 160
     c.data.response_len = 96
     c.data.on_error = "fail"
