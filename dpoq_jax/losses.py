@@ -6,8 +6,11 @@ jax.jit with sharded inputs an ordinary mean already is; under shard_map/pmap pa
 the sums are psum-ed over that axis.
 
 Loss types carry TRL 1.16 DPOTrainer's names and definitions (`loss_type`, `loss_weights`,
-`ld_alpha`, `use_weighting`, `f_divergence_type`), plus `cdpo` (ours), and the reference-free
-`simpo` and `orpo`. docs/losses.md has the table: formula, what each needs, and the test.
+`ld_alpha`, `use_weighting`, `f_divergence_type`), plus `cdpo` (ours), the reference-free
+`simpo` and `orpo`, and three token-level families that take one more per-token input each:
+`tdpo` (per-token KL(π_ref ‖ π), tokenq.lean_token_kl), `token_weighted` (TIS-DPO's token weights)
+and `selective` (SePO: oracle token rewards pick the tokens). docs/losses.md has the table: formula,
+what each needs, and the test.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dpoq_jax import tokenq
 
@@ -29,11 +33,16 @@ TRL_LOSS_TYPES = (
     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )  # fmt: skip
 REFERENCE_FREE_TYPES = ("simpo", "orpo")
+# Token-level losses, each with one more per-token input (preference_loss's optional arguments):
+# TDPO (Zeng et al., ICML 2024): the per-token KL(π_ref ‖ π) of both responses; TIS-DPO (Liu et al.,
+# ICLR 2025): token weights of both responses; SePO (Yang et al. 2024): oracle token rewards of both
+# responses, which select the tokens of a reference-free SimPO-like loss.
+TOKEN_LEVEL_TYPES = ("tdpo", "token_weighted", "selective")
 # Losses of single responses with outcome labels ({"prompt", "completion", "label"} rows, or pairs
 # unpaired into a good and a bad response): Yuan et al. 2024's cross-entropy, and TRL 1.16
 # KTOTrainer's `apo_zero_unpaired`. They are used alone, never in a mixture with pairwise types.
 UNPAIRED_TYPES = ("outcome_ce", "apo_zero_unpaired")
-LOSS_TYPES = TRL_LOSS_TYPES + ("cdpo",) + REFERENCE_FREE_TYPES + UNPAIRED_TYPES
+LOSS_TYPES = TRL_LOSS_TYPES + ("cdpo",) + REFERENCE_FREE_TYPES + TOKEN_LEVEL_TYPES + UNPAIRED_TYPES
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 # Only losses of the chosen−rejected score difference admit an f-divergence (TRL's rule: the β log Z(x)
 # of the f-DPO reparameterisation cancels only there).
@@ -49,7 +58,8 @@ F_DIVERGENCE_TYPES = (
     "cdpo",
 )
 _SORTING_TYPES = ("aot", "aot_unpaired")
-_NO_REFERENCE = REFERENCE_FREE_TYPES + ("sft",)
+_NO_REFERENCE = REFERENCE_FREE_TYPES + ("sft", "selective")
+TDPO_VARIANTS = (1, 2)
 
 
 def parse_types(loss_type: str | Sequence[str]) -> tuple[str, ...]:
@@ -68,8 +78,11 @@ class LossConfig:
     ld_alpha: LD-DPO's α, response tokens past the shorter response's length count α (1 = off).
     use_weighting: WPO pair weights (needs the policy's per-token log Σ_v p_v²).
     f_divergence_type / f_alpha_divergence_coef: TRL's f-DPO scores. discopop_tau: DiscoPOP's τ.
-    simpo_gamma: SimPO's target margin γ. desirable_weight / undesirable_weight: KTO's λ_D / λ_U, the
-    weights of good and bad responses in the unpaired losses (UNPAIRED_TYPES)."""
+    simpo_gamma: SimPO's target margin γ (also SePO's, `selective`). desirable_weight /
+    undesirable_weight: KTO's λ_D / λ_U, the weights of good and bad responses in the unpaired losses
+    (UNPAIRED_TYPES). tdpo_variant: 1 (TDPO1) or 2 (TDPO2, the official default); tdpo_alpha: TDPO2's
+    α, the weight of the sequential-KL difference (unused by TDPO1). select_ratio: SePO's token
+    fraction k in (0, 1] (top k of each chosen, bottom k of each rejected response)."""
 
     beta: float = 0.1
     loss_type: str | tuple[str, ...] = "sigmoid"
@@ -85,6 +98,9 @@ class LossConfig:
     simpo_gamma: float = 0.5
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
+    tdpo_alpha: float = 0.5
+    tdpo_variant: int = 2
+    select_ratio: float = 0.3
 
     def __post_init__(self) -> None:
         types = self.types
@@ -129,8 +145,26 @@ class LossConfig:
         if self.desirable_weight < 0 or self.undesirable_weight < 0:
             raise ValueError("LossConfig.desirable_weight and undesirable_weight must be >= 0, got "
                              f"{self.desirable_weight}, {self.undesirable_weight}")
+        self._check_token_level(types)
         if set(types) & set(UNPAIRED_TYPES):
             self._check_unpaired(types)
+
+    def _check_token_level(self, types: tuple[str, ...]) -> None:
+        """TDPO's variant and α, SePO's ratio; LD-DPO's weights do not combine with token-level types
+        (they would be a second, conflicting set of token weights)."""
+        v = self.tdpo_variant
+        if isinstance(v, bool) or v not in TDPO_VARIANTS:
+            raise ValueError(f"LossConfig.tdpo_variant must be 1 or 2, got {v!r}")
+        if not (math.isfinite(self.tdpo_alpha) and self.tdpo_alpha >= 0):
+            raise ValueError(f"LossConfig.tdpo_alpha must be a finite number >= 0, got {self.tdpo_alpha}")
+        if not (math.isfinite(self.select_ratio) and 0.0 < self.select_ratio <= 1.0):
+            raise ValueError(f"LossConfig.select_ratio must be in (0, 1], got {self.select_ratio}")
+        token_level = [t for t in types if t in TOKEN_LEVEL_TYPES]
+        if token_level and self.ld_alpha != 1.0:
+            raise ValueError(
+                f"LossConfig.ld_alpha={self.ld_alpha} does not combine with token-level loss types "
+                f"{token_level} (they set their own token weights or selection)"
+            )
 
     def _check_unpaired(self, types: tuple[str, ...]) -> None:
         """An unpaired type stands alone: the pairwise options have no meaning for single responses."""
@@ -161,8 +195,24 @@ class LossConfig:
 
     @property
     def needs_reference(self) -> bool:
-        """False when every loss type is reference-free (simpo, orpo, sft): no reference forward at all."""
+        """False when every loss type is reference-free (simpo, orpo, sft, selective): no reference
+        forward at all."""
         return not set(self.types) <= set(_NO_REFERENCE)
+
+    @property
+    def needs_token_kl(self) -> bool:
+        """True for `tdpo`: preference_loss needs kl_chosen_BT / kl_rejected_BT (tokenq.lean_token_kl)."""
+        return "tdpo" in self.types
+
+    @property
+    def needs_token_weights(self) -> bool:
+        """True for `token_weighted`: preference_loss needs chosen_weights_BT / rejected_weights_BT."""
+        return "token_weighted" in self.types
+
+    @property
+    def needs_oracle_rewards(self) -> bool:
+        """True for `selective`: preference_loss needs chosen_oracle_BT / rejected_oracle_BT."""
+        return "selective" in self.types
 
 
 def _psum(x: Array, axis_name: str | None) -> Array:
@@ -226,6 +276,76 @@ def wpo_weights(logps_BT: Array, log_sum_sq_BT: Array, mask_BT: Array) -> Array:
     return jnp.exp(jnp.sum(aligned_BT, -1) / jnp.maximum(jnp.sum(m_BT, -1), 1.0))
 
 
+def tis_dpo_weights(
+    pos_logps_BT: Array,
+    neg_logps_BT: Array,
+    mask_BT: Array,
+    *,
+    chosen: bool,
+    lower: float,
+    upper: float,
+    mu: float = 1.0,
+    k: float = 1.0,
+) -> Array:
+    """TIS-DPO's token weights from a contrastive pair of models -> [B, T] (no gradient, 0 where masked).
+
+    TIS-DPO: Token-level Importance Sampling for Direct Preference Optimization With Estimated
+    Weights (Liu et al., ICLR 2025, arXiv 2410.04350), §4 weight estimation: with π+ / π− the
+    "positive" / "negative" model of the pair (e.g. DPO and reverse-DPO on the same data) and
+    d_t = log π+(y_t|s_t) − log π−(y_t|s_t),
+
+        chosen (winning) tokens:    w_t = k · exp( μ · clamp(d_t, L, U))
+        rejected (losing) tokens:   w_t = k · exp(−μ · clamp(d_t, L, U))
+
+    so a chosen token that the positive model prefers, and a rejected token that the negative model
+    prefers, weigh more. The paper's text past its abstract was not readable through our tools; the
+    formula is the paper's as we know it, and its sign convention is checked against the public code
+    of the method (forks of github.com/exlaw/TIS-DPO: `token_weight_estimation.py` stores
+    log π− − log π+ per token and the data loader negates it for chosen responses; `trainers.py`
+    multiplies each token's log π/π_ref by its weight before summing, as `token_weighted` does here).
+    L = `lower`, U = `upper` have no default here on purpose: choose them (and μ, k) for the run.
+    """
+    if not lower <= upper:
+        raise ValueError(f"tis_dpo_weights: lower must be <= upper, got {lower} > {upper}")
+    d_BT = jax.lax.stop_gradient(_f32(pos_logps_BT) - _f32(neg_logps_BT))
+    sign = 1.0 if chosen else -1.0
+    return k * jnp.exp(sign * mu * jnp.clip(d_BT, lower, upper)) * mask_BT.astype(d_BT.dtype)
+
+
+def select_ratio_counts(n_max: int, ratio: float) -> np.ndarray:
+    """k(n) for n = 0..n_max real tokens: 0 for n = 0, else max(1, ⌊ratio·n + 1e-9⌋) (SePO's
+    int(ratio·N), at least one token; the 1e-9 makes e.g. 0.29·100 = 28.999… count 29)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0.0 < ratio <= 1.0:
+        raise ValueError(f"select_tokens: ratio must be a number in (0, 1], got {ratio!r}")
+    return np.array([0] + [max(1, math.floor(ratio * n + 1e-9)) for n in range(1, n_max + 1)], np.int32)
+
+
+def select_tokens(rewards_BT: Array, mask_BT: Array, ratio: float, top: bool) -> Array:
+    """SePO's token selection -> selected_mask_BT (float32 0/1, no gradient).
+
+    Per response (row), among its real tokens (mask > 0) only, keep the k = max(1, ⌊ratio·n⌋) tokens
+    with the highest (`top=True`, chosen responses) or lowest (`top=False`, rejected responses)
+    reward, n the row's number of real tokens (see select_ratio_counts; 0 for an empty row). Ties go
+    to the earlier position (a stable sort), so the selection is deterministic. `ratio` is a static
+    Python number; ratio = 1 selects exactly the mask.
+    """
+    if rewards_BT.ndim != 2 or mask_BT.shape != rewards_BT.shape:
+        raise ValueError(
+            f"select_tokens: rewards_BT and mask_BT must be [B, T] alike, got {rewards_BT.shape}, "
+            f"{mask_BT.shape}"
+        )
+    table_N = jnp.asarray(select_ratio_counts(rewards_BT.shape[1], ratio))
+    real_BT = mask_BT > 0
+    k_B = table_N[jnp.sum(real_BT, axis=-1)]
+    r_BT = jax.lax.stop_gradient(_f32(rewards_BT))
+    key_BT = -r_BT if top else r_BT
+    key_BT = jnp.where(key_BT == 0, 0.0, key_BT)  # −0.0 and 0.0 tie like any equal rewards
+    # real tokens first (ascending key), then the padding; lexsort is stable: ties keep position order
+    order_BT = jnp.lexsort((key_BT, jnp.logical_not(real_BT).astype(jnp.int32)), axis=-1)
+    rank_BT = jnp.argsort(order_BT, axis=-1)  # the inverse permutation: each position's rank
+    return ((rank_BT < k_B[:, None]) & real_BT).astype(jnp.float32)
+
+
 def _log1mexp(x: Array) -> Array:
     """log(1 − e^x) for x < 0, accurate at both ends."""
     return jnp.where(x > -math.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
@@ -285,6 +405,12 @@ def preference_loss(
     axis_name: str | None = None,
     chosen_log_sum_sq_BT: Array | None = None,
     rejected_log_sum_sq_BT: Array | None = None,
+    kl_chosen_BT: Array | None = None,
+    kl_rejected_BT: Array | None = None,
+    chosen_weights_BT: Array | None = None,
+    rejected_weights_BT: Array | None = None,
+    chosen_oracle_BT: Array | None = None,
+    rejected_oracle_BT: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Σ_k w_k · mean over pairs of loss_k -> (scalar loss, metrics).
 
@@ -293,6 +419,11 @@ def preference_loss(
     real pairs, 0 for dummy ones (non-negative weights also work, except for aot*: real = > 0).
     *_log_sum_sq_BT: the policy's log Σ_v π(v|s_t)² (tokenq.lean_log_sum_sq_probs), for use_weighting.
     Token-level metrics need per-token refs. aot/aot_unpaired sort within the (micro-)batch.
+    Token-level types, one more per-token input [B, T] each (ignored at masked tokens):
+    kl_*_BT: KL(π_ref(·|s_t) ‖ π(·|s_t)) per token for `tdpo` (tokenq.lean_token_kl, gradient to the
+    policy; TDPO2 stops the chosen side's gradient itself); *_weights_BT: token weights w_t ≥ 0 for
+    `token_weighted` (constants, e.g. tis_dpo_weights; needs per-token refs); *_oracle_BT: oracle
+    token rewards for `selective` (constants; select_tokens picks the top / bottom select_ratio).
     """
     if policy_chosen_BT.ndim != 2 or policy_rejected_BT.ndim != 2:
         raise ValueError(
@@ -322,6 +453,28 @@ def preference_loss(
     if axis_name is not None and set(types) & set(_SORTING_TYPES):
         raise ValueError(
             "preference_loss: aot/aot_unpaired sort the whole batch; not under shard_map (axis_name)"
+        )
+    token_inputs = (
+        ("tdpo", "kl_chosen_BT", kl_chosen_BT, "kl_rejected_BT", kl_rejected_BT,
+         "per-token KL(π_ref ‖ π), tokenq.lean_token_kl"),
+        ("token_weighted", "chosen_weights_BT", chosen_weights_BT, "rejected_weights_BT",
+         rejected_weights_BT, "token weights, e.g. losses.tis_dpo_weights"),
+        ("selective", "chosen_oracle_BT", chosen_oracle_BT, "rejected_oracle_BT", rejected_oracle_BT,
+         "oracle token rewards"),
+    )  # fmt: skip
+    for t, c_name, c_x, r_name, r_x, what in token_inputs:
+        if t in types and (c_x is None or r_x is None):
+            raise ValueError(
+                f"preference_loss: loss_type {t!r} needs {c_name} and {r_name} ({what}), got None"
+            )
+        for name, x, like in ((c_name, c_x, policy_chosen_BT), (r_name, r_x, policy_rejected_BT)):
+            if x is not None and x.shape != like.shape:
+                raise ValueError(
+                    f"preference_loss: {name} has shape {x.shape}, policy log-probs {like.shape}"
+                )
+    if "token_weighted" in types and has_ref and (ref_chosen.ndim != 2 or ref_rejected.ndim != 2):
+        raise ValueError(
+            "preference_loss: loss_type 'token_weighted' needs per-token reference log-probs [B, T], got sums"
         )
     cm_BT = chosen_mask_BT.astype(jnp.float32)
     rm_BT = rejected_mask_BT.astype(jnp.float32)
@@ -354,6 +507,34 @@ def preference_loss(
             pol_r_BT, rejected_log_sum_sq_BT, rm_BT
         )
     nll = _token_mean(-pol_c_BT, cm_BT, pm_B, axis_name)
+
+    real = lambda x_BT, m_BT: jnp.where(m_BT > 0, _f32(x_BT), 0.0)  # noqa: E731 (inf/nan padding is safe)
+    if "tdpo" in types:  # sequential KL Σ_t KL(π_ref(·|s_t) ‖ π(·|s_t)) of each response
+        seq_kl_c_B = tokenq.masked_sum(real(kl_chosen_BT, cm_BT), cm_BT)
+        seq_kl_r_B = tokenq.masked_sum(real(kl_rejected_BT, rm_BT), rm_BT)
+        metrics["tdpo/seq_kl_chosen"] = mean(seq_kl_c_B)
+        metrics["tdpo/seq_kl_rejected"] = mean(seq_kl_r_B)
+        # the official implementation's rewards: β(log π/π_ref + SeqKL) of each response
+        metrics["tdpo/rewards_chosen"] = mean(beta * (lr_c_B + seq_kl_c_B))
+        metrics["tdpo/rewards_rejected"] = mean(beta * (lr_r_B + seq_kl_r_B))
+    if "token_weighted" in types:  # Σ_t w_t log π/π_ref with TIS-DPO's weights (mask · w)
+        tw_c_BT = real(chosen_weights_BT, cm_BT) * cm_BT  # = the mask exactly when every weight is 1
+        tw_r_BT = real(rejected_weights_BT, rm_BT) * rm_BT
+        tlr_c_B = tokenq.masked_sum(pol_c_BT, tw_c_BT) - _ref_sum(ref_chosen, tw_c_BT, "ref_chosen")
+        tlr_r_B = tokenq.masked_sum(pol_r_BT, tw_r_BT) - _ref_sum(ref_rejected, tw_r_BT, "ref_rejected")
+        metrics["token_weighted/rewards_chosen"] = mean(beta * tlr_c_B)
+        metrics["token_weighted/rewards_rejected"] = mean(beta * tlr_r_B)
+        metrics["token_weighted/weight_chosen"] = _token_mean(tw_c_BT, cm_BT, pm_B, axis_name)
+        metrics["token_weighted/weight_rejected"] = _token_mean(tw_r_BT, rm_BT, pm_B, axis_name)
+    if "selective" in types:  # SePO: top tokens of the chosen, bottom tokens of the rejected response
+        sel_c_BT = select_tokens(chosen_oracle_BT, cm_BT, config.select_ratio, top=True)
+        sel_r_BT = select_tokens(rejected_oracle_BT, rm_BT, config.select_ratio, top=False)
+        sel_avg_c_B = tokenq.masked_sum(pol_c_BT, sel_c_BT) / jnp.maximum(jnp.sum(sel_c_BT, -1), 1.0)
+        sel_avg_r_B = tokenq.masked_sum(pol_r_BT, sel_r_BT) / jnp.maximum(jnp.sum(sel_r_BT, -1), 1.0)
+        metrics["selective/logps_mean_chosen"] = mean(sel_avg_c_B)
+        metrics["selective/logps_mean_rejected"] = mean(sel_avg_r_B)
+        metrics["selective/fraction_chosen"] = _token_mean(sel_c_BT, cm_BT, pm_B, axis_name)
+        metrics["selective/fraction_rejected"] = _token_mean(sel_r_BT, rm_BT, pm_B, axis_name)
 
     loss = jnp.float32(0.0)
     for t, w in zip(types, config.weights, strict=True):
@@ -391,6 +572,16 @@ def preference_loss(
             per_B = -jax.nn.log_sigmoid(beta * (avg_c_B - avg_r_B) - config.simpo_gamma)
         elif t == "orpo":  # NLL + β·(−log σ(log odds ratio)); the NLL is added once below
             per_B = -beta * _orpo_log_sigmoid(avg_c_B, avg_r_B, pm_B)
+        elif t == "tdpo":  # TDPO1: −ls(β[Δu − (D_l − D_w)]); TDPO2: −ls(β[Δu − α(D_l − sg(D_w))])
+            if config.tdpo_variant == 1:
+                d_B = (lr_c_B - lr_r_B) - (seq_kl_r_B - seq_kl_c_B)
+            else:
+                d_B = (lr_c_B - lr_r_B) - config.tdpo_alpha * (seq_kl_r_B - jax.lax.stop_gradient(seq_kl_c_B))
+            per_B = -jax.nn.log_sigmoid(beta * d_B)
+        elif t == "token_weighted":  # TIS-DPO: −ls(β[Σ w_w log π/π_ref(y_w) − Σ w_l log π/π_ref(y_l)])
+            per_B = -jax.nn.log_sigmoid(beta * (tlr_c_B - tlr_r_B))
+        elif t == "selective":  # SePO: SimPO on the selected tokens' mean log-probs
+            per_B = -jax.nn.log_sigmoid(beta * (sel_avg_c_B - sel_avg_r_B) - config.simpo_gamma)
         else:
             raise ValueError(f"unknown loss_type {t!r}")
         loss = loss + w * mean(per_B * pair_w_B)

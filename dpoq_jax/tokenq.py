@@ -35,16 +35,22 @@ def token_logps(logits_BTV: Array, targets_BT: Array, mask_BT: Array | None = No
     return logps_BT * _ones_like_bt(logps_BT, mask_BT)
 
 
-def _chunk_logps(
-    h_BCD: Array, unembed_DV: Array, bias_V: Array | None, targets_BC: Array, softcap: float | None = None
-) -> Array:
-    # Accumulate the matmul in (at least) float32 without upcasting the whole unembedding matrix.
+def _chunk_logits(h_BCD: Array, unembed_DV: Array, bias_V: Array | None, softcap: float | None) -> Array:
+    """Logits of one chunk, then bias and soft-cap. The matmul accumulates in (at least) float32
+    without upcasting the whole unembedding matrix."""
     acc = jnp.promote_types(jnp.result_type(h_BCD, unembed_DV), jnp.float32)
     logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, unembed_DV, preferred_element_type=acc)
     if bias_V is not None:
         logits_BCV = logits_BCV + bias_V.astype(acc)
     if softcap is not None:  # Gemma 2's final-logit soft-capping
         logits_BCV = softcap * jnp.tanh(logits_BCV / softcap)
+    return logits_BCV
+
+
+def _chunk_logps(
+    h_BCD: Array, unembed_DV: Array, bias_V: Array | None, targets_BC: Array, softcap: float | None = None
+) -> Array:
+    logits_BCV = _chunk_logits(h_BCD, unembed_DV, bias_V, softcap)
     lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
     return jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0] - lse_BC
 
@@ -196,3 +202,81 @@ def lean_log_sum_sq_probs(
     _, out_KBC = jax.lax.scan(body, None, h_KBCD)
     out_BT = out_KBC.swapaxes(0, 1).reshape(B, k * c)[:, :T]
     return out_BT * _ones_like_bt(out_BT, mask_BT)
+
+
+def token_kl(logits_BTV: Array, ref_logits_BTV: Array, mask_BT: Array | None = None) -> Array:
+    """KL(π_ref(·|s_t) ‖ π(·|s_t)) = Σ_v π_ref(v)(log π_ref(v) − log π(v)) per state -> [B, T]
+    (TDPO's per-token sequential KL; log-softmax in ≥ float32); 0 where mask == 0."""
+    logp_BTV = jax.nn.log_softmax(_f32(logits_BTV), axis=-1)
+    ref_logp_BTV = jax.nn.log_softmax(_f32(ref_logits_BTV), axis=-1)
+    kl_BT = jnp.sum(jnp.exp(ref_logp_BTV) * (ref_logp_BTV - logp_BTV), axis=-1)
+    return kl_BT * _ones_like_bt(kl_BT, mask_BT)
+
+
+def lean_token_kl(
+    h_policy_PRD: Array,
+    h_ref_PRD: Array,
+    unembed_policy_DV: Array,
+    unembed_ref_DV: Array,
+    mask_PR: Array | None = None,
+    *,
+    chunk_size: int = 256,
+    softcap: float | None = None,
+    bias_policy_V: Array | None = None,
+    bias_ref_V: Array | None = None,
+) -> Array:
+    """token_kl(h_policy @ unembed_policy + bias_policy, h_ref @ unembed_ref + bias_ref, mask) over the
+    whole vocabulary without ever holding a [P, R, V] float32 array -> kl_PR (0 where masked).
+
+    Chunked over response positions exactly like lean_token_logps: C = max(1, chunk_size // P) steps
+    per chunk, lax.scan over the chunks, each chunk under jax.checkpoint, so the backward pass
+    recomputes that chunk's two [P, C, V] logits instead of storing them (peak extra memory
+    O(chunk_size · V)). `softcap` applies to both models' logits (the same architecture). The policy
+    and reference may differ in width (D, D') but not in vocabulary. Differentiable in every input;
+    gradients flow wherever the caller lets them (TDPO: policy side only, the reference inputs wrapped
+    in jax.lax.stop_gradient by the caller; the loss decides which KL terms are stop-gradient).
+    """
+    P, R, D = h_policy_PRD.shape
+    if h_ref_PRD.ndim != 3 or h_ref_PRD.shape[:2] != (P, R):
+        raise ValueError(
+            f"lean_token_kl: h_ref_PRD has shape {h_ref_PRD.shape}, expected ({P}, {R}, D') to match "
+            f"h_policy_PRD {h_policy_PRD.shape}"
+        )
+    Dr = h_ref_PRD.shape[2]
+    if unembed_policy_DV.ndim != 2 or unembed_policy_DV.shape[0] != D:
+        raise ValueError(
+            f"lean_token_kl: unembed_policy_DV has shape {unembed_policy_DV.shape}, expected ({D}, V)"
+        )
+    V = unembed_policy_DV.shape[1]
+    if unembed_ref_DV.shape != (Dr, V):
+        raise ValueError(
+            f"lean_token_kl: unembed_ref_DV has shape {unembed_ref_DV.shape}, expected {(Dr, V)}"
+        )
+    for name, b in (("bias_policy_V", bias_policy_V), ("bias_ref_V", bias_ref_V)):
+        if b is not None and b.shape != (V,):
+            raise ValueError(f"lean_token_kl: {name} has shape {b.shape}, expected ({V},)")
+    if mask_PR is not None and mask_PR.shape != (P, R):
+        raise ValueError(f"lean_token_kl: mask_PR has shape {mask_PR.shape}, expected {(P, R)}")
+    if chunk_size <= 0:
+        raise ValueError(f"lean_token_kl: chunk_size must be positive, got {chunk_size}")
+    c = min(max(1, chunk_size // P), R)
+    k = -(-R // c)
+    pad = k * c - R
+
+    def to_chunks(h_PRD: Array) -> Array:  # [P, R, D] -> [K, P, C, D]
+        d = h_PRD.shape[2]
+        return jnp.pad(h_PRD, ((0, 0), (0, pad), (0, 0))).reshape(P, k, c, d).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(hp_PCD: Array, hr_PCD: Array, wp_DV: Array, wr_DV: Array, bp_V, br_V) -> Array:
+        logits_PCV = _chunk_logits(hp_PCD, wp_DV, bp_V, softcap)
+        ref_logits_PCV = _chunk_logits(hr_PCD, wr_DV, br_V, softcap)
+        return token_kl(logits_PCV, ref_logits_PCV)
+
+    def body(carry: None, xs: tuple[Array, Array]) -> tuple[None, Array]:
+        hp_PCD, hr_PCD = xs
+        return carry, one_chunk(hp_PCD, hr_PCD, unembed_policy_DV, unembed_ref_DV, bias_policy_V, bias_ref_V)
+
+    _, kl_KPC = jax.lax.scan(body, None, (to_chunks(h_policy_PRD), to_chunks(h_ref_PRD)))
+    kl_PR = kl_KPC.swapaxes(0, 1).reshape(P, k * c)[:, :R]
+    return kl_PR * _ones_like_bt(kl_PR, mask_PR)
