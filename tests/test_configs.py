@@ -207,3 +207,39 @@ def test_over_long_prompts_truncate_fail_or_skip(tmp_path):
     assert 0 < len(skipped.train) < 20
     assert skipped.stats["train"]["read"]["by_kind"] == {"prompt_too_long": 20 - len(skipped.train)}
     assert all(len(p.prompt_ids) <= 9 for p in skipped.train)
+
+
+def test_data_shape_defaults_resolve_to_the_fastest_exact_layout():
+    """layout "auto": prefix-shared rows for pairs, padded for SFT and labelled responses; seq_len 0:
+    the row the longest allowed example needs; bucket_step: buckets up to seq_len (dynamic padding)."""
+    from dpoq_jax.train.config import resolve_data_shape
+
+    def resolved(**values):
+        c = base_config()
+        for key, v in values.items():
+            *group, name = key.split("__")
+            (c[group[0]] if group else c)[name] = v
+        resolve_data_shape(c)
+        return c.data.layout, c.data.seq_len, tuple(c.data.buckets)
+
+    # base: max_prompt_tokens 48, response_len 16, bucket_step 64
+    assert resolved() == ("prefix_shared", 80, (64, 80))
+    assert resolved(stage="sft") == ("padded", 64, (64,))
+    assert resolved(loss__loss_type="outcome_ce") == ("padded", 64, (64,))
+    assert resolved(data__layout="packed", data__bucket_step=0) == ("packed", 160, ())
+    assert resolved(data__max_prompt_tokens=300, data__response_len=60) == (
+        "prefix_shared", 420, (64, 128, 192, 256, 320, 384, 420))  # fmt: skip
+    # explicit values are kept, and resolving twice changes nothing
+    c = base_config()
+    c.data.layout, c.data.seq_len, c.data.buckets = "padded", 100, (50, 100)
+    resolve_data_shape(c)
+    resolve_data_shape(c)
+    assert (c.data.layout, c.data.seq_len, tuple(c.data.buckets)) == ("padded", 100, (50, 100))
+
+
+def test_bad_data_shape_and_token_level_losses_are_one_line_errors(tmp_path):
+    cfg = str(CONFIGS / "error_injection_dpo.py") + ":" + str(tmp_path)  # the SFT run's folder
+    with pytest.raises(ConfigError, match="'data.seq_len' and 'data.bucket_step' must be >= 0"):
+        load_config(cfg, ["--config.data.bucket_step=-1"])
+    with pytest.raises(ConfigError, match=r"\['tdpo'\] are losses of arrays"):
+        load_config(cfg, ["--config.loss.loss_type=tdpo"])
