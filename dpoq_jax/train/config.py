@@ -371,7 +371,10 @@ def base_config() -> mc.ConfigDict:
     c.model.config = mc.ConfigDict()  # ModelConfig fields for init="random"
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"  # compute dtype
-    c.model.remat = ""  # "" keeps the model config's; "none" | "full" | "dots" (recompute blocks in backward)
+    # "" keeps the model config's; "none" | "full" | "dots" (recompute blocks in the backward pass). "full":
+    # on CPU as fast as "none" or faster (memory traffic dominates) in half the memory or less
+    # (benchmarks/results/remat_cpu.json); on an accelerator, set "none" where the activations fit
+    c.model.remat = "full"
     c.model.attention = "auto"  # auto (TPU splash, GPU cuDNN where exact, else XLA) | xla | cudnn | splash
     c.model.hf_export = True  # write WORKDIR/hf at the end (models.hf.save_hf)
     # LoRA (models/lora.py): rank 0 trains every weight; rank > 0 trains only adapters on `targets`,
@@ -510,9 +513,10 @@ def synthetic_config(task: str, stage: str, sft_workdir: str = "") -> mc.ConfigD
     c.data.response_len = 12
     c.data.max_prompt_tokens = 16
     c.data.sft_responses = "chosen" if task == "error_injection" else "all"
-    # the synthetic experiments were calibrated on fixed padded rows: their numbers stay those
+    # the synthetic experiments were calibrated on fixed padded rows without remat: their numbers stay
     c.data.layout = "padded"
     c.data.bucket_step = 0
+    c.model.remat = ""
     if task == "dense_reward":
         c.data.on_error = "skip"  # two reference samples can coincide: such pairs carry no preference
         # responses run to max_len letters + EOS (with one to spare): none is truncated, since the
