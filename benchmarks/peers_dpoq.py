@@ -6,22 +6,26 @@
 WORKDIR holds what benchmarks/peers.py wrote: policy/ and reference/ (HF folders), batch.json.
 A case is LAYOUT[/OPTION...]: layout padded | prefix_shared | packed; options: bucketed (rows of
 the smallest of batch.json's buckets that holds the batch, else batch.json's row_len), precomputed
-(reference log-probs computed once beforehand and carried in the batch), full (logits at every row
-position instead of the lean log-probs). The step is the real one: train.step.make_dpo_loss (or the
+(reference log-probs computed once beforehand and carried in the batch, not timed), full (logits at
+every row position instead of the lean log-probs), remat (the policy loaded with ModelConfig remat
+"full": each decoder layer recomputed in the backward pass, the counterpart of TRL's gradient
+checkpointing and Tunix's RematConfig.DECODER). The step is the real one: train.step.make_dpo_loss (or the
 full-logits loss of benchmarks/dpo_step.py) in train.step.make_train_step, optax AdamW
-(torch's defaults, weight decay 0.01, no clipping, constant lr), float32 on CPU.
+(torch's defaults, weight decay 0.01, no clipping, constant lr), float32 on CPU. With batch.json dtype
+"bfloat16": float32 parameters and optimizer state, bfloat16 compute (dpoq's mixed precision, as TRL's
+bf16=True autocast over float32 weights; make_train_step does not take bfloat16 parameters: its
+gradient accumulator is float32).
 """
 
 from __future__ import annotations
 
 import pathlib
-import resource
 import sys
 import time
 
 import numpy as np
 
-from benchmarks.peers_common import emit, read_batch
+from benchmarks.peers_common import emit, peak_rss_bytes, read_batch
 
 CASES = (
     "padded",
@@ -30,7 +34,21 @@ CASES = (
     "prefix_shared/bucketed",
     "packed/bucketed",
     "prefix_shared/bucketed/precomputed",
+    "padded/remat",
+    "prefix_shared/bucketed/remat",
 )
+OPTIONS = {"bucketed", "precomputed", "full", "remat"}
+LAYOUTS = {"padded", "prefix_shared", "packed"}
+
+
+def parse_case(case: str) -> tuple[str, set[str]]:
+    """LAYOUT[/OPTION...] -> (layout, options); an unknown layout or option is an error."""
+    layout, opts = case.split("/")[0], set(case.split("/")[1:])
+    if layout not in LAYOUTS or not opts <= OPTIONS:
+        raise SystemExit(
+            f"peers_dpoq: bad case {case!r} (layouts {sorted(LAYOUTS)}, options {sorted(OPTIONS)})"
+        )
+    return layout, opts
 
 
 def layout_batch(spec: dict, case: str) -> dict[str, np.ndarray]:
@@ -39,7 +57,7 @@ def layout_batch(spec: dict, case: str) -> dict[str, np.ndarray]:
     from dpoq_jax.data import layouts
     from dpoq_jax.data.examples import TokenizedPair
 
-    layout, opts = case.split("/")[0], set(case.split("/")[1:])
+    layout, opts = parse_case(case)
     pairs = [TokenizedPair(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"]) for p in spec["pairs"]]
     S, R = spec["row_len"], spec["response_len"]
     kw = {}
@@ -65,10 +83,11 @@ class DpoqCase:
         from dpoq_jax.train.load import load_model
 
         self.case = case
-        layout, opts = case.split("/")[0], set(case.split("/")[1:])
-        pd = jnp.dtype(dtype)
-        policy = load_model(str(workdir / "policy"), param_dtype=pd, dtype=pd)
-        reference = load_model(str(workdir / "reference"), param_dtype=pd, dtype=pd)
+        layout, opts = parse_case(case)
+        cd = jnp.dtype(dtype)  # compute; parameters stay float32 (the docstring says why)
+        self.remat = "full" if "remat" in opts else "none"
+        policy = load_model(str(workdir / "policy"), param_dtype=jnp.float32, dtype=cd, remat=self.remat)
+        reference = load_model(str(workdir / "reference"), param_dtype=jnp.float32, dtype=cd)
         self.graphdef, params, self.rest = split_params(policy)
         _, ref_params, _ = split_params(reference)
         self.fwd = step_lib.Forward.for_layout(layout, spec.get("chunk_size", 512))
@@ -140,6 +159,8 @@ class DpoqCase:
             "rows": list(self.np_batch["tokens"].shape),
             "row_tokens": int(np.prod(self.np_batch["tokens"].shape)),
             "compile_s": self.compile_s,
+            "remat": self.remat,
+            "precomputed_ref": self.precomputed,
         }
 
 
@@ -164,7 +185,7 @@ def main(argv: list[str]) -> None:
             break
     emit("DONE", {
         "loss_last": float(c.metrics["loss"]) if hasattr(c, "metrics") else None,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_rss_bytes": peak_rss_bytes(),
     })  # fmt: skip
 
 

