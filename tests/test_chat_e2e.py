@@ -19,7 +19,7 @@ TEMPLATE = (  # ChatML, as SmolLM2-Instruct writes it
     "'<|im_end|>' + '\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-TINY = ["--config.data.seq_len=64", "--config.data.max_prompt_tokens=40", "--config.data.response_len=20",
+TINY = ["--config.data.max_prompt_tokens=40", "--config.data.response_len=20",
         "--config.train.batch_size=8", "--config.train.num_steps=2", "--config.train.eval_every=0",
         "--config.train.log_every=1", "--config.checkpoint.every_steps=2",
         "--config.train.progress_bar=False", "--config.optim.lr=1e-3", "--config.optim.warmup_steps=0"]
