@@ -1,9 +1,14 @@
-"""Time and memory of the DPO step at SmolLM2-135M's shape for each layout and `model.remat` policy.
+"""Time and memory of the DPO step at SmolLM2-135M's shape for each layout and `model.remat` policy,
+with the frozen reference or precomputed reference log-probs.
 
     python -m benchmarks.remat                                  # SmolLM2 shape, 4 TL;DR-like pairs, CPU
     python -m benchmarks.remat --shape tiny --rounds 1 --steps 1 --out /tmp/r.json   # smoke test
 
-Each case (LAYOUT/REMAT, e.g. padded/none, prefix_shared/dots) runs in its own process (a clean peak
+    python -m benchmarks.remat --cases prefix_shared/full,prefix_shared/full/precomputed --rounds 3
+
+Each case (LAYOUT/REMAT[/precomputed], e.g. padded/none, prefix_shared/dots; precomputed: per-token
+reference log-probs in the batch, computed once before timing, no reference parameters or forward
+in the step, as `dpoq precompute-ref` + reference.mode="precomputed") runs in its own process (a clean peak
 RSS), the cases one after another in rounds whose order alternates (load drift hits all alike); a
 round gives each case `--steps` timed steps after one untimed. Per case: median step time over all
 rounds, XLA's compiled temporaries (what the step needs beyond its arguments), the process's peak RSS,
@@ -61,7 +66,10 @@ def run_case(shape: str, case: str, pairs: int, steps: int, seed: int) -> dict:
     from dpoq_jax.train import state as state_lib
     from dpoq_jax.train import step as step_lib
 
-    layout, remat = case.split("/")
+    layout, remat, *opts = case.split("/")
+    precomputed = opts == ["precomputed"]
+    if opts and not precomputed:
+        raise SystemExit(f"benchmarks/remat.py: bad case {case!r}: LAYOUT/REMAT[/precomputed]")
     cfg = dataclasses.replace(models.config_from_hf(hf_config(shape)), remat=remat)
     make = lambda: models.Decoder(cfg, rngs=nnx.Rngs(seed), dtype=jnp.float32)  # noqa: E731
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
@@ -69,8 +77,8 @@ def run_case(shape: str, case: str, pairs: int, steps: int, seed: int) -> dict:
     p_sh = state_lib.param_shardings(abstract, mesh, mesh_lib.DEFAULT_RULES)
     params, rest = state_lib.init_params(make, p_sh)
     optimizer = optax.adamw(1e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01)
-    sh = state_lib.state_shardings(abstract, p_sh, optimizer, mesh, True)
-    state = state_lib.create_train_state(params, optimizer, sh, with_ref=True)
+    sh = state_lib.state_shardings(abstract, p_sh, optimizer, mesh, not precomputed)
+    state = state_lib.create_train_state(params, optimizer, sh, with_ref=not precomputed)
     dist = shapes.LENGTHS["tldr"]
     items = shapes.synthetic_pairs(pairs, cfg.vocab_size, seed, dist=dist)
     # rows as long as the batch needs, rounded up to 64 (the default data.bucket_step)
@@ -78,6 +86,10 @@ def run_case(shape: str, case: str, pairs: int, steps: int, seed: int) -> dict:
     S = layouts.bucket_for(items, layout, buckets)
     np_batch = layouts.preference_batch(items, layout, seq_len=S, response_len=dist.response_max)
     fwd = step_lib.Forward.for_layout(layout)
+    if precomputed:  # the reference's per-token log-probs (= the initial policy's), once, untimed
+        ref = jax.jit(lambda p, b: step_lib.layout_logps(graphdef, rest, p, b, fwd))
+        rc, rr = ref(state.params, {k: jnp.asarray(v) for k, v in np_batch.items()})
+        np_batch["ref_chosen_logps"], np_batch["ref_rejected_logps"] = np.asarray(rc), np.asarray(rr)
     loss_fn = step_lib.make_dpo_loss(graphdef, rest, losses.LossConfig(beta=0.1), fwd)
     step = step_lib.make_train_step(loss_fn, optimizer, optax.constant_schedule(1e-5))
     batch = {k: jnp.asarray(v[None]) for k, v in np_batch.items()}
@@ -93,7 +105,7 @@ def run_case(shape: str, case: str, pairs: int, steps: int, seed: int) -> dict:
         if i:  # the first step pays for allocations
             times.append(time.perf_counter() - t0)
     return {
-        "case": case, "layout": layout, "remat": remat, "rows": list(np_batch["tokens"].shape),
+        "case": case, "layout": layout, "remat": remat, "precomputed": precomputed, "rows": list(np_batch["tokens"].shape),
         "compile_s": compile_s, "step_times_s": times, "loss": float(metrics["loss"]),
         "temp_bytes": int(mem.temp_size_in_bytes), "argument_bytes": int(mem.argument_size_in_bytes),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -138,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
             results.append({"case": case, "failed": rs[-1]["failed"]})
             continue
         t = np.concatenate([x["step_times_s"] for x in ok])
-        results.append({k: ok[0][k] for k in ("case", "layout", "remat", "rows", "temp_bytes", "argument_bytes", "loss")}
+        results.append({k: ok[0][k] for k in ("case", "layout", "remat", "precomputed", "rows", "temp_bytes", "argument_bytes", "loss")}
                        | {"step_times_s": t.tolist(), "step_median_s": float(np.median(t)),
                           "peak_rss_bytes": max(x["peak_rss_bytes"] for x in ok), "compile_s": ok[0]["compile_s"]})  # fmt: skip
     report = {

@@ -394,3 +394,22 @@ def test_peers_smollm2_source(tmp_path):
         peers.prepare_smollm2(str(tmp_path / "empty"), tmp_path / "p3")
     gguf = peers.smollm2_gguf()
     assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf.stat().st_size > 50e6
+
+
+@pytest.mark.slow
+def test_remat_benchmark_tiny(tmp_path):
+    """benchmarks/remat.py at the tiny shape: each case in its own process, the JSON and table; the
+    loss is the same whatever the remat policy (what is kept changes, not what is computed), and
+    the precomputed-reference case holds no reference parameters (smaller arguments)."""
+    from benchmarks import remat
+
+    out = tmp_path / "remat.json"
+    report = remat.main(["--shape", "tiny", "--cases", "padded/none,padded/full,padded/full/precomputed",
+                         "--rounds", "1", "--steps", "1", "--out", str(out)])  # fmt: skip
+    rows = {r["case"]: r for r in report["results"]}
+    assert json.loads(out.read_text())["shape"] == "tiny"
+    assert set(rows) == {"padded/none", "padded/full", "padded/full/precomputed"}
+    assert all("failed" not in r and len(r["step_times_s"]) == 1 for r in rows.values())
+    assert rows["padded/none"]["loss"] == pytest.approx(rows["padded/full"]["loss"], rel=1e-6)
+    assert rows["padded/full/precomputed"]["argument_bytes"] < rows["padded/full"]["argument_bytes"]
+    assert "| padded/full |" in remat.table(report)

@@ -241,5 +241,8 @@ def test_bad_data_shape_and_token_level_losses_are_one_line_errors(tmp_path):
     cfg = str(CONFIGS / "error_injection_dpo.py") + ":" + str(tmp_path)  # the SFT run's folder
     with pytest.raises(ConfigError, match="'data.seq_len' and 'data.bucket_step' must be >= 0"):
         load_config(cfg, ["--config.data.bucket_step=-1"])
-    with pytest.raises(ConfigError, match=r"\['tdpo'\] are losses of arrays"):
-        load_config(cfg, ["--config.loss.loss_type=tdpo"])
+    with pytest.raises(ConfigError, match=r"\['token_weighted'\] are losses of arrays"):
+        load_config(cfg, ["--config.loss.loss_type=token_weighted"])
+    with pytest.raises(ConfigError, match="'reference.mode' must be 'frozen' for loss.loss_type tdpo"):
+        load_config(cfg, ["--config.loss.loss_type=tdpo", "--config.reference.mode=precomputed"])
+    load_config(cfg, ["--config.loss.loss_type=tdpo", "--config.loss.tdpo_alpha=0.3"])

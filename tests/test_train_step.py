@@ -190,3 +190,59 @@ def test_a_batch_that_does_not_split_over_the_devices_is_one_clear_line():
     c.train.batch_size, c.data.layout, c.data.num_rows = 8, "packed", 4
     with pytest.raises(ValueError, match=r"^config key 'data.num_rows': 4 packed rows do not split"):
         setup(c)
+
+
+@pytest.mark.parametrize("variant", [1, 2])
+def test_tdpo_step_equals_the_dense_kl_on_every_layout(variant):
+    """loss_type tdpo in the real step: the loss equals losses.preference_loss fed with the per-token
+    KL(π_ref‖π) computed from the full logits of both models (tokenq.token_kl), and padded,
+    prefix-shared and packed rows give the same loss and gradients (float32)."""
+    from dpoq_jax import losses, tokenq
+    from dpoq_jax.train.step import PAIR
+
+    out = {}
+    for layout in ("padded", "prefix_shared", "packed"):
+        cfg = tiny_config()
+        cfg.data.layout, cfg.data.seq_len = layout, 64
+        cfg.loss.loss_type, cfg.loss.tdpo_variant, cfg.loss.tdpo_alpha = "tdpo", variant, 0.7
+        run = setup(cfg, devices=jax.devices()[:1])
+        state = run.new_state()
+        noise = jax.tree.map(lambda x: 0.05 * jax.random.normal(jax.random.key(1), x.shape), state.params)
+        params = jax.tree.map(jnp.add, state.params, noise)  # a policy that differs from the reference
+        (batch,) = local_batches(run, 1)
+        micro = {k: jnp.asarray(v[0]) for k, v in batch.items()}
+        (loss, (_, metrics)), grads = jax.value_and_grad(run.loss_fn, has_aux=True)(
+            params, state.ref_params, micro
+        )
+        out[layout] = (float(loss), grads)
+        if layout == "padded":  # the dense reference: full logits of both models at every position
+            def logps_and_logits(p, run=run, micro=micro):
+                model = nnx.merge(run.graphdef, p, run.rest)
+                logits = model(micro["tokens"], micro["positions"])
+                N, S, V = logits.shape
+                return logits.reshape(N * S, V)
+
+            lp, lr = logps_and_logits(params), logps_and_logits(state.ref_params)
+            vals = {}
+            for side in PAIR:
+                idx, tgt, mask = (micro[f"{side}_{k}"] for k in ("pred_idx", "targets", "mask"))
+                lp_PRV, lr_PRV = lp[idx], lr[idx]
+                vals[side] = (
+                    jnp.take_along_axis(jax.nn.log_softmax(lp_PRV), tgt[..., None], -1)[..., 0],
+                    jnp.take_along_axis(jax.nn.log_softmax(lr_PRV), tgt[..., None], -1)[..., 0],
+                    tokenq.token_kl(lp_PRV, lr_PRV, mask),
+                )
+            (pc, rc, kc), (pr, rr, kr) = vals["chosen"], vals["rejected"]
+            want, _ = losses.preference_loss(
+                pc, pr, rc, rr, micro["chosen_mask"], micro["rejected_mask"],
+                config=losses.LossConfig(beta=0.1, loss_type="tdpo", tdpo_variant=variant, tdpo_alpha=0.7),
+                pair_mask_B=micro["pair_mask"], kl_chosen_BT=kc, kl_rejected_BT=kr,
+            )  # fmt: skip
+            assert float(jnp.sum(kc * micro["chosen_mask"])) > 1e-3  # the KL is not zero here
+            np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
+    loss0, grads0 = out["padded"]
+    for layout in ("prefix_shared", "packed"):
+        loss, grads = out[layout]
+        np.testing.assert_allclose(loss, loss0, rtol=1e-5, err_msg=layout)
+        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads0), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=layout)

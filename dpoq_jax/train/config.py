@@ -255,12 +255,15 @@ def _check_loss(config: mc.ConfigDict) -> None:
             f"config key 'loss.loss_weights' has {len(loss.loss_weights)} weights for the "
             f"{len(types)} types of loss.loss_type={loss.loss_type!r}"
         )
-    token_level = [t for t in types if t in losses.TOKEN_LEVEL_TYPES]
-    if token_level:  # their per-token inputs (KL, weights, oracle rewards) have no data path yet
+    no_data = [t for t in types if t in ("token_weighted", "selective")]
+    if no_data:  # their per-token inputs (weights, oracle rewards) have no data path yet
         raise ConfigError(
-            f"config key 'loss.loss_type': {token_level} are losses of arrays (losses.preference_loss) "
+            f"config key 'loss.loss_type': {no_data} are losses of arrays (losses.preference_loss) "
             "that `dpoq train` cannot feed yet: their per-token inputs have no data path"
         )
+    if "tdpo" in types and config.stage == "dpo" and config.reference.mode != "frozen":
+        raise ConfigError("config key 'reference.mode' must be 'frozen' for loss.loss_type tdpo (its "
+                          "per-token KL reads the reference's whole next-token distribution)")
     if not 0.0 <= loss.ld_alpha <= 1.0:
         raise ConfigError(f"config key 'loss.ld_alpha' must be in [0, 1], got {loss.ld_alpha}")
     try:
@@ -436,6 +439,9 @@ def base_config() -> mc.ConfigDict:
     c.loss.f_alpha_divergence_coef = 0.5
     c.loss.discopop_tau = 0.05
     c.loss.simpo_gamma = 0.5  # SimPO's target margin γ
+    c.loss.tdpo_variant = 2  # TDPO1 or TDPO2 (Zeng et al. 2024; the chosen side's KL under stop-gradient)
+    c.loss.tdpo_alpha = 0.5  # TDPO2's weight of the sequential-KL difference
+    c.loss.select_ratio = 0.3  # SePO's token fraction (loss_type selective)
     # unpaired losses (loss_type outcome_ce | apo_zero_unpaired, data: labelled responses): KTO's λ_D, λ_U
     c.loss.desirable_weight = 1.0
     c.loss.undesirable_weight = 1.0

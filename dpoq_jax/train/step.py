@@ -158,10 +158,17 @@ def make_dpo_loss(
     def loss_fn(params, ref_params, batch):
         policy, _ = model_states(params, ref_params, fwd.lora)
         weighting = loss_config.use_weighting
-        pc, pr, *lsq = layout_logps(graphdef, rest, policy, batch, fwd, log_sum_sq=weighting)
-        rc, rr = (None, None)
-        if loss_config.needs_reference:
-            rc, rr = reference_logps(graphdef, rest, params, ref_params, batch, fwd)
+        kl = {}
+        if loss_config.needs_token_kl:  # TDPO: log-probs and the per-token KL from the same forwards
+            pc, pr, rc, rr, kl_c, kl_r = tdpo_inputs(graphdef, rest, params, ref_params, batch, fwd)
+            kl, lsq = {"kl_chosen_BT": kl_c, "kl_rejected_BT": kl_r}, []
+            if weighting:
+                raise ValueError("DPO step: loss.use_weighting (WPO) does not combine with tdpo")
+        else:
+            pc, pr, *lsq = layout_logps(graphdef, rest, policy, batch, fwd, log_sum_sq=weighting)
+            rc, rr = (None, None)
+            if loss_config.needs_reference:
+                rc, rr = reference_logps(graphdef, rest, params, ref_params, batch, fwd)
         loss, metrics = losses.preference_loss(
             pc,
             pr,
@@ -173,10 +180,36 @@ def make_dpo_loss(
             pair_mask_B=batch["pair_mask"],
             chosen_log_sum_sq_BT=lsq[0] if lsq else None,
             rejected_log_sum_sq_BT=lsq[1] if lsq else None,
+            **kl,
         )
         return loss, (jnp.sum(batch["pair_mask"]), metrics)
 
     return loss_fn
+
+
+def tdpo_inputs(
+    graphdef: nnx.GraphDef, rest: Any, params: Any, ref_params: Any, batch: Batch, fwd: Forward
+) -> tuple[Array, ...]:
+    """Per-token policy and reference log-probs [P, R] of chosen and rejected, and the per-token
+    KL(π_ref(·|s_t) ‖ π(·|s_t)) [P, R] of each (tokenq.lean_token_kl: chunked over the vocabulary from
+    the hidden states, never a [P, R, V] array). Needs the frozen reference (LoRA: the base): the KL
+    reads its whole next-token distribution, which precomputed log-probs do not hold."""
+    policy, reference = model_states(params, ref_params, fwd.lora)
+    if reference is None:
+        raise ValueError("DPO step: loss_type tdpo needs frozen reference parameters (reference.mode "
+                         "frozen): its per-token KL reads the reference's whole distribution")
+    h, w, b, cap = _hidden_and_unembed(graphdef, policy, rest, batch, fwd)
+    hr, wr, br, _ = jax.lax.stop_gradient(_hidden_and_unembed(graphdef, reference, rest, batch, fwd))
+    out, kls = [], []
+    for side in PAIR:
+        idx, mask, targets = batch[f"{side}_pred_idx"], batch[f"{side}_mask"], batch[f"{side}_targets"]
+        out.append(response_logps(h, w, b, idx, targets, mask, fwd.chunk_size, cap))
+        out.append(response_logps(hr, wr, br, idx, targets, mask, fwd.chunk_size, cap))
+        h_PRD, hr_PRD = jnp.take(h, idx, axis=0), jnp.take(hr, idx, axis=0)
+        kls.append(tokenq.lean_token_kl(h_PRD, hr_PRD, w, wr, mask, chunk_size=fwd.chunk_size, softcap=cap,
+                                        bias_policy_V=b, bias_ref_V=br))
+    pc, rc, pr, rr = out
+    return pc, pr, rc, rr, kls[0], kls[1]
 
 
 def make_outcome_loss(
