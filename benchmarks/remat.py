@@ -2,7 +2,7 @@
 with the frozen reference or precomputed reference log-probs.
 
     python -m benchmarks.remat                                  # SmolLM2 shape, 4 TL;DR-like pairs, CPU
-    python -m benchmarks.remat --shape tiny --rounds 1 --steps 1 --out /tmp/r.json   # smoke test
+    python -m benchmarks.remat --shape tiny --rounds 1 --steps 1 --out runs/remat_tiny.json   # smoke test
 
     python -m benchmarks.remat --cases prefix_shared/full,prefix_shared/full/precomputed --rounds 3
 
