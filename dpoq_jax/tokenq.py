@@ -35,6 +35,23 @@ def token_logps(logits_BTV: Array, targets_BT: Array, mask_BT: Array | None = No
     return logps_BT * _ones_like_bt(logps_BT, mask_BT)
 
 
+def _time_chunks(x_BT: Array, chunk_size: int) -> Array:
+    """[B, T, ...] -> [K, B, C, ...] with C = chunk_size // B time steps (1 to T), T zero-padded to K·C:
+    the lean functions lax.scan over the K chunks, so at most ~chunk_size positions meet the
+    vocabulary at once."""
+    B, T = x_BT.shape[:2]
+    c = min(max(1, chunk_size // B), T)
+    k = -(-T // c)
+    pad = [(0, 0), (0, k * c - T)] + [(0, 0)] * (x_BT.ndim - 2)
+    return jnp.pad(x_BT, pad).reshape(B, k, c, *x_BT.shape[2:]).swapaxes(0, 1)
+
+
+def _from_time_chunks(x_KBC: Array, T: int) -> Array:
+    """[K, B, C] -> [B, T], the padding cut: the inverse of _time_chunks."""
+    K, B, C = x_KBC.shape
+    return x_KBC.swapaxes(0, 1).reshape(B, K * C)[:, :T]
+
+
 def _chunk_logits(h_BCD: Array, unembed_DV: Array, bias_V: Array | None, softcap: float | None) -> Array:
     """Logits of one chunk, then bias and soft-cap. The matmul accumulates in (at least) float32
     without upcasting the whole unembedding matrix."""
@@ -88,12 +105,8 @@ def lean_token_logps(
         raise ValueError(f"lean_token_logps: targets_BT has shape {targets_BT.shape}, expected {(B, T)}")
     if chunk_size <= 0:
         raise ValueError(f"lean_token_logps: chunk_size must be positive, got {chunk_size}")
-    c = min(max(1, chunk_size // B), T)
-    k = -(-T // c)
-    pad = k * c - T
-    # [B, T, D] -> [K, B, C, D]: scan over the K time chunks.
-    h_KBCD = jnp.pad(hidden_BTD, ((0, 0), (0, pad), (0, 0))).reshape(B, k, c, D).swapaxes(0, 1)
-    t_KBC = jnp.pad(jnp.clip(targets_BT, 0, V - 1), ((0, 0), (0, pad))).reshape(B, k, c).swapaxes(0, 1)
+    h_KBCD = _time_chunks(hidden_BTD, chunk_size)
+    t_KBC = _time_chunks(jnp.clip(targets_BT, 0, V - 1), chunk_size)
 
     @jax.checkpoint
     def one_chunk(h_BCD: Array, t_BC: Array, w_DV: Array, b_V: Array | None) -> Array:
@@ -104,7 +117,7 @@ def lean_token_logps(
         return carry, one_chunk(h_BCD, t_BC, unembed_DV, bias_V)
 
     _, logps_KBC = jax.lax.scan(body, None, (h_KBCD, t_KBC))
-    logps_BT = logps_KBC.swapaxes(0, 1).reshape(B, k * c)[:, :T]
+    logps_BT = _from_time_chunks(logps_KBC, T)
     return logps_BT * _ones_like_bt(logps_BT, mask_BT)
 
 
@@ -186,21 +199,11 @@ def lean_log_sum_sq_probs(
         raise ValueError(f"lean_log_sum_sq_probs: chunk_size must be positive, got {chunk_size}")
     hidden_BTD, unembed_DV = jax.lax.stop_gradient(hidden_BTD), jax.lax.stop_gradient(unembed_DV)
     bias_V = None if bias_V is None else jax.lax.stop_gradient(bias_V)
-    c = min(max(1, chunk_size // B), T)
-    k = -(-T // c)
-    h_KBCD = jnp.pad(hidden_BTD, ((0, 0), (0, k * c - T), (0, 0))).reshape(B, k, c, D).swapaxes(0, 1)
-    acc = jnp.promote_types(jnp.result_type(hidden_BTD, unembed_DV), jnp.float32)
-
     def body(carry: None, h_BCD: Array) -> tuple[None, Array]:
-        logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, unembed_DV, preferred_element_type=acc)
-        if bias_V is not None:
-            logits_BCV = logits_BCV + bias_V.astype(acc)
-        if softcap is not None:
-            logits_BCV = softcap * jnp.tanh(logits_BCV / softcap)
-        return carry, log_sum_sq_probs(logits_BCV)
+        return carry, log_sum_sq_probs(_chunk_logits(h_BCD, unembed_DV, bias_V, softcap))
 
-    _, out_KBC = jax.lax.scan(body, None, h_KBCD)
-    out_BT = out_KBC.swapaxes(0, 1).reshape(B, k * c)[:, :T]
+    _, out_KBC = jax.lax.scan(body, None, _time_chunks(hidden_BTD, chunk_size))
+    out_BT = _from_time_chunks(out_KBC, T)
     return out_BT * _ones_like_bt(out_BT, mask_BT)
 
 
@@ -259,14 +262,6 @@ def lean_token_kl(
         raise ValueError(f"lean_token_kl: mask_PR has shape {mask_PR.shape}, expected {(P, R)}")
     if chunk_size <= 0:
         raise ValueError(f"lean_token_kl: chunk_size must be positive, got {chunk_size}")
-    c = min(max(1, chunk_size // P), R)
-    k = -(-R // c)
-    pad = k * c - R
-
-    def to_chunks(h_PRD: Array) -> Array:  # [P, R, D] -> [K, P, C, D]
-        d = h_PRD.shape[2]
-        return jnp.pad(h_PRD, ((0, 0), (0, pad), (0, 0))).reshape(P, k, c, d).swapaxes(0, 1)
-
     @jax.checkpoint
     def one_chunk(hp_PCD: Array, hr_PCD: Array, wp_DV: Array, wr_DV: Array, bp_V, br_V) -> Array:
         logits_PCV = _chunk_logits(hp_PCD, wp_DV, bp_V, softcap)
@@ -277,6 +272,7 @@ def lean_token_kl(
         hp_PCD, hr_PCD = xs
         return carry, one_chunk(hp_PCD, hr_PCD, unembed_policy_DV, unembed_ref_DV, bias_policy_V, bias_ref_V)
 
-    _, kl_KPC = jax.lax.scan(body, None, (to_chunks(h_policy_PRD), to_chunks(h_ref_PRD)))
-    kl_PR = kl_KPC.swapaxes(0, 1).reshape(P, k * c)[:, :R]
+    chunks = (_time_chunks(h_policy_PRD, chunk_size), _time_chunks(h_ref_PRD, chunk_size))
+    _, kl_KPC = jax.lax.scan(body, None, chunks)
+    kl_PR = _from_time_chunks(kl_KPC, R)
     return kl_PR * _ones_like_bt(kl_PR, mask_PR)
