@@ -7,6 +7,7 @@ import chex
 import jax
 import numpy as np
 import pytest
+from helpers import central_difference
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -389,13 +390,7 @@ def _fd_check(f_jax, f_np, args, which=(0, 1), h=1e-6, atol=1e-9):
         assert f_jax(*a64).dtype == np.float64
         g = jax.grad(lambda *xs: f_jax(*xs), argnums=which)(*a64)
         for gi, i in zip(g, which, strict=True):
-            num = np.zeros_like(a64[i])
-            for idx in np.ndindex(a64[i].shape):
-                plus, minus = list(a64), list(a64)
-                plus[i], minus[i] = a64[i].copy(), a64[i].copy()
-                plus[i][idx] += h
-                minus[i][idx] -= h
-                num[idx] = (f_np(*plus) - f_np(*minus)) / (2 * h)
+            num = central_difference(f_np, a64, i, h)
             np.testing.assert_allclose(np.asarray(gi), num, atol=atol, rtol=1e-6)
             assert np.abs(num).max() > 1e-4  # the check is not vacuous
 

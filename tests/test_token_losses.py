@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import central_difference
 
 from dpoq_jax import losses, tokenq
 from dpoq_jax.losses import LossConfig
@@ -116,15 +117,7 @@ def _np_kl(logits_p, logits_r):
 
 def _fd(f_np, args, i, h=1e-6):
     """Central differences of the float64 formula f_np w.r.t. args[i]."""
-    a64 = [np.asarray(x, np.float64) for x in args]
-    num = np.zeros_like(a64[i])
-    for idx in np.ndindex(a64[i].shape):
-        plus, minus = list(a64), list(a64)
-        plus[i], minus[i] = a64[i].copy(), a64[i].copy()
-        plus[i][idx] += h
-        minus[i][idx] -= h
-        num[idx] = (f_np(*plus) - f_np(*minus)) / (2 * h)
-    return num
+    return central_difference(f_np, args, i, h)
 
 
 def _check_grads(f_jax, f_np, args, which, atol=1e-9):
