@@ -127,6 +127,15 @@ INTERVAL = (f"95% percentile bootstrap over rounds ({BOOT_RESAMPLES} resamples, 
             "rounds independently")  # fmt: skip
 
 
+def _shown(path: pathlib.Path) -> str:
+    """A results path as logs show it: relative to the repository when inside it (committed logs name
+    no machine's folders)."""
+    try:
+        return str(path.resolve().relative_to(HERE.parent.resolve()))
+    except ValueError:
+        return str(path)
+
+
 def log(msg: str) -> None:
     print(f"[peers {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -891,7 +900,7 @@ def write_report(out: dict, path: pathlib.Path, final: bool) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     if not final:
-        log(f"wrote {path} (groups so far)")
+        log(f"wrote {_shown(path)} (groups so far)")
         return
     if out["not_for_results"]:
         log("WARNING: not for results: " + "; ".join(out["not_for_results_reasons"]))
@@ -900,7 +909,7 @@ def write_report(out: dict, path: pathlib.Path, final: bool) -> None:
     except ImportError:
         log("matplotlib missing: no chart")
     print(table(out))
-    log(f"wrote {path}")
+    log(f"wrote {_shown(path)}")
 
 
 def _dpoq_versions() -> dict:
