@@ -18,6 +18,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "dpoq_jax.commands.train:precompute_ref_main",
         "store reference log-probs with the data",
     ),
+    "token-rewards": (
+        "dpoq_jax.commands.train:token_rewards_main",
+        "store an oracle's per-token rewards (token_weighted / selective DPO)",
+    ),
     "convert": ("dpoq_jax.commands.convert:convert_main", "Hugging Face directory <-> orbax checkpoint"),
     "generate": ("dpoq_jax.commands.generate:generate_main", "sample / beam / reward-guided search"),
     "compile": (

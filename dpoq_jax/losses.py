@@ -60,6 +60,9 @@ F_DIVERGENCE_TYPES = (
 _SORTING_TYPES = ("aot", "aot_unpaired")
 _NO_REFERENCE = REFERENCE_FREE_TYPES + ("sft", "selective")
 TDPO_VARIANTS = (1, 2)
+# What a token cache's per-token values are (train/setup sets it from the cache's kind): an oracle's token
+# rewards (token_weighted turns them into TIS-DPO weights; selective ranks by them) or weights as such.
+TOKEN_VALUE_KINDS = ("rewards", "weights")
 
 
 def parse_types(loss_type: str | Sequence[str]) -> tuple[str, ...]:
@@ -101,6 +104,10 @@ class LossConfig:
     tdpo_alpha: float = 0.5
     tdpo_variant: int = 2
     select_ratio: float = 0.3
+    tis_mu: float = 1.0
+    tis_lower: float = -1.0
+    tis_upper: float = 1.0
+    token_values: str = "rewards"
 
     def __post_init__(self) -> None:
         types = self.types
@@ -159,6 +166,19 @@ class LossConfig:
             raise ValueError(f"LossConfig.tdpo_alpha must be a finite number >= 0, got {self.tdpo_alpha}")
         if not (math.isfinite(self.select_ratio) and 0.0 < self.select_ratio <= 1.0):
             raise ValueError(f"LossConfig.select_ratio must be in (0, 1], got {self.select_ratio}")
+        if not (math.isfinite(self.tis_mu) and self.tis_mu >= 0):
+            raise ValueError(f"LossConfig.tis_mu must be a finite number >= 0, got {self.tis_mu}")
+        lo, hi = self.tis_lower, self.tis_upper
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+            raise ValueError(f"LossConfig.tis_lower must be <= tis_upper (finite), got {self.tis_lower}, "
+                             f"{self.tis_upper}")
+        if self.token_values not in TOKEN_VALUE_KINDS:
+            raise ValueError(
+                f"LossConfig.token_values must be one of {TOKEN_VALUE_KINDS}, got {self.token_values!r}"
+            )
+        if "selective" in types and self.token_values != "rewards":
+            raise ValueError("LossConfig: loss_type 'selective' ranks tokens by oracle rewards; token_values "
+                             f"must be 'rewards', got {self.token_values!r}")
         token_level = [t for t in types if t in TOKEN_LEVEL_TYPES]
         if token_level and self.ld_alpha != 1.0:
             raise ValueError(
@@ -276,6 +296,35 @@ def wpo_weights(logps_BT: Array, log_sum_sq_BT: Array, mask_BT: Array) -> Array:
     return jnp.exp(jnp.sum(aligned_BT, -1) / jnp.maximum(jnp.sum(m_BT, -1), 1.0))
 
 
+def tis_weights(d_BT: Array, mask_BT: Array, *, chosen: bool, lower: float, upper: float, mu: float = 1.0,
+                k: float = 1.0) -> Array:  # fmt: skip
+    """TIS-DPO's token weights from per-token reward estimates d_t -> [B, T] (no gradient, 0 where masked).
+
+    TIS-DPO: Token-level Importance Sampling for Direct Preference Optimization With Estimated
+    Weights (Liu et al., ICLR 2025, arXiv 2410.04350), §4 weight estimation: with π+ / π− the
+    "positive" / "negative" model of a contrastive pair (e.g. DPO and reverse-DPO on the same data),
+    d_t = log π+(y_t|s_t) − log π−(y_t|s_t) and
+
+        chosen (winning) tokens:    w_t = k · exp( μ · clamp(d_t, L, U))
+        rejected (losing) tokens:   w_t = k · exp(−μ · clamp(d_t, L, U))
+
+    so a chosen token that the positive model prefers, and a rejected token that the negative model
+    prefers, weigh more. Any token-reward estimate can stand in for d_t (an oracle's β·log π/π_ref, the
+    true rewards of a synthetic task). The paper's text past its abstract was not readable through our
+    tools; the formula is the paper's as we know it, and its sign convention is checked against the
+    public code of the method (forks of github.com/exlaw/TIS-DPO: `token_weight_estimation.py` stores
+    log π− − log π+ per token and the data loader negates it for chosen responses; `trainers.py`
+    multiplies each token's log π/π_ref by its weight before summing, as `token_weighted` does here).
+    """
+    if not lower <= upper:
+        raise ValueError(f"tis_weights: lower must be <= upper, got {lower} > {upper}")
+    d_BT = jax.lax.stop_gradient(_f32(d_BT))
+    m_BT = mask_BT.astype(d_BT.dtype)
+    d_BT = jnp.where(m_BT > 0, d_BT, 0.0)  # padding may hold anything
+    sign = 1.0 if chosen else -1.0
+    return k * jnp.exp(sign * mu * jnp.clip(d_BT, lower, upper)) * m_BT
+
+
 def tis_dpo_weights(
     pos_logps_BT: Array,
     neg_logps_BT: Array,
@@ -287,29 +336,10 @@ def tis_dpo_weights(
     mu: float = 1.0,
     k: float = 1.0,
 ) -> Array:
-    """TIS-DPO's token weights from a contrastive pair of models -> [B, T] (no gradient, 0 where masked).
-
-    TIS-DPO: Token-level Importance Sampling for Direct Preference Optimization With Estimated
-    Weights (Liu et al., ICLR 2025, arXiv 2410.04350), §4 weight estimation: with π+ / π− the
-    "positive" / "negative" model of the pair (e.g. DPO and reverse-DPO on the same data) and
-    d_t = log π+(y_t|s_t) − log π−(y_t|s_t),
-
-        chosen (winning) tokens:    w_t = k · exp( μ · clamp(d_t, L, U))
-        rejected (losing) tokens:   w_t = k · exp(−μ · clamp(d_t, L, U))
-
-    so a chosen token that the positive model prefers, and a rejected token that the negative model
-    prefers, weigh more. The paper's text past its abstract was not readable through our tools; the
-    formula is the paper's as we know it, and its sign convention is checked against the public code
-    of the method (forks of github.com/exlaw/TIS-DPO: `token_weight_estimation.py` stores
-    log π− − log π+ per token and the data loader negates it for chosen responses; `trainers.py`
-    multiplies each token's log π/π_ref by its weight before summing, as `token_weighted` does here).
-    L = `lower`, U = `upper` have no default here on purpose: choose them (and μ, k) for the run.
-    """
-    if not lower <= upper:
-        raise ValueError(f"tis_dpo_weights: lower must be <= upper, got {lower} > {upper}")
-    d_BT = jax.lax.stop_gradient(_f32(pos_logps_BT) - _f32(neg_logps_BT))
-    sign = 1.0 if chosen else -1.0
-    return k * jnp.exp(sign * mu * jnp.clip(d_BT, lower, upper)) * mask_BT.astype(d_BT.dtype)
+    """tis_weights of d_t = log π+(y_t) − log π−(y_t) from the contrastive pair's per-token log-probs.
+    L = `lower`, U = `upper` have no default here on purpose: choose them (and μ, k) for the run."""
+    d_BT = _f32(pos_logps_BT) - _f32(neg_logps_BT)
+    return tis_weights(d_BT, mask_BT, chosen=chosen, lower=lower, upper=upper, mu=mu, k=k)
 
 
 def select_ratio_counts(n_max: int, ratio: float) -> np.ndarray:

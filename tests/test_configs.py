@@ -241,8 +241,11 @@ def test_bad_data_shape_and_token_level_losses_are_one_line_errors(tmp_path):
     cfg = str(CONFIGS / "error_injection_dpo.py") + ":" + str(tmp_path)  # the SFT run's folder
     with pytest.raises(ConfigError, match="'data.seq_len' and 'data.bucket_step' must be >= 0"):
         load_config(cfg, ["--config.data.bucket_step=-1"])
-    with pytest.raises(ConfigError, match=r"\['token_weighted'\] are losses of arrays"):
+    with pytest.raises(ConfigError, match=r"'loss.token_weights' is required for loss.loss_type \['token_w"):
         load_config(cfg, ["--config.loss.loss_type=token_weighted"])
+    with pytest.raises(ConfigError, match="LossConfig.tis_lower must be <= tis_upper"):
+        load_config(cfg, ["--config.loss.loss_type=token_weighted", f"--config.loss.token_weights={tmp_path}",
+                          "--config.loss.tis_lower=2"])
     with pytest.raises(ConfigError, match="'reference.mode' must be 'frozen' for loss.loss_type tdpo"):
         load_config(cfg, ["--config.loss.loss_type=tdpo", "--config.reference.mode=precomputed"])
     load_config(cfg, ["--config.loss.loss_type=tdpo", "--config.loss.tdpo_alpha=0.3"])

@@ -161,8 +161,14 @@ def test_gcs_run_resumes_exactly_and_tools_use_gcs(tmp_path, gcs, capsys):
     dpo = str(CONFIGS / "error_injection_dpo.py")
     cli_ok(["precompute-ref", "--config", f"{dpo}:{run}", "--workdir", f"{BUCKET}/pre", *small])
     cli_ok(["precompute-ref", "--config", f"{dpo}:{ref}", "--workdir", str(tmp_path / "pre"), *small])
-    got = paths.read_text(f"{BUCKET}/pre/ref_logps.jsonl")
-    assert got == (tmp_path / "pre" / "ref_logps.jsonl").read_text() and got.count("\n") == 32
+    from dpoq_jax.data.token_cache import TokenCache
+
+    remote, local = TokenCache(f"{BUCKET}/pre/ref_cache"), TokenCache(str(tmp_path / "pre" / "ref_cache"))
+    assert len(remote) == len(local) == 32
+    assert remote.manifest["shards"] == local.manifest["shards"]
+    for s in local.manifest["shards"]:
+        here = (tmp_path / "pre" / "ref_cache" / s["file"]).read_bytes()
+        assert paths.read_bytes(f"{BUCKET}/pre/ref_cache/{s['file']}") == here
 
     # a damaged step is set aside on gs:// too: copied to checkpoints.damaged/<step>, then deleted
     from dpoq_jax.train.checkpoint import RunCheckpoints

@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 from test_train_step import local_batches, run_steps, tiny_config
 
+from dpoq_jax.data import token_cache
 from dpoq_jax.data.examples import PreferenceExample, TokenizedOutcome, unpair
 from dpoq_jax.data.sources import load_examples
 from dpoq_jax.train import inputs
@@ -116,12 +117,12 @@ def _all_devices(cfg):
 def test_precomputed_reference_trains_like_the_frozen_one(tmp_path, loss_type="apo_zero_unpaired"):
     """(outcome_ce runs through the step in every layout above; here the other unpaired type.)"""
     cfg = outcome_config(loss_type=loss_type)
-    out = tmp_path / "ref.jsonl"
+    out = tmp_path / "ref_cache"
     n = precompute_reference(_all_devices(cfg), str(out))
-    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    cache = token_cache.TokenCache(str(out))
     # data.num_examples counts the labelled responses used (from 64 pairs unpaired: the first 64)
-    assert n == len(rows) == cfg.data.num_examples + cfg.data.num_eval
-    assert set(rows[0]) == {"fingerprint", "split", "ref_completion_logps"}
+    assert n == len(cache) == cfg.data.num_examples + cfg.data.num_eval
+    assert cache.fields == ["ref_completion_logps"]
     frozen = setup(cfg, devices=jax.devices()[:1])
     _, want = run_steps(frozen, local_batches(frozen, 3))
     pre = outcome_config(loss_type=loss_type)
@@ -137,11 +138,11 @@ def test_precomputed_reference_trains_like_the_frozen_one(tmp_path, loss_type="a
 
 def test_precomputed_file_of_pairs_is_refused_for_labelled_responses(tmp_path):
     pairs_cfg = tiny_config("dpo")
-    out = tmp_path / "pairs_ref.jsonl"
+    out = tmp_path / "pairs_ref"
     precompute_reference(_all_devices(pairs_cfg), str(out))
     pre = outcome_config()
     pre.reference.mode, pre.reference.logps_path = "precomputed", str(out)
-    with pytest.raises(ValueError, match="no reference log-probs for labelled response 0"):
+    with pytest.raises(ValueError, match="has fields .*ref_chosen_logps.*lacks .*ref_completion_logps"):
         setup(pre, devices=jax.devices()[:1])
 
 

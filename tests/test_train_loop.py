@@ -17,7 +17,6 @@ from test_train_step import tiny_config
 from dpoq_jax.train.checkpoint import RunCheckpoints
 from dpoq_jax.train.loop import TIMING_KEYS, NonFiniteError, train
 from dpoq_jax.train.metrics import read_metrics
-from dpoq_jax.train.precompute import precompute_reference
 from dpoq_jax.train.setup import setup
 
 
@@ -102,24 +101,6 @@ def test_nonfinite_steps_are_skipped_then_stop_with_good_checkpoint(tmp_path):
         assert np.isfinite(b).all()
         np.testing.assert_array_equal(a, b)  # the skipped step 4 did not touch the parameters
     ckpts.close()
-
-
-def test_precomputed_reference_equals_frozen(tmp_path):
-    cfg = loop_config("dpo", steps=3)
-    cfg.train.eval_every = 0
-    out = str(tmp_path / "ref.jsonl")
-    n = precompute_reference(cfg, out)
-    assert n == cfg.data.num_examples + cfg.data.num_eval
-    with open(out) as f:
-        row = json.loads(f.readline())
-    assert set(row) == {"fingerprint", "split", "ref_chosen_logps", "ref_rejected_logps"}
-    frozen = train(cfg, str(tmp_path / "frozen"))
-    cfg.reference.mode = "precomputed"
-    cfg.reference.logps_path = out
-    pre = train(cfg, str(tmp_path / "pre"))
-    assert pre.state.ref_params is None
-    for key in ("loss", "rewards/margins", "token_rewards/chosen_mean", "eval/rewards/accuracies"):
-        np.testing.assert_allclose(pre.metrics[key], frozen.metrics[key], rtol=1e-5, atol=1e-6)
 
 
 def test_relative_workdir_is_made_absolute(tmp_path, monkeypatch):

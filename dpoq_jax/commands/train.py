@@ -1,4 +1,4 @@
-"""`dpoq train` and `dpoq precompute-ref`."""
+"""`dpoq train`, `dpoq precompute-ref` and `dpoq token-rewards`."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from dpoq_jax.data.errors import reports_user_errors
 USAGE_CONFIG = "FILE[:arg]: a Python file with get_config(arg=None); --config.key=value overrides follow"
 
 
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
+def _parser(prog: str, description: str, workdir: bool = True) -> argparse.ArgumentParser:
     from dpoq_jax.parser import Parser
 
     p = Parser(prog=prog, description=description)
     p.add_argument("--config", required=True, help=USAGE_CONFIG)
-    p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tb/ and hf/ go here")
+    if workdir:
+        p.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, tb/ and hf/ go here")
     g = p.add_argument_group("multi-process (jax.distributed); automatic on Cloud TPU VMs")
     g.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (None: one process)")
     g.add_argument("--num-processes", type=int, default=None, help="processes in all (with --coordinator)")
@@ -116,25 +117,60 @@ def _peer_watch(timeout_s: float):
     return faults.PeerWatch(timeout_s).start()
 
 
+DTYPE_HELP = "stored dtype of the values: float32, or bfloat16 (half the disk, ~3 significant digits)"
+
+
 @reports_user_errors("dpoq precompute-ref")
 def precompute_ref_main(argv: list[str]) -> int:
-    """dpoq precompute-ref --config FILE[:arg] --workdir DIR [--output FILE] [--config.key=value ...]"""
+    """dpoq precompute-ref --config FILE[:arg] --workdir DIR [--output DIR] [--config.key=value ...]"""
     p = _parser(
         "dpoq precompute-ref",
-        "Reference log-probs of every train and held-out pair (the config's initial model), written as JSON "
-        "lines for reference.mode='precomputed'",
+        "Reference log-probs of every train and held-out pair (the config's initial model), written as a "
+        "token cache (docs/data.md) for reference.mode='precomputed'",
     )
-    p.add_argument("--output", default=None, help="output file (None: WORKDIR/ref_logps.jsonl)")
+    p.add_argument("--output", default=None, help="output cache folder (None: WORKDIR/ref_cache)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help=DTYPE_HELP)
     args, overrides = p.parse_known_args(argv)
     _logging(args.verbose)
     cfg = _load(args, overrides + ["--config.stage=dpo", "--config.reference.mode=frozen"])
     init_distributed(args.coordinator, args.num_processes, args.process_id)
     from dpoq_jax.train.precompute import precompute_reference
 
-    out = args.output or paths.join(args.workdir, "ref_logps.jsonl")
-    n = precompute_reference(cfg, out)
+    out = args.output or paths.join(args.workdir, "ref_cache")
+    n = precompute_reference(cfg, out, args.dtype)
     print(
         f"wrote reference log-probs of {n} pairs to {out}; train with --config.reference.mode=precomputed "
         f"--config.reference.logps_path={out}"
     )
+    return 0
+
+
+@reports_user_errors("dpoq token-rewards")
+def token_rewards_main(argv: list[str]) -> int:
+    """dpoq token-rewards --config FILE[:arg] --policy P --reference R --out DIR [--pairs FILE] [--beta B]"""
+    p = _parser(
+        "dpoq token-rewards",
+        "An oracle's per-token rewards β·(log π − log π_ref) of every train and held-out pair of a config's "
+        "data, written as a token cache (docs/data.md) for loss_type token_weighted / selective "
+        "(--config.loss.token_weights=DIR)",
+        workdir=False,
+    )
+    p.add_argument("--policy", required=True, help="the oracle policy: HF folder, run workdir or checkpoint")
+    p.add_argument("--reference", required=True, help="the oracle's reference (same architecture)")
+    p.add_argument("--out", required=True, help="output cache folder (local or gs://)")
+    p.add_argument("--pairs", default=None, help="the pairs file (None: the config's data.path)")
+    p.add_argument("--beta", type=float, default=1.0, help="β of the rewards (1: the log-ratio)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help=DTYPE_HELP)
+    args, overrides = p.parse_known_args(argv)
+    _logging(args.verbose)
+    fixed = ["--config.stage=dpo", "--config.reference.mode=frozen", "--config.loss.loss_type=sigmoid",
+             "--config.loss.token_weights="]  # fmt: skip
+    pairs = [f"--config.data.path={args.pairs}"] if args.pairs else []
+    cfg = _load(args, overrides + pairs + fixed)
+    init_distributed(args.coordinator, args.num_processes, args.process_id)
+    from dpoq_jax.train.precompute import token_rewards
+
+    n = token_rewards(cfg, args.policy, args.reference, args.out, args.beta, args.dtype)
+    print(f"wrote token rewards of {n} pairs to {args.out}; train with --config.loss.loss_type="
+          f"token_weighted (or selective) --config.loss.token_weights={args.out}")
     return 0

@@ -161,7 +161,8 @@ def preference_batch(
     overflow: what to do when a pair does not fit its row(s): "error" raises; "drop" masks the pair
     (pair_mask 0) so that the batch keeps its static shape; `stats["n_dropped"]` counts them.
     Optional per-pair meta "ref_chosen_logps"/"ref_rejected_logps" (per token) or
-    "ref_chosen_sum"/"ref_rejected_sum" are copied into the batch when every real pair has them.
+    "ref_chosen_sum"/"ref_rejected_sum", and a token cache's "chosen_token_values"/"rejected_token_values",
+    are copied into the batch when every real pair has them.
     """
     P = len(pairs) if num_pairs is None else num_pairs
     if len(pairs) > P:
@@ -236,19 +237,21 @@ def _copy_reference(
     sides: tuple[str, ...] = PAIR_SIDES,
     mask_key: str = "pair_mask",
 ) -> None:
-    """meta "ref_{side}_logps" (per token) or "ref_{side}_sum" -> batch arrays, when every real item
-    has them."""
+    """Per-item values from meta -> batch arrays, each group when every real item has it: the reference's
+    "ref_{side}_logps" (per token) or "ref_{side}_sum", and a token cache's "{side}_token_values" (per
+    token; token_weighted / selective). Per-token values may be lists, arrays or token_cache.CachedValues
+    (read from the cache here, batch by batch)."""
     real = [(i, p) for i, p in enumerate(items) if p is not None and out[mask_key][i] > 0]
     if not real:
         return
-    for kind, shape in (("logps", (P, R)), ("sum", (P,))):
-        keys = [f"ref_{side}_{kind}" for side in sides]
+    for template, shape in (("ref_{}_logps", (P, R)), ("ref_{}_sum", (P,)), ("{}_token_values", (P, R))):
+        keys = [template.format(side) for side in sides]
         if all(k in p.meta for _, p in real for k in keys):
             for k in keys:
                 arr = np.zeros(shape, np.float32)
                 for i, p in real:
                     v = np.asarray(p.meta[k], np.float32)
-                    if kind == "logps":
+                    if len(shape) == 2:
                         arr[i, : len(v)] = v
                     else:
                         arr[i] = v

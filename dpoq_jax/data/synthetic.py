@@ -81,6 +81,10 @@ class SyntheticTokenizer:
     def __init__(self):
         self._to_id = {c: i + len(SPECIALS) for i, c in enumerate(CHARS)}
 
+    def get_vocab(self) -> dict[str, int]:
+        """token -> id, as a HF tokenizer's get_vocab (specials first)."""
+        return {**{sp: k for k, sp in enumerate(SPECIALS)}, **self._to_id}
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Characters to ids; "<bos>", "<eos>", "<pad>" in the text become their special ids."""
         del add_special_tokens  # nothing is added implicitly, like add_special_tokens=False in HF

@@ -106,6 +106,9 @@ def abstract_batch(cfg: Any, shardings_of: Any) -> dict[str, Any]:
     if cfg.stage == "dpo" and cfg.reference.mode == "precomputed":
         for side in inputs.response_sides(cfg):
             example[f"ref_{side}_logps"] = np.zeros_like(example[f"{side}_mask"])
+    if cfg.stage == "dpo" and cfg.loss.get("token_weights", ""):  # token_weighted / selective: a token cache
+        for side in inputs.response_sides(cfg):
+            example[f"{side}_token_values"] = np.zeros_like(example[f"{side}_mask"])
     sh = shardings_of(example)
     return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sh[k]) for k, v in example.items()}
 

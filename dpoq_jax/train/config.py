@@ -238,6 +238,14 @@ def validate(config: mc.ConfigDict) -> None:
         )
 
 
+def loss_config(config: mc.ConfigDict, token_values: str = "rewards") -> losses.LossConfig:
+    """The loss group as a LossConfig (the token cache's path stays in the run config; `token_values`:
+    what the cache holds, which setup reads from it)."""
+    d = config.loss.to_dict()
+    d.pop("token_weights", None)
+    return losses.LossConfig(**d, token_values=token_values)
+
+
 def _check_loss(config: mc.ConfigDict) -> None:
     """loss.loss_type names (a comma list for a weighted mixture), loss.loss_weights, loss.ld_alpha, and
     no precomputed reference for a reference-free objective; then the loss's own checks."""
@@ -255,19 +263,26 @@ def _check_loss(config: mc.ConfigDict) -> None:
             f"config key 'loss.loss_weights' has {len(loss.loss_weights)} weights for the "
             f"{len(types)} types of loss.loss_type={loss.loss_type!r}"
         )
-    no_data = [t for t in types if t in ("token_weighted", "selective")]
-    if no_data:  # their per-token inputs (weights, oracle rewards) have no data path yet
+    cached = [t for t in types if t in ("token_weighted", "selective")]
+    if cached and not loss.token_weights:
         raise ConfigError(
-            f"config key 'loss.loss_type': {no_data} are losses of arrays (losses.preference_loss) "
-            "that `dpoq train` cannot feed yet: their per-token inputs have no data path"
+            f"config key 'loss.token_weights' is required for loss.loss_type {cached}: a token cache of "
+            "this run's pairs (`dpoq token-rewards --config ... --policy P --reference R --out DIR`)"
         )
+    if loss.token_weights and not cached:
+        raise ConfigError(
+            f"config key 'loss.token_weights' is set but loss.loss_type={loss.loss_type!r} uses no token "
+            "cache (token_weighted, selective)"
+        )
+    if loss.token_weights and not paths.exists(loss.token_weights):
+        raise ConfigError(f"config key 'loss.token_weights': path {loss.token_weights!r} does not exist")
     if "tdpo" in types and config.stage == "dpo" and config.reference.mode != "frozen":
         raise ConfigError("config key 'reference.mode' must be 'frozen' for loss.loss_type tdpo (its "
                           "per-token KL reads the reference's whole next-token distribution)")
     if not 0.0 <= loss.ld_alpha <= 1.0:
         raise ConfigError(f"config key 'loss.ld_alpha' must be in [0, 1], got {loss.ld_alpha}")
     try:
-        loss_cfg = losses.LossConfig(**loss.to_dict())
+        loss_cfg = loss_config(config)
     except ValueError as e:
         raise ConfigError(f"config group 'loss': {e}") from None
     if config.stage == "dpo" and not loss_cfg.needs_reference and config.reference.mode == "precomputed":
@@ -442,6 +457,13 @@ def base_config() -> mc.ConfigDict:
     c.loss.tdpo_variant = 2  # TDPO1 or TDPO2 (Zeng et al. 2024; the chosen side's KL under stop-gradient)
     c.loss.tdpo_alpha = 0.5  # TDPO2's weight of the sequential-KL difference
     c.loss.select_ratio = 0.3  # SePO's token fraction (loss_type selective)
+    # token_weighted / selective: a token cache of the run's pairs (`dpoq token-rewards`: an oracle's token
+    # rewards; or a cache of weights). token_weighted turns rewards into TIS-DPO weights
+    # w = exp(±μ·clamp(r, lower, upper)) (+ for chosen, − for rejected tokens).
+    c.loss.token_weights = ""
+    c.loss.tis_mu = 1.0
+    c.loss.tis_lower = -1.0
+    c.loss.tis_upper = 1.0
     # unpaired losses (loss_type outcome_ce | apo_zero_unpaired, data: labelled responses): KTO's λ_D, λ_U
     c.loss.desirable_weight = 1.0
     c.loss.undesirable_weight = 1.0

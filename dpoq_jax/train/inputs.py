@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from dpoq_jax import losses, paths
-from dpoq_jax.data import layouts
+from dpoq_jax.data import layouts, token_cache
 from dpoq_jax.data.errors import DataError, ErrorPolicy
 from dpoq_jax.data.examples import PreferenceExample, SFTExample, TokenizedOutcome, TokenizedPair
 from dpoq_jax.data.jsonl import first_record, iter_json_lines
@@ -225,10 +225,33 @@ def _reference_row(obj: Any, path: str, line: int) -> dict:
     return {**obj, "line": line}
 
 
+def attach_cache(items: list, cache: token_cache.TokenCache, fields: list[str], what: str) -> list:
+    """Items with meta[field] = the cache's values of each field (token_cache.CachedValues: read when a
+    batch is built). An item the cache lacks, or whose values do not fit its token counts, is an error
+    naming the item (a value on the wrong token would train silently wrong)."""
+    out = []
+    for i, p in enumerate(items):
+        vals = cache.values(fingerprint(p))
+        if vals is None:
+            kind = "labelled response" if isinstance(p, TokenizedOutcome) else "pair"
+            raise ValueError(
+                f"{what} {cache.path!r}: no values for {kind} {i} ({p.meta.get('source', '')}:"
+                f"{p.meta.get('line', '')}); the cache was made for other data or tokenization"
+            )
+        meta = dict(p.meta)
+        for field, (_, ids) in zip(fields, reference_sides(p), strict=True):
+            if len(vals[field]) != len(ids):
+                raise ValueError(f"{what} {cache.path!r}: {len(vals[field])} values of {field!r} for a "
+                                 f"response of {len(ids)} tokens (item {i})")  # fmt: skip
+            meta[field] = vals[field]
+        out.append(dataclasses.replace(p, meta=meta))
+    return out
+
+
 def attach_reference(items: list, path: str) -> list:
-    """Pairs (or labelled responses) with meta["ref_<side>_logps"] from a `dpoq precompute-ref` file.
-    A malformed line, or one whose log-probs do not fit its example's token counts, is an error naming
-    the file and line (a log-prob on the wrong token would train silently wrong)."""
+    """Pairs (or labelled responses) with meta["ref_<side>_logps"] from a JSON-lines file of an earlier
+    `dpoq precompute-ref` (today's writes a token cache; train/setup opens it). A malformed line, or one
+    whose log-probs do not fit its example's token counts, is an error naming the file and line."""
     if not paths.exists(path):
         raise ValueError(f"config key 'reference.logps_path': file {path!r} does not exist")
     table = {}
@@ -257,3 +280,22 @@ def attach_reference(items: list, path: str) -> list:
             meta[k] = row[k]
         out.append(dataclasses.replace(p, meta=meta))
     return out
+
+
+def data_fingerprint(cfg: Any) -> str:
+    """sha256 of what the data are: the source, the bytes of its files (data.path, data.eval_path,
+    data.data_dir) or a Hub name, and for a synthetic task its name and settings (seed included)."""
+    d = cfg.data
+    parts: dict[str, Any] = {"source": d.source}
+    for key in ("path", "eval_path", "data_dir"):
+        p = d.get(key, "")
+        if p:
+            parts[key] = token_cache.file_sha256(p) if paths.exists(p) else p
+    if d.source == "synthetic":
+        parts.update(task=d.task, task_kwargs=dict(d.task_kwargs), sft_responses=d.sft_responses)
+    return token_cache.sha256_of(parts)
+
+
+def run_fingerprint(cfg: Any, tokenizer: Any) -> dict[str, str]:
+    """The fingerprint keys every cache of this run's data must match: tokenizer and data."""
+    return {"tokenizer": token_cache.tokenizer_fingerprint(tokenizer), "data": data_fingerprint(cfg)}

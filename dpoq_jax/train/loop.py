@@ -26,6 +26,7 @@ from dpoq_jax.train import faults, inputs
 from dpoq_jax.train.checkpoint import RunCheckpoints, check_base
 from dpoq_jax.train.load import CHECKPOINT_SUBDIR
 from dpoq_jax.train.metrics import MetricsWriter, mfu, read_metrics, step_flops
+from dpoq_jax.train.precompute import check_reference_model
 from dpoq_jax.train.setup import Run, global_batch, setup
 from dpoq_jax.train.state import TrainState
 
@@ -122,6 +123,8 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
         log.info("resuming from %s at step %d", ckpts.directory, latest)
     else:
         state, loader_state = run.new_state(), LoaderState()
+        if "reference" in run.caches:  # the precomputed reference must be this run's initial model
+            check_reference_model(run.caches["reference"], state.params)
         if run.lora is not None:
             base_pointer = run.base_pointer(state.ref_params)
         writer.truncate_after(0)  # lines of an earlier attempt that died before its first checkpoint

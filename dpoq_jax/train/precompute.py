@@ -1,63 +1,128 @@
-"""`dpoq precompute-ref`: reference log-probs of every pair, computed once and stored beside the data.
+"""Per-token caches of a run's data (data/token_cache.py has the format): `dpoq precompute-ref` writes the
+reference's log-probs, `dpoq token-rewards` an oracle's token rewards β·(log π − log π_ref).
 
-The output is JSON lines, one per pair of the train and held-out splits:
-  {"fingerprint": sha1 of the pair's token ids, "split": "train"|"eval",
-   "ref_chosen_logps": [per-token float32 ...], "ref_rejected_logps": [...]}
-or, for a run with an unpaired loss (labelled responses), one per response with "ref_completion_logps".
-A DPO run with reference.mode="precomputed" and reference.logps_path=FILE looks each example up by its
-fingerprint (so a changed tokenizer or data file is caught) and then needs no reference forward pass.
+Both go over the train and held-out splits of a config in batches of the run's own layout, so each item is
+keyed by the hash of exactly the token ids the run trains on (train.inputs.fingerprint). The manifest
+fingerprints the tokenizer (vocabulary, special tokens, chat template), the data (file bytes, or the
+synthetic task and its settings) and, for a reference cache, the model (param_checksum). A run refuses a
+cache whose fingerprint differs (train/setup.attach_caches; the model at a fresh start, train/loop).
 """
 
 from __future__ import annotations
 
-import json
+import copy
+import datetime as dt
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 
-from dpoq_jax import paths
+from dpoq_jax.data import token_cache
 from dpoq_jax.train import inputs
+from dpoq_jax.train.checkpoint import base_checksums
 from dpoq_jax.train.mesh import replicated
-from dpoq_jax.train.setup import forward_for, global_batch, kernel_mesh_fn, setup
+from dpoq_jax.train.setup import Run, forward_for, global_batch, kernel_mesh_fn, setup
 from dpoq_jax.train.step import layout_logps
 
 
-def precompute_reference(cfg: Any, output: str) -> int:
-    """Writes the log-probs of the config's initial model (the reference) for every pair or labelled
-    response; returns the count."""
-    run = setup(cfg)
-    state = run.new_state()
+def param_checksum(params: Any) -> str:
+    """sha256 of a parameter tree's per-array dtypes and exact checksums (train.checkpoint's, computed
+    on the devices where the parameters live): a cache names the models it was computed with."""
+    return token_cache.sha256_of(base_checksums(params))
+
+
+def check_reference_model(cache: token_cache.TokenCache, params: Any) -> None:
+    """A reference cache must hold the log-probs of the run's initial model (the reference)."""
+    fp = cache.manifest["fingerprint"]
+    if fp.get("model") and param_checksum(params) != fp["model"]:
+        raise token_cache.CacheMismatch(
+            f"config key 'reference.logps_path': token cache {cache.path!r} was made for another model "
+            f"({fp.get('model_path', '?')}) than this run's initial model; rerun `dpoq precompute-ref`"
+        )
+
+
+def _split_batches(run: Run, params_sets: list[Any]) -> Iterator[tuple[Any, list[dict[str, np.ndarray]]]]:
+    """(item, [per-side log-probs of the item's responses under each parameter set]) for every train and
+    held-out item, computed in batches of the run's layout on its mesh."""
+    cfg = run.cfg
     G = cfg.train.batch_size
     pc, pi = jax.process_count(), jax.process_index()
     make_batch = inputs.micro_batch_fn(cfg, G // pc)
     example = inputs.stack_micro(run.dataset.train[:1] * (G // pc), make_batch, 1)
     b_sh = run.batch_shardings(example)
-    rep = replicated(run.mesh)
-
     sides = inputs.response_sides(cfg)
 
     def fn(params, batch):
         micro = jax.tree.map(lambda x: x[0], batch)
         return layout_logps(run.graphdef, run.rest, params, micro, forward_for(cfg, G), sides=sides)
 
+    rep = replicated(run.mesh)
     shardings = dict(in_shardings=(run.shardings.params, b_sh), out_shardings=(rep,) * len(sides))
     logps_fn = jax.jit(kernel_mesh_fn(fn, run.mesh), **shardings)  # fused attention kernels: on the mesh
-    rows = []
-    for split, items in (("train", run.dataset.train), ("eval", run.dataset.eval)):
+    for items in (run.dataset.train, run.dataset.eval):
         for start in range(0, len(items), G):
             gidx = np.arange(start, start + G)
             lidx = gidx[pi * (G // pc) : (pi + 1) * (G // pc)]
             local = inputs.stack_micro([items[i] if i < len(items) else None for i in lidx], make_batch, 1)
-            out = jax.device_get(logps_fn(state.params, global_batch(local, b_sh)))
-            logps = dict(zip(sides, out, strict=True))
+            batch = global_batch(local, b_sh)
+            outs = [dict(zip(sides, jax.device_get(logps_fn(p, batch)), strict=True)) for p in params_sets]
             for p, i in enumerate(gidx):
-                if i >= len(items):
-                    continue
-                row = {"fingerprint": inputs.fingerprint(items[i]), "split": split}
-                for side, ids in inputs.reference_sides(items[i]):
-                    row[f"ref_{side}_logps"] = [float(x) for x in logps[side][p, : len(ids)]]
-                rows.append(row)
-    if pi == 0:
-        paths.write_text(output, "".join(json.dumps(row) + "\n" for row in rows))  # atomic, local or gs://
-    return len(rows)
+                if i < len(items):
+                    yield items[i], [{s: o[s][p] for s in sides} for o in outs]
+
+
+def _write(run: Run, out: str, kind: str, fingerprint: dict, dtype: str, params_sets: list[Any],
+           values: Callable[[list[dict[str, np.ndarray]], str], np.ndarray]) -> int:  # fmt: skip
+    sides = inputs.response_sides(run.cfg)
+    fields = token_cache.value_fields(kind, sides)
+    writer = token_cache.CacheWriter(out, kind, fields, fingerprint, dtype=dtype)
+    n = 0
+    for item, logps in _split_batches(run, params_sets):
+        row = {}
+        for (side, ids), field in zip(inputs.reference_sides(item), fields, strict=True):
+            row[field] = values(logps, side)[: len(ids)]
+        writer.add(inputs.fingerprint(item), row)
+        n += 1
+    if jax.process_index() == 0:
+        writer.close()
+    return n
+
+
+def _provenance(cfg: Any) -> dict[str, Any]:
+    return {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "layout": cfg.data.layout}
+
+
+def precompute_reference(cfg: Any, output: str, dtype: str = "float32") -> int:
+    """Writes the token cache of the config's initial model's (the reference's) log-probs of every pair
+    or labelled response; returns the item count."""
+    run = setup(cfg)
+    state = run.new_state()
+    fp = {**inputs.run_fingerprint(cfg, run.dataset.tokenizer), "model": param_checksum(state.params),
+          **_provenance(cfg), "model_path": cfg.model.path or f"random init, seed {cfg.seed}"}  # fmt: skip
+    return _write(run, output, "reference_logps", fp, dtype, [state.params], lambda lp, side: lp[0][side])
+
+
+def token_rewards(cfg: Any, policy: str, reference: str, output: str, beta: float,
+                  dtype: str = "float32") -> int:  # fmt: skip
+    """Writes the token cache of an oracle's per-token rewards β·(log π(y_t) − log π_ref(y_t)) of every
+    pair of the config's data, `policy` and `reference` being anything `load.load_model` reads (same
+    architecture); returns the item count. With β = 1 the values are TIS-DPO's d_t of the contrastive
+    pair (policy = π+, reference = π−)."""
+    from dpoq_jax.train import load
+
+    if not beta > 0:
+        raise ValueError(f"token-rewards: beta must be > 0, got {beta}")
+    c = copy.deepcopy(cfg)  # the config's data and tokenizer; the models are the oracle's two
+    c.reference.mode, c.model.init, c.model.path, c.model.lora.rank = "frozen", "checkpoint", policy, 0
+    run = setup(c)
+    params = []
+    for path, flag in ((policy, "--policy"), (reference, "--reference")):
+        files = load.locate(path, flag=flag)
+        params.append(load.read_params(files, run.abs_params, nnx.to_pure_dict(run.p_shardings), flag=flag))
+    fp = {**inputs.run_fingerprint(cfg, run.dataset.tokenizer), "beta": float(beta), **_provenance(cfg),
+          "policy": param_checksum(params[0]), "reference": param_checksum(params[1]),
+          "policy_path": policy, "reference_path": reference}  # fmt: skip
+    return _write(run, output, "token_rewards", fp, dtype, params,
+                  lambda lp, side: beta * (lp[0][side].astype(np.float64) - lp[1][side]))  # fmt: skip

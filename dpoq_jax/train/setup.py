@@ -17,13 +17,14 @@ import numpy as np
 from flax import nnx
 
 from dpoq_jax import losses, paths
+from dpoq_jax.data import token_cache
 from dpoq_jax.models.attention import kernel_mesh
 from dpoq_jax.models.config import ModelConfig
 from dpoq_jax.models.decoder import Decoder, abstract_split, split_params
 from dpoq_jax.models.lora import LoraConfig, split_adapters
 from dpoq_jax.train import inputs, load
 from dpoq_jax.train.checkpoint import base_checksums
-from dpoq_jax.train.config import resolve_data_shape
+from dpoq_jax.train.config import loss_config, resolve_data_shape
 from dpoq_jax.train.mesh import BATCH_AXES, batch_sharding, make_mesh, replicated, rules_from_config
 from dpoq_jax.train.optim import make_optimizer
 from dpoq_jax.train.state import (
@@ -146,6 +147,8 @@ class Run:
     loss_fn: Any
     forward: Forward  # how the layout rows run forward (chunking, causal rows, one segment, LoRA)
     lora: Any = None  # LoraConfig: TrainState.params are adapters, ref_params the frozen base
+    # token caches by role ("reference", "token_values"), opened by attach_caches
+    caches: dict[str, token_cache.TokenCache] = dataclasses.field(default_factory=dict)
 
     def new_state(self) -> TrainState:
         if self.lora is not None:
@@ -254,6 +257,41 @@ def check_batch_split(cfg: Any, mesh: Any) -> None:
         )
 
 
+def attach_caches(cfg: Any, dataset: inputs.Dataset) -> dict[str, token_cache.TokenCache]:
+    """Opens the run's token caches, refuses one made for another tokenizer or other data (one line),
+    and puts each pair's cached values in its meta (read batch by batch): "reference" (reference.mode
+    precomputed; a JSON-lines file of an earlier dpoq still loads, without a fingerprint) and
+    "token_values" (loss.token_weights)."""
+    sides = inputs.response_sides(cfg)
+    caches: dict[str, token_cache.TokenCache] = {}
+    expected: dict[str, str] = {}
+
+    def attach(key: str, path: str, kinds: tuple[str, ...]) -> token_cache.TokenCache:
+        expected.update(expected or inputs.run_fingerprint(cfg, dataset.tokenizer))
+        cache = token_cache.TokenCache(path)
+        fields = token_cache.value_fields(kinds[0], sides)
+        what = f"config key {key!r}: token cache"
+        cache.check(expected, kinds, fields, what)
+        dataset.train = inputs.attach_cache(dataset.train, cache, fields, what)
+        dataset.eval = inputs.attach_cache(dataset.eval, cache, fields, what)
+        return cache
+
+    if cfg.reference.mode == "precomputed":
+        path = cfg.reference.logps_path
+        if not path:
+            raise ValueError("config key 'reference.logps_path' is required for reference.mode='precomputed'")
+        if token_cache.is_cache(path):
+            caches["reference"] = attach("reference.logps_path", path, ("reference_logps",))
+        else:
+            dataset.train = inputs.attach_reference(dataset.train, path)
+            dataset.eval = inputs.attach_reference(dataset.eval, path)
+    if cfg.loss.get("token_weights", ""):
+        selective = "selective" in losses.parse_types(cfg.loss.loss_type)
+        kinds = ("token_rewards",) if selective else ("token_rewards", "token_weights")
+        caches["token_values"] = attach("loss.token_weights", cfg.loss.token_weights, kinds)
+    return caches
+
+
 def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, with_data: bool = True) -> Run:
     """Mesh, data, model source, shardings and loss of a config (`devices`: default all).
 
@@ -265,13 +303,7 @@ def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, w
     rules = rules_from_config(cfg.sharding.rules)
     dataset = inputs.load_dataset(cfg) if with_data else None
     dpo = cfg.stage == "dpo"
-    if dpo and cfg.reference.mode == "precomputed" and with_data:
-        if not cfg.reference.logps_path:
-            raise ValueError(
-                "config key 'reference.logps_path' is required when reference.mode='precomputed'"
-            )
-        dataset.train = inputs.attach_reference(dataset.train, cfg.reference.logps_path)
-        dataset.eval = inputs.attach_reference(dataset.eval, cfg.reference.logps_path)
+    caches = attach_caches(cfg, dataset) if dpo and with_data else {}
     source = source or model_source(cfg, mesh, rules)
     if with_data:
         check_vocab(dataset, source.model_config.vocab_size, cfg)
@@ -280,7 +312,9 @@ def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, w
         rest = jax.jit(lambda: split_params(source.make_model())[2], out_shardings=replicated(mesh))()
     p_sh = param_shardings(abs_params, mesh, rules)
     optimizer, schedule = make_optimizer(cfg.optim, cfg.train.num_steps)
-    loss_cfg = losses.LossConfig(**cfg.loss.to_dict()) if dpo else None
+    tv = caches.get("token_values")
+    values = "weights" if tv is not None and tv.kind == "token_weights" else "rewards"
+    loss_cfg = loss_config(cfg, values) if dpo else None
     # a reference-free objective (SimPO, ORPO) holds no reference parameters and runs no reference forward
     with_ref = dpo and cfg.reference.mode == "frozen" and loss_cfg.needs_reference
     lora = lora_config(cfg)
@@ -297,7 +331,7 @@ def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, w
     else:
         loss_fn = make_sft_loss(graphdef, rest, fwd)
     return Run(cfg, mesh, dataset, source, graphdef, rest, abs_params, p_sh, optimizer, schedule, shardings,
-               abstract, loss_fn, fwd, lora)
+               abstract, loss_fn, fwd, lora, caches)
 
 
 

@@ -181,10 +181,34 @@ def make_dpo_loss(
             chosen_log_sum_sq_BT=lsq[0] if lsq else None,
             rejected_log_sum_sq_BT=lsq[1] if lsq else None,
             **kl,
+            **cached_token_inputs(batch, loss_config),
         )
         return loss, (jnp.sum(batch["pair_mask"]), metrics)
 
     return loss_fn
+
+
+def cached_token_inputs(batch: Batch, loss_config: losses.LossConfig) -> dict[str, Array]:
+    """token_weighted's weights and selective's oracle rewards from a token cache's values in the batch
+    (`<side>_token_values`): rewards become TIS-DPO weights (losses.tis_weights with the config's μ,
+    lower, upper), a cache of weights is used as it is."""
+    out: dict[str, Array] = {}
+    if not (loss_config.needs_token_weights or loss_config.needs_oracle_rewards):
+        return out
+    if "chosen_token_values" not in batch:
+        raise ValueError("DPO step: loss_type token_weighted / selective needs chosen_token_values and "
+                         "rejected_token_values in the batch (config key loss.token_weights: a token cache)")
+    vc, vr = batch["chosen_token_values"], batch["rejected_token_values"]
+    if loss_config.needs_oracle_rewards:
+        out.update(chosen_oracle_BT=vc, rejected_oracle_BT=vr)
+    if loss_config.needs_token_weights:
+        if loss_config.token_values == "weights":
+            out.update(chosen_weights_BT=vc, rejected_weights_BT=vr)
+        else:
+            kw = dict(lower=loss_config.tis_lower, upper=loss_config.tis_upper, mu=loss_config.tis_mu)
+            out["chosen_weights_BT"] = losses.tis_weights(vc, batch["chosen_mask"], chosen=True, **kw)
+            out["rejected_weights_BT"] = losses.tis_weights(vr, batch["rejected_mask"], chosen=False, **kw)
+    return out
 
 
 def tdpo_inputs(
