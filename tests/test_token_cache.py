@@ -18,7 +18,7 @@ from test_train_step import local_batches, run_steps, tiny_config
 from dpoq_jax import losses
 from dpoq_jax.data import token_cache
 from dpoq_jax.train import inputs
-from dpoq_jax.train.precompute import precompute_reference, token_rewards
+from dpoq_jax.train.precompute import precompute_reference, token_rewards, write_values_cache
 from dpoq_jax.train.setup import setup
 
 FIELDS = ["chosen_token_values", "rejected_token_values"]
@@ -217,13 +217,8 @@ def test_token_rewards_are_the_oracle_log_ratio(tmp_path):
 
 def _cache_of(tmp_path, run, values_fn, kind="token_rewards"):
     """A token cache of the run's pairs whose values are values_fn(item, side, ids)."""
-    fp = inputs.run_fingerprint(run.cfg, run.dataset.tokenizer)
     out = str(tmp_path / f"cache_{kind}")
-    w = token_cache.CacheWriter(out, kind, FIELDS, fp)
-    for item in run.dataset.train + run.dataset.eval:
-        w.add(inputs.fingerprint(item), {f"{s}_token_values": values_fn(item, s, ids)
-                                         for s, ids in inputs.reference_sides(item)})  # fmt: skip
-    w.close()
+    assert write_values_cache(run.cfg, out, kind, values_fn) == 40
     return out
 
 

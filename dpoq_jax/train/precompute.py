@@ -126,3 +126,25 @@ def token_rewards(cfg: Any, policy: str, reference: str, output: str, beta: floa
           "policy_path": policy, "reference_path": reference}  # fmt: skip
     return _write(run, output, "token_rewards", fp, dtype, params,
                   lambda lp, side: beta * (lp[0][side].astype(np.float64) - lp[1][side]))  # fmt: skip
+
+
+def write_values_cache(cfg: Any, output: str, kind: str, values: Callable[[Any, str, list[int]], Any],
+                       dtype: str = "float32", provenance: dict[str, Any] | None = None) -> int:  # fmt: skip
+    """Writes a token cache of any per-token values of the config's pairs: values(item, side, ids) -> one
+    value per response token (e.g. a synthetic task's true token rewards, kind "token_rewards", or
+    weights, kind "token_weights"), keyed and fingerprinted like the caches above; returns the count.
+    Needs no model: it reads and tokenizes the data only."""
+    dataset = inputs.load_dataset(cfg)
+    sides = inputs.response_sides(cfg)
+    fields = token_cache.value_fields(kind, sides)
+    fp = {**inputs.run_fingerprint(cfg, dataset.tokenizer), **_provenance(cfg), **(provenance or {})}
+    writer = token_cache.CacheWriter(output, kind, fields, fp, dtype=dtype)
+    n = 0
+    for item in dataset.train + dataset.eval:
+        writer.add(inputs.fingerprint(item),
+                   {f: values(item, side, ids) for (side, ids), f in zip(inputs.reference_sides(item), fields,
+                                                                          strict=True)})  # fmt: skip
+        n += 1
+    if jax.process_index() == 0:
+        writer.close()
+    return n
