@@ -719,3 +719,32 @@ def test_dense_recovery_tiny(tiny_dir) -> None:
     md = run_tiny(m, TINY["dense"], tiny_dir, "dense_reward")
     (v,) = re.findall(VERDICT_RE, md, flags=re.M)
     assert re.search(rf"^\| 0.300 \| [0-9]+ \| ({SIV}|nan) \|", md, flags=re.M)  # 2 steps: maybe no signal
+
+
+@pytest.mark.slow
+def test_token_training_tiny(tmp_path) -> None:
+    """Experiment 7 end to end at the tiny scale (every arm, two seeds): the report's tables, both
+    intervals, a verdict by the rules; uniform weights train exactly like DPO; a rerun reuses every part."""
+    import json
+    import re
+
+    from dpoq_jax.experiments import token_training as m
+
+    md = tmp_path / "token_training.md"
+    argv = ["--scale", "tiny", "--workdir", str(tmp_path / "w"), "--results", str(md)]
+    assert m.main(argv) == 0
+    text = md.read_text()
+    for label in m.LABELS.values():
+        assert f"| {label} | " in text, label
+    assert re.search(r"^\*\*Verdict \(dense_reward\): (holds|partly|does not hold|inconclusive)\.\*\* ", text,
+                     flags=re.M)  # fmt: skip
+    cell = r"[-+][0-9.]+ t\[[-+][0-9.]+, [-+][0-9.]+\] b\[[-+][0-9.]+, [-+][0-9.]+\]"
+    assert re.search(rf"^\| tw_oracle-dpo \| {cell} \|$", text, flags=re.M)
+    numbers = json.loads(md.with_suffix(".json").read_text())["dense_reward"]
+    assert numbers["gold_diff"]["tw_uniform-dpo"]["16"] == [0.0] * 5  # weights of one are DPO, run for run
+    assert (tmp_path / "token_training_figures" / "learning_curves.png").stat().st_size > 1000
+    evals = sorted((tmp_path / "w").rglob("eval.json"))
+    assert len(evals) == 2 * len(m.METHODS)
+    stamps = [p.stat().st_mtime_ns for p in evals]
+    assert m.main(argv) == 0  # every run and evaluation reused
+    assert [p.stat().st_mtime_ns for p in evals] == stamps

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
-from test_train_step import local_batches, run_steps, tiny_config
+from test_train_step import TINY_MODEL, local_batches, run_steps, tiny_config
 
 from dpoq_jax import losses
 from dpoq_jax.data import token_cache
@@ -22,6 +23,7 @@ from dpoq_jax.train.precompute import precompute_reference, token_rewards, write
 from dpoq_jax.train.setup import setup
 
 FIELDS = ["chosen_token_values", "rejected_token_values"]
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 
 
 def _write(tmp_path, items, dtype="float32", shard_items=3, kind="token_rewards", fp=None):
@@ -336,3 +338,38 @@ def test_config_errors_for_token_caches(tmp_path):
     cfg.loss.loss_type, cfg.loss.token_weights = "selective", weights
     with pytest.raises(token_cache.CacheMismatch, match="weights' cache; this run needs token_rewards"):
         setup(cfg, devices=jax.devices()[:1])
+
+
+def test_token_rewards_command_then_train(tmp_path, capsys):
+    """`dpoq token-rewards` on two checkpoints, then `dpoq train` with token_weighted and selective on its
+    cache (the synthetic config), and a cache of other data refused in one line."""
+    from dpoq_jax import cli
+    from dpoq_jax.models.checkpoint import save_params
+
+    cfg = _small(tiny_config())
+    run = setup(cfg, devices=jax.devices()[:1])
+    state = run.new_state()
+    dirs = {}
+    for name, params in (("policy", _perturbed(run, state)), ("reference", state.params)):
+        dirs[name] = str(tmp_path / name)
+        save_params(dirs[name], nnx.merge(run.graphdef, params, run.rest), run.source.model_config)
+    config = f"{CONFIGS / 'error_injection_dpo.py'}:{dirs['reference']}"
+    over = ["--config.data.num_examples=32", "--config.data.num_eval=8", "--config.train.batch_size=8",
+            *(f"--config.model.config.{k}={v}" for k, v in TINY_MODEL.items())]  # fmt: skip
+    out = str(tmp_path / "oracle")
+    rc = cli.main(["token-rewards", "--config", config, "--policy", dirs["policy"], "--reference",
+                   dirs["reference"], "--out", out, *over])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err[-2000:]
+    assert "wrote token rewards of 40 pairs" in capsys.readouterr().out
+    for loss in ("token_weighted", "selective"):
+        rc = cli.main(["train", "--config", config, "--workdir", str(tmp_path / loss), *over,
+                       "--config.train.num_steps=2", "--config.train.eval_every=0",
+                       "--config.model.hf_export=false",
+                       f"--config.loss.loss_type={loss}", f"--config.loss.token_weights={out}"])  # fmt: skip
+        assert rc == 0, capsys.readouterr().err[-2000:]
+    with pytest.raises(SystemExit) as e:  # a user error: one line (exit status 1), no traceback
+        cli.main(["train", "--config", config, "--workdir", str(tmp_path / "other"), *over,
+                  "--config.data.task_kwargs.seed=5", "--config.loss.loss_type=selective",
+                  f"--config.loss.token_weights={out}"])  # fmt: skip
+    msg = str(e.value.code)
+    assert "\n" not in msg and "token cache" in msg and "was made for another data" in msg, msg

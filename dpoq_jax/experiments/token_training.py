@@ -80,6 +80,17 @@ SCALES = {
         tasks=("error_injection",),
         seeds=(0,),
     ),
+    # the CI test's: every arm, two seeds (intervals), one size, a few steps
+    "tiny": dict(
+        sizes=(16,),
+        sft_steps=4,
+        dpo_steps=2,
+        lr=1e-4,
+        beta=0.1,
+        n_eval=4,
+        tasks=("dense_reward",),
+        seeds=(0, 1),
+    ),
 }
 LABELS = {"sft": "SFT reference (no preference training)", **{m: v[0] for m, v in METHODS.items()}}
 TIS = {"loss.tis_mu": 1.0, "loss.tis_lower": -1.0, "loss.tis_upper": 1.0}  # the config defaults, explicit
@@ -206,6 +217,25 @@ def run_part(args: argparse.Namespace, scale: dict, task: str, seed: int) -> dic
                 f"  {task} seed {seed} n {n_pairs} {method}: gold {np.mean(ev['gold']):.4f} "
                 f"acc {np.mean(ev['accuracy']):.3f}"
             )
+    return out
+
+
+def weight_stats(cache_dir: Path) -> dict[str, float]:
+    """Diagnostics of a rewards cache as the TIS transform (μ 1, clamp ±1) turns it into weights: mean d
+    and mean weight per token of the chosen and of the rejected responses."""
+    from dpoq_jax.data.token_cache import TokenCache
+
+    cache = TokenCache(str(cache_dir))
+    d = {"chosen": [], "rejected": []}
+    for k in cache._keys:
+        vals = cache.values(format(int(k), "016x"))
+        for side in d:
+            d[side].append(np.asarray(vals[f"{side}_token_values"], np.float64))
+    out = {}
+    for side, sign in (("chosen", 1.0), ("rejected", -1.0)):
+        x = np.concatenate(d[side])
+        out[f"d {side}"] = float(x.mean())
+        out[f"w {side}"] = float(np.exp(sign * np.clip(x, -1.0, 1.0)).mean())
     return out
 
 
@@ -337,10 +367,37 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def weight_lines(root: Path, seeds: Sequence[int], sizes: Sequence[int]) -> list[str]:
+    """Table lines: what the TIS transform makes of each rewards cache (means over seeds)."""
+    lines = [
+        "",
+        "TIS weights from the caches (training pairs; mean over tokens, then seeds): d is the cached "
+        "reward, w = exp(±clamp(d, −1, 1)) (+ chosen, − rejected):",
+        "",
+        "| cache | n | d chosen | d rejected | w chosen | w rejected |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind in ("true", "oracle"):
+        for n in sizes:
+            rows = [
+                weight_stats(c)
+                for s in seeds
+                if (c := root / f"seed{s}" / f"n{n}" / f"cache_{kind}").exists()
+            ]
+            if rows:
+                m = {k: np.mean([r[k] for r in rows]) for k in rows[0]}
+                lines.append(
+                    f"| {kind} | {n} | {m['d chosen']:+.3f} | {m['d rejected']:+.3f} | "
+                    f"{m['w chosen']:.3f} | {m['w rejected']:.3f} |"
+                )
+    return lines
+
+
 def write_report(args, scale, stats, verdicts, times, started: str, md: Path) -> None:
     sizes, methods = scale["sizes"], args.methods
+    name = args.scale or ("quick" if args.quick else "full")
     lines = [
-        f"# Experiment 7: does credit assignment pay off in training? ({'quick' if args.quick else 'full'})",
+        f"# Experiment 7: does credit assignment pay off in training? ({name})",
         "",
         "Written by `python -m dpoq_jax.experiments.token_training` (rules: docs/experiments.md §7, "
         "dated 2026-12-07 before the first run). Intervals: `t[...]` = 95% Student-t over seeds "
@@ -394,6 +451,7 @@ def write_report(args, scale, stats, verdicts, times, started: str, md: Path) ->
                 + " | ".join(f"{st['means']['length'][(m, n)][0].mean:.2f}" for n in sizes)
                 + " |"
             )
+        lines += weight_lines(Path(args.workdir) / task, args.seeds, sizes)
         v, why = verdicts[task]
         lines += ["", f"**Verdict ({task}): {v}.** {why}", ""]
     lines += [
@@ -440,6 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--quick", action="store_true", help="the smoke scale (see SCALES)")
+    p.add_argument("--scale", default=None, choices=tuple(SCALES), help="a scale by name (--quick: quick)")
     p.add_argument("--seeds", default=None, help="e.g. 0-4 or 3 (default: the scale's)")
     p.add_argument("--tasks", default=None, help="comma list of tasks (default: the scale's)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma list, dpo first")
@@ -447,7 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--results", default=str(RESULTS / f"{NAME}.md"), help="the report (.md; .json beside)")
     p.add_argument("--no-report", action="store_true", help="run the parts only (e.g. one seed of a plan)")
     args = p.parse_args(argv)
-    scale = dict(SCALES["quick" if args.quick else "full"])
+    scale = dict(SCALES[args.scale or ("quick" if args.quick else "full")])
     from dpoq_jax.experiments.cli import seed_list
 
     args.seeds = seed_list(args.seeds) if args.seeds else scale["seeds"]
