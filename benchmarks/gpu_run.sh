@@ -70,6 +70,15 @@ if [[ "${GPU_RUN_PARTS:-all}" == *peers* || "${GPU_RUN_PARTS:-all}" == all ]]; t
     "${MODEL_ARGS[@]}" "$@" | tee -a "$log" || echo "peers.sh failed or timed out (see above)" | tee -a "$log"
 fi
 
+# 4. The token-level losses (benchmarks/token_losses.py, issue #36): TDPO₂ against the frozen-reference DPO
+# step (target ≤ 1.3×), selective and token_weighted from token caches against SimPO (target ≤ 1×),
+# SmolLM2-135M's shape, TL;DR-like lengths, float32; 5 cases × 2 rounds, about 2-3 minutes. Opt-in
+# (not part of "all", whose time budget it would break): GPU_RUN_PARTS=token bash benchmarks/gpu_run.sh
+if [[ "${GPU_RUN_PARTS:-all}" == *token* ]]; then
+  timeout "${TOKEN_TIMEOUT:-240}" python3 -m benchmarks.token_losses --rounds 2 --steps 3 \
+    --out benchmarks/results/token_losses_gpu.json | tee -a "$log" || echo "token_losses failed or timed out" | tee -a "$log"
+fi
+
 if [ -n "${OUT:-}" ]; then
   cp benchmarks/results/*.json benchmarks/results/*.png "$log" "$OUT"/ 2>/dev/null || true
 fi

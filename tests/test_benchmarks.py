@@ -413,3 +413,24 @@ def test_remat_benchmark_tiny(tmp_path):
     assert rows["padded/none"]["loss"] == pytest.approx(rows["padded/full"]["loss"], rel=1e-6)
     assert rows["padded/full/precomputed"]["argument_bytes"] < rows["padded/full"]["argument_bytes"]
     assert "| padded/full |" in remat.table(report)
+
+
+@pytest.mark.slow
+def test_token_losses_benchmark_tiny(tmp_path):
+    """benchmarks/token_losses.py at the tiny shape: every case in its own process, the cached cases read a
+    real token cache each step; per-round ratios against the targets in the JSON and the table."""
+    import math
+
+    from benchmarks import token_losses
+
+    out = tmp_path / "token_losses.json"
+    report = token_losses.main(["--shape", "tiny", "--rounds", "1", "--steps", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["shape"] == "tiny"
+    assert set(report["summary"]) == set(token_losses.CASES)
+    s = report["summary"]
+    for case in token_losses.CASES:  # after the untimed step: near log 2 for the DPO family, finite for all
+        assert math.isfinite(s[case]["loss"]) and s[case]["step_median_s"] > s[case]["batch_build_median_s"] > 0
+    assert [(r["case"], r["vs"], r["target_max"]) for r in report["ratios"]] == [
+        ("selective", "simpo", 1.0), ("token_weighted", "simpo", 1.0), ("tdpo", "dpo_frozen", 1.3)]
+    assert all(len(r["per_round"]) == 1 for r in report["ratios"])
+    assert "| tdpo / dpo_frozen |" in token_losses.table(report)
