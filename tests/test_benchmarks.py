@@ -428,8 +428,9 @@ def test_token_losses_benchmark_tiny(tmp_path):
     assert json.loads(out.read_text())["shape"] == "tiny"
     assert set(report["summary"]) == set(token_losses.CASES)
     s = report["summary"]
-    for case in token_losses.CASES:  # after the untimed step: near log 2 for the DPO family, finite for all
-        assert math.isfinite(s[case]["loss"]) and s[case]["step_median_s"] > s[case]["batch_build_median_s"] > 0
+    for case in token_losses.CASES:
+        assert math.isfinite(s[case]["loss"])
+        assert s[case]["step_median_s"] > s[case]["batch_build_median_s"] > 0
     assert [(r["case"], r["vs"], r["target_max"]) for r in report["ratios"]] == [
         ("selective", "simpo", 1.0), ("token_weighted", "simpo", 1.0), ("tdpo", "dpo_frozen", 1.3)]
     assert all(len(r["per_round"]) == 1 for r in report["ratios"])
