@@ -67,9 +67,9 @@ def _shard_name(i: int) -> str:
 
 
 class CacheWriter:
-    """Writes a cache to `out` (local or gs://): shards to a staging folder, then moved into place, the
-    manifest last. Local output appears whole (a renamed folder) or not at all; an existing cache at
-    `out` is replaced only when the new one is complete."""
+    """Writes a cache to `out` (local or gs://): shards to a staging folder (local: OUT.partial beside
+    it), then moved into place, the manifest last. Local output appears whole (a renamed folder) or not
+    at all; an existing cache at `out` is replaced only when the new one is complete."""
 
     def __init__(self, out: str, kind: str, fields: list[str], fingerprint: Mapping[str, Any],
                  dtype: str = "float32", shard_items: int = SHARD_ITEMS):  # fmt: skip
@@ -80,7 +80,12 @@ class CacheWriter:
         self.out, self.kind, self.fields, self.dtype = out, kind, list(fields), dtype
         self.fingerprint = dict(fingerprint)
         self.shard_items = shard_items
-        self.stage = paths.staging_dir()
+        if paths.is_gcs(out):
+            self.stage = paths.staging_dir()  # local files first, uploaded at close
+        else:  # beside the output (same file system): renamed into place at close
+            self.stage = f"{os.path.abspath(out)}.partial"
+            shutil.rmtree(self.stage, ignore_errors=True)
+            os.makedirs(self.stage)
         self.shards: list[dict[str, Any]] = []
         self.keys: set[str] = set()
         self._pending: list[tuple[str, dict[str, np.ndarray]]] = []
@@ -137,19 +142,14 @@ class CacheWriter:
         else:
             with open(os.path.join(self.stage, MANIFEST), "w") as fh:
                 fh.write(text)
-            parent = os.path.dirname(os.path.abspath(self.out))
-            os.makedirs(parent, exist_ok=True)
-            tmp = f"{os.path.abspath(self.out)}.partial"
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(self.stage, tmp)
             if os.path.exists(self.out):
                 old = f"{os.path.abspath(self.out)}.old"
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(self.out, old)
-                os.replace(tmp, self.out)
+                os.replace(self.stage, self.out)
                 shutil.rmtree(old, ignore_errors=True)
             else:
-                os.replace(tmp, self.out)
+                os.replace(self.stage, self.out)
         shutil.rmtree(self.stage, ignore_errors=True)
         return manifest
 
