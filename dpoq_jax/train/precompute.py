@@ -77,15 +77,17 @@ def _write(run: Run, out: str, kind: str, fingerprint: dict, dtype: str, params_
            values: Callable[[list[dict[str, np.ndarray]], str], np.ndarray]) -> int:  # fmt: skip
     sides = inputs.response_sides(run.cfg)
     fields = token_cache.value_fields(kind, sides)
-    writer = token_cache.CacheWriter(out, kind, fields, fingerprint, dtype=dtype)
+    main = jax.process_index() == 0  # every process computes (the batches are global), one writes
+    writer = token_cache.CacheWriter(out, kind, fields, fingerprint, dtype=dtype) if main else None
     n = 0
     for item, logps in _split_batches(run, params_sets):
-        row = {}
-        for (side, ids), field in zip(inputs.reference_sides(item), fields, strict=True):
-            row[field] = values(logps, side)[: len(ids)]
-        writer.add(inputs.fingerprint(item), row)
         n += 1
-    if jax.process_index() == 0:
+        if writer is not None:
+            row = {}
+            for (side, ids), field in zip(inputs.reference_sides(item), fields, strict=True):
+                row[field] = values(logps, side)[: len(ids)]
+            writer.add(inputs.fingerprint(item), row)
+    if writer is not None:
         writer.close()
     return n
 
@@ -138,6 +140,8 @@ def write_values_cache(cfg: Any, output: str, kind: str, values: Callable[[Any, 
     sides = inputs.response_sides(cfg)
     fields = token_cache.value_fields(kind, sides)
     fp = {**inputs.run_fingerprint(cfg, dataset.tokenizer), **_provenance(cfg), **(provenance or {})}
+    if jax.process_index() != 0:  # one process writes
+        return len(dataset.train) + len(dataset.eval)
     writer = token_cache.CacheWriter(output, kind, fields, fp, dtype=dtype)
     n = 0
     for item in dataset.train + dataset.eval:
@@ -145,6 +149,5 @@ def write_values_cache(cfg: Any, output: str, kind: str, values: Callable[[Any, 
                    {f: values(item, side, ids) for (side, ids), f in zip(inputs.reference_sides(item), fields,
                                                                           strict=True)})  # fmt: skip
         n += 1
-    if jax.process_index() == 0:
-        writer.close()
+    writer.close()
     return n
