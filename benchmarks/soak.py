@@ -27,6 +27,9 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "dpoq_jax" / "configs"
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+# The first ten overrides are tests/helpers.py's TINY, copied rather than imported: a benchmark runs
+# without tests/ on sys.path (tests/ is no package), so the two are kept in step by hand; the last three
+# are the soak's own.
 TINY = [
     "--config.model.config.hidden_size=32",
     "--config.model.config.num_layers=1",

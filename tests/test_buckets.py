@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from test_train_step import tiny_config
+from helpers import tiny_config
 
 from dpoq_jax.data import layouts
 from dpoq_jax.data.examples import TokenizedPair, TokenizedSFT

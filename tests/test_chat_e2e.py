@@ -6,19 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import pytest
+from helpers import tiny_chat_model
 
 from dpoq_jax.cli import main as dpoq
 
 HERE = os.path.dirname(__file__)
 CONFIG = os.path.join(HERE, "..", "experiments", "configs", "chat_dpo.py")
-TEMPLATE = (  # ChatML, as SmolLM2-Instruct writes it
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
-    "'<|im_end|>' + '\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 TINY = ["--config.data.max_prompt_tokens=40", "--config.data.response_len=20",
         "--config.train.batch_size=8", "--config.train.num_steps=2", "--config.train.eval_every=0",
         "--config.train.log_every=1", "--config.checkpoint.every_steps=2",
@@ -27,22 +22,6 @@ TINY = ["--config.data.max_prompt_tokens=40", "--config.data.response_len=20",
 
 def m(role, content):
     return {"role": role, "content": content}
-
-
-def _model(d: str) -> None:
-    import torch
-    import transformers
-
-    cfg = transformers.LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                   tie_word_embeddings=True, bos_token_id=1, eos_token_id=3, pad_token_id=0)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
-    tok_dir = os.path.join(HERE, "fixtures", "chat_tokenizer")
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(tok_dir, f), d)
-    with open(os.path.join(d, "chat_template.jinja"), "w") as f:
-        f.write(TEMPLATE)
 
 
 def _rows(n: int) -> list[dict]:
@@ -66,7 +45,7 @@ def test_bring_your_own_chat_model(tmp_path, monkeypatch):
 
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     model = str(tmp_path / "model")
-    _model(model)
+    tiny_chat_model(model)
     rows = _rows(8)
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -18,53 +18,19 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import CLI_CONTEXT as CONTEXT
+from helpers import assert_one_error, run, write_jsonl
 
 from dpoq_jax import cli
 from dpoq_jax import parser as dpoq_parser
 from dpoq_jax.data.synthetic import SyntheticTokenizer, make_task
-from dpoq_jax.models import ModelConfig
-from dpoq_jax.models.decoder import Decoder, abstract_split
-from dpoq_jax.models.hf import save_hf
 from dpoq_jax.models.safetensors_dir import SafetensorsDir, write_safetensors
 from dpoq_jax.train.load import load_model
 
 REPO = Path(__file__).resolve().parents[1]
-CONTEXT = 16
-CFG = ModelConfig(
-    family="llama",
-    vocab_size=SyntheticTokenizer.vocab_size,
-    hidden_size=16,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=8,
-    intermediate_size=32,
-    max_position_embeddings=CONTEXT,
-    norm="rmsnorm",
-    activation="silu",
-    gated_mlp=True,
-    rotary_dim=8,
-    eos_token_id=2,
-    pad_token_id=0,
-)
-
-
-def run(argv: list[str], capsys) -> tuple[int, str]:
-    """(exit status, stderr) of `dpoq ARGV` run in this process, as the interpreter would report it."""
-    capsys.readouterr()
-    try:
-        rc = cli.main(argv)
-    except SystemExit as e:
-        if isinstance(e.code, str):  # the interpreter prints the message and exits with 1
-            print(e.code, file=sys.stderr)
-            rc = 1
-        else:
-            rc = e.code or 0
-    return rc, capsys.readouterr().err
 
 
 def run_subprocess(argv: list[str], cwd: Path) -> tuple[int, str]:
@@ -78,38 +44,6 @@ def run_subprocess(argv: list[str], cwd: Path) -> tuple[int, str]:
         timeout=300,
     )
     return p.returncode, p.stderr
-
-
-def assert_one_error(rc: int, err: str, pattern: str) -> str:
-    """Status 1 or 2, no traceback, exactly one line on stderr, and it matches `pattern`."""
-    assert rc in (1, 2), (rc, err)
-    assert "Traceback" not in err, err
-    lines = [x for x in err.splitlines() if x.strip()]
-    assert len(lines) == 1, err
-    assert re.search(pattern, lines[0]), (pattern, lines[0])
-    return lines[0]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A random tiny decoder with CONTEXT positions, saved as a Hugging Face directory with the synthetic
-    tokenizer's files (parameters drawn with numpy on an abstract model: no eager init cost)."""
-    return save_tiny_model(tmp_path_factory.mktemp("model"), seed=0)
-
-
-def save_tiny_model(d: Path, seed: int) -> Path:
-    """The random tiny decoder of `model_dir` (parameters from numpy's `seed`) saved in folder `d`."""
-    graphdef, abstract, rest = abstract_split(lambda: Decoder(CFG, rngs=nnx.Rngs(0), dtype=jnp.float32))
-    rng = np.random.default_rng(seed)
-    params = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype), abstract)
-    save_hf(nnx.merge(graphdef, params, rest), CFG, str(d))
-    SyntheticTokenizer().save_pretrained(str(d))
-    return d
-
-
-def write_jsonl(path: Path, *records: dict) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 # ------------------------------------------------------------------------------------------------

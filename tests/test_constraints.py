@@ -125,17 +125,17 @@ TINY_DATA = ["--config.data.seq_len=56", "--config.data.max_prompt_tokens=40", "
 
 @pytest.mark.slow
 def test_experiment_end_to_end_on_a_tiny_chat_model(tmp_path, monkeypatch) -> None:
-    """The experiment's main on a tiny random Llama with a ChatML template (tests/test_chat_e2e.py's):
+    """The experiment's main on a tiny random Llama with a ChatML template (helpers.tiny_chat_model):
     samples, pairs, both DPO runs, held-out tables, heatmap and verdicts. The constraints and sampling
     sizes are ones where a random model's answers both keep and break each constraint (checked over seeds
     0-4: every seed forms pairs)."""
-    from test_chat_e2e import _model
+    from helpers import tiny_chat_model
 
     from dpoq_jax.experiments import constraint_prefs as cp
 
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
     model = tmp_path / "model"
-    _model(str(model))
+    tiny_chat_model(str(model))
     results = tmp_path / "results" / "constraint_prefs.md"
     argv = ["--model", str(model), "--seeds", "0", "--workdir", str(tmp_path / "runs"),
             "--results", str(results), "--heatmap-pairs", "2", *TINY_DATA]  # fmt: skip

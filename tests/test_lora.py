@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from test_train_step import local_batches, tiny_config
+from helpers import local_batches, tiny_config
 
 from dpoq_jax.models import hf, lora
 from dpoq_jax.models import safetensors_dir as stdir

@@ -7,7 +7,7 @@ import chex
 import jax
 import numpy as np
 import pytest
-from helpers import central_difference
+from helpers import central_difference, local_batches, run_steps, tiny_config
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -576,8 +576,6 @@ def _first_step_reference(run, batch_M, cfg, lsq=False):
     ids=["simpo", "orpo", "sigmoid+wpo"],
 )
 def test_train_step_wiring(loss):
-    from test_train_step import local_batches, run_steps, tiny_config
-
     from dpoq_jax.train.setup import setup
 
     c = tiny_config("dpo")

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from test_train_step import local_batches, run_steps, tiny_config
+from helpers import local_batches, run_steps, tiny_config
 
 from dpoq_jax.data import token_cache
 from dpoq_jax.data.examples import PreferenceExample, TokenizedOutcome, unpair

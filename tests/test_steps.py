@@ -10,7 +10,7 @@ import math
 import jax
 import numpy as np
 import pytest
-from test_cli import assert_one_error, model_dir, run, save_tiny_model, write_jsonl  # noqa: F401
+from helpers import assert_one_error, run, save_tiny_model, write_jsonl
 
 from dpoq_jax import cli, steps
 from dpoq_jax.analysis import steps as st
@@ -191,7 +191,7 @@ def _step_score(how):
 
 
 @pytest.fixture(scope="module")
-def scored(tmp_path_factory, model_dir, ref_dir):  # noqa: F811
+def scored(tmp_path_factory, model_dir, ref_dir):
     """`dpoq score --steps |` of every candidate: per candidate its token rewards, ref log-probs and steps."""
     d = tmp_path_factory.mktemp("score")
     write_jsonl(d / "p.jsonl", *FLAT)
@@ -221,7 +221,7 @@ def test_score_steps_in_json_and_html(scored):
     assert page.count('<span class="step"') == n_steps and "3 steps, min" in page
 
 
-def _rerank(tmp_path, model_dir, ref_dir, *extra, records=None):  # noqa: F811
+def _rerank(tmp_path, model_dir, ref_dir, *extra, records=None):
     f = tmp_path / "cands.jsonl"
     if records is None:
         pairs = enumerate(zip(PROMPTS, CANDIDATES, strict=True))
@@ -235,7 +235,7 @@ def _rerank(tmp_path, model_dir, ref_dir, *extra, records=None):  # noqa: F811
 
 
 @pytest.mark.parametrize("how", ["min", "last"])
-def test_rerank_chooses_the_argmax_of_independently_computed_scores(tmp_path, model_dir, ref_dir, scored,  # noqa: F811
+def test_rerank_chooses_the_argmax_of_independently_computed_scores(tmp_path, model_dir, ref_dir, scored,
                                                                     how):  # fmt: skip
     lines = _rerank(tmp_path, model_dir, ref_dir, "--steps", "|", "--aggregate", how)
     for line, cands, want in zip(lines, CANDIDATES, _by_prompt(scored[0], _step_score(how)), strict=True):
@@ -249,14 +249,14 @@ def test_rerank_chooses_the_argmax_of_independently_computed_scores(tmp_path, mo
     assert [x["scores"] for x in again] == [x["scores"] for x in lines]
 
 
-def test_rerank_baseline_reference_ranks_by_reference_log_likelihood(tmp_path, model_dir, ref_dir, scored):  # noqa: F811
+def test_rerank_baseline_reference_ranks_by_reference_log_likelihood(tmp_path, model_dir, ref_dir, scored):
     lines = _rerank(tmp_path, model_dir, ref_dir, "--baseline", "reference", "--aggregate", "sum")
     for line, want in zip(lines, _by_prompt(scored[0], lambda r: sum(r["ref_logps"])), strict=True):
         np.testing.assert_allclose(line["scores"], want, rtol=1e-5)
         assert line["chosen"] == int(np.argmax(want)) and line["baseline"] == "reference"
 
 
-def test_rerank_vote(tmp_path, model_dir, ref_dir, scored):  # noqa: F811
+def test_rerank_vote(tmp_path, model_dir, ref_dir, scored):
     lines = _rerank(tmp_path, model_dir, ref_dir, "--steps", "|", "--aggregate", "vote",
                     "--answer-regex", "([0-9])$")  # fmt: skip
     for line, cands, mins in zip(lines, CANDIDATES, _by_prompt(scored[0], _step_score("min")), strict=True):
@@ -298,7 +298,7 @@ def test_rerank_vote(tmp_path, model_dir, ref_dir, scored):  # noqa: F811
     ids=["empty_list", "empty_candidate", "bad_json", "mixed_prompts", "mixed_forms", "bad_regex",
          "answer_regex_nothing", "steps_regex_nothing"],
 )  # fmt: skip
-def test_rerank_bad_input_is_one_line(tmp_path, model_dir, ref_dir, capsys, lines, extra, pattern):  # noqa: F811
+def test_rerank_bad_input_is_one_line(tmp_path, model_dir, ref_dir, capsys, lines, extra, pattern):
     f = tmp_path / "cands.jsonl"
     f.write_text("\n".join(lines) + "\n")
     argv = ["rerank", "--policy", str(model_dir), "--reference", str(ref_dir), "--candidates", str(f),

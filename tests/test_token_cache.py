@@ -14,7 +14,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
-from test_train_step import TINY_MODEL, local_batches, run_steps, tiny_config
+from helpers import TINY_MODEL, local_batches, loop_config, run_steps, tiny_config
 
 from dpoq_jax import losses
 from dpoq_jax.data import token_cache
@@ -118,8 +118,6 @@ def _all_devices(cfg):
 
 
 def test_precomputed_cache_trains_like_the_frozen_reference(tmp_path):
-    from test_train_loop import loop_config
-
     from dpoq_jax.train.loop import train
 
     cfg = _small(loop_config("dpo", steps=3))

@@ -4,78 +4,13 @@ held-out preference accuracy."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import numpy as np
 import pytest
+from helpers import TINY, dpoq_train, finish, kill_when, two_processes, without_timing
 
-from dpoq_jax.train.loop import TIMING_KEYS
 from dpoq_jax.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "experiments" / "configs"
-TINY = [
-    "--config.model.config.hidden_size=32",
-    "--config.model.config.num_layers=1",
-    "--config.model.config.intermediate_size=64",
-    "--config.model.config.head_dim=8",
-    "--config.model.config.rotary_dim=8",
-    "--config.data.num_examples=512",
-    "--config.data.num_eval=32",
-    "--config.train.batch_size=8",
-    "--config.train.progress_bar=false",
-    "--config.train.log_every=1",
-]
-
-
-def dpoq_train(config: str, workdir: Path, *args: str, devices: int = 2, extra_env=None) -> subprocess.Popen:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-    env.update(extra_env or {})
-    cmd = [
-        sys.executable,
-        "-m",
-        "dpoq_jax.cli",
-        "train",
-        "--config",
-        str(CONFIGS / config),
-        "--workdir",
-        str(workdir),
-        *args,
-    ]
-    return subprocess.Popen(
-        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0, out[-3000:]
-    return out
-
-
-def without_timing(workdir: Path) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(str(workdir))]
-
-
-def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> bool:
-    """kill -9 `proc` as soon as ready() holds (polled every 2 ms); False if it ended first."""
-    end = time.time() + timeout
-    while time.time() < end and proc.poll() is None:
-        if ready():
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        time.sleep(0.002)
-    proc.communicate()
-    return False
 
 
 def test_kill9_and_resume_bitwise(tmp_path):
@@ -108,12 +43,6 @@ def test_kill9_and_resume_bitwise(tmp_path):
     assert without_timing(work) == without_timing(tmp_path / "ref")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one(tmp_path):
     args = [
         *TINY,
@@ -125,22 +54,7 @@ def test_two_processes_equal_one(tmp_path):
         "--config.checkpoint.every_steps=2",
     ]
     finish(dpoq_train("error_injection_dpo.py", tmp_path / "one", *args, devices=2))
-    port = free_port()
-    procs = [
-        dpoq_train(
-            "error_injection_dpo.py",
-            tmp_path / "two",
-            *args,
-            "--coordinator",
-            f"127.0.0.1:{port}",
-            "--num-processes",
-            "2",
-            "--process-id",
-            str(i),
-            devices=1,
-        )
-        for i in range(2)
-    ]
+    procs = two_processes(tmp_path / "two", *args)
     for p in procs:
         finish(p)
     one, two = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "two"))
@@ -154,7 +68,9 @@ def test_two_processes_equal_one(tmp_path):
 def test_sft_then_dpo_error_injection_accuracy(tmp_path):
     """The documented CPU workflow: SFT, then DPO from it; held-out preference accuracy > 0.9."""
     sft, dpo = tmp_path / "sft", tmp_path / "dpo"
-    finish(dpoq_train("error_injection_sft.py", sft, "--config.train.progress_bar=false", devices=1), 600)
+    finish(
+        dpoq_train("error_injection_sft.py", sft, "--config.train.progress_bar=false", devices=1), timeout=600
+    )
     out = finish(
         dpoq_train(
             "error_injection_dpo.py",
@@ -163,7 +79,7 @@ def test_sft_then_dpo_error_injection_accuracy(tmp_path):
             f"--config.model.path={sft}",
             devices=1,
         ),
-        600,
+        timeout=600,
     )
     evals = read_metrics(str(dpo), "eval")
     assert [e["step"] for e in evals] == [50, 100, 150, 200]

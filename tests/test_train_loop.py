@@ -12,32 +12,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train_step import tiny_config
+from helpers import loop_config, without_timing
 
 from dpoq_jax.train.checkpoint import RunCheckpoints
-from dpoq_jax.train.loop import TIMING_KEYS, NonFiniteError, train
+from dpoq_jax.train.loop import NonFiniteError, train
 from dpoq_jax.train.metrics import read_metrics
 from dpoq_jax.train.setup import setup
 
 
-def loop_config(stage: str, steps: int = 6):
-    c = tiny_config(stage, data=-1, fsdp=1, tensor=1)  # data parallel over the 8 CPU devices
-    c.train.num_steps = steps
-    c.train.log_every = 1
-    c.train.eval_every = 3
-    c.train.eval_batches = 1
-    c.train.progress_bar = False
-    c.checkpoint.every_steps = 2
-    c.model.hf_export = False
-    return c
-
-
 def params_np(state):
     return [np.asarray(x) for x in jax.tree.leaves(state.params)]
-
-
-def rows_without_timing(workdir):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(workdir)]
 
 
 class Crash(Exception):
@@ -66,7 +50,7 @@ def test_resume_after_crash_is_bitwise_exact(tmp_path, finished_run):
 
     for a, b in zip(full_params, params_np(resumed.state), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert rows_without_timing(work) == rows_without_timing(str(full_work))
+    assert without_timing(work) == without_timing(str(full_work))
     rows = read_metrics(work)
     assert [r["step"] for r in rows if r["split"] == "train"] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if r["split"] == "eval"] == [3, 4]  # every 3 steps and the last
@@ -250,7 +234,7 @@ def test_resume_past_damage_and_torn_metrics_line_is_exact(tmp_path, finished_ru
     assert "is damaged: item 'loader' cannot be read" in caplog.text
     for a, b in zip(full_params, params_np(resumed.state), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert rows_without_timing(str(copy)) == rows_without_timing(str(work))
+    assert without_timing(str(copy)) == without_timing(str(work))
 
 
 def test_metrics_damage_other_than_a_torn_last_line_names_file_and_line(tmp_path):

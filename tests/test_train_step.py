@@ -8,57 +8,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from helpers import local_batches, run_steps, tiny_config
 
-from dpoq_jax.train import inputs
-from dpoq_jax.train.config import ConfigError, base_config, synthetic_config
+from dpoq_jax.train.config import ConfigError, base_config
 from dpoq_jax.train.mesh import DEFAULT_RULES, make_mesh, mesh_shape, rules_from_config
 from dpoq_jax.train.optim import make_optimizer, make_schedule
 from dpoq_jax.train.setup import forward_for, global_batch, setup
 from dpoq_jax.train.step import accumulate_grads
-
-TINY_MODEL = {
-    "hidden_size": 32,
-    "num_layers": 1,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "head_dim": 8,
-    "intermediate_size": 64,
-    "rotary_dim": 8,
-}
-
-
-def tiny_config(stage: str = "dpo", **mesh):
-    c = synthetic_config("error_injection", stage)
-    c.model.init = "random"
-    c.model.path = ""
-    c.model.config.update(TINY_MODEL)
-    c.data.num_examples = 64
-    c.data.num_eval = 16
-    c.data.seq_len = 32
-    c.data.response_len = 12
-    c.train.batch_size = 8
-    c.optim.lr = 1e-2
-    c.optim.warmup_steps = 2
-    c.mesh.update(mesh or {"data": 1, "fsdp": 1, "tensor": 1})
-    return c
-
-
-def local_batches(run, n: int, micro: int = 1):
-    """n consecutive local micro-stacked batches of the training set, in order."""
-    items, B = run.dataset.train, run.cfg.train.batch_size
-    make = inputs.micro_batch_fn(run.cfg, B // micro)
-    return [inputs.stack_micro(items[i * B : (i + 1) * B], make, micro) for i in range(n)]
-
-
-def run_steps(run, batches):
-    b_sh = run.batch_shardings(batches[0])
-    step_fn, _ = run.compile(b_sh)
-    state = run.new_state()
-    losses = []
-    for b in batches:
-        state, m = step_fn(state, global_batch(b, b_sh))
-        losses.append(float(m["loss"]))
-    return state, np.array(losses)
 
 
 def test_logps_chunk_counts_time_steps():
