@@ -526,17 +526,17 @@ def test_bad_train_config_one_clear_line(overrides, match):
 
 
 def test_train_config_mixture_and_reference_free_load():
-    from dpoq_jax.train.config import load_config
+    from dpoq_jax.train.config import load_config, loss_config
 
     c = load_config(
         _SFT_CONFIG, ["--config.loss.loss_type=sigmoid,bco_pair,sft", "--config.loss.loss_weights=0.8,0.2,1"]
     )
-    cfg = LossConfig(**c.loss.to_dict())
+    cfg = loss_config(c)
     assert cfg.types == ("sigmoid", "bco_pair", "sft") and cfg.weights == (0.8, 0.2, 1)
     c = load_config(
         _SFT_CONFIG, ["--config.stage=dpo", "--config.loss.loss_type=simpo", "--config.loss.beta=2.0"]
     )
-    assert not LossConfig(**c.loss.to_dict()).needs_reference
+    assert not loss_config(c).needs_reference
 
 
 # ---------------------------------------------------------------------------------------------
@@ -576,12 +576,13 @@ def _first_step_reference(run, batch_M, cfg, lsq=False):
     ids=["simpo", "orpo", "sigmoid+wpo"],
 )
 def test_train_step_wiring(loss):
+    from dpoq_jax.train.config import loss_config
     from dpoq_jax.train.setup import setup
 
     c = tiny_config("dpo")
     c.loss.update(loss)
     run = setup(c, devices=jax.devices()[:1])
-    cfg = LossConfig(**c.loss.to_dict())
+    cfg = loss_config(c)
     assert (run.shardings.ref_params is None) == (not cfg.needs_reference)
     assert (run.new_state().ref_params is None) == (not cfg.needs_reference)
     batches = local_batches(run, 3)
