@@ -1,4 +1,4 @@
-"""Step time of the token-level losses against the steps they must not exceed (issue #36), side by side.
+"""Step time of the token-level losses against the steps they must not exceed, side by side.
 
     python -m benchmarks.token_losses                                  # SmolLM2 shape, 4 TL;DR-like pairs, CPU
     python -m benchmarks.token_losses --shape tiny --rounds 1 --steps 1 --out runs/token_losses_tiny.json
