@@ -93,6 +93,9 @@ SCALES = {
     ),
 }
 LABELS = {"sft": "SFT reference (no preference training)", **{m: v[0] for m, v in METHODS.items()}}
+RULES = (
+    "docs/experiments.md §7, written 2026-12-07 06:20 UTC before any run of seeds 0-4, committed in 46e94f1"
+)
 TIS = {"loss.tis_mu": 1.0, "loss.tis_lower": -1.0, "loss.tis_upper": 1.0}  # the config defaults, explicit
 
 
@@ -341,7 +344,10 @@ def figure(stats: dict[str, dict], sizes: Sequence[int], methods: Sequence[str],
                 label=METHODS[m][0],
                 capsize=3,
                 marker="o",
+                linestyle="--" if m == "tw_uniform" else "-",  # = DPO, run for run: dashed over it
             )
+        sft = st["means"]["gold"][("sft", sizes[0])][0].mean
+        ax.axhline(sft, color="grey", linestyle=":", label=LABELS["sft"])
         ax.set_xscale("log", base=2)
         ax.set_xlabel("training pairs")
         ax.set_ylabel(f"held-out gold score ({TASKS[task][1]})")
@@ -466,7 +472,8 @@ def write_report(args, scale, stats, verdicts, times, started: str, md: Path) ->
 
     meta = {
         "command": " ".join(["python -m dpoq_jax.experiments.token_training", *sys.argv[1:]]),
-        "rules commit": _git_commit(),
+        "rules": RULES,
+        "code commit": _git_commit(),
         "started": started,
         "finished": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "platform": platform.platform(),
@@ -474,7 +481,7 @@ def write_report(args, scale, stats, verdicts, times, started: str, md: Path) ->
         "jax": jax.__version__,
         "seeds": ", ".join(map(str, args.seeds)),
         "scale": json.dumps({k: v for k, v in scale.items() if k != "seeds"}),
-        "time per seed (train + eval, s, when it ran)": times,
+        "seconds a (task, seed), when it ran: DPO-family training + evaluation (SFT not counted)": times,
     }
     lines += [f"| {k} | {v} |" for k, v in meta.items()]
     md.write_text("\n".join(lines) + "\n")
@@ -491,6 +498,33 @@ def write_report(args, scale, stats, verdicts, times, started: str, md: Path) ->
     md.with_suffix(".json").write_text(json.dumps(numbers, indent=1))
 
 
+PILOT_LRS, PILOT_SEED, PILOT_SIZE = (1e-4, 3e-4, 1e-3), 100, 512
+
+
+def pilot(args: argparse.Namespace, scale: dict, tasks: Sequence[str]) -> int:
+    """The rules' lr pilot: DPO alone at n = 512 on seed 100 (not an evaluation seed) for each lr; writes
+    gold (mean), accuracy and length of SFT and DPO to <results stem>_pilot.json."""
+    out = {}
+    for task in tasks:
+        for lr in PILOT_LRS:
+            a = argparse.Namespace(
+                **{**vars(args), "workdir": f"{args.workdir}_pilot/lr{lr:g}", "methods": ["dpo"]}
+            )
+            ev = run_part(a, {**scale, "sizes": (PILOT_SIZE,), "lr": lr}, task, PILOT_SEED)[PILOT_SIZE]
+            out[f"{task} lr {lr:g}"] = {
+                m: {
+                    k: float(np.nanmean(e[k])) if m != "sft" or k != "accuracy" else None
+                    for k in ("gold", "accuracy", "length")
+                }
+                for m, e in ev.items()
+            }
+            log(f"pilot {task} lr {lr:g}: {out[f'{task} lr {lr:g}']}")
+    path = Path(args.results).with_name(f"{NAME}_pilot.json")
+    path.write_text(json.dumps(out, indent=1))
+    log(f"wrote {path}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m dpoq_jax.experiments.token_training",
@@ -505,6 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workdir", default=f"runs/experiments/{NAME}", help="training runs and caches")
     p.add_argument("--results", default=str(RESULTS / f"{NAME}.md"), help="the report (.md; .json beside)")
     p.add_argument("--no-report", action="store_true", help="run the parts only (e.g. one seed of a plan)")
+    p.add_argument("--pilot", action="store_true", help="the lr pilot of the rules (DPO, seed 100, n 512)")
     args = p.parse_args(argv)
     scale = dict(SCALES[args.scale or ("quick" if args.quick else "full")])
     from dpoq_jax.experiments.cli import seed_list
@@ -515,14 +550,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     bad = [m for m in args.methods if m not in METHODS] + [t for t in tasks if t not in TASKS]
     if bad or args.methods[0] != "dpo":
         p.error(f"unknown methods/tasks {bad} (methods: {list(METHODS)}, dpo first; tasks: {list(TASKS)})")
+    if args.pilot:
+        return pilot(args, scale, tasks)
     started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     evals: dict[str, dict[int, Any]] = {t: {} for t in tasks}
     times: list[str] = []
     for task in tasks:
         for s in args.seeds:
-            t0 = time.time()
             evals[task][s] = run_part(args, scale, task, s)
-            times.append(f"{task} seed {s}: {time.time() - t0:.0f}")
+            spent = sum(
+                ev.get("train_seconds", 0) + ev.get("eval_seconds", 0)
+                for n in scale["sizes"]
+                for m, ev in evals[task][s][n].items()
+                if m != "sft"
+            )
+            times.append(f"{task} seed {s}: {spent:.0f}")
     if args.no_report:
         return 0
     stats = {t: analyse(evals[t], scale["sizes"], args.methods) for t in tasks}
