@@ -192,3 +192,52 @@ def test_verdict_rules() -> None:
     assert [x.status for x in v.values()] == ["holds", "partly", "holds", "does not hold"]
     n["lora/auroc"] = iv(0.45, 0.7)
     assert verdicts(n, {})[credit_title("lora")].status == "does not hold"
+
+
+@pytest.mark.slow
+def test_token_training_real_on_a_tiny_chat_model(tmp_path, monkeypatch) -> None:
+    """The real-model token-training run end to end on the tiny chat model: the oracle on its own half of
+    the training prompts, its token cache on the policy's pairs, every arm trained, the held-out table
+    with a time per step for each arm and the paired differences against DPO and the model."""
+    from helpers import tiny_chat_model
+
+    from dpoq_jax.data.token_cache import is_cache
+    from dpoq_jax.experiments import token_training_real as ttr
+
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    model = tmp_path / "model"
+    tiny_chat_model(str(model))
+    results = tmp_path / "results" / "token_training_real.md"
+    scale = {k: v for k, v in TINY.items() if k not in ("full", "lora", "n_test_samples")} | {
+        "steps": 2,
+        "lr": 1e-3,
+        "n_topics": 10,
+    }
+    argv = ["--model", str(model), "--seeds", "0", "--workdir", str(tmp_path / "runs"),
+            "--results", str(results), *TINY_DATA]  # fmt: skip
+    assert ttr.main(argv, {"full": scale, "quick": scale}, tmp_path / "results") == 0
+    md = results.read_text()
+    seed = tmp_path / "runs" / "seed0"
+    assert is_cache(str(seed / "oracle_rewards"))
+    for arm in ttr.ARMS:
+        assert (seed / arm / "experiment_run.json").exists(), arm
+        assert f"| {ttr.MODELS[arm]} | greedy |" in md, arm
+        if arm != "dpo":
+            assert f"| {ttr.MODELS[arm]} − DPO | greedy |" in md, arm
+    data = {p.name.split("_")[0] for p in (seed / "data").glob("*.jsonl")}
+    assert data == {"oracle", "policy", "validation"}, data
+    with pytest.raises(SystemExit, match="not dpo first"):
+        ttr.main([*argv, "--arms", "tdpo2,dpo"], {"full": scale, "quick": scale}, tmp_path / "results")
+
+
+def test_oracle_and_policy_prompts_are_disjoint_halves() -> None:
+    from dpoq_jax.experiments.constraint_prefs import TOPICS, split_prompts
+    from dpoq_jax.experiments.token_training_real import halves
+
+    train = split_prompts(TOPICS, ("no_e", "lowercase"), 3, 6, seed=0)["train"]
+    h = halves(train)
+    assert not set(h["oracle"]) & set(h["policy"])
+    assert sorted(h["oracle"] + h["policy"]) == sorted(train)
+    for name in ("no_e", "lowercase"):
+        n = [sum(p[1] == name for p in h[k]) for k in ("oracle", "policy")]
+        assert abs(n[0] - n[1]) <= 1 and min(n) > 0, n

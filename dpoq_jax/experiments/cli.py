@@ -40,6 +40,12 @@ def seed_list(text: str) -> tuple[int, ...]:
     return out
 
 
+def prog(name: str) -> str:
+    """How an experiment is called: its script under experiments/ where there is one, else its module."""
+    script = Path(__file__).resolve().parents[2] / "experiments" / f"{name}.py"
+    return f"python -m experiments.{name}" if script.exists() else f"python -m dpoq_jax.experiments.{name}"
+
+
 def experiment_parser(
     name: str,
     doc: str,
@@ -52,9 +58,7 @@ def experiment_parser(
     is trained once."""
     from dpoq_jax.parser import Parser  # one-line usage errors, defaults in --help, as every dpoq command
 
-    parser = Parser(
-        prog=f"python -m experiments.{name}", description=doc.split("\n\n")[0], parents=list(parents)
-    )
+    parser = Parser(prog=prog(name), description=doc.split("\n\n")[0], parents=list(parents))
     parser.add_argument("--quick", action="store_true", help="small smoke-test version (minutes)")
     parser.add_argument(
         "--config",
@@ -99,7 +103,7 @@ def parse_experiment_args(
     del task
     args, rest = parser.parse_known_args(list(argv))
     args.overrides = check_overrides(rest, parser)
-    args.command = command_line(f"python -m experiments.{name}", argv)
+    args.command = command_line(prog(name), argv)
     return args
 
 

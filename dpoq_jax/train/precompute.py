@@ -117,6 +117,8 @@ def token_rewards(cfg: Any, policy: str, reference: str, output: str, beta: floa
     if not beta > 0:
         raise ValueError(f"token-rewards: beta must be > 0, got {beta}")
     c = copy.deepcopy(cfg)  # the config's data and tokenizer; the models are the oracle's two
+    if not c.data.tokenizer_path and c.data.source != "synthetic":
+        c.data.tokenizer_path = cfg.model.path  # the tokenizer stays the config's model folder's
     c.reference.mode, c.model.init, c.model.path, c.model.lora.rank = "frozen", "checkpoint", policy, 0
     run = setup(c)
     params = []
