@@ -18,6 +18,22 @@ def test_docs_build_strict(tmp_path):
     assert "Quick start" in home  # the README is the home page
     for page in ("core", "models", "data", "training", "decoding", "experiments", "benchmarks", "tpu", "cli"):
         assert (tmp_path / "site" / page / "index.html").is_file(), page
+    # the API page is rendered from the docstrings: every public function and class of the core
+    # modules is on it, with the first line of its docstring
+    import html
+    import importlib
+    import inspect
+
+    api = html.unescape((tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8"))
+    for mod_name in ("dpoq_jax.tokenq", "dpoq_jax.losses", "dpoq_jax.steps", "dpoq_jax.data.token_cache"):
+        mod = importlib.import_module(mod_name)
+        public = [n for n, o in vars(mod).items() if not n.startswith("_") and getattr(o, "__module__", "") ==
+                  mod_name and callable(o)]  # fmt: skip
+        assert len(public) >= 3, mod_name
+        for name in public:
+            assert f'id="{mod_name}.{name}"' in api, f"{mod_name}.{name} is not on the API page"
+            first = (inspect.getdoc(getattr(mod, name)) or "").split("\n")[0].split("`")[0][:30]
+            assert first and first in api, f"{mod_name}.{name}: docstring {first!r} not rendered"
 
 
 def test_docs_build_fails_on_a_broken_link(tmp_path):

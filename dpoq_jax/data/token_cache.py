@@ -155,6 +155,7 @@ class CacheWriter:
 
 
 def is_cache(path: str) -> bool:
+    """Whether `path` is a finished token cache (a folder holding its manifest, which is written last)."""
     return bool(path) and paths.isdir(path) and paths.exists(paths.join(path, MANIFEST))
 
 
@@ -272,6 +273,7 @@ class TokenCache:
 
 
 def sha256_of(obj: Any) -> str:
+    """SHA-256 of a JSON-able object (keys sorted, anything else by its str): a fingerprint value."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
