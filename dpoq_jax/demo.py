@@ -70,7 +70,7 @@ SEEDS = {"demo": (0, 1, 2), "quick": (0,)}
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    from dpoq_jax.experiments.cli import seed_list
+    from dpoq_jax.experiments.harness import seed_list
     from dpoq_jax.parser import Parser
 
     p = Parser(prog="dpoq demo", description=__doc__.split("\n\n")[0])
@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from dpoq_jax.analysis import document as doc
-    from dpoq_jax.experiments import cli, credit_assignment, implicit_rewards, search_overopt
+    from dpoq_jax.experiments import credit_assignment, harness, implicit_rewards, search_overopt
     from dpoq_jax.experiments.runs import default_config
 
     scale = SCALES["quick" if args.quick else "demo"]
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for i, (key, (label, module, a)) in enumerate(parts.items(), 1):
         t0 = time.time()
         doc.log(f"[{i}/{len(parts)}] {label}")
-        reports[key] = cli.run_seeds(module.run, module.verdicts, a, scale[key])
+        reports[key] = harness.run_seeds(module.run, module.verdicts, a, scale[key])
         timings.append([label, f"{time.time() - t0:.0f}"])
     total = time.time() - t_start
     timings.append(["total", f"{total:.0f}"])

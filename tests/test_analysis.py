@@ -11,7 +11,7 @@ import pytest
 
 from dpoq_jax.analysis import report as rep
 from dpoq_jax.analysis.credit import edit_span, score_edit, score_responses, token_scores_from_logits
-from dpoq_jax.analysis.metrics import auroc, credit_assignment_score, top1_hit
+from dpoq_jax.analysis.stats import auroc, credit_assignment_score, top1_hit
 from dpoq_jax.decode.toy import TabularLM
 
 V = 6
@@ -215,7 +215,7 @@ def test_png_size(models, tmp_path):
 
 
 def test_error_injection_credit_end_to_end():
-    from dpoq_jax.analysis.metrics import error_injection_credit
+    from dpoq_jax.analysis.stats import error_injection_credit
     from dpoq_jax.data.synthetic import ErrorInjectionTask
 
     task = ErrorInjectionTask(seed=3)

@@ -311,7 +311,7 @@ def test_peers_rope_base_set_where_every_reader_looks(tmp_path):
     from transformers import AutoConfig
 
     from benchmarks import peers
-    from dpoq_jax.models.config import config_from_hf, read_hf_config
+    from dpoq_jax.models.model_config import config_from_hf, read_hf_config
 
     hf = {
         "model_type": "llama",

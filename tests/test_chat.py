@@ -273,7 +273,7 @@ def test_datasets_labelled_rows_and_unpaired_pairs(tmp_path):
 
 
 def test_generate_and_score_inputs_take_chat_rows(tmp_path, tok):
-    from dpoq_jax.commands.inputs import encode_all, read_prompts
+    from dpoq_jax.commands.prompts import encode_all, read_prompts
     from dpoq_jax.commands.score import read_pairs
 
     p = tmp_path / "prompts.jsonl"

@@ -25,7 +25,7 @@ def test_docs_build_strict(tmp_path):
     import inspect
 
     api = html.unescape((tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8"))
-    for mod_name in ("dpoq_jax.tokenq", "dpoq_jax.losses", "dpoq_jax.steps", "dpoq_jax.data.token_cache"):
+    for mod_name in ("dpoq_jax.tokenq", "dpoq_jax.losses", "dpoq_jax.prm", "dpoq_jax.data.token_cache"):
         mod = importlib.import_module(mod_name)
         public = [n for n, o in vars(mod).items() if not n.startswith("_") and getattr(o, "__module__", "") ==
                   mod_name and callable(o)]  # fmt: skip

@@ -14,7 +14,7 @@ import pytest
 
 from dpoq_jax import tokenq
 from dpoq_jax.analysis import document as doc
-from dpoq_jax.analysis import metrics
+from dpoq_jax.analysis import stats
 from dpoq_jax.analysis.credit import response_logits
 from dpoq_jax.data.synthetic import dense_optimal_values, dense_shaping, make_task
 from dpoq_jax.experiments import runs
@@ -43,7 +43,7 @@ def _wilson_brute(k: int, n: int, z: float) -> tuple[float, float]:
 
 @pytest.mark.parametrize("k,n", [(0, 10), (3, 10), (10, 10), (128, 256), (200, 256)])
 def test_wilson_matches_its_definition(k: int, n: int) -> None:
-    lo, hi = metrics.wilson_interval(k, n)
+    lo, hi = stats.wilson_interval(k, n)
     blo, bhi = _wilson_brute(k, n, 1.959963984540054)
     assert lo == pytest.approx(blo, abs=2e-6) and hi == pytest.approx(bhi, abs=2e-6)
     assert lo <= k / n <= hi
@@ -51,18 +51,18 @@ def test_wilson_matches_its_definition(k: int, n: int) -> None:
 
 def test_wilson_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="n must be > 0"):
-        metrics.wilson_interval(0, 0)
+        stats.wilson_interval(0, 0)
     with pytest.raises(ValueError, match="successes"):
-        metrics.wilson_interval(11, 10)
+        stats.wilson_interval(11, 10)
 
 
 def test_spearman_and_pearson() -> None:
     x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert metrics.spearman(x, x**3) == pytest.approx(1.0)
-    assert metrics.pearson(x, -2 * x + 1) == pytest.approx(-1.0)
+    assert stats.spearman(x, x**3) == pytest.approx(1.0)
+    assert stats.pearson(x, -2 * x + 1) == pytest.approx(-1.0)
     y = np.array([2.0, 1.0, 4.0, 3.0, 5.0])
     d = np.array([1, -1, 1, -1, 0])  # rank differences
-    assert metrics.spearman(x, y) == pytest.approx(1 - 6 * (d**2).sum() / (5 * 24))
+    assert stats.spearman(x, y) == pytest.approx(1 - 6 * (d**2).sum() / (5 * 24))
 
 
 def test_section54_identity_exact_and_monte_carlo() -> None:
@@ -90,7 +90,7 @@ def test_section54_identity_exact_and_monte_carlo() -> None:
     r_SBT = np.asarray(beta * (take(lp) - take(lr)))
     mask = np.ones((S * B, T))
     exact_rep = np.broadcast_to(exact_BT, (S, B, T)).reshape(S * B, T)
-    summary = metrics.section54_summary(exact_rep, r_SBT.reshape(S * B, T), mask)
+    summary = stats.section54_summary(exact_rep, r_SBT.reshape(S * B, T), mask)
     assert summary["tokens"] == S * B * T
     assert abs(summary["diff_mean"]) < 4 * summary["diff_se"]
     assert summary["exact_max"] <= 0
@@ -100,11 +100,11 @@ def test_section54_identity_exact_and_monte_carlo() -> None:
 def test_section54_summary_masks_padding() -> None:
     exact = np.array([[-1.0, -2.0, 99.0]])
     mc = np.array([[-1.5, -1.5, 99.0]])
-    s = metrics.section54_summary(exact, mc, np.array([[1, 1, 0]]))
+    s = stats.section54_summary(exact, mc, np.array([[1, 1, 0]]))
     assert s["tokens"] == 2 and s["exact_mean"] == -1.5 and s["mc_mean"] == -1.5
     assert s["per_response_exact"] == -3.0
     with pytest.raises(ValueError, match="no real tokens"):
-        metrics.section54_summary(exact, mc, np.zeros((1, 3)))
+        stats.section54_summary(exact, mc, np.zeros((1, 3)))
 
 
 def test_table_and_report_files(tmp_path) -> None:
@@ -179,8 +179,8 @@ def test_blame_profile() -> None:
 def _tiny_decoder(seed: int):
     from flax import nnx
 
-    from dpoq_jax.models.config import ModelConfig
     from dpoq_jax.models.decoder import Decoder
+    from dpoq_jax.models.model_config import ModelConfig
     from dpoq_jax.train.config import TINY_LLAMA
 
     cfg = ModelConfig.from_dict(dict(TINY_LLAMA, hidden_size=32, num_layers=1, intermediate_size=64))
@@ -228,43 +228,44 @@ def test_stage_config_and_diff_keys(tmp_path) -> None:
 
 
 def test_experiment_args(tmp_path) -> None:
-    from dpoq_jax.experiments import cli, credit_assignment, implicit_rewards, search_overopt
+    from dpoq_jax.experiments import credit_assignment, harness, implicit_rewards, search_overopt
 
-    a = cli.parse_args(search_overopt, ["--seeds", "1,3", "--config.train.lr=0.1"], tmp_path)
+    a = harness.parse_args(search_overopt, ["--seeds", "1,3", "--config.train.lr=0.1"], tmp_path)
     assert a.workdir == "runs/experiments/dense_reward" and a.seeds == (1, 3)
     assert a.overrides == ["--config.train.lr=0.1"]  # the user's; the task's own settings are in its config
     cfg = runs.peek_config(a.config, "dpo")
     assert cfg.data.on_error == "skip" and cfg.data.response_len == make_task("dense_reward").max_len + 2
     assert a.command == "python -m experiments.search_overopt --seeds 1,3 --config.train.lr=0.1"
     assert a.results == str(tmp_path / "search_overopt.md")
-    a = cli.parse_args(credit_assignment, ["--heatmap-pairs", "2"], tmp_path)
+    a = harness.parse_args(credit_assignment, ["--heatmap-pairs", "2"], tmp_path)
     assert (a.heatmap_pairs, a.overrides, a.workdir) == (2, [], "runs/experiments/error_injection")
-    assert a.seeds == (0, 1, 2, 3, 4) and cli.parse_args(credit_assignment, ["--quick"], tmp_path).seeds == (
+    quick = harness.parse_args(credit_assignment, ["--quick"], tmp_path)
+    assert a.seeds == (0, 1, 2, 3, 4) and quick.seeds == (
         0,
         1,
     )
-    assert cli.parse_args(credit_assignment, ["--seeds", "0-2"], tmp_path).seeds == (0, 1, 2)
-    a = cli.parse_args(implicit_rewards, ["--task", "dense_reward"], tmp_path)
+    assert harness.parse_args(credit_assignment, ["--seeds", "0-2"], tmp_path).seeds == (0, 1, 2)
+    a = harness.parse_args(implicit_rewards, ["--task", "dense_reward"], tmp_path)
     assert a.workdir == "runs/experiments/dense_reward"
     assert a.config == runs.default_config("dense_reward")
     assert a.results == str(tmp_path / "implicit_rewards_dense_reward.md")
     for bad in (["--stray"], ["--seeds", "1,1"], ["--seeds", "x"]):
         with pytest.raises(SystemExit) as e:
-            cli.parse_args(search_overopt, bad, tmp_path)
+            harness.parse_args(search_overopt, bad, tmp_path)
         assert e.value.code == 2, (bad, e.value.code)  # argparse's usage error, not a clean exit
 
 
 def test_reports_name_configs_without_machine_paths(tmp_path, monkeypatch) -> None:
     """The "config" row of a report: a packaged config as its package resource, one under the working
     directory relative to it, any other as given; the committed reports hold no absolute path."""
-    from dpoq_jax.experiments import cli, credit_assignment
+    from dpoq_jax.experiments import credit_assignment, harness
 
-    a = cli.parse_args(credit_assignment, ["--seeds", "0"], tmp_path)
+    a = harness.parse_args(credit_assignment, ["--seeds", "0"], tmp_path)
     a.seed = 0
-    assert cli.run_meta(a)["config"] == "dpoq_jax/configs/error_injection"
+    assert harness.run_meta(a)["config"] == "dpoq_jax/configs/error_injection"
     monkeypatch.chdir(tmp_path)
-    assert cli.config_label(f"{tmp_path}/mine/task:x") == "mine/task:x"
-    assert cli.config_label("/elsewhere/task_dpo.py") == "/elsewhere/task_dpo.py"
+    assert harness.config_label(f"{tmp_path}/mine/task:x") == "mine/task:x"
+    assert harness.config_label("/elsewhere/task_dpo.py") == "/elsewhere/task_dpo.py"
     rows = [
         (md.name, line)
         for md in sorted((CONFIGS.parent / "results").glob("*.md"))
@@ -453,11 +454,11 @@ def test_t_interval_and_merged_tables() -> None:
 
 def test_items_statistics_bootstrap_inside_their_range_and_pair() -> None:
     """Items: the point value equals the plain statistic (AUROC against the rank-based Mann–Whitney of
-    analysis.metrics, ties included); merged over seeds an AUROC near 1 keeps its interval in [0, 1]
+    analysis.stats, ties included); merged over seeds an AUROC near 1 keeps its interval in [0, 1]
     where the t-interval would not; a paired difference gets its own interval; Items and plain numbers
     do not mix."""
     from dpoq_jax.analysis import seeds
-    from dpoq_jax.analysis.metrics import auroc
+    from dpoq_jax.analysis.stats import auroc
 
     rng = np.random.default_rng(0)
     scores = [rng.integers(0, 4, size=int(rng.integers(2, 7))).astype(float) for _ in range(30)]  # ties
@@ -469,7 +470,7 @@ def test_items_statistics_bootstrap_inside_their_range_and_pair() -> None:
     assert it.stat(w[None].astype(float))[0] == pytest.approx(
         auroc(np.concatenate([scores[i] for i in rep]), np.concatenate([labels[i] for i in rep])), abs=1e-12
     )
-    from dpoq_jax.analysis.metrics import pearson
+    from dpoq_jax.analysis.stats import pearson
 
     xs = [rng.normal(size=int(rng.integers(1, 5))) for _ in range(12)]
     ys = [x + rng.normal(size=x.size) for x in xs]
@@ -529,7 +530,7 @@ def test_items_statistics_bootstrap_inside_their_range_and_pair() -> None:
 
 
 def test_credit_scores_per_response_agree_with_the_pooled_scorer() -> None:
-    from dpoq_jax.analysis.metrics import credit_assignment_score
+    from dpoq_jax.analysis.stats import credit_assignment_score
     from dpoq_jax.experiments.credit_assignment import choose_regime, score_items
 
     rng = np.random.default_rng(1)
@@ -560,7 +561,7 @@ def test_credit_scores_per_response_agree_with_the_pooled_scorer() -> None:
 def test_run_seeds_merges_and_reuses_finished_seeds(tmp_path) -> None:
     import argparse
 
-    from dpoq_jax.experiments import cli
+    from dpoq_jax.experiments import harness
 
     calls = []
 
@@ -576,12 +577,12 @@ def test_run_seeds_merges_and_reuses_finished_seeds(tmp_path) -> None:
         return {"S": doc.Verdict("c", "holds" if n["x"].above(-10) else "partly", str(n["x"]))}
 
     args = argparse.Namespace(seeds=(0, 1), workdir=str(tmp_path), command="cmd --seeds 0,1", task="t")
-    rep = cli.run_seeds(run, verdicts, args, {"k": 1})
+    rep = harness.run_seeds(run, verdicts, args, {"k": 1})
     assert calls == [0, 1] and rep.verdict.why == "0.500 [-5.853, 6.853]" and rep.verdict.status == "holds"
     assert rep.meta["command"] == "cmd --seeds 0,1"
-    cli.run_seeds(run, verdicts, argparse.Namespace(**{**vars(args), "seeds": (1, 2)}), {"k": 1})
+    harness.run_seeds(run, verdicts, argparse.Namespace(**{**vars(args), "seeds": (1, 2)}), {"k": 1})
     assert calls == [0, 1, 2]  # seed 1 reused
-    cli.run_seeds(run, verdicts, args, {"k": 2})  # other settings: both seeds run again
+    harness.run_seeds(run, verdicts, args, {"k": 2})  # other settings: both seeds run again
     assert calls == [0, 1, 2, 0, 1]
 
 
@@ -655,11 +656,11 @@ def tiny_dir(tmp_path_factory):
 
 
 def run_tiny(module, scale: dict, root, task: str) -> str:
-    from dpoq_jax.experiments import cli
+    from dpoq_jax.experiments import harness
 
     md = root / f"{module.NAME}.md"
     argv = ["--quick", "--seeds", "0", "--workdir", str(root / task), "--results", str(md)]
-    assert cli.experiment_main(module, argv, {"quick": scale}, root) == 0
+    assert harness.experiment_main(module, argv, {"quick": scale}, root) == 0
     return md.read_text()
 
 

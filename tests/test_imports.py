@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dpoq_jax"
 # its file (dpoq_jax/paths.py -> "paths"), a subpackage by its folder (dpoq_jax/models/* -> "models").
 LAYERS: list[set[str]] = [
     # the core: functions of arrays, paths, argv
-    {"__init__", "paths", "parser", "tokenq", "steps", "losses"},
+    {"__init__", "paths", "parser", "tokenq", "prm", "losses"},
     {"models"},  # the decoder, its configs and checkpoint formats (HF, params), sharding rules, LoRA
     {"data"},  # sources, tokenization, layouts, loader, synthetic tasks
     {"decode"},  # sampling, beam search, reward-guided search (any model with init_cache/decode)

@@ -194,7 +194,7 @@ def test_layouts_give_same_token_logps_on_a_model():
     from flax import nnx
 
     from dpoq_jax.models import decoder
-    from dpoq_jax.models.config import ModelConfig
+    from dpoq_jax.models.model_config import ModelConfig
 
     V = 50
     cfg = ModelConfig(

@@ -16,8 +16,8 @@ from helpers import local_batches, tiny_config
 
 from dpoq_jax.models import hf, lora
 from dpoq_jax.models import safetensors_dir as stdir
-from dpoq_jax.models.config import ModelConfig
 from dpoq_jax.models.decoder import Decoder
+from dpoq_jax.models.model_config import ModelConfig
 from dpoq_jax.train.checkpoint import RunCheckpoints
 from dpoq_jax.train.config import ConfigError, validate
 from dpoq_jax.train.load import load_model

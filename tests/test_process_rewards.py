@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from dpoq_jax.analysis import metrics, seeds
-from dpoq_jax.analysis import steps as st
+from dpoq_jax.analysis import seeds, stats
+from dpoq_jax.analysis import text_steps as st
 from dpoq_jax.data.synthetic import ArithmeticChainTask, SyntheticTokenizer, make_task, split_steps
 
 
@@ -62,7 +62,7 @@ def test_parser_handles_malformed_missing_and_extra_steps() -> None:
     for text, (first, answer) in cases.items():
         c = task.check_solution(p, text)
         assert (c.first_error, c.answer, c.correct) == (first, answer, answer == 4), text
-    # the parser's steps are analysis.steps' steps with spec "|" (EOS joins the last step)
+    # the parser's steps are analysis.text_steps' steps with spec "|" (EOS joins the last step)
     tok = SyntheticTokenizer()
     for text in ("1a3=8|2a3=1|3a3=4", "1a3=8||", "1a3=8|2a3=1|"):
         seg = st.segment(tok, tok.encode(text) + [tok.eos_token_id], st.parse_spec("|"))
@@ -123,7 +123,7 @@ def test_task_is_registered_and_fits_its_config() -> None:
 
 def test_bootstrap_interval_of_a_proportion_near_wilson_and_inside_its_range() -> None:
     # one seed, 100 items, 30 successes: hand-computed Wilson 95% interval [0.2189, 0.3958]
-    lo, hi = metrics.wilson_interval(30, 100)
+    lo, hi = stats.wilson_interval(30, 100)
     assert (lo, hi) == pytest.approx((0.21894885, 0.39584855), abs=1e-6)
     x = [np.r_[np.ones(30), np.zeros(70)]]
     iv = seeds.bootstrap_interval(seeds.weighted_mean_stat(x), [100], n_boot=4000, seed=1)
@@ -150,11 +150,11 @@ def test_weighted_auroc_matches_auroc_and_ranks() -> None:
     raw = {"ev": {"step_score": {"k": score}, "step_label": label, "step_cand": np.arange(300),
                   "prompt": np.arange(300) // 10}, "n_prompts": 30}  # fmt: skip
     stat = pr.weighted_auroc_stat([raw], "k")
-    assert stat(0, np.ones((1, 30)))[0] == pytest.approx(metrics.auroc(score, label))
+    assert stat(0, np.ones((1, 30)))[0] == pytest.approx(stats.auroc(score, label))
     w = np.zeros((1, 30))
     w[0, :3] = [2, 1, 1]  # prompt 0 twice, 1 and 2 once: the AUROC of the repeated steps
     keep = np.r_[np.arange(10), np.arange(30)]
-    assert stat(0, w)[0] == pytest.approx(metrics.auroc(score[keep], label[keep]))
+    assert stat(0, w)[0] == pytest.approx(stats.auroc(score[keep], label[keep]))
 
 
 @pytest.mark.slow

@@ -16,8 +16,8 @@ from flax import nnx
 
 from dpoq_jax.models import hf
 from dpoq_jax.models import safetensors_dir as stdir
-from dpoq_jax.models.config import ModelConfig
 from dpoq_jax.models.decoder import Decoder
+from dpoq_jax.models.model_config import ModelConfig
 from dpoq_jax.train.load import load_model
 
 CFG = ModelConfig(

@@ -1,5 +1,5 @@
-"""Implicit process rewards: dpoq_jax/steps.py (step sums, cumulative Q, aggregations, vote) against
-hand-solved values, text steps mapped to tokens (analysis/steps.py), `dpoq score --steps` and
+"""Implicit process rewards: dpoq_jax/prm.py (step sums, cumulative Q, aggregations, vote) against
+hand-solved values, text steps mapped to tokens (analysis/text_steps.py), `dpoq score --steps` and
 `dpoq rerank` end to end on tiny random models, and each bad input as one line."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from helpers import assert_one_error, run, save_tiny_model, write_jsonl
 
-from dpoq_jax import cli, steps
-from dpoq_jax.analysis import steps as st
+from dpoq_jax import cli, prm
+from dpoq_jax.analysis import text_steps as st
 
 # ------------------------------------------------------------------------------------------------
 # the core, hand-solved (dyadic values: float32 sums are exact)
@@ -35,28 +35,28 @@ EXPECTED = {
 
 
 def test_step_rewards_and_every_aggregation_hand_solved():
-    r_BK, m_BK = steps.step_rewards(REWARDS_BT, STEP_IDS_BT, 4)
+    r_BK, m_BK = prm.step_rewards(REWARDS_BT, STEP_IDS_BT, 4)
     np.testing.assert_array_equal(np.asarray(r_BK), STEP_REWARDS)
     np.testing.assert_array_equal(np.asarray(m_BK), [[1, 1, 1, 0], [1, 1, 0, 0]])
     for how, want in EXPECTED.items():
-        np.testing.assert_allclose(np.asarray(steps.aggregate(r_BK, m_BK, how)), want, rtol=1e-7, err_msg=how)
+        np.testing.assert_allclose(np.asarray(prm.aggregate(r_BK, m_BK, how)), want, rtol=1e-7, err_msg=how)
     np.testing.assert_array_equal(  # the sum of steps is the outcome reward, Σ of the masked token rewards
-        np.asarray(steps.aggregate(r_BK, m_BK, "sum")), (REWARDS_BT * MASK_BT).sum(-1)
+        np.asarray(prm.aggregate(r_BK, m_BK, "sum")), (REWARDS_BT * MASK_BT).sum(-1)
     )
     with jax.enable_x64(True):  # float64 in, float64 out: the mean pinned to the last bit
-        r64_BK, m64_BK = steps.step_rewards(REWARDS_BT.astype(np.float64), STEP_IDS_BT, 4)
-        mean = np.asarray(steps.aggregate(r64_BK, m64_BK, "mean"))
+        r64_BK, m64_BK = prm.step_rewards(REWARDS_BT.astype(np.float64), STEP_IDS_BT, 4)
+        mean = np.asarray(prm.aggregate(r64_BK, m64_BK, "mean"))
         assert mean.dtype == np.float64 and mean.tolist() == EXPECTED["mean"]
     with pytest.raises(ValueError, match="how must be one of"):
-        steps.aggregate(r_BK, m_BK, "max")
+        prm.aggregate(r_BK, m_BK, "max")
     # a response without any step scores 0 under every aggregation
     none_BK = np.zeros((1, 4), bool)
-    for how in steps.AGGREGATES:
-        assert float(steps.aggregate(np.ones((1, 4), np.float32), none_BK, how)[0]) == 0.0
+    for how in prm.AGGREGATES:
+        assert float(prm.aggregate(np.ones((1, 4), np.float32), none_BK, how)[0]) == 0.0
 
 
 def test_cumulative_q_and_its_differences_are_the_step_rewards():
-    q_BT = np.asarray(steps.cumulative_q(REWARDS_BT, MASK_BT))
+    q_BT = np.asarray(prm.cumulative_q(REWARDS_BT, MASK_BT))
     np.testing.assert_array_equal(q_BT[0], [0, 0, 0.5, -0.5, 1.5, 1.75, 1.0])
     np.testing.assert_array_equal(q_BT[1], [0, 1.5, -0.5, -0.375, -0.375, -0.375, -0.375])
     for b in range(2):  # q at a step's last token − q before its first = the step's reward
@@ -131,19 +131,19 @@ def test_segmentation_by_regex_and_by_delimiter():
 def test_vote_weights_and_deterministic_ties():
     # count: "7" and "8" have two votes each; the tie goes to the answer seen first ("7", candidate 0),
     # and within "7" to its best-scoring candidate (3)
-    chosen, votes = steps.weighted_vote(["7", "8", "8", "7", None], np.array([0.0, 5, 5, 1, 9]), "count")
+    chosen, votes = prm.weighted_vote(["7", "8", "8", "7", None], np.array([0.0, 5, 5, 1, 9]), "count")
     assert (chosen, votes) == (3, {"7": 2.0, "8": 2.0})
     # the same tie, same scores inside the group: the first candidate
-    assert steps.weighted_vote(["a", "a", "b"], np.zeros(3), "count")[0] == 0
-    assert steps.weighted_vote(["b", "a", "a", "b"], np.zeros(4), "count")[0] == 0
+    assert prm.weighted_vote(["a", "a", "b"], np.zeros(3), "count")[0] == 0
+    assert prm.weighted_vote(["b", "a", "a", "b"], np.zeros(4), "count")[0] == 0
     # sigmoid: one confident "a" (σ(4) + σ(−4) = 1) against two lukewarm "b" (2σ(0) = 1) ties too ...
-    chosen, votes = steps.weighted_vote(["b", "a", "b", "a"], np.array([0.0, 4, 0, -4]))
+    chosen, votes = prm.weighted_vote(["b", "a", "b", "a"], np.array([0.0, 4, 0, -4]))
     assert votes["a"] == pytest.approx(1.0, abs=1e-12) and votes["b"] == 1.0
     # ... and more confidence on "a" wins it, choosing its best candidate
-    chosen, votes = steps.weighted_vote(["b", "a", "b", "a"], np.array([0.0, 4, 0, -3]))
+    chosen, votes = prm.weighted_vote(["b", "a", "b", "a"], np.array([0.0, 4, 0, -3]))
     assert chosen == 1 and votes["a"] == pytest.approx(1 / (1 + math.exp(-4)) + 1 / (1 + math.exp(3)))
     # no answers at all: the best score
-    assert steps.weighted_vote([None, None], np.array([1.0, 2.0])) == (1, {})
+    assert prm.weighted_vote([None, None], np.array([1.0, 2.0])) == (1, {})
 
 
 # ------------------------------------------------------------------------------------------------

@@ -189,8 +189,8 @@ def _dense_logps(run, params, tokens):
 def test_token_rewards_are_the_oracle_log_ratio(tmp_path):
     """dpoq token-rewards' values: β(log π − log π_ref) of every response token, against float64 log-probs
     of the full logits of two checkpoints that differ."""
-    from dpoq_jax.models.checkpoint import save_params
     from dpoq_jax.models.decoder import split_params
+    from dpoq_jax.models.params_io import save_params
     from dpoq_jax.train.load import load_model
 
     cfg = _small(tiny_config())
@@ -342,7 +342,7 @@ def test_token_rewards_command_then_train(tmp_path, capsys):
     """`dpoq token-rewards` on two checkpoints, then `dpoq train` with token_weighted and selective on its
     cache (the synthetic config), and a cache of other data refused in one line."""
     from dpoq_jax import cli
-    from dpoq_jax.models.checkpoint import save_params
+    from dpoq_jax.models.params_io import save_params
 
     cfg = _small(tiny_config())
     run = setup(cfg, devices=jax.devices()[:1])

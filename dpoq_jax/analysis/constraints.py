@@ -18,7 +18,7 @@ are none. The constraints:
     own span, not the whitespace between them).
 
 `token_violations` maps the character spans to response tokens: each token's character span in the
-decoded response is found by decoding the response cumulatively (analysis.steps.token_ends: the span of
+decoded response is found by decoding the response cumulatively (analysis.text_steps.token_ends: the span of
 token j ends where decode(ids[:j+1]) stops agreeing with decode(ids); it starts where token j−1's ends).
 A token violates iff its span overlaps a violating span, so a token that straddles a boundary (" the"
 with its space, "a,b") violates when any of its characters does; a token holding only part of a
@@ -103,7 +103,7 @@ def overlaps(span: Span, spans: Sequence[Span]) -> bool:
 
 def token_spans(tok: Any, ids: Sequence[int]) -> tuple[str, list[Span]]:
     """(decoded text, character span [start, stop) of each token in it), by cumulative decoding."""
-    from dpoq_jax.analysis.steps import token_ends
+    from dpoq_jax.analysis.text_steps import token_ends
 
     text, ends = token_ends(tok, ids)
     return text, [(ends[j - 1] if j else 0, e) for j, e in enumerate(ends)]

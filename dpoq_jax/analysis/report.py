@@ -6,7 +6,7 @@ Report structure (also the JSON file):
                                                     "ref_logps": [...], "rewards": [...],
                                                     "q": [...]?, "v": [...]?, "steps": {...}?}}}]}
 NAME is "chosen"/"rejected" for pairs (shown side by side) or "response" for single responses.
-"steps" (`dpoq score --steps`, analysis/steps.py): {"spec", "ranges": [[start, stop]], "texts",
+"steps" (`dpoq score --steps`, analysis/text_steps.py): {"spec", "ranges": [[start, stop]], "texts",
 "rewards", "min", "sum", "last", "mean"}; the page boxes each step and shows its reward.
 """
 

@@ -99,7 +99,7 @@ def convert_main(argv: list[str]) -> int:
 
     import jax.numpy as jnp  # noqa: PLC0415 (keep `--help` fast)
 
-    from dpoq_jax.models import checkpoint, hf  # noqa: PLC0415
+    from dpoq_jax.models import hf, params_io  # noqa: PLC0415
     from dpoq_jax.train.load import load_model, locate  # noqa: PLC0415
 
     dtype = jnp.dtype(args.dtype)
@@ -107,7 +107,7 @@ def convert_main(argv: list[str]) -> int:
     model = load_model(files, param_dtype=dtype, flag="--from")
     cfg = model.cfg
     if files.kind == "hf":
-        checkpoint.save_params(args.dst, model, cfg)
+        params_io.save_params(args.dst, model, cfg)
         kind = "Hugging Face -> orbax"
     else:  # a params checkpoint or a run (a LoRA run's adapters merged into their base)
         hf.save_hf(model, cfg, args.dst)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from dpoq_jax import paths
-from dpoq_jax.commands.inputs import (
+from dpoq_jax.commands.prompts import (
     BETA_HELP,
     DEFAULT_NEW_TOKENS,
     add_input_args,

@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from dpoq_jax import paths
-from dpoq_jax.commands.inputs import encode_all, load_tokenizer
+from dpoq_jax.commands.prompts import encode_all, load_tokenizer
 from dpoq_jax.commands.score import STEPS_HELP, add_model_args, score_all
 from dpoq_jax.data.errors import DataError, ErrorPolicy, reports_user_errors
 from dpoq_jax.data.jsonl import check_fields, iter_json_lines
-from dpoq_jax.steps import AGGREGATES, VOTE_WEIGHTS
+from dpoq_jax.prm import AGGREGATES, VOTE_WEIGHTS
 
 
 def read_candidates(path: str) -> list[dict[str, Any]]:
@@ -117,8 +117,8 @@ def _parser():
 @reports_user_errors("dpoq rerank")
 def rerank_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    from dpoq_jax.analysis import steps as st
-    from dpoq_jax.steps import weighted_vote
+    from dpoq_jax.analysis import text_steps as st
+    from dpoq_jax.prm import weighted_vote
 
     pattern = st.parse_spec(args.steps if args.steps is not None else st.NEWLINE)
     try:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from dpoq_jax import paths
-from dpoq_jax.commands.inputs import (
+from dpoq_jax.commands.prompts import (
     BETA_HELP,
     add_input_args,
     context_length,
@@ -162,8 +162,8 @@ def fit_responses(
 def score_main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     from dpoq_jax.analysis import report as rep
-    from dpoq_jax.analysis import steps as st
-    from dpoq_jax.analysis.metrics import credit_assignment_score
+    from dpoq_jax.analysis import text_steps as st
+    from dpoq_jax.analysis.stats import credit_assignment_score
 
     pattern = st.parse_spec(args.steps) if args.steps is not None else None
     recs = (

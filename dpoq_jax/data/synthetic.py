@@ -381,7 +381,7 @@ class DenseRewardTask:
 # arithmetic chain (implicit process rewards: steps whose correctness is known exactly)
 
 CHAIN_OPS = {"a": "add", "s": "subtract"}
-STEP_DELIMITER = "|"  # the step spec of dpoq_jax.analysis.steps for this task
+STEP_DELIMITER = "|"  # the step spec of dpoq_jax.analysis.text_steps for this task
 _STEP_RE = re.compile(r"^([1-9])([as])([0-9])=([0-9])\|?$")
 
 
@@ -395,7 +395,7 @@ def _chain_hard(op: str, value: int, x: int) -> bool:
 
 
 def split_steps(text: str) -> list[str]:
-    """The steps of a solution text, each with the "|" that ends it (as analysis.steps cuts "|")."""
+    """The steps of a solution text, each with the "|" that ends it (as analysis.text_steps cuts "|")."""
     return [m for m in re.findall(r"[^|]*\|?", text) if m]
 
 

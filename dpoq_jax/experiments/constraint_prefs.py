@@ -37,7 +37,7 @@ from dpoq_jax.analysis import constraints as cons
 from dpoq_jax.analysis import document as doc
 from dpoq_jax.analysis.credit import score_responses
 from dpoq_jax.analysis.seeds import Items
-from dpoq_jax.experiments import cli, runs
+from dpoq_jax.experiments import harness, runs
 from dpoq_jax.experiments import policy_effects as pe
 from dpoq_jax.experiments.credit_assignment import heatmap_figure, score_items, score_row
 
@@ -395,7 +395,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
         SECTION["heatmap"], *heatmap(chat, items, pols["full"], ref, scale["beta"], args.heatmap_pairs)
     )
     report.numbers = numbers
-    report.meta = cli.run_meta(args) | {"model": args.model}
+    report.meta = harness.run_meta(args) | {"model": args.model}
     report.run_dirs = dict(dirs)
     doc.log(f"{NAME}: seed {args.seed} done in {time.time() - t0:.0f} s")
     return report
@@ -586,4 +586,4 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str) -> int:
-    return cli.experiment_main(sys.modules[__name__], argv, scales, results_dir)
+    return harness.experiment_main(sys.modules[__name__], argv, scales, results_dir)

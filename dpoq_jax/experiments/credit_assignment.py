@@ -25,11 +25,11 @@ import numpy as np
 
 from dpoq_jax.analysis import document as doc
 from dpoq_jax.analysis.credit import score_responses
-from dpoq_jax.analysis.metrics import auroc, top1_hit
 from dpoq_jax.analysis.seeds import Items
+from dpoq_jax.analysis.stats import auroc, top1_hit
 from dpoq_jax.data.synthetic import RULES, make_task
 from dpoq_jax.data.tokenize import TokenizeConfig, tokenize_pair
-from dpoq_jax.experiments import cli, runs
+from dpoq_jax.experiments import harness, runs
 from dpoq_jax.experiments import policy_effects as pe
 from dpoq_jax.train.load import load_model
 
@@ -56,7 +56,7 @@ def score_items(values: Sequence[np.ndarray], errors: Sequence[Sequence[int]]) -
     """top-1, pooled AUROC and per-response AUROC of per-token values where LOW means "injected"
     (implicit rewards; log-probs for the likelihood baselines), per held-out response (`Items`, so the
     merged report gives them bootstrap intervals over seeds and responses). Responses without an
-    injected token are left out, as `analysis.metrics.credit_assignment_score` does (it agrees)."""
+    injected token are left out, as `analysis.stats.credit_assignment_score` does (it agrees)."""
     keep = [i for i, e in enumerate(errors) if len(e)]
     if not keep:
         raise ValueError("score_items: no response has injected error positions")
@@ -522,7 +522,7 @@ def run_sweep(args: argparse.Namespace, scale: dict) -> doc.Report:
            else "no regime improves on the reference in every setting).")  # fmt: skip
     )
     report.numbers = {"sweep/choice": float(list(by_regime).index(choice))}
-    report.meta = cli.run_meta(args)
+    report.meta = harness.run_meta(args)
     return report
 
 
@@ -551,7 +551,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     )
     for setting in settings_of(scale):
         report.numbers |= run_setting(args, scale, setting, report)
-    report.meta = cli.run_meta(args)
+    report.meta = harness.run_meta(args)
     return report
 
 
@@ -567,8 +567,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str) -> int:
     module = sys.modules[__name__]
-    args = cli.parse_args(module, argv, results_dir)
+    args = harness.parse_args(module, argv, results_dir)
     if args.sweep and args.results == str(Path(results_dir) / f"{NAME}.md"):
         args.results = str(Path(results_dir) / f"{NAME}_sweep.md")
     scale = scales["quick" if args.quick else "full"]
-    return cli.write_report(NAME, cli.run_seeds(module.run, module.verdicts, args, scale), args.results)
+    report = harness.run_seeds(module.run, module.verdicts, args, scale)
+    return harness.write_report(NAME, report, args.results)

@@ -24,10 +24,10 @@ import numpy as np
 
 from dpoq_jax.analysis import document as doc
 from dpoq_jax.analysis.credit import score_responses
-from dpoq_jax.analysis.metrics import pearson, spearman
 from dpoq_jax.analysis.seeds import Items
+from dpoq_jax.analysis.stats import pearson, spearman
 from dpoq_jax.data.synthetic import dense_optimal_values, dense_shaping, make_task
-from dpoq_jax.experiments import cli, runs
+from dpoq_jax.experiments import harness, runs
 from dpoq_jax.experiments.search_overopt import GOLD
 from dpoq_jax.train.load import load_model
 
@@ -182,9 +182,9 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
         *figures,
     )
     report.numbers = numbers
-    report.meta = cli.run_meta(args)
+    report.meta = harness.run_meta(args)
     return report
 
 
 def main(argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str) -> int:
-    return cli.experiment_main(sys.modules[__name__], argv, scales, results_dir)
+    return harness.experiment_main(sys.modules[__name__], argv, scales, results_dir)

@@ -19,13 +19,13 @@ import numpy as np
 
 from dpoq_jax.analysis import document as doc
 from dpoq_jax.analysis.credit import response_logits, score_responses
-from dpoq_jax.analysis.metrics import section54_summary
 from dpoq_jax.analysis.seeds import Items
+from dpoq_jax.analysis.stats import section54_summary
 from dpoq_jax.data.errors import ErrorPolicy
 from dpoq_jax.data.synthetic import make_task
 from dpoq_jax.data.tokenize import TokenizeConfig, tokenize_all
 from dpoq_jax.decode.sampling import sample_responses
-from dpoq_jax.experiments import cli, runs
+from dpoq_jax.experiments import harness, runs
 from dpoq_jax.experiments import policy_effects as pe
 from dpoq_jax.train.load import load_model
 from dpoq_jax.train.metrics import eval_curve
@@ -237,9 +237,9 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
         )
     max_exact = max(s["exact_max"] for s in checks.values())
     report.numbers = report_numbers | {"max_exact": max_exact}
-    report.meta = cli.run_meta(args)
+    report.meta = harness.run_meta(args)
     return report
 
 
 def main(argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str) -> int:
-    return cli.experiment_main(sys.modules[__name__], argv, scales, results_dir)
+    return harness.experiment_main(sys.modules[__name__], argv, scales, results_dir)

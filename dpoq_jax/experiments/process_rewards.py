@@ -8,7 +8,7 @@ step k makes every later value and the final answer wrong; step correctness know
   3. train two implicit PRMs from the reference: DPO (β log π/π_ref) on (correct, incorrect) pairs of the
      same prompt, and the unpaired cross-entropy loss (`outcome_ce`) on every labelled candidate;
   4. on held-out prompts sample 64 candidates from the reference, cut them into steps (spec "|"), and
-     score each step by the sum of its tokens' implicit rewards (dpoq_jax.steps).
+     score each step by the sum of its tokens' implicit rewards (dpoq_jax.prm).
 Measured: step-error localisation (AUROC of −step reward for the first erroneous step against the
 correct steps before it; ProcessBench-style first-error accuracy on wrong solutions, "no error" accuracy
 on right ones, their harmonic mean, with the threshold chosen on validation prompts), and best-of-N
@@ -35,13 +35,13 @@ import numpy as np
 
 from dpoq_jax.analysis import document as doc
 from dpoq_jax.analysis import seeds as seeds_lib
-from dpoq_jax.analysis import steps as st
+from dpoq_jax.analysis import text_steps as st
 from dpoq_jax.analysis.credit import score_responses
 from dpoq_jax.data.synthetic import STEP_DELIMITER, SyntheticTokenizer, make_task
 from dpoq_jax.decode.core import strip_eos
 from dpoq_jax.decode.sampling import sample_responses
-from dpoq_jax.experiments import cli, runs
-from dpoq_jax.steps import AGGREGATES, weighted_vote
+from dpoq_jax.experiments import harness, runs
+from dpoq_jax.prm import AGGREGATES, weighted_vote
 
 NAME = "process_rewards"
 TASK = "arithmetic_chain"
@@ -257,7 +257,7 @@ def tune_tau(ev: dict[str, Any], key: str) -> float:
 def sweep_row(ev: dict[str, Any], m: str, n_prompts: int, seed: int) -> list[float]:
     """Validation numbers of one trained PRM: outcome AUROC (candidate sum reward vs correct), step
     AUROC, best-of-16 accuracy with min."""
-    from dpoq_jax.analysis.metrics import auroc
+    from dpoq_jax.analysis.stats import auroc
 
     out_auc = auroc(ev[f"{m}:sum"], ev["correct"]) if 0 < ev["correct"].mean() < 1 else float("nan")
     step_auc = (
@@ -361,7 +361,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
         report.add(title, SECTION_TEXT[key].format(**{**scale, "hp": hp_text}))
     report.numbers = {"ref_correct": float(ev["correct"].mean()), "ref_step_error": ref_err,
                       **{f"train/{k}": float(v) for k, v in stats.items()}}  # fmt: skip
-    report.meta = cli.run_meta(args)
+    report.meta = harness.run_meta(args)
     report.run_dirs = {"sft": sft_dir}
     return report
 
@@ -578,9 +578,9 @@ def claim_verdicts(n: dict[str, seeds_lib.Interval], ns: Sequence[int]) -> dict[
 
 
 def main_with(args: argparse.Namespace, scale: dict) -> int:
-    """Every seed (cli.run_seeds: per-seed reports cached), then the tables and verdicts from the
+    """Every seed (harness.run_seeds: per-seed reports cached), then the tables and verdicts from the
     per-item results of all seeds."""
-    report = cli.run_seeds(run, lambda numbers, scale: {}, args, scale)
+    report = harness.run_seeds(run, lambda numbers, scale: {}, args, scale)
     raws = [pickle.loads((Path(args.workdir) / f"seed{s}" / RAW_FILE).read_bytes()) for s in args.seeds]
     numbers = build_tables(report, raws, scale.get("n_boot", 1000))
     report.intro = report.intro.replace(seeds_lib.INTERVAL_KIND, seeds_lib.BOOTSTRAP_KIND)
@@ -594,7 +594,7 @@ def main_with(args: argparse.Namespace, scale: dict) -> int:
         sections[title].verdict = v
     report.verdict = next(iter(found.values()))
     report.numbers = numbers
-    return cli.write_report(NAME, report, args.results)
+    return harness.write_report(NAME, report, args.results)
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -612,5 +612,5 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str) -> int:
-    args = cli.parse_args(sys.modules[__name__], argv, results_dir)
+    args = harness.parse_args(sys.modules[__name__], argv, results_dir)
     return main_with(args, scales["quick" if args.quick else "full"])

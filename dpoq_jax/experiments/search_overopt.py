@@ -25,7 +25,7 @@ from dpoq_jax.data.synthetic import make_task
 from dpoq_jax.decode.beam import best_beams
 from dpoq_jax.decode.core import strip_eos
 from dpoq_jax.decode.sampling import sample_responses
-from dpoq_jax.experiments import cli, runs
+from dpoq_jax.experiments import harness, runs
 from dpoq_jax.experiments import policy_effects as pe
 from dpoq_jax.train.load import load_model
 
@@ -253,9 +253,9 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
         )
         # the comparison section comes first: it answers the question of this experiment
         report.sections.insert(0, report.sections.pop())
-    report.meta = cli.run_meta(args)
+    report.meta = harness.run_meta(args)
     return report
 
 
 def main(argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str) -> int:
-    return cli.experiment_main(sys.modules[__name__], argv, scales, results_dir)
+    return harness.experiment_main(sys.modules[__name__], argv, scales, results_dir)

@@ -542,7 +542,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--pilot", action="store_true", help="the lr pilot of the rules (DPO, seed 100, n 512)")
     args = p.parse_args(argv)
     scale = dict(SCALES[args.scale or ("quick" if args.quick else "full")])
-    from dpoq_jax.experiments.cli import seed_list
+    from dpoq_jax.experiments.harness import seed_list
 
     args.seeds = seed_list(args.seeds) if args.seeds else scale["seeds"]
     tasks = args.tasks.split(",") if args.tasks else list(scale["tasks"])

@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 
 from dpoq_jax.analysis import document as doc
-from dpoq_jax.experiments import cli, runs
 from dpoq_jax.experiments import constraint_prefs as cp
+from dpoq_jax.experiments import harness, runs
 
 NAME = "token_training_real"
 TASK = "constraint_prefs"
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     )
     numbers |= {f"{arm}/s_per_step": Items.mean([secs[arm]]) for arm in dirs}
     report.numbers = numbers
-    report.meta = cli.run_meta(args) | {"model": args.model, "arms": ", ".join(dirs)}
+    report.meta = harness.run_meta(args) | {"model": args.model, "arms": ", ".join(dirs)}
     report.run_dirs = {**dirs, "oracle": oracle}
     doc.log(f"{NAME}: seed {args.seed} done in {time.time() - t0:.0f} s")
     return report
@@ -226,7 +226,7 @@ def main(
     argv: Sequence[str] | None = None, scales: dict[str, dict] = SCALES, results_dir: Path | str = RESULTS
 ) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    return cli.experiment_main(sys.modules[__name__], argv, scales, results_dir)
+    return harness.experiment_main(sys.modules[__name__], argv, scales, results_dir)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """dpoq_jax.models: one Flax NNX decoder for GPT-NeoX/Pythia, Llama/Mistral, Qwen2 and GPT-2, with Hugging
 Face checkpoints in and out (see docs/models.md)."""
 
-from dpoq_jax.models.config import ModelConfig, config_from_hf, config_to_hf
 from dpoq_jax.models.decoder import (
     Decoder,
     abstract_split,
@@ -9,6 +8,7 @@ from dpoq_jax.models.decoder import (
     default_dtype,
     split_params,
 )
+from dpoq_jax.models.model_config import ModelConfig, config_from_hf, config_to_hf
 
 __all__ = [
     "Decoder",

@@ -22,7 +22,6 @@ from flax import nnx
 from dpoq_jax.models import attention as attn_lib
 from dpoq_jax.models import lora as lora_lib
 from dpoq_jax.models.attention import layout_mask as attention_mask  # noqa: F401 (public name)
-from dpoq_jax.models.config import ModelConfig
 from dpoq_jax.models.layers import (
     Block,
     Norm,
@@ -35,6 +34,7 @@ from dpoq_jax.models.layers import (
     rope_inv_freq,
     stack_blocks,
 )
+from dpoq_jax.models.model_config import ModelConfig
 
 Array = jax.Array
 Cache = dict[str, Any]

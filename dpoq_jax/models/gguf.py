@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 from dpoq_jax import paths
 
 # GGUF general.architecture -> the config.json model_type it becomes (the families dpoq_jax builds;
-# models/config.py). transformers' GGUF reader knows more; dpoq's decoder does not.
+# models/model_config.py). transformers' GGUF reader knows more; dpoq's decoder does not.
 ARCHITECTURES = {
     "llama": "llama",
     "mistral": "mistral",
@@ -126,7 +126,7 @@ def convert_gguf(src: str, dst: str, *, dtype: str = "float32") -> None:
     _require_gguf()
     from transformers import AutoModelForCausalLM  # noqa: PLC0415
 
-    from dpoq_jax.models.config import config_from_hf  # noqa: PLC0415
+    from dpoq_jax.models.model_config import config_from_hf  # noqa: PLC0415
 
     gguf_model, tok = load_gguf_torch(src)
     config = gguf_model.config

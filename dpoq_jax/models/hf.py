@@ -22,8 +22,8 @@ from flax import nnx
 
 from dpoq_jax import paths
 from dpoq_jax.models import lora as lora_lib
-from dpoq_jax.models.config import ModelConfig, config_to_hf
 from dpoq_jax.models.decoder import Decoder
+from dpoq_jax.models.model_config import ModelConfig, config_to_hf
 from dpoq_jax.models.safetensors_dir import (
     MAX_SHARD_SIZE,
     SafetensorsDir,

@@ -20,7 +20,7 @@ from flax import nnx
 
 from dpoq_jax.models import attention as attn_lib
 from dpoq_jax.models import lora as lora_lib
-from dpoq_jax.models.config import ModelConfig
+from dpoq_jax.models.model_config import ModelConfig
 
 Array = jax.Array
 

@@ -75,7 +75,7 @@ def topology_devices(name: str, chip_config: str | None = None) -> tuple[str, li
 def model_config_for(cfg: Any, model_config_path: str | None) -> Any:
     """The ModelConfig the run would build: --model-config (an HF config.json or our model_config.json)
     when given, else the config's own source (model.config, the HF dir's or the checkpoint's)."""
-    from dpoq_jax.models.config import ModelConfig, config_from_hf, read_hf_config
+    from dpoq_jax.models.model_config import ModelConfig, config_from_hf, read_hf_config
 
     over = {"remat": cfg.model.remat} if cfg.model.remat else {}
     if model_config_path:

@@ -2,7 +2,7 @@
 
 `load_model(path)` takes any of
   - a Hugging Face directory (config.json + *.safetensors), a run's own `WORKDIR/hf` export included;
-  - a params checkpoint (`models.checkpoint.save_params`: params/ + model_config.json);
+  - a params checkpoint (`models.params_io.save_params`: params/ + model_config.json);
   - a `dpoq train` run folder, its checkpoints/ directory or one step of it: the newest intact step
     (damaged newer ones are named in a warning and skipped, nothing is moved), or `step`. A LoRA run's
     step holds adapters and a pointer to its base: the base is loaded again from where the pointer says,
@@ -25,11 +25,10 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from dpoq_jax import paths
-from dpoq_jax.models import checkpoint as params_ckpt
-from dpoq_jax.models import hf
+from dpoq_jax.models import hf, params_io
 from dpoq_jax.models import lora as lora_lib
-from dpoq_jax.models.config import ModelConfig, config_from_hf, read_hf_config
 from dpoq_jax.models.decoder import Decoder, abstract_split
+from dpoq_jax.models.model_config import ModelConfig, config_from_hf, read_hf_config
 from dpoq_jax.models.sharding import DEFAULT_RULES, Rules, logical_to_shardings
 from dpoq_jax.train.checkpoint import DamagedCheckpoint, RunCheckpoints, base_checksums, check_base
 from dpoq_jax.train.state import init_params
@@ -76,7 +75,7 @@ def locate(path: str, *, step: int | None = None, flag: str = "--model", **overr
     fields). Errors name `flag`, the option or config key the path came from."""
     if not paths.isdir(path):
         raise FileNotFoundError(f"{flag} {path}: not a directory")
-    if _is_hf(path) and not params_ckpt.is_params_source(path):
+    if _is_hf(path) and not params_io.is_params_source(path):
         if step is not None:
             raise ValueError(f"{flag} {path}: a Hugging Face directory has no steps (step {step} asked)")
         where = paths.join(path, "config.json")
@@ -88,13 +87,13 @@ def locate(path: str, *, step: int | None = None, flag: str = "--model", **overr
     ckpt_dir = _run_checkpoints(path)
     if ckpt_dir is None:
         try:
-            found = params_ckpt.resolve_params_dir(path, step)
+            found = params_io.resolve_params_dir(path, step)
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"{flag} {path}: neither a Hugging Face directory (no config.json) nor a params checkpoint "
                 "(params/ + model_config.json) nor a `dpoq train` run folder (checkpoints/)"
             ) from None
-        cfg = params_ckpt.read_model_config(found)
+        cfg = params_io.read_model_config(found)
         return ModelFiles("params", found, dataclasses.replace(cfg, **overrides) if overrides else cfg)
     return _locate_run(path, ckpt_dir, step, flag, overrides)
 
@@ -167,7 +166,7 @@ def read_params(
             except (OSError, ValueError) as e:  # a damaged or foreign file: name the option
                 raise type(e)(f"{flag} {files.path}: {e}") from None
         if files.kind == "params":
-            return params_ckpt.read_params(files.path, files.config, abs_params, shardings)
+            return params_io.read_params(files.path, files.config, abs_params, shardings)
         return _read_run_params(files, abs_params, shardings, flag)
     except KeyError as e:  # tensors missing from the files
         msg = str(e.args[0])

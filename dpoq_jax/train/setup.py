@@ -19,9 +19,9 @@ from flax import nnx
 from dpoq_jax import losses, paths
 from dpoq_jax.data import token_cache
 from dpoq_jax.models.attention import kernel_mesh
-from dpoq_jax.models.config import ModelConfig
 from dpoq_jax.models.decoder import Decoder, abstract_split, split_params
 from dpoq_jax.models.lora import LoraConfig, split_adapters
+from dpoq_jax.models.model_config import ModelConfig
 from dpoq_jax.train import inputs, load
 from dpoq_jax.train.checkpoint import base_checksums
 from dpoq_jax.train.config import loss_config, resolve_data_shape

@@ -18,8 +18,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dpoq_jax import paths
-from dpoq_jax.models.config import ModelConfig
 from dpoq_jax.models.decoder import Decoder
+from dpoq_jax.models.model_config import ModelConfig
 
 
 def save_params(path: str, model_or_state: Decoder | nnx.State, cfg: ModelConfig) -> None:

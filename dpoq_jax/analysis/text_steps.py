@@ -1,4 +1,4 @@
-"""Steps of a response's text, mapped to its tokens, and their implicit process rewards (dpoq_jax/steps.py).
+"""Steps of a response's text, mapped to its tokens, and their implicit process rewards (dpoq_jax/prm.py).
 
 A step spec (`--steps SPEC`) is "newline" (a run of newlines ends a step), `re:PATTERN` (each non-empty
 match of the regular expression ends a step) or any other string, a literal delimiter. The text cut at
@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from dpoq_jax import steps as core
+from dpoq_jax import prm as core
 from dpoq_jax.analysis.credit import TokenScores
 
 NEWLINE = "newline"
