@@ -12,7 +12,7 @@ with its 95% t-interval over the seeds, and every verdict is computed from those
      E_{π_ref}[β log π/π_ref] = −β KL.
 Output: OUT/report.html (self-contained), OUT/report.md (+ OUT/report_figures/*.png); the training runs
 go to OUT/work (a rerun reuses finished runs). The experiments are dpoq_jax.experiments (in a clone,
-`python -m experiments.<name>` runs their full versions). Runs from an installed package: nothing
+`python -m dpoq_jax.experiments.<name>` runs their full versions). Runs from an installed package: nothing
 outside it is read.
 
     dpoq demo [--out runs/demo] [--quick] [--seeds 0,1,2]

@@ -1,5 +1,5 @@
 """Tests of the experiment machinery in the package: statistics, the §5 check, tables, report files
-and verdicts, config resolution, and the thin experiments/ scripts' arguments."""
+and verdicts, config resolution, and the experiments' command lines."""
 
 from __future__ import annotations
 
@@ -235,7 +235,7 @@ def test_experiment_args(tmp_path) -> None:
     assert a.overrides == ["--config.train.lr=0.1"]  # the user's; the task's own settings are in its config
     cfg = runs.peek_config(a.config, "dpo")
     assert cfg.data.on_error == "skip" and cfg.data.response_len == make_task("dense_reward").max_len + 2
-    assert a.command == "python -m experiments.search_overopt --seeds 1,3 --config.train.lr=0.1"
+    assert a.command == "python -m dpoq_jax.experiments.search_overopt --seeds 1,3 --config.train.lr=0.1"
     assert a.results == str(tmp_path / "search_overopt.md")
     a = harness.parse_args(credit_assignment, ["--heatmap-pairs", "2"], tmp_path)
     assert (a.heatmap_pairs, a.overrides, a.workdir) == (2, [], "runs/experiments/error_injection")
@@ -275,8 +275,8 @@ def test_reports_name_configs_without_machine_paths(tmp_path, monkeypatch) -> No
     assert rows and all(not line.split("|")[2].strip().startswith("/") for _, line in rows), rows
 
 
-def test_thin_scripts_write_into_experiments_results() -> None:
-    """`python -m experiments.<name>` is the package's experiment with the script's results folder."""
+def test_experiment_modules_run_as_scripts_into_experiments_results() -> None:
+    """`python -m dpoq_jax.experiments.<name>` holds its scales and writes into experiments/results."""
     import os
     import subprocess
     import sys
@@ -284,14 +284,14 @@ def test_thin_scripts_write_into_experiments_results() -> None:
 
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run(
-        [sys.executable, "-m", "experiments.dense_recovery", "--help"],
+        [sys.executable, "-m", "dpoq_jax.experiments.dense_recovery", "--help"],
         cwd=root,
         env={**os.environ, "COLUMNS": "1000"},  # argparse would wrap the path at its hyphens
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    assert "python -m experiments.dense_recovery" in out
+    assert "python -m dpoq_jax.experiments.dense_recovery" in out
     assert str(root / "experiments" / "results" / "dense_recovery.md") in out
 
 

@@ -4,7 +4,7 @@ r"""Tiny CPU DPO run on the synthetic arithmetic_chain task, from (and referenci
         --workdir runs/arithmetic_chain_dpo
 
 On the task's own pairs (a correct solution vs one with an injected error: step labels). The
-implicit-PRM experiment (`python -m experiments.process_rewards`) trains this stage instead on the
+implicit-PRM experiment (`python -m dpoq_jax.experiments.process_rewards`) trains this stage instead on the
 reference's own sampled solutions labelled by their final answer (data.source=jsonl).
 """
 

@@ -11,6 +11,8 @@ learned per-token implicit reward r̂_t = β log π/π_ref with
   * per-response sums (Σ r̂ + V*(s_0) vs Σ r), and chosen−rejected differences (V* cancels).
 Uses the DPO policies of experiment 2 trained on the gold judge's own labels (same workdir and
 scales; trained if missing), with experiment 2's length-neutral gold judge.
+
+    python -m dpoq_jax.experiments.dense_recovery [--quick]
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dpoq_jax.analysis.credit import score_responses
 from dpoq_jax.analysis.seeds import Items
 from dpoq_jax.analysis.stats import pearson, spearman
 from dpoq_jax.data.synthetic import dense_optimal_values, dense_shaping, make_task
-from dpoq_jax.experiments import harness, runs
+from dpoq_jax.experiments import harness, runs, search_overopt
 from dpoq_jax.experiments.search_overopt import GOLD
 from dpoq_jax.train.load import load_model
 
@@ -186,5 +188,22 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     return report
 
 
-def main(argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str) -> int:
+# ------------------------------------------------------------------------------------------ scales
+
+SCALES = {
+    "full": dict(search_overopt.SCALES["full"], n_eval=512),
+    "quick": dict(search_overopt.SCALES["quick"], n_eval=64),
+}
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    scales: dict[str, dict] | None = None,
+    results_dir: Path | str = harness.RESULTS_DIR,
+) -> int:
+    argv, scales = list(sys.argv[1:] if argv is None else argv), scales or SCALES
     return harness.experiment_main(sys.modules[__name__], argv, scales, results_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

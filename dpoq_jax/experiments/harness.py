@@ -20,6 +20,8 @@ from dpoq_jax.analysis import seeds as seeds_lib
 from dpoq_jax.analysis.document import Report, Verdict, command_line, log, machine_info
 from dpoq_jax.experiments.runs import default_config
 
+# where the reports go by default: the repository's experiments/results (run from a clone)
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "experiments" / "results"
 DEFAULT_SEEDS = {"full": (0, 1, 2, 3, 4), "quick": (0, 1)}
 # Options that do not change a seed's results (where they are written, how the call was typed).
 VOLATILE = ("seeds", "seed", "workdir", "results", "command", "quick")
@@ -41,9 +43,8 @@ def seed_list(text: str) -> tuple[int, ...]:
 
 
 def prog(name: str) -> str:
-    """How an experiment is called: its script under experiments/ where there is one, else its module."""
-    script = Path(__file__).resolve().parents[2] / "experiments" / f"{name}.py"
-    return f"python -m experiments.{name}" if script.exists() else f"python -m dpoq_jax.experiments.{name}"
+    """How an experiment is called."""
+    return f"python -m dpoq_jax.experiments.{name}"
 
 
 def experiment_parser(
@@ -176,7 +177,7 @@ def run_seeds(
 def experiment_main(
     module: ModuleType, argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str
 ) -> int:
-    """`python -m experiments.<name>`: parse, run every seed, write the merged report."""
+    """`python -m dpoq_jax.experiments.<name>`: parse, run every seed, write the merged report."""
     args = parse_args(module, argv, results_dir)
     scale = scales["quick" if args.quick else "full"]
     return write_report(module.NAME, run_seeds(module.run, module.verdicts, args, scale), args.results)

@@ -16,6 +16,11 @@ final-answer accuracy for N = 1, 4, 16, 64 by each aggregation (min, sum, last, 
 against the reference's likelihood, a majority vote and the oracle (any correct candidate). Intervals
 are two-level bootstrap intervals (seeds, then held-out prompts), comparisons paired differences per
 seed and prompt; the verdict rules are in docs/experiments.md ("Process rewards"), written before runs.
+
+    python -m dpoq_jax.experiments.process_rewards   # full, seeds 0-4 (≈ 13 min a seed, 2 CPU cores)
+    python -m dpoq_jax.experiments.process_rewards --sweep --seeds 0   # the lr/steps sweep, one seed, first
+    python -m dpoq_jax.experiments.process_rewards --dpo-lr 3e-4 --dpo-steps 600 --ce-lr 1e-3 --ce-steps 300
+    python -m dpoq_jax.experiments.process_rewards --quick   # a smoke run (2 seeds)
 """
 
 from __future__ import annotations
@@ -611,6 +616,59 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def main(argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str) -> int:
+# ------------------------------------------------------------------------------------------ scales
+
+# sft_steps: the reference; n_train_prompts × n_train_cands: reference samples labelled by their final
+# answer (DPO: up to pairs_per_prompt pairs a prompt; CE: every candidate); dpo / ce: lr and steps of the
+# two PRMs (the sweep's choice, docs/experiments.md); n_val_*: thresholds (and the sweep); n_test_*:
+# held-out prompts × candidates; ns: best-of-N sizes, bon_repeats draws of N per prompt; n_boot: bootstrap.
+SCALES = {
+    "full": dict(
+        sft_steps=6000,
+        n_train_prompts=4160,  # the 520 training problems, 8 times each
+        n_train_cands=16,
+        pairs_per_prompt=4,
+        beta=0.1,
+        dpo=dict(lr=3e-4, steps=2000),
+        ce=dict(lr=3e-4, steps=2000),
+        sweep=((1e-4, 2000), (3e-4, 700), (3e-4, 2000), (1e-3, 700), (1e-3, 2000)),
+        n_val_prompts=80,  # every validation problem
+        n_val_cands=16,
+        n_test_prompts=200,  # every test problem
+        n_test_cands=64,
+        ns=(1, 4, 16, 64),
+        bon_repeats=16,
+        n_boot=1000,
+    ),
+    "quick": dict(
+        sft_steps=600,
+        n_train_prompts=520,
+        n_train_cands=8,
+        pairs_per_prompt=2,
+        beta=0.1,
+        dpo=dict(lr=3e-4, steps=200),
+        ce=dict(lr=3e-4, steps=200),
+        sweep=((3e-4, 100), (1e-3, 200)),
+        n_val_prompts=40,
+        n_val_cands=8,
+        n_test_prompts=64,
+        n_test_cands=64,
+        ns=(1, 4, 16, 64),
+        bon_repeats=4,
+        n_boot=300,
+    ),
+}
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    scales: dict[str, dict] | None = None,
+    results_dir: Path | str = harness.RESULTS_DIR,
+) -> int:
+    argv, scales = list(sys.argv[1:] if argv is None else argv), scales or SCALES
     args = harness.parse_args(sys.modules[__name__], argv, results_dir)
     return main_with(args, scales["quick" if args.quick else "full"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,6 +8,9 @@ search at several widths and by sampling (T = 1); report the gold win rate again
 own samples (ties count half), mean gold reward and mean length, for the reference and each policy.
 Does the paper's pattern (a few beams beat one, many beams give longer, worse answers) appear with
 the bias and not without? Verdicts from 95% t-intervals over seeds of per-seed differences.
+
+    python -m dpoq_jax.experiments.search_overopt   # full: seeds 0-4, two labellers, β 0.1 and 1.0
+    python -m dpoq_jax.experiments.search_overopt --quick   # a smoke run (2 seeds)
 """
 
 from __future__ import annotations
@@ -257,5 +260,25 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     return report
 
 
-def main(argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str) -> int:
+# ------------------------------------------------------------------------------------------ scales
+
+# Smaller than the single-seed version (400/300 steps, 256 prompts) so five seeds fit on 2 shared cores.
+SCALES = {
+    "full": dict(
+        sft_steps=300, dpo_steps=150, betas=(0.1, 1.0), beams=(1, 2, 5, 10, 20), n_prompts=64, eval_every=25
+    ),
+    "quick": dict(sft_steps=150, dpo_steps=100, betas=(0.3,), beams=(1, 2, 5), n_prompts=64, eval_every=25),
+}
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    scales: dict[str, dict] | None = None,
+    results_dir: Path | str = harness.RESULTS_DIR,
+) -> int:
+    argv, scales = list(sys.argv[1:] if argv is None else argv), scales or SCALES
     return harness.experiment_main(sys.modules[__name__], argv, scales, results_dir)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,6 +1,6 @@
 r"""DPO of a Hugging Face chat model on its own verifiable-constraint preferences (issue #23).
 
-The experiment's config (python -m experiments.constraint_prefs): one file for both stages, the stage
+The experiment's config (python -m dpoq_jax.experiments.constraint_prefs): one file for both stages, the stage
 after the colon; the model folder and the data files come as overrides, e.g.
 
     dpoq train --config experiments/configs/constraint_dpo.py:dpo --workdir runs/cdpo \
