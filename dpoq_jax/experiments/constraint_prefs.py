@@ -601,8 +601,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 # through every layer). "full": 40 topics × 6 constraints = 240 prompts (36 test, 18 validation,
 # 186 training); 816 training/validation samples ≈ 6 min; 2 × 50 DPO steps ≈ 37 min, their evaluations
 # ≈ 4 min; held-out answers of three models and the held-out rejected answers ≈ 6 min; set-up of each
-# DPO run (compilation, export) 1.5–3 min: ≈ 60–65 min a seed. (A micro run of the whole pipeline, 2 DPO
-# steps a run: 414 s.)
+# DPO run (compilation, export) 1.5–3 min: ≈ 60–65 min a seed estimated; measured 26–27 min a seed
+# (2026-12-03, results file). (A micro run of the whole pipeline, 2 DPO steps a run: 414 s.)
 # constraints: analysis.constraints names; n_topics of TOPICS, per constraint n_val_topics / n_test_topics
 # held out; n_samples answers a training/validation prompt (at most max_new_tokens, sampled `batch` at a
 # time); up to pairs_per_prompt pairs a prompt; DPO β, batch_size, eval_every and per mode steps / lr
