@@ -176,7 +176,7 @@ def test_score_names_the_missing_model_flag(tmp_path, model_dir, capsys):
         ],
         capsys,
     )
-    assert_one_error(rc, err, r"^dpoq score: error: --tokenizer .*: no tokenizer files there")
+    assert_one_error(rc, err, r"^dpoq score: error: --tokenizer .*: no tokenizer files in this directory")
 
 
 def test_empty_prompt_names_file_and_line(tmp_path, model_dir, capsys):
@@ -281,9 +281,11 @@ def test_guided_without_reference(tmp_path, model_dir, capsys):
 def test_convert_tokenizer_argument_is_checked(tmp_path, model_dir, capsys):
     base = ["convert", "--from", str(model_dir), "--to", str(tmp_path / "out")]
     rc, err = run([*base, "--tokenizer", str(tmp_path / "nonexistent")], capsys)
-    assert_one_error(rc, err, r"^dpoq convert: error: --tokenizer .*nonexistent: is not a directory")
+    assert_one_error(
+        rc, err, r"^dpoq convert: error: --tokenizer .*nonexistent: tokenizer directory does not exist"
+    )
     rc, err = run([*base, "--tokenizer", str(tmp_path)], capsys)
-    assert_one_error(rc, err, r"^dpoq convert: error: --tokenizer .*: has no tokenizer files")
+    assert_one_error(rc, err, r"^dpoq convert: error: --tokenizer .*: no tokenizer files in this directory")
     assert not (tmp_path / "out").exists()
     rc, err = run([*base, "--tokenizer", "synthetic"], capsys)
     assert rc == 0, err

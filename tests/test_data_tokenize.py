@@ -8,11 +8,11 @@ from dpoq_jax.data.synthetic import SyntheticTokenizer
 from dpoq_jax.data.tokenize import (
     TokenizeConfig,
     encode,
-    load_hf_tokenizer,
     tokenize_all,
     tokenize_pair,
     tokenize_sft,
 )
+from dpoq_jax.models.hf import load_tokenizer
 
 CORPUS = [
     "SUBREDDIT: r/relationships\nTITLE: My friend forgot my birthday\nPOST: We have been friends for years.",
@@ -39,7 +39,7 @@ def hf_tok(tmp_path_factory):
     PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
     ).save_pretrained(path)
-    return load_hf_tokenizer(path)
+    return load_tokenizer(path)
 
 
 def _pair(prompt, chosen, rejected):
@@ -116,5 +116,5 @@ def test_sft(hf_tok):
 
 
 def test_missing_tokenizer_dir(tmp_path):
-    with pytest.raises(DataError, match="tokenizer directory does not exist"):
-        load_hf_tokenizer(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="tokenizer directory does not exist"):
+        load_tokenizer(tmp_path / "nope")

@@ -181,13 +181,12 @@ def test_a_duplicated_key_is_a_bad_line(tmp_path):
 
 
 def test_a_tokenizer_folder_without_tokenizer_files_says_so(tmp_path):
-    from dpoq_jax.data.errors import DataError
-    from dpoq_jax.data.tokenize import load_hf_tokenizer
+    from dpoq_jax.models.hf import load_tokenizer
 
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # a model folder, no tokenizer
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "LlamaTokenizer"}')
-    with pytest.raises(DataError) as info:
-        load_hf_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError) as info:
+        load_tokenizer(tmp_path)
     assert str(info.value).startswith(
         f"{tmp_path}: no tokenizer files in this directory (none of tokenizer.json"
     )

@@ -20,18 +20,6 @@ from dpoq_jax.data.errors import reports_user_errors
 from dpoq_jax.parser import Parser
 
 
-def _check_tokenizer_arg(spec: str) -> None:
-    from dpoq_jax.models import hf  # noqa: PLC0415
-    from dpoq_jax.models.hf import TOKENIZER_FILES  # noqa: PLC0415
-
-    if spec != "synthetic" and not hf.has_tokenizer(spec):
-        what = "is not a directory" if not paths.isdir(spec) else "has no tokenizer files"
-        raise ValueError(
-            f"--tokenizer {spec}: {what} (expected 'synthetic' or a directory with one of "
-            f"{', '.join(TOKENIZER_FILES[:7])})"
-        )
-
-
 def _write_tokenizer(tok: Any, dst: str) -> list[str]:
     """Copy a directory's tokenizer files, or save the synthetic tokenizer as one; the names written."""
     from dpoq_jax.models.hf import TOKENIZER_FILES  # noqa: PLC0415
@@ -94,8 +82,10 @@ def convert_main(argv: list[str]) -> int:
         return _convert_gguf(args)
     if not paths.isdir(args.src):
         raise FileNotFoundError(f"--from {args.src}: not a directory")
-    if args.tokenizer is not None:
-        _check_tokenizer_arg(args.tokenizer)
+    if args.tokenizer not in (None, "synthetic"):
+        from dpoq_jax.models.hf import check_tokenizer  # noqa: PLC0415
+
+        check_tokenizer(args.tokenizer, "--tokenizer")
 
     import jax.numpy as jnp  # noqa: PLC0415 (keep `--help` fast)
 

@@ -39,10 +39,7 @@ def load_tokenizer(spec: str | None, model_path: str, flag: str = "--model") -> 
         from dpoq_jax.data.synthetic import SyntheticTokenizer
 
         return SyntheticTokenizer()
-    if not hf.has_tokenizer(spec):
-        what = "not a directory" if not paths.isdir(spec) else "no tokenizer files there"
-        raise FileNotFoundError(f"{flag} {spec}: {what} (expected 'synthetic' or a tokenizer directory)")
-    return hf.load_tokenizer(spec)
+    return hf.load_tokenizer(spec, flag)
 
 
 def read_prompts(path: str) -> list[dict[str, Any]]:

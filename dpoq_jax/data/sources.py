@@ -183,9 +183,9 @@ def load_tokenizer(cfg: Mapping[str, Any]) -> Any:
         from dpoq_jax.data.synthetic import SyntheticTokenizer
 
         return SyntheticTokenizer()
-    from dpoq_jax.data.tokenize import load_hf_tokenizer
+    from dpoq_jax.models.hf import load_tokenizer as load_hf
 
     path = _get(cfg, "tokenizer_path")
     if path is None:
         raise ValueError("data config needs tokenizer_path (a local Hugging Face tokenizer directory)")
-    return load_hf_tokenizer(path)
+    return load_hf(path)

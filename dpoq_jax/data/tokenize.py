@@ -22,11 +22,9 @@ and `chat_divergence` says what a template whose prompt is not a prefix of the c
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from dpoq_jax import paths
 from dpoq_jax.data import chat
 from dpoq_jax.data.errors import DataError, ErrorPolicy
 from dpoq_jax.data.examples import (
@@ -70,28 +68,6 @@ class TokenizeStats:
 
     def summary(self) -> dict[str, int]:
         return dataclasses.asdict(self)
-
-
-# Files a Hugging Face tokenizer can be built from (tokenizer_config.json alone names a class, no vocabulary).
-VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
-               "sentencepiece.bpe.model", "merges.txt")
-
-
-def load_hf_tokenizer(path: str | os.PathLike) -> Any:
-    """A Hugging Face tokenizer from a directory, local or gs:// (copied locally: transformers reads
-    local files only); never downloads from the Hub."""
-    from transformers import AutoTokenizer  # lazy: heavy import, not needed for synthetic data
-
-    if not paths.isdir(path):
-        raise DataError("tokenizer directory does not exist", kind="missing_file", file=str(path))
-    if not any(paths.isfile(paths.join(str(path), f)) for f in VOCAB_FILES):
-        raise DataError(f"no tokenizer files in this directory (none of {', '.join(VOCAB_FILES)}); "
-                        "give a Hugging Face tokenizer directory", kind="bad_tokenizer", file=str(path))
-    try:
-        return AutoTokenizer.from_pretrained(paths.local_dir(str(path)), local_files_only=True)
-    except (OSError, ValueError) as e:  # no/unreadable tokenizer files: name the directory
-        msg = f"no usable tokenizer ({type(e).__name__}: {e})"
-        raise DataError(msg, kind="bad_tokenizer", file=str(path)) from e
 
 
 def encode(tokenizer: Tokenizer, text: str) -> list[int]:

@@ -362,22 +362,39 @@ def save_peft(
         json.dump(config, f, indent=2)
 
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
+# Files a Hugging Face tokenizer can be built from (tokenizer_config.json alone names a class, no
+# vocabulary), then the files that go with them; a tokenizer folder is copied as all of these.
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+               "sentencepiece.bpe.model", "merges.txt")
+TOKENIZER_FILES = (*VOCAB_FILES, "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def _tokenizer_problem(path: str) -> str | None:
+    """Why directory `path` (local or gs://) holds no Hugging Face tokenizer; None when it holds one."""
+    if not paths.isdir(path):
+        return "tokenizer directory does not exist"
+    if not any(paths.isfile(paths.join(path, f)) for f in VOCAB_FILES):
+        return f"no tokenizer files in this directory (none of {', '.join(VOCAB_FILES)})"
+    return None
 
 
 def has_tokenizer(path: str) -> bool:
-    """Does directory `path` hold Hugging Face tokenizer files?"""
-    return paths.isdir(path) and any(paths.isfile(paths.join(path, f)) for f in TOKENIZER_FILES[:7])
+    """Does directory `path` hold Hugging Face tokenizer files (one a tokenizer can be built from)?"""
+    return _tokenizer_problem(path) is None
+
+
+def check_tokenizer(path: str, flag: str | None = None) -> None:
+    """FileNotFoundError naming `path` (and the command-line `flag` that gave it, whose values may also be
+    'synthetic') unless it is a Hugging Face tokenizer directory."""
+    problem = _tokenizer_problem(str(path))
+    if problem is not None:
+        hint = "give a Hugging Face tokenizer directory" + (" or 'synthetic'" if flag else "")
+        raise FileNotFoundError(f"{_named(path, flag)}: {problem}; {hint}")
+
+
+def _named(path: str | os.PathLike, flag: str | None) -> str:
+    return f"{flag} {path}" if flag else str(path)
 
 
 def run_root(path: str) -> str | None:
@@ -423,12 +440,14 @@ def find_tokenizer(path: str) -> str | None:
     )
 
 
-def load_tokenizer(path: str) -> Any:
+def load_tokenizer(path: str | os.PathLike, flag: str | None = None) -> Any:
     """The Hugging Face tokenizer stored in a directory, local or gs:// (copied to local disk first:
-    transformers reads local files only); never downloads from the Hub."""
+    transformers reads local files only); never downloads from the Hub. Errors name `path` (and `flag`,
+    the command-line option that gave it, as `check_tokenizer` does)."""
     from transformers import AutoTokenizer  # noqa: PLC0415 (heavy import, only when needed)
 
-    path = paths.local_dir(path)
-    if not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES[:6]):
-        raise FileNotFoundError(f"{path}: no tokenizer files (looked for {', '.join(TOKENIZER_FILES[:6])})")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    check_tokenizer(str(path), flag)
+    try:
+        return AutoTokenizer.from_pretrained(paths.local_dir(str(path)), local_files_only=True)
+    except (OSError, ValueError) as e:  # unreadable tokenizer files: name the directory
+        raise ValueError(f"{_named(path, flag)}: no usable tokenizer ({type(e).__name__}: {e})") from e
