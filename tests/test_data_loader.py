@@ -1,4 +1,5 @@
-"""Loader: seeded order, exact resume, per-process slices cover each epoch once, global arrays."""
+"""Loader: seeded order, exact resume, per-process slices cover each epoch once; its batches as global
+arrays (train.setup.global_batch)."""
 
 import functools
 import json
@@ -9,8 +10,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from dpoq_jax.data.examples import TokenizedPair
-from dpoq_jax.data.layouts import gather_flat, preference_batch
-from dpoq_jax.data.loader import Loader, LoaderState, batches, concat_batches, make_global_batch
+from dpoq_jax.data.layouts import preference_batch
+from dpoq_jax.data.loader import Loader, LoaderState
+from dpoq_jax.train.setup import global_batch
 
 
 def test_order_depends_on_seed_and_epoch_only():
@@ -74,26 +76,17 @@ def test_batches_and_global_arrays():
         preference_batch, layout="prefix_shared", seq_len=16, response_len=4, num_pairs=8
     )
     loader = Loader(len(pairs), 8, seed=0)
-    (b1, s1), (b2, s2) = list(batches(pairs, loader, make, num_steps=2))
+    (b1, s1), (b2, s2) = [
+        (make([pairs[i] if i >= 0 else None for i in loader.next_indices()]), loader.state) for _ in range(2)
+    ]
     assert s1 == LoaderState(0, 8) and s2 == LoaderState(0, 16)
     assert b1["pair_mask"].sum() == 8 and b2["pair_mask"].sum() == 2  # last batch: 6 dummies
     mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
-    g = make_global_batch(b1, NamedSharding(mesh, PartitionSpec("data")))
-    assert g["tokens"].shape == (8, 16) and len(g["tokens"].sharding.device_set) == 8
-    for k, v in b1.items():
+    b1_M = {k: v[None] for k, v in b1.items()}  # one micro-batch
+    g = global_batch(b1_M, {k: NamedSharding(mesh, PartitionSpec(None, "data")) for k in b1_M})
+    assert g["tokens"].shape == (1, 8, 16) and len(g["tokens"].sharding.device_set) == 8
+    for k, v in b1_M.items():
         np.testing.assert_array_equal(np.asarray(g[k]), v)
-
-
-def test_concat_batches_shifts_pred_idx():
-    pairs = _pairs(6)
-    make = functools.partial(preference_batch, layout="packed", seq_len=24, response_len=4, num_rows=2)
-    parts = [make(pairs[:3]), make(pairs[3:])]
-    both = concat_batches(parts)
-    assert both["tokens"].shape == (4, 24) and both["chosen_pred_idx"].shape == (6, 4)
-    for side in ("chosen", "rejected"):
-        got = gather_flat(both["tokens"], both[f"{side}_pred_idx"])
-        want = np.concatenate([gather_flat(p["tokens"], p[f"{side}_pred_idx"]) for p in parts])
-        np.testing.assert_array_equal(got, want)
 
 
 _WORKER = r"""
@@ -108,7 +101,8 @@ pid, port = int(sys.argv[1]), sys.argv[2]
 jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
 from dpoq_jax.data.examples import TokenizedPair
 from dpoq_jax.data.layouts import gather_flat, preference_batch
-from dpoq_jax.data.loader import Loader, make_global_batch
+from dpoq_jax.data.loader import Loader
+from dpoq_jax.train.setup import global_batch
 rng = np.random.default_rng(0)
 pairs = [TokenizedPair([int(x) for x in rng.integers(3, 40, rng.integers(1, 5))],
                        [int(x) for x in rng.integers(3, 40, rng.integers(1, 4))],
@@ -116,19 +110,19 @@ pairs = [TokenizedPair([int(x) for x in rng.integers(3, 40, rng.integers(1, 5))]
 make = functools.partial(preference_batch, layout="prefix_shared", seq_len=12, response_len=4, num_pairs=2)
 ld = Loader(10, 4, seed=1, process_index=jax.process_index(), process_count=jax.process_count())
 idx = ld.next_indices()
-local = make([pairs[i] if i >= 0 else None for i in idx])
+local = {k: v[None] for k, v in make([pairs[i] if i >= 0 else None for i in idx]).items()}  # M = 1
 mesh = jax.make_mesh((4,), ("data",))
-g = make_global_batch(local, NamedSharding(mesh, PartitionSpec("data")))
+g = global_batch(local, {k: NamedSharding(mesh, PartitionSpec(None, "data")) for k in local})
 rep = NamedSharding(mesh, PartitionSpec())
 data = NamedSharding(mesh, PartitionSpec("data"))
-got = jax.jit(lambda t, i: gather_flat(t, i, data), out_shardings=rep)(
+got = jax.jit(lambda t, i: gather_flat(t[0], i[0], data), out_shardings=rep)(
     g["tokens"], g["chosen_pred_idx"])
 # expected: each process's layout of its own slice, gathered locally, in process order
 order = Loader(10, 4, seed=1).next_indices()
 want = np.concatenate([gather_flat(b["tokens"], b["chosen_pred_idx"])
                        for b in (make([pairs[i] for i in order[k:k + 2]]) for k in (0, 2))])
 np.testing.assert_array_equal(np.asarray(got), want)
-assert g["tokens"].shape == (4, 12) and g["pair_mask"].shape == (4,)
+assert g["tokens"].shape == (1, 4, 12) and g["pair_mask"].shape == (1, 4)
 print("OK", pid, flush=True)
 """
 

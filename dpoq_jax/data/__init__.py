@@ -7,7 +7,7 @@ every machine; the TL;DR builder and HF tokenizers are imported when used.
 from dpoq_jax.data.errors import DataError, ErrorPolicy
 from dpoq_jax.data.examples import PreferenceExample, SFTExample, TokenizedPair, TokenizedSFT
 from dpoq_jax.data.layouts import LAYOUTS, preference_batch, sft_batch
-from dpoq_jax.data.loader import Loader, LoaderState, batches, concat_batches, make_global_batch
+from dpoq_jax.data.loader import Loader, LoaderState
 from dpoq_jax.data.sources import load_examples, load_tokenizer
 from dpoq_jax.data.synthetic import DenseRewardTask, ErrorInjectionTask, SyntheticTokenizer, make_task
 from dpoq_jax.data.tokenize import TokenizeConfig, TokenizeStats, tokenize_all
@@ -15,6 +15,6 @@ from dpoq_jax.data.tokenize import TokenizeConfig, TokenizeStats, tokenize_all
 __all__ = [
     "LAYOUTS", "DataError", "DenseRewardTask", "ErrorInjectionTask", "ErrorPolicy", "Loader",
     "LoaderState", "PreferenceExample", "SFTExample", "SyntheticTokenizer", "TokenizeConfig",
-    "TokenizeStats", "TokenizedPair", "TokenizedSFT", "batches", "concat_batches", "load_examples",
-    "load_tokenizer", "make_global_batch", "make_task", "preference_batch", "sft_batch", "tokenize_all",
+    "TokenizeStats", "TokenizedPair", "TokenizedSFT", "load_examples", "load_tokenizer", "make_task",
+    "preference_batch", "sft_batch", "tokenize_all",
 ]

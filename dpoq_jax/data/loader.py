@@ -1,4 +1,5 @@
-"""Deterministic, resumable, per-process input: which examples form each batch, and global arrays.
+"""Deterministic, resumable, per-process input: which examples form each batch (their global arrays:
+train.setup.global_batch).
 
 The order of epoch e is a permutation drawn from (seed, e); it is cut into global batches of
 `global_batch_size` examples (the last one filled with -1 = dummy, masked by the layouts, so every
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -91,61 +92,3 @@ class Loader:
     def __iter__(self) -> Iterator[np.ndarray]:
         while True:
             yield self.next_indices()
-
-
-def batches(
-    items: Sequence[Any],
-    loader: Loader,
-    make_batch: Callable[[list[Any]], dict[str, np.ndarray]],
-    num_steps: int | None = None,
-) -> Iterator[tuple[dict[str, np.ndarray], LoaderState]]:
-    """(local batch, loader state after it): save that state with the checkpoint of that step.
-
-    `make_batch` takes a list with None for dummies, e.g.
-    `functools.partial(layouts.preference_batch, layout="packed", seq_len=..., ...)`.
-    """
-    step = 0
-    while num_steps is None or step < num_steps:
-        idx = loader.next_indices()
-        yield make_batch([items[i] if i >= 0 else None for i in idx]), loader.state
-        step += 1
-
-
-def _pred_keys(batch: dict[str, Any]) -> list[str]:
-    return [k for k in batch if k.endswith("_pred_idx")]
-
-
-def concat_batches(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Concatenates layout batches along the leading axis, shifting `*_pred_idx` to the new rows.
-
-    Use it to build one layout per local device (so each device's pairs live in its own rows).
-    """
-    out, offset = {k: [] for k in parts[0]}, 0
-    for b in parts:
-        N, S = b["tokens"].shape
-        for k, v in b.items():
-            out[k].append(v + offset if k in _pred_keys(b) else v)
-        offset += N * S
-    return {k: np.concatenate(v, axis=0) for k, v in out.items()}
-
-
-def make_global_batch(local: dict[str, np.ndarray], sharding: Any) -> dict[str, Any]:
-    """Global jax.Arrays from this process's local layout batch (leading axes split over processes).
-
-    `sharding` is a NamedSharding (or a dict key -> NamedSharding) whose first mesh axis spans the
-    data; each process's rows are its slice of the global rows, so `*_pred_idx` are shifted by
-    process_index * N_local * S to index the global rows.
-    """
-    import jax  # lazy: the data package itself is numpy-only
-
-    N, S = local["tokens"].shape
-    shift = jax.process_index() * N * S
-    out = {}
-    for k, v in local.items():
-        v = np.asarray(v)
-        if k.endswith("_pred_idx"):
-            v = v + shift
-        shard = sharding[k] if isinstance(sharding, dict) else sharding
-        global_shape = (v.shape[0] * jax.process_count(),) + v.shape[1:]
-        out[k] = jax.make_array_from_process_local_data(shard, v, global_shape)
-    return out
