@@ -99,7 +99,6 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
     paths.makedirs(workdir)
     is_main = jax.process_index() == 0
     run = setup(cfg)
-    tc = cfg.train
     ckpts = RunCheckpoints(
         paths.join(workdir, CHECKPOINT_SUBDIR),
         every_steps=cfg.checkpoint.every_steps,
@@ -108,7 +107,32 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
         cleanup_tmp=True,  # a save cut short (kill -9, a full disk) left its temporary directory
     )
     writer = MetricsWriter(workdir, enabled=is_main)
-    # the newest checkpoint that passes every check (damaged newer ones: a warning each, set aside)
+    state, loader_state, base_pointer = _restore(cfg, workdir, run, ckpts, writer)
+    start = int(jax.device_get(state.step))
+    loop = _compile(cfg, run, ckpts, writer, loader_state, base_pointer)
+    with contextlib.ExitStack() as stack:
+        # undone last to first: the progress bar closed, then the checkpoints and the metrics writer
+        # (with the failed-write filter on until they are closed, or for good after a failed write)
+        stack.enter_context(_closing(ckpts, writer))
+        bar = _progress_bar(cfg, start) if is_main and cfg.train.progress_bar else None
+        if bar is not None:
+            stack.callback(bar.close)
+        with faults.StopSignals() as stop:  # until the last checkpoint is committed
+            state, last = _steps(loop, state, start, stop, bar, batch_hook)
+        # the final eval and export: signals act as usual again (the checkpoint is in)
+        last = _finish(loop, state, start, workdir, last)
+    return TrainResult(last, state)
+
+
+# ---- restore, steps, finish ----------------------------------------------------------------------
+
+
+def _restore(
+    cfg: Any, workdir: str, run: Run, ckpts: RunCheckpoints, writer: MetricsWriter
+) -> tuple[TrainState, LoaderState, dict | None]:
+    """(state, loader state, LoRA base pointer or None) from the newest checkpoint that passes every
+    check (damaged newer ones: a warning each, set aside), or new ones; the metrics file is cut back
+    to the step the run goes on from."""
     restored = ckpts.restore_latest_intact(*run.checkpoint_layout())
     base_pointer = None
     if restored is not None:
@@ -121,17 +145,55 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
         loader_state = LoaderState.from_dict(loader_dict)
         writer.truncate_after(latest)
         log.info("resuming from %s at step %d", ckpts.directory, latest)
-    else:
-        state, loader_state = run.new_state(), LoaderState()
-        if "reference" in run.caches:  # the precomputed reference must be this run's initial model
-            check_reference_model(run.caches["reference"], state.params)
-        if run.lora is not None:
-            base_pointer = run.base_pointer(state.ref_params)
-        writer.truncate_after(0)  # lines of an earlier attempt that died before its first checkpoint
-        if is_main:
-            paths.write_text(paths.join(workdir, "config.json"), cfg.to_json(indent=2))
-    start = int(jax.device_get(state.step))
+        return state, loader_state, base_pointer
+    state = run.new_state()
+    if "reference" in run.caches:  # the precomputed reference must be this run's initial model
+        check_reference_model(run.caches["reference"], state.params)
+    if run.lora is not None:
+        base_pointer = run.base_pointer(state.ref_params)
+    writer.truncate_after(0)  # lines of an earlier attempt that died before its first checkpoint
+    if jax.process_index() == 0:
+        paths.write_text(paths.join(workdir, "config.json"), cfg.to_json(indent=2))
+    return state, LoaderState(), base_pointer
 
+
+@dataclasses.dataclass
+class _Loop:
+    """What the steps need besides the train state: the run's jitted steps for its batches, its loader,
+    checkpoints and metrics writer."""
+
+    cfg: Any
+    run: Run
+    ckpts: RunCheckpoints
+    writer: MetricsWriter
+    loader: Loader
+    make_batch: Callable
+    batch_shardings: dict
+    step_fn: Callable
+    eval_fn: Callable
+    flops: float  # of one step, for the MFU
+    device_kind: str
+    saved_with: dict  # config, model config and LoRA base pointer, saved with every checkpoint
+
+    def evaluate(self, state: TrainState) -> dict:
+        return evaluate(self.run, state, self.eval_fn, self.make_batch, self.batch_shardings)
+
+    def save(self, done: int, state: TrainState) -> None:
+        with _writes(self.ckpts, "checkpoint", f"of step {done} (or an earlier asynchronous one)"):
+            self.ckpts.save(done, state, loader=self.loader.state.to_dict(), force=True, **self.saved_with)
+
+
+def _compile(
+    cfg: Any,
+    run: Run,
+    ckpts: RunCheckpoints,
+    writer: MetricsWriter,
+    loader_state: LoaderState,
+    base_pointer: dict | None,
+) -> _Loop:
+    """The loader (from `loader_state`), the batch shardings and the jitted steps (shaped by the first
+    training example), and a step's FLOPs."""
+    tc = cfg.train
     micro_size = tc.batch_size // tc.micro_batches // jax.process_count()
     make_batch = inputs.micro_batch_fn(cfg, micro_size)
     loader = Loader(
@@ -143,9 +205,8 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
         process_count=jax.process_count(),
         state=loader_state,
     )
-    items = run.dataset.train
     example = inputs.stack_micro(
-        [items[0]] * (tc.batch_size // jax.process_count()), make_batch, tc.micro_batches
+        [run.dataset.train[0]] * (tc.batch_size // jax.process_count()), make_batch, tc.micro_batches
     )
     b_sh = run.batch_shardings(example)
     step_fn, eval_fn = run.compile(b_sh)
@@ -161,129 +222,139 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
         row_len=example["tokens"].shape[-1],  # data.buckets: the first example's bucket
         tokens_ref=row_tokens if cfg.stage == "dpo" and run.shardings.ref_params is not None else 0,
     )
-    device_kind = jax.devices()[0].device_kind
-    config_json = json.loads(cfg.to_json())
-    model_json = mcfg.to_dict()
+    return _Loop(
+        cfg=cfg,
+        run=run,
+        ckpts=ckpts,
+        writer=writer,
+        loader=loader,
+        make_batch=make_batch,
+        batch_shardings=b_sh,
+        step_fn=step_fn,
+        eval_fn=eval_fn,
+        flops=flops,
+        device_kind=jax.devices()[0].device_kind,
+        saved_with=dict(config=json.loads(cfg.to_json()), model_config=mcfg.to_dict(), base=base_pointer),
+    )
 
-    bar = None
-    if is_main and tc.progress_bar:
-        from tqdm import tqdm
 
-        bar = tqdm(total=tc.num_steps, initial=start, desc=cfg.stage, dynamic_ncols=True)
+def _progress_bar(cfg: Any, start: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=cfg.train.num_steps, initial=start, desc=cfg.stage, dynamic_ncols=True)
+
+
+def _steps(
+    loop: _Loop,
+    state: TrainState,
+    start: int,
+    stop: faults.StopSignals,
+    bar: Any,
+    batch_hook: Callable[[int, dict], dict] | None,
+) -> tuple[TrainState, dict[str, float]]:
+    """Steps `start` to num_steps, each followed by its metrics row, eval and checkpoint when due,
+    then the last checkpoint committed; (final state, last step's metrics). A stop requested on any
+    process ends the run after the current step (faults.Preempted)."""
+    cfg, tc, writer = loop.cfg, loop.cfg.train, loop.writer
     last: dict[str, float] = {}
-
-    def save(done: int) -> None:
-        with _writes(ckpts, "checkpoint", f"of step {done} (or an earlier asynchronous one)"):
-            ckpts.save(
-                done,
-                state,
-                loader=loader.state.to_dict(),
-                config=config_json,
-                model_config=model_json,
-                force=True,
-                base=base_pointer,
-            )
-
-    stop = faults.StopSignals()
-    quiet = faults.DropWriteErrors()
-    write_failed = False
-    for name in ("absl", "asyncio"):  # the checkpoint library's threads log a failed write at length
-        logging.getLogger(name).addFilter(quiet)
-    try:
-        stop.__enter__()
-        for step in range(start, tc.num_steps):
-            t0 = time.perf_counter()
-            idx = loader.next_indices()
-            local = inputs.stack_micro(
-                [items[i] if i >= 0 else None for i in idx], make_batch, tc.micro_batches
-            )
-            if batch_hook is not None:
-                local = batch_hook(step, local)
-            state, metrics = step_fn(state, global_batch(local, b_sh))
-            m = _scalars(metrics)
-            dt = time.perf_counter() - t0
-            done = step + 1
-            # throughput of real (non-padding) tokens and pairs: this process's, times the process count
-            real_tokens = float(np.count_nonzero(local["segment_ids"])) * jax.process_count()
-            m.update(
-                step_time_s=dt,
-                tokens_per_s=real_tokens / dt,
-                mfu=mfu(flops, dt, jax.device_count(), device_kind),
-            )
-            if "pair_mask" in local:
-                m["pairs_per_s"] = float(np.sum(local["pair_mask"])) * jax.process_count() / dt
-            last = m
-            if not m["finite"]:
-                log.warning(
-                    "step %d: non-finite loss, gradient or update; update skipped (%d in a row)",
-                    done,
-                    int(m["nonfinite_streak"]),
-                )
-                if m["nonfinite_streak"] >= tc.max_consecutive_nonfinite:
-                    writer.write(done, m)
-                    raise NonFiniteError(
-                        f"stopping at step {done}: {int(m['nonfinite_streak'])} non-finite steps in a row "
-                        f"(train.max_consecutive_nonfinite={tc.max_consecutive_nonfinite}); their updates "
-                        f"were skipped; last good checkpoint: step {ckpts.latest_step()} in {ckpts.directory}"
-                    )
-            if done % tc.log_every == 0 or done == tc.num_steps:
-                with _writes(ckpts, "metrics row of step", f"{done} to {writer.path}"):
-                    writer.write(done, m)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{m['loss']:.4f}", **_bar_extras(m))
-            if tc.eval_every and done % tc.eval_every == 0 and done != tc.num_steps and run.dataset.eval:
-                ev = evaluate(run, state, eval_fn, make_batch, b_sh)
-                with _writes(ckpts, "eval row of step", f"{done} to {writer.path}"):
-                    writer.write(done, ev, split="eval")
-            saved = done % cfg.checkpoint.every_steps == 0 or done == tc.num_steps
-            if saved:
-                save(done)
-            if faults.agree_stop(stop.requested):  # the same step on every process
-                _stop_after(done, saved, save, ckpts, stop.signame or "a signal on another process")
-        with _writes(ckpts, "checkpoint", f"of step {tc.num_steps}"):
-            ckpts.wait()
-        stop.__exit__()  # the final eval and export: signals act as usual again (the checkpoint is in)
-        if run.dataset.eval:
-            ev = evaluate(run, state, eval_fn, make_batch, b_sh)
-            if start < tc.num_steps or not _has_final_eval(workdir, tc.num_steps):
-                with _writes(ckpts, "final eval row to", writer.path):
-                    writer.write(tc.num_steps, ev, split="eval")
-            last.update({f"eval/{k}": v for k, v in ev.items()})
-        if cfg.model.hf_export:
-            export_hf(run, state, paths.join(workdir, "hf"))
-    except faults.WriteFailed:
-        write_failed = True
-        raise
-    finally:
-        stop.__exit__()
+    for step in range(start, tc.num_steps):
+        state, m = _step(loop, state, step, batch_hook)
+        done = step + 1
+        last = m
+        _check_finite(loop, done, m)
+        if done % tc.log_every == 0 or done == tc.num_steps:
+            with _writes(loop.ckpts, "metrics row of step", f"{done} to {writer.path}"):
+                writer.write(done, m)
         if bar is not None:
-            bar.close()
-        try:
-            _close_quietly(ckpts, writer)
-        finally:
-            # After a failed write the filter stays: an asynchronous save still in flight fails too, and
-            # the library's writer threads log it after this returns. (asyncio's stays in any case: its
-            # futures report at exit.)
-            if not write_failed:
-                logging.getLogger("absl").removeFilter(quiet)
-    return TrainResult(last, state)
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", **_bar_extras(m))
+        if tc.eval_every and done % tc.eval_every == 0 and done != tc.num_steps and loop.run.dataset.eval:
+            ev = loop.evaluate(state)
+            with _writes(loop.ckpts, "eval row of step", f"{done} to {writer.path}"):
+                writer.write(done, ev, split="eval")
+        saved = done % cfg.checkpoint.every_steps == 0 or done == tc.num_steps
+        if saved:
+            loop.save(done, state)
+        if faults.agree_stop(stop.requested):  # the same step on every process
+            _stop_after(loop, state, done, saved, stop.signame or "a signal on another process")
+    with _writes(loop.ckpts, "checkpoint", f"of step {tc.num_steps}"):
+        loop.ckpts.wait()
+    return state, last
+
+
+def _step(
+    loop: _Loop, state: TrainState, step: int, batch_hook: Callable[[int, dict], dict] | None
+) -> tuple[TrainState, dict[str, float]]:
+    """One jitted step on the loader's next batch: (new state, the step's scalars and throughput)."""
+    tc = loop.cfg.train
+    items = loop.run.dataset.train
+    t0 = time.perf_counter()
+    idx = loop.loader.next_indices()
+    local = inputs.stack_micro([items[i] if i >= 0 else None for i in idx], loop.make_batch, tc.micro_batches)
+    if batch_hook is not None:
+        local = batch_hook(step, local)
+    state, metrics = loop.step_fn(state, global_batch(local, loop.batch_shardings))
+    m = _scalars(metrics)
+    dt = time.perf_counter() - t0
+    # throughput of real (non-padding) tokens and pairs: this process's, times the process count
+    real_tokens = float(np.count_nonzero(local["segment_ids"])) * jax.process_count()
+    m.update(
+        step_time_s=dt,
+        tokens_per_s=real_tokens / dt,
+        mfu=mfu(loop.flops, dt, jax.device_count(), loop.device_kind),
+    )
+    if "pair_mask" in local:
+        m["pairs_per_s"] = float(np.sum(local["pair_mask"])) * jax.process_count() / dt
+    return state, m
+
+
+def _check_finite(loop: _Loop, done: int, m: dict[str, float]) -> None:
+    """A non-finite step (its update skipped) -> a warning; too many in a row -> their metrics row,
+    then NonFiniteError."""
+    if m["finite"]:
+        return
+    tc = loop.cfg.train
+    log.warning(
+        "step %d: non-finite loss, gradient or update; update skipped (%d in a row)",
+        done,
+        int(m["nonfinite_streak"]),
+    )
+    if m["nonfinite_streak"] >= tc.max_consecutive_nonfinite:
+        loop.writer.write(done, m)
+        raise NonFiniteError(
+            f"stopping at step {done}: {int(m['nonfinite_streak'])} non-finite steps in a row "
+            f"(train.max_consecutive_nonfinite={tc.max_consecutive_nonfinite}); their updates "
+            f"were skipped; last good checkpoint: step {loop.ckpts.latest_step()} in {loop.ckpts.directory}"
+        )
+
+
+def _finish(loop: _Loop, state: TrainState, start: int, workdir: str, last: dict[str, float]) -> dict:
+    """The final eval (its row written unless an already finished run has it) and the Hugging Face
+    export; returns `last` with the eval's metrics added, prefixed "eval/"."""
+    tc = loop.cfg.train
+    if loop.run.dataset.eval:
+        ev = loop.evaluate(state)
+        if start < tc.num_steps or not _has_final_eval(workdir, tc.num_steps):
+            with _writes(loop.ckpts, "final eval row to", loop.writer.path):
+                loop.writer.write(tc.num_steps, ev, split="eval")
+        last.update({f"eval/{k}": v for k, v in ev.items()})
+    if loop.cfg.model.hf_export:
+        export_hf(loop.run, state, paths.join(workdir, "hf"))
+    return last
 
 
 # ---- stopping on a signal, failed writes (train/faults.py) ---------------------------------------
 
 
-def _stop_after(
-    done: int, saved: bool, save: Callable[[int], None], ckpts: RunCheckpoints, signame: str
-) -> None:
+def _stop_after(loop: _Loop, state: TrainState, done: int, saved: bool, signame: str) -> None:
     """Every process agreed to stop after step `done`: its checkpoint (unless this step just saved
     one), committed, then Preempted (`dpoq train` exits with faults.EXIT_PREEMPTED)."""
     if not saved:
-        save(done)
-    with _writes(ckpts, "checkpoint", f"of step {done}"):
-        ckpts.wait()
+        loop.save(done, state)
+    with _writes(loop.ckpts, "checkpoint", f"of step {done}"):
+        loop.ckpts.wait()
     log.info("stopped by %s after step %d (checkpoint committed)", signame, done)
-    raise faults.Preempted(done, signame, ckpts.directory)
+    raise faults.Preempted(done, signame, loop.ckpts.directory)
 
 
 @contextlib.contextmanager
@@ -302,6 +373,31 @@ def _writes(ckpts: RunCheckpoints, what: str, where: str) -> Iterator[None]:
             f"writing the {what} {where} failed ({why}); last intact checkpoint: {resume}; "
             f"free space or fix permissions, then rerun the same command to resume"
         ) from None
+
+
+@contextlib.contextmanager
+def _closing(ckpts: RunCheckpoints, writer: MetricsWriter) -> Iterator[None]:
+    """Closes the checkpoints and the metrics writer on the way out; until then the checkpoint
+    library's logs of a failed write are dropped (faults.DropWriteErrors): the run reports it in one
+    line (faults.WriteFailed)."""
+    quiet = faults.DropWriteErrors()
+    for name in ("absl", "asyncio"):  # the checkpoint library's threads log a failed write at length
+        logging.getLogger(name).addFilter(quiet)
+    write_failed = False
+    try:
+        yield
+    except faults.WriteFailed:
+        write_failed = True
+        raise
+    finally:
+        try:
+            _close_quietly(ckpts, writer)
+        finally:
+            # After a failed write the filter stays: an asynchronous save still in flight fails too, and
+            # the library's writer threads log it after this returns. (asyncio's stays in any case: its
+            # futures report at exit.)
+            if not write_failed:
+                logging.getLogger("absl").removeFilter(quiet)
 
 
 def _close_quietly(ckpts: RunCheckpoints, writer: MetricsWriter) -> None:
