@@ -212,7 +212,7 @@ def _resolve_name(st: SafetensorsDir, name: str) -> str:
 
 def read_params(path: str, cfg: ModelConfig, abs_params: nnx.State, shardings: Any = None) -> nnx.State:
     """The parameters of a local Hugging Face directory in the layout (and dtypes) of `abs_params`, the
-    abstract parameters of Decoder(cfg). With `shardings` (a pure dict of NamedShardings) each one lands
+    abstract parameters of Decoder(cfg). With `shardings` (in the tree of `abs_params`) each one lands
     directly in its sharding, cut on the host tensor by tensor. A gs:// directory is copied to local
     disk first. Build models with `dpoq_jax.train.load.load_model`, which calls this."""
     path = paths.local_dir(path)

@@ -87,12 +87,10 @@ def read_model_config(path: str) -> ModelConfig:
 
 def read_params(path: str, cfg: ModelConfig, abs_params: nnx.State, shardings: Any) -> nnx.State:
     """The parameters of save_params' directory (or a step directory holding `params`) in the layout of
-    `abs_params` (the abstract parameters of Decoder(cfg)), restored straight into `shardings` (a pure
-    dict of shardings). Build models with `dpoq_jax.train.load.load_model`, which calls this."""
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        nnx.to_pure_dict(abs_params),
-        shardings,
+    `abs_params` (the abstract parameters of Decoder(cfg)), restored straight into `shardings` (in the
+    tree of `abs_params`). Build models with `dpoq_jax.train.load.load_model`, which calls this."""
+    target = nnx.to_pure_dict(
+        jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, shardings)
     )
     with ocp.StandardCheckpointer() as ckptr:
         try:

@@ -22,16 +22,16 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh
 
 from dpoq_jax import paths
 from dpoq_jax.models import hf, params_io
 from dpoq_jax.models import lora as lora_lib
 from dpoq_jax.models.decoder import Decoder, abstract_split
 from dpoq_jax.models.model_config import ModelConfig, config_from_hf, read_hf_config
-from dpoq_jax.models.sharding import DEFAULT_RULES, Rules, logical_to_shardings
+from dpoq_jax.models.sharding import Rules
 from dpoq_jax.train.checkpoint import DamagedCheckpoint, RunCheckpoints, base_checksums, check_base
-from dpoq_jax.train.state import init_params
+from dpoq_jax.train.state import init_params, param_shardings
 
 log = logging.getLogger(__name__)
 
@@ -145,20 +145,11 @@ def decoder_kwargs(dtype: Any = None, param_dtype: Any = jnp.float32, attention:
     }
 
 
-def shardings_for(abs_params: nnx.State, mesh: Mesh | None, rules: Rules | None) -> Any:
-    """NamedShardings from the parameters' logical axes (`rules`, default DEFAULT_RULES) on `mesh`, or
-    the first device for every leaf without a mesh; the tree of `abs_params`' pure dict."""
-    if mesh is not None:
-        return nnx.to_pure_dict(logical_to_shardings(abs_params, mesh, rules or DEFAULT_RULES))
-    dev = SingleDeviceSharding(jax.devices()[0])
-    return jax.tree.map(lambda _: dev, nnx.to_pure_dict(abs_params))
-
-
 def read_params(
     files: ModelFiles, abs_params: nnx.State, shardings: Any, *, flag: str = "--model"
 ) -> nnx.State:
     """The base parameters of `files` in the layout of `abs_params` (its dtypes), placed in `shardings`
-    (a pure dict of shardings like `shardings_for`'s). A LoRA run's adapters come merged in."""
+    (in the tree of `abs_params`: train.state.param_shardings). A LoRA run's adapters come merged in."""
     try:
         if files.kind == "hf":
             try:
@@ -203,7 +194,7 @@ def _read_run_step(
     ckpts: RunCheckpoints, step: int, files: ModelFiles, abs_params: nnx.State, shardings: Any, flag: str
 ) -> nnx.State:
     if files.lora is None:
-        params = ckpts.restore_params(step, abs_params, shardings_tree(abs_params, shardings))
+        params = ckpts.restore_params(step, abs_params, shardings)
         return _state(_cast(nnx.to_pure_dict(params), abs_params), abs_params)
     lc = lora_lib.LoraConfig(
         rank=int(files.lora["config"]["rank"]),
@@ -214,20 +205,13 @@ def _read_run_step(
     base = _lora_base(files, lc, flag)
     _, abs_lora, _ = abstract_split(lambda: Decoder(files.config, rngs=nnx.Rngs(0), lora=lc))
     abs_adapters = lora_lib.split_adapters(abs_lora)[0]
-    dev = SingleDeviceSharding(jax.devices()[0])
-    adapters = ckpts.restore_params(step, abs_adapters, jax.tree.map(lambda _: dev, abs_adapters))
+    adapters = ckpts.restore_params(step, abs_adapters, param_shardings(abs_adapters, None))
     merged = jax.jit(lambda b, a: lora_lib.merged_params(b, a, lc.scale))(base, adapters)
     return _place(_cast(nnx.to_pure_dict(merged), abs_params), abs_params, shardings)
 
 
 def _place(pure: dict, abs_params: nnx.State, shardings: Any) -> nnx.State:
-    return _state(jax.tree.map(jax.device_put, pure, shardings), abs_params)
-
-
-def shardings_tree(abs_params: nnx.State, shardings: Any) -> Any:
-    """`shardings` (a pure dict) in the tree structure of `abs_params` (leaf for leaf)."""
-    leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
-    return jax.tree.unflatten(jax.tree.structure(abs_params), leaves)
+    return jax.device_put(_state(pure, abs_params), shardings)
 
 
 def _state(pure: dict, abs_params: nnx.State) -> nnx.State:
@@ -244,12 +228,11 @@ def _lora_base(files: ModelFiles, lc: lora_lib.LoraConfig, flag: str) -> nnx.Sta
     make = lambda: Decoder(files.config, rngs=nnx.Rngs(pointer["seed"]), lora=lc, param_dtype=dtype)  # noqa: E731
     _, abs_lora, _ = abstract_split(make)
     abs_base = lora_lib.split_adapters(abs_lora)[1]
-    dev = SingleDeviceSharding(jax.devices()[0])
     if pointer["init"] == "random":  # initialised under jit, as training does (same numbers)
-        base = lora_lib.split_adapters(init_params(make, jax.tree.map(lambda _: dev, abs_lora))[0])[1]
+        base = lora_lib.split_adapters(init_params(make, param_shardings(abs_lora, None))[0])[1]
     else:
         src = locate(pointer["path"], flag=f"{flag} {files.path}: base model")
-        base = read_params(src, abs_base, shardings_for(abs_base, None, None), flag=flag)
+        base = read_params(src, abs_base, param_shardings(abs_base, None), flag=flag)
     where = f"{flag} {paths.join(files.path, str(files.step))}"
     check_base(pointer, {"arrays": base_checksums(base)}, where)
     return base
@@ -274,7 +257,7 @@ def load_model(
     files = path if isinstance(path, ModelFiles) else locate(path, step=step, flag=flag, **overrides)
     kw = decoder_kwargs(dtype, param_dtype, attention)
     graphdef, abs_params, rest = abstract_split(lambda: Decoder(files.config, rngs=nnx.Rngs(0), **kw))
-    params = read_params(files, abs_params, shardings_for(abs_params, mesh, rules), flag=flag)
+    params = read_params(files, abs_params, param_shardings(abs_params, mesh, rules), flag=flag)
     return nnx.merge(graphdef, params, rest)
 
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from dpoq_jax.data import token_cache
 from dpoq_jax.train import inputs
@@ -124,7 +123,7 @@ def token_rewards(cfg: Any, policy: str, reference: str, output: str, beta: floa
     params = []
     for path, flag in ((policy, "--policy"), (reference, "--reference")):
         files = load.locate(path, flag=flag)
-        params.append(load.read_params(files, run.abs_params, nnx.to_pure_dict(run.p_shardings), flag=flag))
+        params.append(load.read_params(files, run.abs_params, run.p_shardings, flag=flag))
     fp = {**inputs.run_fingerprint(cfg, run.dataset.tokenizer), "beta": float(beta), **_provenance(cfg),
           "policy": param_checksum(params[0]), "reference": param_checksum(params[1]),
           "policy_path": policy, "reference_path": reference}  # fmt: skip

@@ -81,7 +81,7 @@ def model_source(cfg: Any, mesh: Any = None, rules: Any = None) -> ModelSource:
     files = load.locate(cfg.model.path, flag=flag, **over)
 
     def load_params(abstract: Any, shardings: Any) -> Any:
-        return load.read_params(files, abstract, nnx.to_pure_dict(shardings), flag=flag)
+        return load.read_params(files, abstract, shardings, flag=flag)
 
     make = lambda: Decoder(files.config, rngs=nnx.Rngs(0), lora=lora, **kw)  # noqa: E731
     return ModelSource(make, files.config, load_params)

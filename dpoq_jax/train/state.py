@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
 
 from dpoq_jax.models.decoder import split_params
-from dpoq_jax.models.sharding import logical_to_shardings
+from dpoq_jax.models.sharding import DEFAULT_RULES, logical_to_shardings
 from dpoq_jax.train.mesh import replicated
 
 
@@ -34,10 +34,14 @@ class TrainState:
     nonfinite_streak: jax.Array
 
 
-def param_shardings(abs_params: nnx.State, mesh: Mesh, rules: Any) -> Any:
-    """NamedShardings for the parameters from their logical axis metadata, with the tree structure of
-    `abs_params` (so they pair leaf for leaf with params, gradients and optimizer moments)."""
-    shardings = logical_to_shardings(abs_params, mesh, rules)
+def param_shardings(abs_params: nnx.State, mesh: Mesh | None, rules: Any = None) -> Any:
+    """NamedShardings for the parameters from their logical axis metadata (`rules`, default
+    DEFAULT_RULES) on `mesh`, or the first device for every leaf without a mesh; with the tree structure
+    of `abs_params` (so they pair leaf for leaf with params, gradients and optimizer moments)."""
+    if mesh is None:
+        first = SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: first, abs_params)
+    shardings = logical_to_shardings(abs_params, mesh, rules or DEFAULT_RULES)
     leaves = jax.tree.leaves(shardings, is_leaf=lambda x: isinstance(x, NamedSharding))
     return jax.tree.unflatten(jax.tree.structure(abs_params), leaves)
 
