@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from dpoq_jax import tokenq
+from dpoq_jax.tokenq import _f32
 
 Array = jax.Array
-_f32 = tokenq._f32  # at least float32; float64 stays float64 (for float64 references)
 # TRL 1.16 DPOTrainer's loss types, in its order, then ours.
 TRL_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",

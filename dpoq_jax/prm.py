@@ -15,13 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dpoq_jax.tokenq import _f32
+
 Array = jax.Array
 
 AGGREGATES = ("min", "sum", "last", "mean")
-
-
-def _f32(x: Array) -> Array:
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))  # float64 stays float64
 
 
 @jax.jit
