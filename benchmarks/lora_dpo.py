@@ -3,7 +3,7 @@ accuracy (implicit reward of chosen > rejected) of both, from the same SFT model
 
 Run:  python benchmarks/lora_dpo.py --workdir DIR [--rank 8 --alpha 16 --lora-lr 1e-2]
 SFT (800 steps) once into DIR/sft, then DIR/dpo_full and DIR/dpo_lora (200 steps each, the packaged
-error_injection_dpo config; LoRA changes only model.lora and the learning rate). Writes
+synthetic.py:error_injection:dpo config; LoRA changes only model.lora and the learning rate). Writes
 benchmarks/results/lora_dpo.json.
 """
 
@@ -40,12 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results" / "lora_dpo.json"))
     a = ap.parse_args(argv)
     sft = os.path.join(a.workdir, "sft")
-    _, sft_s = _run("error_injection_sft.py", ["--config.model.hf_export=false"], sft)
+    _, sft_s = _run("synthetic.py:error_injection:sft", ["--config.model.hf_export=false"], sft)
     common = [f"--config.model.path={sft}", "--config.model.hf_export=false"]
-    full, full_s = _run("error_injection_dpo.py", common, os.path.join(a.workdir, "dpo_full"))
+    full, full_s = _run("synthetic.py:error_injection:dpo", common, os.path.join(a.workdir, "dpo_full"))
     lora_over = [f"--config.model.lora.rank={a.rank}", f"--config.model.lora.alpha={a.alpha}",
                  f"--config.optim.lr={a.lora_lr}"]
-    lora, lora_s = _run("error_injection_dpo.py", common + lora_over, os.path.join(a.workdir, "dpo_lora"))
+    dpo = "synthetic.py:error_injection:dpo"
+    lora, lora_s = _run(dpo, common + lora_over, os.path.join(a.workdir, "dpo_lora"))
     keys = ("eval/rewards/accuracies", "eval/rewards/margins", "eval/loss")
     res = {
         "task": "error_injection (synthetic), tiny Llama (2 layers, D=64), DPO beta=0.1, 200 x 32 pairs",

@@ -27,20 +27,10 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "dpoq_jax" / "configs"
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-# The first ten overrides are tests/helpers.py's TINY, copied rather than imported: a benchmark runs
-# without tests/ on sys.path (tests/ is no package), so the two are kept in step by hand; the last three
-# are the soak's own.
+# The tests' tiny config (synthetic.py's `tiny` size: a metrics.jsonl line and TensorBoard scalars at
+# every step) plus the soak's own overrides.
+CONFIG = f"{CONFIGS / 'synthetic.py'}:error_injection:sft:tiny"
 TINY = [
-    "--config.model.config.hidden_size=32",
-    "--config.model.config.num_layers=1",
-    "--config.model.config.intermediate_size=64",
-    "--config.model.config.head_dim=8",
-    "--config.model.config.rotary_dim=8",
-    "--config.data.num_examples=512",
-    "--config.data.num_eval=32",
-    "--config.train.batch_size=8",
-    "--config.train.progress_bar=false",
-    "--config.train.log_every=1",  # a metrics.jsonl line and TensorBoard scalars at every step
     "--config.train.eval_batches=2",
     "--config.model.hf_export=false",
     "--config.checkpoint.async_save=true",
@@ -62,7 +52,7 @@ def soak(workdir: str, steps: int, checkpoint_every: int, eval_every: int, keep:
     from dpoq_jax.train.loop import train
 
     cfg = load_config(
-        str(CONFIGS / "error_injection_sft.py"),
+        CONFIG,
         [
             *TINY,
             f"--config.train.num_steps={steps}",

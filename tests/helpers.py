@@ -5,8 +5,9 @@ shares from here, never from another test module.
 - gradients: `central_difference`
 - in-process training on tiny models: `TINY_MODEL`, `tiny_config`, `loop_config`, `local_batches`,
   `run_steps`
-- `dpoq train` in subprocesses: `REPO`, `CONFIGS`, `TINY`, `dpoq_train`, `two_processes`, `finish`,
-  `free_port`, `kill_when`, `without_timing`, `steps_on_disk`; `BUCKET` (the `gcs` fixture's bucket)
+- `dpoq train` in subprocesses: `REPO`, `CONFIGS`, `SYNTHETIC`, `SFT(_TINY)`, `DPO(_TINY)`, `dpoq_train`,
+  `two_processes`, `finish`, `free_port`, `kill_when`, `without_timing`, `steps_on_disk`; `BUCKET` (the
+  `gcs` fixture's bucket)
 - `dpoq` commands in this process: `run`, `assert_one_error`, `write_jsonl`, `save_tiny_model` (a tiny
   random decoder of `CLI_MODEL`, `CLI_CONTEXT` positions, with the synthetic tokenizer)
 - a tiny random Hugging Face chat model: `tiny_chat_model`
@@ -43,7 +44,8 @@ from dpoq_jax.train.setup import global_batch
 
 REPO = Path(__file__).resolve().parents[1]
 HERE = REPO / "tests"
-CONFIGS = REPO / "experiments" / "configs"
+CONFIGS = REPO / "dpoq_jax" / "configs"
+SYNTHETIC = CONFIGS / "synthetic.py"
 BUCKET = "gs://test-bucket"  # the bucket the `gcs` fixture (tests/conftest.py) creates
 
 
@@ -121,26 +123,18 @@ def run_steps(run, batches):
 
 # ---- `dpoq train` in subprocesses -------------------------------------------------------------------
 
-# benchmarks/soak.py starts from the same overrides (its own copy: benchmarks do not import tests/)
-TINY = [
-    "--config.model.config.hidden_size=32",
-    "--config.model.config.num_layers=1",
-    "--config.model.config.intermediate_size=64",
-    "--config.model.config.head_dim=8",
-    "--config.model.config.rotary_dim=8",
-    "--config.data.num_examples=512",
-    "--config.data.num_eval=32",
-    "--config.train.batch_size=8",
-    "--config.train.progress_bar=false",
-    "--config.train.log_every=1",
-]
+# arguments of dpoq_jax/configs/synthetic.py (dpoq_train's `config`): the tiny CPU configs of the
+# error_injection task, and their `tiny` size (one layer, 512 examples, batch 8, a metrics row every step),
+# which benchmarks/soak.py trains too
+SFT, DPO = "error_injection:sft", "error_injection:dpo"
+SFT_TINY, DPO_TINY = "error_injection:sft:tiny", "error_injection:dpo:tiny"
 
 
 def dpoq_train(
     config: str, workdir: Path | str, *args: str, devices: int = 2, extra_env=None, preexec_fn=None
 ) -> subprocess.Popen:
-    """`dpoq train --config experiments/configs/CONFIG --workdir WORKDIR ARGS` on `devices` CPU devices,
-    output (stdout and stderr together) piped; `extra_env` is added to its environment, `preexec_fn`
+    """`dpoq train --config dpoq_jax/configs/synthetic.py:CONFIG --workdir WORKDIR ARGS` on `devices` CPU
+    devices, output (stdout and stderr together) piped; `extra_env` is added to its environment, `preexec_fn`
     runs in the child before it starts (tests/test_faults.py: ignore SIGXFSZ)."""
     env = dict(
         os.environ,
@@ -155,7 +149,7 @@ def dpoq_train(
         "dpoq_jax.cli",
         "train",
         "--config",
-        str(CONFIGS / config),
+        f"{SYNTHETIC}:{config}",
         "--workdir",
         str(workdir),
         *args,
@@ -177,13 +171,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_processes(workdir: Path, *args: str, ids=(0, 1), **kwargs) -> list[subprocess.Popen]:
-    """A real two-process jax.distributed run of error_injection_dpo.py (one CPU device each), started
-    in the order of process ids `ids`; `kwargs` go to dpoq_train."""
+def two_processes(
+    workdir: Path, *args: str, config: str = DPO_TINY, ids=(0, 1), **kwargs
+) -> list[subprocess.Popen]:
+    """A real two-process jax.distributed run of `config` (one CPU device each), started in the order
+    of process ids `ids`; `kwargs` go to dpoq_train."""
     port = free_port()
     return [
         dpoq_train(
-            "error_injection_dpo.py",
+            config,
             workdir,
             *args,
             "--coordinator",

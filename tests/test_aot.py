@@ -10,7 +10,7 @@ import pytest
 
 from dpoq_jax.commands.compile import compile_main
 
-CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"  # any cwd
+SYNTHETIC = Path(__file__).resolve().parents[1] / "dpoq_jax" / "configs" / "synthetic.py"  # any cwd
 
 TINY = {
     "family": "gpt_neox",
@@ -30,9 +30,9 @@ TINY = {
 @pytest.mark.parametrize(
     "config,layout,reference",
     [
-        ("error_injection_sft.py", "padded", "none"),
-        ("error_injection_dpo.py", "prefix_shared", "frozen"),
-        ("error_injection_dpo.py", "packed", "precomputed"),
+        ("error_injection:sft", "padded", "none"),
+        ("error_injection:dpo", "prefix_shared", "frozen"),
+        ("error_injection:dpo", "packed", "precomputed"),
     ],
 )
 def test_compile_tiny_step_for_v5e_2x2(tmp_path, capsys, config, layout, reference):
@@ -41,7 +41,7 @@ def test_compile_tiny_step_for_v5e_2x2(tmp_path, capsys, config, layout, referen
     out = tmp_path / "report.json"
     args = [
         "--config",
-        str(CONFIGS / config),
+        f"{SYNTHETIC}:{config}",
         "--topology",
         "v5e:2x2",
         "--model-config",
@@ -72,14 +72,14 @@ def test_compile_tiny_step_for_v5e_2x2(tmp_path, capsys, config, layout, referen
 
 def test_bad_topology_is_one_clear_line(tmp_path):
     with pytest.raises(SystemExit, match="--topology 'v9:1x1'"):
-        compile_main(["--config", str(CONFIGS / "error_injection_sft.py"), "--topology", "v9:1x1"])
+        compile_main(["--config", f"{SYNTHETIC}:error_injection:sft", "--topology", "v9:1x1"])
 
 
 def test_search_batch_doubles_the_per_shard_micro_batch(tmp_path):
     model = tmp_path / "model_config.json"
     model.write_text(json.dumps(TINY))
     out = tmp_path / "search.json"
-    args = ["--config", str(CONFIGS / "error_injection_sft.py"), "--topology", "v5e:2x2",
+    args = ["--config", f"{SYNTHETIC}:error_injection:sft", "--topology", "v5e:2x2",
             "--model-config", str(model), "--json", str(out), "--search-batch", "--max-batch", "2",
             "--config.train.micro_batches=2"]  # fmt: skip
     assert compile_main(args) == 0

@@ -355,7 +355,7 @@ def test_dpo_config_without_sft_run_names_the_key(tmp_path):
         [
             "train",
             "--config",
-            str(REPO / "experiments/configs/error_injection_dpo.py"),
+            f"{REPO}/dpoq_jax/configs/synthetic.py:error_injection:dpo",
             "--workdir",
             str(tmp_path / "w"),
         ],
@@ -423,7 +423,7 @@ def test_convert_a_real_train_run(tmp_path, capsys):
         [
             "train",
             "--config",
-            str(REPO / "experiments/configs/error_injection_sft.py"),
+            f"{REPO}/dpoq_jax/configs/synthetic.py:error_injection:sft",
             "--workdir",
             str(run_dir),
             "--config.train.num_steps=2",

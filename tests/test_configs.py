@@ -9,8 +9,9 @@ import pytest
 from dpoq_jax.commands.train import train_main
 from dpoq_jax.train.config import ConfigError, apply_override, base_config, load_config, load_config_file
 
-CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"  # the real-model configs
 FILES = sorted(p.name for p in CONFIGS.glob("*.py"))
+SYNTHETIC = Path(__file__).resolve().parents[1] / "dpoq_jax" / "configs" / "synthetic.py"
 
 
 @pytest.mark.parametrize("name", FILES)
@@ -40,7 +41,7 @@ def test_paper_setting():
 
 
 def test_typed_overrides():
-    spec = str(CONFIGS / "error_injection_sft.py")
+    spec = f"{SYNTHETIC}:error_injection:sft"
     c = load_config(
         spec,
         [
@@ -91,21 +92,21 @@ def test_typed_overrides():
 )
 def test_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(str(CONFIGS / "error_injection_sft.py"), overrides)
+        load_config(f"{SYNTHETIC}:error_injection:sft", overrides)
 
 
 def test_missing_sft_workdir_and_file_errors(tmp_path):
     with pytest.raises(ConfigError, match="model.path.*error_injection_sft.*does not exist"):
         load_config(
-            str(CONFIGS / "error_injection_dpo.py"),
+            f"{SYNTHETIC}:error_injection:dpo",
             [f"--config.model.path={tmp_path / 'error_injection_sft'}"],
         )
     # No machine-path default: the DPO configs need the SFT run, as their argument or as model.path.
     for task in ("error_injection", "dense_reward"):
         with pytest.raises(ConfigError, match=r"^config key 'model.path' is required .*FILE:DIR"):
-            load_config(str(CONFIGS / f"{task}_dpo.py"))
+            load_config(f"{SYNTHETIC}:{task}:dpo")
         (tmp_path / task).mkdir()
-        spec = f"{CONFIGS / f'{task}_dpo.py'}:{tmp_path / task}"
+        spec = f"{SYNTHETIC}:{task}:dpo:{tmp_path / task}"
         assert load_config(spec).model.path == str(tmp_path / task)
     with pytest.raises(ConfigError, match="config file '/no/cfg.py' does not exist"):
         load_config("/no/cfg.py")
@@ -139,7 +140,7 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize(("override", "message"), BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
 def test_bad_config_values_one_line_exit_2(tmp_path, capsys, override, message):
-    argv = ["--config", str(CONFIGS / "error_injection_sft.py"), "--workdir", str(tmp_path / "w"),
+    argv = ["--config", f"{SYNTHETIC}:error_injection:sft", "--workdir", str(tmp_path / "w"),
             f"--config.{override}"]
     with pytest.raises(SystemExit) as info:
         train_main(argv)
@@ -154,7 +155,7 @@ def test_cli_reports_config_errors(tmp_path, capsys):
         train_main(
             [
                 "--config",
-                str(CONFIGS / "error_injection_sft.py"),
+                f"{SYNTHETIC}:error_injection:sft",
                 "--workdir",
                 str(tmp_path / "w"),
                 "--config.train.steps=3",
@@ -173,7 +174,7 @@ def test_cli_reports_bad_config_file_and_bad_data_without_traceback(tmp_path, ca
     assert "config error: config file " in capsys.readouterr().err
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
-    argv = ["--config", str(CONFIGS / "error_injection_dpo.py"), "--workdir", str(tmp_path / "w"),
+    argv = ["--config", f"{SYNTHETIC}:error_injection:dpo", "--workdir", str(tmp_path / "w"),
             "--config.data.source=jsonl", f"--config.data.path={data}", "--config.model.init=random",
             f"--config.data.tokenizer_path={tmp_path / 'no_tokenizer'}"]  # fmt: skip
     with pytest.raises(SystemExit, match=r"dpoq train: error: .*no_tokenizer: tokenizer directory does not"):
@@ -187,7 +188,7 @@ def test_over_long_prompts_truncate_fail_or_skip(tmp_path):
 
     # load_dataset reads no model: the SFT run only has to exist for the config to validate.
     (tmp_path / "sft").mkdir()
-    spec = f"{CONFIGS / 'error_injection_dpo.py'}:{tmp_path / 'sft'}"
+    spec = f"{SYNTHETIC}:error_injection:dpo:{tmp_path / 'sft'}"
     common = [
         "--config.data.num_examples=20",
         "--config.data.num_eval=4",
@@ -238,7 +239,7 @@ def test_data_shape_defaults_resolve_to_the_fastest_exact_layout():
 
 
 def test_bad_data_shape_and_token_level_losses_are_one_line_errors(tmp_path):
-    cfg = str(CONFIGS / "error_injection_dpo.py") + ":" + str(tmp_path)  # the SFT run's folder
+    cfg = f"{SYNTHETIC}:error_injection:dpo:{tmp_path}"  # the SFT run's folder
     with pytest.raises(ConfigError, match="'data.seq_len' and 'data.bucket_step' must be >= 0"):
         load_config(cfg, ["--config.data.bucket_step=-1"])
     with pytest.raises(ConfigError, match=r"'loss.token_weights' is required for loss.loss_type \['token_w"):
@@ -249,3 +250,45 @@ def test_bad_data_shape_and_token_level_losses_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="'reference.mode' must be 'frozen' for loss.loss_type tdpo"):
         load_config(cfg, ["--config.loss.loss_type=tdpo", "--config.reference.mode=precomputed"])
     load_config(cfg, ["--config.loss.loss_type=tdpo", "--config.loss.tdpo_alpha=0.3"])
+
+
+@pytest.mark.parametrize("task", ["error_injection", "dense_reward", "arithmetic_chain"])
+def test_synthetic_config_file_takes_task_stage_tiny_and_the_sft_run(task, tmp_path):
+    """One file for the synthetic tasks: `synthetic.py:TASK:STAGE[:tiny][:SFT_WORKDIR]`, locked, with
+    synthetic_config's values (arithmetic_chain: its longer rows), the tests' tiny size on top."""
+    from dpoq_jax.configs import synthetic
+    from dpoq_jax.train.config import synthetic_config
+
+    for stage in ("sft", "dpo"):
+        cfg = load_config_file(f"{SYNTHETIC}:{task}:{stage}")
+        assert cfg.is_locked and cfg.stage == stage and cfg.data.task == task
+        want = synthetic_config(task, stage)
+        if task == "arithmetic_chain":
+            assert (cfg.data.seq_len, cfg.data.response_len, cfg.data.max_prompt_tokens) == (48, 38, 12)
+        else:
+            assert cfg.to_dict() == want.to_dict()
+        tiny = load_config_file(f"{SYNTHETIC}:{task}:{stage}:tiny")
+        for key, value in synthetic.TINY.items():
+            node = tiny
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, key
+        assert tiny.data.task == task and tiny.optim.lr == cfg.optim.lr  # only the size changes
+    run = tmp_path / "sft_run"
+    assert load_config_file(f"{SYNTHETIC}:{task}:dpo:{run}").model.path == str(run)
+    assert load_config_file(f"{SYNTHETIC}:{task}:dpo:tiny:gs://b/sft").model.path == "gs://b/sft"
+
+
+@pytest.mark.parametrize(
+    ("arg", "message"),
+    [
+        ("", "want TASK:STAGE"),
+        ("nope:sft", "TASK one of error_injection, dense_reward, arithmetic_chain"),
+        ("error_injection:train", "STAGE one of sft, dpo"),
+        ("error_injection:sft:runs/x", "for the dpo stage only"),
+    ],
+)
+def test_synthetic_config_bad_arguments_are_one_line_errors(arg, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_config_file(f"{SYNTHETIC}:{arg}" if arg else str(SYNTHETIC))
+    assert "\n" not in str(e.value)

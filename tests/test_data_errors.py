@@ -119,7 +119,8 @@ def test_bad_policy_choice():
 
 # ---- the bad-input corpus through `dpoq train` (issue 16): one case per kind --------------------
 
-REPO_CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[1] / "experiments" / "configs"
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+SYNTHETIC = REPO / "dpoq_jax" / "configs" / "synthetic.py"
 PAIR = b'{"prompt": "a b", "chosen": " c", "rejected": " d"}\n'
 SFT = b'{"prompt": "a b", "completion": " c"}\n'
 BOM = b"\xef\xbb\xbf"
@@ -181,7 +182,7 @@ def word_tokenizer(tmp_path_factory):
 
 def train_argv(stage, data, tok, workdir, *extra):
     """`dpoq train` arguments; stage "outcome" is DPO with the unpaired loss on labelled responses."""
-    cfg = REPO_CONFIGS / ("error_injection_sft.py" if stage == "sft" else "error_injection_dpo.py")
+    cfg = f"{SYNTHETIC}:error_injection:{'sft' if stage == 'sft' else 'dpo'}"
     if stage == "outcome":
         extra = ("--config.loss.loss_type=outcome_ce", *extra)
     return ["--config", str(cfg), "--workdir", str(workdir), "--config.model.init=random",
@@ -283,7 +284,7 @@ def test_corpus_skip_trains_on_exactly_the_good_records(tmp_path, word_tokenizer
     proc = subprocess.run([sys.executable, "-m", "dpoq_jax.cli", "train",
                            *train_argv("dpo", path, word_tokenizer, tmp_path / "w", *tiny)],
                           env=env, capture_output=True, text=True, timeout=600,
-                          cwd=REPO_CONFIGS.parents[1])
+                          cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     kinds = sorted({c[5] for c in dpo})
     counts = ", ".join(f"{k}: {sum(c[5] == k for c in dpo)}" for k in kinds)
@@ -302,7 +303,7 @@ def test_one_line_and_exit_1_in_a_real_process(tmp_path, word_tokenizer):
     proc = subprocess.run([sys.executable, "-m", "dpoq_jax.cli", "train",
                            *train_argv("dpo", path, word_tokenizer, tmp_path / "w")],
                           env=env, capture_output=True, text=True, timeout=600,
-                          cwd=REPO_CONFIGS.parents[1])
+                          cwd=REPO)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         f"dpoq train: error: {path}:2: key 'prompt': lone surrogate '\\ud800' at character 1 "

@@ -92,9 +92,7 @@ def installed_demo(tmp_path_factory) -> dict:
 @pytest.mark.slow
 def test_wheel_holds_the_demo_and_it_runs_outside_the_repository(installed_demo) -> None:
     names = zipfile.ZipFile(installed_demo["wheel"]).namelist()
-    assert (
-        "dpoq_jax/configs/error_injection_sft.py" in names and "dpoq_jax/configs/dense_reward_dpo.py" in names
-    )
+    assert "dpoq_jax/configs/synthetic.py" in names
     assert "dpoq_jax/experiments/credit_assignment.py" in names and "dpoq_jax/demo.py" in names
     assert not any(n.startswith(("experiments/", "tests/")) for n in names)
     # The demo imported the installed package, not the repository (or its editable install).

@@ -210,15 +210,16 @@ def test_section54_on_tiny_models_and_logit_alignment() -> None:
 
 
 def test_stage_config_and_diff_keys(tmp_path) -> None:
-    # The packaged default and the repository's re-exports resolve to the same config values.
+    # The packaged default is the synthetic config file with the task as its argument, the stage after it.
+    from dpoq_jax.train.config import synthetic_config
+
     packaged = runs.stage_config(runs.default_config("error_injection"), "sft")
-    assert packaged.endswith("dpoq_jax/configs/error_injection_sft.py")
-    clone = runs.stage_config(f"{CONFIGS}/error_injection", "sft")  # the repository's re-exports
-    assert clone == f"{CONFIGS}/error_injection_sft.py"
-    assert runs.peek_config(clone, "sft").to_dict() == runs.peek_config(packaged, "sft").to_dict()
-    assert runs.stage_config(f"{CONFIGS}/error_injection:x", "dpo").endswith(
-        "error_injection_dpo.py:x"
-    )
+    assert packaged.endswith("dpoq_jax/configs/synthetic.py:error_injection:sft")
+    peeked = runs.peek_config(runs.default_config("error_injection"), "sft")
+    assert peeked.to_dict() == synthetic_config("error_injection", "sft").to_dict()
+    prefix = tmp_path / "mine"
+    (tmp_path / "mine_dpo.py").write_text("def get_config(arg=None): ...\n")
+    assert runs.stage_config(f"{prefix}:x", "dpo") == f"{prefix}_dpo.py:x"  # PREFIX_<stage>.py[:arg]
     one = tmp_path / "one.py"
     one.write_text("def get_config(arg=None): ...\n")
     assert runs.stage_config(str(one), "dpo") == f"{one}:dpo"
@@ -262,7 +263,7 @@ def test_reports_name_configs_without_machine_paths(tmp_path, monkeypatch) -> No
 
     a = harness.parse_args(credit_assignment, ["--seeds", "0"], tmp_path)
     a.seed = 0
-    assert harness.run_meta(a)["config"] == "dpoq_jax/configs/error_injection"
+    assert harness.run_meta(a)["config"] == "dpoq_jax/configs/synthetic.py:error_injection"
     monkeypatch.chdir(tmp_path)
     assert harness.config_label(f"{tmp_path}/mine/task:x") == "mine/task:x"
     assert harness.config_label("/elsewhere/task_dpo.py") == "/elsewhere/task_dpo.py"

@@ -18,14 +18,13 @@ from pathlib import Path
 
 import helpers
 import pytest
-from helpers import BUCKET, REPO, TINY, finish, steps_on_disk, two_processes, without_timing
+from helpers import BUCKET, REPO, SFT_TINY, finish, steps_on_disk, two_processes, without_timing
 
 from dpoq_jax.train.faults import EXIT_PEER_LOST, EXIT_WRITE_FAILED
 
 slow = pytest.mark.slow
 
 ARGS = [
-    *TINY,
     "--config.train.num_steps=32",
     "--config.checkpoint.every_steps=8",
     "--config.train.eval_every=10",
@@ -54,7 +53,7 @@ def wait_for(cond, proc: subprocess.Popen, timeout: float = 240) -> None:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     ref = tmp_path_factory.mktemp("ref")
-    finish(dpoq_train("error_injection_sft.py", ref, *ARGS))
+    finish(dpoq_train(SFT_TINY, ref, *ARGS))
     return ref
 
 
@@ -71,7 +70,7 @@ def test_failed_write_keeps_the_previous_checkpoint_and_resumes(tmp_path, refere
     being written (16: an asynchronous save is mostly still in flight and fails after the row did; its
     writer threads' logs must not reach the output either) or committed (8)."""
     work = tmp_path / "run"
-    proc = dpoq_train("error_injection_sft.py", work, *ARGS)
+    proc = dpoq_train(SFT_TINY, work, *ARGS)
     ckpts = work / "checkpoints"
     wait_for(lambda: (ckpts / "8").is_dir() and saving_or_saved(ckpts, after), proc)
     resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
@@ -86,7 +85,7 @@ def test_failed_write_keeps_the_previous_checkpoint_and_resumes(tmp_path, refere
     assert intact and intact == list(range(intact[0], intact[-1] + 1, 8)) and intact[-1] < 32, intact
     assert f"last intact checkpoint: step {intact[-1]} in {ckpts}" in lines[0]
 
-    out = finish(dpoq_train("error_injection_sft.py", work, *ARGS))
+    out = finish(dpoq_train(SFT_TINY, work, *ARGS))
     assert "resuming from" in out and f"at step {intact[-1]}" in out
     assert rows(work) == rows(reference)
     assert (work / "hf" / "model.safetensors").read_bytes() == (
@@ -95,7 +94,6 @@ def test_failed_write_keeps_the_previous_checkpoint_and_resumes(tmp_path, refere
 
 
 ARGS2 = [
-    *TINY,
     "--config.model.init=random",
     "--config.model.path=",
     "--config.train.num_steps=400",
@@ -204,7 +202,7 @@ def test_a_cut_ocdbt_manifest_is_one_warning_not_dozens_of_tracebacks(tmp_path, 
     (work / "metrics.jsonl").write_text("")
     manifest = work / "checkpoints" / "32" / "train_state" / "manifest.ocdbt"
     manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
-    out = finish(dpoq_train("error_injection_sft.py", work, *ARGS))
+    out = finish(dpoq_train(SFT_TINY, work, *ARGS))
     assert "Traceback" not in out and "Event loop is closed" not in out, out[-3000:]
     warnings = [ln for ln in out.splitlines() if ln.startswith("WARNING")]
     assert (

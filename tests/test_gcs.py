@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import BUCKET, CONFIGS, TINY, dpoq_train, finish, kill_when, without_timing
+from helpers import BUCKET, SFT_TINY, SYNTHETIC, dpoq_train, finish, kill_when, without_timing
 
 from dpoq_jax import cli, paths
 
@@ -25,19 +25,18 @@ pytestmark = pytest.mark.slow
 
 def test_gcs_run_resumes_exactly_and_tools_use_gcs(tmp_path, gcs, capsys):
     args = [
-        *TINY,
         "--config.train.num_steps=32",
         "--config.checkpoint.every_steps=4",
         "--config.train.eval_every=16",
         "--config.checkpoint.async_save=true",
     ]
     run, ref = f"{BUCKET}/run", tmp_path / "ref"
-    local = dpoq_train("error_injection_sft.py", ref, *args, extra_env=gcs)
+    local = dpoq_train(SFT_TINY, ref, *args, extra_env=gcs)
 
     def committed() -> bool:  # on gs:// orbax marks a finished step with commit_success.txt
         return paths.exists(f"{run}/checkpoints/8/commit_success.txt")
 
-    proc = dpoq_train("error_injection_sft.py", run, *args, extra_env=gcs)
+    proc = dpoq_train(SFT_TINY, run, *args, extra_env=gcs)
     killed = kill_when(proc, committed)
     if not killed:  # say why: it finished or failed before step 8 was committed
         pytest.fail(f"the gs:// run ended (rc {proc.returncode}) before it could be killed: "
@@ -45,7 +44,7 @@ def test_gcs_run_resumes_exactly_and_tools_use_gcs(tmp_path, gcs, capsys):
     finish(local)
     steps = [int(s) for s in paths.listdir(f"{run}/checkpoints") if s.isdigit()]
     assert steps and 8 <= max(steps) < 32, steps
-    finish(dpoq_train("error_injection_sft.py", run, *args, extra_env=gcs))
+    finish(dpoq_train(SFT_TINY, run, *args, extra_env=gcs))
 
     # bit-exact: the HF export and every logged number (timings aside) equal the local run's
     assert paths.read_bytes(f"{run}/hf/model.safetensors") == (ref / "hf" / "model.safetensors").read_bytes()
@@ -82,7 +81,7 @@ def test_gcs_run_resumes_exactly_and_tools_use_gcs(tmp_path, gcs, capsys):
 
     # precompute-ref: the model is the gs:// run, the output goes to a gs:// workdir
     small = ["--config.data.num_examples=24", "--config.data.num_eval=8", "--config.train.batch_size=8"]
-    dpo = str(CONFIGS / "error_injection_dpo.py")
+    dpo = f"{SYNTHETIC}:error_injection:dpo"
     cli_ok(["precompute-ref", "--config", f"{dpo}:{run}", "--workdir", f"{BUCKET}/pre", *small])
     cli_ok(["precompute-ref", "--config", f"{dpo}:{ref}", "--workdir", str(tmp_path / "pre"), *small])
     from dpoq_jax.data.token_cache import TokenCache

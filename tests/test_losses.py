@@ -490,9 +490,8 @@ def test_bad_loss_config_one_clear_line(kwargs, match):
     assert "\n" not in str(e.value)
 
 
-_SFT_CONFIG = str(
-    pathlib.Path(__file__).resolve().parents[1] / "experiments" / "configs" / "error_injection_sft.py"
-)
+_SYNTHETIC = pathlib.Path(__file__).resolve().parents[1] / "dpoq_jax" / "configs" / "synthetic.py"
+_SFT_CONFIG = f"{_SYNTHETIC}:error_injection:sft"
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY, dpoq_train, finish, steps_on_disk, two_processes, without_timing
+from helpers import SFT_TINY, dpoq_train, finish, steps_on_disk, two_processes, without_timing
 
 from dpoq_jax.train.faults import EXIT_PREEMPTED
 
@@ -53,7 +53,6 @@ def check_stopped(out: str, workdir: Path, ref: list[dict], signame: str = "SIGT
 
 
 ARGS = [
-    *TINY,
     "--config.train.num_steps=40",
     "--config.checkpoint.every_steps=8",
     "--config.checkpoint.keep=3",
@@ -64,7 +63,7 @@ ARGS = [
 
 @slow
 def test_sigterm_three_times_then_resume_bitwise(tmp_path):
-    finish(dpoq_train("error_injection_sft.py", tmp_path / "ref", *ARGS))
+    finish(dpoq_train(SFT_TINY, tmp_path / "ref", *ARGS))
     ref = rows(tmp_path / "ref")
     work = tmp_path / "spot"
 
@@ -78,12 +77,12 @@ def test_sigterm_three_times_then_resume_bitwise(tmp_path):
         (saving, signal.SIGTERM),
         (train_rows_after(work, 27), signal.SIGINT),
     ):
-        proc = dpoq_train("error_injection_sft.py", work, *ARGS)
+        proc = dpoq_train(SFT_TINY, work, *ARGS)
         assert signal_when([proc], ready, sig), "the run ended before the signal"
         out = finish(proc, EXIT_PREEMPTED)
         stopped.append(check_stopped(out, work, ref, signal.Signals(sig).name))
     assert stopped == sorted(stopped) and stopped[-1] < 40, stopped
-    finish(dpoq_train("error_injection_sft.py", work, *ARGS))
+    finish(dpoq_train(SFT_TINY, work, *ARGS))
 
     assert rows(work) == ref
     assert (work / "hf" / "model.safetensors").read_bytes() == (
@@ -96,7 +95,6 @@ SIGNALLED_FIRST = (1, 0)  # two_processes' procs[0] is process 1: the one that g
 
 
 ARGS2 = [
-    *TINY,
     "--config.model.init=random",
     "--config.model.path=",
     "--config.train.num_steps=24",

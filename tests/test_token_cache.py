@@ -23,7 +23,7 @@ from dpoq_jax.train.precompute import precompute_reference, token_rewards, write
 from dpoq_jax.train.setup import setup
 
 FIELDS = ["chosen_token_values", "rejected_token_values"]
-CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
+SYNTHETIC = Path(__file__).resolve().parents[1] / "dpoq_jax" / "configs" / "synthetic.py"
 
 
 def _write(tmp_path, items, dtype="float32", shard_items=3, kind="token_rewards", fp=None):
@@ -351,7 +351,7 @@ def test_token_rewards_command_then_train(tmp_path, capsys):
     for name, params in (("policy", _perturbed(run, state)), ("reference", state.params)):
         dirs[name] = str(tmp_path / name)
         save_params(dirs[name], nnx.merge(run.graphdef, params, run.rest), run.source.model_config)
-    config = f"{CONFIGS / 'error_injection_dpo.py'}:{dirs['reference']}"
+    config = f"{SYNTHETIC}:error_injection:dpo:{dirs['reference']}"
     over = ["--config.data.num_examples=32", "--config.data.num_eval=8", "--config.train.batch_size=8",
             *(f"--config.model.config.{k}={v}" for k, v in TINY_MODEL.items())]  # fmt: skip
     out = str(tmp_path / "oracle")

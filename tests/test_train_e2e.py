@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import TINY, dpoq_train, finish, kill_when, two_processes, without_timing
+from helpers import DPO, DPO_TINY, SFT, SFT_TINY, dpoq_train, finish, kill_when, two_processes, without_timing
 
 from dpoq_jax.train.metrics import read_metrics
 
@@ -15,13 +15,12 @@ pytestmark = pytest.mark.slow
 
 def test_kill9_and_resume_bitwise(tmp_path):
     args = [
-        *TINY,
         "--config.train.num_steps=60",
         "--config.checkpoint.every_steps=4",
         "--config.train.eval_every=10",
         "--config.checkpoint.async_save=true",
     ]
-    finish(dpoq_train("error_injection_sft.py", tmp_path / "ref", *args))
+    finish(dpoq_train(SFT_TINY, tmp_path / "ref", *args))
 
     work = tmp_path / "killed"
     ckpt = work / "checkpoints"
@@ -33,10 +32,10 @@ def test_kill9_and_resume_bitwise(tmp_path):
         steps = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.is_dir() else []
         return bool(steps) and max(steps) >= 24 and (work / "metrics.jsonl").stat().st_size > 0
 
-    killed_saving = kill_when(dpoq_train("error_injection_sft.py", work, *args), saving)
-    killed_mid = kill_when(dpoq_train("error_injection_sft.py", work, *args), mid_run)
+    killed_saving = kill_when(dpoq_train(SFT_TINY, work, *args), saving)
+    killed_mid = kill_when(dpoq_train(SFT_TINY, work, *args), mid_run)
     assert killed_saving or killed_mid, "the run finished before it could be killed"
-    finish(dpoq_train("error_injection_sft.py", work, *args))
+    finish(dpoq_train(SFT_TINY, work, *args))
 
     ref_bytes = (tmp_path / "ref" / "hf" / "model.safetensors").read_bytes()
     assert (work / "hf" / "model.safetensors").read_bytes() == ref_bytes
@@ -45,7 +44,6 @@ def test_kill9_and_resume_bitwise(tmp_path):
 
 def test_two_processes_equal_one(tmp_path):
     args = [
-        *TINY,
         "--config.model.init=random",
         "--config.model.path=",
         "--config.train.num_steps=4",
@@ -53,7 +51,7 @@ def test_two_processes_equal_one(tmp_path):
         "--config.train.eval_batches=2",
         "--config.checkpoint.every_steps=2",
     ]
-    finish(dpoq_train("error_injection_dpo.py", tmp_path / "one", *args, devices=2))
+    finish(dpoq_train(DPO_TINY, tmp_path / "one", *args, devices=2))
     procs = two_processes(tmp_path / "two", *args)
     for p in procs:
         finish(p)
@@ -69,11 +67,11 @@ def test_sft_then_dpo_error_injection_accuracy(tmp_path):
     """The documented CPU workflow: SFT, then DPO from it; held-out preference accuracy > 0.9."""
     sft, dpo = tmp_path / "sft", tmp_path / "dpo"
     finish(
-        dpoq_train("error_injection_sft.py", sft, "--config.train.progress_bar=false", devices=1), timeout=600
+        dpoq_train(SFT, sft, "--config.train.progress_bar=false", devices=1), timeout=600
     )
     out = finish(
         dpoq_train(
-            "error_injection_dpo.py",
+            DPO,
             dpo,
             "--config.train.progress_bar=false",
             f"--config.model.path={sft}",
@@ -90,13 +88,12 @@ def test_sft_then_dpo_error_injection_accuracy(tmp_path):
 def test_hf_export_starts_a_dpo_run(tmp_path):
     """SFT exports WORKDIR/hf; DPO with model.init=hf starts from it (policy == reference: loss log 2)."""
     finish(
-        dpoq_train("error_injection_sft.py", tmp_path / "sft", *TINY, "--config.train.num_steps=3", devices=1)
+        dpoq_train(SFT_TINY, tmp_path / "sft", "--config.train.num_steps=3", devices=1)
     )
     finish(
         dpoq_train(
-            "error_injection_dpo.py",
+            DPO_TINY,
             tmp_path / "dpo",
-            *TINY,
             "--config.model.init=hf",
             f"--config.model.path={tmp_path / 'sft' / 'hf'}",
             "--config.train.num_steps=1",

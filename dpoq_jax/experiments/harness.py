@@ -64,7 +64,8 @@ def experiment_parser(
     parser.add_argument(
         "--config",
         default=default_config(task),
-        help="training configs: PREFIX[:arg] (PREFIX_sft.py, PREFIX_dpo.py) or FILE.py taking the stage; "
+        help="training configs: PREFIX[:arg] (PREFIX_sft.py, PREFIX_dpo.py) or FILE.py[:arg] taking the "
+        "stage last; "
         "default: the packaged tiny configs of the task",
     )
     parser.add_argument(

@@ -1,8 +1,8 @@
 """Training runs as the experiments and `dpoq demo` drive them: configs by prefix, finished runs reused.
 
-A config is named by a prefix PREFIX[:arg] (PREFIX_sft.py and PREFIX_dpo.py) or by one FILE.py whose
-get_config takes the stage. The default for a synthetic task is the packaged pair
-dpoq_jax/configs/<task>_{sft,dpo}.py. `train_run` goes through `train.loop.train` and records the
+A config is named by a prefix PREFIX[:arg] (PREFIX_sft.py and PREFIX_dpo.py) or by one FILE.py[:arg]
+whose get_config takes the stage last. The default for a synthetic task is the packaged
+dpoq_jax/configs/synthetic.py:<task>:{sft,dpo}. `train_run` goes through `train.loop.train` and records the
 resolved settings in <workdir>/experiment_run.json, so a finished run with the same settings is
 reused (the experiments on one task share their SFT reference) and one with other settings is
 replaced, never resumed.
@@ -24,8 +24,9 @@ CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 def default_config(task: str) -> str:
-    """The tiny CPU configs of a synthetic task, as a prefix (the packaged <task>_sft.py, _dpo.py)."""
-    return str(CONFIGS_DIR / task)
+    """The tiny CPU configs of a synthetic task: the packaged synthetic.py with the task as its argument
+    (stage_config appends the stage)."""
+    return f"{CONFIGS_DIR / 'synthetic.py'}:{task}"
 
 
 def at_scale(args: Any, task: str) -> bool:
@@ -35,13 +36,13 @@ def at_scale(args: Any, task: str) -> bool:
 
 def stage_config(config: str, stage: str) -> str:
     """The config spec of one stage: PREFIX_<stage>.py[:arg] if it exists (config = PREFIX[:arg]),
-    else FILE.py:<stage> (one file whose get_config(arg) takes the stage)."""
+    else FILE.py[:arg]:<stage> (one file whose get_config takes the stage last, e.g. synthetic.py:TASK)."""
     base, _, arg = config.partition(":")
     candidate = Path(f"{base}_{stage}.py")
     if candidate.exists():
         return f"{candidate}:{arg}" if arg else str(candidate)
-    if base.endswith(".py") and Path(base).exists() and not arg:
-        return f"{base}:{stage}"
+    if base.endswith(".py") and Path(base).exists():
+        return f"{base}:{arg}:{stage}" if arg else f"{base}:{stage}"
     raise FileNotFoundError(f"--config {config!r}: no {base}_{stage}.py and no config file {base!r}")
 
 
