@@ -210,7 +210,7 @@ def _rows():
 
 
 def test_parquet_rows_equal_jsonl_rows(tmp_path, tok):
-    pytest.importorskip("datasets")
+    import datasets  # noqa: F401  (the test extra has it: missing, the test fails)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -229,7 +229,8 @@ def test_parquet_rows_equal_jsonl_rows(tmp_path, tok):
 
 
 def test_datasets_folder_splits_sft_and_bad_row(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     from dpoq_jax.data.sources import load_examples
 
     conv = [m("user", "q"), m("assistant", "a")]
@@ -252,7 +253,8 @@ def test_datasets_folder_splits_sft_and_bad_row(tmp_path):
 
 
 def test_datasets_labelled_rows_and_unpaired_pairs(tmp_path):
-    datasets = pytest.importorskip("datasets")
+    import datasets
+
     from dpoq_jax.data.examples import OutcomeExample
     from dpoq_jax.data.sources import load_examples
 

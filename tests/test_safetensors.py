@@ -67,7 +67,7 @@ def test_round_trip_is_exact_and_torch_reads_and_writes_the_same_bytes(tmp_path)
         assert got.dtype == want.dtype and got.shape == want.shape, name
         np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=name)
 
-    torch = pytest.importorskip("torch")
+    import torch
     from safetensors.torch import load_file, save_file
 
     # torch's reader sees the same bits (bfloat16 through an int16 view: numpy has no bfloat16)
@@ -141,8 +141,8 @@ def test_sharded_export_loads_in_transformers_and_ours(tmp_path):
     for a, b in zip(_params(loaded), _params(model), strict=True):
         np.testing.assert_array_equal(a, b)
 
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    import torch
+    import transformers
     ids = torch.as_tensor(np.random.default_rng(1).integers(0, CFG.vocab_size, (2, 9)))
     logits = []
     for d in (one, many):
