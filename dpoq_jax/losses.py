@@ -114,13 +114,13 @@ class LossConfig:
         bad = [t for t in types if t not in LOSS_TYPES]
         if bad or not types:
             raise ValueError(
-                f"LossConfig.loss_type={self.loss_type!r}: unknown {bad or 'empty'}; "
-                f"expected names of {LOSS_TYPES}"
+                f"LossConfig.loss_type must be one of {LOSS_TYPES} (a comma list for a mixture), got "
+                f"{self.loss_type!r}: unknown {bad or 'empty'}"
             )
         if self.loss_weights and len(self.loss_weights) != len(types):
             raise ValueError(
-                f"LossConfig.loss_weights has {len(self.loss_weights)} weights for {len(types)} "
-                f"loss types {types}"
+                f"LossConfig.loss_weights has {len(self.loss_weights)} weights for the {len(types)} types "
+                f"of loss_type={self.loss_type!r}"
             )
         if not self.beta > 0:
             raise ValueError(f"LossConfig.beta must be > 0, got {self.beta}")
@@ -136,7 +136,7 @@ class LossConfig:
             raise ValueError(f"LossConfig.ld_alpha must be in [0, 1], got {self.ld_alpha}")
         if self.f_divergence_type not in F_DIVERGENCES:
             raise ValueError(
-                f"LossConfig.f_divergence_type={self.f_divergence_type!r}; expected one of {F_DIVERGENCES}"
+                f"LossConfig.f_divergence_type must be one of {F_DIVERGENCES}, got {self.f_divergence_type!r}"
             )
         if self.f_divergence_type != "reverse_kl" and not set(types) <= set(F_DIVERGENCE_TYPES):
             raise ValueError(
@@ -708,10 +708,9 @@ def outcome_loss(
         )
     if label_B.shape != policy_BT.shape[:1]:
         raise ValueError(f"outcome_loss: label_B has shape {label_B.shape}, expected ({policy_BT.shape[0]},)")
-    if not beta > 0:
-        raise ValueError(f"outcome_loss: beta must be > 0, got {beta}")
     if loss_type not in UNPAIRED_TYPES:
         raise ValueError(f"outcome_loss: loss_type must be one of {UNPAIRED_TYPES}, got {loss_type!r}")
+    LossConfig(beta=beta, loss_type=loss_type)  # its checks of β
     m_BT = mask_BT.astype(jnp.float32)
     B = policy_BT.shape[0]
     em_B = jnp.ones((B,), jnp.float32) if example_mask_B is None else example_mask_B.astype(jnp.float32)

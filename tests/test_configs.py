@@ -244,7 +244,7 @@ def test_bad_data_shape_and_token_level_losses_are_one_line_errors(tmp_path):
         load_config(cfg, ["--config.data.bucket_step=-1"])
     with pytest.raises(ConfigError, match=r"'loss.token_weights' is required for loss.loss_type \['token_w"):
         load_config(cfg, ["--config.loss.loss_type=token_weighted"])
-    with pytest.raises(ConfigError, match="LossConfig.tis_lower must be <= tis_upper"):
+    with pytest.raises(ConfigError, match="^config key 'loss.tis_lower' must be <= tis_upper"):
         load_config(cfg, ["--config.loss.loss_type=token_weighted", f"--config.loss.token_weights={tmp_path}",
                           "--config.loss.tis_lower=2"])
     with pytest.raises(ConfigError, match="'reference.mode' must be 'frozen' for loss.loss_type tdpo"):

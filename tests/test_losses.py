@@ -471,7 +471,7 @@ def test_lean_log_sum_sq_probs_equals_dense_float64():
     [
         (dict(loss_type="kto"), "unknown"),
         (dict(loss_type="sigmoid,dpo"), "unknown"),
-        (dict(loss_type="sigmoid,sft", loss_weights=(1.0,)), "1 weights for 2 loss types"),
+        (dict(loss_type="sigmoid,sft", loss_weights=(1.0,)), "1 weights for the 2 types"),
         (dict(ld_alpha=1.5), "ld_alpha"),
         (dict(ld_alpha=-0.1), "ld_alpha"),
         (dict(loss_type="exo_pair"), "exo_pair"),
@@ -511,7 +511,7 @@ _SFT_CONFIG = f"{_SYNTHETIC}:error_injection:sft"
             ["--config.stage=dpo", "--config.loss.loss_type=simpo", "--config.reference.mode=precomputed"],
             r"^config key 'reference.mode': loss.loss_type='simpo' is reference-free",
         ),
-        (["--config.loss.loss_type=exo_pair"], r"^config group 'loss': .*exo_pair"),
+        (["--config.loss.loss_type=exo_pair"], r"^config key 'loss.label_smoothing' must be > 0 .*exo_pair"),
         (["--config.loss.f_divergence_type=kl"], r"^config key 'loss.f_divergence_type' must be one of"),
         (["--config.loss.loss_type=outcome_ce,sft"], r"^config group 'loss': .*do not mix with other types"),
     ],

@@ -11,6 +11,7 @@ import ast
 import importlib.util
 import math
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -143,7 +144,6 @@ _CHOICES = {
     "data.on_error": ("fail", "skip"),
     "optim.name": ("rmsprop", "adamw"),
     "optim.schedule": ("constant", "linear", "cosine"),
-    "loss.f_divergence_type": losses.F_DIVERGENCES,
 }
 
 
@@ -176,8 +176,6 @@ def _check_numbers(config: mc.ConfigDict) -> None:
     for key in _NON_NEGATIVE:
         if _value(config, key) < 0:
             raise ConfigError(f"config key {key!r} must be >= 0, got {_value(config, key)}")
-    if config.loss.beta <= 0:
-        raise ConfigError(f"config key 'loss.beta' must be > 0, got {config.loss.beta}")
     for key in ("model.dtype", "model.param_dtype", "reference.dtype"):
         if (v := _value(config, key)) not in FLOAT_DTYPES:
             raise ConfigError(f"config key {key!r} must be one of {FLOAT_DTYPES}, got {v!r}")
@@ -246,23 +244,22 @@ def loss_config(config: mc.ConfigDict, token_values: str = "rewards") -> losses.
     return losses.LossConfig(**d, token_values=token_values)
 
 
-def _check_loss(config: mc.ConfigDict) -> None:
-    """loss.loss_type names (a comma list for a weighted mixture), loss.loss_weights, loss.ld_alpha, and
-    no precomputed reference for a reference-free objective; then the loss's own checks."""
+# LossConfig's errors name a field as "LossConfig.NAME must ..." (or "... has ..."): in a run config that
+# field is the key loss.NAME.
+_LOSS_FIELD = re.compile(r"^LossConfig\.(\w+) (?=must |has )")
 
+
+def _check_loss(config: mc.ConfigDict) -> None:
+    """The loss's own checks (LossConfig: types, weights, beta, ...) named by config key; then what the
+    run adds: the token cache that token-level types read, TDPO's frozen reference, and no precomputed
+    reference for a reference-free objective."""
     loss = config.loss
-    types = losses.parse_types(loss.loss_type)
-    bad = [t for t in types if t not in losses.LOSS_TYPES]
-    if bad or not types:
-        raise ConfigError(
-            f"config key 'loss.loss_type' must be one of {losses.LOSS_TYPES} (a comma list for a "
-            f"mixture), got {loss.loss_type!r}: unknown {bad or 'empty'}"
-        )
-    if loss.loss_weights and len(loss.loss_weights) != len(types):
-        raise ConfigError(
-            f"config key 'loss.loss_weights' has {len(loss.loss_weights)} weights for the "
-            f"{len(types)} types of loss.loss_type={loss.loss_type!r}"
-        )
+    try:
+        loss_cfg = loss_config(config)
+    except ValueError as e:
+        msg, named = _LOSS_FIELD.subn(r"config key 'loss.\1' ", str(e))
+        raise ConfigError(msg if named else f"config group 'loss': {e}") from None
+    types = loss_cfg.types
     cached = [t for t in types if t in ("token_weighted", "selective")]
     if cached and not loss.token_weights:
         raise ConfigError(
@@ -279,12 +276,6 @@ def _check_loss(config: mc.ConfigDict) -> None:
     if "tdpo" in types and config.stage == "dpo" and config.reference.mode != "frozen":
         raise ConfigError("config key 'reference.mode' must be 'frozen' for loss.loss_type tdpo (its "
                           "per-token KL reads the reference's whole next-token distribution)")
-    if not 0.0 <= loss.ld_alpha <= 1.0:
-        raise ConfigError(f"config key 'loss.ld_alpha' must be in [0, 1], got {loss.ld_alpha}")
-    try:
-        loss_cfg = loss_config(config)
-    except ValueError as e:
-        raise ConfigError(f"config group 'loss': {e}") from None
     if config.stage == "dpo" and not loss_cfg.needs_reference and config.reference.mode == "precomputed":
         raise ConfigError(
             f"config key 'reference.mode': loss.loss_type={loss.loss_type!r} is reference-free; "
