@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -214,13 +215,13 @@ def test_parquet_rows_equal_jsonl_rows(tmp_path, tok):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dpoq_jax.data.sources import load_examples
+    from dpoq_jax.data.sources import SourceConfig, load_examples
 
     conv = _rows()[:2]  # one table holds one format (a column is either strings or messages)
     pq.write_table(pa.Table.from_pylist(conv), tmp_path / "d.parquet")
     jsonl.write_jsonl(tmp_path / "d.jsonl", conv)
-    a, pa_pol = load_examples({"source": "datasets", "path": str(tmp_path / "d.parquet")})
-    b, _ = load_examples({"source": "jsonl", "path": str(tmp_path / "d.jsonl")})
+    a, pa_pol = load_examples(SourceConfig(source="datasets", path=str(tmp_path / "d.parquet")))
+    b, _ = load_examples(SourceConfig(source="jsonl", path=str(tmp_path / "d.jsonl")))
     assert pa_pol.n_ok == 2
     assert [(e.prompt, e.chosen, e.rejected) for e in a] == [(e.prompt, e.chosen, e.rejected) for e in b]
     ta, _ = tokenize_all(a, tok, BIG)
@@ -231,7 +232,7 @@ def test_parquet_rows_equal_jsonl_rows(tmp_path, tok):
 def test_datasets_folder_splits_sft_and_bad_row(tmp_path):
     import datasets
 
-    from dpoq_jax.data.sources import load_examples
+    from dpoq_jax.data.sources import SourceConfig, load_examples
 
     conv = [m("user", "q"), m("assistant", "a")]
     dd = datasets.DatasetDict({
@@ -239,39 +240,39 @@ def test_datasets_folder_splits_sft_and_bad_row(tmp_path):
         "test": datasets.Dataset.from_list([{"messages": conv}]),
     })
     dd.save_to_disk(str(tmp_path / "ds"))
-    cfg = {"source": "datasets", "path": str(tmp_path / "ds"), "split": "test"}
+    cfg = SourceConfig(source="datasets", path=str(tmp_path / "ds"), split="test")
     out, _ = load_examples(cfg, "sft")
     assert len(out) == 1 and out[0].prompt == conv[:1] and out[0].completion == conv[1:]
     with pytest.raises(DataError, match=rf"{tmp_path / 'ds'}:2: key 'messages': .*ends with 'user'"):
-        load_examples({**cfg, "split": "train"}, "sft")
-    out, pol = load_examples({**cfg, "split": "train", "on_error": "skip"}, "sft")
+        load_examples(dataclasses.replace(cfg, split="train"), "sft")
+    out, pol = load_examples(dataclasses.replace(cfg, split="train", on_error="skip"), "sft")
     assert len(out) == 1 and pol.counts == {"last_not_assistant": 1}
     with pytest.raises(ValueError, match="no split 'dev'"):
-        load_examples({**cfg, "split": "dev"}, "sft")
+        load_examples(dataclasses.replace(cfg, split="dev"), "sft")
     with pytest.raises(FileNotFoundError, match="no dataset there"):
-        load_examples({"source": "datasets", "path": str(tmp_path / "nothing_here")})
+        load_examples(SourceConfig(source="datasets", path=str(tmp_path / "nothing_here")))
 
 
 def test_datasets_labelled_rows_and_unpaired_pairs(tmp_path):
     import datasets
 
     from dpoq_jax.data.examples import OutcomeExample
-    from dpoq_jax.data.sources import load_examples
+    from dpoq_jax.data.sources import SourceConfig, load_examples
 
     labelled = datasets.Dataset.from_list([{"prompt": "a", "completion": " b", "label": True},
                                            {"prompt": "a", "completion": " c", "label": False}])
     labelled.to_parquet(str(tmp_path / "kto.parquet"))
-    out, _ = load_examples({"source": "datasets", "path": str(tmp_path / "kto.parquet")}, "outcome")
+    out, _ = load_examples(SourceConfig(source="datasets", path=str(tmp_path / "kto.parquet")), "outcome")
     assert [(type(e), e.completion, e.label) for e in out] == [(OutcomeExample, " b", 1.0),
                                                                (OutcomeExample, " c", 0.0)]  # fmt: skip
     pairs = datasets.Dataset.from_list([{"prompt": "a", "chosen": " b", "rejected": " c"}])
     pairs.to_parquet(str(tmp_path / "dpo.parquet"))
-    out, _ = load_examples({"source": "datasets", "path": str(tmp_path / "dpo.parquet")}, "outcome")
+    out, _ = load_examples(SourceConfig(source="datasets", path=str(tmp_path / "dpo.parquet")), "outcome")
     assert [(e.completion, e.label) for e in out] == [(" b", 1.0), (" c", 0.0)]
     sft = datasets.Dataset.from_list([{"prompt": "a", "completion": " b"}])
     sft.to_parquet(str(tmp_path / "sft.parquet"))
     with pytest.raises(DataError, match=r"sft.parquet:1: key 'label': missing key"):
-        load_examples({"source": "datasets", "path": str(tmp_path / "sft.parquet")}, "outcome")
+        load_examples(SourceConfig(source="datasets", path=str(tmp_path / "sft.parquet")), "outcome")
 
 
 def test_generate_and_score_inputs_take_chat_rows(tmp_path, tok):

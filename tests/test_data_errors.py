@@ -6,7 +6,7 @@ import pytest
 from dpoq_jax.data.errors import DataError, ErrorPolicy
 from dpoq_jax.data.hh import read_hh_jsonl
 from dpoq_jax.data.jsonl import read_preference_jsonl, read_sft_jsonl
-from dpoq_jax.data.sources import load_examples
+from dpoq_jax.data.sources import SourceConfig, load_examples
 from dpoq_jax.data.synthetic import SyntheticTokenizer
 from dpoq_jax.data.tokenize import TokenizeConfig, tokenize_all
 
@@ -79,7 +79,7 @@ def test_missing_file(tmp_path):
     policy = ErrorPolicy("skip")
     assert read_sft_jsonl(tmp_path / "nope.jsonl", policy) == [] and policy.counts["missing_file"] == 1
     with pytest.raises(DataError, match="file does not exist"):
-        load_examples({"source": "hh", "path": str(tmp_path / "nope.jsonl")})
+        load_examples(SourceConfig(source="hh", path=str(tmp_path / "nope.jsonl")))
 
 
 def test_prompt_longer_than_limit(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from dpoq_jax.data.hh import read_hh_jsonl, split_dialogues
 from dpoq_jax.data.jsonl import read_preference_jsonl, read_sft_jsonl, write_jsonl
-from dpoq_jax.data.sources import load_examples, load_tokenizer
+from dpoq_jax.data.sources import SourceConfig, load_examples, load_tokenizer
 from dpoq_jax.data.synthetic import SyntheticTokenizer
 
 
@@ -138,29 +138,24 @@ def test_tldr_bad_rows_fail_or_skip(tldr_dir, tmp_path):
 
 def test_config_entry_point(tmp_path, tldr_dir):
     write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": " b", "rejected": " c"}])
-    exs, policy = load_examples({"source": "jsonl", "path": str(tmp_path / "p.jsonl")})
+    exs, policy = load_examples(SourceConfig(source="jsonl", path=str(tmp_path / "p.jsonl")))
     assert len(exs) == 1 and policy.summary()["kept"] == 1
-    exs, _ = load_examples({"source": "synthetic", "task": "dense_reward", "num_examples": 4}, kind="sft")
+    exs, _ = load_examples(SourceConfig(source="synthetic", task="dense_reward", num_examples=4), kind="sft")
     assert len(exs) == 8
     exs, _ = load_examples(
-        {
-            "source": "synthetic",
-            "task": "error_injection",
-            "num_examples": 3,
-            "task_kwargs": {"seed": 2},
-            "split": "validation",
-        }
+        SourceConfig(source="synthetic", task="error_injection", num_examples=3, task_kwargs={"seed": 2},
+                     split="validation")  # fmt: skip
     )
     assert len(exs) == 3 and exs[0].meta["split"] == "validation"
     exs, policy = load_examples(
-        {"source": "tldr", "path": str(tldr_dir), "data_dir": str(tmp_path / "tfds"), "split": "test"}
+        SourceConfig(source="tldr", path=str(tldr_dir), data_dir=str(tmp_path / "tfds"), split="test")
     )
     assert len(exs) == 1 and policy.summary()["by_kind"] == {"not_reddit": 1}
-    assert isinstance(load_tokenizer({"source": "synthetic"}), SyntheticTokenizer)
+    assert isinstance(load_tokenizer(SourceConfig(source="synthetic")), SyntheticTokenizer)
     with pytest.raises(ValueError, match="data source must be one of"):
-        load_examples({"source": "csv"})
+        load_examples(SourceConfig(source="csv"))
     with pytest.raises(ValueError, match="needs a path"):
-        load_examples({"source": "jsonl"})
+        load_examples(SourceConfig(source="jsonl"))
 
 
 def test_package_import_is_light():

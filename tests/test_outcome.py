@@ -17,7 +17,7 @@ from helpers import local_batches, run_steps, tiny_config
 
 from dpoq_jax.data import token_cache
 from dpoq_jax.data.examples import PreferenceExample, TokenizedOutcome, unpair
-from dpoq_jax.data.sources import load_examples
+from dpoq_jax.data.sources import SourceConfig, load_examples
 from dpoq_jax.train import inputs
 from dpoq_jax.train.precompute import precompute_reference
 from dpoq_jax.train.setup import global_batch, setup
@@ -37,7 +37,7 @@ def test_pairs_unpair_into_good_and_bad_responses():
     out = unpair(pairs)
     assert [(e.completion, e.label, e.meta["side"], e.meta["line"]) for e in out] == [
         (" a", 1.0, "chosen", 3), (" b", 0.0, "rejected", 3)]  # fmt: skip
-    src = {"source": "synthetic", "task": "error_injection", "num_examples": 5}
+    src = SourceConfig(source="synthetic", task="error_injection", num_examples=5)
     examples, _ = load_examples(src, "outcome")
     assert [e.label for e in examples] == [1.0, 0.0] * 5
 
@@ -51,13 +51,13 @@ def test_labelled_jsonl_rows_strings_and_messages(tmp_path):
          "completion": [{"role": "assistant", "content": "yo"}], "label": False},
     ]  # fmt: skip
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    examples, policy = load_examples({"source": "jsonl", "path": str(path)}, "outcome")
+    examples, policy = load_examples(SourceConfig(source="jsonl", path=str(path)), "outcome")
     assert [e.label for e in examples] == [1.0, 0.25, 0.0] and policy.n_ok == 3
     assert examples[0].meta["id"] == 7 and "label" not in examples[0].meta
     assert examples[2].completion == [{"role": "assistant", "content": "yo"}]
     pairs = tmp_path / "pairs.jsonl"  # a pair file read for an unpaired loss: unpaired
     pairs.write_text(json.dumps({"prompt": "a", "chosen": " c", "rejected": " d"}) + "\n")
-    examples, _ = load_examples({"source": "jsonl", "path": str(pairs)}, "outcome")
+    examples, _ = load_examples(SourceConfig(source="jsonl", path=str(pairs)), "outcome")
     assert [(e.completion, e.label) for e in examples] == [(" c", 1.0), (" d", 0.0)]
 
 

@@ -107,11 +107,11 @@ def test_held_out_problems_are_never_trained_on() -> None:
 
 def test_task_is_registered_and_fits_its_config() -> None:
     from dpoq_jax.configs.synthetic import get_config
-    from dpoq_jax.data.sources import load_examples
+    from dpoq_jax.data.sources import SourceConfig, load_examples
 
     cfg = get_config("arithmetic_chain:sft")
     assert (cfg.data.source, cfg.data.task) == ("synthetic", "arithmetic_chain")
-    exs, _ = load_examples({"source": "synthetic", "task": "arithmetic_chain", "num_examples": 5}, "sft")
+    exs, _ = load_examples(SourceConfig(source="synthetic", task="arithmetic_chain", num_examples=5), "sft")
     assert len(exs) == 5 and exs[0].prompt.startswith("<bos>")
     task = ArithmeticChainTask()
     longest = max(len(SyntheticTokenizer().encode(e.completion)) + 1 for e in task.sft_examples(500))

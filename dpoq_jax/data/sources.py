@@ -1,6 +1,6 @@
 """One entry point from a config to examples: jsonl | datasets | tldr | hh | synthetic.
 
-Config keys (a dict or ml_collections ConfigDict; see docs/data.md):
+`SourceConfig` fields (the run config's data group becomes one at setup: train.inputs; docs/data.md):
   source: "jsonl" | "datasets" | "tldr" | "hh" | "synthetic"
   path: file (jsonl, hh) or manual directory (tldr); datasets: a .parquet / .arrow / .json / .jsonl file,
       a folder written by `Dataset.save_to_disk`, or a Hub dataset name (read from the local cache)
@@ -9,7 +9,8 @@ Config keys (a dict or ml_collections ConfigDict; see docs/data.md):
   task, task_kwargs, num_examples: synthetic task name, its dataclass fields, examples to draw
       (0 or unset: 1000)
   on_error: "fail" | "skip"
-  sft_responses: "chosen" | "all"   (synthetic dense_reward SFT data)
+  sft_responses: "chosen" | "all"   (synthetic dense_reward SFT data; datasets: the pairs' SFT side)
+  tokenizer_path: a local Hugging Face tokenizer directory (synthetic data: its own tokenizer)
 
 Kinds: "preference" (pairs), "sft" (prompt + completion), "outcome" (prompt + completion + label, for
 the unpaired losses): a jsonl file or dataset whose rows have "label" is read as such; any other
@@ -18,6 +19,7 @@ source's pairs are unpaired into a good (chosen) and a bad (rejected) response (
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -31,32 +33,40 @@ SOURCES = ("jsonl", "datasets", "tldr", "hh", "synthetic")
 DATASETS_PIN = "datasets==5.2.0"
 
 
-def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
-    try:
-        v = cfg[key]
-    except (KeyError, AttributeError):
-        return default
-    return default if v is None else v
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """Where one split's examples come from (the fields are described in the module docstring)."""
+
+    source: str
+    path: str | None = None
+    split: str = "train"
+    data_dir: str | None = None
+    task: str = "error_injection"
+    task_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    num_examples: int = 0
+    on_error: str = "fail"
+    sft_responses: str | None = None  # None: the source's default ("all" synthetic, "chosen" datasets)
+    tokenizer_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.source not in SOURCES:
+            raise ValueError(f"data source must be one of {SOURCES}, got {self.source!r}")
 
 
 KINDS = ("preference", "sft", "outcome")
 
 
-def load_examples(cfg: Mapping[str, Any], kind: str = "preference"
+def load_examples(src: SourceConfig, kind: str = "preference"
                   ) -> tuple[list[PreferenceExample] | list[SFTExample] | list[OutcomeExample], ErrorPolicy]:
     """Examples of `kind` (KINDS) and the error policy with its skip counts."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    source = _get(cfg, "source")
-    if source not in SOURCES:
-        raise ValueError(f"data source must be one of {SOURCES}, got {source!r}")
-    policy = ErrorPolicy(_get(cfg, "on_error", "fail"))
-    split = _get(cfg, "split", "train")
-    path = _get(cfg, "path")
+    source, split, path = src.source, src.split, src.path
+    policy = ErrorPolicy(src.on_error)
     if source in ("jsonl", "datasets", "hh", "tldr") and path is None:
         raise ValueError(f"data source {source!r} needs a path")
     if kind == "outcome" and source != "datasets" and not _outcome_rows(source, path):
-        pairs, policy = load_examples(cfg, "preference")
+        pairs, policy = load_examples(src, "preference")
         return unpair(pairs), policy
     if source == "jsonl":
         from dpoq_jax.data import jsonl
@@ -65,7 +75,7 @@ def load_examples(cfg: Mapping[str, Any], kind: str = "preference"
                     "outcome": jsonl.outcome_from_row}[kind]
         out = jsonl.read_jsonl(path, from_row, policy)
     elif source == "datasets":
-        out = read_hf_dataset(path, split, kind, policy, sft_responses=_get(cfg, "sft_responses", "chosen"))
+        out = read_hf_dataset(path, split, kind, policy, sft_responses=src.sft_responses or "chosen")
     elif source == "hh":
         from dpoq_jax.data import hh
 
@@ -74,19 +84,19 @@ def load_examples(cfg: Mapping[str, Any], kind: str = "preference"
     elif source == "tldr":
         from dpoq_jax.data import tldr
 
-        data_dir = _get(cfg, "data_dir")
+        data_dir = src.data_dir
         if data_dir is None:
             raise ValueError("data source 'tldr' needs data_dir (where the tfds build is written)")
         out = tldr.load_tldr(path, data_dir, split, kind=kind, on_error=policy.on_error, policy=policy)
     else:
         from dpoq_jax.data import synthetic
 
-        task = synthetic.make_task(_get(cfg, "task", "error_injection"), **dict(_get(cfg, "task_kwargs", {})))
-        n = int(_get(cfg, "num_examples", 0)) or 1000  # 0 / None: the default size
+        task = synthetic.make_task(src.task, **dict(src.task_kwargs))
+        n = int(src.num_examples or 0) or 1000  # 0 / None: the default size
         if kind == "preference":
             out = task.preference_examples(n, split)
         elif isinstance(task, synthetic.DenseRewardTask):
-            out = task.sft_examples(n, split, responses=_get(cfg, "sft_responses", "all"))
+            out = task.sft_examples(n, split, responses=src.sft_responses or "all")
         else:
             out = task.sft_examples(n, split)
         policy.n_ok = len(out)
@@ -177,15 +187,15 @@ def read_hf_dataset(path: str, split: str, kind: str, policy: ErrorPolicy, *, sf
     return out
 
 
-def load_tokenizer(cfg: Mapping[str, Any]) -> Any:
-    """The synthetic tokenizer for synthetic data, else a HF tokenizer from cfg["tokenizer_path"]."""
-    if _get(cfg, "source") == "synthetic" and _get(cfg, "tokenizer_path") is None:
+def load_tokenizer(src: SourceConfig) -> Any:
+    """The synthetic tokenizer for synthetic data, else a HF tokenizer from src.tokenizer_path."""
+    if src.source == "synthetic" and src.tokenizer_path is None:
         from dpoq_jax.data.synthetic import SyntheticTokenizer
 
         return SyntheticTokenizer()
     from dpoq_jax.models.hf import load_tokenizer as load_hf
 
-    path = _get(cfg, "tokenizer_path")
+    path = src.tokenizer_path
     if path is None:
         raise ValueError("data config needs tokenizer_path (a local Hugging Face tokenizer directory)")
     return load_hf(path)

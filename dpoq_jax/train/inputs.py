@@ -16,7 +16,7 @@ from dpoq_jax.data import layouts, token_cache
 from dpoq_jax.data.errors import DataError, ErrorPolicy
 from dpoq_jax.data.examples import PreferenceExample, SFTExample, TokenizedOutcome, TokenizedPair
 from dpoq_jax.data.jsonl import first_record, iter_json_lines
-from dpoq_jax.data.sources import load_examples, load_tokenizer
+from dpoq_jax.data.sources import SourceConfig, load_examples, load_tokenizer
 from dpoq_jax.data.tokenize import TokenizeConfig, tokenize_all
 
 log = logging.getLogger(__name__)
@@ -39,31 +39,31 @@ def _to_sft(examples: Sequence[PreferenceExample], responses: str) -> list[SFTEx
     return out
 
 
-def _source_cfg(cfg: Any, split: str) -> dict[str, Any] | None:
+def _source_cfg(cfg: Any, split: str) -> SourceConfig | None:
     """The data package's source config (data.sources.load_examples) for "train" or "eval"; None if
     there is no held-out split (a jsonl/hh source without data.eval_path)."""
     d = cfg.data
-    src = {
-        "source": d.source,
-        "path": d.path or None,
-        "data_dir": d.data_dir or None,
-        "split": "train",
-        "task": d.task,
-        "task_kwargs": dict(d.task_kwargs),
-        "num_examples": d.num_examples,
-        "on_error": d.on_error,
-        "sft_responses": d.sft_responses,
-        "tokenizer_path": d.tokenizer_path or None,
-    }
+    src = SourceConfig(
+        source=d.source,
+        path=d.path or None,
+        data_dir=d.data_dir or None,
+        split="train",
+        task=d.task,
+        task_kwargs=dict(d.task_kwargs),
+        num_examples=d.num_examples,
+        on_error=d.on_error,
+        sft_responses=d.sft_responses,
+        tokenizer_path=d.tokenizer_path or None,
+    )
     if split == "eval":
         if d.source in ("jsonl", "hh", "datasets"):
             if not d.eval_path:
                 return None
-            src["path"] = d.eval_path
-            src["split"] = d.eval_split if d.source == "datasets" else "train"
+            split_name = d.eval_split if d.source == "datasets" else "train"
+            src = dataclasses.replace(src, path=d.eval_path, split=split_name)
         else:  # tldr and synthetic tasks have their own held-out split
-            src["split"] = d.eval_split
-        src["num_examples"] = d.num_eval
+            src = dataclasses.replace(src, split=d.eval_split)
+        src = dataclasses.replace(src, num_examples=d.num_eval)
     return src
 
 
@@ -93,7 +93,7 @@ def _raw_examples(cfg: Any, split: str) -> tuple[list, Any]:
     if kind == "sft" and cfg.data.source in ("jsonl", "hh", "tldr"):
         # an SFT file has "completion"; a preference file is used via its pairs. Only the first JSON
         # object decides; the read itself reports every bad line (file:line: key) under on_error.
-        first = first_record(src["path"]) if cfg.data.source == "jsonl" else None
+        first = first_record(src.path) if cfg.data.source == "jsonl" else None
         if not (first and ("completion" in first or "messages" in first)):
             pairs, policy = load_examples(src, "preference")
             return _to_sft(pairs, cfg.data.sft_responses), policy
@@ -103,8 +103,8 @@ def _raw_examples(cfg: Any, split: str) -> tuple[list, Any]:
 def load_dataset(cfg: Any) -> Dataset:
     """Tokenized train and eval examples for the config's stage, plus skip/truncation stats."""
     src = _source_cfg(cfg, "train")
-    if src["tokenizer_path"] is None and cfg.data.source != "synthetic":
-        src["tokenizer_path"] = cfg.model.path or None  # an HF model directory holds its tokenizer
+    if src.tokenizer_path is None and cfg.data.source != "synthetic":
+        src = dataclasses.replace(src, tokenizer_path=cfg.model.path or None)  # an HF model folder has one
     tok = load_tokenizer(src)
     tcfg = TokenizeConfig(
         max_prompt_tokens=cfg.data.max_prompt_tokens,
