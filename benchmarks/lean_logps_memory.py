@@ -42,15 +42,14 @@ def main(argv: list[str] | None = None) -> int:
 
     h = jax.ShapeDtypeStruct((a.B, a.T, a.D), jnp.float32)
     w = jax.ShapeDtypeStruct((a.D, a.V), jnp.float32)
-    b = jax.ShapeDtypeStruct((a.V,), jnp.float32)
     t = jax.ShapeDtypeStruct((a.B, a.T), jnp.int32)
     m = jax.ShapeDtypeStruct((a.B, a.T), jnp.float32)
 
-    def full(h, w, b, t, m):
-        return tokenq.token_logps(jnp.einsum("btd,dv->btv", h, w) + b, t, m).sum()
+    def full(h, w, t, m):
+        return tokenq.token_logps(jnp.einsum("btd,dv->btv", h, w), t, m).sum()
 
-    def lean(h, w, b, t, m):
-        return tokenq.lean_token_logps(h, w, t, m, bias_V=b, chunk_size=a.chunk).sum()
+    def lean(h, w, t, m):
+        return tokenq.lean_token_logps(h, w, t, m, chunk_size=a.chunk).sum()
 
     res = {
         "platform": jax.devices()[0].platform,
@@ -61,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         "btv_float32_bytes": a.B * a.T * a.V * 4,
     }
     for name, fn in (("full", full), ("lean", lean)):
-        res[f"{name}_forward"] = _peak_bytes(fn, h, w, b, t, m)
-        res[f"{name}_grad"] = _peak_bytes(jax.grad(fn, argnums=(0, 1, 2)), h, w, b, t, m)
+        res[f"{name}_forward"] = _peak_bytes(fn, h, w, t, m)
+        res[f"{name}_grad"] = _peak_bytes(jax.grad(fn, argnums=(0, 1)), h, w, t, m)
     for kind in ("forward", "grad"):
         res[f"ratio_{kind}"] = res[f"lean_{kind}"]["peak_bytes"] / res[f"full_{kind}"]["peak_bytes"]
 

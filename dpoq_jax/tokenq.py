@@ -52,22 +52,18 @@ def _from_time_chunks(x_KBC: Array, T: int) -> Array:
     return x_KBC.swapaxes(0, 1).reshape(B, K * C)[:, :T]
 
 
-def _chunk_logits(h_BCD: Array, unembed_DV: Array, bias_V: Array | None, softcap: float | None) -> Array:
-    """Logits of one chunk, then bias and soft-cap. The matmul accumulates in (at least) float32
+def _chunk_logits(h_BCD: Array, unembed_DV: Array, softcap: float | None) -> Array:
+    """Logits of one chunk, then the soft-cap. The matmul accumulates in (at least) float32
     without upcasting the whole unembedding matrix."""
     acc = jnp.promote_types(jnp.result_type(h_BCD, unembed_DV), jnp.float32)
     logits_BCV = jnp.einsum("bcd,dv->bcv", h_BCD, unembed_DV, preferred_element_type=acc)
-    if bias_V is not None:
-        logits_BCV = logits_BCV + bias_V.astype(acc)
     if softcap is not None:  # Gemma 2's final-logit soft-capping
         logits_BCV = softcap * jnp.tanh(logits_BCV / softcap)
     return logits_BCV
 
 
-def _chunk_logps(
-    h_BCD: Array, unembed_DV: Array, bias_V: Array | None, targets_BC: Array, softcap: float | None = None
-) -> Array:
-    logits_BCV = _chunk_logits(h_BCD, unembed_DV, bias_V, softcap)
+def _chunk_logps(h_BCD: Array, unembed_DV: Array, targets_BC: Array, softcap: float | None = None) -> Array:
+    logits_BCV = _chunk_logits(h_BCD, unembed_DV, softcap)
     lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
     return jnp.take_along_axis(logits_BCV, targets_BC[..., None], axis=-1)[..., 0] - lse_BC
 
@@ -78,11 +74,10 @@ def lean_token_logps(
     targets_BT: Array,
     mask_BT: Array | None = None,
     *,
-    bias_V: Array | None = None,
     chunk_size: int = 256,
     softcap: float | None = None,
 ) -> Array:
-    """Same as token_logps(hidden @ unembed + bias, ...) without ever holding B×T×V in float32
+    """Same as token_logps(hidden @ unembed, ...) without ever holding B×T×V in float32
     (softcap: logits -> softcap * tanh(logits / softcap) first, as Gemma 2's model does).
 
     `chunk_size` is the number of positions (rows of logits) per chunk: time is cut into chunks of
@@ -90,7 +85,7 @@ def lean_token_logps(
     jax.checkpoint, so the backward pass recomputes that chunk's [B, C, V] logits instead of storing
     them. Peak extra memory is O(B · C · V) ≈ O(chunk_size · V), not O(B · T · V). Chunking time (not
     the flattened B·T) keeps the batch axis intact, so a batch-sharded input stays sharded.
-    Gradients flow to hidden, unembed and bias.
+    Gradients flow to hidden and unembed.
     """
     B, T, D = hidden_BTD.shape
     if unembed_DV.ndim != 2 or unembed_DV.shape[0] != D:
@@ -99,8 +94,6 @@ def lean_token_logps(
             f"to match hidden_BTD {hidden_BTD.shape}"
         )
     V = unembed_DV.shape[1]
-    if bias_V is not None and bias_V.shape != (V,):
-        raise ValueError(f"lean_token_logps: bias_V has shape {bias_V.shape}, expected ({V},)")
     if targets_BT.shape != (B, T):
         raise ValueError(f"lean_token_logps: targets_BT has shape {targets_BT.shape}, expected {(B, T)}")
     if chunk_size <= 0:
@@ -109,12 +102,12 @@ def lean_token_logps(
     t_KBC = _time_chunks(jnp.clip(targets_BT, 0, V - 1), chunk_size)
 
     @jax.checkpoint
-    def one_chunk(h_BCD: Array, t_BC: Array, w_DV: Array, b_V: Array | None) -> Array:
-        return _chunk_logps(h_BCD, w_DV, b_V, t_BC, softcap)
+    def one_chunk(h_BCD: Array, t_BC: Array, w_DV: Array) -> Array:
+        return _chunk_logps(h_BCD, w_DV, t_BC, softcap)
 
     def body(carry: None, xs: tuple[Array, Array]) -> tuple[None, Array]:
         h_BCD, t_BC = xs
-        return carry, one_chunk(h_BCD, t_BC, unembed_DV, bias_V)
+        return carry, one_chunk(h_BCD, t_BC, unembed_DV)
 
     _, logps_KBC = jax.lax.scan(body, None, (h_KBCD, t_KBC))
     logps_BT = _from_time_chunks(logps_KBC, T)
@@ -183,11 +176,10 @@ def lean_log_sum_sq_probs(
     unembed_DV: Array,
     mask_BT: Array | None = None,
     *,
-    bias_V: Array | None = None,
     chunk_size: int = 256,
     softcap: float | None = None,
 ) -> Array:
-    """log_sum_sq_probs(hidden @ unembed + bias) chunked over time like lean_token_logps (peak extra
+    """log_sum_sq_probs(hidden @ unembed) chunked over time like lean_token_logps (peak extra
     memory O(chunk_size · V)), without gradient (WPO's weights are constants); 0 where masked."""
     B, T, D = hidden_BTD.shape
     if unembed_DV.ndim != 2 or unembed_DV.shape[0] != D:
@@ -198,9 +190,8 @@ def lean_log_sum_sq_probs(
     if chunk_size <= 0:
         raise ValueError(f"lean_log_sum_sq_probs: chunk_size must be positive, got {chunk_size}")
     hidden_BTD, unembed_DV = jax.lax.stop_gradient(hidden_BTD), jax.lax.stop_gradient(unembed_DV)
-    bias_V = None if bias_V is None else jax.lax.stop_gradient(bias_V)
     def body(carry: None, h_BCD: Array) -> tuple[None, Array]:
-        return carry, log_sum_sq_probs(_chunk_logits(h_BCD, unembed_DV, bias_V, softcap))
+        return carry, log_sum_sq_probs(_chunk_logits(h_BCD, unembed_DV, softcap))
 
     _, out_KBC = jax.lax.scan(body, None, _time_chunks(hidden_BTD, chunk_size))
     out_BT = _from_time_chunks(out_KBC, T)
@@ -225,10 +216,8 @@ def lean_token_kl(
     *,
     chunk_size: int = 256,
     softcap: float | None = None,
-    bias_policy_V: Array | None = None,
-    bias_ref_V: Array | None = None,
 ) -> Array:
-    """token_kl(h_policy @ unembed_policy + bias_policy, h_ref @ unembed_ref + bias_ref, mask) over the
+    """token_kl(h_policy @ unembed_policy, h_ref @ unembed_ref, mask) over the
     whole vocabulary without ever holding a [P, R, V] float32 array -> kl_PR (0 where masked).
 
     Chunked over response positions exactly like lean_token_logps: C = max(1, chunk_size // P) steps
@@ -255,22 +244,19 @@ def lean_token_kl(
         raise ValueError(
             f"lean_token_kl: unembed_ref_DV has shape {unembed_ref_DV.shape}, expected {(Dr, V)}"
         )
-    for name, b in (("bias_policy_V", bias_policy_V), ("bias_ref_V", bias_ref_V)):
-        if b is not None and b.shape != (V,):
-            raise ValueError(f"lean_token_kl: {name} has shape {b.shape}, expected ({V},)")
     if mask_PR is not None and mask_PR.shape != (P, R):
         raise ValueError(f"lean_token_kl: mask_PR has shape {mask_PR.shape}, expected {(P, R)}")
     if chunk_size <= 0:
         raise ValueError(f"lean_token_kl: chunk_size must be positive, got {chunk_size}")
     @jax.checkpoint
-    def one_chunk(hp_PCD: Array, hr_PCD: Array, wp_DV: Array, wr_DV: Array, bp_V, br_V) -> Array:
-        logits_PCV = _chunk_logits(hp_PCD, wp_DV, bp_V, softcap)
-        ref_logits_PCV = _chunk_logits(hr_PCD, wr_DV, br_V, softcap)
+    def one_chunk(hp_PCD: Array, hr_PCD: Array, wp_DV: Array, wr_DV: Array) -> Array:
+        logits_PCV = _chunk_logits(hp_PCD, wp_DV, softcap)
+        ref_logits_PCV = _chunk_logits(hr_PCD, wr_DV, softcap)
         return token_kl(logits_PCV, ref_logits_PCV)
 
     def body(carry: None, xs: tuple[Array, Array]) -> tuple[None, Array]:
         hp_PCD, hr_PCD = xs
-        return carry, one_chunk(hp_PCD, hr_PCD, unembed_policy_DV, unembed_ref_DV, bias_policy_V, bias_ref_V)
+        return carry, one_chunk(hp_PCD, hr_PCD, unembed_policy_DV, unembed_ref_DV)
 
     chunks = (_time_chunks(h_policy_PRD, chunk_size), _time_chunks(h_ref_PRD, chunk_size))
     _, kl_KPC = jax.lax.scan(body, None, chunks)

@@ -208,22 +208,19 @@ class TokenLossTest(chex.TestCase):
         hr = rng.normal(size=(P, R, Dr)).astype(np.float32)  # the reference may be narrower
         wp = (2 * rng.normal(size=(D, V))).astype(np.float32)
         wr = (2 * rng.normal(size=(Dr, V))).astype(np.float32)
-        bp, br = rng.normal(size=(V,)).astype(np.float32), rng.normal(size=(V,)).astype(np.float32)
         mask = (np.arange(R)[None] < np.array([[7], [4], [1]])).astype(np.float32)
-        lp = np.einsum("prd,dv->prv", *_f64(hp, wp)) + bp
-        lr = np.einsum("prd,dv->prv", *_f64(hr, wr)) + br
+        lp = np.einsum("prd,dv->prv", *_f64(hp, wp))
+        lr = np.einsum("prd,dv->prv", *_f64(hr, wr))
         for softcap in (None, 3.0):
             cap = (lambda x: x) if softcap is None else (lambda x, s=softcap: s * np.tanh(x / s))
             want = _np_kl(cap(lp), cap(lr)) * mask
             # chunk_size // P time steps per chunk: 1, 2 (does not divide R = 7), 3, and all of R
             for chunk_size in (1, 6, 9, 100):
-                kl_fn = functools.partial(tokenq.lean_token_kl, chunk_size=chunk_size, softcap=softcap,
-                                          bias_policy_V=bp, bias_ref_V=br)  # fmt: skip
-                fn = self.variant(kl_fn)
-                got = fn(hp, hr, wp, wr, mask)
+                kl_fn = functools.partial(tokenq.lean_token_kl, chunk_size=chunk_size, softcap=softcap)
+                got = self.variant(kl_fn)(hp, hr, wp, wr, mask)
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"{chunk_size} {softcap}")
             assert (np.asarray(got)[mask > 0] >= -1e-6).all()
-        # without biases and mask; same-width reference
+        # without mask; same-width reference
         got = self.variant(functools.partial(tokenq.lean_token_kl, chunk_size=6))(hp, hp[..., :D], wp, wp)
         np.testing.assert_allclose(got, 0.0, atol=1e-6)  # KL of a model with itself
 
@@ -232,24 +229,24 @@ def test_lean_token_kl_gradients_match_dense_float64():
     rng = np.random.default_rng(4)
     P, R, D, V = 2, 5, 4, 9
     hp, hr = rng.normal(size=(P, R, D)), rng.normal(size=(P, R, D))
-    wp, wr, bp = rng.normal(size=(D, V)), rng.normal(size=(D, V)), rng.normal(size=(V,))
+    wp, wr = rng.normal(size=(D, V)), rng.normal(size=(D, V))
     mask = np.array([[1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], np.float64)
     g_BT = rng.normal(size=(P, R))
     for softcap in (None, 2.5):
-        def lean(hp, wp, bp, hr, softcap=softcap):
-            kl = tokenq.lean_token_kl(hp, hr, wp, wr, mask, chunk_size=4, softcap=softcap, bias_policy_V=bp)
+        def lean(hp, wp, hr, softcap=softcap):
+            kl = tokenq.lean_token_kl(hp, hr, wp, wr, mask, chunk_size=4, softcap=softcap)
             return jnp.sum(kl * g_BT)
 
-        def dense(hp, wp, bp, hr, softcap=softcap):
+        def dense(hp, wp, hr, softcap=softcap):
             cap = (lambda x: x) if softcap is None else (lambda x: softcap * jnp.tanh(x / softcap))
-            kl = tokenq.token_kl(cap(hp @ wp + bp), cap(hr @ wr), mask)
+            kl = tokenq.token_kl(cap(hp @ wp), cap(hr @ wr), mask)
             return jnp.sum(kl * g_BT)
 
         with jax.enable_x64(True):
-            gl = jax.grad(lean, argnums=(0, 1, 2, 3))(hp, wp, bp, hr)
-            gd = jax.grad(dense, argnums=(0, 1, 2, 3))(hp, wp, bp, hr)
+            gl = jax.grad(lean, argnums=(0, 1, 2))(hp, wp, hr)
+            gd = jax.grad(dense, argnums=(0, 1, 2))(hp, wp, hr)
             # the reference side as the caller passes it: a constant, no gradient
-            g_ref = jax.grad(lambda h: lean(hp, wp, bp, jax.lax.stop_gradient(h)))(hr)
+            g_ref = jax.grad(lambda h: lean(hp, wp, jax.lax.stop_gradient(h)))(hr)
         for a, b in zip(gl, gd, strict=True):
             assert a.dtype == np.float64
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)

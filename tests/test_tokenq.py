@@ -88,30 +88,26 @@ class LeanLogpsTest(chex.TestCase):
         rng = np.random.default_rng(3)
         h = rng.normal(size=(B, T, D)).astype(np.float32)
         w = rng.normal(size=(D, V)).astype(np.float32)
-        b = rng.normal(size=(V,)).astype(np.float32)
         _, targets, mask = _inputs()
         coef = rng.normal(size=(B, T)).astype(np.float32)
 
-        def full(h, w, b):
-            return jnp.sum(coef * tokenq.token_logps(jnp.einsum("btd,dv->btv", h, w) + b, targets, mask))
+        def full(h, w):
+            return jnp.sum(coef * tokenq.token_logps(jnp.einsum("btd,dv->btv", h, w), targets, mask))
 
-        def lean(
-            h, w, b
-        ):  # chunk_size 6 with B = 3: 2 steps per chunk, which does not divide T = 5 (padding path)
-            return jnp.sum(coef * tokenq.lean_token_logps(h, w, targets, mask, bias_V=b, chunk_size=6))
+        # chunk_size 6 with B = 3: 2 steps per chunk, which does not divide T = 5 (padding path)
+        def lean(h, w):
+            return jnp.sum(coef * tokenq.lean_token_logps(h, w, targets, mask, chunk_size=6))
 
-        vf, gf = jax.value_and_grad(full, argnums=(0, 1, 2))(h, w, b)
-        vl, gl = self.variant(jax.value_and_grad(lean, argnums=(0, 1, 2)))(h, w, b)
+        vf, gf = jax.value_and_grad(full, argnums=(0, 1))(h, w)
+        vl, gl = self.variant(jax.value_and_grad(lean, argnums=(0, 1)))(h, w)
         np.testing.assert_allclose(vl, vf, atol=1e-5, rtol=1e-5)
         for a, e in zip(gl, gf, strict=True):
             np.testing.assert_allclose(a, e, atol=1e-5, rtol=1e-5)
         # and against float64 numpy
-        ref = _np_token_logps(np.einsum("btd,dv->btv", h.astype(np.float64), w) + b, targets, mask)
-        np.testing.assert_allclose(
-            tokenq.lean_token_logps(h, w, targets, mask, bias_V=b, chunk_size=6), ref, atol=1e-5
-        )
+        ref = _np_token_logps(np.einsum("btd,dv->btv", h.astype(np.float64), w), targets, mask)
+        np.testing.assert_allclose(tokenq.lean_token_logps(h, w, targets, mask, chunk_size=6), ref, atol=1e-5)
 
-    def test_lean_without_bias_and_big_chunk(self):
+    def test_lean_big_chunk(self):
         rng = np.random.default_rng(4)
         h = rng.normal(size=(B, T, D)).astype(np.float32)
         w = rng.normal(size=(D, V)).astype(np.float32)
@@ -126,10 +122,6 @@ class LeanLogpsTest(chex.TestCase):
         h = jnp.zeros((B, T, D))
         with pytest.raises(ValueError, match="unembed_DV"):
             tokenq.lean_token_logps(h, jnp.zeros((D + 1, V)), jnp.zeros((B, T), jnp.int32))
-        with pytest.raises(ValueError, match="bias_V"):
-            tokenq.lean_token_logps(
-                h, jnp.zeros((D, V)), jnp.zeros((B, T), jnp.int32), bias_V=jnp.zeros(V + 1)
-            )
 
 
 class QValueTest(chex.TestCase):

@@ -108,13 +108,13 @@ class Decoder(nnx.Module):
 
         return pick
 
-    def unembedding(self) -> tuple[Array, Array | None]:
-        """(unembed_DV, bias_V or None) in the compute dtype: logits = hidden @ unembed_DV."""
+    def unembedding(self) -> Array:
+        """unembed_DV in the compute dtype: logits = hidden @ unembed_DV (no family has a bias)."""
         w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        return w.astype(self.dtype), None
+        return w.astype(self.dtype)
 
     def _logits(self, hidden: Array) -> Array:
-        w, _ = self.unembedding()
+        w = self.unembedding()
         # float32 logits: bfloat16 has ~3 significant digits, too few for log-probs.
         logits = jnp.einsum("nsd,dv->nsv", hidden, w, preferred_element_type=jnp.float32)
         c = self.cfg.final_softcap

@@ -64,12 +64,11 @@ def lora_config(cfg: Any) -> Any:
     return LoraConfig(rank=lc.rank, alpha=float(lc.alpha), targets=tuple(lc.targets), seed=cfg.seed)
 
 
-def model_source(cfg: Any, mesh: Any = None, rules: Any = None) -> ModelSource:
+def model_source(cfg: Any) -> ModelSource:
     """How to build the policy: random init from model.config, or the weights at model.path (anything
     `load.load_model` takes: an HF directory, a params checkpoint, a run folder). With LoRA, make_model
-    builds base + adapters and load_params loads the base weights only. mesh/rules: unused (the
-    shardings come with each call of load_params)."""
-    del mesh, rules
+    builds base + adapters and load_params loads the base weights only (the shardings come with each
+    call of load_params)."""
     kw = dict(param_dtype=_dtype(cfg.model.param_dtype), dtype=_dtype(cfg.model.dtype))
     kw["attention"] = cfg.model.attention
     lora = lora_config(cfg)
@@ -304,7 +303,7 @@ def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, w
     dataset = inputs.load_dataset(cfg) if with_data else None
     dpo = cfg.stage == "dpo"
     caches = attach_caches(cfg, dataset) if dpo and with_data else {}
-    source = source or model_source(cfg, mesh, rules)
+    source = source or model_source(cfg)
     if with_data:
         check_vocab(dataset, source.model_config.vocab_size, cfg)
     graphdef, abs_params, rest = abstract_split(source.make_model)

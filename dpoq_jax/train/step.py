@@ -58,22 +58,20 @@ class Forward:
 
 
 def _hidden_and_unembed(graphdef: nnx.GraphDef, params: Any, rest: Any, batch: Batch, fwd: Forward):
-    """Forward the layout rows -> flat hidden [N*S, D], unembedding [D, V], bias [V] or None and the
-    final-logit soft-cap (Gemma 2) or None."""
+    """Forward the layout rows -> flat hidden [N*S, D], unembedding [D, V] and the final-logit soft-cap
+    (Gemma 2) or None."""
     model = nnx.merge(graphdef, *(params if isinstance(params, tuple) else (params,)), rest)
     seg, br = (None, None) if fwd.causal_rows else (batch["segment_ids"], batch["branch_ids"])
     tokens, positions = batch["tokens"], batch["positions"]
     one = fwd.one_segment_per_row
     hidden_NSD = model(tokens, positions, seg, br, return_hidden=True, one_segment_per_row=one)
-    unembed_DV, bias_V = model.unembedding()
     N, S, D = hidden_NSD.shape
-    return hidden_NSD.reshape(N * S, D), unembed_DV, bias_V, model.cfg.final_softcap
+    return hidden_NSD.reshape(N * S, D), model.unembedding(), model.cfg.final_softcap
 
 
 def response_logps(
     hidden_XD: Array,
     unembed_DV: Array,
-    bias_V: Array | None,
     pred_idx_PR: Array,
     targets_PR: Array,
     mask_PR: Array,
@@ -83,7 +81,7 @@ def response_logps(
     """Per-token log-probs [P, R] of responses, gathered from flat row positions (CONTRACTS §2)."""
     h_PRD = jnp.take(hidden_XD, pred_idx_PR, axis=0)
     return tokenq.lean_token_logps(
-        h_PRD, unembed_DV, targets_PR, mask_PR, bias_V=bias_V, chunk_size=chunk_size, softcap=softcap
+        h_PRD, unembed_DV, targets_PR, mask_PR, chunk_size=chunk_size, softcap=softcap
     )
 
 
@@ -102,16 +100,14 @@ def layout_logps(
     """Per-token log-probs [P, R] of the responses of a layout batch (`sides`: the chosen and rejected of
     pairs, or SINGLE: the one completion of an SFT or outcome batch); with log_sum_sq also their
     log Σ_v π(v)² [P, R] (WPO's weights; no gradient), from the same forward."""
-    h, w, b, cap = _hidden_and_unembed(graphdef, params, rest, batch, fwd)
+    h, w, cap = _hidden_and_unembed(graphdef, params, rest, batch, fwd)
     out, extra = [], []
     for side in sides:
         idx, mask = batch[f"{side}_pred_idx"], batch[f"{side}_mask"]
-        out.append(response_logps(h, w, b, idx, batch[f"{side}_targets"], mask, fwd.chunk_size, cap))
+        out.append(response_logps(h, w, idx, batch[f"{side}_targets"], mask, fwd.chunk_size, cap))
         if log_sum_sq:
             h_PRD = jnp.take(h, idx, axis=0)
-            extra.append(
-                tokenq.lean_log_sum_sq_probs(h_PRD, w, mask, bias_V=b, chunk_size=fwd.chunk_size, softcap=cap)
-            )
+            extra.append(tokenq.lean_log_sum_sq_probs(h_PRD, w, mask, chunk_size=fwd.chunk_size, softcap=cap))
     return (*out, *extra)
 
 
@@ -222,16 +218,15 @@ def tdpo_inputs(
     if reference is None:
         raise ValueError("DPO step: loss_type tdpo needs frozen reference parameters (reference.mode "
                          "frozen): its per-token KL reads the reference's whole distribution")
-    h, w, b, cap = _hidden_and_unembed(graphdef, policy, rest, batch, fwd)
-    hr, wr, br, _ = jax.lax.stop_gradient(_hidden_and_unembed(graphdef, reference, rest, batch, fwd))
+    h, w, cap = _hidden_and_unembed(graphdef, policy, rest, batch, fwd)
+    hr, wr, _ = jax.lax.stop_gradient(_hidden_and_unembed(graphdef, reference, rest, batch, fwd))
     out, kls = [], []
     for side in PAIR:
         idx, mask, targets = batch[f"{side}_pred_idx"], batch[f"{side}_mask"], batch[f"{side}_targets"]
-        out.append(response_logps(h, w, b, idx, targets, mask, fwd.chunk_size, cap))
-        out.append(response_logps(hr, wr, br, idx, targets, mask, fwd.chunk_size, cap))
+        out.append(response_logps(h, w, idx, targets, mask, fwd.chunk_size, cap))
+        out.append(response_logps(hr, wr, idx, targets, mask, fwd.chunk_size, cap))
         h_PRD, hr_PRD = jnp.take(h, idx, axis=0), jnp.take(hr, idx, axis=0)
-        kls.append(tokenq.lean_token_kl(h_PRD, hr_PRD, w, wr, mask, chunk_size=fwd.chunk_size, softcap=cap,
-                                        bias_policy_V=b, bias_ref_V=br))
+        kls.append(tokenq.lean_token_kl(h_PRD, hr_PRD, w, wr, mask, chunk_size=fwd.chunk_size, softcap=cap))
     pc, rc, pr, rr = out
     return pc, pr, rc, rr, kls[0], kls[1]
 
