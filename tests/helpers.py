@@ -32,12 +32,12 @@ import numpy as np
 from flax import nnx
 
 from dpoq_jax import cli, paths
+from dpoq_jax.configs.synthetic import synthetic_config
 from dpoq_jax.data.synthetic import SyntheticTokenizer
 from dpoq_jax.models import ModelConfig
 from dpoq_jax.models.decoder import Decoder, abstract_split
 from dpoq_jax.models.hf import save_hf
 from dpoq_jax.train import inputs
-from dpoq_jax.train.config import synthetic_config
 from dpoq_jax.train.loop import TIMING_KEYS
 from dpoq_jax.train.metrics import read_metrics
 from dpoq_jax.train.setup import global_batch

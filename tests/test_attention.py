@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dpoq_jax.configs.synthetic import synthetic_config
 from dpoq_jax.models import attention as A
 from dpoq_jax.train import inputs
-from dpoq_jax.train.config import synthetic_config
 from dpoq_jax.train.setup import forward_for, setup
 from dpoq_jax.train.step import accumulate_grads, layout_logps
 

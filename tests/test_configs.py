@@ -257,7 +257,7 @@ def test_synthetic_config_file_takes_task_stage_tiny_and_the_sft_run(task, tmp_p
     """One file for the synthetic tasks: `synthetic.py:TASK:STAGE[:tiny][:SFT_WORKDIR]`, locked, with
     synthetic_config's values (arithmetic_chain: its longer rows), the tests' tiny size on top."""
     from dpoq_jax.configs import synthetic
-    from dpoq_jax.train.config import synthetic_config
+    from dpoq_jax.configs.synthetic import synthetic_config
 
     for stage in ("sft", "dpo"):
         cfg = load_config_file(f"{SYNTHETIC}:{task}:{stage}")

@@ -179,9 +179,9 @@ def test_blame_profile() -> None:
 def _tiny_decoder(seed: int):
     from flax import nnx
 
+    from dpoq_jax.configs.synthetic import TINY_LLAMA
     from dpoq_jax.models.decoder import Decoder
     from dpoq_jax.models.model_config import ModelConfig
-    from dpoq_jax.train.config import TINY_LLAMA
 
     cfg = ModelConfig.from_dict(dict(TINY_LLAMA, hidden_size=32, num_layers=1, intermediate_size=64))
     return Decoder(cfg, rngs=nnx.Rngs(seed))
@@ -211,7 +211,7 @@ def test_section54_on_tiny_models_and_logit_alignment() -> None:
 
 def test_stage_config_and_diff_keys(tmp_path) -> None:
     # The packaged default is the synthetic config file with the task as its argument, the stage after it.
-    from dpoq_jax.train.config import synthetic_config
+    from dpoq_jax.configs.synthetic import synthetic_config
 
     packaged = runs.stage_config(runs.default_config("error_injection"), "sft")
     assert packaged.endswith("dpoq_jax/configs/synthetic.py:error_injection:sft")

@@ -17,7 +17,10 @@ the task's own pairs (a correct solution vs one with an injected error); the imp
 trains that stage on the reference's sampled solutions labelled by their final answer instead.
 """
 
-from dpoq_jax.train.config import synthetic_config
+import ml_collections as mc
+
+from dpoq_jax.data.synthetic import DenseRewardTask
+from dpoq_jax.train.config import base_config
 
 TASKS = ("error_injection", "dense_reward", "arithmetic_chain")
 STAGES = ("sft", "dpo")
@@ -34,6 +37,91 @@ TINY = {
     "train.progress_bar": False,
     "train.log_every": 1,
 }
+
+
+# A tiny Llama-shaped decoder (RMSNorm, SwiGLU, rotary, grouped KV heads) over the synthetic tasks'
+# 42-token vocabulary: trains in seconds on a CPU.
+TINY_LLAMA = {
+    "family": "llama",
+    "vocab_size": 42,
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 128,
+    "max_position_embeddings": 64,
+    "norm": "rmsnorm",
+    "norm_eps": 1e-6,
+    "activation": "silu",
+    "gated_mlp": True,
+    "rotary_dim": 16,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+
+
+def synthetic_config(task: str, stage: str, sft_workdir: str = "", tiny: bool = False) -> mc.ConfigDict:
+    """Tiny CPU config for a synthetic task (TASKS), stage "sft" (random init) or "dpo" (from the SFT
+    run's workdir `sft_workdir`, its frozen copy as the reference); `tiny`: the tests' size (TINY)."""
+    c = base_config()
+    c.stage = stage
+    c.data.source = "synthetic"
+    c.data.task = task
+    c.data.num_examples = 8192
+    c.data.num_eval = 256
+    c.data.seq_len = 32
+    c.data.response_len = 12
+    c.data.max_prompt_tokens = 16
+    c.data.sft_responses = "chosen" if task == "error_injection" else "all"
+    # the synthetic experiments were calibrated on fixed padded rows without remat: their numbers stay
+    c.data.layout = "padded"
+    c.data.bucket_step = 0
+    c.model.remat = ""
+    if task == "dense_reward":
+        c.data.on_error = "skip"  # two reference samples can coincide: such pairs carry no preference
+        # responses run to max_len letters + EOS (with one to spare): none is truncated, since the
+        # experiments on this task are about response lengths
+        c.data.response_len = DenseRewardTask.max_len + 2
+        c.data.seq_len = c.data.response_len + 8
+    if task == "arithmetic_chain":  # rows long enough for six steps ("1a3=8|" each, prompt 7 tokens)
+        c.data.sft_responses = "chosen"
+        c.data.max_prompt_tokens = 12  # "<bos>5a3:6=" is 7
+        c.data.response_len = 38  # 6 steps × 6 tokens, the last without "|", + EOS = 36, two to spare
+        c.data.seq_len = 48
+    c.model.config = mc.ConfigDict(TINY_LLAMA)
+    c.optim.name = "adamw"
+    c.optim.clip_norm = 10.0
+    c.train.batch_size = 32
+    c.train.log_every = 10
+    c.checkpoint.every_steps = 100
+    c.mesh = mc.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+    if stage == "sft":
+        c.model.init = "random"
+        c.optim.lr = 3e-3
+        c.optim.warmup_steps = 20
+        c.optim.schedule = "cosine"
+        c.optim.end_factor = 0.1
+        c.train.num_steps = 800
+        c.train.eval_every = 200
+    else:
+        c.model.init = "checkpoint"
+        c.model.path = sft_workdir
+        c.loss.beta = 0.1
+        c.optim.lr = 1e-3
+        c.optim.warmup_steps = 10
+        c.train.num_steps = 200
+        c.train.eval_every = 50
+    if tiny:
+        for key, value in TINY.items():
+            group, *path = key.split(".")
+            node = c[group]
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = value
+    return c
 
 
 def parse(arg: str | None) -> tuple[str, str, bool, str]:
@@ -54,17 +142,4 @@ def parse(arg: str | None) -> tuple[str, str, bool, str]:
 
 def get_config(arg=None):
     task, stage, tiny, sft = parse(arg)
-    c = synthetic_config(task, stage, sft_workdir=sft)
-    if task == "arithmetic_chain":
-        c.data.sft_responses = "chosen"
-        c.data.max_prompt_tokens = 12  # "<bos>5a3:6=" is 7
-        c.data.response_len = 38  # 6 steps × 6 tokens, the last without "|", + EOS = 36, two to spare
-        c.data.seq_len = 48
-    if tiny:
-        for key, value in TINY.items():
-            group, *path = key.split(".")
-            node = c[group]
-            for p in path[:-1]:
-                node = node[p]
-            node[path[-1]] = value
-    return c
+    return synthetic_config(task, stage, sft_workdir=sft, tiny=tiny)

@@ -20,7 +20,6 @@ import ml_collections as mc
 from dpoq_jax import losses, paths
 from dpoq_jax.data.layouts import LAYOUTS
 from dpoq_jax.data.sources import SOURCES
-from dpoq_jax.data.synthetic import DenseRewardTask
 
 STAGES = ("sft", "dpo")
 
@@ -492,77 +491,4 @@ def base_config() -> mc.ConfigDict:
     c.mesh = mc.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: the remaining devices
     c.sharding = mc.ConfigDict()
     c.sharding.rules = ()  # ((logical, mesh axes), ...); empty: mesh.DEFAULT_RULES
-    return c
-
-
-# A tiny Llama-shaped decoder (RMSNorm, SwiGLU, rotary, grouped KV heads) over the synthetic tasks'
-# 42-token vocabulary: trains in seconds on a CPU.
-TINY_LLAMA = {
-    "family": "llama",
-    "vocab_size": 42,
-    "hidden_size": 64,
-    "num_layers": 2,
-    "num_heads": 4,
-    "num_kv_heads": 2,
-    "head_dim": 16,
-    "intermediate_size": 128,
-    "max_position_embeddings": 64,
-    "norm": "rmsnorm",
-    "norm_eps": 1e-6,
-    "activation": "silu",
-    "gated_mlp": True,
-    "rotary_dim": 16,
-    "tie_word_embeddings": False,
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-    "pad_token_id": 0,
-}
-
-
-def synthetic_config(task: str, stage: str, sft_workdir: str = "") -> mc.ConfigDict:
-    """Tiny CPU config for a synthetic task ("error_injection" or "dense_reward"), stage "sft" (random
-    init) or "dpo" (from the SFT run's workdir `sft_workdir`, its frozen copy as the reference)."""
-    c = base_config()
-    c.stage = stage
-    c.data.source = "synthetic"
-    c.data.task = task
-    c.data.num_examples = 8192
-    c.data.num_eval = 256
-    c.data.seq_len = 32
-    c.data.response_len = 12
-    c.data.max_prompt_tokens = 16
-    c.data.sft_responses = "chosen" if task == "error_injection" else "all"
-    # the synthetic experiments were calibrated on fixed padded rows without remat: their numbers stay
-    c.data.layout = "padded"
-    c.data.bucket_step = 0
-    c.model.remat = ""
-    if task == "dense_reward":
-        c.data.on_error = "skip"  # two reference samples can coincide: such pairs carry no preference
-        # responses run to max_len letters + EOS (with one to spare): none is truncated, since the
-        # experiments on this task are about response lengths
-        c.data.response_len = DenseRewardTask.max_len + 2
-        c.data.seq_len = c.data.response_len + 8
-    c.model.config = mc.ConfigDict(TINY_LLAMA)
-    c.optim.name = "adamw"
-    c.optim.clip_norm = 10.0
-    c.train.batch_size = 32
-    c.train.log_every = 10
-    c.checkpoint.every_steps = 100
-    c.mesh = mc.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
-    if stage == "sft":
-        c.model.init = "random"
-        c.optim.lr = 3e-3
-        c.optim.warmup_steps = 20
-        c.optim.schedule = "cosine"
-        c.optim.end_factor = 0.1
-        c.train.num_steps = 800
-        c.train.eval_every = 200
-    else:
-        c.model.init = "checkpoint"
-        c.model.path = sft_workdir
-        c.loss.beta = 0.1
-        c.optim.lr = 1e-3
-        c.optim.warmup_steps = 10
-        c.train.num_steps = 200
-        c.train.eval_every = 50
     return c

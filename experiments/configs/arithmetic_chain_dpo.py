@@ -1,6 +1,0 @@
-"""Re-export of the packaged config dpoq_jax/configs/arithmetic_chain_dpo.py, the one source of its values.
-
-    dpoq train --config experiments/configs/arithmetic_chain_dpo.py ...
-"""
-
-from dpoq_jax.configs.arithmetic_chain_dpo import get_config  # noqa: F401
