@@ -604,12 +604,8 @@ SCALES = {
 }
 
 
-def main(
-    argv: Sequence[str] | None = None,
-    scales: dict[str, dict] | None = None,
-    results_dir: Path | str = harness.RESULTS_DIR,
-) -> int:
-    argv, scales = list(sys.argv[1:] if argv is None else argv), scales or SCALES
+def main(argv: Sequence[str] | None = None, scales=None, results_dir=harness.RESULTS_DIR) -> int:
+    argv, scales = harness.with_defaults(sys.modules[__name__], argv, scales)
     module = sys.modules[__name__]
     args = harness.parse_args(module, argv, results_dir)
     if args.sweep and args.results == str(Path(results_dir) / f"{NAME}.md"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -175,10 +176,21 @@ def run_seeds(
     return report
 
 
+def with_defaults(
+    module: ModuleType, argv: Sequence[str] | None, scales: dict[str, dict] | None
+) -> tuple[list[str], dict[str, dict]]:
+    """An experiment's main arguments: the command line's and the module's SCALES unless given."""
+    return list(sys.argv[1:] if argv is None else argv), scales or module.SCALES
+
+
 def experiment_main(
-    module: ModuleType, argv: Sequence[str], scales: dict[str, dict], results_dir: Path | str
+    module: ModuleType,
+    argv: Sequence[str] | None = None,
+    scales: dict[str, dict] | None = None,
+    results_dir: Path | str = RESULTS_DIR,
 ) -> int:
     """`python -m dpoq_jax.experiments.<name>`: parse, run every seed, write the merged report."""
+    argv, scales = with_defaults(module, argv, scales)
     args = parse_args(module, argv, results_dir)
     scale = scales["quick" if args.quick else "full"]
     return write_report(module.NAME, run_seeds(module.run, module.verdicts, args, scale), args.results)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -271,12 +270,7 @@ SCALES = {
 }
 
 
-def main(
-    argv: Sequence[str] | None = None,
-    scales: dict[str, dict] | None = None,
-    results_dir: Path | str = harness.RESULTS_DIR,
-) -> int:
-    argv, scales = list(sys.argv[1:] if argv is None else argv), scales or SCALES
+def main(argv: Sequence[str] | None = None, scales=None, results_dir=harness.RESULTS_DIR) -> int:
     return harness.experiment_main(sys.modules[__name__], argv, scales, results_dir)
 
 

@@ -222,10 +222,7 @@ def add_args(parser: argparse.ArgumentParser) -> None:
                         help=f"training arms, dpo first (default: {','.join(ARMS)})")  # fmt: skip
 
 
-def main(
-    argv: Sequence[str] | None = None, scales: dict[str, dict] = SCALES, results_dir: Path | str = RESULTS
-) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def main(argv: Sequence[str] | None = None, scales: dict | None = None, results_dir=RESULTS) -> int:
     return harness.experiment_main(sys.modules[__name__], argv, scales, results_dir)
 
 
