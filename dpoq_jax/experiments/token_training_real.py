@@ -100,8 +100,8 @@ def train_arm(
 
 
 def step_seconds(run_dir: Path) -> float:
-    """Median wall time of the run's logged training steps (the compiling first step is never logged
-    unless log_every is 1; it is dropped then)."""
+    """Median wall time of the run's logged training steps, the first logged one left out (with
+    log_every 1 it is the compiling step)."""
     from dpoq_jax.train.metrics import read_metrics
 
     ts = [float(r["step_time_s"]) for r in read_metrics(str(run_dir), split="train") if "step_time_s" in r]
