@@ -103,13 +103,6 @@ def _overrides(d: dict[str, Any]) -> list[str]:
     return [f"--config.{k}={v}" for k, v in d.items()]
 
 
-def _config(task: str, workdir: Path) -> Any:
-    """The resolved config a finished run trained with (its config.json)."""
-    import ml_collections as mc
-
-    return mc.ConfigDict(json.loads((workdir / "config.json").read_text()))
-
-
 def true_reward_fn(task_obj: Any):
     """values(item, side, ids): the task's true token rewards of the response (prompt text from its ids)."""
     tok = task_obj.tokenizer
@@ -160,6 +153,7 @@ def evaluate(run_dir: Path, sft_dir: Path, task_obj: Any, how: str, n: int, beta
 def run_part(args: argparse.Namespace, scale: dict, task: str, seed: int) -> dict[int, dict[str, dict]]:
     """One (task, seed): its SFT run, then every (size, method): train, cache, evaluate -> evals."""
     from dpoq_jax.data.synthetic import make_task
+    from dpoq_jax.train.setup import run_config
 
     kwargs, how = TASKS[task]
     root = Path(args.workdir) / task / f"seed{seed}"
@@ -186,7 +180,7 @@ def run_part(args: argparse.Namespace, scale: dict, task: str, seed: int) -> dic
                 dpo_dir = root / f"n{n_pairs}" / "dpo"
                 if cache == "oracle" and not (dpo_dir / "experiment_run.json").exists():
                     raise SystemExit(f"{method} needs the dpo run of its size first (methods in order)")
-                cfg = _config(task, dpo_dir) if dpo_dir.exists() else None
+                cfg = run_config(str(dpo_dir)) if dpo_dir.exists() else None
                 if cfg is None:
                     raise SystemExit(f"{method}: run the dpo method first (its config names the data)")
                 caches[cache] = build_cache(

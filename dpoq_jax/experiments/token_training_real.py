@@ -25,7 +25,6 @@ Finished training runs, caches and seeds are reused (a stopped run restarts wher
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -84,8 +83,10 @@ def halves(prompts: Sequence[tuple[str, str]]) -> dict[str, list[tuple[str, str]
 
 
 def train_arm(
-    args: argparse.Namespace, scale: dict, arm: str, train: Path, val: Path, cache: Path | None
+    args: argparse.Namespace, scale: dict, arm: str, train: Path, val: Path, cache: Path | None, name=""
 ) -> Path:
+    """A run of `arm` from the model on the pairs in `train` in <workdir>/<name or arm> (the oracle: the
+    dpo arm on its own pairs, named "oracle")."""
     label, loss, _ = ARMS[arm]
     over = dict(loss)
     beta = over.pop("loss.beta", scale["beta"])
@@ -93,9 +94,9 @@ def train_arm(
              f"--config.data.eval_path={val}", f"--config.train.batch_size={scale['batch_size']}",
              *(f"--config.{k}={v}" for k, v in over.items()),
              *([f"--config.loss.token_weights={cache}"] if cache is not None else [])]  # fmt: skip
-    doc.log(f"{NAME}: {label}: {scale['steps']} steps at lr {scale['lr']}, β = {beta}")
-    return runs.train_run(args.config, "dpo", Path(args.workdir) / arm, steps=scale["steps"], seed=args.seed,
-                          beta=beta, lr=scale["lr"], eval_every=scale["eval_every"],
+    doc.log(f"{NAME}: {name or label}: {scale['steps']} steps at lr {scale['lr']}, β = {beta}")
+    return runs.train_run(args.config, "dpo", Path(args.workdir) / (name or arm), steps=scale["steps"],
+                          seed=args.seed, beta=beta, lr=scale["lr"], eval_every=scale["eval_every"],
                           overrides=[*extra, *args.overrides])  # fmt: skip
 
 
@@ -116,6 +117,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     from dpoq_jax.data.token_cache import is_cache
     from dpoq_jax.train.load import load_model
     from dpoq_jax.train.precompute import token_rewards
+    from dpoq_jax.train.setup import run_config
 
     if not args.model:
         raise SystemExit(f"{NAME}: --model is required (a Hugging Face chat model folder)")
@@ -139,22 +141,14 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
         rows, counts[split] = cp.pair_rows(prompts, ss, scale["pairs_per_prompt"], args.seed, split)
         data[split] = cp.write_rows(workdir / "data", split, rows)
     # the oracle: DPO on its own prompts, then its rewards on the policy's pairs (the dpo arm's data)
-    oracle = runs.train_run(args.config, "dpo", workdir / "oracle", steps=scale["steps"], seed=args.seed,
-                            beta=scale["beta"], lr=scale["lr"], eval_every=scale["eval_every"],
-                            overrides=[f"--config.model.path={Path(args.model).resolve()}",
-                                       f"--config.data.path={data['oracle']}",
-                                       f"--config.data.eval_path={data['validation']}",
-                                       f"--config.train.batch_size={scale['batch_size']}",
-                                       *args.overrides])  # fmt: skip
+    oracle = train_arm(args, scale, "dpo", data["oracle"], data["validation"], None, name="oracle")
     dirs: dict[str, Path] = {}
     cache = workdir / "oracle_rewards"
     for arm in args.arms:
         if ARMS[arm][2] and not is_cache(str(cache)):
             doc.log(f"{NAME}: the oracle's token rewards on the {len(parts['policy'])} policy prompts' pairs")
-            import ml_collections as mc
-
-            cfg = mc.ConfigDict(json.loads((dirs["dpo"] / "config.json").read_text()))
-            token_rewards(cfg, str(oracle), str(Path(args.model).resolve()), str(cache), beta=1.0)
+            model = str(Path(args.model).resolve())
+            token_rewards(run_config(str(dirs["dpo"])), str(oracle), model, str(cache), beta=1.0)
         dirs[arm] = train_arm(
             args, scale, arm, data["policy"], data["validation"], cache if ARMS[arm][2] else None
         )

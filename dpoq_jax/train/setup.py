@@ -335,12 +335,17 @@ def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, w
 
 
 
+def run_config(workdir: str) -> Any:
+    """The resolved config a `dpoq train` run wrote into its workdir (config.json), as a ConfigDict."""
+    import ml_collections as mc
+
+    return mc.ConfigDict(json.loads(paths.read_text(paths.join(str(workdir), "config.json"))))
+
+
 def initial_policy(workdir: str) -> nnx.Module:
     """The policy a finished `dpoq train` run started from (for a DPO run: its frozen reference),
     rebuilt from the run's config.json: the model at model.path, or the random init of model.config."""
-    import ml_collections as mc
-
-    cfg = mc.ConfigDict(json.loads(paths.read_text(paths.join(str(workdir), "config.json"))))
+    cfg = run_config(workdir)
     if cfg.model.init == "random":
         return model_source(cfg).make_model()
     return load.load_model(cfg.model.path, flag=f"{workdir}/config.json model.path")
