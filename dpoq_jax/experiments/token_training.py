@@ -31,10 +31,10 @@ import numpy as np
 
 from dpoq_jax.analysis.document import log
 from dpoq_jax.analysis.seeds import Interval, Items, items_interval, t_interval
-from dpoq_jax.experiments import runs
+from dpoq_jax.experiments import harness, runs
 
 NAME = "token_training"
-RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
+RESULTS = harness.RESULTS_DIR
 # method -> (label, loss overrides, token cache it reads or None)
 METHODS: dict[str, tuple[str, dict[str, Any], str | None]] = {
     "dpo": ("DPO", {"loss.loss_type": "sigmoid"}, None),

@@ -39,7 +39,7 @@ from dpoq_jax.experiments import harness, runs
 
 NAME = "token_training_real"
 TASK = "constraint_prefs"
-RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
+RESULTS = harness.RESULTS_DIR
 # arm -> (label, loss overrides, reads the oracle's cache); dpo first (its config names the policy's data)
 ARMS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "dpo": ("DPO", {"loss.loss_type": "sigmoid"}, False),
