@@ -51,8 +51,11 @@ def test_typed_overrides():
             "--config.train.progress_bar=false",
             "--config.sharding.rules=[['embed', 'fsdp']]",
             "--config.optim.clip_norm=3",
+            "--config.model.lora.targets=q,v",
+            "--config.data.buckets=(64, 128)",
         ],
     )
+    assert c.model.lora.targets == ("q", "v") and c.data.buckets == (64, 128)
     assert (c.optim.lr, c.train.num_steps, c.train.progress_bar, c.optim.clip_norm) == (1e-4, 7, False, 3.0)
     assert isinstance(c.optim.clip_norm, float)
     assert c.sharding.rules == (["embed", "fsdp"],)

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import ml_collections as mc
+from absl import flags as absl_flags
+from ml_collections.config_flags import config_path, tuple_parser
 
 from dpoq_jax import losses, paths
 from dpoq_jax.data.layouts import LAYOUTS
@@ -53,62 +55,59 @@ def load_config_file(spec: str) -> mc.ConfigDict:
     return config
 
 
-def _parse_value(key: str, text: str, old: Any) -> Any:
-    """Parse `text` into the type of the current value `old`; ConfigError naming key and type if not."""
-    if isinstance(old, bool):
-        low = text.strip().lower()
-        if low in ("true", "1", "yes"):
-            return True
-        if low in ("false", "0", "no"):
-            return False
-        raise ConfigError(f"config key {key!r} expects bool, got {text!r}")
-    if isinstance(old, int):
-        try:
-            return int(text)
-        except ValueError:
-            raise ConfigError(f"config key {key!r} expects int, got {text!r}") from None
-    if isinstance(old, float):
-        try:
-            return float(text)
-        except ValueError:
-            raise ConfigError(f"config key {key!r} expects float, got {text!r}") from None
-    if isinstance(old, str):
+# Text -> value by the field's type: absl's flag parsers and ml_collections' tuple parser, as
+# ml_collections.config_flags parses `--config.k=v`; a field that holds None takes a Python literal or text.
+_PARSERS = {
+    bool: absl_flags.BooleanParser(),
+    int: absl_flags.IntegerParser(),
+    float: absl_flags.FloatParser(),
+    str: absl_flags.ArgumentParser(),
+    tuple: tuple_parser.TupleParser(),
+}
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
         return text
-    if isinstance(old, (tuple, list)):
-        try:
-            value = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            value = tuple(x.strip() for x in text.split(",") if x.strip())
-        if not isinstance(value, (tuple, list)):
-            value = (value,)
-        return type(old)(value)
-    if old is None:
-        try:
-            return ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            return text
-    raise ConfigError(
-        f"config key {key!r} holds a {type(old).__name__}; it cannot be set from the command line"
-    )
 
 
 def apply_override(config: mc.ConfigDict, key: str, text: str) -> None:
-    """Set dotted `key` (e.g. "optim.lr") to `text` parsed as the existing value's type."""
-    parts = key.split(".")
-    node = config
-    for i, part in enumerate(parts):
-        if not isinstance(node, mc.ConfigDict) or part not in node:
-            where = ".".join(parts[:i]) or "<top level>"
-            known = sorted(node.keys()) if isinstance(node, mc.ConfigDict) else []
-            raise ConfigError(f"unknown config key {key!r} (no {part!r} in {where}; known: {known})")
-        if i < len(parts) - 1:
+    """Set dotted `key` (e.g. "optim.lr") to `text` parsed as the field's type (ml_collections'
+    config_path finds and sets the field, with its type check); ConfigError naming the key otherwise."""
+    try:
+        old = config_path.get_value(key, config)
+    except (KeyError, AttributeError):
+        parts, node = key.split("."), config
+        for i, part in enumerate(parts):  # the first missing part, for the message
+            if not isinstance(node, mc.ConfigDict) or part not in node:
+                where = ".".join(parts[:i]) or "<top level>"
+                known = sorted(node.keys()) if isinstance(node, mc.ConfigDict) else []
+                msg = f"unknown config key {key!r} (no {part!r} in {where}; known: {known})"
+                raise ConfigError(msg) from None
             node = node[part]
-    old = node[parts[-1]]
+        raise
     if isinstance(old, mc.ConfigDict):
         raise ConfigError(f"config key {key!r} is a group; set one of its keys {sorted(old.keys())}")
-    value = _parse_value(key, text, old)
-    with node.unlocked():  # type already checked above; unlocked so None fields can take any type
-        node[parts[-1]] = value
+    kind = config_path.get_type(key, config)
+    if kind is type(None):
+        value = _literal(text)
+    elif kind in _PARSERS:
+        try:
+            value = _PARSERS[kind].parse(text)
+        except ValueError:
+            raise ConfigError(f"config key {key!r} expects {kind.__name__}, got {text!r}") from None
+        if kind is tuple and len(value) == 1 and isinstance(value[0], str) and "," in value[0]:
+            value = tuple(x.strip() for x in value[0].split(",") if x.strip())  # q,k -> ("q", "k")
+    else:
+        raise ConfigError(
+            f"config key {key!r} holds a {kind.__name__}; it cannot be set from the command line"
+        )
+    try:
+        config_path.set_value(key, config, value)
+    except TypeError as e:
+        raise ConfigError(f"config key {key!r}: {e}") from None
 
 
 def parse_overrides(argv: Sequence[str]) -> list[tuple[str, str]]:
