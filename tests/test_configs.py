@@ -295,3 +295,34 @@ def test_synthetic_config_bad_arguments_are_one_line_errors(arg, message):
     with pytest.raises(ConfigError, match=message) as e:
         load_config_file(f"{SYNTHETIC}:{arg}" if arg else str(SYNTHETIC))
     assert "\n" not in str(e.value)
+
+
+def test_typed_run_config_is_frozen_resolved_and_round_trips_through_config_json():
+    """setup's typed config: every group a frozen dataclass, the data shape resolved on a copy (the
+    ConfigDict is left as it was), config.json (asdict) read back to an equal RunConfig, unknown keys
+    named."""
+    import dataclasses
+    import json
+
+    from dpoq_jax.train.config import typed
+    from dpoq_jax.train.schema import RunConfig
+
+    c = load_config_file(f"{SYNTHETIC}:error_injection:dpo:tiny")
+    with c.unlocked():
+        c.data.layout, c.data.seq_len = "auto", 0
+    r = typed(c)
+    assert (c.data.layout, c.data.seq_len) == ("auto", 0)
+    assert r.data.layout == "prefix_shared"
+    assert r.data.seq_len == c.data.max_prompt_tokens + 2 * c.data.response_len
+    assert isinstance(r.optim.lr, float) and r.model.lora.targets == tuple(c.model.lora.targets)
+    assert r.loss.beta == c.loss.beta and r.train.batch_size == c.train.batch_size
+    assert typed(r) is r
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        r.optim.lr = 1.0
+    back = typed(json.loads(json.dumps(r.to_dict())))
+    assert back == r and isinstance(back.data.buckets, tuple)
+    assert set(base_config().keys()) == {f.name for f in dataclasses.fields(RunConfig)}
+    bad = r.to_dict()
+    bad["optim"]["learning_rate"] = 1.0
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.learning_rate'"):
+        typed(bad)

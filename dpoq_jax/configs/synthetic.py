@@ -1,4 +1,6 @@
 r"""The tiny CPU configs of the synthetic tasks, one file: `synthetic.py:TASK:STAGE[:tiny][:SFT_WORKDIR]`.
+(The same name as `dpoq_jax/data/synthetic.py` on purpose: that module holds the tasks, this one the run
+configs that train on them.)
 
     dpoq train --config dpoq_jax/configs/synthetic.py:error_injection:sft --workdir runs/ei_sft
     dpoq train --config dpoq_jax/configs/synthetic.py:error_injection:dpo:runs/ei_sft --workdir runs/ei_dpo

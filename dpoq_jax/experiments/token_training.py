@@ -113,7 +113,7 @@ def true_reward_fn(task_obj: Any):
     return values
 
 
-def build_cache(kind: str, cfg: Any, out: Path, task_obj: Any, oracle: Path | None, sft: Path) -> Path:
+def build_cache(kind: str, cfg: dict, out: Path, task_obj: Any, oracle: Path | None, sft: Path) -> Path:
     from dpoq_jax.data.token_cache import is_cache
     from dpoq_jax.train.precompute import token_rewards, write_values_cache
 
@@ -153,7 +153,7 @@ def evaluate(run_dir: Path, sft_dir: Path, task_obj: Any, how: str, n: int, beta
 def run_part(args: argparse.Namespace, scale: dict, task: str, seed: int) -> dict[int, dict[str, dict]]:
     """One (task, seed): its SFT run, then every (size, method): train, cache, evaluate -> evals."""
     from dpoq_jax.data.synthetic import make_task
-    from dpoq_jax.train.setup import run_config
+    from dpoq_jax.train.load import run_config
 
     kwargs, how = TASKS[task]
     root = Path(args.workdir) / task / f"seed{seed}"

@@ -115,9 +115,8 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     """One seed: prompts, samples, pairs, the oracle and its cache, the arms, the held-out answers."""
     from dpoq_jax.analysis.seeds import Items
     from dpoq_jax.data.token_cache import is_cache
-    from dpoq_jax.train.load import load_model
+    from dpoq_jax.train.load import load_model, run_config
     from dpoq_jax.train.precompute import token_rewards
-    from dpoq_jax.train.setup import run_config
 
     if not args.model:
         raise SystemExit(f"{NAME}: --model is required (a Hugging Face chat model folder)")

@@ -18,6 +18,9 @@ import os
 import time
 from typing import Any
 
+from dpoq_jax.train.config import ConfigLike, typed
+from dpoq_jax.train.schema import RunConfig
+
 log = logging.getLogger(__name__)
 
 GiB = 1 << 30
@@ -72,7 +75,7 @@ def topology_devices(name: str, chip_config: str | None = None) -> tuple[str, li
     return topo, list(desc.devices)
 
 
-def model_config_for(cfg: Any, model_config_path: str | None) -> Any:
+def model_config_for(cfg: RunConfig, model_config_path: str | None) -> Any:
     """The ModelConfig the run would build: --model-config (an HF config.json or our model_config.json)
     when given, else the config's own source (model.config, the HF dir's or the checkpoint's)."""
     from dpoq_jax.models.model_config import ModelConfig, config_from_hf, read_hf_config
@@ -84,7 +87,7 @@ def model_config_for(cfg: Any, model_config_path: str | None) -> Any:
             return config_from_hf(d, where=model_config_path, **over)
         return ModelConfig.from_dict({**d, **over})
     if cfg.model.init == "random":
-        return ModelConfig.from_dict({**cfg.model.config.to_dict(), **over})
+        return ModelConfig.from_dict({**cfg.model.config, **over})
     from dpoq_jax.train.load import locate
 
     try:
@@ -93,7 +96,7 @@ def model_config_for(cfg: Any, model_config_path: str | None) -> Any:
         raise ValueError(f"{e}; give --model-config FILE (a config.json)") from None
 
 
-def abstract_batch(cfg: Any, shardings_of: Any) -> dict[str, Any]:
+def abstract_batch(cfg: RunConfig, shardings_of: Any) -> dict[str, Any]:
     """ShapeDtypeStructs (with shardings) of one step's batch [M, ...], built from dummy examples."""
     import jax
     import numpy as np
@@ -106,7 +109,7 @@ def abstract_batch(cfg: Any, shardings_of: Any) -> dict[str, Any]:
     if cfg.stage == "dpo" and cfg.reference.mode == "precomputed":
         for side in inputs.response_sides(cfg):
             example[f"ref_{side}_logps"] = np.zeros_like(example[f"{side}_mask"])
-    if cfg.stage == "dpo" and cfg.loss.get("token_weights", ""):  # token_weighted / selective: a token cache
+    if cfg.stage == "dpo" and cfg.loss.token_weights:  # token_weighted / selective: a token cache
         for side in inputs.response_sides(cfg):
             example[f"{side}_token_values"] = np.zeros_like(example[f"{side}_mask"])
     sh = shardings_of(example)
@@ -144,7 +147,7 @@ class CompileReport:
 
 
 def compile_step(
-    cfg: Any, topology: str, model_config_path: str | None = None, chip_config: str | None = None
+    cfg: ConfigLike, topology: str, model_config_path: str | None = None, chip_config: str | None = None
 ) -> CompileReport:
     """Lower and compile the config's train step for `topology`; memory and cost of the result."""
     import jax
@@ -154,6 +157,7 @@ def compile_step(
     from dpoq_jax.train.metrics import step_flops
     from dpoq_jax.train.setup import ModelSource, lora_config, setup
 
+    cfg = typed(cfg)
     topo, devices = topology_devices(topology, chip_config)
     mcfg = model_config_for(cfg, model_config_path)
     kw = dict(
@@ -218,20 +222,23 @@ def compile_step(
     )
 
 
-def _with_micro_size(cfg: Any, per_chip: int, batch_shards: int) -> Any:
+def _with_micro_size(cfg: RunConfig, per_chip: int, batch_shards: int) -> RunConfig:
     """A copy of cfg whose micro-batch holds `per_chip` examples (pairs) per batch shard."""
-    c = cfg.copy_and_resolve_references()
-    with c.unlocked():
-        c.train.batch_size = per_chip * batch_shards * cfg.train.micro_batches
-    return c
+    batch_size = per_chip * batch_shards * cfg.train.micro_batches
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch_size))
 
 
 def search_batch(
-    cfg: Any, topology: str, model_config_path: str | None, chip_config: str | None = None, limit: int = 256
+    cfg: ConfigLike,
+    topology: str,
+    model_config_path: str | None,
+    chip_config: str | None = None,
+    limit: int = 256,
 ) -> list[dict]:
     """Compiles with 1, 2, 4, ... examples per batch shard and micro-batch until one does not fit."""
     from dpoq_jax.train.mesh import MESH_AXES, mesh_shape
 
+    cfg = typed(cfg)
     _, devices = topology_devices(topology, chip_config)
     sizes = dict(zip(MESH_AXES, mesh_shape(cfg.mesh, len(devices)), strict=True))
     shards = sizes["data"] * sizes["fsdp"]

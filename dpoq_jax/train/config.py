@@ -8,6 +8,7 @@ key (and the file) so that a typo never trains the wrong thing silently.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 import math
 import os
@@ -22,8 +23,13 @@ from ml_collections.config_flags import config_path, tuple_parser
 from dpoq_jax import losses, paths
 from dpoq_jax.data.layouts import LAYOUTS
 from dpoq_jax.data.sources import SOURCES
+from dpoq_jax.train.schema import RunConfig, from_dict
 
 STAGES = ("sft", "dpo")
+
+# What the entry points (train, setup, precompute, compile) take: a loaded ConfigDict, a run's config.json
+# (a dict) or a RunConfig; `typed` turns each into a RunConfig.
+ConfigLike = mc.ConfigDict | RunConfig | dict
 
 
 class ConfigError(ValueError):
@@ -234,10 +240,11 @@ def validate(config: mc.ConfigDict) -> None:
         )
 
 
-def loss_config(config: mc.ConfigDict, token_values: str = "rewards") -> losses.LossConfig:
-    """The loss group as a LossConfig (the token cache's path stays in the run config; `token_values`:
-    what the cache holds, which setup reads from it)."""
-    d = config.loss.to_dict()
+def loss_config(config: ConfigLike, token_values: str = "rewards") -> losses.LossConfig:
+    """The loss group (of a ConfigDict being validated, or of a RunConfig) as a LossConfig (the token
+    cache's path stays in the run config; `token_values`: what the cache holds, which setup reads)."""
+    loss = config.loss
+    d = dataclasses.asdict(loss) if dataclasses.is_dataclass(loss) else loss.to_dict()
     d.pop("token_weights", None)
     return losses.LossConfig(**d, token_values=token_values)
 
@@ -366,128 +373,23 @@ def set_value(config: mc.ConfigDict, key: str, value: Any) -> None:
 
 
 def base_config() -> mc.ConfigDict:
-    """Every key a run config has, with defaults (docs/training.md explains each).
-    Config files start from this and change what they need; `load_config_file` locks the result."""
-    c = mc.ConfigDict()
-    c.stage = "dpo"  # "sft" or "dpo"
-    c.seed = 0
+    """Every key a run config has, with its default (train/schema.py: the keys, types and comments;
+    docs/training.md explains each). Config files start from this and change what they need;
+    `load_config_file` locks the result."""
+    return mc.ConfigDict(RunConfig().to_dict())
 
-    c.model = mc.ConfigDict()
-    c.model.init = "random"  # "random" (from model.config), "hf" (HF dir), "checkpoint" (a run's workdir)
-    c.model.path = ""
-    c.model.config = mc.ConfigDict()  # ModelConfig fields for init="random"
-    c.model.param_dtype = "float32"
-    c.model.dtype = "float32"  # compute dtype
-    # "" keeps the model config's; "none" | "full" | "dots" (recompute blocks in the backward pass). "full":
-    # on CPU as fast as "none" or faster (memory traffic dominates) in half the memory or less
-    # (benchmarks/results/remat_cpu.json); on an accelerator, set "none" where the activations fit
-    c.model.remat = "full"
-    c.model.attention = "auto"  # auto (TPU splash, GPU cuDNN where exact, else XLA) | xla | cudnn | splash
-    c.model.hf_export = True  # write WORKDIR/hf at the end (models.hf.save_hf)
-    # LoRA (models/lora.py): rank 0 trains every weight; rank > 0 trains only adapters on `targets`,
-    # the loaded weights stay frozen and, adapters off, are the DPO reference (reference.mode "frozen")
-    c.model.lora = mc.ConfigDict()
-    c.model.lora.rank = 0
-    c.model.lora.alpha = 16.0  # adapter scale alpha / rank (as PEFT's lora_alpha)
-    c.model.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")  # attention and MLP projections
 
-    c.reference = mc.ConfigDict()
-    c.reference.mode = "frozen"  # "frozen": copy of the initial policy; "precomputed": from the data
-    c.reference.dtype = "float32"  # frozen reference parameters (bfloat16 halves their memory)
-    c.reference.logps_path = ""  # precomputed: file written by `dpoq precompute-ref`
-
-    c.data = mc.ConfigDict()  # keys of data.sources.load_examples, plus the held-out split and layout
-    c.data.source = "synthetic"  # synthetic | jsonl | datasets | hh | tldr
-    c.data.path = ""  # jsonl/hh file, tldr manual dir; datasets: parquet/arrow/json file, folder or Hub name
-    c.data.data_dir = ""  # tldr: where the tfds dataset is prepared
-    c.data.eval_path = ""  # jsonl/hh/datasets: held-out file ("" = no periodic eval)
-    c.data.eval_split = "validation"  # tldr and synthetic: held-out split
-    c.data.task = "error_injection"  # synthetic: error_injection | dense_reward
-    c.data.task_kwargs = mc.ConfigDict({"seed": 0})  # synthetic: fields of the task dataclass
-    c.data.num_examples = 0  # training examples (synthetic: drawn; files: first n, 0 = all)
-    c.data.num_eval = 256  # held-out examples (0 = all of a file)
-    c.data.tokenizer_path = ""  # HF tokenizer dir (default: model.path); synthetic tasks bring their own
-    c.data.sft_responses = "chosen"  # SFT stage on preference data: "chosen" or "all" responses
-    # auto: prefix_shared for preference pairs, padded for SFT and labelled responses | padded |
-    # prefix_shared | packed (docs/training.md: which to pick)
-    c.data.layout = "auto"
-    # S: tokens per row; 0: what the longest allowed example needs in the layout (resolve_data_shape)
-    c.data.seq_len = 0
-    # row-length buckets, e.g. (128, 256, 512): each step's rows padded to the smallest bucket that
-    # holds its examples (one compiled shape per bucket used); () with bucket_step > 0: every multiple
-    # of bucket_step up to seq_len; () with bucket_step 0: always data.seq_len
-    c.data.buckets = ()
-    c.data.bucket_step = 64
-    c.data.response_len = 16  # R: tokens per response (EOS included)
-    c.data.max_prompt_tokens = 48
-    c.data.truncate_prompt = True  # False: a longer prompt is bad input (data.on_error: fail or skip)
-    c.data.truncate_responses = True  # False: a response over data.response_len is bad input
-    c.data.add_bos = False  # prepend the tokenizer's BOS to each prompt
-    c.data.num_rows = 0  # packed layout: rows per micro-batch (0: one per pair)
-    c.data.overflow = "error"  # "error" or "drop" pairs that do not fit their rows
-    c.data.on_error = "fail"  # bad examples: "fail" or "skip"
-    c.data.chat_divergence = "warn"  # chat template whose prompt is not a prefix: "warn" once or "error"
-    c.data.shuffle = True
-
-    c.loss = mc.ConfigDict()  # losses.LossConfig
-    c.loss.beta = 0.1
-    c.loss.loss_type = "sigmoid"  # losses.LOSS_TYPES (TRL's names); "sigmoid,bco_pair,sft": a mixture;
-    # outcome_ce / apo_zero_unpaired: unpaired, on {"prompt", "completion", "label"} rows (or pairs unpaired)
-    c.loss.loss_weights = ()  # one per loss type (default: all 1), e.g. --config.loss.loss_weights=0.8,0.2,1
-    c.loss.label_smoothing = 0.0
-    c.loss.ipo_average = True
-    c.loss.sft_weight = 0.0
-    c.loss.ld_alpha = 1.0  # LD-DPO: weight of response tokens past the shorter response's length
-    c.loss.use_weighting = False  # WPO pair weights (the step computes log Σ p² per token)
-    c.loss.f_divergence_type = "reverse_kl"  # reverse_kl | forward_kl | js_divergence | alpha_divergence
-    c.loss.f_alpha_divergence_coef = 0.5
-    c.loss.discopop_tau = 0.05
-    c.loss.simpo_gamma = 0.5  # SimPO's target margin γ
-    c.loss.tdpo_variant = 2  # TDPO1 or TDPO2 (Zeng et al. 2024; the chosen side's KL under stop-gradient)
-    c.loss.tdpo_alpha = 0.5  # TDPO2's weight of the sequential-KL difference
-    c.loss.select_ratio = 0.3  # SePO's token fraction (loss_type selective)
-    # token_weighted / selective: a token cache of the run's pairs (`dpoq token-rewards`: an oracle's token
-    # rewards; or a cache of weights). token_weighted turns rewards into TIS-DPO weights
-    # w = exp(±μ·clamp(r, lower, upper)) (+ for chosen, − for rejected tokens).
-    c.loss.token_weights = ""
-    c.loss.tis_mu = 1.0
-    c.loss.tis_lower = -1.0
-    c.loss.tis_upper = 1.0
-    # unpaired losses (loss_type outcome_ce | apo_zero_unpaired, data: labelled responses): KTO's λ_D, λ_U
-    c.loss.desirable_weight = 1.0
-    c.loss.undesirable_weight = 1.0
-
-    c.optim = mc.ConfigDict()
-    c.optim.name = "rmsprop"  # rmsprop | adamw
-    c.optim.lr = 5e-7
-    c.optim.warmup_steps = 150
-    c.optim.schedule = "constant"  # constant | linear | cosine (after warm-up)
-    c.optim.end_factor = 0.0  # linear/cosine: final lr = end_factor * lr
-    c.optim.clip_norm = 10.0  # global gradient-norm clip; <= 0 disables
-    c.optim.weight_decay = 0.0
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
-    c.optim.decay = 0.99  # RMSprop second-moment decay (torch default alpha)
-
-    c.train = mc.ConfigDict()
-    c.train.batch_size = 32  # pairs (DPO) or sequences (SFT) per step, global
-    c.train.micro_batches = 1  # gradient accumulation: batch_size / micro_batches per forward
-    c.train.num_steps = 100
-    c.train.log_every = 10
-    c.train.eval_every = 100  # 0: no periodic eval (a final eval still runs if there is eval data)
-    c.train.eval_batches = 0  # 0: the whole held-out split
-    c.train.max_consecutive_nonfinite = 5
-    c.train.logps_chunk = 32  # time steps per chunk of the lean log-probs
-    c.train.progress_bar = True
-    c.train.peer_timeout_s = 120  # multi-process: a process silent this long is lost; the others stop
-
-    c.checkpoint = mc.ConfigDict()
-    c.checkpoint.every_steps = 100
-    c.checkpoint.keep = 3
-    c.checkpoint.async_save = True
-
-    c.mesh = mc.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})  # -1: the remaining devices
-    c.sharding = mc.ConfigDict()
-    c.sharding.rules = ()  # ((logical, mesh axes), ...); empty: mesh.DEFAULT_RULES
-    return c
+def typed(config: ConfigLike) -> RunConfig:
+    """The run config as typed groups (schema.RunConfig), with the automatic data shape resolved
+    (resolve_data_shape, on a copy); a RunConfig as it is. Setup and the entry points below the
+    command line call this once; everything under them reads the typed groups."""
+    if isinstance(config, RunConfig):
+        return config
+    if isinstance(config, mc.ConfigDict):
+        config = config.copy_and_resolve_references()
+        resolve_data_shape(config)
+        config = config.to_dict()
+    try:
+        return from_dict(RunConfig, config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None

@@ -18,6 +18,7 @@ from dpoq_jax.data.examples import PreferenceExample, SFTExample, TokenizedOutco
 from dpoq_jax.data.jsonl import first_record, iter_json_lines
 from dpoq_jax.data.sources import SourceConfig, load_examples, load_tokenizer
 from dpoq_jax.data.tokenize import TokenizeConfig, tokenize_all
+from dpoq_jax.train.schema import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def _to_sft(examples: Sequence[PreferenceExample], responses: str) -> list[SFTEx
     return out
 
 
-def _source_cfg(cfg: Any, split: str) -> SourceConfig | None:
+def _source_cfg(cfg: RunConfig, split: str) -> SourceConfig | None:
     """The data package's source config (data.sources.load_examples) for "train" or "eval"; None if
     there is no held-out split (a jsonl/hh source without data.eval_path)."""
     d = cfg.data
@@ -67,24 +68,24 @@ def _source_cfg(cfg: Any, split: str) -> SourceConfig | None:
     return src
 
 
-def unpaired(cfg: Any) -> bool:
+def unpaired(cfg: RunConfig) -> bool:
     """A DPO-stage run with an unpaired outcome-label loss (losses.UNPAIRED_TYPES): labelled responses."""
     types = losses.parse_types(cfg.loss.loss_type)
     return cfg.stage == "dpo" and bool(types) and types[0] in losses.UNPAIRED_TYPES
 
 
-def example_kind(cfg: Any) -> str:
+def example_kind(cfg: RunConfig) -> str:
     """What the run trains on: "sft" examples, "outcome" (labelled responses) or "preference" pairs."""
     return "sft" if cfg.stage == "sft" else "outcome" if unpaired(cfg) else "preference"
 
 
-def response_sides(cfg: Any) -> tuple[str, ...]:
+def response_sides(cfg: RunConfig) -> tuple[str, ...]:
     """The responses of the run's DPO-stage batches: chosen and rejected, or the completion of a
     labelled response (what reference log-probs are computed and stored for)."""
     return layouts.SINGLE_SIDES if unpaired(cfg) else layouts.PAIR_SIDES
 
 
-def _raw_examples(cfg: Any, split: str) -> tuple[list, Any]:
+def _raw_examples(cfg: RunConfig, split: str) -> tuple[list, Any]:
     """Untokenized examples of `split` for the config's stage, and the error policy with its counts."""
     src = _source_cfg(cfg, split)
     if src is None:
@@ -100,7 +101,7 @@ def _raw_examples(cfg: Any, split: str) -> tuple[list, Any]:
     return load_examples(src, kind)
 
 
-def load_dataset(cfg: Any) -> Dataset:
+def load_dataset(cfg: RunConfig) -> Dataset:
     """Tokenized train and eval examples for the config's stage, plus skip/truncation stats."""
     src = _source_cfg(cfg, "train")
     if src.tokenizer_path is None and cfg.data.source != "synthetic":
@@ -112,7 +113,7 @@ def load_dataset(cfg: Any) -> Dataset:
         truncate_prompt=cfg.data.truncate_prompt,
         truncate_responses=cfg.data.truncate_responses,
         add_bos=cfg.data.add_bos,
-        chat_divergence=cfg.data.get("chat_divergence", "warn"),
+        chat_divergence=cfg.data.chat_divergence,
     )
     out, stats = {}, {}
     for split in ("train", "eval"):
@@ -149,7 +150,7 @@ class Bucketed:
         return self.make(items, seq_len=seq_len or self.seq_len_for(items))
 
 
-def micro_batch_fn(cfg: Any, micro_size: int) -> Callable[[list], dict[str, np.ndarray]]:
+def micro_batch_fn(cfg: RunConfig, micro_size: int) -> Callable[[list], dict[str, np.ndarray]]:
     """list of (tokenized example | None) of length micro_size -> one layout batch (numpy).
     With data.buckets, a `Bucketed` function (row length chosen per step, see `stack_micro`)."""
     d = cfg.data
@@ -159,7 +160,7 @@ def micro_batch_fn(cfg: Any, micro_size: int) -> Callable[[list], dict[str, np.n
     fn, size = {"sft": (layouts.sft_batch, "batch_size"), "outcome": (layouts.outcome_batch, "batch_size"),
                 "preference": (layouts.preference_batch, "num_pairs")}[example_kind(cfg)]  # fmt: skip
     make = functools.partial(fn, layout=d.layout, **{size: micro_size}, **kw)
-    buckets = tuple(d.get("buckets", ()) or ())
+    buckets = tuple(d.buckets)
     if not buckets:
         return make
     return Bucketed(make, buckets, d.layout, kw.get("num_rows"))
@@ -282,13 +283,13 @@ def attach_reference(items: list, path: str) -> list:
     return out
 
 
-def data_fingerprint(cfg: Any) -> str:
+def data_fingerprint(cfg: RunConfig) -> str:
     """sha256 of what the data are: the source, the bytes of its files (data.path, data.eval_path,
     data.data_dir) or a Hub name, and for a synthetic task its name and settings (seed included)."""
     d = cfg.data
     parts: dict[str, Any] = {"source": d.source}
     for key in ("path", "eval_path", "data_dir"):
-        p = d.get(key, "")
+        p = getattr(d, key)
         if p:
             parts[key] = token_cache.file_sha256(p) if paths.exists(p) else p
     if d.source == "synthetic":
@@ -296,6 +297,6 @@ def data_fingerprint(cfg: Any) -> str:
     return token_cache.sha256_of(parts)
 
 
-def run_fingerprint(cfg: Any, tokenizer: Any) -> dict[str, str]:
+def run_fingerprint(cfg: RunConfig, tokenizer: Any) -> dict[str, str]:
     """The fingerprint keys every cache of this run's data must match: tokenizer and data."""
     return {"tokenizer": token_cache.tokenizer_fingerprint(tokenizer), "data": data_fingerprint(cfg)}

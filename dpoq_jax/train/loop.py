@@ -22,11 +22,14 @@ from dpoq_jax import paths
 from dpoq_jax.data.loader import Loader, LoaderState
 from dpoq_jax.models import lora
 from dpoq_jax.models.hf import save_hf, save_peft
+from dpoq_jax.models.model_config import ModelConfig
 from dpoq_jax.train import faults, inputs
 from dpoq_jax.train.checkpoint import RunCheckpoints, check_base
+from dpoq_jax.train.config import ConfigLike, typed
 from dpoq_jax.train.load import CHECKPOINT_SUBDIR
 from dpoq_jax.train.metrics import MetricsWriter, mfu, read_metrics, step_flops
 from dpoq_jax.train.precompute import check_reference_model
+from dpoq_jax.train.schema import RunConfig
 from dpoq_jax.train.setup import Run, global_batch, setup
 from dpoq_jax.train.state import TrainState
 
@@ -39,7 +42,7 @@ class NonFiniteError(RuntimeError):
     """Too many non-finite steps in a row; the last good checkpoint is left as it was."""
 
 
-def _attn_width(mcfg: Any) -> int:
+def _attn_width(mcfg: ModelConfig) -> int:
     return int(mcfg.num_heads * mcfg.head_dim)
 
 
@@ -92,12 +95,15 @@ class TrainResult:
     state: TrainState  # the final train state (sharded)
 
 
-def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | None = None) -> TrainResult:
-    """Run (or resume) training to cfg.train.num_steps.
+def train(
+    cfg: ConfigLike, workdir: str, *, batch_hook: Callable[[int, dict], dict] | None = None
+) -> TrainResult:
+    """Run (or resume) training to cfg.train.num_steps (`cfg`: anything config.typed takes).
 
     batch_hook(step, local_batch) -> local_batch lets tests alter a batch (e.g. inject a NaN)."""
     paths.makedirs(workdir)
     is_main = jax.process_index() == 0
+    cfg = typed(cfg)
     run = setup(cfg)
     ckpts = RunCheckpoints(
         paths.join(workdir, CHECKPOINT_SUBDIR),
@@ -128,7 +134,7 @@ def train(cfg: Any, workdir: str, *, batch_hook: Callable[[int, dict], dict] | N
 
 
 def _restore(
-    cfg: Any, workdir: str, run: Run, ckpts: RunCheckpoints, writer: MetricsWriter
+    cfg: RunConfig, workdir: str, run: Run, ckpts: RunCheckpoints, writer: MetricsWriter
 ) -> tuple[TrainState, LoaderState, dict | None]:
     """(state, loader state, LoRA base pointer or None) from the newest checkpoint that passes every
     check (damaged newer ones: a warning each, set aside), or new ones; the metrics file is cut back
@@ -153,7 +159,7 @@ def _restore(
         base_pointer = run.base_pointer(state.ref_params)
     writer.truncate_after(0)  # lines of an earlier attempt that died before its first checkpoint
     if jax.process_index() == 0:
-        paths.write_text(paths.join(workdir, "config.json"), cfg.to_json(indent=2))
+        paths.write_text(paths.join(workdir, "config.json"), json.dumps(cfg.to_dict(), indent=2))
     return state, LoaderState(), base_pointer
 
 
@@ -162,7 +168,7 @@ class _Loop:
     """What the steps need besides the train state: the run's jitted steps for its batches, its loader,
     checkpoints and metrics writer."""
 
-    cfg: Any
+    cfg: RunConfig
     run: Run
     ckpts: RunCheckpoints
     writer: MetricsWriter
@@ -184,7 +190,7 @@ class _Loop:
 
 
 def _compile(
-    cfg: Any,
+    cfg: RunConfig,
     run: Run,
     ckpts: RunCheckpoints,
     writer: MetricsWriter,
@@ -234,11 +240,13 @@ def _compile(
         eval_fn=eval_fn,
         flops=flops,
         device_kind=jax.devices()[0].device_kind,
-        saved_with=dict(config=json.loads(cfg.to_json()), model_config=mcfg.to_dict(), base=base_pointer),
+        saved_with=dict(
+            config=json.loads(json.dumps(cfg.to_dict())), model_config=mcfg.to_dict(), base=base_pointer
+        ),
     )
 
 
-def _progress_bar(cfg: Any, start: int) -> Any:
+def _progress_bar(cfg: RunConfig, start: int) -> Any:
     from tqdm import tqdm
 
     return tqdm(total=cfg.train.num_steps, initial=start, desc=cfg.stage, dynamic_ncols=True)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax.numpy as jnp
 import optax
+
+from dpoq_jax.train.schema import OptimGroup
 
 SCHEDULES = ("constant", "linear", "cosine")
 OPTIMIZERS = ("adamw", "rmsprop")
@@ -35,7 +35,7 @@ def make_schedule(
     return optax.join_schedules([warmup, after], [warmup_steps])
 
 
-def make_optimizer(cfg: Any, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(cfg: OptimGroup, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Optimizer and schedule from an `optim` config (ConfigDict or any object with these attributes):
     name, lr, warmup_steps, schedule, end_factor, clip_norm (<= 0: no clipping), weight_decay,
     b1, b2, eps (AdamW) and decay, eps (RMSprop)."""

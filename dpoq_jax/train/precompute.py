@@ -10,9 +10,9 @@ cache whose fingerprint differs (train/setup.attach_caches; the model at a fresh
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import jax
@@ -21,7 +21,9 @@ import numpy as np
 from dpoq_jax.data import token_cache
 from dpoq_jax.train import inputs
 from dpoq_jax.train.checkpoint import base_checksums
+from dpoq_jax.train.config import ConfigLike, typed
 from dpoq_jax.train.mesh import replicated
+from dpoq_jax.train.schema import RunConfig
 from dpoq_jax.train.setup import Run, forward_for, global_batch, kernel_mesh_fn, setup
 from dpoq_jax.train.step import layout_logps
 
@@ -91,13 +93,14 @@ def _write(run: Run, out: str, kind: str, fingerprint: dict, dtype: str, params_
     return n
 
 
-def _provenance(cfg: Any) -> dict[str, Any]:
+def _provenance(cfg: RunConfig) -> dict[str, Any]:
     return {"created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "layout": cfg.data.layout}
 
 
-def precompute_reference(cfg: Any, output: str, dtype: str = "float32") -> int:
+def precompute_reference(cfg: ConfigLike, output: str, dtype: str = "float32") -> int:
     """Writes the token cache of the config's initial model's (the reference's) log-probs of every pair
     or labelled response; returns the item count."""
+    cfg = typed(cfg)
     run = setup(cfg)
     state = run.new_state()
     fp = {**inputs.run_fingerprint(cfg, run.dataset.tokenizer), "model": param_checksum(state.params),
@@ -105,7 +108,7 @@ def precompute_reference(cfg: Any, output: str, dtype: str = "float32") -> int:
     return _write(run, output, "reference_logps", fp, dtype, [state.params], lambda lp, side: lp[0][side])
 
 
-def token_rewards(cfg: Any, policy: str, reference: str, output: str, beta: float,
+def token_rewards(cfg: ConfigLike, policy: str, reference: str, output: str, beta: float,
                   dtype: str = "float32") -> int:  # fmt: skip
     """Writes the token cache of an oracle's per-token rewards β·(log π(y_t) − log π_ref(y_t)) of every
     pair of the config's data, `policy` and `reference` being anything `load.load_model` reads (same
@@ -115,11 +118,13 @@ def token_rewards(cfg: Any, policy: str, reference: str, output: str, beta: floa
 
     if not beta > 0:
         raise ValueError(f"token-rewards: beta must be > 0, got {beta}")
-    c = copy.deepcopy(cfg)  # the config's data and tokenizer; the models are the oracle's two
-    if not c.data.tokenizer_path and c.data.source != "synthetic":
-        c.data.tokenizer_path = cfg.model.path  # the tokenizer stays the config's model folder's
-    c.reference.mode, c.model.init, c.model.path, c.model.lora.rank = "frozen", "checkpoint", policy, 0
-    run = setup(c)
+    cfg = typed(cfg)
+    data = cfg.data  # the config's data and tokenizer; the models are the oracle's two
+    if not data.tokenizer_path and data.source != "synthetic":
+        data = replace(data, tokenizer_path=cfg.model.path)  # the tokenizer stays the config's model folder's
+    lora = replace(cfg.model.lora, rank=0)
+    model = replace(cfg.model, init="checkpoint", path=policy, lora=lora)
+    run = setup(replace(cfg, data=data, model=model, reference=replace(cfg.reference, mode="frozen")))
     params = []
     for path, flag in ((policy, "--policy"), (reference, "--reference")):
         files = load.locate(path, flag=flag)
@@ -131,12 +136,14 @@ def token_rewards(cfg: Any, policy: str, reference: str, output: str, beta: floa
                   lambda lp, side: beta * (lp[0][side].astype(np.float64) - lp[1][side]))  # fmt: skip
 
 
-def write_values_cache(cfg: Any, output: str, kind: str, values: Callable[[Any, str, list[int]], Any],
-                       dtype: str = "float32", provenance: dict[str, Any] | None = None) -> int:  # fmt: skip
+def write_values_cache(cfg: ConfigLike, output: str, kind: str,
+                       values: Callable[[Any, str, list[int]], Any], dtype: str = "float32",
+                       provenance: dict[str, Any] | None = None) -> int:  # fmt: skip
     """Writes a token cache of any per-token values of the config's pairs: values(item, side, ids) -> one
     value per response token (e.g. a synthetic task's true token rewards, kind "token_rewards", or
     weights, kind "token_weights"), keyed and fingerprinted like the caches above; returns the count.
     Needs no model: it reads and tokenizes the data only."""
+    cfg = typed(cfg)
     dataset = inputs.load_dataset(cfg)
     sides = inputs.response_sides(cfg)
     fields = token_cache.value_fields(kind, sides)

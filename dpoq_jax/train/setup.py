@@ -7,7 +7,6 @@ need); the loop itself is train/loop.py.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -24,9 +23,10 @@ from dpoq_jax.models.lora import LoraConfig, split_adapters
 from dpoq_jax.models.model_config import ModelConfig
 from dpoq_jax.train import inputs, load
 from dpoq_jax.train.checkpoint import base_checksums
-from dpoq_jax.train.config import loss_config, resolve_data_shape
+from dpoq_jax.train.config import ConfigLike, loss_config, typed
 from dpoq_jax.train.mesh import BATCH_AXES, batch_sharding, make_mesh, replicated, rules_from_config
 from dpoq_jax.train.optim import make_optimizer
+from dpoq_jax.train.schema import RunConfig
 from dpoq_jax.train.state import (
     TrainState,
     abstract_state,
@@ -56,15 +56,15 @@ def _dtype(name: str) -> Any:
     return jnp.dtype(name)
 
 
-def lora_config(cfg: Any) -> Any:
+def lora_config(cfg: RunConfig) -> LoraConfig | None:
     """The run's LoraConfig (models/lora.py), or None when model.lora.rank is 0 (full fine-tuning)."""
-    lc = cfg.model.get("lora")
-    if lc is None or lc.rank == 0:
+    lc = cfg.model.lora
+    if lc.rank == 0:
         return None
     return LoraConfig(rank=lc.rank, alpha=float(lc.alpha), targets=tuple(lc.targets), seed=cfg.seed)
 
 
-def model_source(cfg: Any) -> ModelSource:
+def model_source(cfg: RunConfig) -> ModelSource:
     """How to build the policy: random init from model.config, or the weights at model.path (anything
     `load.load_model` takes: an HF directory, a params checkpoint, a run folder). With LoRA, make_model
     builds base + adapters and load_params loads the base weights only (the shardings come with each
@@ -74,7 +74,7 @@ def model_source(cfg: Any) -> ModelSource:
     lora = lora_config(cfg)
     over = {"remat": cfg.model.remat} if cfg.model.remat else {}  # rematerialisation policy of the blocks
     if cfg.model.init == "random":
-        mcfg = ModelConfig.from_dict({**cfg.model.config.to_dict(), **over})
+        mcfg = ModelConfig.from_dict({**cfg.model.config, **over})
         return ModelSource(lambda: Decoder(mcfg, rngs=nnx.Rngs(cfg.seed), lora=lora, **kw), mcfg, None)
     flag = "config key 'model.path':"
     files = load.locate(cfg.model.path, flag=flag, **over)
@@ -86,7 +86,7 @@ def model_source(cfg: Any) -> ModelSource:
     return ModelSource(make, files.config, load_params)
 
 
-def check_vocab(dataset: inputs.Dataset, vocab_size: int, cfg: Any) -> None:
+def check_vocab(dataset: inputs.Dataset, vocab_size: int, cfg: RunConfig) -> None:
     """The model must have a row for every token id the tokenizer can produce (an id past the
     embedding reads NaN and trains garbage): refused before the first step."""
     tok = dataset.tokenizer
@@ -105,7 +105,7 @@ def _token_ids(ex: Any) -> list[list[int]]:
             if hasattr(ex, k)]
 
 
-def forward_for(cfg: Any, rows: int) -> Forward:
+def forward_for(cfg: RunConfig, rows: int) -> Forward:
     """How the config's layout runs forward (train/step.Forward). train.logps_chunk counts time steps
     per chunk; the lean log-probs count positions (responses x steps), so it is scaled by the responses
     per forward (`rows`: pairs or sequences of one micro-batch, global)."""
@@ -131,7 +131,7 @@ def global_batch(local_M: dict[str, np.ndarray], shardings: dict[str, Any]) -> d
 class Run:
     """Everything `train` and `precompute_ref` build from a config (exposed for tests and tools)."""
 
-    cfg: Any
+    cfg: RunConfig
     mesh: Any
     dataset: inputs.Dataset | None
     source: ModelSource
@@ -238,7 +238,7 @@ def _weighted(eval_step: Callable, stage: str) -> Callable:
     return fn
 
 
-def check_batch_split(cfg: Any, mesh: Any) -> None:
+def check_batch_split(cfg: RunConfig, mesh: Any) -> None:
     """Every array of a micro-batch is split over the data-parallel devices (mesh axes data × fsdp):
     its examples (and packed rows) must divide evenly, or the first step fails deep inside JAX."""
     shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
@@ -256,7 +256,7 @@ def check_batch_split(cfg: Any, mesh: Any) -> None:
         )
 
 
-def attach_caches(cfg: Any, dataset: inputs.Dataset) -> dict[str, token_cache.TokenCache]:
+def attach_caches(cfg: RunConfig, dataset: inputs.Dataset) -> dict[str, token_cache.TokenCache]:
     """Opens the run's token caches, refuses one made for another tokenizer or other data (one line),
     and puts each pair's cached values in its meta (read batch by batch): "reference" (reference.mode
     precomputed; a JSON-lines file of an earlier dpoq still loads, without a fingerprint) and
@@ -284,19 +284,22 @@ def attach_caches(cfg: Any, dataset: inputs.Dataset) -> dict[str, token_cache.To
         else:
             dataset.train = inputs.attach_reference(dataset.train, path)
             dataset.eval = inputs.attach_reference(dataset.eval, path)
-    if cfg.loss.get("token_weights", ""):
+    if cfg.loss.token_weights:
         selective = "selective" in losses.parse_types(cfg.loss.loss_type)
         kinds = ("token_rewards",) if selective else ("token_rewards", "token_weights")
         caches["token_values"] = attach("loss.token_weights", cfg.loss.token_weights, kinds)
     return caches
 
 
-def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, with_data: bool = True) -> Run:
-    """Mesh, data, model source, shardings and loss of a config (`devices`: default all).
+def setup(
+    cfg: ConfigLike, devices: Any = None, *, source: ModelSource | None = None, with_data: bool = True
+) -> Run:
+    """Mesh, data, model source, shardings and loss of a config (`devices`: default all; `cfg`: anything
+    config.typed takes).
 
     with_data=False skips reading data (Run.dataset is None) and `source` replaces the config's model
     source: `dpoq compile` builds the step this way from shapes alone, for devices it does not have."""
-    resolve_data_shape(cfg)  # a config not made by load_config may still say layout "auto", seq_len 0
+    cfg = typed(cfg)  # a ConfigDict (data shape resolved on a copy), a config.json dict, or a RunConfig
     mesh = make_mesh(cfg.mesh, devices)
     check_batch_split(cfg, mesh)
     rules = rules_from_config(cfg.sharding.rules)
@@ -335,17 +338,13 @@ def setup(cfg: Any, devices: Any = None, *, source: ModelSource | None = None, w
 
 
 
-def run_config(workdir: str) -> Any:
-    """The resolved config a `dpoq train` run wrote into its workdir (config.json), as a ConfigDict."""
-    import ml_collections as mc
-
-    return mc.ConfigDict(json.loads(paths.read_text(paths.join(str(workdir), "config.json"))))
-
-
 def initial_policy(workdir: str) -> nnx.Module:
     """The policy a finished `dpoq train` run started from (for a DPO run: its frozen reference),
     rebuilt from the run's config.json: the model at model.path, or the random init of model.config."""
-    cfg = run_config(workdir)
+    raw = load.run_config(workdir)
+    if raw is None:
+        raise ValueError(f"{workdir}: not a `dpoq train` run (no config.json beside its checkpoints)")
+    cfg = typed(raw)
     if cfg.model.init == "random":
         return model_source(cfg).make_model()
     return load.load_model(cfg.model.path, flag=f"{workdir}/config.json model.path")
