@@ -104,6 +104,30 @@ def gcs(tmp_path_factory):
         gcsfs.GCSFileSystem.clear_instance_cache()  # its endpoint was this server's
 
 
+@pytest.fixture(scope="session")
+def sft_reference(tmp_path_factory) -> Path:
+    """An uninterrupted `dpoq train` of helpers.SFT_TINY with helpers.SFT_REFERENCE_ARGS (2 CPU devices),
+    trained once per session: what the fault, preemption, kill -9 and gs:// tests end equal to. Read it,
+    never write into it (copy it first)."""
+    from helpers import SFT_REFERENCE_ARGS, SFT_TINY, dpoq_train, finish
+
+    ref = tmp_path_factory.mktemp("sft_reference")
+    finish(dpoq_train(SFT_TINY, ref, *SFT_REFERENCE_ARGS, "--config.checkpoint.every_steps=8"))
+    return ref
+
+
+@pytest.fixture(scope="session")
+def two_process_reference(tmp_path_factory) -> Path:
+    """An uninterrupted real two-process run (helpers.two_processes) of helpers.DPO_TINY with
+    helpers.TWO_PROCESS_ARGS, trained once per session (read only, like `sft_reference`)."""
+    from helpers import TWO_PROCESS_ARGS, finish, two_processes
+
+    ref = tmp_path_factory.mktemp("two_process_reference")
+    for p in two_processes(ref, *TWO_PROCESS_ARGS, "--config.checkpoint.every_steps=4"):
+        finish(p)
+    return ref
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     """A random tiny decoder with helpers.CLI_CONTEXT positions, saved as a Hugging Face directory with the

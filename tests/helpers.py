@@ -7,7 +7,7 @@ shares from here, never from another test module.
   `run_steps`
 - `dpoq train` in subprocesses: `REPO`, `CONFIGS`, `SYNTHETIC`, `SFT(_TINY)`, `DPO(_TINY)`, `dpoq_train`,
   `two_processes`, `finish`, `free_port`, `kill_when`, `without_timing`, `steps_on_disk`; `BUCKET` (the
-  `gcs` fixture's bucket)
+  `gcs` fixture's bucket); `SFT_REFERENCE_ARGS`, `TWO_PROCESS_ARGS` (the shared reference runs' settings)
 - `dpoq` commands in this process: `run`, `assert_one_error`, `write_jsonl`, `save_tiny_model` (a tiny
   random decoder of `CLI_MODEL`, `CLI_CONTEXT` positions, with the synthetic tokenizer)
 - a tiny random Hugging Face chat model: `tiny_chat_model`
@@ -128,6 +128,18 @@ def run_steps(run, batches):
 # which benchmarks/soak.py trains too
 SFT, DPO = "error_injection:sft", "error_injection:dpo"
 SFT_TINY, DPO_TINY = "error_injection:sft:tiny", "error_injection:dpo:tiny"
+
+# What the numbers of the two uninterrupted runs that tests compare against depend on (conftest's
+# `sft_reference` and `two_process_reference`, each trained once per session). Checkpoint settings change
+# no number (a resumed run equals an uninterrupted one, which these tests check), so each test adds its own.
+SFT_REFERENCE_ARGS = ("--config.train.num_steps=40", "--config.train.eval_every=10")  # of SFT_TINY
+TWO_PROCESS_ARGS = (  # of DPO_TINY from a random init, two processes (or one with two devices)
+    "--config.model.init=random",
+    "--config.model.path=",
+    "--config.train.num_steps=12",
+    "--config.train.eval_every=6",
+    "--config.train.eval_batches=2",
+)
 
 
 def dpoq_train(

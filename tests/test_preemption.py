@@ -13,7 +13,16 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import SFT_TINY, dpoq_train, finish, steps_on_disk, two_processes, without_timing
+from helpers import (
+    SFT_REFERENCE_ARGS,
+    SFT_TINY,
+    TWO_PROCESS_ARGS,
+    dpoq_train,
+    finish,
+    steps_on_disk,
+    two_processes,
+    without_timing,
+)
 
 from dpoq_jax.train.faults import EXIT_PREEMPTED
 
@@ -52,19 +61,14 @@ def check_stopped(out: str, workdir: Path, ref: list[dict], signame: str = "SIGT
     return last
 
 
-ARGS = [
-    "--config.train.num_steps=40",
-    "--config.checkpoint.every_steps=8",
-    "--config.checkpoint.keep=3",
-    "--config.train.eval_every=10",
-    "--config.checkpoint.async_save=true",
-]
+# conftest's sft_reference, checkpointed asynchronously
+ARGS = [*SFT_REFERENCE_ARGS, "--config.checkpoint.every_steps=8", "--config.checkpoint.keep=3",
+        "--config.checkpoint.async_save=true"]  # fmt: skip
 
 
 @slow
-def test_sigterm_three_times_then_resume_bitwise(tmp_path):
-    finish(dpoq_train(SFT_TINY, tmp_path / "ref", *ARGS))
-    ref = rows(tmp_path / "ref")
+def test_sigterm_three_times_then_resume_bitwise(tmp_path, sft_reference):
+    ref = rows(sft_reference)
     work = tmp_path / "spot"
 
     def saving() -> bool:  # an asynchronous save in flight (orbax's temporary step directory)
@@ -86,7 +90,7 @@ def test_sigterm_three_times_then_resume_bitwise(tmp_path):
 
     assert rows(work) == ref
     assert (work / "hf" / "model.safetensors").read_bytes() == (
-        tmp_path / "ref" / "hf" / "model.safetensors"
+        sft_reference / "hf" / "model.safetensors"
     ).read_bytes()
     assert len(steps_on_disk(work)) <= 3  # checkpoint.keep holds with the extra preemption steps
 
@@ -94,22 +98,12 @@ def test_sigterm_three_times_then_resume_bitwise(tmp_path):
 SIGNALLED_FIRST = (1, 0)  # two_processes' procs[0] is process 1: the one that gets the signal
 
 
-ARGS2 = [
-    "--config.model.init=random",
-    "--config.model.path=",
-    "--config.train.num_steps=24",
-    "--config.train.eval_every=6",
-    "--config.train.eval_batches=2",
-    "--config.checkpoint.every_steps=10",
-]
+ARGS2 = [*TWO_PROCESS_ARGS, "--config.checkpoint.every_steps=10"]  # conftest's two_process_reference
 
 
 @slow
-def test_two_processes_sigterm_one_both_stop_at_the_same_step(tmp_path):
-    ref_procs = two_processes(tmp_path / "ref", *ARGS2, ids=SIGNALLED_FIRST)
-    for p in ref_procs:
-        finish(p)
-    ref = rows(tmp_path / "ref")
+def test_two_processes_sigterm_one_both_stop_at_the_same_step(tmp_path, two_process_reference):
+    ref = rows(two_process_reference)
     work = tmp_path / "spot"
     procs = two_processes(work, *ARGS2, ids=SIGNALLED_FIRST)
     assert signal_when(procs, train_rows_after(work, 5)), "the run ended before the signal"
@@ -121,7 +115,7 @@ def test_two_processes_sigterm_one_both_stop_at_the_same_step(tmp_path):
         finish(p)
     assert rows(work) == ref
     assert (work / "hf" / "model.safetensors").read_bytes() == (
-        tmp_path / "ref" / "hf" / "model.safetensors"
+        two_process_reference / "hf" / "model.safetensors"
     ).read_bytes()
 
 

@@ -6,21 +6,26 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import DPO, DPO_TINY, SFT, SFT_TINY, dpoq_train, finish, kill_when, two_processes, without_timing
+from helpers import (
+    DPO,
+    DPO_TINY,
+    SFT,
+    SFT_REFERENCE_ARGS,
+    SFT_TINY,
+    TWO_PROCESS_ARGS,
+    dpoq_train,
+    finish,
+    kill_when,
+    without_timing,
+)
 
 from dpoq_jax.train.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
 
-def test_kill9_and_resume_bitwise(tmp_path):
-    args = [
-        "--config.train.num_steps=60",
-        "--config.checkpoint.every_steps=4",
-        "--config.train.eval_every=10",
-        "--config.checkpoint.async_save=true",
-    ]
-    finish(dpoq_train(SFT_TINY, tmp_path / "ref", *args))
+def test_kill9_and_resume_bitwise(tmp_path, sft_reference):
+    args = [*SFT_REFERENCE_ARGS, "--config.checkpoint.every_steps=4", "--config.checkpoint.async_save=true"]
 
     work = tmp_path / "killed"
     ckpt = work / "checkpoints"
@@ -30,37 +35,29 @@ def test_kill9_and_resume_bitwise(tmp_path):
 
     def mid_run() -> bool:
         steps = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()] if ckpt.is_dir() else []
-        return bool(steps) and max(steps) >= 24 and (work / "metrics.jsonl").stat().st_size > 0
+        return bool(steps) and max(steps) >= 20 and (work / "metrics.jsonl").stat().st_size > 0
 
     killed_saving = kill_when(dpoq_train(SFT_TINY, work, *args), saving)
     killed_mid = kill_when(dpoq_train(SFT_TINY, work, *args), mid_run)
     assert killed_saving or killed_mid, "the run finished before it could be killed"
     finish(dpoq_train(SFT_TINY, work, *args))
 
-    ref_bytes = (tmp_path / "ref" / "hf" / "model.safetensors").read_bytes()
+    ref_bytes = (sft_reference / "hf" / "model.safetensors").read_bytes()
     assert (work / "hf" / "model.safetensors").read_bytes() == ref_bytes
-    assert without_timing(work) == without_timing(tmp_path / "ref")
+    assert without_timing(work) == without_timing(sft_reference)
 
 
-def test_two_processes_equal_one(tmp_path):
-    args = [
-        "--config.model.init=random",
-        "--config.model.path=",
-        "--config.train.num_steps=4",
-        "--config.train.eval_every=2",
-        "--config.train.eval_batches=2",
-        "--config.checkpoint.every_steps=2",
-    ]
-    finish(dpoq_train(DPO_TINY, tmp_path / "one", *args, devices=2))
-    procs = two_processes(tmp_path / "two", *args)
-    for p in procs:
-        finish(p)
-    one, two = read_metrics(str(tmp_path / "one")), read_metrics(str(tmp_path / "two"))
+def test_two_processes_equal_one(tmp_path, two_process_reference):
+    """conftest's two_process_reference (a real two-process jax.distributed run) == one process with two
+    devices, same settings."""
+    finish(dpoq_train(DPO_TINY, tmp_path / "one", *TWO_PROCESS_ARGS, devices=2))
+    two = two_process_reference
+    one, two = read_metrics(str(tmp_path / "one")), read_metrics(str(two))
     assert [(r["step"], r["split"]) for r in one] == [(r["step"], r["split"]) for r in two]
     for a, b in zip(one, two, strict=True):
         for key in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen"):
             np.testing.assert_allclose(b[key], a[key], rtol=1e-5, atol=1e-6, err_msg=f"{key} at {a['step']}")
-    assert (tmp_path / "two" / "hf" / "model.safetensors").exists()
+    assert (two_process_reference / "hf" / "model.safetensors").exists()
 
 
 def test_sft_then_dpo_error_injection_accuracy(tmp_path):

@@ -10,16 +10,13 @@ run writes to its workdir (config.json) and `typed` reads it back.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-frozen = functools.partial(dataclass, frozen=True)
 
-
-@frozen
+@dataclass(frozen=True)
 class LoraGroup:
     """model.lora (models/lora.py): rank 0 trains every weight; rank > 0 trains only adapters on `targets`,
     the loaded weights stay frozen and, adapters off, are the DPO reference (reference.mode "frozen")."""
@@ -29,7 +26,7 @@ class LoraGroup:
     targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down")  # attention and MLP projections
 
 
-@frozen
+@dataclass(frozen=True)
 class ModelGroup:
     init: str = "random"  # "random" (from model.config), "hf" (HF dir), "checkpoint" (a run's workdir)
     path: str = ""
@@ -45,14 +42,14 @@ class ModelGroup:
     lora: LoraGroup = field(default_factory=LoraGroup)
 
 
-@frozen
+@dataclass(frozen=True)
 class ReferenceGroup:
     mode: str = "frozen"  # "frozen": copy of the initial policy; "precomputed": from the data
     dtype: str = "float32"  # frozen reference parameters (bfloat16 halves their memory)
     logps_path: str = ""  # precomputed: file written by `dpoq precompute-ref`
 
 
-@frozen
+@dataclass(frozen=True)
 class DataGroup:
     """Keys of data.sources.load_examples (SourceConfig), plus the held-out split and the layout."""
 
@@ -89,7 +86,7 @@ class DataGroup:
     shuffle: bool = True
 
 
-@frozen
+@dataclass(frozen=True)
 class LossGroup:
     """losses.LossConfig's fields (train.config.loss_config), plus the run's token cache."""
 
@@ -122,7 +119,7 @@ class LossGroup:
     undesirable_weight: float = 1.0
 
 
-@frozen
+@dataclass(frozen=True)
 class OptimGroup:
     name: str = "rmsprop"  # rmsprop | adamw
     lr: float = 5e-7
@@ -137,7 +134,7 @@ class OptimGroup:
     decay: float = 0.99  # RMSprop second-moment decay (torch default alpha)
 
 
-@frozen
+@dataclass(frozen=True)
 class TrainGroup:
     batch_size: int = 32  # pairs (DPO) or sequences (SFT) per step, global
     micro_batches: int = 1  # gradient accumulation: batch_size / micro_batches per forward
@@ -151,19 +148,19 @@ class TrainGroup:
     peer_timeout_s: int = 120  # multi-process: a process silent this long is lost; the others stop
 
 
-@frozen
+@dataclass(frozen=True)
 class CheckpointGroup:
     every_steps: int = 100
     keep: int = 3
     async_save: bool = True
 
 
-@frozen
+@dataclass(frozen=True)
 class ShardingGroup:
     rules: tuple[Any, ...] = ()  # ((logical, mesh axes), ...); empty: mesh.DEFAULT_RULES
 
 
-@frozen
+@dataclass(frozen=True)
 class RunConfig:
     stage: str = "dpo"  # "sft" or "dpo"
     seed: int = 0
