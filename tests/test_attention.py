@@ -224,11 +224,12 @@ def test_blocked_causal_attention_equals_unblocked(monkeypatch, S, masked, softc
     def loss(fn):
         return lambda q, k, v: jnp.sum(w * fn(q, k, v, mask, 0.3, softcap, window))
 
-    got = A.blocked_causal_attention(q, k, v, mask, 0.3, softcap, window)
-    want = _unblocked(q, k, v, mask, 0.3, softcap, window)
+    # jitted (traced with the patched QUERY_BLOCK): op by op, the block loop and its gradient took seconds
+    got = jax.jit(lambda q, k, v: A.blocked_causal_attention(q, k, v, mask, 0.3, softcap, window))(q, k, v)
+    want = jax.jit(lambda q, k, v: _unblocked(q, k, v, mask, 0.3, softcap, window))(q, k, v)
     np.testing.assert_allclose(got, want, atol=2e-6, rtol=0)
-    g_got = jax.grad(loss(A.blocked_causal_attention), argnums=(0, 1, 2))(q, k, v)
-    g_want = jax.grad(loss(_unblocked), argnums=(0, 1, 2))(q, k, v)
+    g_got = jax.jit(jax.grad(loss(A.blocked_causal_attention), argnums=(0, 1, 2)))(q, k, v)
+    g_want = jax.jit(jax.grad(loss(_unblocked), argnums=(0, 1, 2)))(q, k, v)
     for a, b in zip(g_got, g_want, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
 
