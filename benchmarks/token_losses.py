@@ -20,6 +20,7 @@ Results: benchmarks/results/token_losses_<device>.json and a table of per-round 
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import datetime
 import json
@@ -27,6 +28,7 @@ import os
 import pathlib
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,6 +87,7 @@ def run_case(shape: str, case: str, pairs: int, steps: int, seed: int) -> dict:
         return layouts.preference_batch(its, layout, seq_len=S, response_len=dist.response_max)
 
     tmp = tempfile.mkdtemp(prefix="dpoq_bench_")
+    atexit.register(shutil.rmtree, tmp, ignore_errors=True)  # each case runs in its own process
     sides = ("chosen", "rejected")
     if case in ("selective", "token_weighted"):  # the oracle's rewards: a real cache on disk
         rng = np.random.default_rng(seed)
