@@ -170,8 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             + (
                 f"Seeds {', '.join(map(str, args.seeds))}: each number is a mean over the seeds, written "
                 "mean [lo, hi]: accuracies, AUROCs, win rates, gold scores and their paired differences "
-                "with a two-level bootstrap interval (seeds, then held-out prompts), training-curve values "
-                "with the Student-t interval over seeds; the verdicts are computed from these intervals."
+                "with the wider of a two-level bootstrap interval (seeds, then held-out prompts) and the "
+                "seed-level t-interval, inside the statistic's range; training-curve values with the "
+                "Student-t interval over seeds; the verdicts are computed from these intervals."
                 if len(args.seeds) > 1
                 else f"One seed ({args.seeds[0]}): statistics of held-out prompts carry their item-level "
                 "bootstrap interval (prompts resampled), other numbers are point estimates; run with "

@@ -581,6 +581,13 @@ def test_run_seeds_merges_and_reuses_finished_seeds(tmp_path) -> None:
     rep = harness.run_seeds(run, verdicts, args, {"k": 1})
     assert calls == [0, 1] and rep.verdict.why == "0.500 [-5.853, 6.853]" and rep.verdict.status == "holds"
     assert rep.meta["command"] == "cmd --seeds 0,1"
+    import re
+
+    from dpoq_jax.analysis.document import code_commit
+
+    # the verdict rules' commit (this checkout's, as git reports it) and when the judging call started
+    assert rep.meta["verdict rules (code commit)"] == code_commit() != "unknown"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", rep.meta["judged at"])
     harness.run_seeds(run, verdicts, argparse.Namespace(**{**vars(args), "seeds": (1, 2)}), {"k": 1})
     assert calls == [0, 1, 2]  # seed 1 reused
     harness.run_seeds(run, verdicts, args, {"k": 2})  # other settings: both seeds run again
@@ -750,3 +757,32 @@ def test_token_training_tiny(tmp_path) -> None:
     stamps = [p.stat().st_mtime_ns for p in evals]
     assert m.main(argv) == 0  # every run and evaluation reused
     assert [p.stat().st_mtime_ns for p in evals] == stamps
+
+
+def test_wider_interval_is_the_wider_of_seed_t_and_bootstrap_inside_the_range() -> None:
+    """Seeds that disagree (seed variance dominates): the seed-level t-interval (as scipy computes it) is
+    wider than the two-level bootstrap and is used, clipped to [0, 1] for a rate; a statistic with no
+    spread is written as the seeds' value, not as a zero-width interval; ranges by kind, hand-solved."""
+    import scipy.stats as scipy_stats
+
+    from dpoq_jax.analysis import seeds
+
+    def rate(k: int, n: int = 36) -> seeds.Items:
+        return seeds.Items.mean([1.0] * k + [0.0] * (n - k))
+
+    per_seed = [rate(4), rate(18), rate(30)]
+    values = [4 / 36, 18 / 36, 30 / 36]
+    iv = seeds.wider_interval(per_seed)
+    t, boot = iv.parts
+    lo, hi = scipy_stats.t.interval(0.95, 2, loc=np.mean(values), scale=scipy_stats.sem(values))
+    assert (t.lo, t.hi) == (pytest.approx(lo, abs=1e-3), pytest.approx(hi, abs=1e-3))
+    assert boot == seeds.items_interval(per_seed) and t.lo < boot.lo and t.hi > boot.hi
+    assert lo < 0 and iv.lo == 0.0 and iv.hi == pytest.approx(min(1.0, hi), abs=1e-3)
+    assert iv.mean == pytest.approx(np.mean(values)) and seeds.merge_number(per_seed) == iv
+    assert "seed t [" in iv.detail() and "bootstrap [" in iv.detail()
+
+    flat = seeds.merge_number([rate(36)] * 3)
+    assert (flat.lo, flat.hi) == (1.0, 1.0) and str(flat) == "1.000 (each of 3 seeds: 1.000)"
+    assert seeds.Items.mean([0.2, float("nan"), 0.9]).bounds() == (0.2, 0.9)
+    assert (seeds.Items.mean([0.0, 1.0]) - seeds.Items.mean([0.25, 0.5])).bounds() == (-0.5, 0.75)
+    assert seeds.Items.auroc([[0.1, 0.2]], [[True, False]]).bounds() == (0.0, 1.0)

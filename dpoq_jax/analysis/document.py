@@ -354,6 +354,25 @@ def machine_info() -> dict[str, str]:
     return info
 
 
+def code_commit() -> str:
+    """The git commit of the dpoq_jax sources that ran (the verdict rules a report was judged by), with
+    "+ local changes" when the tree differs from it; "unknown" outside a git checkout (an installed wheel)."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=30,
+                              check=True).stdout.strip()  # fmt: skip
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "..")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{commit} + local changes" if dirty else commit
+
+
 def command_line(head: str, argv: Sequence[str] | None = None) -> str:
     """The command that reproduces this run, as a user would type it (`head`: e.g. "dpoq demo")."""
     argv = list(sys.argv[1:] if argv is None else argv)

@@ -18,7 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from dpoq_jax.analysis import seeds as seeds_lib
-from dpoq_jax.analysis.document import Report, Verdict, command_line, log, machine_info
+from dpoq_jax.analysis.document import Report, Verdict, code_commit, command_line, log, machine_info
 from dpoq_jax.experiments.runs import default_config
 
 # where the reports go by default: the repository's experiments/results (run from a clone)
@@ -173,6 +173,9 @@ def run_seeds(
     report.meta["wall time"] = f"{time.time() - t0:.0f} s for this call; per seed when it ran: " + ", ".join(
         f"{x:.0f} s" for x in seconds
     )
+    # the rules the verdicts were judged by are the code's: its commit, and when this judging call started
+    report.meta["verdict rules (code commit)"] = code_commit()
+    report.meta["judged at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0))
     return report
 
 

@@ -36,7 +36,7 @@ def make_schedule(
 
 
 def make_optimizer(cfg: OptimGroup, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Optimizer and schedule from an `optim` config (ConfigDict or any object with these attributes):
+    """Optimizer and schedule from the run's `optim` group (schema.OptimGroup, or a ConfigDict group):
     name, lr, warmup_steps, schedule, end_factor, clip_norm (<= 0: no clipping), weight_decay,
     b1, b2, eps (AdamW) and decay, eps (RMSprop)."""
     schedule = make_schedule(cfg.lr, cfg.warmup_steps, total_steps, cfg.schedule, cfg.end_factor)

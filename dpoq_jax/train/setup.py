@@ -13,6 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from dpoq_jax import losses, paths
@@ -48,7 +49,7 @@ from dpoq_jax.train.step import (
 @dataclasses.dataclass
 class ModelSource:
     make_model: Callable[[], nnx.Module]  # builds the (random-init) module; used abstractly for shapes
-    model_config: Any
+    model_config: ModelConfig
     load_params: Callable[[Any, Any], Any] | None  # (abstract params, shardings) -> sharded params
 
 
@@ -132,20 +133,20 @@ class Run:
     """Everything `train` and `precompute_ref` build from a config (exposed for tests and tools)."""
 
     cfg: RunConfig
-    mesh: Any
+    mesh: jax.sharding.Mesh
     dataset: inputs.Dataset | None
     source: ModelSource
-    graphdef: Any
-    rest: Any
-    abs_params: Any
-    p_shardings: Any
-    optimizer: Any
-    schedule: Any
+    graphdef: nnx.GraphDef
+    rest: nnx.State  # the model's non-parameter variables (replicated)
+    abs_params: nnx.State  # ShapeDtypeStructs of the parameters
+    p_shardings: nnx.State  # NamedSharding per parameter (state.param_shardings)
+    optimizer: optax.GradientTransformation
+    schedule: optax.Schedule
     shardings: TrainState
     abstract: TrainState
-    loss_fn: Any
+    loss_fn: Callable[..., Any]  # (params, ref_params, batch) -> (loss, (weight, metrics)): make_*_loss
     forward: Forward  # how the layout rows run forward (chunking, causal rows, one segment, LoRA)
-    lora: Any = None  # LoraConfig: TrainState.params are adapters, ref_params the frozen base
+    lora: LoraConfig | None = None  # TrainState.params are adapters, ref_params the frozen base
     # token caches by role ("reference", "token_values"), opened by attach_caches
     caches: dict[str, token_cache.TokenCache] = dataclasses.field(default_factory=dict)
 
