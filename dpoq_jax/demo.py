@@ -2,9 +2,10 @@
 
 Trains tiny models from random initialisation on the bundled synthetic tasks (the packaged configs
 dpoq_jax/configs/), once per seed, and writes one report, a section per claim; every number is a mean
-with its 95% t-interval over the seeds, and every verdict is computed from those intervals:
+with its 95% interval over the seeds, and every verdict is computed from those intervals:
   1. credit assignment (paper §3): per-token implicit rewards of held-out error_injection pairs,
-     top-1 localisation and AUROC of the injected tokens against the reference alone and chance,
+     top-1 localisation and AUROC of the injected tokens against the reference alone, the position
+     (later = more suspicious) and chance,
      with errors the reference cannot tell (fluent) and errors it finds surprising;
   2. search (paper §4): DPO on dense_reward with and without a length-biased labeller; gold win rate,
      gold reward and length against beams;

@@ -338,19 +338,26 @@ def iv(mean: float, half: float = 0.0):
 def test_verdicts_are_computed_from_the_intervals() -> None:
     from dpoq_jax.experiments import credit_assignment, dense_recovery, implicit_rewards, search_overopt
 
-    # Credit assignment, per setting at β = 0.1: above chance and above the reference alone / only above
-    # chance / not above chance; the fluent setting's premise (reference AUROC ≈ 0.5) caps it at partly.
+    # Credit assignment, per setting at β = 0.1 (rules of 2026-12-07): paired differences DPO − reference
+    # alone and DPO − position, for AUROC and top-1; all four above 0 holds, one metric's pair partly;
+    # the fluent setting's premise (reference AUROC ≈ 0.5) caps it at partly; chance alone earns nothing.
     scale = {"settings": {"fluent": (0.1,), "surprising": (0.1,)}}
 
-    def credit(top1, auroc, ref_auroc, half=0.02, diff_half=0.03, gold=0.05):
+    def credit(auroc_ref, auroc_pos, top1_ref, top1_pos, ref_auroc=0.52, half=0.02, diff_half=0.03,
+               gold=0.05):  # fmt: skip
         n = {}
         for s in ("fluent", "surprising"):
             n |= {
-                f"{s}/beta0.1/dpo_top1": iv(top1, half),
-                f"{s}/beta0.1/dpo_auroc": iv(auroc, half),
-                f"{s}/beta0.1/dpo_minus_ref_auroc": iv(auroc - ref_auroc, diff_half),  # paired
+                f"{s}/beta0.1/dpo_top1": iv(0.6, half),
+                f"{s}/beta0.1/dpo_auroc": iv(ref_auroc + auroc_ref, half),
+                f"{s}/beta0.1/dpo_minus_ref_auroc": iv(auroc_ref, diff_half),  # paired
+                f"{s}/beta0.1/dpo_minus_pos_auroc": iv(auroc_pos, diff_half),
+                f"{s}/beta0.1/dpo_minus_ref_top1": iv(top1_ref, diff_half),
+                f"{s}/beta0.1/dpo_minus_pos_top1": iv(top1_pos, diff_half),
                 f"{s}/ref_top1": iv(0.3),
                 f"{s}/ref_auroc": iv(ref_auroc, half),
+                f"{s}/pos_top1": iv(0.4),
+                f"{s}/pos_auroc": iv(0.7),
                 f"{s}/chance": iv(0.25),
                 f"{s}/beta0.1/greedy_gold_diff": iv(gold, 0.02),
                 f"{s}/ref_greedy_gold": iv(0.4, 0.05),
@@ -359,22 +366,23 @@ def test_verdicts_are_computed_from_the_intervals() -> None:
 
     fluent, surprising = (title for title, _ in credit_assignment.SETTINGS.values())
     answers = credit_assignment.answers_title("fluent")
-    v = credit(0.6, 0.8, 0.52)
+    v = credit(0.2, 0.1, 0.3, 0.2)
     assert v[fluent].status == "holds" and "premise met" in v[fluent].why
+    assert "the position: AUROC 0.700" in v[fluent].why and "DPO − position: AUROC 0.100" in v[fluent].why
     assert list(v)[:2] == [fluent, surprising]  # the fluent setting's verdict is the report's own
     assert v[answers].status == "holds" and "0.050 [0.030, 0.070]" in v[answers].why
-    assert credit(0.6, 0.8, 0.52, gold=-0.05)[answers].status == "does not hold"
-    assert "(worse)" in credit(0.6, 0.8, 0.52, gold=-0.05)[answers].why
-    assert "not surely above 0" in credit(0.6, 0.8, 0.52, gold=0.01)[answers].why
-    assert credit(0.6, 0.8, 0.9)[surprising].status == "partly"  # the reference alone does better
-    # Intervals that overlap but a paired difference surely above 0: the paired one decides.
-    assert credit(0.6, 0.62, 0.6, half=0.05, diff_half=0.01)[surprising].status == "holds"
-    assert credit(0.6, 0.7, 0.6, half=0.01, diff_half=0.2)[surprising].status == "partly"
+    assert credit(0.2, 0.1, 0.3, 0.2, gold=-0.05)[answers].status == "does not hold"
+    assert "(worse)" in credit(0.2, 0.1, 0.3, 0.2, gold=-0.05)[answers].why
+    assert "not surely above 0" in credit(0.2, 0.1, 0.3, 0.2, gold=0.01)[answers].why
+    v = credit(0.2, 0.1, 0.3, 0.01)[surprising]  # top-1 not surely above the position's
+    assert v.status == "partly" and "above both baselines on AUROC only" in v.why
+    assert credit(0.2, 0.01, 0.3, 0.01)[surprising].status == "does not hold"  # the position is as good
+    assert credit(-0.1, 0.1, 0.3, 0.2)[surprising].status == "partly"  # the reference alone has better AUROC
+    # Arms whose intervals overlap but paired differences surely above 0: the paired ones decide.
+    assert credit(0.02, 0.02, 0.02, 0.02, half=0.05, diff_half=0.01)[surprising].status == "holds"
+    assert credit(0.1, 0.1, 0.1, 0.1, half=0.01, diff_half=0.2)[surprising].status == "does not hold"
     assert credit_assignment.verdicts({"sweep/choice": iv(0.0)}, scale) == {}  # a sweep alone
-    assert credit(0.6, 0.95, 0.7)[fluent].status == "partly"  # beats the reference, premise not met
-    v = credit(0.27, 0.6, 0.5, half=0.05)[fluent]  # top-1 reaches chance, AUROC above 0.5
-    assert v.status == "partly" and "top-1 not surely above chance, AUROC above 0.5" in v.why
-    assert credit(0.27, 0.52, 0.5, half=0.05)[fluent].status == "does not hold"  # neither above chance
+    assert credit(0.2, 0.1, 0.3, 0.2, ref_auroc=0.7)[fluent].status == "partly"  # premise not met
 
     # Search, per labeller and β: 5 beams beat 1, the widest is worse than 5 and longer than 1.
     sc = {"betas": (0.1,), "beams": (1, 2, 5, 20)}
@@ -786,3 +794,18 @@ def test_wider_interval_is_the_wider_of_seed_t_and_bootstrap_inside_the_range() 
     assert seeds.Items.mean([0.2, float("nan"), 0.9]).bounds() == (0.2, 0.9)
     assert (seeds.Items.mean([0.0, 1.0]) - seeds.Items.mean([0.25, 0.5])).bounds() == (-0.5, 0.75)
     assert seeds.Items.auroc([[0.1, 0.2]], [[True, False]]).bounds() == (0.0, 1.0)
+
+
+def test_position_baseline_on_fixed_responses() -> None:
+    """The position baseline (later = more suspicious), hand-solved: an error on the last token is its
+    top-1 with AUROC 1; on the first token, top-1 0 and AUROC 0; an error at index 2 of 5 tokens ranks
+    above 2 of the 4 clean ones (AUROC 0.5); pooled over the three responses (suspicion t across
+    responses: the error tokens at t = 3, 0, 2 against the 9 clean ones, ties one half: 7.5 + 1 + 6 of
+    27 pairs), AUROC 14.5/27."""
+    from dpoq_jax.experiments.credit_assignment import position_values, score_items
+
+    np.testing.assert_array_equal(position_values(4), [0.0, -1.0, -2.0, -3.0])
+    items = score_items([position_values(4), position_values(3), position_values(5)], [[3], [0], [2]])
+    assert float(items["top1"]) == pytest.approx(1 / 3)
+    assert float(items["auroc_per_response"]) == pytest.approx((1.0 + 0.0 + 0.5) / 3)
+    assert float(items["auroc"]) == pytest.approx(14.5 / 27)

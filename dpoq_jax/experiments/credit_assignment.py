@@ -53,6 +53,13 @@ SETTINGS = {
 }
 PREMISE_BAND = 0.1  # the reference "cannot solve" the task if its AUROC is within 0.5 ± this
 REF_NAME, RND_NAME = "reference alone (−log π_ref)", "uniform random"
+POS_NAME = "position (later = more suspicious)"
+
+
+def position_values(n: int) -> np.ndarray:
+    """The position baseline's per-token values for a response of n tokens, LOW meaning suspicious (as
+    implicit rewards): −t, so the last token is its top-1 and later tokens rank above earlier ones."""
+    return -np.arange(n, dtype=np.float64)
 # The rule letters of the prompts "<rule>:<digits>=" (data.synthetic.RULES), for the reader.
 RULE_TEXT = {"c": "copy", "s": "sort ascending", "a": "add one to each digit, mod 10", "r": "reverse"}
 assert set(RULE_TEXT) == set(RULES), "a rule was added to data.synthetic.RULES: describe it here"
@@ -122,14 +129,18 @@ ANSWERS_CLAIM = "DPO (the sweep's lr/steps) improves the gold score of the polic
 
 
 def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
-    """The rules of docs/experiments.md §1, from the bootstrap intervals (seeds, then held-out items).
+    """The rules of docs/experiments.md §1 (rewritten 2026-12-07, before any rerun), from the intervals
+    (the wider of seed-t and the two-level bootstrap, seeds.wider_interval).
 
-    Credit assignment, per setting at the main β: holds if DPO's top-1 lies above chance, its pooled
-    AUROC above 0.5 and the paired difference AUROC(DPO) − AUROC(reference alone) above 0; partly if
-    top-1 or AUROC lies above chance (or the fluent setting's premise, reference AUROC within 0.5 ± 0.1,
-    fails); does not hold if neither does. The policies' answers, per setting at the main β: holds if
-    the paired difference of greedy gold score DPO − reference lies above 0, does not hold otherwise.
-    An lr/steps sweep alone (`--sweep`) has no verdicts."""
+    Credit assignment, per setting at the main β, on paired differences over the same held-out
+    responses: DPO's implicit reward against the two baselines a skeptic starts from, the reference
+    alone (−log π_ref) and the position (later = more suspicious). Holds if DPO − reference and
+    DPO − position lie above 0 for both the pooled AUROC and the top-1 localisation; partly if they do
+    for one of the two metrics (or all four do but the fluent setting's premise, reference AUROC within
+    0.5 ± 0.1, fails); does not hold otherwise: beating chance alone no longer earns "partly". The
+    policies' answers, per setting at the main β: holds if the paired difference of greedy gold score
+    DPO − reference lies above 0, does not hold otherwise. An lr/steps sweep alone (`--sweep`) has no
+    verdicts."""
     out, answers = {}, {}
     if "sweep/choice" in n:
         return out
@@ -137,29 +148,24 @@ def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
         b = main_beta(betas)
         k = f"{setting}/beta{b}"
         top1, auroc_ = n[f"{k}/dpo_top1"], n[f"{k}/dpo_auroc"]
-        ref_top1, ref_auroc, chance = (
-            n[f"{setting}/ref_top1"],
-            n[f"{setting}/ref_auroc"],
-            n[f"{setting}/chance"],
-        )
-        diff = n[f"{k}/dpo_minus_ref_auroc"]
-        top1_above, auroc_above, beats = top1.above(chance.mean), auroc_.above(0.5), diff.above(0)
+        ref_auroc, chance = n[f"{setting}/ref_auroc"], n[f"{setting}/chance"]
+        diffs = {(metric, base): n[f"{k}/dpo_minus_{base}_{metric}"]
+                 for metric in ("auroc", "top1") for base in ("ref", "pos")}  # fmt: skip
+        beats = {m: diffs[(m, "ref")].above(0) and diffs[(m, "pos")].above(0) for m in ("auroc", "top1")}
         why = (
-            f"at β = {b}, DPO's lowest-reward token is an injected one in {top1} of held-out responses "
-            f"(chance {chance.mean:.3f}), pooled AUROC {auroc_}; the reference alone: top-1 {ref_top1}, "
-            f"AUROC {ref_auroc}; paired AUROC difference DPO − reference {diff}"
+            f"at β = {b}, DPO's pooled AUROC {auroc_}, top-1 {top1} (chance {chance.mean:.3f}); the "
+            f"reference alone: AUROC {ref_auroc}, top-1 {n[f'{setting}/ref_top1']}; the position: AUROC "
+            f"{n[f'{setting}/pos_auroc']}, top-1 {n[f'{setting}/pos_top1']}; paired DPO − reference: AUROC "
+            f"{diffs[('auroc', 'ref')]}, top-1 {diffs[('top1', 'ref')]}; DPO − position: AUROC "
+            f"{diffs[('auroc', 'pos')]}, top-1 {diffs[('top1', 'pos')]}"
         )
-        if top1_above and auroc_above and beats:
-            status, why = "holds", why + ": the implicit reward finds the errors, better than the reference"
-        elif top1_above or auroc_above:
+        if beats["auroc"] and beats["top1"]:
+            status, why = "holds", why + ": the implicit reward finds the errors better than both baselines"
+        elif beats["auroc"] or beats["top1"]:
             status = "partly"
-            why += (
-                f": top-1 {'above' if top1_above else 'not surely above'} chance, AUROC "
-                f"{'above' if auroc_above else 'not surely above'} 0.5, "
-                f"{'above' if beats else 'not surely above'} the reference alone's"
-            )
+            why += f": above both baselines on {'AUROC' if beats['auroc'] else 'top-1'} only"
         else:
-            status, why = "does not hold", why + ": neither top-1 nor AUROC surely above chance"
+            status, why = "does not hold", why + ": not surely above both baselines on either metric"
         if setting == "fluent":
             premise = abs(ref_auroc.mean - 0.5) < PREMISE_BAND
             why += (
@@ -316,6 +322,8 @@ def run_setting(args: argparse.Namespace, scale: dict, setting: str, report: doc
             baselines[RND_NAME] = score_row(
                 RND_NAME, score_items([rng.random(len(s.ids)) for s in s_rej], errors)
             )
+            pos_items = score_items([position_values(len(s.ids)) for s in s_rej], errors)
+            baselines[POS_NAME] = score_row(POS_NAME, pos_items)
         acc = Items.mean([c.reward_sum > r.reward_sum for c, r in zip(s_cho, s_rej, strict=True)])
         dpo_items = score_items([s.rewards for s in s_rej], errors)
         pol_items = score_items([s.logps for s in s_rej], errors)
@@ -336,12 +344,17 @@ def run_setting(args: argparse.Namespace, scale: dict, setting: str, report: doc
             policy_alone=policy_alone,
             ref_diff=score_row("DPO implicit reward − reference alone (paired)",
                                {k: dpo_items[k] - ref_items[k] for k in dpo_items}),
+            pos_diff=score_row("DPO implicit reward − position (paired)",
+                               {k: dpo_items[k] - pos_items[k] for k in dpo_items}),
         )  # fmt: skip
         k = f"beta{beta}"
         numbers |= {
             f"{k}/dpo_top1": dpo_items["top1"],
             f"{k}/dpo_auroc": dpo_items["auroc"],
             f"{k}/dpo_minus_ref_auroc": dpo_items["auroc"] - ref_items["auroc"],
+            f"{k}/dpo_minus_pos_auroc": dpo_items["auroc"] - pos_items["auroc"],
+            f"{k}/dpo_minus_ref_top1": dpo_items["top1"] - ref_items["top1"],
+            f"{k}/dpo_minus_pos_top1": dpo_items["top1"] - pos_items["top1"],
             f"{k}/policy_auroc": pol_items["auroc"],
             f"{k}/greedy_exact": q["greedy"]["exact match"],
             f"{k}/greedy_gold_diff": q["greedy"]["gold score"] - ref_q["greedy"]["gold score"],
@@ -362,6 +375,8 @@ def run_setting(args: argparse.Namespace, scale: dict, setting: str, report: doc
         "ref_auroc": ref_items["auroc"],
         "chance": chance,
         "random_top1": baselines[RND_NAME][1],
+        "pos_top1": pos_items["top1"],
+        "pos_auroc": pos_items["auroc"],
     }
     report.add(
         title,
@@ -379,11 +394,11 @@ def run_setting(args: argparse.Namespace, scale: dict, setting: str, report: doc
         f"{len(eval_pairs)} held-out pairs, {n_tok} rejected-response tokens of which {n_err} injected "
         f"(top-1 by chance ≈ {float(chance):.3f}; seed {args.seed}). Each detector flags the tokens with the "
         "lowest value (implicit reward, or log-prob for the likelihood baselines); AUROC pooled over all "
-        "tokens and averaged per response; the last row is the paired difference DPO − reference alone on "
-        "the same responses. The reference alone's AUROC tests the setting's premise.",
+        "tokens and averaged per response; the last rows are the paired differences DPO − reference alone "
+        "and DPO − position on the same responses. The reference alone's AUROC tests the setting's premise.",
         doc.Table(
             ["detector", "top-1 localisation", "AUROC (pooled)", "AUROC (per response)"],
-            [best["dpo"], best["policy_alone"], *baselines.values(), best["ref_diff"]],
+            [best["dpo"], best["policy_alone"], *baselines.values(), best["ref_diff"], best["pos_diff"]],
         ),
         level=2,
     )
