@@ -56,6 +56,13 @@ def test_typed_overrides():
         ],
     )
     assert c.model.lora.targets == ("q", "v") and c.data.buckets == (64, 128)
+    import ml_collections as mc
+
+    user = mc.ConfigDict({"g": {"rules": [["embed", "fsdp"]], "opt": None}})  # a user config's list field
+    user.lock()
+    apply_override(user, "g.rules", "[['mlp', 'tensor']]")
+    apply_override(user, "g.opt", "(1, 2)")
+    assert user.g.rules == [["mlp", "tensor"]] and user.g.opt == (1, 2)
     assert (c.optim.lr, c.train.num_steps, c.train.progress_bar, c.optim.clip_norm) == (1e-4, 7, False, 3.0)
     assert isinstance(c.optim.clip_norm, float)
     assert c.sharding.rules == (["embed", "fsdp"],)

@@ -99,13 +99,14 @@ def apply_override(config: mc.ConfigDict, key: str, text: str) -> None:
     kind = config_path.get_type(key, config)
     if kind is type(None):
         value = _literal(text)
-    elif kind in _PARSERS:
+    elif kind in _PARSERS or kind is list:
         try:
-            value = _PARSERS[kind].parse(text)
+            value = _PARSERS[tuple if kind is list else kind].parse(text)
         except ValueError:
             raise ConfigError(f"config key {key!r} expects {kind.__name__}, got {text!r}") from None
-        if kind is tuple and len(value) == 1 and isinstance(value[0], str) and "," in value[0]:
+        if kind in (tuple, list) and len(value) == 1 and isinstance(value[0], str) and "," in value[0]:
             value = tuple(x.strip() for x in value[0].split(",") if x.strip())  # q,k -> ("q", "k")
+        value = list(value) if kind is list else value
     else:
         raise ConfigError(
             f"config key {key!r} holds a {kind.__name__}; it cannot be set from the command line"
