@@ -46,7 +46,7 @@ from dpoq_jax.analysis.credit import score_responses
 from dpoq_jax.analysis.seeds import Items
 from dpoq_jax.experiments import harness, runs
 from dpoq_jax.experiments import policy_effects as pe
-from dpoq_jax.experiments.credit_assignment import heatmap_figure, score_items, score_row
+from dpoq_jax.experiments.credit_assignment import REF_NAME, RND_NAME, heatmap_figure, score_items, score_row
 
 NAME = "constraint_prefs"
 TASK = "constraint_prefs"
@@ -61,7 +61,6 @@ TOPICS = (
 )  # fmt: skip
 MODES = {"full": "DPO (full)", "lora": "DPO (LoRA)"}
 MODELS = {"ref": "reference (the model)", **MODES}
-REF_NAME, RND_NAME = "reference alone (−log π_ref)", "uniform random"
 GEN_COLUMNS = ("constraint kept", "finished (end of turn)", "words")
 SECTION = {
     "setup": "Prompts, samples and training data",

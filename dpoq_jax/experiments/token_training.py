@@ -180,7 +180,7 @@ def run_part(args: argparse.Namespace, scale: dict, task: str, seed: int) -> dic
                 dpo_dir = root / f"n{n_pairs}" / "dpo"
                 if cache == "oracle" and not (dpo_dir / "experiment_run.json").exists():
                     raise SystemExit(f"{method} needs the dpo run of its size first (methods in order)")
-                cfg = run_config(str(dpo_dir)) if dpo_dir.exists() else None
+                cfg = run_config(str(dpo_dir))  # None unless a finished run is there
                 if cfg is None:
                     raise SystemExit(f"{method}: run the dpo method first (its config names the data)")
                 caches[cache] = build_cache(

@@ -199,7 +199,7 @@ def from_dict(cls: type, values: Mapping[str, Any], where: str = "") -> Any:
 
 
 def _plain(value: Any) -> Any:
-    """Nested mappings (a ConfigDict's groups) as plain dicts."""
-    if isinstance(value, Mapping) or hasattr(value, "to_dict"):
+    """Nested mappings as plain dicts (a copy: the RunConfig shares nothing with what it was made from)."""
+    if isinstance(value, Mapping):
         return {k: _plain(v) for k, v in dict(value).items()}
     return value
