@@ -333,3 +333,10 @@ def test_typed_run_config_is_frozen_resolved_and_round_trips_through_config_json
     bad["optim"]["learning_rate"] = 1.0
     with pytest.raises(ConfigError, match=r"unknown config key 'optim.learning_rate'"):
         typed(bad)
+
+
+def test_initial_policy_of_a_folder_that_is_not_a_run_says_so(tmp_path):
+    from dpoq_jax.train.setup import initial_policy
+
+    with pytest.raises(ValueError, match=r"not a `dpoq train` run \(no config.json beside its checkpoints\)"):
+        initial_policy(str(tmp_path))
