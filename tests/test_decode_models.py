@@ -278,3 +278,40 @@ def test_cli_dispatch_and_model_errors(tmp_path, capsys):
         assert e.value.code == 0 and f"dpoq {name}" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="neither a Hugging Face directory"):
         load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("early_stopping", [False, True, "never"])
+def test_beam_search_matches_transformers(decoders, tmp_path, early_stopping):
+    """The same beams and scores as transformers' `generate(num_beams=K, length_penalty=α)` on the same
+    weights, prompt by prompt (transformers needs one prompt length per batch), for α in {0, 0.5, 1}."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pol, _ = decoders
+    pol = nnx.clone(pol)
+    # EOS likely enough that hypotheses finish at different lengths, so the penalty changes the ranking
+    pol.lm_head[...] = pol.lm_head[...].at[:, EOS].add(1.5)
+    save_hf(pol, CFG, str(tmp_path / "pol"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "pol"), torch_dtype=torch.float32)
+    K, R = 4, 8
+    seen = {}
+    for alpha in (0.0, 0.5, 1.0):
+        cfg = BeamConfig(num_beams=K, max_new_tokens=R, length_penalty=alpha, early_stopping=early_stopping,
+                         eos_id=EOS, pad_id=PAD)  # fmt: skip
+        ours = beam_search(pol, PROMPTS, cfg)
+        for b, prompt in enumerate(PROMPTS):
+            with torch.no_grad():
+                out = hf.generate(
+                    torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                    num_beams=K, num_return_sequences=K, length_penalty=alpha, early_stopping=early_stopping,
+                    max_new_tokens=R, do_sample=False, eos_token_id=EOS, pad_token_id=PAD,
+                    output_scores=True, return_dict_in_generate=True,
+                )  # fmt: skip
+            want = []
+            for row in out.sequences[:, len(prompt) :].tolist():
+                want.append(row[: row.index(EOS) + 1] if EOS in row else row)
+            got = [[int(x) for x in ours.tokens[b, k][ours.mask[b, k] > 0]] for k in range(K)]
+            assert got == want, (alpha, b)
+            np.testing.assert_allclose(ours.score[b], out.sequences_scores.numpy(), atol=2e-4)
+            seen[alpha, b] = got
+    # the penalty mattered somewhere: some prompt's beams differ between α = 0 and α = 1
+    assert any(seen[0.0, b] != seen[1.0, b] for b in range(len(PROMPTS)))

@@ -69,7 +69,18 @@ def _parser():
     p.add_argument("--top-k", type=int, default=0, help="keep the k likeliest tokens; 0: all (--mode sample)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass to keep (--mode sample)")
     p.add_argument("--num-beams", type=int, default=4, help="beams per prompt (--mode beam / guided)")
-    p.add_argument("--length-penalty", type=float, default=0.0, help="alpha in score / length**alpha")
+    p.add_argument(
+        "--length-penalty",
+        type=float,
+        default=0.0,
+        help="alpha in a finished beam's score / length**alpha, as in transformers (default there: 1.0)",
+    )
+    p.add_argument(
+        "--early-stopping",
+        choices=("false", "true", "never"),
+        default="false",
+        help="when a prompt's beam search stops taking finished beams, as transformers' early_stopping",
+    )
     p.add_argument("--beta", type=float, default=None, help=BETA_HELP)
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded at a time")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -135,6 +146,7 @@ def generate_main(argv: list[str]) -> int:
                     num_beams=args.num_beams,
                     max_new_tokens=args.max_new_tokens,
                     length_penalty=args.length_penalty,
+                    early_stopping={"false": False, "true": True}.get(args.early_stopping, "never"),
                     eos_id=eos,
                     pad_id=pad,
                     cache_dtype=args.cache_dtype,

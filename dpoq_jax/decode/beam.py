@@ -1,15 +1,21 @@
 """Beam search (likelihood search) and, with the same mechanics, reward-guided search.
 
-Mechanics: K beams per prompt live as B·K model rows. Every step each beam proposes every token;
-the K best (beam score + increment) candidates of each prompt survive, and the caches, token
-histories and per-token log-probs are gathered from their parent beams. A finished beam (EOS or
-max_new_tokens reached) stays in the beam set with one candidate: padding at increment 0, so its
-score stops accumulating and it competes with the running beams at its final score. Because
-log-probabilities are <= 0, a running beam can only lose score, so with K at least the number of
-live prefixes this is exhaustive search.
+The mechanics are transformers' (`GenerationMixin._beam_search`, v5), so that a length penalty means
+what it means there. K beams per prompt live as B·K model rows. Every step each running beam proposes
+every token and the 2K best candidates of a prompt (by raw summed log-prob) are taken; the K best of
+them that did not finish become the next running beams (caches, token histories and per-token
+log-probs gathered from their parents). A candidate among the K best that finishes (EOS, or
+max_new_tokens reached) enters the prompt's K finished hypotheses with the score
 
-Ranking uses the raw score during the search; the optional length penalty (score / length**alpha,
-length counting EOS) reorders the final K beams only.
+    score = Σ_t log π(a_t|s_t) / n**α,   n = generated tokens (EOS included),  α = length_penalty,
+
+and the K best finished hypotheses are returned, best first. A prompt stops taking hypotheses when
+none can improve (`early_stopping`): False (transformers' default) compares the best running beam,
+penalised at its current length, with the worst finished one once K have finished; True stops at K
+finished; "never" penalises the running beam at max_new_tokens when α > 0. With α = 0 the ranking
+is the raw log-likelihood, and False and "never" are exact (scores only fall): with K at least the
+number of live prefixes the search is exhaustive. transformers' own default α is 1.0; ours is 0
+(pure likelihood search).
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ Array = jax.Array
 class BeamConfig:
     num_beams: int = 4
     max_new_tokens: int = 64
-    length_penalty: float = 0.0  # alpha in score / length**alpha; 0 = none
+    length_penalty: float = 0.0  # α in score / n**α (transformers' meaning); 0 = none
+    early_stopping: bool | str = False  # transformers' False / True / "never"
     eos_id: int = 2
     pad_id: int = 0
     cache_dtype: str | None = None  # None: the model's compute dtype
@@ -54,6 +61,8 @@ class BeamConfig:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.early_stopping not in (False, True, "never"):
+            raise ValueError(f"early_stopping must be False, True or 'never', got {self.early_stopping!r}")
 
 
 def _beam_core(
@@ -74,7 +83,7 @@ def _beam_core(
     model = nnx.merge(graphdef, state)
     ref = nnx.merge(ref_graphdef, ref_state) if guided else None
     B, P = ids_BP.shape
-    K, R = cfg.num_beams, cfg.max_new_tokens
+    K, R, alpha = cfg.num_beams, cfg.max_new_tokens, cfg.length_penalty
     T, N = P + R, B * K
     dtype = as_dtype(cfg.cache_dtype)
 
@@ -92,24 +101,25 @@ def _beam_core(
     # Only beam 0 is alive at first: the K copies of a prompt would otherwise propose K duplicates.
     score_BK = jnp.where(jnp.arange(K) == 0, 0.0, -jnp.inf)[None, :].repeat(B, 0)
     zeros = jnp.zeros((B, K, T), jnp.float32)
+    running = dict(seq=seq_BKT, gen=jnp.zeros((B, K, T), bool), lp=zeros, rlp=zeros)
     c = dict(
         t=jnp.asarray(prefill_len, jnp.int32),
-        seq=seq_BKT,
-        gen=jnp.zeros((B, K, T), bool),
-        lp=zeros,
-        rlp=zeros,
-        score=score_BK,
-        done=jnp.zeros((B, K), bool),
+        run=running,
+        score=score_BK,  # raw summed increments of the running beams
+        fin=jax.tree.map(jnp.copy, running),
+        fin_score=jnp.full((B, K), -jnp.inf),  # length-penalised scores of the finished hypotheses
+        open=jnp.ones((B,), bool),  # the prompt still takes finished hypotheses
         cache=cache,
         logits=logits_NTV[:, -1],
         ref_cache=ref_cache,
         ref_logits=ref_logits_NV,
     )
-    pad_only_V = jnp.where(jnp.arange(V) == cfg.pad_id, 0.0, -jnp.inf)
     b_idx = jnp.arange(B)[:, None]
+    top_K = jnp.arange(2 * K) < K  # candidates ranked among the K best may finish
 
     def cond(c):
-        return (c["t"] < T) & ~jnp.all(c["done"] | ~jnp.isfinite(c["score"]))
+        alive = c["open"] & jnp.any(jnp.isfinite(c["score"]), axis=1)
+        return (c["t"] < T) & jnp.any(alive)
 
     def body(c):
         t = c["t"]
@@ -121,30 +131,53 @@ def _beam_core(
         else:
             rlp_BKV = jnp.zeros_like(lp_BKV)
             inc_BKV = lp_BKV
-        inc_BKV = jnp.where(c["done"][..., None], pad_only_V, inc_BKV)
         cand_BX = (c["score"][..., None] + inc_BKV).reshape(B, K * V)
-        top_BK, flat_BK = jax.lax.top_k(cand_BX, K)
-        parent_BK, tok_BK = flat_BK // V, (flat_BK % V).astype(jnp.int32)
-        forced_B1 = (t < lens_B)[:, None]
-        # Still inside a prompt: every beam keeps itself and is fed the prompt's next token.
-        parent_BK = jnp.where(forced_B1, jnp.arange(K)[None, :], parent_BK)
-        tok_BK = jnp.where(forced_B1, c["seq"][:, :, t], tok_BK)
-        score_BK = jnp.where(forced_B1, c["score"], top_BK)
-        was_done_BK = c["done"][b_idx, parent_BK]
-        gen_BK = ~forced_B1 & ~was_done_BK
-        tok_BK = jnp.where(was_done_BK, cfg.pad_id, tok_BK)
-        lp_tok = lp_BKV[b_idx, parent_BK, tok_BK]
-        rlp_tok = rlp_BKV[b_idx, parent_BK, tok_BK]
+        top_BC, flat_BC = jax.lax.top_k(cand_BX, 2 * K)  # C = 2K candidates, best first
+        parent_BC, tok_BC = flat_BC // V, (flat_BC % V).astype(jnp.int32)
+        n_B1 = (t + 1 - lens_B)[:, None]  # tokens generated, this one included
+        forced_B1 = n_B1 <= 0
+        hits_BC = ~forced_B1 & ((tok_BC == cfg.eos_id) | (n_B1 == R))
 
-        def hist(x, new):
-            return x[b_idx, parent_BK].at[:, :, t].set(new)
+        def extend(x, parent, new):
+            return x[b_idx, parent].at[:, :, t].set(new)
 
+        lp_tok = lp_BKV[b_idx, parent_BC, tok_BC]
+        rlp_tok = rlp_BKV[b_idx, parent_BC, tok_BC]
+        gen_BC = jnp.broadcast_to(~forced_B1, tok_BC.shape)
+        cand = dict(
+            seq=extend(c["run"]["seq"], parent_BC, tok_BC),
+            gen=extend(c["run"]["gen"], parent_BC, gen_BC),
+            lp=extend(c["run"]["lp"], parent_BC, jnp.where(gen_BC, lp_tok, 0.0)),
+            rlp=extend(c["run"]["rlp"], parent_BC, jnp.where(gen_BC, rlp_tok, 0.0)),
+        )
+        # The next running beams: the K best candidates that did not finish.
+        keep_BC = jnp.where(hits_BC, -jnp.inf, top_BC)
+        score_BK, pick_BK = jax.lax.top_k(keep_BC, K)
         out = dict(t=t + 1, score=score_BK)
-        out["seq"] = hist(c["seq"], tok_BK)
-        out["gen"] = hist(c["gen"], gen_BK)
-        out["lp"] = hist(c["lp"], jnp.where(gen_BK, lp_tok, 0.0))
-        out["rlp"] = hist(c["rlp"], jnp.where(gen_BK, rlp_tok, 0.0))
-        out["done"] = was_done_BK | (gen_BK & ((tok_BK == cfg.eos_id) | (t - lens_B[:, None] == R - 1)))
+        out["run"] = jax.tree.map(lambda x: x[b_idx, pick_BK], cand)
+        parent_BK = parent_BC[b_idx, pick_BK]
+        # Still inside a prompt: every beam keeps itself (its history holds the prompt's next token).
+        out["run"] = jax.tree.map(lambda f, x: jnp.where(forced_B1[..., None], f, x), c["run"], out["run"])
+        out["score"] = jnp.where(forced_B1, c["score"], score_BK)
+        parent_BK = jnp.where(forced_B1, jnp.arange(K)[None, :], parent_BK)
+        tok_BK = out["run"]["seq"][:, :, t]
+        # Finished candidates among the K best join the finished set with their penalised score.
+        full_B1 = jnp.all(jnp.isfinite(c["fin_score"]), axis=1, keepdims=True)
+        takes_B1 = c["open"][:, None] & ~(full_B1 & (cfg.early_stopping is True))
+        new_BC = jnp.where(hits_BC & top_K & takes_B1, top_BC / jnp.maximum(n_B1, 1) ** alpha, -jnp.inf)
+        fin_score_BX = jnp.concatenate([c["fin_score"], new_BC], axis=1)
+        out["fin_score"], best_BK = jax.lax.top_k(fin_score_BX, K)
+        out["fin"] = jax.tree.map(
+            lambda f, x: jnp.concatenate([f, x], axis=1)[b_idx, best_BK], c["fin"], cand
+        )
+        # Can a running beam still beat the worst finished hypothesis? (transformers' heuristic)
+        n_best = R if (cfg.early_stopping == "never" and alpha > 0) else jnp.maximum(n_B1[:, 0], 1)
+        best_run_B = out["score"][:, 0] / jnp.asarray(n_best, jnp.float32) ** alpha
+        worst_B = jnp.where(jnp.all(jnp.isfinite(out["fin_score"]), 1), out["fin_score"][:, -1], -jnp.inf)
+        improvable_B = forced_B1[:, 0] | (best_run_B > worst_B)
+        if cfg.early_stopping is True:
+            improvable_B = improvable_B & ~jnp.all(jnp.isfinite(out["fin_score"]), 1)
+        out["open"] = c["open"] & improvable_B
         rows_N = (b_idx * K + parent_BK).reshape(N)
         tok_N1 = tok_BK.reshape(N, 1)
         pos_N1 = jnp.full((N, 1), t, jnp.int32)
@@ -162,19 +195,14 @@ def _beam_core(
     c = jax.lax.while_loop(cond, body, c)
     idx_BKR = (lens_B[:, None, None] + jnp.arange(R, dtype=jnp.int32)).repeat(K, 1)
     take = lambda x: jnp.take_along_axis(x, idx_BKR, axis=2)  # noqa: E731
-    mask = take(c["gen"]).astype(jnp.float32)
-    length_BK = jnp.maximum(mask.sum(-1), 1.0)
-    rank_BK = c["score"] / length_BK**cfg.length_penalty if cfg.length_penalty else c["score"]
-    rank_BK = jnp.where(jnp.isfinite(c["score"]), rank_BK, -jnp.inf)
-    order_BK = jnp.argsort(-rank_BK, axis=1, stable=True)
-    sort = lambda x: jnp.take_along_axis(x, order_BK.reshape(B, K, *([1] * (x.ndim - 2))), axis=1)  # noqa: E731
+    fin = c["fin"]
     return dict(
-        tokens=sort(take(c["seq"])),
-        mask=sort(mask),
-        lp=sort(take(c["lp"])),
-        rlp=sort(take(c["rlp"])),
-        score=sort(rank_BK),
-        valid=sort(jnp.isfinite(c["score"])),
+        tokens=take(fin["seq"]),
+        mask=take(fin["gen"]).astype(jnp.float32),
+        lp=take(fin["lp"]),
+        rlp=take(fin["rlp"]),
+        score=c["fin_score"],
+        valid=jnp.isfinite(c["fin_score"]),
         V=jnp.asarray(V),
     )
 
@@ -254,11 +282,12 @@ def best_beams(
     *,
     num_beams: int,
     max_new_tokens: int,
+    length_penalty: float = 0.0,
     batch: int = 64,
 ) -> list[list[int]]:
-    """The best beam per prompt as a list (likelihood search, no length penalty), `batch` prompts at a
-    time."""
-    cfg = BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens)
+    """The best beam per prompt as a list (likelihood search, length penalty α as in `BeamConfig`),
+    `batch` prompts at a time."""
+    cfg = BeamConfig(num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty)
     out: list[list[int]] = []
     for s in range(0, len(prompts), batch):
         gen = beam_search(model, prompts[s : s + batch], cfg)
