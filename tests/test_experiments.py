@@ -385,16 +385,18 @@ def test_verdicts_are_computed_from_the_intervals() -> None:
     assert credit(0.2, 0.1, 0.3, 0.2, ref_auroc=0.7)[fluent].status == "partly"  # premise not met
 
     # Search, per labeller and β: 5 beams beat 1, the widest is worse than 5 and longer than 1.
-    sc = {"betas": (0.1,), "beams": (1, 2, 5, 20)}
+    sc = {"betas": (0.1,), "beams": (1, 2, 5, 20), "alphas": (0.0, 1.0)}
 
-    def search(unbiased, biased):
+    def search(unbiased, biased, at_zero=(0.0, 0.0, 0.0)):
         n = {}
         for s, (gain, drop, longer) in (("unbiased", unbiased), ("biased", biased)):
             n |= {
-                f"{s}/beta0.1/gain_few": iv(gain, 0.05),
-                f"{s}/beta0.1/drop_wide": iv(drop, 0.05),
-                f"{s}/beta0.1/longer_wide": iv(longer, 0.5),
+                f"{s}/beta0.1/alpha1/gain_few": iv(gain, 0.05),
+                f"{s}/beta0.1/alpha1/drop_wide": iv(drop, 0.05),
+                f"{s}/beta0.1/alpha1/longer_wide": iv(longer, 0.5),
             }
+            names = ("gain_few", "drop_wide", "longer_wide")
+            n |= {f"{s}/beta0.1/alpha0/{k}": iv(x, 0.05) for k, x in zip(names, at_zero, strict=True)}
         return search_overopt.verdicts(n, sc)
 
     v = search((0.0, 0.0, 0.0), (0.1, 0.3, 4.0))
@@ -404,8 +406,12 @@ def test_verdicts_are_computed_from_the_intervals() -> None:
     )
     assert [x.status for x in v.values()][1:] == ["does not hold", "holds"]
     assert "5 beams − 1 beam win rate 0.100 [0.050, 0.150]" in v[search_overopt.SETTINGS["biased"][0]].why
+    assert "β=0.1, α=1: 5 beams" in v[search_overopt.SETTINGS["biased"][0]].why
     v = search((0.1, 0.3, 4.0), (0.1, 0.3, 4.0))  # the same with and without: the bias explains nothing
     assert v["With and without the length bias"].status == "does not hold"
+    # the verdicts read α = 1: the pattern at α = 0 alone does not count
+    v = search((0.0, 0.0, 0.0), (0.0, 0.0, 0.0), at_zero=(0.1, 0.3, 4.0))
+    assert [x.status for x in v.values()] == ["does not hold"] * 3
 
     # Implicit rewards: (a)'s chosen reward falls, its margin grows, more than (b)'s; identity within 2 s.e.
     n = {
@@ -657,7 +663,10 @@ TINY = {
         eval_every=1,
     ),
     "implicit": dict(sft_steps=4, dpo_steps=2, beta=0.1, eval_every=1, n_check=4, n_gen=4),
-    "search": dict(sft_steps=4, dpo_steps=2, betas=(0.3,), beams=(1, 2), n_prompts=4, eval_every=1),
+    "search": dict(
+        sft_steps=4, dpo_steps=2, betas=(0.3,), beams=(1, 2), alphas=(0.0, 1.0), best_of=2, max_len=40,
+        n_prompts=4, eval_every=1,
+    ),
 }
 TINY["dense"] = dict(TINY["search"], n_eval=4)
 # a one-seed table cell: a statistic of items with its item-bootstrap interval, "0.500 [0.400, 0.600]"
@@ -721,10 +730,17 @@ def test_search_overopt_tiny(tiny_dir) -> None:
     assert md.startswith("# Experiment 2") and "## 1. With and without the length bias" in md
     assert len(re.findall(VERDICT_RE, md, flags=re.M)) == 3
     for labels in ("unbiased", "biased"):
-        for dec in ("sample", "beam 1", "beam 2"):
+        for dec, alpha in (("sample", "–"), ("beam 1", "–"), ("beam 2", "0"), ("beam 2", "1"),
+                           ("best of 2 by Σ r_t", "–"), ("best of 2 by mean log π_ref", "–")):  # fmt: skip
+            # gold per letter: over responses with a letter (at this size possibly one: no interval)
+            cells = rf"{IV} \| {SIV} \| (?:{SIV}|-?[0-9.]+) \| {IV}"
             assert re.search(
-                rf"^\| DPO β=0.3 \| {labels} \| {dec} \| {IV} \| {SIV} \| {IV} \|$", md, flags=re.M
-            ), (labels, dec)
+                rf"^\| DPO β=0.3 \| {labels} \| {re.escape(dec)} \| {alpha} \| {cells} \|$",
+                md,
+                flags=re.M,
+            ), (labels, dec, alpha)
+    assert "| β | α | win 2 − 1 beam | gold 2 − 2 beams | length 2 − 1 beam |" in md
+    assert "may run to 40 letters" in md
 
 
 @pytest.mark.slow
@@ -794,6 +810,14 @@ def test_wider_interval_is_the_wider_of_seed_t_and_bootstrap_inside_the_range() 
     assert seeds.Items.mean([0.2, float("nan"), 0.9]).bounds() == (0.2, 0.9)
     assert (seeds.Items.mean([0.0, 1.0]) - seeds.Items.mean([0.25, 0.5])).bounds() == (-0.5, 0.75)
     assert seeds.Items.auroc([[0.1, 0.2]], [[True, False]]).bounds() == (0.0, 1.0)
+    # a per-seed maximum merges as the largest over seeds, with every seed's value, in numbers and tables
+    top = seeds.merge_number([seeds.Maximum(-0.3), seeds.Maximum(-0.01), seeds.Maximum(-0.2)])
+    assert (top.mean, top.lo, top.hi) == (-0.01, -0.01, -0.01) and not top.above(0) and top.below(0)
+    assert str(top) == "-0.010 (largest of 3 seeds: -0.300, -0.010, -0.200)"
+    table = seeds.merge_tables([doc.Table(["x"], [[seeds.Maximum(v)]]) for v in (-0.3, 0.2)])
+    assert table.rows[0][0].mean == 0.2 and table.rows[0][0].kind == "max"
+    with pytest.raises(ValueError, match="Items or Maximum"):
+        seeds.merge_number([seeds.Maximum(0.1), 0.2])
 
 
 def test_position_baseline_on_fixed_responses() -> None:
@@ -809,3 +833,21 @@ def test_position_baseline_on_fixed_responses() -> None:
     assert float(items["top1"]) == pytest.approx(1 / 3)
     assert float(items["auroc_per_response"]) == pytest.approx((1.0 + 0.0 + 0.5) / 3)
     assert float(items["auroc"]) == pytest.approx(14.5 / 27)
+
+
+def test_a_replaced_results_file_stays_in_the_history_section() -> None:
+    """Regenerating a results file keeps the one it replaces (and those before it) at its end, headings
+    moved down, figure links dropped, labelled with when it was judged."""
+    from dpoq_jax.experiments.harness import HISTORY, with_history
+
+    first = (
+        "# Exp: one\n\n## 1. A\n\n| x | 0.5 [0.1, 0.9] |\n\n![fig](f.png)\n\n"
+        "| judged at | 2026-12-02 10:00 UTC |\n"
+    )
+    second = with_history("# Exp: two\n\n## 1. A\n\n| x | 0.7 |\n", first)
+    assert second.startswith("# Exp: two") and second.count(HISTORY) == 1
+    assert "#### 1. A" in second and "| x | 0.5 [0.1, 0.9] |" in second and "![fig]" not in second
+    assert "Exp: one: the file as written on 2026-12-02 10:00 UTC" in second
+    third = with_history("# Exp: three\n", second)
+    assert third.count(HISTORY) == 1 and third.index("Exp: two") < third.index("Exp: one")
+    assert with_history("# new\n", None) == "# new\n"

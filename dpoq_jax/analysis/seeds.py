@@ -49,8 +49,12 @@ class Interval:
     values: tuple[float, ...] = dataclasses.field(default=(), compare=False)
     # wider_interval: the seed-level t-interval and the two-level bootstrap interval it took the wider of
     parts: tuple[Interval, Interval] | None = dataclasses.field(default=None, compare=False)
+    # "max": a `Maximum` merged over seeds: mean = lo = hi = the largest per-seed value, no interval
+    kind: str = dataclasses.field(default="mean", compare=False)
 
     def __str__(self) -> str:
+        if self.kind == "max" and self.n > 1:
+            return f"{doc.fmt(self.mean)} (largest of {self.n} seeds: {_seed_values(self.values)})"
         if self.n < 2 or not math.isfinite(self.lo):
             return doc.fmt(self.mean)
         if self.lo == self.hi and len(self.values) > 1:  # no spread at all: say so, not "[x, x]"
@@ -210,6 +214,27 @@ class Items:
         return doc.fmt(float(self))
 
 
+@dataclasses.dataclass(frozen=True)
+class Maximum:
+    """One seed's largest value of something (e.g. the largest exact value over tokens, which must not
+    be positive): merged as the largest over seeds, with the per-seed values, not as a mean with an
+    interval (a t-interval around a mean of maxima says nothing about the largest)."""
+
+    value: float
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def __str__(self) -> str:
+        return doc.fmt(float(self))
+
+
+def maximum_over_seeds(per_seed: Sequence[Maximum]) -> Interval:
+    x = [float(v) for v in per_seed]
+    m = max(x)
+    return Interval(m, m, m, len(x), values=tuple(x), kind="max")
+
+
 def items_interval(per_seed: Sequence[Items], n_boot: int = 1000) -> Interval:
     """The two-level bootstrap interval of one statistic over seeds (one Items per seed)."""
     return bootstrap_interval(lambda s, W: per_seed[s].stat(W), [c.n for c in per_seed], n_boot=n_boot)
@@ -255,6 +280,8 @@ def merge_tables(tables: Sequence[doc.Table], where: str = "") -> doc.Table:
             column = [t.rows[i][j] for t in tables]
             if all(isinstance(x, Items) for x in column):
                 cells.append(wider_interval(column))
+            elif all(isinstance(x, Maximum) for x in column):
+                cells.append(maximum_over_seeds(column))
             elif all(x == c for x in column):  # a setting (β, a count) or text: the same in every seed
                 cells.append(c)
             elif all(_numeric(x) for x in column):
@@ -266,11 +293,14 @@ def merge_tables(tables: Sequence[doc.Table], where: str = "") -> doc.Table:
 
 
 def merge_number(per_seed: Sequence[object]) -> Interval:
-    """Items in every seed: wider_interval (bootstrap and seed-t); plain numbers: the t-interval."""
+    """Items in every seed: wider_interval (bootstrap and seed-t); Maximum: the largest over seeds;
+    plain numbers: the t-interval."""
     if all(isinstance(x, Items) for x in per_seed):
         return wider_interval(per_seed)
-    if any(isinstance(x, Items) for x in per_seed):
-        raise ValueError("a number is Items in some seeds and a plain number in others")
+    if all(isinstance(x, Maximum) for x in per_seed):
+        return maximum_over_seeds(per_seed)
+    if any(isinstance(x, (Items, Maximum)) for x in per_seed):
+        raise ValueError("a number is Items or Maximum in some seeds and a plain number in others")
     return t_interval(per_seed)
 
 

@@ -209,8 +209,11 @@ def pair_rows(
         c = cons.constraint(p[1])
         good = [t for t, _ in ss if t is not None and c.check(t)]
         bad = [t for t, _ in ss if t is not None and not c.check(t)]
-        k = counts.setdefault(p[1], {"prompts": 0, "samples": 0, "kept": 0, "broke": 0, "pairs": 0})
+        k = counts.setdefault(
+            p[1], {"prompts": 0, "samples": 0, "kept": 0, "broke": 0, "pairs": 0, "shares": []}
+        )
         k["prompts"] += 1
+        k["shares"].append(len(good) / max(len(ss), 1))  # per prompt: a rate with an interval in [0, 1]
         k["samples"] += len(ss)
         k["kept"] += len(good)
         k["broke"] += len(bad)
@@ -412,7 +415,7 @@ def setup(report: doc.Report, scale: dict, splits: dict, counts: dict, items: li
     for split, per in counts.items():
         for name, k in per.items():
             rows.append(
-                [split, name, k["prompts"], k["samples"], k["kept"] / max(k["samples"], 1), k["pairs"]]
+                [split, name, k["prompts"], k["samples"], Items.mean(k["shares"]), k["pairs"]]
             )
     lines = "\n".join(f"- `{n}`: {cons.constraint(n).instruction}" for n in scale["constraints"])
     report.add(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import pickle
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -217,8 +218,40 @@ def run_meta(args: argparse.Namespace) -> dict[str, str]:
             **machine_info()}  # fmt: skip
 
 
+HISTORY = "## History: the earlier results files"
+
+
+def with_history(new_md: str, old_md: str | None) -> str:
+    """The new results file with the one it replaces kept at its end (older ones after it): under
+    HISTORY, each in a collapsed block, headings moved two levels down, figure links dropped (the
+    figures are overwritten), so the first runs' numbers stay readable beside the new ones."""
+    if not old_md or not old_md.strip():
+        return new_md
+    body, _, older = old_md.partition(f"\n{HISTORY}\n")
+    lines = []
+    for line in body.strip().splitlines():
+        if line.startswith("!["):
+            continue
+        if line.startswith("#"):
+            line = "#" * min(line.count("#", 0, line.index(" ")) + 2, 6) + line[line.index(" ") :]
+        lines.append(line)
+    title = next((ln.lstrip("# ") for ln in body.splitlines() if ln.startswith("# ")), "results")
+    judged = re.search(r"^\| (?:judged at|date) \| ([^|]+) \|", body, flags=re.M)
+    when = judged.group(1).strip() if judged else "an earlier run"
+    entry = (
+        f"<details><summary>{title}: the file as written on {when}</summary>\n\n"
+        + "\n".join(lines)
+        + "\n\n</details>"
+    )
+    return f"{new_md.rstrip()}\n\n{HISTORY}\n\n{entry}\n{older.rstrip()}\n".rstrip() + "\n"
+
+
 def write_report(name: str, report: Report, md_path: Path | str) -> int:
-    """Write an experiment's results (Markdown and figures) and say where; the script's exit code."""
+    """Write an experiment's results (Markdown and figures) and say where; the script's exit code. A
+    results file it replaces is kept in the new one's history section (`with_history`)."""
+    md_path = Path(md_path)
+    old = md_path.read_text(encoding="utf-8") if md_path.exists() else None
     paths = report.write(md_path)
+    md_path.write_text(with_history(md_path.read_text(encoding="utf-8"), old), encoding="utf-8")
     log(f"{name}: wrote {', '.join(str(p) for p in paths)}")
     return 0

@@ -21,7 +21,7 @@ import numpy as np
 
 from dpoq_jax.analysis import document as doc
 from dpoq_jax.analysis.credit import response_logits, score_responses
-from dpoq_jax.analysis.seeds import Items
+from dpoq_jax.analysis.seeds import Items, Maximum
 from dpoq_jax.analysis.stats import section54_summary
 from dpoq_jax.data.errors import ErrorPolicy
 from dpoq_jax.data.synthetic import make_task
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
                 s["mc_mean"],
                 s["mc_se"],
                 (s["mc_mean"] - s["exact_mean"]) / max(s["diff_se"], 1e-12),
-                s["exact_max"],
+                Maximum(s["exact_max"]),
             ]
         )
 
@@ -238,7 +238,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
             doc.Table(["difference (paired, per prompt)", "decoding", *pe.GEN_COLUMNS], diff_rows),
         )
     max_exact = max(s["exact_max"] for s in checks.values())
-    report.numbers = report_numbers | {"max_exact": max_exact}
+    report.numbers = report_numbers | {"max_exact": Maximum(max_exact)}
     report.meta = harness.run_meta(args)
     return report
 
