@@ -22,7 +22,8 @@ LAYERS: list[set[str]] = [
     {"data"},  # sources, tokenization, layouts, loader, synthetic tasks
     {"decode"},  # sampling, beam search, reward-guided search (any model with init_cache/decode)
     {"analysis"},  # token rewards of responses, scores, reports
-    {"train"},  # the training run: config, mesh, state, step, loop, checkpoints, load_model
+    # the training run (config, mesh, state, step, loop, checkpoints, load_model); explicit reward models
+    {"train", "reward_model"},
     {"experiments", "configs"},  # the paper's experiments and the shipped config files
     {"commands"},  # `dpoq NAME` entry points: parse argv, call the layers below
     {"demo", "cli"},  # `dpoq demo`, the dispatcher
