@@ -669,6 +669,8 @@ TINY = {
     ),
 }
 TINY["dense"] = dict(TINY["search"], n_eval=4)
+TINY["dose"] = dict(sft_steps=4, beta=0.1, grid=((1e-3, 1), (1e-3, 2)), n_eval=8, n_val=8, n_gen=4,
+                    eval_every=1, rm_steps=2, rm_lr=1e-3, rm_batch=4)  # fmt: skip
 # a one-seed table cell: a statistic of items with its item-bootstrap interval, "0.500 [0.400, 0.600]"
 IV = r"[0-9.]+ \[[0-9.]+, [0-9.]+\]"
 SIV = r"-?[0-9.]+ \[-?[0-9.]+, -?[0-9.]+\]"  # signed (differences, rewards)
@@ -706,6 +708,25 @@ def test_credit_assignment_tiny(tiny_dir) -> None:
     assert md.count("| DPO β=0.1 − reference | greedy |") == 2
     assert len(re.findall(VERDICT_RE, md, flags=re.M)) == 4  # + the answers' verdict per setting
     assert "| β | chosen log-lik. first |" in md and "seeds | 0" in md
+
+
+@pytest.mark.slow
+def test_credit_dose_tiny(tiny_dir) -> None:
+    """Experiment 1b end to end (reusing experiment 1's fluent SFT run): the baselines with both reward
+    models, the DPO grid and the positive controls at the largest step count, and a verdict."""
+    import re
+
+    from dpoq_jax.experiments import credit_dose as m
+
+    md = run_tiny(m, TINY["dose"], tiny_dir, "error_injection")
+    for row in ("reference alone (−log π_ref)", "position (later = more suspicious)", "uniform random",
+                *m.RM_NAMES.values()):  # fmt: skip
+        assert f"| {row} | " in md, row
+    arms = (("DPO", 1), ("DPO", 2), ("RPO (DPO + NLL of chosen)", 2), ("SFT on chosen (continued)", 2))
+    for arm, steps in arms:
+        assert re.search(rf"^\| {re.escape(arm)} \| 0.001 \| {steps} \| {IV} \| ", md, flags=re.M), arm
+    assert "| RPO (DPO + NLL of chosen) | 0.001 | 1 |" not in md  # controls at the largest steps only
+    assert len(re.findall(VERDICT_RE, md, flags=re.M)) >= 1
 
 
 @pytest.mark.slow
@@ -828,8 +849,11 @@ def test_position_baseline_on_fixed_responses() -> None:
     27 pairs), AUROC 14.5/27."""
     from dpoq_jax.experiments.credit_assignment import position_values, score_items
 
-    np.testing.assert_array_equal(position_values(4), [0.0, -1.0, -2.0, -3.0])
-    items = score_items([position_values(4), position_values(3), position_values(5)], [[3], [0], [2]])
+    np.testing.assert_array_equal(position_values(4, False), [0.0, -1.0, -2.0, -3.0])
+    # a final EOS (never an error) is the least suspicious: the last content token is the top-1
+    np.testing.assert_array_equal(position_values(4, True), [0.0, -1.0, -2.0, 1.0])
+    assert float(score_items([position_values(4, True)], [[2]])["top1"]) == 1.0
+    items = score_items([position_values(n, False) for n in (4, 3, 5)], [[3], [0], [2]])
     assert float(items["top1"]) == pytest.approx(1 / 3)
     assert float(items["auroc_per_response"]) == pytest.approx((1.0 + 0.0 + 0.5) / 3)
     assert float(items["auroc"]) == pytest.approx(14.5 / 27)

@@ -56,10 +56,15 @@ REF_NAME, RND_NAME = "reference alone (−log π_ref)", "uniform random"
 POS_NAME = "position (later = more suspicious)"
 
 
-def position_values(n: int) -> np.ndarray:
+def position_values(n: int, ends_with_eos: bool) -> np.ndarray:
     """The position baseline's per-token values for a response of n tokens, LOW meaning suspicious (as
-    implicit rewards): −t, so the last token is its top-1 and later tokens rank above earlier ones."""
-    return -np.arange(n, dtype=np.float64)
+    implicit rewards): −t, so later tokens rank above earlier ones; a final EOS (which no error ever is)
+    is the least suspicious, so the last content token is the top-1 (else the baseline would always
+    point at EOS and score a top-1 of 0 by construction)."""
+    v = -np.arange(n, dtype=np.float64)
+    if ends_with_eos and n > 1:
+        v[-1] = 1.0
+    return v
 # The rule letters of the prompts "<rule>:<digits>=" (data.synthetic.RULES), for the reader.
 RULE_TEXT = {"c": "copy", "s": "sort ascending", "a": "add one to each digit, mod 10", "r": "reverse"}
 assert set(RULE_TEXT) == set(RULES), "a rule was added to data.synthetic.RULES: describe it here"
@@ -322,7 +327,8 @@ def run_setting(args: argparse.Namespace, scale: dict, setting: str, report: doc
             baselines[RND_NAME] = score_row(
                 RND_NAME, score_items([rng.random(len(s.ids)) for s in s_rej], errors)
             )
-            pos_items = score_items([position_values(len(s.ids)) for s in s_rej], errors)
+            eos = tok.eos_token_id
+            pos_items = score_items([position_values(len(s.ids), s.ids[-1] == eos) for s in s_rej], errors)
             baselines[POS_NAME] = score_row(POS_NAME, pos_items)
         acc = Items.mean([c.reward_sum > r.reward_sum for c, r in zip(s_cho, s_rej, strict=True)])
         dpo_items = score_items([s.rewards for s in s_rej], errors)
