@@ -98,7 +98,7 @@ def training_rows(
     """(DPO pair rows, outcome rows, stats) from final-answer labels only. Candidates whose text holds a
     special token or is empty are left out (they cannot be written as text rows)."""
     rng = np.random.default_rng([seed, 25])
-    pairs, rows, n_ok, n_all = [], [], 0, 0
+    pairs, rows, oks = [], [], []
     for p, cs in zip(prompts, cands, strict=True):
         good, bad = [], []
         for ids in cs:
@@ -108,13 +108,17 @@ def training_rows(
             ok = task.check_solution(p, text).correct
             (good if ok else bad).append(text)
             rows.append({"prompt": p, "completion": text, "label": bool(ok)})
-            n_ok, n_all = n_ok + ok, n_all + 1
+            oks.append(float(ok))
         rng.shuffle(good)
         rng.shuffle(bad)
         for g, b in list(zip(good, bad, strict=False))[:pairs_per_prompt]:
             pairs.append({"prompt": p, "chosen": g, "rejected": b})
-    stats = {"candidates": n_all, "correct share": n_ok / max(n_all, 1), "pairs": len(pairs),
-             "prompts with a pair": len({r["prompt"] for r in pairs}) / max(len(prompts), 1)}  # fmt: skip
+    # rates as per-item statistics (intervals inside [0, 1] once merged); a problem repeated in several
+    # prompt slots counts once, so "prompts with a pair" can reach 1 (the slot count capped it at 1/8)
+    paired = {r["prompt"] for r in pairs}
+    share = seeds_lib.Items.mean
+    stats = {"candidates": len(oks), "correct share": share(oks or [0.0]), "pairs": len(pairs),
+             "prompts with a pair": share([p in paired for p in dict.fromkeys(prompts)])}  # fmt: skip
     return pairs, rows, stats
 
 
@@ -482,7 +486,7 @@ def build_tables(report: doc.Report, raws: Sequence[dict], n_boot: int) -> dict[
     boot = lambda stat: seeds_lib.bootstrap_interval(stat, n_items, n_boot=n_boot)  # noqa: E731
     sections = {s.title: s for s in report.sections}
     numbers: dict[str, seeds_lib.Interval] = {}
-    stats_rows = [[k, seeds_lib.t_interval([r["stats"][k] for r in raws])] for k in raws[0]["stats"]]
+    stats_rows = [[k, seeds_lib.merge_number([r["stats"][k] for r in raws])] for k in raws[0]["stats"]]
     tau_rows = [[LOCALISERS[k], seeds_lib.t_interval([r["taus"][k] for r in raws])] for k in raws[0]["taus"]]
     ref_ok = boot(ratio_stat(raws, lambda r: r["ev"]["correct"].astype(float)))
     ref_err = boot(ratio_stat(raws, lambda r: (r["ev"]["first_error"] >= 0).astype(float)))
