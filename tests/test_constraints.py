@@ -149,6 +149,9 @@ def test_experiment_end_to_end_on_a_tiny_chat_model(tmp_path, monkeypatch) -> No
         assert title in md, title
     assert md.count("**Verdict: ") == 4
     assert "| DPO implicit reward (−r_t) |" in md and "| reference (the model) | greedy |" in md
+    assert "| position (later = more suspicious) |" in md
+    assert "| DPO implicit reward − position (paired) |" in md
+    assert "| share kept |" in md
     figures = sorted(p.name for p in (results.parent).rglob("*.png"))
     assert any("heatmap" in f for f in figures) and any("loglik" in f for f in figures), figures
     rows = [ln for ln in (tmp_path / "runs" / "seed0" / "data").glob("train_*.jsonl")]

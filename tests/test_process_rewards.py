@@ -188,7 +188,8 @@ def test_process_rewards_tiny_end_to_end(tmp_path) -> None:
                    "| comparison | N | difference |", "| PRM | lr | steps |",
                    "threshold (tuned on validation)",
                    "dpo:min", "ce:vote", "reference likelihood", "majority vote", "oracle (any correct)",
-                   "**Verdict: ", "two-level bootstrap"):  # fmt: skip
+                   "**Verdict: ", "two-level bootstrap", "| position (later step = more suspicious) |",
+                   "− position (later step = more suspicious) |", "minus the position's"):  # fmt: skip
         assert needle in text, needle
     assert "N = 64" not in text  # only N up to the candidates drawn
     assert text.count("**Verdict: ") == 2

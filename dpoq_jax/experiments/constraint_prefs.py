@@ -46,7 +46,15 @@ from dpoq_jax.analysis.credit import score_responses
 from dpoq_jax.analysis.seeds import Items
 from dpoq_jax.experiments import harness, runs
 from dpoq_jax.experiments import policy_effects as pe
-from dpoq_jax.experiments.credit_assignment import REF_NAME, RND_NAME, heatmap_figure, score_items, score_row
+from dpoq_jax.experiments.credit_assignment import (
+    POS_NAME,
+    REF_NAME,
+    RND_NAME,
+    heatmap_figure,
+    position_values,
+    score_items,
+    score_row,
+)
 
 NAME = "constraint_prefs"
 TASK = "constraint_prefs"
@@ -452,8 +460,8 @@ def credit(
         f"{len(items)} held-out rejected answers (one a test prompt), {n_tok} content tokens of which "
         f"{n_err} violate (top-1 by chance {float(chance):.3f}). A violating token holds a character that "
         "breaks the constraint (docs/experiments.md §6); template tokens (the end of turn) are not scored. "
-        "Each detector flags the tokens with the lowest value; the last row is the paired difference "
-        "DPO − reference alone.",
+        "Each detector flags the tokens with the lowest value; the last rows are the paired differences "
+        "DPO − reference alone and DPO − position (later = more suspicious; content tokens).",
     )
     numbers["chance"] = chance
     for mode, pol in pols.items():
@@ -462,8 +470,12 @@ def credit(
         dpo, pol_i = score_items(val("rewards"), errors), score_items(val("logps"), errors)
         ref_i = score_items(val("ref_logps"), errors)
         rnd = score_items([rng.random(len(c)) for c in content], errors)
+        # content tokens only (no end of turn): the last content token is the position's top-1
+        pos = score_items([position_values(len(c), False) for c in content], errors)
         numbers |= {f"{mode}/top1": dpo["top1"], f"{mode}/auroc": dpo["auroc"],
                     f"{mode}/auroc_minus_ref": dpo["auroc"] - ref_i["auroc"],
+                    f"{mode}/auroc_minus_pos": dpo["auroc"] - pos["auroc"],
+                    f"{mode}/top1_minus_pos": dpo["top1"] - pos["top1"],
                     f"{mode}/policy_auroc": pol_i["auroc"],
                     "ref/top1": ref_i["top1"], "ref/auroc": ref_i["auroc"]}  # fmt: skip
         report.add(
@@ -475,11 +487,13 @@ def credit(
                     score_row("DPO implicit reward (−r_t)", dpo),
                     score_row("policy alone (−log π)", pol_i),
                     score_row(REF_NAME, ref_i),
+                    score_row(POS_NAME, pos),
                     score_row(RND_NAME, rnd),
                     ["top-1 by chance", chance, 0.5, 0.5],
                     score_row(
                         "DPO implicit reward − reference alone (paired)", {k: dpo[k] - ref_i[k] for k in dpo}
                     ),
+                    score_row("DPO implicit reward − position (paired)", {k: dpo[k] - pos[k] for k in dpo}),
                 ],
             ),  # fmt: skip
             level=2,

@@ -54,7 +54,8 @@ MODELS = {"dpo": "DPO (pairs)", "ce": "outcome CE (unpaired)"}
 SELECTORS = [f"{m}:{a}" for m in MODELS for a in (*AGGREGATES, "vote")] + [
     "reference likelihood", "majority vote", "oracle (any correct)", "random candidate"]  # fmt: skip
 LOCALISERS = {"dpo": "DPO implicit step reward", "ce": "CE implicit step reward",
-              "ref": "reference step log-likelihood", "random": "uniform random"}  # fmt: skip
+              "ref": "reference step log-likelihood", "position": "position (later step = more suspicious)",
+              "random": "uniform random"}  # fmt: skip
 SECTION = {
     "setup": "Task, reference and training data",
     "sweep": "DPO / CE learning-rate and steps sweep (validation prompts)",
@@ -192,6 +193,7 @@ def evaluate(
             for m in policies:
                 score[m].append(-out[f"steps:{m}"][i][k])
             score["ref"].append(-ref_steps[i][k])
+            score["position"].append(float(k))  # the scored steps end at the first error, if any
             score["random"].append(rng.random())
     out["step_cand"], out["step_label"] = np.array(cand, np.int64), np.array(label, bool)
     out["step_score"] = {k: np.array(v) for k, v in score.items() if v}
@@ -517,9 +519,10 @@ def build_tables(report: doc.Report, raws: Sequence[dict], n_boot: int) -> dict[
             loc_rows.append([name, auc, "", "", ""])
     diff_rows = []
     for m in MODELS:
-        d = auroc_diff_stat(weighted_auroc_stat(raws, m), weighted_auroc_stat(raws, "ref"))
-        numbers[f"auroc_diff/{m}"] = boot(d)
-        diff_rows.append([f"AUROC: {LOCALISERS[m]} − {LOCALISERS['ref']}", "", numbers[f"auroc_diff/{m}"]])
+        for base, key in (("ref", f"auroc_diff/{m}"), ("position", f"auroc_diff_pos/{m}")):
+            d = auroc_diff_stat(weighted_auroc_stat(raws, m), weighted_auroc_stat(raws, base))
+            numbers[key] = boot(d)
+            diff_rows.append([f"AUROC: {LOCALISERS[m]} − {LOCALISERS[base]}", "", numbers[key]])
     sections[SECTION["loc"]].items += [
         doc.Table(["step scorer", "AUROC", "first-error acc. (wrong solutions)", "no-error acc. (right ones)",
                    "F1 (harmonic mean)"], loc_rows),
@@ -568,8 +571,11 @@ def claim_verdicts(n: dict[str, seeds_lib.Interval], ns: Sequence[int]) -> dict[
                 f"minus the reference's {diff} {'above' if diff.above(0.0) else 'not surely above'} 0",
             )
         )
+        pos = n[f"auroc_diff_pos/{m}"]  # rule of 2026-12-07: the position baseline must be beaten too
+        word = "above" if pos.above(0.0) else "not surely above"
+        checks.append((pos.above(0.0), f"minus the position's {pos} {word} 0"))
     status, why = doc.grade(checks)
-    if not any(ok for ok, _ in checks[::2]):  # no AUROC surely above chance
+    if not any(ok for ok, _ in checks[::3]):  # no AUROC surely above chance
         status = "does not hold"
     out[SECTION["loc"]] = doc.Verdict(CLAIM_LOC, status, why)
     checks = []
