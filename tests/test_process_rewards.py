@@ -187,7 +187,8 @@ def test_process_rewards_tiny_end_to_end(tmp_path) -> None:
     for needle in ("| step scorer | AUROC | first-error acc.", "| selector | N = 1 | N = 4 | N = 16 |",
                    "| comparison | N | difference |", "| PRM | lr | steps |",
                    "threshold (tuned on validation)",
-                   "dpo:min", "ce:vote", "reference likelihood", "majority vote", "oracle (any correct)",
+                   "dpo:min", "ce:vote", "reference likelihood", "| reference likelihood per token |",
+                   "majority vote", "oracle (any correct)",
                    "**Verdict: ", "two-level bootstrap", "| position (later step = more suspicious) |",
                    "− position (later step = more suspicious) |", "minus the position's"):  # fmt: skip
         assert needle in text, needle

@@ -52,7 +52,8 @@ NAME = "process_rewards"
 TASK = "arithmetic_chain"
 MODELS = {"dpo": "DPO (pairs)", "ce": "outcome CE (unpaired)"}
 SELECTORS = [f"{m}:{a}" for m in MODELS for a in (*AGGREGATES, "vote")] + [
-    "reference likelihood", "majority vote", "oracle (any correct)", "random candidate"]  # fmt: skip
+    "reference likelihood", "reference likelihood per token", "majority vote", "oracle (any correct)",
+    "random candidate"]  # fmt: skip
 LOCALISERS = {"dpo": "DPO implicit step reward", "ce": "CE implicit step reward",
               "ref": "reference step log-likelihood", "position": "position (later step = more suspicious)",
               "random": "uniform random"}  # fmt: skip
@@ -170,6 +171,7 @@ def evaluate(
         if segs is None:
             segs = [st.segment(tok, s.ids, pattern) for s in scores]
             out["ref_loglik"] = np.array([float(np.sum(s.ref_logps, dtype=np.float64)) for s in scores])
+            out["ref_loglik_mean"] = out["ref_loglik"] / np.maximum([len(s.ref_logps) for s in scores], 1)
             ref_steps = [[float(np.sum(s.ref_logps[a:b])) for a, b in g.ranges]
                          for s, g in zip(scores, segs, strict=True)]
         vals = st.step_values(scores, segs)
@@ -222,6 +224,7 @@ def best_of_n(
                         picks[f"{m}:{how}"] = int(np.argmax(ev[f"{m}:{how}"][sub]))
                     picks[f"{m}:vote"] = weighted_vote(answers, ev[f"{m}:min"][sub], "sigmoid")[0]
                 picks["reference likelihood"] = int(np.argmax(ev["ref_loglik"][sub]))
+                picks["reference likelihood per token"] = int(np.argmax(ev["ref_loglik_mean"][sub]))
                 picks["majority vote"] = weighted_vote(answers, ev["ref_loglik"][sub], "count")[0]
                 for s, j in picks.items():
                     acc[s][n][p] += ok[j] / len(subsets)
