@@ -9,7 +9,7 @@ pairs, never the test ones), and on held-out rejected responses the credit-assig
 position (later = more suspicious), a uniform random score, and two explicit Bradley–Terry reward
 models trained on the same kind of pairs from the same SFT network (`dpoq_jax.reward_model`: a token
 model, a scalar per token summed; an outcome model, a scalar at the end, credited by its prefix-score
-changes). Positive controls at the grid's largest step count: SFT on the chosen responses (continued
+changes). Positive controls at 200 steps and each lr: SFT on the chosen responses (continued
 from the reference) and RPO (DPO + the NLL of the chosen response). Verdict (rules of 2026-12-07,
 docs/experiments.md §1b): at the DPO regime with the smallest mean KL among those whose mean
 validation preference accuracy is ≥ 0.75.
@@ -224,9 +224,15 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     return report
 
 
+def control_steps(scale: dict) -> int:
+    """The positive controls' step count: scale["control_steps"], else the grid's largest."""
+    return scale.get("control_steps") or max(s for _, s in scale["grid"])
+
+
 def plan(scale: dict) -> list[tuple[str, float, int]]:
-    """(arm, lr, steps): DPO over the whole grid; the positive controls at its largest step count."""
-    top = max(s for _, s in scale["grid"])
+    """(arm, lr, steps): DPO over the whole grid; the positive controls at `control_steps`, at every lr
+    of the grid that has it."""
+    top = control_steps(scale)
     return [("dpo", lr, s) for lr, s in scale["grid"]] + [
         (arm, lr, s) for arm in ("rpo", "sft") for lr, s in scale["grid"] if s == top
     ]
@@ -250,7 +256,7 @@ def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
     (`choose`): holds if DPO − reference and DPO − position (paired, the wider interval) lie above 0 for
     both the pooled AUROC and top-1; partly if for one metric; does not hold otherwise, or if no regime
     learns the preferences. The answers: holds if DPO's greedy gold − reference lies above 0 there; the
-    positive controls (SFT, RPO at the grid's largest steps and the same lr) are reported beside it."""
+    positive controls (SFT, RPO at control_steps and the same lr) are reported beside it."""
     pick, why_pick = choose(n, scale)
     if pick is None:
         return {
@@ -269,7 +275,7 @@ def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
         f"{n['base/token_rm/val_acc']})."
     )
     gold = n[f"{k}/gold_diff"]
-    top = max(s for _, s in scale["grid"])
+    top = control_steps(scale)
     controls = "; ".join(
         f"{ARMS[arm]} (lr {pick[0]:g}, {top} steps) {n[f'{regime_key(arm, pick[0], top)}/gold_diff']}"
         for arm in ("rpo", "sft")
@@ -290,7 +296,10 @@ SCALES = {
     "full": dict(
         sft_steps=400,  # experiment 1's reference (the same run is reused)
         beta=0.1,
-        grid=tuple((lr, s) for lr in (1e-4, 3e-4, 1e-3) for s in (50, 200)),
+        # the pre-registered grid (lr × 50/200 steps) and, added 2026-12-07 after its run showed no regime
+        # reaching the accuracy bar (docs/experiments.md §1b), larger doses at lr 1e-3
+        grid=(*((lr, s) for lr in (1e-4, 3e-4, 1e-3) for s in (50, 200)), (1e-3, 400), (1e-3, 800)),
+        control_steps=200,
         n_eval=512,
         n_val=256,
         n_gen=256,
