@@ -146,6 +146,7 @@ def run_seeds(
     recompute a seed after changing the experiment's code.
     """
     t0, reports, seconds = time.time(), [], []
+    rules = code_commit()  # the sources this process imported are those of the tree as it starts
     for s in args.seeds:
         log(f"seed {s} ({len(reports) + 1} of {len(args.seeds)})")
         a = argparse.Namespace(**{**vars(args), "seed": s, "workdir": str(Path(args.workdir) / f"seed{s}")})
@@ -174,8 +175,9 @@ def run_seeds(
     report.meta["wall time"] = f"{time.time() - t0:.0f} s for this call; per seed when it ran: " + ", ".join(
         f"{x:.0f} s" for x in seconds
     )
-    # the rules the verdicts were judged by are the code's: its commit, and when this judging call started
-    report.meta["verdict rules (code commit)"] = code_commit()
+    # the rules the verdicts were judged by are the code's as this call started (what it imported): its
+    # commit, and when this judging call started
+    report.meta["verdict rules (code commit)"] = rules
     report.meta["judged at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0))
     return report
 
