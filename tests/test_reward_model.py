@@ -7,6 +7,7 @@ that localises errors gives its lowest credit to that token.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -14,29 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import CLI_MODEL
 
 from dpoq_jax import reward_model as rmod
 from dpoq_jax.data.examples import TokenizedPair
 from dpoq_jax.models.decoder import Decoder
-from dpoq_jax.models.model_config import ModelConfig
 
-CFG = ModelConfig(
-    family="llama",
-    vocab_size=16,
-    hidden_size=16,
-    num_layers=1,
-    num_heads=2,
-    num_kv_heads=1,
-    head_dim=8,
-    intermediate_size=32,
-    max_position_embeddings=32,
-    norm="rmsnorm",
-    activation="silu",
-    gated_mlp=True,
-    rotary_dim=8,
-    eos_token_id=2,
-    pad_token_id=0,
-)
+# the CLI tests' tiny Llama, with a 16-token vocabulary and room for the test rows
+CFG = dataclasses.replace(CLI_MODEL, vocab_size=16, max_position_embeddings=32)
 BAD = 13  # the id that marks a rejected response; ordinary tokens are 3..11
 # Early stopping matters: trained much longer (e.g. 12-40 steps at this lr), the token model's blame
 # drifts from the bad token onto later tokens (their states see it too; BT fixes only the sum).
