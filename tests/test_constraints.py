@@ -188,23 +188,36 @@ def test_missing_model_and_template_are_one_line_errors(tmp_path) -> None:
 
 
 def test_verdict_rules() -> None:
-    """docs/experiments.md §6: credit assignment holds / partly / does not hold; DPO helps iff the paired
-    greedy difference lies above 0."""
+    """docs/experiments.md §6 (three arms, rules of 2026-12-07): credit assignment holds when DPO beats
+    the reference alone and the position on AUROC and top-1, partly on one metric; DPO helps iff the
+    paired greedy difference lies above 0; beyond length needs B − reference and B − C above 0 with the
+    words difference inside (−3, 3)."""
     from dpoq_jax.analysis.seeds import Interval
-    from dpoq_jax.experiments.constraint_prefs import MODES, credit_title, help_title, verdicts
+    from dpoq_jax.experiments.constraint_prefs import MODES, SECTION, credit_title, help_title, verdicts
 
     iv = lambda lo, hi: Interval((lo + hi) / 2, lo, hi, 3)  # noqa: E731
+    up, flat = iv(0.01, 0.1), iv(-0.1, 0.1)
     n = {"chance": iv(0.1, 0.2), "ref/top1": iv(0.1, 0.3), "ref/auroc": iv(0.5, 0.6),
          "ref/greedy": iv(0.2, 0.4)}  # fmt: skip
-    n |= {"full/top1": iv(0.3, 0.5), "full/auroc": iv(0.6, 0.7), "full/auroc_minus_ref": iv(0.01, 0.1),
-          "full/greedy": iv(0.3, 0.5), "full/greedy_diff": iv(0.05, 0.2)}  # fmt: skip
-    n |= {"lora/top1": iv(0.15, 0.5), "lora/auroc": iv(0.55, 0.7), "lora/auroc_minus_ref": iv(-0.1, 0.1),
-          "lora/greedy": iv(0.2, 0.4), "lora/greedy_diff": iv(-0.1, 0.1)}  # fmt: skip
+    arms = {"A": (up, up, up), "B": (up, flat, flat), "C": (flat, flat, flat)}  # (AUROC diffs, top-1, help)
+    for m, (auroc_d, top1_d, helps) in arms.items():
+        n |= {f"{m}/top1": iv(0.3, 0.5), f"{m}/auroc": iv(0.6, 0.7), f"{m}/greedy": iv(0.3, 0.5),
+              f"{m}/auroc_minus_ref": auroc_d, f"{m}/auroc_minus_pos": auroc_d,
+              f"{m}/top1_minus_ref": top1_d, f"{m}/top1_minus_pos": top1_d,
+              f"{m}/auroc_minus_contrast": flat, f"{m}/greedy_diff": helps}  # fmt: skip
+    n |= {"beyond/B_minus_ref": up, "beyond/B_minus_C": up, "beyond/words_B_minus_ref": iv(-2.5, 1.0)}
     v = verdicts(n, {})
-    assert list(v) == [*(credit_title(m) for m in MODES), *(help_title(m) for m in MODES)]
-    assert [x.status for x in v.values()] == ["holds", "partly", "holds", "does not hold"]
-    n["lora/auroc"] = iv(0.45, 0.7)
-    assert verdicts(n, {})[credit_title("lora")].status == "does not hold"
+    assert list(v) == [*(credit_title(m) for m in MODES), SECTION["beyond"], *(help_title(m) for m in MODES)]
+    assert [x.status for x in v.values()] == ["holds", "partly", "does not hold", "holds", "holds",
+                                              "does not hold", "does not hold"]  # fmt: skip
+    n["A/top1_minus_pos"] = flat  # the position not beaten on top-1: one metric only
+    assert verdicts(n, {})[credit_title("A")].status == "partly"
+    n["beyond/words_B_minus_ref"] = iv(-4.0, -1.0)  # B gained by getting shorter: not beyond length
+    assert verdicts(n, {})[SECTION["beyond"]].status == "partly"
+    n["beyond/B_minus_ref"] = flat
+    assert verdicts(n, {})[SECTION["beyond"]].status == "does not hold"
+    del n["beyond/B_minus_ref"]  # no non-length test prompt: no such verdict
+    assert SECTION["beyond"] not in verdicts(n, {})
 
 
 @pytest.mark.slow
