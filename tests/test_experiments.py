@@ -837,7 +837,7 @@ def test_wider_interval_is_the_wider_of_seed_t_and_bootstrap_inside_the_range() 
     assert str(top) == "-0.010 (largest of 3 seeds: -0.300, -0.010, -0.200)"
     table = seeds.merge_tables([doc.Table(["x"], [[seeds.Maximum(v)]]) for v in (-0.3, 0.2)])
     assert table.rows[0][0].mean == 0.2 and table.rows[0][0].kind == "max"
-    with pytest.raises(ValueError, match="Items or Maximum"):
+    with pytest.raises(ValueError, match="Maximum in some seeds"):
         seeds.merge_number([seeds.Maximum(0.1), 0.2])
 
 

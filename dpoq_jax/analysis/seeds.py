@@ -299,8 +299,9 @@ def merge_number(per_seed: Sequence[object]) -> Interval:
         return wider_interval(per_seed)
     if all(isinstance(x, Maximum) for x in per_seed):
         return maximum_over_seeds(per_seed)
-    if any(isinstance(x, (Items, Maximum)) for x in per_seed):
-        raise ValueError("a number is Items or Maximum in some seeds and a plain number in others")
+    for kind in (Items, Maximum):
+        if any(isinstance(x, kind) for x in per_seed):
+            raise ValueError(f"a number is {kind.__name__} in some seeds and a plain number in others")
     return t_interval(per_seed)
 
 
