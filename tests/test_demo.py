@@ -132,7 +132,10 @@ def test_demo_report_contents(installed_demo) -> None:
     # own answers. One seed (--quick): point estimates, said so.
     iv, siv = r"[0-9.]+ \[[0-9.]+, [0-9.]+\]", r"-?[0-9.]+ \[-?[0-9.]+, -?[0-9.]+\]"  # item intervals
     assert re.search(rf"\| DPO implicit reward \(−r_t\) \| {iv} \| {iv} \|", md)
-    assert re.search(rf"\| DPO β=0\.3 \| biased \| beam 2 \| {iv} \| {siv} \| {iv} \|", md)
+    # beam rows: the length penalty α (0 unless a scale sets others), then win rate, gold, gold per letter
+    # (over answers with a letter: one answer gives no interval), length
+    beam2 = rf"\| DPO β=0\.3 \| biased \| beam 2 \| 0 \| {iv} \| {siv} \| (?:{siv}|-?[0-9.]+) \| {iv} \|"
+    assert re.search(beam2, md)
     assert re.search(rf"\| reference \(SFT\) \| greedy \| {iv} \| {iv} \|", md)
     assert "| total |" in md and "One seed (0): statistics of held-out prompts carry" in md
     # Numbered sections, each number once; one verdict per claim section, as in the at-a-glance table.
@@ -146,7 +149,7 @@ def test_demo_report_contents(installed_demo) -> None:
     assert [v for _, v in glance] == [v for v, why in verdicts if "greedy gold score DPO" not in why]
     # The beam verdict reads its numbers: the win-rate gain and the length change from 1 to 2 beams.
     assert re.search(
-        r"β=0\.3: 2 beams − 1 beam win rate -?[0-9.]+ \[[^]]+\]; "
+        r"β=0\.3, α=0: 2 beams − 1 beam win rate -?[0-9.]+ \[[^]]+\]; "
         r"length at 2 − at 1 beam -?[0-9.]+ \[[^]]+\] letters",
         md,
     )
