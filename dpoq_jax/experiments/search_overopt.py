@@ -255,7 +255,8 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
         return {  # per prompt: bootstrap intervals and paired differences once merged
             "win_rate": Items.mean(wins(g, ref_gold)),
             "gold": Items.mean(g),
-            "gold_per_letter": Items.mean(per_letter) if per_letter else Items.mean([0.0]),
+            # no answer with a letter: undefined (NaN; the merge leaves such a seed out), not 0
+            "gold_per_letter": Items.mean(per_letter or [float("nan")]),
             "length": Items.mean(lens),
         }
 
