@@ -134,7 +134,7 @@ def test_demo_report_contents(installed_demo) -> None:
     assert re.search(rf"\| DPO implicit reward \(−r_t\) \| {iv} \| {iv} \|", md)
     # beam rows: the length penalty α (0 unless a scale sets others), then win rate, gold, gold per letter
     # (over answers with a letter: one answer gives no interval), length
-    beam2 = rf"\| DPO β=0\.3 \| biased \| beam 2 \| 0 \| {iv} \| {siv} \| (?:{siv}|-?[0-9.]+) \| {iv} \|"
+    beam2 = rf"\| DPO β=0\.3 \| biased \| beam 2 \| 0 \| {iv} \| {siv} \| (?:{siv}|-?[0-9.]+|nan) \| {iv} \|"
     assert re.search(beam2, md)
     assert re.search(rf"\| reference \(SFT\) \| greedy \| {iv} \| {iv} \|", md)
     assert "| total |" in md and "One seed (0): statistics of held-out prompts carry" in md
