@@ -753,7 +753,7 @@ def test_search_overopt_tiny(tiny_dir) -> None:
     for labels in ("unbiased", "biased"):
         for dec, alpha in (("sample", "–"), ("beam 1", "–"), ("beam 2", "0"), ("beam 2", "1"),
                            ("best of 2 by Σ r_t", "–"), ("best of 2 by mean log π_ref", "–")):  # fmt: skip
-            # gold per letter: over responses with a letter (at this size possibly one: no interval; none: nan)
+            # gold per letter: over answers with a letter (maybe one here: no interval; none: nan)
             cells = rf"{IV} \| {SIV} \| (?:{SIV}|-?[0-9.]+|nan) \| {IV}"
             assert re.search(
                 rf"^\| DPO β=0.3 \| {labels} \| {re.escape(dec)} \| {alpha} \| {cells} \|$",
