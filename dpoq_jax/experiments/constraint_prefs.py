@@ -71,7 +71,7 @@ TOPICS = (
     "lighthouses", "volcanoes", "maps", "honey", "kites", "storms", "cheese", "whales", "pianos",
     "deserts at night", "old castles", "street markets", "autumn leaves",
 )  # fmt: skip
-# The three arms (issue #35), all full-weight DPO from the model on pairs built from the same samples:
+# The three arms (added 2026-12-07), all full-weight DPO from the model on pairs built from the same samples:
 # A the constraint pairs (kept vs broke); B length-matched constraint pairs (|Δ words| ≤ max_dwords, the
 # length constraint left out); C a length-only control (shorter vs longer, the constraint ignored, as many
 # pairs a prompt as B). (The LoRA run of the first version is cut: it saved memory, not time.)
@@ -590,15 +590,16 @@ def credit(
     contrast = score_items(contrast_v, errors)
     pos_v = [position_values(len(c), False) for c in content]  # content tokens: the last is the top-1
     pos = score_items(pos_v, errors)
-    per_detector: dict[str, list[np.ndarray]] = {CONTRAST_NAME: contrast_v, POS_NAME: pos_v}
+    ref_v = [content_values(x.ref_logps, c) for x, c in zip(told, content, strict=True)]  # every arm's
+    ref_i = score_items(ref_v, errors)
+    per_detector: dict[str, list[np.ndarray]] = {REF_NAME: ref_v, POS_NAME: pos_v,
+                                                 CONTRAST_NAME: contrast_v}  # fmt: skip
     for mode, pol in pols.items():
         s = score_responses(pol, ref, prompts, resp, beta)
         val = lambda key, s=s: [content_values(getattr(x, key), c) for x, c in zip(s, content, strict=True)]  # noqa: E731
         dpo, pol_i = score_items(val("rewards"), errors), score_items(val("logps"), errors)
-        ref_i = score_items(val("ref_logps"), errors)
         rnd = score_items([rng.random(len(c)) for c in content], errors)
         per_detector[MODES[mode]] = val("rewards")
-        per_detector[REF_NAME] = val("ref_logps")
         numbers |= {f"{mode}/top1": dpo["top1"], f"{mode}/auroc": dpo["auroc"],
                     f"{mode}/auroc_minus_ref": dpo["auroc"] - ref_i["auroc"],
                     f"{mode}/auroc_minus_pos": dpo["auroc"] - pos["auroc"],
@@ -628,8 +629,6 @@ def credit(
             ),  # fmt: skip
             level=2,
         )
-    order = [REF_NAME, POS_NAME, CONTRAST_NAME, *(MODES[m] for m in pols)]
-    per_detector = {k: per_detector[k] for k in order}
     names = list(dict.fromkeys(it["prompt"][1] for it in items))
     rows = []
     for name in names:

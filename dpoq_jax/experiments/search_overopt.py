@@ -113,7 +113,7 @@ def curves_figure(
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
     for beta, per in results.items():
         xs = list(beams)
-        st = [per[f"beam {b}" + (f", α={alpha:g}" if b > 1 else "")] for b in beams]
+        st = [per[beam_label(b, alpha)] for b in beams]
         (line,) = axes[0].plot(xs, [float(s["win_rate"]) for s in st], "o-", label=f"β={beta}")
         color = line.get_color()
         if "sample" in per:
@@ -144,6 +144,16 @@ def verdict_alpha(scale: dict) -> float:
     return 1.0 if 1.0 in alphas else alphas[-1]
 
 
+def beam_label(b: int, alpha: float) -> str:
+    """A decoding's row label: "beam b, α=…" (1 beam is greedy, the same at every α: "beam 1")."""
+    return f"beam {b}" + (f", α={alpha:g}" if b > 1 else "")
+
+
+def few_and_wide(beams: Sequence[int]) -> tuple[int, int]:
+    """The pattern's widths: the widest search of at most 5 beams, and the widest of all."""
+    return max(b for b in beams if b <= 5), beams[-1]
+
+
 def key(setting: str, beta: float, alpha: float) -> str:
     return f"{setting}/beta{beta}/alpha{alpha:g}"
 
@@ -155,7 +165,7 @@ def pattern_checks(
     difference: a few beams beat one (win rate at 5 beams, or the widest ≤ 5, minus 1 beam > 0); the
     widest search is worse than 5 beams (gold reward at 5 minus at the widest > 0); and longer than
     1 beam (length difference > 0)."""
-    few, wide = max(b for b in beams if b <= 5), beams[-1]
+    few, wide = few_and_wide(beams)
     out = []
     for beta in betas:
         k = key(setting, beta, alpha)
@@ -238,6 +248,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     prompts = [tok.encode(p.prompt) for p in pairs]
     max_new = task.max_len + 1
     alphas, n_best = alphas_of(scale), scale.get("best_of", 0)
+    few, wide = few_and_wide(scale["beams"])
 
     def judge(outs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         g = np.array([task.gold_score(p.prompt, o) for p, o in zip(pairs, outs, strict=True)])
@@ -303,7 +314,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
             pol = load_model(str(dpo_dir))
             per: dict[str, dict] = {}
             plan = [("sample", None, "–")] + [
-                (f"beam {b}" + (f", α={a:g}" if b > 1 else ""), b, f"{a:g}" if b > 1 else "–")
+                (beam_label(b, a), b, f"{a:g}" if b > 1 else "–")
                 for b in scale["beams"]
                 for a in (alphas if b > 1 else alphas[:1])
             ]
@@ -322,10 +333,9 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
                             for lab, v in per.items())  # fmt: skip
             )
             results[beta] = per
-            few, wide = max(b for b in scale["beams"] if b <= 5), scale["beams"][-1]
 
             def at(b: int, alpha: float, per: dict = per) -> dict[str, Items]:
-                return per[f"beam {b}" + (f", α={alpha:g}" if b > 1 else "")]
+                return per[beam_label(b, alpha)]
 
             for alpha in alphas:
                 k = key(setting, beta, alpha)
@@ -351,7 +361,6 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
             doc.Table(columns, rows),
             curves_figure(results, scale["beams"], verdict_alpha(scale), ref_len, f"beams_{setting}", title),
         )
-        few, wide = max(b for b in scale["beams"] if b <= 5), scale["beams"][-1]
         report.add(
             "The pattern's three differences at each length penalty",
             "Per-seed paired differences on the same prompts: win rate at "
