@@ -775,7 +775,10 @@ SCALES = {
         n_topics=40,
         n_val_topics=3,
         n_test_topics=6,
-        n_samples=8,  # 2026-12-07: 4 → 8, so that arm B finds length-matched pairs (not sized by a micro run)
+        # 2026-12-07, sized by the micro run on seed 0 (docs/experiments.md §6): 8 samples give 91 length-
+        # matched training pairs (4 gave far fewer); every arm 23 steps (2 epochs of B's pairs), lr 2e-5
+        # chosen over 5e-6 by arm B's greedy constraint kept on the validation prompts
+        n_samples=8,
         max_new_tokens=48,
         batch=32,
         pairs_per_prompt=2,
@@ -783,7 +786,7 @@ SCALES = {
         beta=0.1,
         batch_size=8,
         eval_every=20,
-        dpo=dict(steps=50, lr=5e-6),
+        dpo=dict(steps=23, lr=2e-5),
         n_gen_samples=4,
         n_test_samples=4,
     ),
