@@ -826,6 +826,14 @@ def test_wider_interval_is_the_wider_of_seed_t_and_bootstrap_inside_the_range() 
     assert iv.mean == pytest.approx(np.mean(values)) and seeds.merge_number(per_seed) == iv
     assert "seed t [" in iv.detail() and "bootstrap [" in iv.detail()
 
+    # the same for a bootstrap statistic (process rewards' weighted items): the same numbers, both parts
+    items = [np.r_[np.ones(k), np.zeros(36 - k)] for k in (4, 18, 30)]
+    via_stat = seeds.wider_stat_interval(seeds.weighted_mean_stat(items), [36] * 3, (0.0, 1.0))
+    assert (via_stat.lo, via_stat.hi) == (iv.lo, pytest.approx(iv.hi)) and via_stat.parts[0] == t
+    unclipped = seeds.wider_stat_interval(seeds.weighted_mean_stat(items), [36] * 3)
+    assert unclipped.lo == pytest.approx(lo, abs=1e-3) and unclipped.hi == pytest.approx(hi, abs=1e-3)
+    one = seeds.wider_stat_interval(seeds.weighted_mean_stat(items[:1]), [36], (0.0, 1.0))
+    assert one.parts is None and one == seeds.bootstrap_interval(seeds.weighted_mean_stat(items[:1]), [36])
     flat = seeds.merge_number([rate(36)] * 3)
     assert (flat.lo, flat.hi) == (1.0, 1.0) and str(flat) == "1.000 (each of 3 seeds: 1.000)"
     assert seeds.Items.mean([0.2, float("nan"), 0.9]).bounds() == (0.2, 0.9)

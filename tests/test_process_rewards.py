@@ -190,7 +190,10 @@ def test_process_rewards_tiny_end_to_end(tmp_path) -> None:
                    "dpo:min", "ce:vote", "reference likelihood", "| reference likelihood per token |",
                    "majority vote", "oracle (any correct)",
                    "**Verdict: ", "two-level bootstrap", "| position (later step = more suspicious) |",
-                   "− position (later step = more suspicious) |", "minus the position's"):  # fmt: skip
+                   "− position (later step = more suspicious) |", "minus the position's",
+                   "| token BT reward model step reward |", "| outcome BT reward model step credit |",
+                   "| token_rm:min |", "| outcome_rm:sum |", "best-of-N: dpo:min − token_rm:min",
+                   "− token BT reward model step reward |", "the wider of two 95% intervals"):  # fmt: skip
         assert needle in text, needle
     assert "N = 64" not in text  # only N up to the candidates drawn
     assert text.count("**Verdict: ") == 2
@@ -200,3 +203,24 @@ def test_process_rewards_tiny_end_to_end(tmp_path) -> None:
     first = text.split("## Run")[0]
     assert pr.main(argv, {"quick": scale}, tmp_path) == 0
     assert md.read_text().split("## Run")[0] == first
+
+
+def test_process_reward_verdicts_need_every_check_and_give_both_intervals() -> None:
+    """claim_verdicts on hand-made intervals: localisation holds only when each PRM beats 0.5, the
+    reference and the position; its text names the seed-t and bootstrap intervals of each check."""
+    from dpoq_jax.experiments import process_rewards as pr
+
+    def iv(lo: float, hi: float) -> seeds.Interval:
+        m = (lo + hi) / 2
+        t, b = seeds.Interval(m, lo, hi, 5), seeds.Interval(m, lo + 0.01, hi - 0.01, 500)
+        return seeds.Interval(m, lo, hi, 500, parts=(t, b))
+
+    good = {f"{k}/{m}": iv(0.6, 0.8) if k == "auroc" else iv(0.05, 0.1)
+            for m in pr.MODELS for k in ("auroc", "auroc_diff", "auroc_diff_pos")}  # fmt: skip
+    good |= {f"diff/{m}/{b}/{n}": iv(0.01, 0.02) for m in pr.MODELS
+             for b in (f"{m}:sum", "majority vote", "reference likelihood") for n in (16, 64)}  # fmt: skip
+    v = pr.claim_verdicts(good, (1, 16, 64))
+    assert [x.status for x in v.values()] == ["holds", "holds"]
+    assert "seed t [" in v[pr.SECTION["loc"]].why and "bootstrap [" in v[pr.SECTION["diff"]].why
+    lost = good | {"auroc_diff_pos/ce": iv(-0.1, 0.05)}  # CE does not beat the position
+    assert pr.claim_verdicts(lost, (1, 16, 64))[pr.SECTION["loc"]].status == "partly"

@@ -246,19 +246,39 @@ def wider_interval(per_seed: Sequence[Items], n_boot: int = 1000) -> Interval:
     (Items.bounds). The percentile bootstrap alone under-covers when seed-to-seed variance dominates
     (simulated at 36 items a seed: 79–83% at 3 seeds, 86–88% at 5, for a nominal 95%); the t-interval
     alone can leave the range. One seed: the bootstrap over its items."""
-    boot = items_interval(per_seed, n_boot)
-    if len(per_seed) < 2:
-        return boot
-    t = t_interval([float(x) for x in per_seed])
-    if t.n < 2 or not (math.isfinite(boot.lo) and math.isfinite(t.lo)):
-        return boot
     ends = np.array([x.bounds() for x in per_seed])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         lo_end, hi_end = np.nanmin(ends[:, 0]), np.nanmax(ends[:, 1])
+    return widen(items_interval(per_seed, n_boot), [float(x) for x in per_seed], (lo_end, hi_end))
+
+
+def wider_stat_interval(
+    stat: Callable[[int, np.ndarray], np.ndarray],
+    n_items: Sequence[int],
+    bounds: tuple[float, float] = (math.nan, math.nan),
+    n_boot: int = 1000,
+) -> Interval:
+    """wider_interval for a bootstrap statistic (bootstrap_interval's stat(s, W)): the wider of its
+    two-level bootstrap interval and the seed-level t-interval of the per-seed values stat(s, ones),
+    clipped to bounds (NaN: that end unbounded), e.g. (0, 1) for a rate, (−1, 1) for their difference."""
+    with warnings.catch_warnings():  # a seed without positives (say) is NaN and left out, quietly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_seed = [float(stat(s, np.ones((1, n)))[0]) for s, n in enumerate(n_items)]
+    return widen(bootstrap_interval(stat, n_items, n_boot=n_boot), per_seed, bounds)
+
+
+def widen(boot: Interval, per_seed: Sequence[float], bounds: tuple[float, float]) -> Interval:
+    """The wider of a bootstrap interval and the seed-level t-interval of per_seed, clipped to bounds
+    (a non-finite end: not clipped); `parts` keeps both. Fewer than two finite seeds: boot."""
+    t = t_interval(per_seed)
+    if t.n < 2 or not (math.isfinite(boot.lo) and math.isfinite(t.lo)):
+        return boot
     lo, hi = min(boot.lo, t.lo), max(boot.hi, t.hi)
-    if math.isfinite(lo_end):
-        lo, hi = max(lo, float(lo_end)), min(hi, float(hi_end))
+    if math.isfinite(bounds[0]):
+        lo = max(lo, float(bounds[0]))
+    if math.isfinite(bounds[1]):
+        hi = min(hi, float(bounds[1]))
     return Interval(boot.mean, lo, hi, boot.n, values=t.values, parts=(t, boot))
 
 

@@ -14,7 +14,8 @@ correct steps before it; ProcessBench-style first-error accuracy on wrong soluti
 on right ones, their harmonic mean, with the threshold chosen on validation prompts), and best-of-N
 final-answer accuracy for N = 1, 4, 16, 64 by each aggregation (min, sum, last, mean, a weighted vote)
 against the reference's likelihood, a majority vote and the oracle (any correct candidate). Intervals
-are two-level bootstrap intervals (seeds, then held-out prompts), comparisons paired differences per
+are the wider of a two-level bootstrap (seeds, then held-out prompts) and the seed-level t-interval,
+inside the statistic's range, comparisons paired differences per
 seed and prompt; the verdict rules are in docs/experiments.md ("Process rewards"), written before runs.
 
     python -m dpoq_jax.experiments.process_rewards   # full, seeds 0-4 (≈ 13 min a seed, 2 CPU cores)
@@ -26,6 +27,7 @@ seed and prompt; the verdict rules are in docs/experiments.md ("Process rewards"
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import pickle
@@ -47,14 +49,23 @@ from dpoq_jax.decode.core import strip_eos
 from dpoq_jax.decode.sampling import sample_responses
 from dpoq_jax.experiments import harness, runs
 from dpoq_jax.prm import AGGREGATES, weighted_vote
+from dpoq_jax.reward_model import token_credit, train_reward_model
 
 NAME = "process_rewards"
 TASK = "arithmetic_chain"
 MODELS = {"dpo": "DPO (pairs)", "ce": "outcome CE (unpaired)"}
+# explicit Bradley–Terry reward models (dpoq_jax.reward_model) on DPO's pairs, trained like the DPO PRM
+# (added 2026-12-07): the token model's step reward is the sum of its r_t, the outcome model's the change
+# of its prefix score over the step (so its sum is R(y) − o(x))
+RMS = {"token_rm": "token BT reward model", "outcome_rm": "outcome BT reward model"}
+RM_AGGREGATES = ("min", "sum")
 SELECTORS = [f"{m}:{a}" for m in MODELS for a in (*AGGREGATES, "vote")] + [
+    f"{m}:{a}" for m in RMS for a in RM_AGGREGATES] + [
     "reference likelihood", "reference likelihood per token", "majority vote", "oracle (any correct)",
     "random candidate"]  # fmt: skip
 LOCALISERS = {"dpo": "DPO implicit step reward", "ce": "CE implicit step reward",
+              "token_rm": "token BT reward model step reward",
+              "outcome_rm": "outcome BT reward model step credit",
               "ref": "reference step log-likelihood", "position": "position (later step = more suspicious)",
               "random": "uniform random"}  # fmt: skip
 SECTION = {
@@ -86,6 +97,15 @@ def sample_candidates(
     return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
+@dataclasses.dataclass(frozen=True)
+class IdPair:
+    """A preference pair as token ids (what dpoq_jax.reward_model trains on)."""
+
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+
+
 def text_of(ids: Sequence[int]) -> str:
     return SyntheticTokenizer().decode(strip_eos(ids, SyntheticTokenizer.eos_token_id))
 
@@ -96,11 +116,13 @@ def training_rows(
     cands: Sequence[Sequence[Sequence[int]]],
     pairs_per_prompt: int,
     seed: int,
-) -> tuple[list[dict], list[dict], dict[str, float]]:
-    """(DPO pair rows, outcome rows, stats) from final-answer labels only. Candidates whose text holds a
-    special token or is empty are left out (they cannot be written as text rows)."""
+) -> tuple[list[dict], list[dict], dict[str, float], list[IdPair]]:
+    """(DPO pair rows, outcome rows, stats, the pairs as sampled token ids) from final-answer labels only.
+    Candidates whose text holds a special token or is empty are left out (they cannot be written as text
+    rows)."""
     rng = np.random.default_rng([seed, 25])
-    pairs, rows, oks = [], [], []
+    tok = SyntheticTokenizer()
+    pairs, rows, oks, id_pairs = [], [], [], []
     for p, cs in zip(prompts, cands, strict=True):
         good, bad = [], []
         for ids in cs:
@@ -108,20 +130,21 @@ def training_rows(
             if not text or "<" in text:
                 continue
             ok = task.check_solution(p, text).correct
-            (good if ok else bad).append(text)
+            (good if ok else bad).append((text, list(ids)))
             rows.append({"prompt": p, "completion": text, "label": bool(ok)})
             oks.append(float(ok))
         rng.shuffle(good)
         rng.shuffle(bad)
-        for g, b in list(zip(good, bad, strict=False))[:pairs_per_prompt]:
+        for (g, g_ids), (b, b_ids) in list(zip(good, bad, strict=False))[:pairs_per_prompt]:
             pairs.append({"prompt": p, "chosen": g, "rejected": b})
+            id_pairs.append(IdPair(tok.encode(p), g_ids, b_ids))
     # rates as per-item statistics (intervals inside [0, 1] once merged); a problem repeated in several
     # prompt slots counts once, so "prompts with a pair" can reach 1 (the slot count capped it at 1/8)
     paired = {r["prompt"] for r in pairs}
     share = seeds_lib.Items.mean
     stats = {"candidates": len(oks), "correct share": share(oks or [0.0]), "pairs": len(pairs),
              "prompts with a pair": share([p in paired for p in dict.fromkeys(prompts)])}  # fmt: skip
-    return pairs, rows, stats
+    return pairs, rows, stats, id_pairs
 
 
 def write_rows(folder: Path, stem: str, rows: list[dict]) -> Path:
@@ -153,8 +176,10 @@ def evaluate(
     policies: dict[str, Any],
     ref: Any,
     beta: float,
+    rms: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Per-candidate and per-step facts and scores of every candidate (numpy, per split).
+    """Per-candidate and per-step facts and scores of every candidate (numpy, per split); `rms`: the
+    explicit reward models by RMS key, scored like the PRMs (their per-token credit in place of r_t).
 
     Candidates: prompt index, correct, answer, first error (−1: none), aggregated scores of each policy
     (min, sum, last, mean), reference log-likelihood. Steps: candidate index, step index, label (first
@@ -178,6 +203,13 @@ def evaluate(
         for how in AGGREGATES:
             out[f"{m}:{how}"] = np.array([v[how] for v in vals])
         out[f"steps:{m}"] = [v["rewards"] for v in vals]
+    for m, rm in (rms or {}).items():
+        credit = token_credit(rm, flat_p, [s.ids for s in scores])
+        as_scores = [dataclasses.replace(s, rewards=c) for s, c in zip(scores, credit, strict=True)]
+        vals = st.step_values(as_scores, segs)
+        for how in RM_AGGREGATES:
+            out[f"{m}:{how}"] = np.array([v[how] for v in vals])
+        out[f"steps:{m}"] = [v["rewards"] for v in vals]
     checks = [task.check_steps(prompts[i], g.texts) for i, g in zip(prompt_idx, segs, strict=True)]
     out["correct"] = np.array([c.correct for c in checks])
     out["answer"] = [None if c.answer is None else str(c.answer) for c in checks]
@@ -192,14 +224,14 @@ def evaluate(
         for k in range(min(last, len(segs[i].ranges) - 1) + 1):
             cand.append(i)
             label.append(k == c.first_error)
-            for m in policies:
+            for m in (*policies, *(rms or {})):
                 score[m].append(-out[f"steps:{m}"][i][k])
             score["ref"].append(-ref_steps[i][k])
             score["position"].append(float(k))  # the scored steps end at the first error, if any
             score["random"].append(rng.random())
     out["step_cand"], out["step_label"] = np.array(cand, np.int64), np.array(label, bool)
     out["step_score"] = {k: np.array(v) for k, v in score.items() if v}
-    out["cand_steps"] = {m: out.pop(f"steps:{m}") for m in policies}
+    out["cand_steps"] = {m: out.pop(f"steps:{m}") for m in (*policies, *(rms or {}))}
     out["cand_steps"]["ref"] = [[-x for x in r] for r in ref_steps]  # as "rewards": low = bad
     return out
 
@@ -223,6 +255,9 @@ def best_of_n(
                     for how in AGGREGATES:
                         picks[f"{m}:{how}"] = int(np.argmax(ev[f"{m}:{how}"][sub]))
                     picks[f"{m}:vote"] = weighted_vote(answers, ev[f"{m}:min"][sub], "sigmoid")[0]
+                for m in (m for m in RMS if f"{m}:min" in ev):
+                    for how in RM_AGGREGATES:
+                        picks[f"{m}:{how}"] = int(np.argmax(ev[f"{m}:{how}"][sub]))
                 picks["reference likelihood"] = int(np.argmax(ev["ref_loglik"][sub]))
                 picks["reference likelihood per token"] = int(np.argmax(ev["ref_loglik_mean"][sub]))
                 picks["majority vote"] = weighted_vote(answers, ev["ref_loglik"][sub], "count")[0]
@@ -321,7 +356,8 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     train_prompts = task.prompts(scale["n_train_prompts"], "train")
     doc.log(f"{NAME}: sampling {scale['n_train_cands']} candidates for {len(train_prompts)} training prompts")
     cands = sample_candidates(ref, train_prompts, scale["n_train_cands"], args.seed, max_new)
-    pairs, rows, stats = training_rows(task, train_prompts, cands, scale["pairs_per_prompt"], args.seed)
+    pairs, rows, stats, id_pairs = training_rows(task, train_prompts, cands, scale["pairs_per_prompt"],
+                                                 args.seed)
     data_dir, tok_dir = workdir / "data", tokenizer_dir(workdir)
     if not pairs or not any(r["label"] for r in rows):
         raise RuntimeError(
@@ -336,11 +372,20 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     for m in MODELS:
         doc.log(f"{NAME}: {MODELS[m]} at lr {hp[m][0]}, {hp[m][1]} steps, β = {beta}")
         pols[m] = load_model(str(train_prm(args, m, files[m], tok_dir, sft_dir, *hp[m], beta)))
+    # the explicit reward models: DPO's pairs, steps, lr and batch size, from the same SFT network
+    rm_batch = runs.peek_config(args.config, "dpo", args.overrides).train.batch_size
+    rms = {}
+    for m in RMS:
+        kind = m.removesuffix("_rm")
+        doc.log(f"{NAME}: {RMS[m]} on the {len(id_pairs)} pairs, lr {hp['dpo'][0]}, {hp['dpo'][1]} steps")
+        rms[m] = train_reward_model(sft_dir, id_pairs, kind=kind, steps=hp["dpo"][1], lr=hp["dpo"][0],
+                                    batch_size=rm_batch, seed=args.seed,
+                                    cache_dir=workdir / "reward_models")  # fmt: skip
     # validation: thresholds of the first-error prediction (and the sweep)
     val_prompts = task.prompts(scale["n_val_prompts"], "validation")
     val_cands = sample_candidates(ref, val_prompts, scale["n_val_cands"], args.seed + 10_000, max_new)
-    ev_val = evaluate(task, val_prompts, val_cands, pols, ref, beta)
-    taus = {k: tune_tau(ev_val, k) for k in (*MODELS, "ref")}
+    ev_val = evaluate(task, val_prompts, val_cands, pols, ref, beta, rms)
+    taus = {k: tune_tau(ev_val, k) for k in (*MODELS, *RMS, "ref")}
     sweep = []
     if getattr(args, "sweep", False):
         for lr, steps in scale["sweep"]:
@@ -353,10 +398,10 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
     test_prompts = task.prompts(scale["n_test_prompts"], "test")
     doc.log(f"{NAME}: {scale['n_test_cands']} candidates for {len(test_prompts)} held-out prompts, scoring")
     test_cands = sample_candidates(ref, test_prompts, scale["n_test_cands"], args.seed + 20_000, max_new)
-    ev = evaluate(task, test_prompts, test_cands, pols, ref, beta)
+    ev = evaluate(task, test_prompts, test_cands, pols, ref, beta, rms)
     ns = tuple(n for n in scale["ns"] if n <= scale["n_test_cands"])
     bon = best_of_n(ev, len(test_prompts), ns, scale["bon_repeats"], args.seed)
-    pb = {k: processbench_items(ev, k, taus[k]) for k in (*MODELS, "ref")}
+    pb = {k: processbench_items(ev, k, taus[k]) for k in (*MODELS, *RMS, "ref")}
     raw = {"ev": {k: ev[k] for k in ("prompt", "correct", "first_error", "step_cand", "step_label",
                                      "step_score")},
            "bon": bon, "pb": pb, "taus": taus, "sweep": sweep, "ns": ns, "stats": stats,
@@ -485,10 +530,14 @@ def harmonic_stat(a, b):
 
 
 def build_tables(report: doc.Report, raws: Sequence[dict], n_boot: int) -> dict[str, seeds_lib.Interval]:
-    """Fill the merged report's sections with tables of bootstrap intervals; returns the intervals the
+    """Fill the merged report's sections with tables of intervals (each the wider of the two-level
+    bootstrap and the seed-level t-interval, inside the statistic's range); returns the intervals the
     verdicts read."""
     n_items = [r["n_prompts"] for r in raws]
-    boot = lambda stat: seeds_lib.bootstrap_interval(stat, n_items, n_boot=n_boot)  # noqa: E731
+
+    def boot(stat, bounds=(0.0, 1.0)):  # rates and AUROCs; their differences: bounds (−1, 1)
+        return seeds_lib.wider_stat_interval(stat, n_items, bounds, n_boot=n_boot)
+
     sections = {s.title: s for s in report.sections}
     numbers: dict[str, seeds_lib.Interval] = {}
     stats_rows = [[k, seeds_lib.merge_number([r["stats"][k] for r in raws])] for k in raws[0]["stats"]]
@@ -522,9 +571,11 @@ def build_tables(report: doc.Report, raws: Sequence[dict], n_boot: int) -> dict[
             loc_rows.append([name, auc, "", "", ""])
     diff_rows = []
     for m in MODELS:
-        for base, key in (("ref", f"auroc_diff/{m}"), ("position", f"auroc_diff_pos/{m}")):
+        bases = [("ref", f"auroc_diff/{m}"), ("position", f"auroc_diff_pos/{m}")]
+        bases += [(k, f"auroc_diff_{k}/{m}") for k in RMS if k in raws[0]["ev"]["step_score"]]  # reported
+        for base, key in bases:
             d = auroc_diff_stat(weighted_auroc_stat(raws, m), weighted_auroc_stat(raws, base))
-            numbers[key] = boot(d)
+            numbers[key] = boot(d, (-1.0, 1.0))
             diff_rows.append([f"AUROC: {LOCALISERS[m]} − {LOCALISERS[base]}", "", numbers[key]])
     sections[SECTION["loc"]].items += [
         doc.Table(["step scorer", "AUROC", "first-error acc. (wrong solutions)", "no-error acc. (right ones)",
@@ -541,11 +592,12 @@ def build_tables(report: doc.Report, raws: Sequence[dict], n_boot: int) -> dict[
             row.append(numbers[f"bon/{sel}/{n}"])
         bon_rows.append(row)
     sections[SECTION["bon"]].items.append(doc.Table(["selector", *(f"N = {n}" for n in ns)], bon_rows))
+    rm_bases = [f"{k}:{how}" for k in RMS for how in RM_AGGREGATES if f"{k}:{how}" in raws[0]["bon"]]
     for m in MODELS:
-        for base in (f"{m}:sum", "majority vote", "reference likelihood"):
+        for base in (f"{m}:sum", "majority vote", "reference likelihood", *rm_bases):  # RMs: reported
             for n in ns:
                 d = auroc_diff_stat(acc(f"{m}:min", n), acc(base, n))
-                numbers[f"diff/{m}/{base}/{n}"] = boot(d)
+                numbers[f"diff/{m}/{base}/{n}"] = boot(d, (-1.0, 1.0))
                 diff_rows.append([f"best-of-N: {m}:min − {base}", n, numbers[f"diff/{m}/{base}/{n}"]])
     sections[SECTION["diff"]].items.append(doc.Table(["comparison", "N", "difference"], diff_rows))
     return numbers
@@ -557,7 +609,8 @@ def auroc_diff_stat(a, b):
 
 
 def claim_verdicts(n: dict[str, seeds_lib.Interval], ns: Sequence[int]) -> dict[str, doc.Verdict]:
-    """The rules of docs/experiments.md ("Process rewards"), from the bootstrap intervals."""
+    """The rules of docs/experiments.md ("Process rewards"), from the intervals (the wider of the
+    bootstrap and the seed-t; the text gives both)."""
     out = {}
     checks = []
     for m in MODELS:
@@ -565,18 +618,20 @@ def claim_verdicts(n: dict[str, seeds_lib.Interval], ns: Sequence[int]) -> dict[
         checks.append(
             (
                 auc.above(0.5),
-                f"{MODELS[m]}: step AUROC {auc} {'above' if auc.above(0.5) else 'not surely above'} 0.5",
+                f"{MODELS[m]}: step AUROC {auc.detail()} {'above' if auc.above(0.5) else 'not surely above'} "
+                "0.5",
             )
         )
         checks.append(
             (
                 diff.above(0.0),
-                f"minus the reference's {diff} {'above' if diff.above(0.0) else 'not surely above'} 0",
+                f"minus the reference's {diff.detail()} "
+                f"{'above' if diff.above(0.0) else 'not surely above'} 0",
             )
         )
         pos = n[f"auroc_diff_pos/{m}"]  # rule of 2026-12-07: the position baseline must be beaten too
         word = "above" if pos.above(0.0) else "not surely above"
-        checks.append((pos.above(0.0), f"minus the position's {pos} {word} 0"))
+        checks.append((pos.above(0.0), f"minus the position's {pos.detail()} {word} 0"))
     status, why = doc.grade(checks)
     if not any(ok for ok, _ in checks[::3]):  # no AUROC surely above chance
         status = "does not hold"
@@ -586,7 +641,7 @@ def claim_verdicts(n: dict[str, seeds_lib.Interval], ns: Sequence[int]) -> dict[
         for base in (f"{m}:sum", "majority vote", "reference likelihood"):
             for k in (x for x in ns if x >= 16):
                 d = n[f"diff/{m}/{base}/{k}"]
-                checks.append((d.above(0.0), f"{m}:min − {base} at N = {k}: {d}"))
+                checks.append((d.above(0.0), f"{m}:min − {base} at N = {k}: {d.detail()}"))
     if not checks:
         out[SECTION["diff"]] = doc.Verdict(CLAIM_BON, "does not hold", "no N ≥ 16 was measured.")
     else:
@@ -601,9 +656,9 @@ def main_with(args: argparse.Namespace, scale: dict) -> int:
     report = harness.run_seeds(run, lambda numbers, scale: {}, args, scale)
     raws = [pickle.loads((Path(args.workdir) / f"seed{s}" / RAW_FILE).read_bytes()) for s in args.seeds]
     numbers = build_tables(report, raws, scale.get("n_boot", 1000))
-    report.intro = report.intro.replace(seeds_lib.INTERVAL_KIND, seeds_lib.BOOTSTRAP_KIND)
+    report.intro = report.intro.replace(seeds_lib.INTERVAL_KIND, seeds_lib.WIDER_KIND)
     report.intro += (
-        f"\n\nTable intervals: {seeds_lib.BOOTSTRAP_KIND}, over seeds {', '.join(map(str, args.seeds))} "
+        f"\n\nTable intervals: {seeds_lib.WIDER_KIND}, over seeds {', '.join(map(str, args.seeds))} "
         f"and {raws[0]['n_prompts']} held-out prompts each; setup counts: t-intervals over seeds."
     )
     sections = {s.title: s for s in report.sections}
