@@ -804,6 +804,34 @@ def test_token_training_tiny(tmp_path) -> None:
     assert [p.stat().st_mtime_ns for p in evals] == stamps
 
 
+def test_judge_lists_the_numbers_a_verdict_read_with_both_intervals(tmp_path) -> None:
+    """seeds.judge: the verdicts' result, and a table of exactly the numbers they read (n[k] or n.get),
+    in the order read, with the seed-t and bootstrap intervals of a wider interval; the results file
+    shows it before the Run table."""
+    from dpoq_jax.analysis import document as doc
+    from dpoq_jax.analysis import seeds
+
+    rates = [seeds.Items.mean([1.0] * k + [0.0] * (36 - k)) for k in (24, 26, 28)]
+    numbers = {"acc": seeds.wider_interval(rates), "kl": seeds.t_interval([1.0, 2.0, 3.0]), "unused": 0.5}
+
+    def verdicts(n):
+        ok = n["acc"].above(0.5) and n.get("kl").below(5.0) and n.get("absent") is None
+        return {"S": doc.Verdict("claim", "holds" if ok else "does not hold", "why")}
+
+    found, table = seeds.judge(verdicts, numbers)
+    assert found["S"].status == "holds"
+    assert [r[0] for r in table.rows] == ["acc", "kl"]  # read order; "unused" and "absent" not listed
+    t, b = numbers["acc"].parts
+    assert table.rows[0][1:] == [str(numbers["acc"]), f"[{doc.fmt(t.lo)}, {doc.fmt(t.hi)}]",
+                                 f"[{doc.fmt(b.lo)}, {doc.fmt(b.hi)}]"]  # fmt: skip
+    assert table.rows[1][2:] == ["—", "—"]
+    report = doc.Report("R", meta={"k": "v"}, inputs=table)
+    report.add("S", "text").verdict = found["S"]
+    md = report.markdown("figs")
+    assert md.index("## Verdict inputs") < md.index("## Run") and "| acc |" in md
+    assert "<h2>Verdict inputs</h2>" in report.html()
+
+
 def test_wider_interval_is_the_wider_of_seed_t_and_bootstrap_inside_the_range() -> None:
     """Seeds that disagree (seed variance dominates): the seed-level t-interval (as scipy computes it) is
     wider than the two-level bootstrap and is used, clipped to [0, 1] for a rate; a statistic with no

@@ -180,6 +180,14 @@ pre{background:#f5f5f5;padding:.6em;white-space:pre-wrap;overflow-wrap:anywhere}
 """
 
 
+INPUTS_TEXT = (
+    "Every number the verdicts above read, in the order read: as judged (the interval the rule used) and, "
+    "for a statistic of held-out items over several seeds, the two 95% intervals it is the wider of (the "
+    "seed-level Student-t interval and the two-level bootstrap); — where a number has one interval only "
+    "(a t-interval over seeds, or one seed's)."
+)
+
+
 @dataclasses.dataclass
 class Report:
     """A results document written both as Markdown (PNGs beside it) and as self-contained HTML."""
@@ -191,6 +199,7 @@ class Report:
     verdict: Verdict | None = None  # the experiment's answer to the claim it tests (not rendered)
     run_dirs: dict[str, Path] = dataclasses.field(default_factory=dict)  # training runs behind it
     numbers: dict[str, Any] = dataclasses.field(default_factory=dict)  # named results the verdicts read
+    inputs: Table | None = None  # the numbers the verdicts read, with both intervals (seeds.judge)
 
     def add(self, title: str, text: str = "", *items: Table | Figure | str, level: int = 1) -> Section:
         section = Section(title, text, list(items), level)
@@ -242,6 +251,8 @@ class Report:
                 else:
                     pending.append(s.verdict)
         parts += [v.markdown() + "\n" for v in pending]
+        if self.inputs is not None and self.inputs.rows:
+            parts += ["## Verdict inputs", "", INPUTS_TEXT, "", self.inputs.markdown(), ""]
         if self.meta:
             parts += ["## Run", "", Table(["", ""], [[k, v] for k, v in self.meta.items()]).markdown(), ""]
         return "\n".join(parts).rstrip() + "\n"
@@ -282,6 +293,8 @@ class Report:
                 else:
                     pending.append(s.verdict)
         parts += [v.html() for v in pending]
+        if self.inputs is not None and self.inputs.rows:
+            parts += ["<h2>Verdict inputs</h2>", _md_inline(INPUTS_TEXT), self.inputs.html()]
         if self.meta:
             rows = "".join(
                 f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in self.meta.items()

@@ -14,6 +14,7 @@ import dataclasses
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -382,7 +383,7 @@ def merge_reports(
         out.sections.append(doc.Section(sec.title, sec.text, items, sec.level))
     keys = set().union(*(r.numbers for r in reports))
     out.numbers = {k: merge_number([r.numbers.get(k, float("nan")) for r in reports]) for k in sorted(keys)}
-    found = verdicts(out.numbers)
+    found, out.inputs = judge(verdicts, out.numbers)
     titles = {s.title: s for s in out.sections}
     for title, v in found.items():
         if title not in titles:
@@ -394,6 +395,41 @@ def merge_reports(
     return out
 
 
+
+
+class _Reads(dict):
+    """A dict that remembers which keys were read (n[k] or n.get(k)), in order."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.read: list[str] = []
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.read:
+            self.read.append(key)
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+
+def judge(
+    verdicts: Callable[[Mapping[str, Any]], dict[str, doc.Verdict]], numbers: Mapping[str, Any]
+) -> tuple[dict[str, doc.Verdict], doc.Table]:
+    """verdicts(numbers), and a table of every number it read (in the order read): as judged, and the
+    seed-level t and two-level bootstrap intervals of a wider_interval ("—" for a number without both)."""
+    seen = _Reads(numbers)
+    found = verdicts(seen)
+
+    def iv(x: Interval) -> str:
+        return f"[{doc.fmt(x.lo)}, {doc.fmt(x.hi)}]"
+
+    rows = []
+    for k in seen.read:
+        v = numbers[k]
+        parts = v.parts if isinstance(v, Interval) else None
+        rows.append([k, str(v), *((iv(parts[0]), iv(parts[1])) if parts else ("—", "—"))])
+    return found, doc.Table(["number", "as judged", "seed-level t", "two-level bootstrap"], rows)
 
 
 def bootstrap_interval(

@@ -662,7 +662,7 @@ def main_with(args: argparse.Namespace, scale: dict) -> int:
         f"and {raws[0]['n_prompts']} held-out prompts each; setup counts: t-intervals over seeds."
     )
     sections = {s.title: s for s in report.sections}
-    found = claim_verdicts(numbers, raws[0]["ns"])
+    found, report.inputs = seeds_lib.judge(lambda n: claim_verdicts(n, raws[0]["ns"]), numbers)
     for title, v in found.items():
         sections[title].verdict = v
     report.verdict = next(iter(found.values()))
