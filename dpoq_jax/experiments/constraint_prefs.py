@@ -411,7 +411,7 @@ def content_values(values: np.ndarray, content: Sequence[int]) -> np.ndarray:
 
 
 def run(args: argparse.Namespace, scale: dict) -> doc.Report:
-    """One seed: prompts, samples, pairs, the two DPO runs, and the held-out measurements."""
+    """One seed: prompts, samples, pairs, a DPO run per arm, and the held-out measurements."""
     from dpoq_jax.train.load import load_model
 
     if not args.model:
@@ -451,7 +451,7 @@ def run(args: argparse.Namespace, scale: dict) -> doc.Report:
         dirs[mode] = train_mode(args, scale, mode, data[mode]["train"], data[mode]["validation"])
         pols[mode] = load_model(str(dirs[mode]))
     test = splits["test"]
-    doc.log(f"{NAME}: held-out answers of {len(test)} test prompts (reference and both policies)")
+    doc.log(f"{NAME}: held-out answers of {len(test)} test prompts (the reference and every arm)")
     q = {
         k: satisfaction(chat, model, test, scale, args.seed + 100)
         for k, model in {"ref": ref, **pols}.items()
