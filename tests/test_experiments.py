@@ -608,6 +608,58 @@ def test_run_seeds_merges_and_reuses_finished_seeds(tmp_path) -> None:
     assert calls == [0, 1, 2, 0, 1]
 
 
+def test_experiments_sharing_a_workdir_keep_their_finished_seeds_apart(tmp_path) -> None:
+    """Two experiments run as `python -m` (module __main__) in one workdir: each keeps its own seed
+    report (named by its NAME), so running one does not throw the other's away; a report under the
+    name used before (the module's) is still read when its settings match."""
+    import argparse
+    import pickle
+    import sys
+    import types
+
+    from dpoq_jax.experiments import harness
+
+    calls = []
+
+    def experiment(name: str):
+        mod = types.ModuleType(f"fake_{name}")
+        mod.NAME = name
+
+        def run(a, scale):
+            calls.append((name, a.seed))
+            r = doc.Report(name)
+            r.add("S", "", doc.Table(["x"], [[1.0]]))
+            r.numbers = {"x": 1.0}
+            return r
+
+        run.__module__ = mod.__name__
+        sys.modules[mod.__name__] = mod
+        return run
+
+    def verdicts(n, scale):
+        return {"S": doc.Verdict("c", "holds", "")}
+
+    args = argparse.Namespace(seeds=(0,), workdir=str(tmp_path), task="t")
+    a_run, b_run = experiment("a"), experiment("b")
+    try:
+        for run in (a_run, b_run, a_run, b_run):
+            harness.run_seeds(run, verdicts, args, {"k": 1})
+        assert calls == [("a", 0), ("b", 0)]  # each ran once, then was reused
+        kept = sorted(p.name for p in (tmp_path / "seed0").glob("*.pkl"))
+        assert kept == ["report_a_t.pkl", "report_b_t.pkl"]
+        # the old name (the module's) is read too
+        (tmp_path / "seed0" / "report_a_t.pkl").rename(tmp_path / "seed0" / "report_fake_a_t.pkl")
+        harness.run_seeds(a_run, verdicts, args, {"k": 1})
+        assert calls == [("a", 0), ("b", 0)]
+        (tmp_path / "seed0" / "report_b_t.pkl").write_bytes(b"torn")  # unreadable: the seed runs again
+        harness.run_seeds(b_run, verdicts, args, {"k": 1})
+        assert calls == [("a", 0), ("b", 0), ("b", 0)] and pickle.loads(
+            (tmp_path / "seed0" / "report_b_t.pkl").read_bytes())["key"]
+    finally:
+        sys.modules.pop("fake_a", None)
+        sys.modules.pop("fake_b", None)
+
+
 def test_fluent_errors_and_length_biased_labels() -> None:
     from dpoq_jax.data.synthetic import EOS_ID
 

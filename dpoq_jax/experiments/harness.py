@@ -150,25 +150,25 @@ def run_seeds(
     for s in args.seeds:
         log(f"seed {s} ({len(reports) + 1} of {len(args.seeds)})")
         a = argparse.Namespace(**{**vars(args), "seed": s, "workdir": str(Path(args.workdir) / f"seed{s}")})
-        name = getattr(run, "__module__", "experiment").rsplit(".", 1)[-1]
-        cache = Path(a.workdir) / f"report_{name}_{getattr(a, 'task', '')}.pkl"
+        cache, *legacy = report_caches(run, a)
         key = json.dumps(
             {"scale": scale, "seed": s, "args": {k: v for k, v in vars(a).items() if k not in VOLATILE}},
             sort_keys=True,
             default=str,
         )
-        if cache.exists():
-            saved = pickle.loads(cache.read_bytes())
-            if saved["key"] == key:
-                log(f"  reusing the finished seed {s}: {cache}")
-                reports.append(saved["report"])
-                seconds.append(saved["seconds"])
-                continue
+        saved = next((x for x in map(_saved_report, (cache, *legacy)) if x and x["key"] == key), None)
+        if saved is not None:
+            log(f"  reusing the finished seed {s}: {cache}")
+            reports.append(saved["report"])
+            seconds.append(saved["seconds"])
+            continue
         t1 = time.time()
         reports.append(run(a, scale))
         seconds.append(time.time() - t1)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_bytes(pickle.dumps({"key": key, "report": reports[-1], "seconds": seconds[-1]}))
+        tmp = cache.with_suffix(".tmp")  # whole or not at all
+        tmp.write_bytes(pickle.dumps({"key": key, "report": reports[-1], "seconds": seconds[-1]}))
+        tmp.replace(cache)
     report = seeds_lib.merge_reports(reports, args.seeds, lambda numbers: verdicts(numbers, scale))
     if getattr(args, "command", None):
         report.meta["command"] = args.command  # this call's, not the seed's that ran first
@@ -180,6 +180,24 @@ def run_seeds(
     report.meta["verdict rules (code commit)"] = rules
     report.meta["judged at"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0))
     return report
+
+
+def report_caches(run: Callable, a: argparse.Namespace) -> list[Path]:
+    """Where a seed's finished report is kept: <workdir>/report_<experiment NAME>_<task>.pkl, then the
+    name used before 2026-12-07 (the run function's module name, "__main__" under `python -m`, which
+    experiments sharing a workdir overwrote in turn; still read, the key decides)."""
+    module = sys.modules.get(getattr(run, "__module__", ""))
+    name = getattr(module, "NAME", None) or getattr(run, "__module__", "experiment").rsplit(".", 1)[-1]
+    old = getattr(run, "__module__", "experiment").rsplit(".", 1)[-1]
+    task = getattr(a, "task", "")
+    return [Path(a.workdir) / f"report_{n}_{task}.pkl" for n in dict.fromkeys((name, old))]
+
+
+def _saved_report(path: Path) -> dict | None:
+    try:
+        return pickle.loads(path.read_bytes()) if path.exists() else None
+    except Exception:  # noqa: BLE001 (a torn or stale pickle raises many kinds)
+        return None  # unreadable: run the seed again
 
 
 def with_defaults(
