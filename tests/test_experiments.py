@@ -914,6 +914,12 @@ def test_wider_interval_is_the_wider_of_seed_t_and_bootstrap_inside_the_range() 
     assert unclipped.lo == pytest.approx(lo, abs=1e-3) and unclipped.hi == pytest.approx(hi, abs=1e-3)
     one = seeds.wider_stat_interval(seeds.weighted_mean_stat(items[:1]), [36], (0.0, 1.0))
     assert one.parts is None and one == seeds.bootstrap_interval(seeds.weighted_mean_stat(items[:1]), [36])
+    # a column with no value in some seeds ("–": not applicable) merges the seeds that have one
+    part = seeds.merge_tables([doc.Table(["x"], [[rate(4)]]), doc.Table(["x"], [[seeds.MISSING]]),
+                               doc.Table(["x"], [[rate(30)]])])  # fmt: skip
+    assert part.rows[0][0] == seeds.wider_interval([rate(4), rate(30)])
+    with pytest.raises(ValueError, match="differs between seeds"):
+        seeds.merge_tables([doc.Table(["x"], [[rate(4)]]), doc.Table(["x"], [["n/a"]])])
     flat = seeds.merge_number([rate(36)] * 3)
     assert (flat.lo, flat.hi) == (1.0, 1.0) and str(flat) == "1.000 (each of 3 seeds: 1.000)"
     assert seeds.Items.mean([0.2, float("nan"), 0.9]).bounds() == (0.2, 0.9)

@@ -287,9 +287,13 @@ def _numeric(c: object) -> bool:
     return isinstance(c, (int, float, np.integer, np.floating)) and not isinstance(c, (bool, np.bool_))
 
 
+MISSING = "–"  # a table cell with no value in this seed (not applicable)
+
+
 def merge_tables(tables: Sequence[doc.Table], where: str = "") -> doc.Table:
     """Cell-wise merge of the same table from several seeds: numbers that differ become intervals;
-    cells equal in every seed (settings, text) stay as they are; text must agree."""
+    cells equal in every seed (settings, text) stay as they are; text must agree. A column of Items
+    with MISSING in some seeds merges the seeds that have a value."""
     first = tables[0]
     for k, t in enumerate(tables[1:], 1):
         if t.headers != first.headers or len(t.rows) != len(first.rows):
@@ -301,6 +305,11 @@ def merge_tables(tables: Sequence[doc.Table], where: str = "") -> doc.Table:
             column = [t.rows[i][j] for t in tables]
             if all(isinstance(x, Items) for x in column):
                 cells.append(wider_interval(column))
+            elif any(isinstance(x, Items) for x in column) and all(
+                isinstance(x, Items) or (isinstance(x, str) and x == MISSING) for x in column
+            ):
+                # not applicable in some seeds (e.g. no pair of a kind formed): the seeds that have it
+                cells.append(wider_interval([x for x in column if isinstance(x, Items)]))
             elif all(isinstance(x, Maximum) for x in column):
                 cells.append(maximum_over_seeds(column))
             elif all(x == c for x in column):  # a setting (β, a count) or text: the same in every seed

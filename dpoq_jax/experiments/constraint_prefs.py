@@ -47,7 +47,7 @@ import numpy as np
 from dpoq_jax.analysis import constraints as cons
 from dpoq_jax.analysis import document as doc
 from dpoq_jax.analysis.credit import score_responses
-from dpoq_jax.analysis.seeds import Items
+from dpoq_jax.analysis.seeds import MISSING, Items
 from dpoq_jax.experiments import harness, runs
 from dpoq_jax.experiments import policy_effects as pe
 from dpoq_jax.experiments.credit_assignment import (
@@ -535,7 +535,7 @@ def setup(report: doc.Report, scale: dict, splits: dict, counts: dict, items: li
     for key, per in counts.items():
         split, arm = key.split("/")
         for name, k in per.items():
-            lens = [Items.mean(k[w]) if k[w] else "–" for w in ("chosen_words", "rejected_words")]
+            lens = [Items.mean(k[w]) if k[w] else MISSING for w in ("chosen_words", "rejected_words")]
             rows.append([split, arm, name, k["prompts"], k["samples"], Items.mean(k["shares"]), k["pairs"],
                          *lens])  # fmt: skip
     lines = "\n".join(f"- `{n}`: {cons.constraint(n).instruction}" for n in scale["constraints"])
@@ -633,7 +633,7 @@ def credit(
     rows = []
     for name in names:
         idx = [i for i, it in enumerate(items) if it["prompt"][1] == name and errors[i]]
-        cells = [score_items([v[i] for i in idx], [errors[i] for i in idx])["auroc"] if idx else "–"
+        cells = [score_items([v[i] for i in idx], [errors[i] for i in idx])["auroc"] if idx else MISSING
                  for v in per_detector.values()]  # fmt: skip
         rows.append([name, len(idx), *cells])
     report.add(
