@@ -67,8 +67,11 @@ class Interval:
         if self.parts is None:
             return str(self)
         t, b = self.parts
-        t_iv, b_iv = f"[{doc.fmt(t.lo)}, {doc.fmt(t.hi)}]", f"[{doc.fmt(b.lo)}, {doc.fmt(b.hi)}]"
-        return f"{self} (seed t {t_iv}, bootstrap {b_iv})"
+        return f"{self} (seed t {t.span()}, bootstrap {b.span()})"
+
+    def span(self) -> str:
+        """The interval alone, "[lo, hi]"."""
+        return f"[{doc.fmt(self.lo)}, {doc.fmt(self.hi)}]"
 
     def above(self, other: Interval | float) -> bool:
         """The whole interval lies above `other` (a number, or another interval's upper end)."""
@@ -429,15 +432,11 @@ def judge(
     seed-level t and two-level bootstrap intervals of a wider_interval ("—" for a number without both)."""
     seen = _Reads(numbers)
     found = verdicts(seen)
-
-    def iv(x: Interval) -> str:
-        return f"[{doc.fmt(x.lo)}, {doc.fmt(x.hi)}]"
-
     rows = []
     for k in seen.read:
         v = numbers[k]
         parts = v.parts if isinstance(v, Interval) else None
-        rows.append([k, str(v), *((iv(parts[0]), iv(parts[1])) if parts else ("—", "—"))])
+        rows.append([k, str(v), *((parts[0].span(), parts[1].span()) if parts else ("—", "—"))])
     return found, doc.Table(["number", "as judged", "seed-level t", "two-level bootstrap"], rows)
 
 

@@ -186,9 +186,9 @@ def report_caches(run: Callable, a: argparse.Namespace) -> list[Path]:
     """Where a seed's finished report is kept: <workdir>/report_<experiment NAME>_<task>.pkl, then the
     name used before 2026-12-07 (the run function's module name, "__main__" under `python -m`, which
     experiments sharing a workdir overwrote in turn; still read, the key decides)."""
-    module = sys.modules.get(getattr(run, "__module__", ""))
-    name = getattr(module, "NAME", None) or getattr(run, "__module__", "experiment").rsplit(".", 1)[-1]
-    old = getattr(run, "__module__", "experiment").rsplit(".", 1)[-1]
+    module = getattr(run, "__module__", "experiment")
+    old = module.rsplit(".", 1)[-1]
+    name = getattr(sys.modules.get(module), "NAME", None) or old
     task = getattr(a, "task", "")
     return [Path(a.workdir) / f"report_{n}_{task}.pkl" for n in dict.fromkeys((name, old))]
 
